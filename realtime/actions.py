@@ -1,0 +1,322 @@
+"""What each client action does: the rules, the writes, the events to broadcast.
+
+The socket, the REST API and the admin call these same functions, so a rule is
+written once. Each write runs in its own transaction in a worker thread and returns
+the events it appended; the async entry points publish them after the commit
+(`perform`), the sync ones through `broadcast.publish_on_commit` (`perform_sync`).
+Nothing here imports consumers or the API.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from . import broadcast, protocol
+from .models import Event, Membership, Message, Room
+from .permissions import Action, can
+from .protocol import ErrorCode
+
+
+class ActionError(Exception):
+    """A refused or failed action; the socket and REST both translate it."""
+
+    def __init__(self, code: ErrorCode, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class RoomAccess:
+    room: Room
+    role: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageResult:
+    room: str
+    id: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    room: str
+    head: int
+    events: list[protocol.RoomEvent]
+
+
+def limits() -> dict[str, int]:
+    return settings.REALTIME
+
+
+# ---------------------------------------------------------------------------
+# Running actions: transaction in a thread, publish after commit
+# ---------------------------------------------------------------------------
+async def perform(fn: Callable[..., tuple[Any, list[protocol.RoomEvent]]], **kwargs) -> Any:
+    """Run a write in a worker thread (its own transaction), then publish its events."""
+    result, events = await database_sync_to_async(fn)(**kwargs)
+    await broadcast.publish(events)
+    return result
+
+
+def perform_sync(fn: Callable[..., tuple[Any, list[protocol.RoomEvent]]], **kwargs) -> Any:
+    """Run a write from sync code; publish its events when the transaction commits."""
+    result, events = fn(**kwargs)
+    broadcast.publish_on_commit(events)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Access
+# ---------------------------------------------------------------------------
+def room_access(*, user, slug: str, action: Action) -> RoomAccess:
+    """Load the room and the user's role, and check `action`; raise if refused."""
+    if not (user.is_authenticated and user.is_active):
+        raise ActionError(ErrorCode.FORBIDDEN, "not signed in")
+    room = Room.objects.filter(slug=slug).first()
+    if room is None:
+        raise ActionError(ErrorCode.NOT_FOUND, "no such room")
+    role = Membership.objects.filter(room=room, user=user).values_list("role", flat=True).first()
+    decision = can(user, action, is_public=room.is_public, role=role)
+    if not decision:
+        raise ActionError(ErrorCode.FORBIDDEN, decision.reason)
+    return RoomAccess(room=room, role=role)
+
+
+def visible_rooms(*, user) -> list[dict]:
+    """The rooms a user may see, with their role and the room's head seq."""
+    roles = dict(Membership.objects.filter(user=user).values_list("room_id", "role"))
+    rooms = Room.objects.all() if user.is_staff else Room.objects.filter(Q(is_public=True) | Q(id__in=roles))
+    return [
+        {
+            "slug": room.slug,
+            "title": room.title,
+            "is_public": room.is_public,
+            "role": roles.get(room.id),
+            "seq": room.last_seq,
+        }
+        for room in rooms.order_by("slug")
+    ]
+
+
+# ---------------------------------------------------------------------------
+# The log
+# ---------------------------------------------------------------------------
+def _next_seq(room_id: int) -> int:
+    """Take the room's next seq. The UPDATE locks the room's row until commit, so
+    concurrent writers queue and seqs commit in order, with no gap."""
+    Room.objects.filter(pk=room_id).update(last_seq=F("last_seq") + 1)
+    return Room.objects.filter(pk=room_id).values_list("last_seq", flat=True).get()
+
+
+def _append(room: Room, event: protocol.RoomEvent) -> protocol.RoomEvent:
+    data = protocol.event_to_dict(event)
+    for key in ("type", "room", "seq"):
+        del data[key]
+    Event.objects.create(room=room, seq=event.seq, type=event.__struct_config__.tag, payload=data)
+    return event
+
+
+def _event_frame(room_slug: str, event: Event) -> protocol.RoomEvent:
+    return protocol.event_from_dict({"type": event.type, "room": room_slug, "seq": event.seq, **event.payload})
+
+
+def room_replay(*, user, slug: str, since: int | None, limit: int | None = None) -> Replay:
+    """The room's events after `since`, checked against the replay window.
+
+    With since=None nothing is replayed and the head is returned: the caller
+    goes live from there. A `since` ahead of the head, or further back than the
+    window (REPLAY_MAX events, or pruned from the log), raises recovery_failed.
+    With `limit`, at most that many events are returned (REST paging) and a longer
+    backlog is not an error.
+    """
+    access = room_access(user=user, slug=slug, action=Action.VIEW)
+    return _replay(access.room, since, limit)
+
+
+def _replay(room: Room, since: int | None, limit: int | None) -> Replay:
+    head = Room.objects.filter(pk=room.pk).values_list("last_seq", flat=True).get()
+    if since is None or since == head:
+        return Replay(room=room.slug, head=head, events=[])
+    if since > head:
+        raise ActionError(ErrorCode.RECOVERY_FAILED, f"since={since} is ahead of the room's log (head {head})")
+    window = limits()["REPLAY_MAX"]
+    if limit is None and head - since > window:
+        raise ActionError(
+            ErrorCode.RECOVERY_FAILED, f"{head - since} events missed, more than the replay window of {window}"
+        )
+    take = min(limit or window, window)
+    rows = list(Event.objects.filter(room=room, seq__gt=since).order_by("seq")[:take])
+    if not rows or rows[0].seq != since + 1:
+        raise ActionError(ErrorCode.RECOVERY_FAILED, f"events after seq {since} are no longer kept")
+    return Replay(room=room.slug, head=max(head, rows[-1].seq), events=[_event_frame(room.slug, e) for e in rows])
+
+
+def room_events_between(*, slug: str, after: int, upto: int) -> list[protocol.RoomEvent]:
+    """Events after..upto of a room the caller is already subscribed to (gap repair)."""
+    room = Room.objects.get(slug=slug)
+    if upto - after > limits()["REPLAY_MAX"]:
+        raise ActionError(ErrorCode.RECOVERY_FAILED, "too many events missed")
+    rows = Event.objects.filter(room=room, seq__gt=after, seq__lte=upto).order_by("seq")
+    events = [_event_frame(slug, e) for e in rows]
+    if len(events) != upto - after:
+        raise ActionError(ErrorCode.RECOVERY_FAILED, f"events after seq {after} are no longer kept")
+    return events
+
+
+def room_messages(*, user, slug: str, before: int | None = None, limit: int = 50) -> dict:
+    """A page of the room's messages (newest last) and the head seq it is current to.
+
+    The head is read first: any change after it arrives as an event with a higher
+    seq, and applying such an event to a newer snapshot is harmless (events carry
+    final values, keyed by message id).
+    """
+    access = room_access(user=user, slug=slug, action=Action.VIEW)
+    room = access.room
+    head = Room.objects.filter(pk=room.pk).values_list("last_seq", flat=True).get()
+    limit = max(1, min(limit, limits()["HISTORY_PAGE_MAX"]))
+    rows = Message.objects.filter(room=room, deleted_at__isnull=True).select_related("author")
+    if before is not None:
+        rows = rows.filter(seq__lt=before)
+    page = list(rows.order_by("-seq")[: limit + 1])
+    has_more = len(page) > limit
+    page = page[:limit][::-1]
+    return {
+        "room": room.slug,
+        "seq": head,
+        "has_more": has_more,
+        "messages": [
+            {
+                "id": m.id,
+                "seq": m.seq,
+                "author": m.author.get_username(),
+                "body": m.body,
+                "client_id": m.client_id,
+                "ts": m.created_at,
+                "edited_at": m.edited_at,
+            }
+            for m in page
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------
+_ALLOWED_CONTROL = {"\n", "\t"}
+
+
+def clean_body(body: str) -> str:
+    """Check a message body: not blank, within the length limit, no control characters."""
+    if not isinstance(body, str) or not body.strip():
+        raise ActionError(ErrorCode.INVALID, "the message body is empty")
+    maximum = limits()["MAX_BODY_LENGTH"]
+    if len(body) > maximum:
+        raise ActionError(ErrorCode.TOO_LARGE, f"the message body is longer than {maximum} characters")
+    for ch in body:
+        if ch not in _ALLOWED_CONTROL and unicodedata.category(ch) in ("Cc", "Cs"):
+            raise ActionError(ErrorCode.INVALID, "the message body contains control characters")
+    return body
+
+
+def message_send(*, user, slug: str, body: str, client_id: str) -> tuple[MessageResult, list]:
+    """Post a message. A repeat of (user, client_id) returns the original result and
+    writes nothing; the same client_id in another room is a conflict."""
+    body = clean_body(body)
+    access = room_access(user=user, slug=slug, action=Action.POST)
+    original = _original(user, client_id, access.room)
+    if original is not None:
+        return original, []
+    room = access.room
+    try:
+        with transaction.atomic():
+            seq = _next_seq(room.pk)
+            now = timezone.now()
+            message = Message.objects.create(
+                room=room, author=user, body=body, client_id=client_id, seq=seq, created_at=now
+            )
+            event = _append(
+                room,
+                protocol.MessageNew(
+                    room=room.slug,
+                    seq=seq,
+                    id=message.pk,
+                    author=user.get_username(),
+                    body=body,
+                    client_id=client_id,
+                    ts=now,
+                ),
+            )
+    except IntegrityError:
+        # A concurrent retry with the same client_id won the race.
+        original = _original(user, client_id, room)
+        if original is None:
+            raise
+        return original, []
+    return MessageResult(room=room.slug, id=message.pk, seq=seq), [event]
+
+
+def _original(user, client_id: str, room: Room) -> MessageResult | None:
+    found = Message.objects.filter(author=user, client_id=client_id).values_list("id", "seq", "room_id").first()
+    if found is None:
+        return None
+    message_id, seq, room_id = found
+    if room_id != room.pk:
+        raise ActionError(ErrorCode.CONFLICT, "this client_id was already used for a message in another room")
+    return MessageResult(room=room.slug, id=message_id, seq=seq)
+
+
+def _locked_message(room: Room, message_id: int) -> Message:
+    message = Message.objects.select_for_update().filter(pk=message_id, room=room, deleted_at__isnull=True).first()
+    if message is None:
+        raise ActionError(ErrorCode.NOT_FOUND, "no such message in this room")
+    return message
+
+
+def message_edit(*, user, slug: str, message_id: int, body: str) -> tuple[MessageResult, list]:
+    """Replace the body of one's own message; the event carries only what changed."""
+    body = clean_body(body)
+    access = room_access(user=user, slug=slug, action=Action.VIEW)
+    room = access.room
+    with transaction.atomic():
+        # Check first, under the message's lock, so a refusal takes no seq.
+        message = _locked_message(room, message_id)
+        decision = can(user, Action.EDIT, is_public=room.is_public, role=access.role, author_id=message.author_id)
+        if not decision:
+            raise ActionError(ErrorCode.FORBIDDEN, decision.reason)
+        seq = _next_seq(room.pk)
+        message.body = body
+        message.edited_at = timezone.now()
+        message.save(update_fields=["body", "edited_at"])
+        event = _append(
+            room,
+            protocol.MessageEdited(room=room.slug, seq=seq, id=message.pk, body=body, edited_at=message.edited_at),
+        )
+    return MessageResult(room=room.slug, id=message.pk, seq=seq), [event]
+
+
+def message_delete(*, user, slug: str, message_id: int) -> tuple[MessageResult, list]:
+    """Delete a message: its author (while allowed to post), a moderator or owner, or staff."""
+    access = room_access(user=user, slug=slug, action=Action.VIEW)
+    room = access.room
+    with transaction.atomic():
+        message = _locked_message(room, message_id)
+        decision = can(user, Action.DELETE, is_public=room.is_public, role=access.role, author_id=message.author_id)
+        if not decision:
+            raise ActionError(ErrorCode.FORBIDDEN, decision.reason)
+        seq = _next_seq(room.pk)
+        message.body = ""
+        message.deleted_at = timezone.now()
+        message.save(update_fields=["body", "deleted_at"])
+        event = _append(room, protocol.MessageDeleted(room=room.slug, seq=seq, id=message.pk))
+    return MessageResult(room=room.slug, id=message.pk, seq=seq), [event]

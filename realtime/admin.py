@@ -1,0 +1,110 @@
+"""Moderation in the Django admin. Deleting a message here goes through the same
+action as the socket, so it is logged with a seq and broadcast like any delete."""
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from . import actions
+from .actions import ActionError
+from .models import Event, Membership, Message, Room
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    autocomplete_fields = ["user"]
+    readonly_fields = ["last_read_seq", "joined_at"]
+
+
+@admin.register(Room)
+class RoomAdmin(admin.ModelAdmin):
+    list_display = ["slug", "title", "is_public", "last_seq", "created_at"]
+    list_filter = ["is_public"]
+    search_fields = ["slug", "title"]
+    readonly_fields = ["last_seq", "created_at"]
+    inlines = [MembershipInline]
+
+    def get_readonly_fields(self, request, obj=None):
+        # The slug names the room's stream and its events: fixed once created.
+        fields = list(super().get_readonly_fields(request, obj))
+        return fields + ["slug"] if obj is not None else fields
+
+
+@admin.register(Membership)
+class MembershipAdmin(admin.ModelAdmin):
+    list_display = ["room", "user", "role", "last_read_seq", "joined_at"]
+    list_filter = ["role", "room"]
+    search_fields = ["room__slug", "user__username"]
+    autocomplete_fields = ["user", "room"]
+
+
+@admin.register(Message)
+class MessageAdmin(admin.ModelAdmin):
+    list_display = ["id", "room", "author", "short_body", "seq", "created_at", "edited_at", "deleted_at"]
+    list_filter = ["room", ("deleted_at", admin.EmptyFieldListFilter), "created_at"]
+    search_fields = ["body", "author__username", "room__slug", "client_id"]
+    readonly_fields = ["room", "author", "client_id", "seq", "created_at", "edited_at", "deleted_at"]
+    fields = ["room", "author", "body", "client_id", "seq", "created_at", "edited_at", "deleted_at"]
+    list_select_related = ["room", "author"]
+    actions = ["delete_and_broadcast"]
+
+    @admin.display(description="body")
+    def short_body(self, obj: Message) -> str:
+        return "(deleted)" if obj.is_deleted else obj.body[:80]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Messages are written through the chat (with a seq and a broadcast), not here.
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        # Edits are the author's; the admin reads and deletes.
+        return False
+
+    def get_actions(self, request):
+        found = super().get_actions(request)
+        found.pop("delete_selected", None)
+        return found
+
+    def _delete(self, request: HttpRequest, message: Message) -> bool:
+        if message.is_deleted:
+            return False
+        try:
+            actions.perform_sync(
+                actions.message_delete, user=request.user, slug=message.room.slug, message_id=message.pk
+            )
+        except ActionError as exc:
+            self.message_user(request, f"Message {message.pk}: {exc.message}", messages.ERROR)
+            return False
+        return True
+
+    def delete_model(self, request: HttpRequest, obj: Message) -> None:
+        """The delete view: a moderated delete, broadcast to the room."""
+        self._delete(request, obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for message in queryset.select_related("room"):
+            self._delete(request, message)
+
+    @admin.action(description="Delete selected messages (broadcast to their rooms)", permissions=["delete"])
+    def delete_and_broadcast(self, request: HttpRequest, queryset: QuerySet) -> None:
+        done = sum(self._delete(request, message) for message in queryset.select_related("room"))
+        self.message_user(request, f"Deleted {done} message(s); each room was told.", messages.SUCCESS)
+
+
+@admin.register(Event)
+class EventAdmin(admin.ModelAdmin):
+    list_display = ["room", "seq", "type", "created_at"]
+    list_filter = ["type", "room"]
+    search_fields = ["room__slug"]
+    readonly_fields = ["room", "seq", "type", "payload", "created_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        # The log is append-only: removing an entry would open a gap in the seqs.
+        return False

@@ -1,0 +1,11 @@
+"""Routes of the REST API v1 (mounted at /api/v1/)."""
+
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("rooms/", views.RoomList.as_view(), name="api-rooms"),
+    path("rooms/<slug:slug>/events/", views.RoomEvents.as_view(), name="api-room-events"),
+    path("rooms/<slug:slug>/messages/", views.RoomMessages.as_view(), name="api-room-messages"),
+]

@@ -1,0 +1,95 @@
+"""REST API v1: the same actions as the socket, over session-authenticated HTTP."""
+
+from __future__ import annotations
+
+import msgspec
+from rest_framework import status
+from rest_framework.exceptions import ParseError
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from .. import actions, protocol
+from ..actions import ActionError
+from ..protocol import ErrorCode
+
+# How each error code answers over HTTP.
+HTTP_STATUS = {
+    ErrorCode.INVALID: status.HTTP_400_BAD_REQUEST,
+    ErrorCode.UNKNOWN_TYPE: status.HTTP_400_BAD_REQUEST,
+    ErrorCode.FORBIDDEN: status.HTTP_403_FORBIDDEN,
+    ErrorCode.NOT_FOUND: status.HTTP_404_NOT_FOUND,
+    ErrorCode.RATE_LIMITED: status.HTTP_429_TOO_MANY_REQUESTS,
+    ErrorCode.TOO_LARGE: status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+    ErrorCode.CONFLICT: status.HTTP_409_CONFLICT,
+    ErrorCode.RECOVERY_FAILED: status.HTTP_410_GONE,
+    ErrorCode.INTERNAL: status.HTTP_500_INTERNAL_SERVER_ERROR,
+}
+
+
+def error_response(code: ErrorCode, message: str, retry_after: float | None = None) -> Response:
+    body = {"code": str(code), "message": message}
+    headers = {}
+    if retry_after is not None:
+        body["retry_after"] = retry_after
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    return Response(body, status=HTTP_STATUS[code], headers=headers)
+
+
+def int_param(request: Request, name: str, default: int | None, minimum: int = 0) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ActionError(ErrorCode.INVALID, f"{name} must be an integer") from None
+    if value < minimum:
+        raise ActionError(ErrorCode.INVALID, f"{name} must be at least {minimum}")
+    return value
+
+
+class ActionView(APIView):
+    """Translates ActionError into the documented error body and status."""
+
+    def handle_exception(self, exc):
+        if isinstance(exc, ActionError):
+            return error_response(exc.code, exc.message, exc.retry_after)
+        return super().handle_exception(exc)
+
+
+class RoomList(ActionView):
+    def get(self, request: Request) -> Response:
+        return Response({"rooms": actions.visible_rooms(user=request.user)})
+
+
+class RoomEvents(ActionView):
+    """The room's log after `since`: the same event shapes as the socket."""
+
+    def get(self, request: Request, slug: str) -> Response:
+        since = int_param(request, "since", 0)
+        limit = int_param(request, "limit", 500, minimum=1)
+        replay = actions.room_replay(user=request.user, slug=slug, since=since, limit=limit)
+        return Response(
+            {"events": [protocol.event_to_dict(e) for e in replay.events], "seq": replay.head}
+        )
+
+
+class RoomMessages(ActionView):
+    """GET: a page of history (newest last) with the seq it is current to.
+    POST: send a message, with the socket's idempotency by client_id."""
+
+    def get(self, request: Request, slug: str) -> Response:
+        before = int_param(request, "before", None, minimum=1)
+        limit = int_param(request, "limit", 50, minimum=1)
+        return Response(actions.room_messages(user=request.user, slug=slug, before=before, limit=limit))
+
+    def post(self, request: Request, slug: str) -> Response:
+        try:
+            data = msgspec.convert(request.data, protocol.MessagePost)
+        except (msgspec.ValidationError, ParseError) as exc:
+            raise ActionError(ErrorCode.INVALID, str(exc)) from None
+        result = actions.perform_sync(
+            actions.message_send, user=request.user, slug=slug, body=data.body, client_id=data.client_id
+        )
+        return Response({"room": result.room, "id": result.id, "seq": result.seq})

@@ -1,0 +1,63 @@
+"""Fan-out of committed room events through the channel layer, encoded once per event.
+
+Group names are built here and nowhere else (channels allows [a-zA-Z0-9-_.] under
+100 characters; room slugs and user ids fit).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+
+from . import protocol
+
+log = logging.getLogger(__name__)
+
+# The channel-layer message type that carries a room event to each subscriber.
+ROOM_EVENT = "room.event"
+
+
+def room_group(slug: str) -> str:
+    return f"room.{slug}"
+
+
+def user_group(user_id: int) -> str:
+    return f"user.{user_id}"
+
+
+def layer_message(event: protocol.RoomEvent) -> dict:
+    """The channel-layer message for one event: both wire encodings, made once."""
+    return {
+        "type": ROOM_EVENT,
+        "room": event.room,
+        "seq": event.seq,
+        protocol.JSON.name: protocol.JSON.encode(event).decode(),
+        protocol.MSGPACK.name: protocol.MSGPACK.encode(event),
+    }
+
+
+async def publish(events: list[protocol.RoomEvent]) -> None:
+    """Send committed events to their rooms' groups. Call only after commit.
+
+    A failed send is logged and swallowed: the event is in the log already, and
+    subscribers recover it by seq (gap repair or resume), so the writer's request
+    has still succeeded.
+    """
+    if not events:
+        return
+    layer = get_channel_layer()
+    for event in events:
+        try:
+            await layer.group_send(room_group(event.room), layer_message(event))
+        except Exception:
+            log.exception("broadcast failed room=%s seq=%s type=%s", event.room, event.seq, type(event).__name__)
+
+
+def publish_on_commit(events: list[protocol.RoomEvent]) -> None:
+    """From synchronous code (REST views, the admin): publish once the current
+    transaction commits, or now when there is none."""
+    if events:
+        transaction.on_commit(lambda: async_to_sync(publish)(events))

@@ -1,0 +1,202 @@
+"""The /ws/v1/ socket: a thin transport that decodes, validates, dispatches and replies.
+
+Everything a frame may cause is in actions.py; this module only maps frame types to
+actions through an explicit registry (a client can never reach a channel-layer
+handler or a websocket_* method by naming it), and keeps per-connection stream
+state: the rooms subscribed and the last seq sent in each.
+
+Ordering: Channels runs one handler at a time per consumer, so while `subscribe`
+replays the log, room events for that room wait in this consumer's channel. They
+are delivered afterwards and dropped when their seq was already sent, which is the
+"join first, buffer, read the log, flush without duplicates" order of DESIGN.md.
+A live event whose seq skips ahead (the layer dropped one, or two workers' broadcasts
+crossed) makes the consumer read the missing range from the log before sending it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from . import actions, broadcast, protocol
+from .actions import ActionError
+from .protocol import CloseCode, ErrorCode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Subscription:
+    last_seq: int
+
+
+class RealtimeConsumer(AsyncWebsocketConsumer):
+    codec: protocol.Codec = protocol.JSON
+
+    # -- connection ---------------------------------------------------------
+    async def connect(self) -> None:
+        self.conn_id = uuid.uuid4().hex[:12]
+        self.user = self.scope.get("user")
+        self.subscriptions: dict[str, Subscription] = {}
+        self.authenticated = False
+        offered = self.scope.get("subprotocols") or []
+        chosen = next((name for name in offered if name in protocol.CODECS), None)
+        if offered and chosen is None:
+            # The client speaks none of our versions: refuse the handshake (HTTP 403).
+            log.info("ws refused conn=%s reason=subprotocol", self.conn_id)
+            await self.close()
+            return
+        self.codec = protocol.CODECS[chosen or protocol.SUBPROTOCOL_JSON]
+        await self.accept(subprotocol=chosen)
+        if self.user is None or not self.user.is_authenticated or not self.user.is_active:
+            # Accept first and then close, so that a browser can see why (4001).
+            log.info("ws closed conn=%s code=%s reason=anonymous", self.conn_id, CloseCode.NOT_AUTHENTICATED)
+            await self.close(code=int(CloseCode.NOT_AUTHENTICATED))  # autobahn wants an exact int
+            return
+        self.authenticated = True
+        await self.channel_layer.group_add(broadcast.user_group(self.user.pk), self.channel_name)
+        log.info("ws open conn=%s user=%s codec=%s", self.conn_id, self.user.pk, self.codec.name)
+
+    async def disconnect(self, code: int) -> None:
+        if not self.authenticated:
+            return
+        self.authenticated = False
+        for slug in list(self.subscriptions):
+            await self.channel_layer.group_discard(broadcast.room_group(slug), self.channel_name)
+        self.subscriptions.clear()
+        await self.channel_layer.group_discard(broadcast.user_group(self.user.pk), self.channel_name)
+        log.info("ws close conn=%s user=%s code=%s", self.conn_id, self.user.pk, code)
+
+    # -- frames in ----------------------------------------------------------
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if not self.authenticated:
+            return
+        data = bytes_data if self.codec.binary else text_data
+        if data is None:
+            await self.send_frame(
+                protocol.Error(code=ErrorCode.INVALID, message=f"{self.codec.name} expects {'binary' if self.codec.binary else 'text'} frames")
+            )
+            return
+        try:
+            frame = self.codec.decode(data)
+        except protocol.ProtocolError as exc:
+            log.info("ws refused conn=%s user=%s code=%s", self.conn_id, self.user.pk, exc.code)
+            await self.send_frame(exc.reply())
+            return
+        handler = HANDLERS[type(frame)]
+        try:
+            reply = await handler(self, frame)
+        except ActionError as exc:
+            log.info(
+                "ws refused conn=%s user=%s type=%s room=%s code=%s",
+                self.conn_id,
+                self.user.pk,
+                frame.__struct_config__.tag,
+                getattr(frame, "room", ""),
+                exc.code,
+            )
+            reply = protocol.Error(code=exc.code, message=exc.message, ref=frame.ref, retry_after=exc.retry_after)
+        except Exception:
+            log.exception("ws internal error conn=%s user=%s type=%s", self.conn_id, self.user.pk, frame.__struct_config__.tag)
+            reply = protocol.Error(code=ErrorCode.INTERNAL, message="internal error; nothing was changed", ref=frame.ref)
+        await self.send_frame(reply)
+
+    async def send_frame(self, frame: protocol.Frame) -> None:
+        data = self.codec.encode(frame)
+        if self.codec.binary:
+            await self.send(bytes_data=data)
+        else:
+            await self.send(text_data=data.decode())
+
+    async def send_events(self, events: list[protocol.RoomEvent]) -> None:
+        for event in events:
+            await self.send_frame(event)
+
+    # -- handlers (one per client frame type) ---------------------------------
+    async def on_subscribe(self, frame: protocol.Subscribe) -> protocol.Frame:
+        slug = frame.room
+        if slug not in self.subscriptions and len(self.subscriptions) >= settings.REALTIME["MAX_ROOMS_PER_CONNECTION"]:
+            raise ActionError(ErrorCode.TOO_LARGE, "subscribed to too many rooms on this connection")
+        group = broadcast.room_group(slug)
+        # Join the stream before reading the log: nothing committed in between is lost.
+        await self.channel_layer.group_add(group, self.channel_name)
+        try:
+            replay = await database_sync_to_async(actions.room_replay)(user=self.user, slug=slug, since=frame.since)
+        except BaseException:
+            if slug not in self.subscriptions:
+                await self.channel_layer.group_discard(group, self.channel_name)
+            raise
+        await self.send_events(replay.events)
+        # A re-subscribe (the client asking to repair a gap) restarts from its since.
+        self.subscriptions[slug] = Subscription(last_seq=replay.head)
+        return protocol.SubscribeAck(ref=frame.ref, room=slug, seq=replay.head, replayed=len(replay.events))
+
+    async def on_unsubscribe(self, frame: protocol.Unsubscribe) -> protocol.Frame:
+        if self.subscriptions.pop(frame.room, None) is not None:
+            await self.channel_layer.group_discard(broadcast.room_group(frame.room), self.channel_name)
+        return protocol.UnsubscribeAck(ref=frame.ref, room=frame.room)
+
+    async def on_message_send(self, frame: protocol.MessageSend) -> protocol.Frame:
+        result = await actions.perform(
+            actions.message_send, user=self.user, slug=frame.room, body=frame.body, client_id=frame.client_id
+        )
+        return protocol.MessageAck(ref=frame.ref, room=result.room, id=result.id, seq=result.seq)
+
+    async def on_message_edit(self, frame: protocol.MessageEdit) -> protocol.Frame:
+        result = await actions.perform(
+            actions.message_edit, user=self.user, slug=frame.room, message_id=frame.id, body=frame.body
+        )
+        return protocol.MessageAck(ref=frame.ref, room=result.room, id=result.id, seq=result.seq)
+
+    async def on_message_delete(self, frame: protocol.MessageDelete) -> protocol.Frame:
+        result = await actions.perform(actions.message_delete, user=self.user, slug=frame.room, message_id=frame.id)
+        return protocol.MessageAck(ref=frame.ref, room=result.room, id=result.id, seq=result.seq)
+
+    async def on_ping(self, frame: protocol.Ping) -> protocol.Frame:
+        return protocol.Pong(ref=frame.ref, t=frame.t)
+
+    # -- channel-layer handlers (reachable from the layer only) ---------------
+    async def room_event(self, message: dict) -> None:
+        """A committed event of a room: send it once, in seq order."""
+        slug = message["room"]
+        sub = self.subscriptions.get(slug)
+        if sub is None:
+            return
+        seq = message["seq"]
+        if seq <= sub.last_seq:
+            return
+        if seq > sub.last_seq + 1:
+            try:
+                missing = await database_sync_to_async(actions.room_events_between)(slug=slug, after=sub.last_seq, upto=seq - 1)
+            except ActionError as exc:
+                # Too far behind to repair here: tell the client to reload the room.
+                self.subscriptions.pop(slug, None)
+                await self.channel_layer.group_discard(broadcast.room_group(slug), self.channel_name)
+                await self.send_frame(protocol.Error(code=exc.code, message=exc.message, room=slug))
+                return
+            await self.send_events(missing)
+        payload = message[self.codec.name]
+        if self.codec.binary:
+            await self.send(bytes_data=payload)
+        else:
+            await self.send(text_data=payload)
+        sub.last_seq = seq
+
+
+Handler = Callable[[RealtimeConsumer, protocol.Request], Awaitable[protocol.Frame]]
+
+HANDLERS: dict[type[protocol.Request], Handler] = {
+    protocol.Subscribe: RealtimeConsumer.on_subscribe,
+    protocol.Unsubscribe: RealtimeConsumer.on_unsubscribe,
+    protocol.MessageSend: RealtimeConsumer.on_message_send,
+    protocol.MessageEdit: RealtimeConsumer.on_message_edit,
+    protocol.MessageDelete: RealtimeConsumer.on_message_delete,
+    protocol.Ping: RealtimeConsumer.on_ping,
+}
+assert set(HANDLERS) == set(protocol.CLIENT_FRAMES), "every client frame needs exactly one handler"

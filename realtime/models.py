@@ -1,0 +1,89 @@
+"""Rooms, memberships, messages, and each room's ordered event log."""
+
+from django.conf import settings
+from django.db import models
+
+
+class Room(models.Model):
+    slug = models.SlugField(max_length=50, unique=True)
+    title = models.CharField(max_length=200)
+    is_public = models.BooleanField(
+        default=True, help_text="Public rooms are visible to every signed-in user; private ones to members only."
+    )
+    # The seq of the room's newest event. Incremented with an UPDATE inside the
+    # transaction that writes the event, so seqs are gap-free and commit in order.
+    last_seq = models.PositiveBigIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class Role(models.TextChoices):
+    OWNER = "owner", "Owner"
+    MODERATOR = "moderator", "Moderator"
+    MEMBER = "member", "Member"
+    READER = "reader", "Reader"
+
+
+class Membership(models.Model):
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    last_read_seq = models.PositiveBigIntegerField(default=0)
+    joined_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["room", "user"], name="membership_unique_room_user")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.room} ({self.role})"
+
+
+class Message(models.Model):
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="messages")
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="messages")
+    body = models.TextField()
+    # Chosen by the sending client; a retry with the same id returns the original.
+    client_id = models.CharField(max_length=64)
+    # The seq of the event that created the message.
+    seq = models.PositiveBigIntegerField()
+    created_at = models.DateTimeField()
+    edited_at = models.DateTimeField(null=True, blank=True)
+    # Deleted messages keep their row (the log refers to them) but lose their body.
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["room", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["author", "client_id"], name="message_unique_author_client_id"),
+        ]
+        indexes = [models.Index(fields=["room", "-seq"], name="message_room_seq_desc")]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} in {self.room_id} by {self.author_id}"
+
+    @property
+    def is_deleted(self) -> bool:
+        return self.deleted_at is not None
+
+
+class Event(models.Model):
+    """One entry of a room's log: what the socket and REST API replay, in seq order."""
+
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="events")
+    seq = models.PositiveBigIntegerField()
+    type = models.CharField(max_length=32)
+    # The frame's fields other than type, room and seq.
+    payload = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["room", "seq"]
+        constraints = [models.UniqueConstraint(fields=["room", "seq"], name="event_unique_room_seq")]
+
+    def __str__(self) -> str:
+        return f"{self.room_id}#{self.seq} {self.type}"

@@ -1,0 +1,313 @@
+"""Protocol v1: every frame type declared once, with its codecs, error and close codes.
+
+One msgspec Struct per frame gives validation (unknown fields are refused), the JSON
+and MessagePack codecs, and the JSON Schema that docs/protocol.md is generated from.
+This module imports nothing of the app, so clients, tests and tools can use it alone.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+PATH = "/ws/v1/"
+SUBPROTOCOL_JSON = "rt.v1.json"
+SUBPROTOCOL_MSGPACK = "rt.v1.msgpack"
+SUBPROTOCOLS = (SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK)
+
+
+class ErrorCode(enum.StrEnum):
+    """The `code` of an `error` frame (and of REST error bodies)."""
+
+    INVALID = "invalid"  # malformed frame, missing or wrongly typed field, bad value
+    UNKNOWN_TYPE = "unknown_type"  # `type` names no client frame
+    FORBIDDEN = "forbidden"  # the policy refuses this action to this user
+    NOT_FOUND = "not_found"  # no such room or message (or not visible to the user)
+    RATE_LIMITED = "rate_limited"  # too many of this action; retry after `retry_after` s
+    TOO_LARGE = "too_large"  # a body or frame over its limit
+    CONFLICT = "conflict"  # the request contradicts the state (e.g. client_id reused elsewhere)
+    RECOVERY_FAILED = "recovery_failed"  # `since` is outside the replay window: reload history
+    INTERNAL = "internal"  # a server fault; nothing was changed
+
+
+class CloseCode(enum.IntEnum):
+    """Close codes the app decides (daphne only lets an app send 1000 and 3000-4999)."""
+
+    NORMAL = 1000
+    NOT_AUTHENTICATED = 4001  # do not retry: log in
+    FORBIDDEN = 4003  # session revoked or forbidden: do not retry
+    POLICY = 4008  # bad origin after accept, abuse
+    INTERNAL = 4011  # internal error
+    SERVICE_RESTART = 4012  # reconnect now, with jitter
+    OVERLOADED = 4013  # reconnect with backoff
+    RATE_LIMITED = 4029  # rate-limited too long: wait retry_after
+    PROTOCOL_VIOLATION = 4400  # the client broke the protocol
+
+
+# ---------------------------------------------------------------------------
+# Field types
+# ---------------------------------------------------------------------------
+Ref = Union[Annotated[str, Meta(max_length=64)], Annotated[int, Meta(ge=-(2**53), le=2**53)], None]
+RoomSlug = Annotated[str, Meta(min_length=1, max_length=50, pattern=r"^[a-z0-9][a-z0-9_-]*$")]
+Seq = Annotated[int, Meta(ge=0, le=2**53)]
+MessageId = Annotated[int, Meta(ge=1, le=2**53)]
+ClientId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+# The schema only bounds the body by the frame size; its configured limit is a
+# policy checked by the action, answered with `too_large`.
+Body = Annotated[str, Meta(min_length=1)]
+
+
+class Frame(Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    """Base of every frame: an object whose `type` names its schema."""
+
+    direction: ClassVar[str]
+
+
+# ---------------------------------------------------------------------------
+# Client -> server
+# ---------------------------------------------------------------------------
+class Request(Frame, kw_only=True):
+    direction: ClassVar[str] = "client"
+    # Client-chosen id; a request that carries one gets exactly one reply with it.
+    ref: Ref = None
+
+
+class Subscribe(Request, tag="subscribe", kw_only=True):
+    """Join a room's live stream, after replaying its events with seq > since."""
+
+    room: RoomSlug
+    since: Seq | None = None
+
+
+class Unsubscribe(Request, tag="unsubscribe", kw_only=True):
+    """Leave a room's live stream."""
+
+    room: RoomSlug
+
+
+class MessageSend(Request, tag="message.send", kw_only=True):
+    """Post a message; client_id makes a retry idempotent."""
+
+    room: RoomSlug
+    body: Body
+    client_id: ClientId
+
+
+class MessageEdit(Request, tag="message.edit", kw_only=True):
+    """Replace the body of one's own message."""
+
+    room: RoomSlug
+    id: MessageId
+    body: Body
+
+
+class MessageDelete(Request, tag="message.delete", kw_only=True):
+    """Delete a message (its author, or a moderator or owner of the room)."""
+
+    room: RoomSlug
+    id: MessageId
+
+
+class Ping(Request, tag="ping", kw_only=True):
+    """Application-level heartbeat (browsers cannot send protocol pings)."""
+
+    t: Annotated[float, Meta(ge=0)] | None = None
+
+
+CLIENT_FRAMES: tuple[type[Request], ...] = (Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Ping)
+CLIENT_TYPES: dict[str, type[Request]] = {cls.__struct_config__.tag: cls for cls in CLIENT_FRAMES}
+ClientFrame = Union[Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Ping]
+
+
+# ---------------------------------------------------------------------------
+# Server -> client: replies
+# ---------------------------------------------------------------------------
+class Reply(Frame, kw_only=True):
+    direction: ClassVar[str] = "server"
+
+
+class SubscribeAck(Reply, tag="ack", kw_only=True):
+    """Reply to `subscribe`, sent after the replay: `seq` is the last seq sent."""
+
+    ref: Ref = None
+    room: RoomSlug
+    seq: Seq
+    replayed: int
+
+
+class UnsubscribeAck(Reply, tag="ack", kw_only=True):
+    """Reply to `unsubscribe`."""
+
+    ref: Ref = None
+    room: RoomSlug
+
+
+class MessageAck(Reply, tag="ack", kw_only=True):
+    """Reply to `message.send` (a repeat of a client_id returns the original ack),
+    `message.edit` and `message.delete`: the message and the seq of its event."""
+
+    ref: Ref = None
+    room: RoomSlug
+    id: MessageId
+    seq: Seq
+
+
+class Pong(Reply, tag="pong", kw_only=True):
+    """Reply to `ping`, echoing `t`."""
+
+    ref: Ref = None
+    t: float | None = None
+
+
+class Error(Reply, tag="error", kw_only=True):
+    """A refused or failed request (or a connection-level problem when `ref` is absent)."""
+
+    code: ErrorCode
+    message: str
+    ref: Ref = None
+    # The room concerned, on errors about a subscription that arrive without a ref
+    # (recovery_failed while live: reload the room and subscribe again).
+    room: RoomSlug | None = None
+    retry_after: float | None = None
+
+
+# ---------------------------------------------------------------------------
+# Server -> client: room events (each with the room's gap-free seq)
+# ---------------------------------------------------------------------------
+class RoomEvent(Frame, kw_only=True):
+    direction: ClassVar[str] = "server"
+    room: RoomSlug
+    seq: Seq
+
+
+class MessageNew(RoomEvent, tag="message.new", kw_only=True):
+    id: MessageId
+    author: str
+    body: str
+    client_id: str
+    ts: datetime
+
+
+class MessageEdited(RoomEvent, tag="message.edited", kw_only=True):
+    """A delta: only what changed."""
+
+    id: MessageId
+    body: str
+    edited_at: datetime
+
+
+class MessageDeleted(RoomEvent, tag="message.deleted", kw_only=True):
+    id: MessageId
+
+
+ROOM_EVENTS: tuple[type[RoomEvent], ...] = (MessageNew, MessageEdited, MessageDeleted)
+ROOM_EVENT_TYPES: dict[str, type[RoomEvent]] = {cls.__struct_config__.tag: cls for cls in ROOM_EVENTS}
+ServerEvent = Union[MessageNew, MessageEdited, MessageDeleted]
+REPLIES: tuple[type[Reply], ...] = (SubscribeAck, UnsubscribeAck, MessageAck, Pong, Error)
+
+
+# ---------------------------------------------------------------------------
+# REST request bodies that share the socket's field types
+# ---------------------------------------------------------------------------
+class MessagePost(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of `POST /api/v1/rooms/<slug>/messages/`: the socket's message.send fields."""
+
+    body: Body
+    client_id: ClientId
+
+
+# ---------------------------------------------------------------------------
+# Codecs
+# ---------------------------------------------------------------------------
+class ProtocolError(Exception):
+    """A frame that could not be decoded into a request; carries the error reply."""
+
+    def __init__(self, code: ErrorCode, message: str, ref: Any = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+    def reply(self) -> Error:
+        return Error(code=self.code, message=self.message, ref=self.ref)
+
+
+def _valid_ref(value: Any) -> Any:
+    """The request's ref if it is one we may echo, else None."""
+    try:
+        return msgspec.convert(value, Ref)
+    except msgspec.ValidationError:
+        return None
+
+
+class Codec:
+    """One wire encoding: decodes client frames, encodes server frames."""
+
+    name: str
+    binary: bool
+
+    def __init__(self, name: str, binary: bool, module: Any):
+        self.name = name
+        self.binary = binary
+        self._module = module
+        self._decoder = module.Decoder(ClientFrame)
+        self._any_decoder = module.Decoder()
+        self._encoder = module.Encoder()
+
+    def encode(self, frame: Frame | dict) -> bytes:
+        return self._encoder.encode(frame)
+
+    def decode(self, data: bytes) -> Request:
+        """Decode and validate one client frame, or raise ProtocolError."""
+        try:
+            return self._decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            if not isinstance(exc, msgspec.ValidationError):
+                raise ProtocolError(ErrorCode.INVALID, f"malformed {self.name} frame") from None
+            validation = exc
+        # Decode again without a schema to tell an unknown type from a bad field
+        # and to find the ref to answer with. Only invalid frames take this path.
+        raw = self._any_decoder.decode(data)
+        if not isinstance(raw, dict):
+            raise ProtocolError(ErrorCode.INVALID, "a frame must be an object with a `type`")
+        ref = _valid_ref(raw.get("ref"))
+        frame_type = raw.get("type")
+        if not isinstance(frame_type, str):
+            raise ProtocolError(ErrorCode.INVALID, "a frame must have a string `type`", ref)
+        if frame_type not in CLIENT_TYPES:
+            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {frame_type[:40]!r}", ref)
+        raise ProtocolError(ErrorCode.INVALID, str(validation), ref)
+
+
+JSON = Codec(SUBPROTOCOL_JSON, binary=False, module=msgspec.json)
+MSGPACK = Codec(SUBPROTOCOL_MSGPACK, binary=True, module=msgspec.msgpack)
+CODECS: dict[str, Codec] = {JSON.name: JSON, MSGPACK.name: MSGPACK}
+
+
+def event_from_dict(data: dict) -> RoomEvent:
+    """Build a room event frame from its stored form ({type, room, seq, ...payload})."""
+    return msgspec.convert(data, ServerEvent)
+
+
+def event_to_dict(event: RoomEvent) -> dict:
+    """The JSON-ready form of a room event, as the REST API returns it."""
+    return msgspec.to_builtins(event)
+
+
+# ---------------------------------------------------------------------------
+# JSON Schema (for docs/protocol.md)
+# ---------------------------------------------------------------------------
+def json_schemas() -> dict[str, dict]:
+    """One JSON Schema per frame class, keyed by class name."""
+    classes = CLIENT_FRAMES + REPLIES + ROOM_EVENTS
+    schemas, components = msgspec.json.schema_components(classes, ref_template="#/$defs/{name}")
+    result = {}
+    for cls, schema in zip(classes, schemas):
+        name = cls.__name__
+        body = dict(components[name])
+        result[name] = body
+    return result

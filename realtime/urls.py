@@ -1,0 +1,10 @@
+"""Page routes."""
+
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("rooms/<slug:slug>/", views.room, name="room"),
+]

@@ -1,0 +1,41 @@
+"""HTML pages: the room list and the chat."""
+
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import render
+
+from . import actions, protocol
+from .actions import ActionError
+from .permissions import Action, can
+
+
+@login_required
+def home(request: HttpRequest) -> HttpResponse:
+    return render(request, "realtime/home.html", {"rooms": actions.visible_rooms(user=request.user)})
+
+
+@login_required
+def room(request: HttpRequest, slug: str) -> HttpResponse:
+    try:
+        access = actions.room_access(user=request.user, slug=slug, action=Action.VIEW)
+    except ActionError as exc:
+        if exc.code == protocol.ErrorCode.NOT_FOUND:
+            raise Http404(exc.message) from None
+        raise PermissionDenied(exc.message) from None
+    config = {
+        "room": access.room.slug,
+        "user": request.user.get_username(),
+        "canPost": bool(can(request.user, Action.POST, is_public=access.room.is_public, role=access.role)),
+        "canModerate": bool(
+            can(request.user, Action.DELETE, is_public=access.room.is_public, role=access.role, author_id=None)
+        ),
+        "wsPath": protocol.PATH,
+        "apiBase": "/api/v1/",
+        "loginUrl": "/accounts/login/",
+    }
+    return render(
+        request,
+        "realtime/room.html",
+        {"room": access.room, "role": access.role, "rooms": actions.visible_rooms(user=request.user), "config": config},
+    )

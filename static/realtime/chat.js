@@ -1,0 +1,297 @@
+// Chat page: renders one room through RealtimeClient. DOM updates are batched per
+// animation frame; every text goes in through textContent, never as HTML.
+import { RealtimeClient, State, randomId } from "./client.js";
+
+const config = JSON.parse(document.getElementById("realtime-config").textContent);
+const room = config.room;
+const list = document.getElementById("messages");
+const badge = document.getElementById("status");
+const composer = document.getElementById("composer");
+const input = document.getElementById("body");
+
+// key -> message. Keys: "m<id>" for stored messages, "p<client_id>" while pending.
+const messages = new Map();
+const nodes = new Map(); // key -> <li>
+const dirty = new Set();
+let rebuild = false;
+let frameRequested = false;
+
+function wsUrl(path) {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}${path}`;
+}
+
+function csrfToken() {
+  const match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
+  return match ? decodeURIComponent(match[1]) : "";
+}
+
+async function loadSnapshot(slug) {
+  const res = await fetch(`${config.apiBase}rooms/${encodeURIComponent(slug)}/messages/?limit=100`, {
+    credentials: "same-origin",
+    headers: { Accept: "application/json" },
+  });
+  if (res.status === 401 || res.status === 403) {
+    location.assign(`${config.loginUrl}?next=${encodeURIComponent(location.pathname)}`);
+    throw new Error("signed out");
+  }
+  if (!res.ok) throw new Error(`history: HTTP ${res.status}`);
+  return res.json();
+}
+
+const client = new RealtimeClient({ url: wsUrl(config.wsPath), loadSnapshot, user: config.user });
+
+// -- rendering ---------------------------------------------------------------
+function schedule(key) {
+  if (key) dirty.add(key);
+  if (frameRequested) return;
+  frameRequested = true;
+  requestAnimationFrame(render);
+}
+
+function ordered() {
+  return [...messages.entries()].sort(([, a], [, b]) => {
+    if (a.state === "pending" || a.state === "failed") return b.state === "pending" || b.state === "failed" ? a.order - b.order : 1;
+    if (b.state === "pending" || b.state === "failed") return -1;
+    return a.seq - b.seq;
+  });
+}
+
+function render() {
+  frameRequested = false;
+  const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+  if (rebuild) {
+    rebuild = false;
+    dirty.clear();
+    nodes.clear();
+    list.replaceChildren(...ordered().map(([key, m]) => draw(key, m)));
+  } else {
+    for (const key of dirty) {
+      const m = messages.get(key);
+      const old = nodes.get(key);
+      if (!m) {
+        if (old) old.remove();
+        nodes.delete(key);
+        continue;
+      }
+      const li = draw(key, m);
+      if (old) old.replaceWith(li);
+      else place(key, m, li);
+    }
+    dirty.clear();
+  }
+  if (nearBottom) list.scrollTop = list.scrollHeight;
+}
+
+function place(key, m, li) {
+  // New stored messages go before the pending ones; pending ones go last.
+  if (m.state === "sent") {
+    const firstPending = list.querySelector('li[data-state="pending"], li[data-state="failed"]');
+    list.insertBefore(li, firstPending);
+  } else {
+    list.appendChild(li);
+  }
+}
+
+function draw(key, m) {
+  const li = document.createElement("li");
+  nodes.set(key, li);
+  li.className = "message";
+  li.dataset.key = key;
+  li.dataset.state = m.state;
+  if (m.id) li.dataset.id = m.id;
+  if (m.author === config.user) li.classList.add("own");
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const author = document.createElement("span");
+  author.className = "author";
+  author.textContent = m.author;
+  const time = document.createElement("time");
+  if (m.ts) {
+    time.dateTime = m.ts;
+    time.textContent = new Date(m.ts).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+  meta.append(author, " ", time);
+  if (m.edited_at) meta.append(" ", Object.assign(document.createElement("span"), { className: "muted", textContent: "(edited)" }));
+  if (m.state !== "sent") {
+    const st = document.createElement("span");
+    st.className = `state ${m.state}`;
+    st.textContent = m.state === "pending" ? "sending…" : `not sent: ${m.error || "error"}`;
+    meta.append(" ", st);
+  }
+  const body = document.createElement("div");
+  body.className = "body";
+  body.textContent = m.body;
+  li.append(meta, body);
+  if (m.state === "sent" && m.id) {
+    const actions = document.createElement("div");
+    actions.className = "actions";
+    if (m.author === config.user && config.canPost) actions.append(button("Edit", () => startEdit(key)));
+    if ((m.author === config.user && config.canPost) || config.canModerate) actions.append(button("Delete", () => remove(m)));
+    if (actions.childElementCount) li.append(actions);
+  }
+  if (m.state === "failed") li.append(button("Retry", () => retry(key)));
+  return li;
+}
+
+function button(label, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = "link";
+  b.textContent = label;
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+// -- state from the client ----------------------------------------------------
+let order = 0;
+
+function store(m) {
+  // A pending copy of this message (same client_id) gives way to the stored one.
+  if (m.client_id && messages.has(`p${m.client_id}`)) {
+    messages.delete(`p${m.client_id}`);
+    schedule(`p${m.client_id}`);
+  }
+  messages.set(`m${m.id}`, { ...m, state: "sent" });
+  schedule(`m${m.id}`);
+}
+
+client.on("snapshot", (snap) => {
+  if (snap.room !== room) return;
+  for (const [key, m] of messages) if (m.state === "sent") messages.delete(key);
+  for (const m of snap.messages) store(m);
+  rebuild = true;
+  schedule();
+});
+
+client.on("event", (ev) => {
+  if (ev.room !== room) return;
+  const key = `m${ev.id}`;
+  if (ev.type === "message.new") {
+    store(ev);
+  } else if (ev.type === "message.edited") {
+    const m = messages.get(key);
+    if (m) {
+      messages.set(key, { ...m, body: ev.body, edited_at: ev.edited_at });
+      schedule(key);
+    }
+  } else if (ev.type === "message.deleted") {
+    if (messages.delete(key)) schedule(key);
+  }
+});
+
+client.on("sent", ({ clientId, id }) => {
+  // The ack usually comes just before the event; the pending copy stays until the
+  // event stores the message (store() removes it), unless the event is already here.
+  const key = `p${clientId}`;
+  if (messages.has(key) && messages.has(`m${id}`)) {
+    messages.delete(key);
+    schedule(key);
+  }
+});
+
+client.on("failed", ({ clientId, message }) => {
+  const key = `p${clientId}`;
+  const m = messages.get(key);
+  if (m) {
+    messages.set(key, { ...m, state: "failed", error: message });
+    schedule(key);
+  }
+});
+
+client.on("reset", () => {
+  rebuild = true;
+  schedule();
+});
+
+// -- the status badge -----------------------------------------------------------
+let countdown = null;
+
+function showState({ state, at, reason }) {
+  if (countdown) clearInterval(countdown);
+  countdown = null;
+  badge.dataset.state = state;
+  if (state === State.OPEN) badge.textContent = "connected";
+  else if (state === State.CONNECTING) badge.textContent = "connecting";
+  else if (state === State.OFFLINE) badge.textContent = "offline";
+  else if (state === State.CLOSED) {
+    badge.textContent = reason === "unauthenticated" ? "signed out" : reason === "forbidden" ? "access revoked" : "disconnected";
+    if (reason === "unauthenticated") location.assign(`${config.loginUrl}?next=${encodeURIComponent(location.pathname)}`);
+  } else if (state === State.RECONNECTING) {
+    const tick = () => {
+      const secs = Math.max(0, Math.ceil((at - Date.now()) / 1000));
+      badge.textContent = secs > 0 ? `reconnecting in ${secs}s` : "reconnecting";
+    };
+    tick();
+    countdown = setInterval(tick, 1000);
+  }
+}
+
+client.on("state", showState);
+
+// -- actions --------------------------------------------------------------------
+function post(body, clientId = randomId()) {
+  const key = `p${clientId}`;
+  order += 1;
+  messages.set(key, { client_id: clientId, author: config.user, body, ts: new Date().toISOString(), state: "pending", order });
+  schedule(key);
+  client.send(room, body, clientId).done.catch(() => {});
+}
+
+function retry(key) {
+  const m = messages.get(key);
+  if (!m) return;
+  messages.delete(key);
+  schedule(key);
+  post(m.body);
+}
+
+function remove(m) {
+  client.remove(room, m.id).catch((err) => alert(`Could not delete: ${err.message}`));
+}
+
+function startEdit(key) {
+  const m = messages.get(key);
+  const li = nodes.get(key);
+  if (!m || !li) return;
+  const form = document.createElement("form");
+  form.className = "edit";
+  const area = document.createElement("textarea");
+  area.value = m.body;
+  area.setAttribute("aria-label", "Edit message");
+  form.append(area, button("Cancel", () => schedule(key)));
+  const save = document.createElement("button");
+  save.type = "submit";
+  save.textContent = "Save";
+  form.append(save);
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const body = area.value;
+    if (!body.trim() || body === m.body) return schedule(key);
+    client.edit(room, m.id, body).catch((err) => alert(`Could not edit: ${err.message}`));
+  });
+  li.querySelector(".body").replaceWith(form);
+  area.focus();
+}
+
+if (composer) {
+  composer.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const body = input.value;
+    if (!body.trim()) return;
+    input.value = "";
+    post(body);
+    input.focus();
+  });
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey) {
+      e.preventDefault();
+      composer.requestSubmit();
+    }
+  });
+}
+
+window.addEventListener("beforeunload", () => client.close());
+client.subscribe(room);
+client.connect();
+window.realtimeClient = client; // for debugging and the browser tests

@@ -1,0 +1,494 @@
+// Realtime client for protocol v1: transport, reconnection and resume. No DOM code,
+// so Node's test runner can drive it with a fake WebSocket and fake timers.
+
+export const State = Object.freeze({
+  CONNECTING: "connecting", // first attempt, nothing open yet
+  OPEN: "open", // socket open and accepted
+  RECONNECTING: "reconnecting", // waiting `delay` ms before the next attempt
+  OFFLINE: "offline", // the browser says the network is gone; waiting for it
+  CLOSED: "closed", // stopped for good: signed out, forbidden, or close() called
+});
+
+// Close codes (DESIGN.md): what each tells the client to do.
+export const Close = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001,
+  ABNORMAL: 1006,
+  TOO_LARGE: 1009,
+  SERVER_RESTART: 1012,
+  TRY_AGAIN_LATER: 1013,
+  NOT_AUTHENTICATED: 4001,
+  FORBIDDEN: 4003,
+  POLICY: 4008,
+  INTERNAL: 4011,
+  SERVICE_RESTART: 4012,
+  OVERLOADED: 4013,
+  RATE_LIMITED: 4029,
+  PROTOCOL_VIOLATION: 4400,
+  HEARTBEAT: 4000, // used by this client to drop a silent socket
+});
+
+const STOP = { [Close.NOT_AUTHENTICATED]: "unauthenticated", [Close.FORBIDDEN]: "forbidden" };
+const RESTART = new Set([Close.SERVICE_RESTART, Close.SERVER_RESTART]);
+
+// Errors after which resending the same request cannot succeed.
+const FINAL_ERRORS = new Set(["invalid", "unknown_type", "forbidden", "not_found", "too_large", "conflict"]);
+
+/** Full jitter: a uniform delay in [0, min(cap, base * 2^attempt)]. */
+export function backoffDelay(attempt, { base = 500, cap = 30000 } = {}, random = Math.random) {
+  const ceiling = Math.min(cap, base * 2 ** Math.min(attempt, 30));
+  return Math.floor(random() * ceiling);
+}
+
+/** A random id for client_id (idempotent sends), without needing a secure context. */
+export function randomId(cryptoImpl = globalThis.crypto) {
+  const bytes = new Uint8Array(12);
+  if (cryptoImpl && cryptoImpl.getRandomValues) cryptoImpl.getRandomValues(bytes);
+  else for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+export class RealtimeClient {
+  /**
+   * @param {object} options
+   * @param {string} options.url               ws:// or wss:// URL of /ws/v1/
+   * @param {Function} [options.loadSnapshot]  async (room) => {seq, messages}: the room's
+   *   history from REST, used on first subscribe and when recovery fails
+   */
+  constructor(options) {
+    this.url = options.url;
+    this.WebSocket = options.WebSocket || globalThis.WebSocket;
+    this.loadSnapshot = options.loadSnapshot || null;
+    this.user = options.user || null; // our username, to recognise our own messages
+    this.timers = options.timers || { setTimeout: (f, ms) => setTimeout(f, ms), clearTimeout: (t) => clearTimeout(t) };
+    this.now = options.now || (() => Date.now());
+    this.random = options.random || Math.random;
+    this.backoff = { base: 500, cap: 30000, ...(options.backoff || {}) };
+    this.stableAfter = options.stableAfter ?? 10000; // ms open before attempts reset
+    this.pingInterval = options.pingInterval ?? 20000;
+    this.pingTimeout = options.pingTimeout ?? 10000; // silence allowed past an unanswered ping
+    this.restartJitter = options.restartJitter ?? 1000;
+    this.env = options.env === undefined ? globalThis : options.env; // for online/offline, visibility
+
+    this.state = null;
+    this.attempts = 0;
+    this.ws = null;
+    this.rooms = new Map(); // room -> {lastSeq, pending: Map(seq -> frame), subscribed, resyncing}
+    this.outbox = new Map(); // client_id -> {room, body, resolve, reject, ref}
+    this.requests = new Map(); // ref -> {resolve, reject}
+    this.listeners = new Map();
+    this.refCounter = 0;
+    this.retryAfter = 0;
+    this._timer = null;
+    this._stableTimer = null;
+    this._pingTimer = null;
+    this._lastFrameAt = 0;
+    this._bindEnvironment();
+  }
+
+  // -- events -------------------------------------------------------------
+  on(name, fn) {
+    if (!this.listeners.has(name)) this.listeners.set(name, new Set());
+    this.listeners.get(name).add(fn);
+    return () => this.listeners.get(name).delete(fn);
+  }
+
+  emit(name, detail) {
+    for (const fn of this.listeners.get(name) || []) {
+      try {
+        fn(detail);
+      } catch (err) {
+        console.error("realtime listener failed", err);
+      }
+    }
+  }
+
+  /** The only place the connection state changes. */
+  setState(state, detail = {}) {
+    const changed = state !== this.state;
+    this.state = state;
+    if (changed || detail.delay !== undefined) this.emit("state", { state, ...detail });
+  }
+
+  // -- lifecycle ----------------------------------------------------------
+  connect() {
+    if (this.state === State.OPEN || this.ws) return;
+    this._clearTimer();
+    this.setState(this.state === null || this.state === State.CLOSED ? State.CONNECTING : this.state);
+    let ws;
+    try {
+      ws = new this.WebSocket(this.url, ["rt.v1.json"]);
+    } catch (err) {
+      this._scheduleReconnect(Close.ABNORMAL);
+      return;
+    }
+    this.ws = ws;
+    ws.onopen = () => this._onOpen(ws);
+    ws.onmessage = (ev) => this._onMessage(ws, ev.data);
+    ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason);
+    ws.onerror = () => {}; // a close always follows
+  }
+
+  /** Stop for good (until connect() is called again). */
+  close() {
+    this._clearTimer();
+    this._dropSocket(Close.NORMAL, "client closed");
+    this.setState(State.CLOSED, { reason: "closed" });
+  }
+
+  _onOpen(ws) {
+    if (ws !== this.ws) return;
+    this._lastFrameAt = this.now();
+    this.setState(State.OPEN);
+    this._stableTimer = this.timers.setTimeout(() => {
+      this.attempts = 0;
+    }, this.stableAfter);
+    this._schedulePing();
+    for (const room of this.rooms.keys()) this._subscribe(room);
+    for (const [clientId, item] of this.outbox) this._sendMessage(clientId, item);
+  }
+
+  _onClose(ws, code, reason) {
+    if (ws !== this.ws) return;
+    this.ws = null;
+    this._stopSocketTimers();
+    for (const room of this.rooms.values()) room.subscribed = false;
+    for (const [, req] of this.requests) req.reject(Object.assign(new Error("connection lost"), { code: "disconnected" }));
+    this.requests.clear();
+    if (STOP[code]) {
+      this.setState(State.CLOSED, { reason: STOP[code], code });
+      return;
+    }
+    if (this.state === State.CLOSED) return;
+    this._scheduleReconnect(code, reason);
+  }
+
+  _scheduleReconnect(code) {
+    if (this.state === State.OFFLINE || this.state === State.CLOSED) return;
+    let delay;
+    if (RESTART.has(code)) {
+      // The server is restarting on purpose: come back at once, spread out a little.
+      delay = Math.floor(this.random() * this.restartJitter);
+    } else {
+      delay = backoffDelay(this.attempts, this.backoff, this.random);
+      this.attempts += 1;
+      if (code === Close.RATE_LIMITED) delay = Math.max(delay, this.retryAfter * 1000);
+    }
+    this._clearTimer();
+    this.setState(State.RECONNECTING, { delay, code, at: this.now() + delay });
+    this._timer = this.timers.setTimeout(() => {
+      this._timer = null;
+      this.connect();
+    }, delay);
+  }
+
+  _dropSocket(code, reason) {
+    const ws = this.ws;
+    if (!ws) return;
+    this.ws = null;
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    try {
+      ws.close(code, reason);
+    } catch (err) {
+      /* already closed */
+    }
+    this._stopSocketTimers();
+    for (const room of this.rooms.values()) room.subscribed = false;
+    for (const [, req] of this.requests) req.reject(Object.assign(new Error("connection lost"), { code: "disconnected" }));
+    this.requests.clear();
+  }
+
+  _stopSocketTimers() {
+    if (this._stableTimer) this.timers.clearTimeout(this._stableTimer);
+    if (this._pingTimer) this.timers.clearTimeout(this._pingTimer);
+    this._stableTimer = this._pingTimer = null;
+  }
+
+  _clearTimer() {
+    if (this._timer) this.timers.clearTimeout(this._timer);
+    this._timer = null;
+  }
+
+  // -- heartbeat ----------------------------------------------------------
+  _schedulePing() {
+    this._pingTimer = this.timers.setTimeout(() => this._heartbeat(), this.pingInterval);
+  }
+
+  _heartbeat() {
+    this._pingTimer = null;
+    if (!this.ws || this.state !== State.OPEN) return;
+    const silentFor = this.now() - this._lastFrameAt;
+    if (silentFor >= this.pingInterval + this.pingTimeout) {
+      // Nothing at all came back, not even a pong: the socket is dead.
+      this._dropSocket(Close.HEARTBEAT, "heartbeat timeout");
+      this._scheduleReconnect(Close.ABNORMAL);
+      return;
+    }
+    this._raw({ type: "ping", t: this.now() });
+    this._pingTimer = this.timers.setTimeout(() => this._heartbeat(), Math.min(this.pingInterval, this.pingTimeout));
+  }
+
+  // -- environment (browser only) -------------------------------------------
+  _bindEnvironment() {
+    const env = this.env;
+    if (!env || typeof env.addEventListener !== "function") return;
+    env.addEventListener("offline", () => {
+      if (this.state === State.CLOSED) return;
+      this._clearTimer();
+      this._dropSocket(Close.NORMAL, "offline");
+      this.setState(State.OFFLINE);
+    });
+    env.addEventListener("online", () => {
+      if (this.state !== State.OFFLINE) return;
+      this.attempts = 0;
+      this.setState(State.RECONNECTING, { delay: 0, at: this.now() });
+      this.connect();
+    });
+    const doc = env.document;
+    if (doc && typeof doc.addEventListener === "function") {
+      doc.addEventListener("visibilitychange", () => {
+        if (doc.visibilityState === "visible" && this.state === State.RECONNECTING && this._timer) {
+          this._clearTimer();
+          this.connect();
+        }
+      });
+    }
+  }
+
+  // -- sending --------------------------------------------------------------
+  _raw(frame) {
+    if (!this.ws || this.state !== State.OPEN) return false;
+    this.ws.send(JSON.stringify(frame));
+    return true;
+  }
+
+  _nextRef() {
+    this.refCounter += 1;
+    return `r${this.refCounter}`;
+  }
+
+  /** Send a request and wait for its ack (rejects with {code} on error or disconnect). */
+  request(frame) {
+    return new Promise((resolve, reject) => {
+      const ref = this._nextRef();
+      if (!this._raw({ ...frame, ref })) {
+        reject(Object.assign(new Error("not connected"), { code: "disconnected" }));
+        return;
+      }
+      this.requests.set(ref, { resolve, reject });
+    });
+  }
+
+  /**
+   * Post a message. It is queued while offline and sent (again) on every reconnect
+   * until acked; the client_id makes each resend idempotent on the server.
+   * Returns {clientId, done}: done resolves with the ack or rejects on a final error.
+   */
+  send(room, body, clientId = randomId()) {
+    let resolve, reject;
+    const done = new Promise((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    const item = { room, body, resolve, reject, ref: null };
+    this.outbox.set(clientId, item);
+    this._sendMessage(clientId, item);
+    return { clientId, done };
+  }
+
+  _sendMessage(clientId, item) {
+    item.ref = this._nextRef();
+    this._raw({ type: "message.send", ref: item.ref, room: item.room, body: item.body, client_id: clientId });
+  }
+
+  /** Number of messages waiting for an ack. */
+  get pendingCount() {
+    return this.outbox.size;
+  }
+
+  edit(room, id, body) {
+    return this.request({ type: "message.edit", room, id, body });
+  }
+
+  remove(room, id) {
+    return this.request({ type: "message.delete", room, id });
+  }
+
+  // -- rooms ----------------------------------------------------------------
+  /** Follow a room: load its snapshot (if no seq is known), then subscribe with since. */
+  subscribe(room) {
+    if (!this.rooms.has(room)) {
+      this.rooms.set(room, { lastSeq: null, pending: new Map(), subscribed: false, resyncing: false, loading: null });
+    }
+    if (this.state === State.OPEN) this._subscribe(room);
+  }
+
+  unsubscribe(room) {
+    this.rooms.delete(room);
+    this._raw({ type: "unsubscribe", room });
+  }
+
+  lastSeq(room) {
+    const r = this.rooms.get(room);
+    return r ? r.lastSeq : null;
+  }
+
+  async _subscribe(room) {
+    const r = this.rooms.get(room);
+    if (!r) return;
+    if (r.lastSeq === null) {
+      if (!this.loadSnapshot) {
+        r.lastSeq = 0;
+      } else {
+        if (r.loading) return;
+        r.loading = (async () => {
+          try {
+            const snap = await this.loadSnapshot(room);
+            r.lastSeq = snap.seq;
+            r.pending.clear();
+            this.emit("snapshot", { room, ...snap });
+          } finally {
+            r.loading = null;
+          }
+        })();
+        try {
+          await r.loading;
+        } catch (err) {
+          this.emit("error", { room, code: "snapshot_failed", message: String(err) });
+          // Try again on the next (re)connect; drop this socket so that happens.
+          this._dropSocket(Close.HEARTBEAT, "snapshot failed");
+          this._scheduleReconnect(Close.ABNORMAL);
+          return;
+        }
+      }
+    }
+    r.resyncing = true;
+    this._raw({ type: "subscribe", ref: `sub:${room}`, room, since: r.lastSeq });
+  }
+
+  // -- receiving ------------------------------------------------------------
+  _onMessage(ws, data) {
+    if (ws !== this.ws) return;
+    this._lastFrameAt = this.now();
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch (err) {
+      return;
+    }
+    if (!frame || typeof frame.type !== "string") return;
+    switch (frame.type) {
+      case "pong":
+        return;
+      case "ack":
+        return this._onAck(frame);
+      case "error":
+        return this._onError(frame);
+      default:
+        if (typeof frame.seq === "number" && typeof frame.room === "string") return this._onEvent(frame);
+        this.emit("ephemeral", frame);
+    }
+  }
+
+  _onAck(frame) {
+    const ref = frame.ref;
+    if (typeof ref === "string" && ref.startsWith("sub:")) {
+      const r = this.rooms.get(frame.room);
+      if (r) {
+        r.subscribed = true;
+        r.resyncing = false;
+        this.emit("subscribed", { room: frame.room, seq: frame.seq, replayed: frame.replayed });
+      }
+      return;
+    }
+    for (const [clientId, item] of this.outbox) {
+      if (item.ref === ref) {
+        this.outbox.delete(clientId);
+        item.resolve({ clientId, id: frame.id, seq: frame.seq, room: frame.room });
+        this.emit("sent", { clientId, id: frame.id, seq: frame.seq, room: frame.room });
+        return;
+      }
+    }
+    const req = this.requests.get(ref);
+    if (req) {
+      this.requests.delete(ref);
+      req.resolve(frame);
+    }
+  }
+
+  _onError(frame) {
+    if (frame.code === "rate_limited" && frame.retry_after) this.retryAfter = frame.retry_after;
+    const ref = frame.ref;
+    const room = frame.room || (typeof ref === "string" && ref.startsWith("sub:") ? ref.slice(4) : null);
+    if (frame.code === "recovery_failed" && room && this.rooms.has(room)) {
+      // Too far behind to replay: reload the room's history, then subscribe again.
+      const r = this.rooms.get(room);
+      r.lastSeq = null;
+      r.pending.clear();
+      this.emit("reset", { room });
+      this._subscribe(room);
+      return;
+    }
+    if (typeof ref === "string" && ref.startsWith("sub:")) {
+      this.emit("error", { room, code: frame.code, message: frame.message });
+      return;
+    }
+    for (const [clientId, item] of this.outbox) {
+      if (item.ref !== ref) continue;
+      if (frame.code === "rate_limited") {
+        const wait = Math.max(1, frame.retry_after || 1) * 1000;
+        this.timers.setTimeout(() => this.outbox.has(clientId) && this._sendMessage(clientId, item), wait);
+      } else if (FINAL_ERRORS.has(frame.code)) {
+        this.outbox.delete(clientId);
+        item.reject(Object.assign(new Error(frame.message), { code: frame.code }));
+        this.emit("failed", { clientId, room: item.room, code: frame.code, message: frame.message });
+      }
+      // internal: stays queued and is resent on the next connection.
+      return;
+    }
+    const req = this.requests.get(ref);
+    if (req) {
+      this.requests.delete(ref);
+      req.reject(Object.assign(new Error(frame.message), { code: frame.code }));
+      return;
+    }
+    this.emit("error", { code: frame.code, message: frame.message });
+  }
+
+  /** Apply room events exactly once and in seq order; ask for a replay on a gap. */
+  _onEvent(frame) {
+    const r = this.rooms.get(frame.room);
+    if (!r || r.lastSeq === null) return;
+    if (frame.seq <= r.lastSeq) return; // already applied
+    if (frame.seq > r.lastSeq + 1) {
+      r.pending.set(frame.seq, frame);
+      if (!r.resyncing) {
+        // A gap: the server replays everything after what we have.
+        r.resyncing = true;
+        this._raw({ type: "subscribe", ref: `sub:${frame.room}`, room: frame.room, since: r.lastSeq });
+      }
+      return;
+    }
+    this._apply(r, frame);
+    let next;
+    while ((next = r.pending.get(r.lastSeq + 1))) {
+      r.pending.delete(next.seq);
+      this._apply(r, next);
+    }
+    for (const seq of r.pending.keys()) if (seq <= r.lastSeq) r.pending.delete(seq);
+  }
+
+  _apply(r, frame) {
+    r.lastSeq = frame.seq;
+    if (frame.type === "message.new" && this.outbox.has(frame.client_id)) {
+      // Our own message arrived before its ack (or the ack was lost): it is sent.
+      const item = this.outbox.get(frame.client_id);
+      if (item.room === frame.room && (this.user === null || frame.author === this.user)) {
+        this.outbox.delete(frame.client_id);
+        item.resolve({ clientId: frame.client_id, id: frame.id, seq: frame.seq, room: frame.room });
+        this.emit("sent", { clientId: frame.client_id, id: frame.id, seq: frame.seq, room: frame.room });
+      }
+    }
+    this.emit("event", frame);
+  }
+}

@@ -1,0 +1,115 @@
+"""Shared fixtures: demo data, signed-in sockets, and the channel layers to run on."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.test import Client
+
+from tests.services import RedisServer
+
+ORIGIN = (b"origin", b"http://127.0.0.1")
+HOST = (b"host", b"127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A private redis-server for the whole session (skipped, with the reason, when
+    the binary is missing; `make test` installs it)."""
+    try:
+        server = RedisServer(tmp_path_factory.mktemp("redis"))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def layer(request, settings):
+    """Run the test on the in-memory layer and on a real Redis channel layer."""
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        settings.CHANNEL_LAYERS = {
+            "default": {
+                "BACKEND": "channels_redis.core.RedisChannelLayer",
+                "CONFIG": {"hosts": [{"address": server.url, "socket_timeout": None}]},
+            }
+        }
+    else:
+        settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    yield request.param
+    layer = get_channel_layer()
+    if request.param == "redis":
+        async_to_sync(layer.flush)()
+
+
+@pytest.fixture
+def demo(db):
+    """The seed_demo data: alice, bob, carol, admin; rooms general and ops."""
+    call_command("seed_demo", stdout=open("/dev/null", "w"))
+    User = get_user_model()
+    return {u.username: u for u in User.objects.all()}
+
+
+@pytest.fixture
+def cookies(demo):
+    """A session cookie header for each demo user."""
+    result = {}
+    for name, user in demo.items():
+        client = Client()
+        client.force_login(user)
+        result[name] = f"sessionid={client.cookies['sessionid'].value}".encode()
+    return result
+
+
+def communicator(cookie: bytes | None = None, subprotocols=("rt.v1.json",), origin=ORIGIN, path="/ws/v1/"):
+    from project.asgi import application
+
+    headers = [HOST]
+    if origin is not None:
+        headers.append(origin)
+    if cookie:
+        headers.append((b"cookie", cookie))
+    return WebsocketCommunicator(application, path, headers=headers, subprotocols=list(subprotocols))
+
+
+@contextlib.asynccontextmanager
+async def socket(cookie: bytes | None, **kwargs):
+    """A connected socket; always disconnected afterwards."""
+    comm = communicator(cookie, **kwargs)
+    connected, _ = await comm.connect(timeout=5)
+    assert connected, "handshake refused"
+    try:
+        yield comm
+    finally:
+        await comm.disconnect()
+
+
+async def call(comm, frame: dict, timeout: float = 5) -> dict:
+    """Send a request and return the next frame."""
+    await comm.send_json_to(frame)
+    return await comm.receive_json_from(timeout=timeout)
+
+
+async def subscribe(comm, room: str, since: int | None = 0) -> list[dict]:
+    """Subscribe and return the replayed events; asserts the ack."""
+    frame = {"type": "subscribe", "room": room, "ref": f"sub-{room}"}
+    if since is not None:
+        frame["since"] = since
+    await comm.send_json_to(frame)
+    events = []
+    while True:
+        reply = await comm.receive_json_from(timeout=5)
+        if reply["type"] == "ack":
+            assert reply["ref"] == f"sub-{room}"
+            assert reply["replayed"] == len(events)
+            return events
+        assert reply["type"] != "error", reply
+        events.append(reply)

@@ -1,0 +1,322 @@
+"""The /ws/v1/ socket driven through the real ASGI application, on the in-memory
+layer and on a private Redis (the `layer` fixture runs every test on both)."""
+
+from __future__ import annotations
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from realtime import actions
+from realtime.models import Event, Message
+from tests.conftest import ORIGIN, call, communicator, socket, subscribe
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("layer")]
+
+
+async def count(model, **filters) -> int:
+    return await model.objects.filter(**filters).acount()
+
+
+def send_frame(room="general", body="hello", client_id="c1", ref="s1"):
+    return {"type": "message.send", "room": room, "body": body, "client_id": client_id, "ref": ref}
+
+
+# -- handshake ------------------------------------------------------------------
+async def test_anonymous_is_accepted_then_closed_with_4001(cookies):
+    comm = communicator(None)
+    connected, subprotocol = await comm.connect(timeout=5)
+    assert connected and subprotocol == "rt.v1.json"
+    assert await comm.receive_output(timeout=5) == {"type": "websocket.close", "code": 4001}
+    await comm.disconnect()
+
+
+async def test_foreign_origin_is_refused_at_handshake(cookies):
+    comm = communicator(cookies["alice"], origin=(b"origin", b"http://evil.example"))
+    connected, _ = await comm.connect(timeout=5)
+    assert not connected
+    await comm.disconnect()
+
+
+async def test_missing_origin_is_refused(cookies):
+    comm = communicator(cookies["alice"], origin=None)
+    connected, _ = await comm.connect(timeout=5)
+    assert not connected
+    await comm.disconnect()
+
+
+async def test_unknown_subprotocol_is_refused(cookies):
+    comm = communicator(cookies["alice"], subprotocols=("rt.v2.json",))
+    connected, _ = await comm.connect(timeout=5)
+    assert not connected
+    await comm.disconnect()
+
+
+async def test_signed_in_user_gets_json_subprotocol(cookies):
+    comm = communicator(cookies["alice"], origin=ORIGIN)
+    connected, subprotocol = await comm.connect(timeout=5)
+    assert connected and subprotocol == "rt.v1.json"
+    assert await call(comm, {"type": "ping", "t": 12.5, "ref": 7}) == {"type": "pong", "ref": 7, "t": 12.5}
+    await comm.disconnect()
+
+
+# -- posting and fan-out ----------------------------------------------------------
+async def test_send_acks_with_seq_and_id_and_reaches_every_subscriber(cookies):
+    async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
+        await subscribe(alice, "general")
+        await subscribe(bob, "general")
+        ack = await call(alice, send_frame(body="<script>alert(1)</script>"))
+        message = await Message.objects.aget()
+        assert ack == {"type": "ack", "ref": "s1", "room": "general", "id": message.id, "seq": 1}
+        expected = {
+            "type": "message.new", "room": "general", "seq": 1, "id": message.id, "author": "alice",
+            "body": "<script>alert(1)</script>", "client_id": "c1",
+        }
+        for comm in (alice, bob):  # the sender's own socket too (its other tabs need it)
+            frame = await comm.receive_json_from(timeout=5)
+            assert frame.pop("ts").endswith("Z")
+            assert frame == expected
+        assert await bob.receive_nothing(timeout=0.2)
+    assert await count(Event, room__slug="general") == 1
+
+
+async def test_send_is_idempotent_on_client_id(cookies):
+    async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
+        await subscribe(bob, "general")
+        first = await call(alice, send_frame(ref="a"))
+        again = await call(alice, send_frame(ref="b", body="changed on retry"))
+        assert {**first, "ref": "b"} == again
+        assert (await bob.receive_json_from(timeout=5))["seq"] == 1
+        assert await bob.receive_nothing(timeout=0.3), "a retry must not be broadcast again"
+    assert await count(Message) == 1
+    assert await count(Event) == 1
+
+
+async def test_same_client_id_in_another_room_is_a_conflict(cookies):
+    async with socket(cookies["alice"]) as alice:
+        await call(alice, send_frame(room="general"))
+        reply = await call(alice, send_frame(room="ops", ref="x"))
+        assert reply["type"] == "error" and reply["code"] == "conflict" and reply["ref"] == "x"
+    assert await count(Message) == 1
+
+
+async def test_subscribe_replays_missed_events_then_goes_live(cookies):
+    async with socket(cookies["alice"]) as alice:
+        for i in range(3):
+            await call(alice, send_frame(client_id=f"m{i}", body=f"m{i}"))
+        async with socket(cookies["bob"]) as bob:
+            replayed = await subscribe(bob, "general", since=1)
+            assert [(e["seq"], e["body"]) for e in replayed] == [(2, "m1"), (3, "m2")]
+            await call(alice, send_frame(client_id="m3", body="m3"))
+            live = await bob.receive_json_from(timeout=5)
+            assert (live["seq"], live["body"]) == (4, "m3")
+            assert await bob.receive_nothing(timeout=0.2)
+
+
+async def test_subscribe_without_since_goes_live_from_the_head(cookies):
+    async with socket(cookies["alice"]) as alice:
+        await call(alice, send_frame(client_id="old"))
+        async with socket(cookies["bob"]) as bob:
+            await bob.send_json_to({"type": "subscribe", "room": "general", "ref": 1})
+            assert await bob.receive_json_from(timeout=5) == {
+                "type": "ack", "ref": 1, "room": "general", "seq": 1, "replayed": 0,
+            }
+
+
+async def test_since_ahead_of_the_log_fails_recovery(cookies):
+    async with socket(cookies["bob"]) as bob:
+        reply = await call(bob, {"type": "subscribe", "room": "general", "since": 50, "ref": 2})
+        assert reply["type"] == "error" and reply["code"] == "recovery_failed" and reply["ref"] == 2
+
+
+async def test_since_older_than_the_replay_window_fails_recovery(cookies, settings):
+    settings.REALTIME = {**settings.REALTIME, "REPLAY_MAX": 2}
+    async with socket(cookies["alice"]) as alice:
+        for i in range(4):
+            await call(alice, send_frame(client_id=f"w{i}"))
+        reply = await call(alice, {"type": "subscribe", "room": "general", "since": 1, "ref": 3})
+        assert reply["code"] == "recovery_failed"
+        assert len(await subscribe(alice, "general", since=2)) == 2
+
+
+async def test_a_live_gap_is_repaired_from_the_log_in_order(cookies, demo):
+    """A broadcast the layer lost (here: never published) is read back from the log
+    before the next event, so the subscriber still sees every seq once, in order."""
+    async with socket(cookies["bob"]) as bob:
+        await subscribe(bob, "general")
+        # Written and committed, but its broadcast is lost.
+        await sync_to_async(actions.message_send)(user=demo["alice"], slug="general", body="lost", client_id="l1")
+        async with socket(cookies["alice"]) as alice:
+            await call(alice, send_frame(client_id="l2", body="after"))
+        frames = [await bob.receive_json_from(timeout=5) for _ in range(2)]
+        assert [(f["seq"], f["body"]) for f in frames] == [(1, "lost"), (2, "after")]
+        assert await bob.receive_nothing(timeout=0.2)
+
+
+async def test_unsubscribe_stops_the_stream(cookies):
+    async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
+        await subscribe(bob, "general")
+        assert await call(bob, {"type": "unsubscribe", "room": "general", "ref": 9}) == {
+            "type": "ack", "ref": 9, "room": "general",
+        }
+        await call(alice, send_frame())
+        assert await bob.receive_nothing(timeout=0.3)
+
+
+async def test_rooms_per_connection_are_limited(cookies, settings):
+    settings.REALTIME = {**settings.REALTIME, "MAX_ROOMS_PER_CONNECTION": 1}
+    async with socket(cookies["alice"]) as alice:
+        await subscribe(alice, "general")
+        reply = await call(alice, {"type": "subscribe", "room": "ops", "ref": 1})
+        assert reply["code"] == "too_large"
+
+
+# -- edit and delete ---------------------------------------------------------------
+async def test_edit_broadcasts_only_what_changed(cookies):
+    async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
+        await subscribe(bob, "general")
+        sent = await call(alice, send_frame())
+        await bob.receive_json_from(timeout=5)
+        ack = await call(alice, {"type": "message.edit", "room": "general", "id": sent["id"], "body": "fixed", "ref": 2})
+        assert ack == {"type": "ack", "ref": 2, "room": "general", "id": sent["id"], "seq": 2}
+        edited = await bob.receive_json_from(timeout=5)
+        assert set(edited) == {"type", "room", "seq", "id", "body", "edited_at"}
+        assert (edited["type"], edited["seq"], edited["body"]) == ("message.edited", 2, "fixed")
+    assert (await Message.objects.aget()).body == "fixed"
+
+
+async def test_editing_someone_elses_message_is_forbidden_and_silent(cookies):
+    async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
+        sent = await call(alice, send_frame())
+        await subscribe(alice, "general", since=1)
+        reply = await call(bob, {"type": "message.edit", "room": "general", "id": sent["id"], "body": "mine now", "ref": 5})
+        assert (reply["type"], reply["code"], reply["ref"]) == ("error", "forbidden", 5)
+        assert await alice.receive_nothing(timeout=0.3)
+    message = await Message.objects.aget()
+    assert message.body == "hello" and message.edited_at is None
+    assert await count(Event) == 1
+
+
+@pytest.mark.parametrize(
+    "deleter, author, allowed",
+    [("bob", "bob", True), ("alice", "bob", True), ("bob", "alice", False), ("carol", "bob", False)],
+)
+async def test_delete_by_author_or_moderator_only(cookies, deleter, author, allowed):
+    async with socket(cookies[author]) as writer, socket(cookies[deleter]) as actor:
+        sent = await call(writer, send_frame())
+        await subscribe(writer, "general", since=1)
+        reply = await call(actor, {"type": "message.delete", "room": "general", "id": sent["id"], "ref": 1})
+        if allowed:
+            assert reply == {"type": "ack", "ref": 1, "room": "general", "id": sent["id"], "seq": 2}
+            assert await writer.receive_json_from(timeout=5) == {
+                "type": "message.deleted", "room": "general", "seq": 2, "id": sent["id"],
+            }
+        else:
+            assert reply["code"] == "forbidden"
+            assert await writer.receive_nothing(timeout=0.3)
+    message = await Message.objects.aget()
+    assert (message.deleted_at is not None) is allowed
+    assert await count(Event) == (2 if allowed else 1)
+
+
+async def test_deleted_message_cannot_be_edited_or_deleted_again(cookies):
+    async with socket(cookies["alice"]) as alice:
+        sent = await call(alice, send_frame())
+        await call(alice, {"type": "message.delete", "room": "general", "id": sent["id"]})
+        for frame in (
+            {"type": "message.delete", "room": "general", "id": sent["id"], "ref": 1},
+            {"type": "message.edit", "room": "general", "id": sent["id"], "body": "x", "ref": 1},
+        ):
+            assert (await call(alice, frame))["code"] == "not_found"
+    assert await count(Event) == 2
+
+
+# -- permissions -------------------------------------------------------------------
+async def test_reader_may_read_but_not_post(cookies):
+    async with socket(cookies["carol"]) as carol, socket(cookies["bob"]) as bob:
+        await subscribe(carol, "general")
+        await subscribe(bob, "general")
+        reply = await call(carol, send_frame(ref="r"))
+        assert (reply["type"], reply["code"], reply["ref"]) == ("error", "forbidden", "r")
+        assert await bob.receive_nothing(timeout=0.3)
+    assert await count(Message) == 0 and await count(Event) == 0
+
+
+async def test_non_member_cannot_see_or_post_in_a_private_room(cookies):
+    async with socket(cookies["carol"]) as carol:
+        assert (await call(carol, {"type": "subscribe", "room": "ops", "since": 0}))["code"] == "forbidden"
+        assert (await call(carol, send_frame(room="ops")))["code"] == "forbidden"
+    assert await count(Message) == 0
+
+
+async def test_unknown_room_is_not_found(cookies):
+    async with socket(cookies["alice"]) as alice:
+        assert (await call(alice, {"type": "subscribe", "room": "nope", "ref": 1}))["code"] == "not_found"
+        assert (await call(alice, send_frame(room="nope")))["code"] == "not_found"
+
+
+async def test_a_refused_subscribe_leaves_no_stream(cookies):
+    async with socket(cookies["carol"]) as carol, socket(cookies["alice"]) as alice:
+        await call(carol, {"type": "subscribe", "room": "ops", "since": 0})
+        await call(alice, send_frame(room="ops"))
+        assert await carol.receive_nothing(timeout=0.3)
+
+
+# -- bad input ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "raw, code, ref",
+    [
+        ("{not json", "invalid", None),
+        ("[1, 2]", "invalid", None),
+        ('{"ref": 3}', "invalid", 3),
+        ('{"type": "message.shout", "ref": 4}', "unknown_type", 4),
+        ('{"type": "websocket_disconnect", "ref": 4}', "unknown_type", 4),
+        ('{"type": "room_event", "room": "general", "seq": 1}', "unknown_type", None),
+        ('{"type": "message.send", "room": "general", "body": "x", "ref": 5}', "invalid", 5),
+        ('{"type": "message.send", "room": "general", "body": 1, "client_id": "a", "ref": 6}', "invalid", 6),
+        ('{"type": "subscribe", "room": "general", "since": -1, "ref": "s"}', "invalid", "s"),
+        ('{"type": "subscribe", "room": "General Room", "ref": "s"}', "invalid", "s"),
+        ('{"type": "ping", "extra": true, "ref": 8}', "invalid", 8),
+        ('{"type": "ping", "ref": {"nested": 1}}', "invalid", None),
+    ],
+)
+async def test_bad_frames_get_an_error_and_the_socket_stays_open(cookies, raw, code, ref):
+    async with socket(cookies["alice"]) as alice:
+        await alice.send_to(text_data=raw)
+        reply = await alice.receive_json_from(timeout=5)
+        assert reply["type"] == "error" and reply["code"] == code
+        assert reply.get("ref") == ref
+        assert await call(alice, {"type": "ping", "ref": "alive"}) == {"type": "pong", "ref": "alive"}
+    assert await count(Message) == 0
+
+
+async def test_binary_frame_on_json_subprotocol_is_invalid(cookies):
+    async with socket(cookies["alice"]) as alice:
+        await alice.send_to(bytes_data=b'{"type": "ping"}')
+        assert (await alice.receive_json_from(timeout=5))["code"] == "invalid"
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [("   \n ", "invalid"), ("x" * 4001, "too_large"), ("bell\x07", "invalid")],
+)
+async def test_bad_bodies_are_refused_and_nothing_is_stored(cookies, body, code):
+    async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
+        await subscribe(bob, "general")
+        reply = await call(alice, send_frame(body=body))
+        assert reply["code"] == code
+        assert await bob.receive_nothing(timeout=0.2)
+    assert await count(Message) == 0
+
+
+async def test_msgpack_subprotocol_speaks_the_same_schemas(cookies):
+    import msgpack
+
+    async with socket(cookies["alice"], subprotocols=("rt.v1.msgpack",)) as alice:
+        await alice.send_to(bytes_data=msgpack.packb({"type": "subscribe", "room": "general", "since": 0, "ref": 1}))
+        ack = msgpack.unpackb(await alice.receive_from(timeout=5))
+        assert ack == {"type": "ack", "ref": 1, "room": "general", "seq": 0, "replayed": 0}
+        await alice.send_to(bytes_data=msgpack.packb(send_frame()))
+        ack = msgpack.unpackb(await alice.receive_from(timeout=5))
+        assert ack["seq"] == 1
+        event = msgpack.unpackb(await alice.receive_from(timeout=5), timestamp=3)
+        assert event["type"] == "message.new" and event["body"] == "hello"
