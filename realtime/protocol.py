@@ -269,9 +269,14 @@ class Codec:
             if not isinstance(exc, msgspec.ValidationError):
                 raise ProtocolError(ErrorCode.INVALID, f"malformed {self.name} frame") from None
             validation = exc
+        except RecursionError:
+            raise ProtocolError(ErrorCode.INVALID, "frame nested too deeply") from None
         # Decode again without a schema to tell an unknown type from a bad field
         # and to find the ref to answer with. Only invalid frames take this path.
-        raw = self._any_decoder.decode(data)
+        try:
+            raw = self._any_decoder.decode(data)
+        except RecursionError:
+            raise ProtocolError(ErrorCode.INVALID, "frame nested too deeply") from None
         if not isinstance(raw, dict):
             raise ProtocolError(ErrorCode.INVALID, "a frame must be an object with a `type`")
         ref = _valid_ref(raw.get("ref"))
@@ -303,11 +308,6 @@ def event_to_dict(event: RoomEvent) -> dict:
 # ---------------------------------------------------------------------------
 def json_schemas() -> dict[str, dict]:
     """One JSON Schema per frame class, keyed by class name."""
-    classes = CLIENT_FRAMES + REPLIES + ROOM_EVENTS
-    schemas, components = msgspec.json.schema_components(classes, ref_template="#/$defs/{name}")
-    result = {}
-    for cls, schema in zip(classes, schemas):
-        name = cls.__name__
-        body = dict(components[name])
-        result[name] = body
-    return result
+    classes = CLIENT_FRAMES + REPLIES + ROOM_EVENTS + (MessagePost,)
+    _, components = msgspec.json.schema_components(classes, ref_template="#/$defs/{name}")
+    return {cls.__name__: components[cls.__name__] for cls in classes}

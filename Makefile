@@ -1,0 +1,42 @@
+# make run   - the app on its embedded default (SQLite, in-memory layer, one process)
+# make test  - install what the tests need, then run them all
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+# The first Python 3.11+ on PATH.
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$p; break; }; done)
+
+.PHONY: run test test-py test-js system-deps docs clean
+
+$(VENV)/.requirements: requirements.txt
+	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is needed (e.g. apt-get install python3)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.requirements-dev: $(VENV)/.requirements requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+run: $(VENV)/.requirements
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py seed_demo
+	@echo "Open http://$(HOST):$(PORT)/ and log in as alice, bob or carol (password: demo-password)."
+	$(PY) manage.py runserver $(HOST):$(PORT)
+
+system-deps:
+	@bash .ci/system-deps.sh
+
+test: $(VENV)/.requirements-dev system-deps
+	$(PY) -m pytest
+	node --test tests/js/
+
+docs: $(VENV)/.requirements
+	$(PY) manage.py protocol_docs
+
+clean:
+	rm -rf $(VENV) db.sqlite3 staticfiles test-artifacts .pytest_cache

@@ -1,0 +1,157 @@
+"""Write docs/protocol.md from the declarations in realtime/protocol.py."""
+
+import json
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+from realtime import protocol
+
+CLOSE_MEANING = {
+    protocol.CloseCode.NORMAL: "normal close",
+    protocol.CloseCode.NOT_AUTHENTICATED: "not authenticated: do not retry, log in",
+    protocol.CloseCode.FORBIDDEN: "session revoked or forbidden: do not retry",
+    protocol.CloseCode.POLICY: "policy violation (bad origin after accept, abuse)",
+    protocol.CloseCode.INTERNAL: "internal error: reconnect with backoff",
+    protocol.CloseCode.SERVICE_RESTART: "service restart: reconnect now, with jitter",
+    protocol.CloseCode.OVERLOADED: "overloaded: reconnect with backoff",
+    protocol.CloseCode.RATE_LIMITED: "rate-limited too long: wait retry_after",
+    protocol.CloseCode.PROTOCOL_VIOLATION: "protocol violation",
+}
+
+ERROR_MEANING = {
+    protocol.ErrorCode.INVALID: (400, "malformed frame, missing or wrongly typed field, bad value, empty body"),
+    protocol.ErrorCode.UNKNOWN_TYPE: (400, "`type` names no client frame"),
+    protocol.ErrorCode.FORBIDDEN: (403, "the policy refuses this action to this user; nothing changed"),
+    protocol.ErrorCode.NOT_FOUND: (404, "no such room or message (a deleted message is not found)"),
+    protocol.ErrorCode.RATE_LIMITED: (429, "too many of this action; retry after `retry_after` seconds"),
+    protocol.ErrorCode.TOO_LARGE: (413, "a body over the length limit, or too many rooms on one connection"),
+    protocol.ErrorCode.CONFLICT: (409, "the client_id was already used for a message in another room"),
+    protocol.ErrorCode.RECOVERY_FAILED: (410, "`since` is ahead of the log or outside the replay window: reload history"),
+    protocol.ErrorCode.INTERNAL: (500, "a server fault; nothing was changed"),
+}
+
+INTRO = """\
+# Protocol v1
+
+Generated from `realtime/protocol.py` by `python manage.py protocol_docs`; do not edit
+by hand (a test fails when this file and the declarations disagree).
+
+## Transport
+
+- One WebSocket per client at `{path}`, same origin as the pages; signed in by the
+  Django session cookie.
+- Subprotocol `{json}` (JSON in text frames) or `{msgpack}` (MessagePack in binary
+  frames); both carry the same schemas. A client that offers neither is refused at
+  the handshake (HTTP 403); one that offers none gets JSON.
+- Anonymous sockets are accepted and then closed with 4001, so a browser can tell why.
+- Every frame is an object whose `type` names its schema; unknown fields are refused.
+- A request may carry `ref` (a string of at most 64 characters, or an integer); each
+  request gets exactly one reply (`ack`, `error` or `pong`) carrying the same `ref`.
+  A frame too broken to read a `ref` from gets an `error` without one.
+- A bad frame never closes the socket: it is answered with `error` and nothing
+  is stored or broadcast.
+
+## Delivery
+
+Every room event has the room's `seq`, gap-free and assigned on write. Subscribe with
+the last seq you applied as `since`: the server first sends every event after it, in
+order, then the `ack` (its `seq` is the last seq sent), then live events. The server
+never sends a seq twice on one subscription and repairs gaps in its live stream from
+the log. Drop any event with a seq you have; on a gap, subscribe again with `since`.
+`since` ahead of the head, or more events back than the replay window (REALTIME_REPLAY_MAX,
+default 1000),
+is `recovery_failed`: reload the room through `GET /api/v1/rooms/<slug>/messages/`
+and subscribe with the `seq` it returns. Subscribing without `since` goes live from the
+current head with no replay.
+
+Every subscribed connection receives the room's events, the sender's own included.
+
+`message.send` is idempotent per user and `client_id`: a repeat returns the original
+ack and writes and broadcasts nothing (the same `client_id` in another room is
+`conflict`).
+"""
+
+REST = """\
+## REST API (`/api/v1/`, session-authenticated; anonymous requests get 403)
+
+| Method and path | Answer |
+| --- | --- |
+| `GET rooms/` | `{{"rooms": [{{"slug", "title", "is_public", "role", "seq"}}]}}`: the rooms the user may see (`role` null when not a member; `seq` the room's head) |
+| `GET rooms/<slug>/events/?since=N[&limit=L]` | `{{"events": [...], "seq": head}}`: the room's events after N (at most L, default 500), the same shapes as the socket's room events |
+| `GET rooms/<slug>/messages/?[before=SEQ][&limit=L]` | `{{"room", "seq", "has_more", "messages": [{{"id", "seq", "author", "body", "client_id", "ts", "edited_at"}}]}}`: a page of messages, newest last (L at most REALTIME_HISTORY_PAGE_MAX, default 200); `seq` is the head the page is current to |
+| `POST rooms/<slug>/messages/` `{{"body", "client_id"}}` | `{{"room", "id", "seq"}}`: the same as `message.send`'s ack, with the same idempotency |
+
+Errors answer `{{"code", "message"[, "retry_after"]}}` with the status in the error table.
+"""
+
+
+def _schema_block(name: str, schema: dict) -> str:
+    doc = schema.get("description", "")
+    body = json.dumps(schema, indent=2, sort_keys=True)
+    return f"### `{name}`\n\n{doc}\n\n```json\n{body}\n```\n" if doc else f"### `{name}`\n\n```json\n{body}\n```\n"
+
+
+def _fields(schema: dict) -> str:
+    required = set(schema.get("required", []))
+    parts = []
+    for field in schema["properties"]:
+        if field == "type":
+            continue
+        parts.append(field if field in required else f"{field}?")
+    return ", ".join(parts)
+
+
+def render() -> str:
+    schemas = protocol.json_schemas()
+    out = [
+        INTRO.format(
+            path=protocol.PATH,
+            json=protocol.SUBPROTOCOL_JSON,
+            msgpack=protocol.SUBPROTOCOL_MSGPACK,
+        )
+    ]
+    sections = [
+        ("Client to server", protocol.CLIENT_FRAMES),
+        ("Server to client: replies", protocol.REPLIES),
+        ("Server to client: room events", protocol.ROOM_EVENTS),
+    ]
+    out.append("## Frames at a glance\n")
+    out.append("| Frame | `type` | Fields (`?` optional) |\n| --- | --- | --- |")
+    for _, classes in sections:
+        for cls in classes:
+            out.append(f"| `{cls.__name__}` | `{cls.__struct_config__.tag}` | {_fields(schemas[cls.__name__])} |")
+    out.append("")
+    out.append("Which `ack` answers which request: `subscribe` -> `SubscribeAck`; `unsubscribe` -> "
+               "`UnsubscribeAck`; `message.send`, `message.edit`, `message.delete` -> `MessageAck`; "
+               "`ping` -> `Pong`.\n")
+    out.append("## Error codes\n\n| code | HTTP | meaning |\n| --- | --- | --- |")
+    for code, (status, meaning) in ERROR_MEANING.items():
+        out.append(f"| `{code}` | {status} | {meaning} |")
+    out.append("")
+    out.append("## Close codes\n\n| code | meaning |\n| --- | --- |")
+    for code, meaning in CLOSE_MEANING.items():
+        out.append(f"| {int(code)} | {meaning} |")
+    out.append(
+        "| 1001, 1006, 1009, 1011 | sent by the server or a proxy itself: going away, no close frame, "
+        "frame too large, server error. Reconnect with backoff |\n"
+        "| 1012, 1013 | treat like 4012 and 4013 |\n"
+    )
+    out.append(REST.format())
+    for title, classes in sections:
+        out.append(f"## {title}\n")
+        for cls in classes:
+            out.append(_schema_block(cls.__name__, schemas[cls.__name__]))
+    out.append("## REST bodies\n")
+    out.append(_schema_block("MessagePost", schemas["MessagePost"]))
+    return "\n".join(out).rstrip() + "\n"
+
+
+class Command(BaseCommand):
+    help = "Write docs/protocol.md from realtime/protocol.py."
+
+    def handle(self, *args, **options):
+        target = Path(settings.BASE_DIR) / "docs" / "protocol.md"
+        target.write_text(render())
+        self.stdout.write(f"wrote {target.relative_to(settings.BASE_DIR)}")

@@ -1,0 +1,69 @@
+"""Two people chat in real browsers through a real daphne server."""
+
+import pytest
+from playwright.sync_api import expect
+
+pytestmark = pytest.mark.e2e
+
+
+def sign_in(browser, server, username):
+    context = browser.new_context(viewport={"width": 1000, "height": 700})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{server.url}/accounts/login/?next=/rooms/general/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", "demo-password")
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{server.url}/rooms/general/")
+    page.errors = errors
+    return page
+
+
+def send(page, text):
+    page.fill("#body", text)
+    page.click("#send")
+
+
+def test_two_users_chat_in_real_time(app_server, browser, artifacts):
+    alice = sign_in(browser, app_server, "alice")
+    bob = sign_in(browser, app_server, "bob")
+    for page in (alice, bob):
+        expect(page.locator("#status")).to_have_text("connected", timeout=10_000)
+
+    hostile = "<script>alert(1)</script><img src=x onerror=alert(2)>"
+    send(alice, hostile)
+    # Shown as text, once, in both windows; the pending copy gave way to the stored one.
+    for page in (alice, bob):
+        expect(page.locator("#messages .body")).to_have_text([hostile], timeout=10_000)
+        assert page.locator("#messages img").count() == 0
+    expect(alice.locator('#messages li[data-state="pending"]')).to_have_count(0)
+
+    send(bob, "hi alice")
+    send(bob, "second")
+    for page in (alice, bob):
+        expect(page.locator("#messages .body")).to_have_text([hostile, "hi alice", "second"], timeout=10_000)
+        expect(page.locator("#messages .author")).to_have_text(["alice", "bob", "bob"])
+
+    # An edit and a delete reach the other window as deltas.
+    bob.locator("#messages li", has_text="second").get_by_role("button", name="Edit").click()
+    bob.locator("#messages form.edit textarea").fill("second, edited")
+    bob.locator("#messages form.edit").get_by_role("button", name="Save").click()
+    expect(alice.locator("#messages .body")).to_have_text([hostile, "hi alice", "second, edited"], timeout=10_000)
+    alice.locator("#messages li", has_text="hi alice").get_by_role("button", name="Delete").click()
+    expect(bob.locator("#messages .body")).to_have_text([hostile, "second, edited"], timeout=10_000)
+
+    # A reload resumes from history: the same messages, none twice.
+    bob.reload()
+    expect(bob.locator("#status")).to_have_text("connected", timeout=10_000)
+    expect(bob.locator("#messages .body")).to_have_text([hostile, "second, edited"], timeout=10_000)
+
+    alice.screenshot(path=str(artifacts / "chat.png"))
+    assert alice.errors == [] and bob.errors == []
+
+
+def test_reader_sees_messages_but_has_no_composer(app_server, browser):
+    carol = sign_in(browser, app_server, "carol")
+    expect(carol.locator("#status")).to_have_text("connected", timeout=10_000)
+    expect(carol.locator("#read-only")).to_be_visible()
+    assert carol.locator("#composer").count() == 0

@@ -1,0 +1,178 @@
+// Unit tests of static/realtime/client.js under Node's test runner, with a fake
+// WebSocket and fake timers (no browser, no network).
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { RealtimeClient, State, backoffDelay } from "../../static/realtime/client.js";
+
+class FakeTimers {
+  constructor() { this.now = 0; this.queue = []; this.nextId = 1; }
+  setTimeout = (fn, ms) => { const id = this.nextId++; this.queue.push({ id, at: this.now + ms, fn }); return id; };
+  clearTimeout = (id) => { this.queue = this.queue.filter((t) => t.id !== id); };
+  advance(ms) {
+    const until = this.now + ms;
+    for (;;) {
+      this.queue.sort((a, b) => a.at - b.at);
+      const t = this.queue[0];
+      if (!t || t.at > until) break;
+      this.queue.shift();
+      this.now = t.at;
+      t.fn();
+    }
+    this.now = until;
+  }
+}
+
+function fakeSocketClass() {
+  const sockets = [];
+  class FakeSocket {
+    constructor(url, protocols) { this.url = url; this.protocols = protocols; this.sent = []; sockets.push(this); }
+    send(data) { this.sent.push(JSON.parse(data)); }
+    close(code, reason) { this.closedWith = { code, reason }; }
+    // helpers for the test
+    open() { this.onopen && this.onopen(); }
+    receive(frame) { this.onmessage && this.onmessage({ data: JSON.stringify(frame) }); }
+    serverClose(code) { this.onclose && this.onclose({ code, reason: "" }); }
+  }
+  return { FakeSocket, sockets };
+}
+
+function setup(extra = {}) {
+  const timers = new FakeTimers();
+  const { FakeSocket, sockets } = fakeSocketClass();
+  const client = new RealtimeClient({
+    url: "ws://test/ws/v1/", WebSocket: FakeSocket, timers, now: () => timers.now, random: () => 0.5, env: null,
+    ...extra,
+  });
+  const states = [];
+  client.on("state", (s) => states.push(s));
+  const events = [];
+  client.on("event", (e) => events.push(e));
+  return { client, timers, sockets, states, events };
+}
+
+test("backoff delays stay within full-jitter bounds and the cap", () => {
+  for (let attempt = 0; attempt < 20; attempt++) {
+    const ceiling = Math.min(30000, 500 * 2 ** attempt);
+    assert.equal(backoffDelay(attempt, { base: 500, cap: 30000 }, () => 0), 0);
+    assert.ok(backoffDelay(attempt, { base: 500, cap: 30000 }, () => 0.999999) <= ceiling);
+    assert.ok(backoffDelay(attempt, { base: 500, cap: 30000 }, () => 0.999999) >= ceiling - 1);
+  }
+});
+
+test("connects with the v1 subprotocol and reports its states", () => {
+  const { client, sockets, states } = setup();
+  client.connect();
+  assert.deepEqual(sockets[0].protocols, ["rt.v1.json"]);
+  sockets[0].open();
+  assert.deepEqual(states.map((s) => s.state), [State.CONNECTING, State.OPEN]);
+});
+
+test("4001 and 4003 stop without retrying", () => {
+  for (const code of [4001, 4003]) {
+    const { client, sockets, timers } = setup();
+    client.connect();
+    sockets[0].open();
+    sockets[0].serverClose(code);
+    assert.equal(client.state, State.CLOSED);
+    timers.advance(120000);
+    assert.equal(sockets.length, 1, `no reconnect after ${code}`);
+  }
+});
+
+test("an abnormal close backs off, attempts grow, and reset after a stable connection", () => {
+  const { client, sockets, timers, states } = setup({ random: () => 0.999 });
+  client.connect();
+  sockets[0].serverClose(1006);
+  const first = states.at(-1);
+  assert.equal(first.state, State.RECONNECTING);
+  assert.ok(first.delay <= 500);
+  timers.advance(first.delay);
+  sockets[1].serverClose(1006);
+  const second = states.at(-1);
+  assert.ok(second.delay > 500 && second.delay <= 1000);
+  timers.advance(second.delay);
+  sockets[2].open();
+  timers.advance(10000); // stable: attempts reset
+  sockets[2].serverClose(1006);
+  assert.ok(states.at(-1).delay <= 500);
+});
+
+test("4012 reconnects at once with small jitter", () => {
+  const { client, sockets, states } = setup();
+  client.attempts = 8;
+  client.connect();
+  sockets[0].open();
+  sockets[0].serverClose(4012);
+  assert.ok(states.at(-1).delay < 1000);
+});
+
+test("resubscribes with the last applied seq, drops duplicates, orders by seq", () => {
+  const { client, sockets, events, timers } = setup();
+  client.subscribe("general");
+  client.connect();
+  sockets[0].open();
+  assert.deepEqual(sockets[0].sent.at(-1), { type: "subscribe", ref: "sub:general", room: "general", since: 0 });
+  sockets[0].receive({ type: "ack", ref: "sub:general", room: "general", seq: 0, replayed: 0 });
+  const ev = (seq) => ({ type: "message.new", room: "general", seq, id: seq, author: "a", body: `b${seq}`, client_id: `c${seq}` });
+  sockets[0].receive(ev(1));
+  sockets[0].receive(ev(1)); // duplicate
+  sockets[0].receive(ev(3)); // gap: held, and a replay is asked for
+  assert.deepEqual(sockets[0].sent.at(-1), { type: "subscribe", ref: "sub:general", room: "general", since: 1 });
+  sockets[0].receive(ev(2));
+  assert.deepEqual(events.map((e) => e.seq), [1, 2, 3]);
+  sockets[0].serverClose(1006);
+  timers.advance(1000);
+  sockets[1].open();
+  assert.deepEqual(sockets[1].sent.find((f) => f.type === "subscribe"), { type: "subscribe", ref: "sub:general", room: "general", since: 3 });
+  sockets[1].receive(ev(3)); // replayed again by a confused server: still once
+  assert.deepEqual(events.map((e) => e.seq), [1, 2, 3]);
+});
+
+test("a message sent while offline is queued and sent once connected, with the same client_id on every retry", async () => {
+  const { client, sockets, timers } = setup();
+  client.connect();
+  const { clientId, done } = client.send("general", "hello");
+  assert.equal(sockets[0].sent.length, 0);
+  sockets[0].open();
+  const firstTry = sockets[0].sent.find((f) => f.type === "message.send");
+  assert.equal(firstTry.client_id, clientId);
+  sockets[0].serverClose(1006); // ack lost
+  timers.advance(1000);
+  sockets[1].open();
+  const retry = sockets[1].sent.find((f) => f.type === "message.send");
+  assert.equal(retry.client_id, clientId);
+  sockets[1].receive({ type: "ack", ref: retry.ref, room: "general", id: 7, seq: 4 });
+  assert.deepEqual(await done, { clientId, id: 7, seq: 4, room: "general" });
+  assert.equal(client.pendingCount, 0);
+});
+
+test("a final error fails the send; recovery_failed reloads the snapshot", async () => {
+  let loads = 0;
+  const { client, sockets } = setup({ loadSnapshot: async () => ({ seq: 10 + loads++, messages: [] }) });
+  client.subscribe("general");
+  client.connect();
+  sockets[0].open();
+  await new Promise((r) => setImmediate(r));
+  assert.equal(sockets[0].sent.at(-1).since, 10);
+  const { done } = client.send("general", "x");
+  const ref = sockets[0].sent.at(-1).ref;
+  sockets[0].receive({ type: "error", ref, code: "forbidden", message: "no" });
+  await assert.rejects(done, (err) => err.code === "forbidden");
+  sockets[0].receive({ type: "error", code: "recovery_failed", message: "too old", room: "general" });
+  await new Promise((r) => setImmediate(r));
+  assert.equal(loads, 2);
+  assert.equal(sockets[0].sent.at(-1).since, 11);
+});
+
+test("a silent socket is dropped by the heartbeat and replaced", () => {
+  const { client, sockets, timers } = setup({ pingInterval: 1000, pingTimeout: 500 });
+  client.connect();
+  sockets[0].open();
+  timers.advance(1000);
+  assert.equal(sockets[0].sent.at(-1).type, "ping");
+  timers.advance(600);
+  assert.equal(sockets[0].closedWith.code, 4000);
+  assert.equal(client.state, State.RECONNECTING);
+  timers.advance(1000);
+  assert.equal(sockets.length, 2);
+});

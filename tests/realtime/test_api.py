@@ -1,0 +1,109 @@
+"""REST API v1: the same rules and shapes as the socket."""
+
+import pytest
+from channels.layers import get_channel_layer
+from asgiref.sync import async_to_sync
+from django.test import Client
+
+from realtime import actions, broadcast
+from realtime.models import Event, Message
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def clients(demo):
+    result = {}
+    for name, user in demo.items():
+        c = Client()
+        c.force_login(user)
+        result[name] = c
+    return result
+
+
+def post(client, room, body="hi", client_id="c1"):
+    return client.post(f"/api/v1/rooms/{room}/messages/", {"body": body, "client_id": client_id}, content_type="application/json")
+
+
+def test_anonymous_is_refused(demo):
+    for path in ("/api/v1/rooms/", "/api/v1/rooms/general/events/", "/api/v1/rooms/general/messages/"):
+        assert Client().get(path).status_code == 403
+
+
+def test_rooms_lists_what_each_user_may_see(clients):
+    def slugs(name):
+        return [(r["slug"], r["role"]) for r in clients[name].get("/api/v1/rooms/").json()["rooms"]]
+
+    assert slugs("alice") == [("general", "owner"), ("ops", "owner")]
+    assert slugs("carol") == [("general", "reader")]
+    assert slugs("admin") == [("general", None), ("ops", None)]
+
+
+def test_post_is_idempotent_and_matches_the_socket_ack(clients):
+    first = post(clients["alice"], "general")
+    assert first.status_code == 200
+    body = first.json()
+    assert body == {"room": "general", "id": Message.objects.get().id, "seq": 1}
+    assert post(clients["alice"], "general").json() == body
+    assert Message.objects.count() == 1 and Event.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    "user, room, payload, status, code",
+    [
+        ("carol", "general", {"body": "x", "client_id": "a"}, 403, "forbidden"),
+        ("carol", "ops", {"body": "x", "client_id": "a"}, 403, "forbidden"),
+        ("alice", "nope", {"body": "x", "client_id": "a"}, 404, "not_found"),
+        ("alice", "general", {"body": "x"}, 400, "invalid"),
+        ("alice", "general", {"body": "x", "client_id": "a", "extra": 1}, 400, "invalid"),
+        ("alice", "general", {"body": "x" * 4001, "client_id": "a"}, 413, "too_large"),
+        ("alice", "general", {"body": "  ", "client_id": "a"}, 400, "invalid"),
+    ],
+)
+def test_post_refusals(clients, user, room, payload, status, code):
+    res = clients[user].post(f"/api/v1/rooms/{room}/messages/", payload, content_type="application/json")
+    assert res.status_code == status
+    assert res.json()["code"] == code
+    assert Message.objects.count() == 0
+
+
+def test_post_broadcasts_after_commit(clients, django_capture_on_commit_callbacks):
+    layer = get_channel_layer()
+    channel = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(broadcast.room_group("general"), channel)
+    with django_capture_on_commit_callbacks(execute=True):
+        post(clients["alice"], "general", body="over rest")
+    message = async_to_sync(layer.receive)(channel)
+    assert message["seq"] == 1 and '"body":"over rest"' in message["rt.v1.json"]
+
+
+def test_events_since_returns_the_socket_shapes(clients):
+    for i in range(3):
+        post(clients["alice"], "general", body=f"m{i}", client_id=f"c{i}")
+    data = clients["bob"].get("/api/v1/rooms/general/events/?since=1").json()
+    assert data["seq"] == 3
+    assert [(e["type"], e["seq"], e["body"]) for e in data["events"]] == [("message.new", 2, "m1"), ("message.new", 3, "m2")]
+    assert set(data["events"][0]) == {"type", "room", "seq", "id", "author", "body", "client_id", "ts"}
+    assert clients["bob"].get("/api/v1/rooms/general/events/?since=3").json() == {"events": [], "seq": 3}
+    paged = clients["bob"].get("/api/v1/rooms/general/events/?since=0&limit=2").json()
+    assert [e["seq"] for e in paged["events"]] == [1, 2]
+
+
+@pytest.mark.parametrize("query, status, code", [("since=9", 410, "recovery_failed"), ("since=x", 400, "invalid"), ("since=-1", 400, "invalid")])
+def test_events_bad_since(clients, query, status, code):
+    res = clients["bob"].get(f"/api/v1/rooms/general/events/?{query}")
+    assert res.status_code == status and res.json()["code"] == code
+
+
+def test_events_of_a_private_room_are_refused_to_non_members(clients):
+    assert clients["carol"].get("/api/v1/rooms/ops/events/?since=0").status_code == 403
+
+
+def test_messages_history_pages_newest_last_without_deleted(clients, demo):
+    ids = [post(clients["alice"], "general", body=f"m{i}", client_id=f"c{i}").json()["id"] for i in range(5)]
+    actions.perform_sync(actions.message_delete, user=demo["alice"], slug="general", message_id=ids[4])
+    data = clients["bob"].get("/api/v1/rooms/general/messages/?limit=2").json()
+    assert data["seq"] == 6 and data["has_more"] is True
+    assert [m["body"] for m in data["messages"]] == ["m2", "m3"]
+    older = clients["bob"].get(f"/api/v1/rooms/general/messages/?limit=5&before={data['messages'][0]['seq']}").json()
+    assert [m["body"] for m in older["messages"]] == ["m0", "m1"] and older["has_more"] is False

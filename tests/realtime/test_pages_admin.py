@@ -1,0 +1,87 @@
+"""Pages and moderation in the admin."""
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.test import Client
+
+from realtime import actions, broadcast
+from realtime.models import Event, Message
+
+pytestmark = pytest.mark.django_db
+
+
+def login(user):
+    c = Client()
+    c.force_login(user)
+    return c
+
+
+def test_pages_need_a_login(demo):
+    assert Client().get("/").status_code == 302
+    assert Client().get("/rooms/general/")["Location"].startswith("/accounts/login/")
+
+
+def test_home_lists_visible_rooms(demo):
+    html = login(demo["carol"]).get("/").content.decode()
+    assert "/rooms/general/" in html and "/rooms/ops/" not in html
+
+
+def test_room_page_loads_the_client_and_says_what_the_user_may_do(demo):
+    res = login(demo["carol"]).get("/rooms/general/")
+    html = res.content.decode()
+    assert res.status_code == 200
+    assert "realtime/chat.js" in html and 'id="status"' in html
+    assert '"canPost": false' in html and 'id="composer"' not in html
+    assert '"canPost": true' in login(demo["bob"]).get("/rooms/general/").content.decode()
+
+
+def test_private_room_page_is_forbidden_to_non_members_and_unknown_is_404(demo):
+    assert login(demo["carol"]).get("/rooms/ops/").status_code == 403
+    assert login(demo["carol"]).get("/rooms/nope/").status_code == 404
+
+
+def test_room_titles_are_escaped(demo):
+    from realtime.models import Room
+
+    Room.objects.filter(slug="general").update(title="<script>alert(1)</script>")
+    html = login(demo["bob"]).get("/rooms/general/").content.decode()
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;" in html
+
+
+@pytest.mark.django_db(transaction=True)
+def test_admin_delete_is_a_moderated_broadcast_delete(demo):
+    sent = actions.perform_sync(actions.message_send, user=demo["bob"], slug="general", body="spam", client_id="s")
+    layer = get_channel_layer()
+    channel = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(broadcast.room_group("general"), channel)
+    admin = login(demo["admin"])
+    res = admin.post(
+        "/admin/realtime/message/",
+        {"action": "delete_and_broadcast", "_selected_action": [sent.id]},
+    )
+    assert res.status_code == 302
+    message = Message.objects.get()
+    assert message.deleted_at is not None and message.body == ""
+    assert Event.objects.filter(type="message.deleted", seq=2).exists()
+    got = async_to_sync(layer.receive)(channel)
+    assert got["seq"] == 2 and '"type":"message.deleted"' in got["rt.v1.json"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_admin_delete_view_also_broadcasts(demo):
+    sent = actions.perform_sync(actions.message_send, user=demo["bob"], slug="general", body="spam", client_id="s")
+    res = login(demo["admin"]).post(f"/admin/realtime/message/{sent.id}/delete/", {"post": "yes"})
+    assert res.status_code == 302
+    assert Message.objects.get().deleted_at is not None
+    assert Event.objects.filter(type="message.deleted").count() == 1
+
+
+def test_admin_search_and_filters_render(demo):
+    actions.perform_sync(actions.message_send, user=demo["bob"], slug="general", body="findme", client_id="s")
+    admin = login(demo["admin"])
+    assert b"findme" in admin.get("/admin/realtime/message/?q=findme").content
+    assert admin.get("/admin/realtime/message/?room__id__exact=1").status_code == 200
+    assert admin.get("/admin/realtime/room/").status_code == 200
+    assert admin.get("/admin/realtime/membership/?role=reader").status_code == 200
+    assert admin.get("/admin/realtime/event/").status_code == 200
