@@ -10,7 +10,7 @@ PORT ?= 8000
 PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$p; break; }; done)
 
-.PHONY: run test test-py test-js system-deps docs clean
+.PHONY: run test cluster system-deps docs clean
 
 $(VENV)/.requirements: requirements.txt
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is needed (e.g. apt-get install python3)"; exit 1; }
@@ -28,6 +28,11 @@ run: $(VENV)/.requirements
 	@echo "Open http://$(HOST):$(PORT)/ and log in as alice, bob or carol (password: demo-password)."
 	$(PY) manage.py runserver $(HOST):$(PORT)
 
+# The production topology on this machine: PostgreSQL and Redis (private, unless
+# DATABASE_URL / REDIS_URL are set), WORKERS daphne workers, nginx on 127.0.0.1:8080.
+cluster: $(VENV)/.requirements system-deps
+	$(PY) deploy/cluster.py --workers $${WORKERS:-2} --port $${CLUSTER_PORT:-8080}
+
 system-deps:
 	@bash .ci/system-deps.sh
 
@@ -39,4 +44,4 @@ docs: $(VENV)/.requirements
 	$(PY) manage.py protocol_docs
 
 clean:
-	rm -rf $(VENV) db.sqlite3 staticfiles test-artifacts .pytest_cache
+	rm -rf $(VENV) db.sqlite3 staticfiles test-artifacts .pytest_cache .cluster

@@ -1,0 +1,323 @@
+"""Run the production topology on one machine: PostgreSQL, Redis, N daphne workers
+and nginx in front. `make cluster` runs this; the tests use the same classes.
+
+Every server binds 127.0.0.1 on its own port and is stopped by its own pid.
+PostgreSQL and Redis are started privately unless DATABASE_URL / REDIS_URL are set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "realtime.conf.template"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class RedisServer:
+    """A throwaway redis-server (no persistence)."""
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise FileNotFoundError("redis-server is not installed (Debian: apt-get install redis-server)")
+        self.port = port or free_port()
+        self.workdir = Path(workdir)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster (initdb + pg_ctl), trust auth, fsync off."""
+
+    def __init__(self, port: int | None = None):
+        self.bindir = postgres_bin()
+        if self.bindir is None:
+            raise FileNotFoundError("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+        self.port = port or free_port()
+        # Not under a private tmp dir: the postgres user must be able to reach it.
+        self.workdir = Path(tempfile.mkdtemp(prefix="realtime-pg-"))
+        self.workdir.chmod(0o755)
+        self.data = self.workdir / "data"
+        self.as_root = os.geteuid() == 0
+
+    @property
+    def url(self) -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}/app"
+
+    def _run(self, *args: str) -> None:
+        cmd = [str(self.bindir / args[0]), *args[1:]]
+        if self.as_root:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def start(self) -> "PostgresServer":
+        if self.as_root:
+            shutil.chown(self.workdir, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8")
+        options = (
+            f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.workdir / "server.log"), "-w", "-o", options, "start")
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "app")
+        return self
+
+    def stop(self) -> None:
+        if self.data.exists():
+            try:
+                self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop")
+            except subprocess.CalledProcessError:
+                pass
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class Worker:
+    """One daphne worker of the app."""
+
+    def __init__(self, name: str, env: dict[str, str], workdir: Path, port: int | None = None):
+        self.name = name
+        self.port = port or free_port()
+        self.env = {**env, "REALTIME_WORKER_ID": name}
+        self.log = Path(workdir) / f"worker-{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "Worker":
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port),
+                 "--ping-interval", "20", "--ping-timeout", "30", "project.asgi:application"],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: the crash the delivery guarantee must survive."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+class Nginx:
+    """nginx with deploy/nginx/realtime.conf.template, in its own directory."""
+
+    def __init__(self, workdir: Path, workers: list[Worker], static_root: Path, port: int | None = None):
+        self.binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+        if self.binary is None:
+            raise FileNotFoundError("nginx is not installed (Debian: apt-get install nginx)")
+        self.port = port or free_port()
+        self.dir = Path(workdir) / "nginx"
+        self.workers = workers
+        self.static_root = static_root
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def render(self) -> str:
+        upstreams = "\n".join(f"    server 127.0.0.1:{w.port} max_fails=1 fail_timeout=10s;" for w in self.workers)
+        mime = "/etc/nginx/mime.types"
+        values = {
+            "DIR": str(self.dir),
+            "MIME_TYPES": mime if os.path.exists(mime) else str(self.dir / "mime.types"),
+            "UPSTREAMS": upstreams,
+            "LISTEN": f"127.0.0.1:{self.port}",
+            "STATIC_ROOT": str(self.static_root),
+        }
+        text = NGINX_TEMPLATE.read_text()
+        for key, value in values.items():
+            text = text.replace(f"@@{key}@@", value)
+        return text
+
+    def start(self) -> "Nginx":
+        for sub in ("tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        if not os.path.exists("/etc/nginx/mime.types"):
+            (self.dir / "mime.types").write_text("types { text/css css; application/javascript js; image/png png; }\n")
+        conf = self.dir / "nginx.conf"
+        conf.write_text(self.render())
+        args = [self.binary, "-p", str(self.dir), "-c", str(conf), "-e", str(self.dir / "nginx-error.log")]
+        subprocess.run([*args, "-t"], check=True, capture_output=True)
+        self.proc = subprocess.Popen([*args, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+class Cluster:
+    """PostgreSQL + Redis + N workers + nginx."""
+
+    def __init__(self, workdir: Path, workers: int = 2, port: int | None = None, database_url: str = "",
+                 redis_url: str = "", extra_env: dict[str, str] | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.n_workers = workers
+        self.port = port
+        self.database_url = database_url
+        self.redis_url = redis_url
+        self.extra_env = extra_env or {}
+        self.postgres: PostgresServer | None = None
+        self.redis: RedisServer | None = None
+        self.workers: list[Worker] = []
+        self.nginx: Nginx | None = None
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
+        env.update(
+            {
+                "DJANGO_DEBUG": "0",
+                "DJANGO_SECRET_KEY": env.get("DJANGO_SECRET_KEY") or os.urandom(32).hex(),
+                "DJANGO_ALLOWED_HOSTS": env.get("DJANGO_ALLOWED_HOSTS") or "127.0.0.1,localhost",
+                "DATABASE_URL": self.database_url,
+                "REDIS_URL": self.redis_url,
+                "DJANGO_STATIC_ROOT": str(self.workdir / "static"),
+                "PYTHONUNBUFFERED": "1",
+                **self.extra_env,
+            }
+        )
+        return env
+
+    def manage(self, *args: str) -> None:
+        subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=self.env(), check=True,
+                       stdout=subprocess.DEVNULL)
+
+    def start(self) -> "Cluster":
+        try:
+            if not self.database_url:
+                self.postgres = PostgresServer().start()
+                self.database_url = self.postgres.url
+            if not self.redis_url:
+                self.redis = RedisServer(self.workdir).start()
+                self.redis_url = self.redis.url
+            self.manage("migrate", "--noinput")
+            self.manage("collectstatic", "--noinput")
+            self.manage("seed_demo")
+            env = self.env()
+            self.workers = [Worker(chr(ord("a") + i), env, self.workdir).start() for i in range(self.n_workers)]
+            self.nginx = Nginx(self.workdir, self.workers, self.workdir / "static", port=self.port).start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.nginx:
+            self.nginx.stop()
+        for worker in self.workers:
+            worker.stop()
+        if self.redis:
+            self.redis.stop()
+        if self.postgres:
+            self.postgres.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", 2)))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8080)))
+    parser.add_argument("--dir", default=str(ROOT / ".cluster"), help="state and logs")
+    args = parser.parse_args()
+    cluster = Cluster(
+        Path(args.dir), workers=args.workers, port=args.port,
+        database_url=os.environ.get("DATABASE_URL", ""), redis_url=os.environ.get("REDIS_URL", ""),
+    )
+    cluster.start()
+    print(f"nginx:    {cluster.nginx.url}/   (log in as alice, bob or carol; password demo-password)")
+    for w in cluster.workers:
+        print(f"worker {w.name}: {w.url}  pid {w.proc.pid}  log {w.log}")
+    print(f"postgres: {cluster.database_url}\nredis:    {cluster.redis_url}\nCtrl-C stops everything.")
+    stop = False
+
+    def on_signal(signum, frame):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        while not stop:
+            time.sleep(0.5)
+            for w in cluster.workers:
+                if w.proc.poll() is not None:
+                    print(f"worker {w.name} exited ({w.proc.returncode}); restarting it on port {w.port}")
+                    w.start()
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
