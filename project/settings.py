@@ -65,6 +65,10 @@ else:
             "comma-separated host names the app is served under.)"
         )
 
+# Full origins (scheme://host[:port]) allowed to POST forms across origins, e.g.
+# the public https origin when TLS ends at the proxy.
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
+
 # ------------------------------------------------------------------------------
 # Applications
 # ------------------------------------------------------------------------------

@@ -119,12 +119,17 @@ def _next_seq(room_id: int) -> int:
     return Room.objects.filter(pk=room_id).values_list("last_seq", flat=True).get()
 
 
-def _append(room: Room, event: protocol.RoomEvent) -> protocol.RoomEvent:
+def _append(room: Room, event: protocol.RoomEvent, message: Message | None = None) -> protocol.RoomEvent:
     data = protocol.event_to_dict(event)
     for key in ("type", "room", "seq"):
         del data[key]
-    Event.objects.create(room=room, seq=event.seq, type=event.__struct_config__.tag, payload=data)
+    Event.objects.create(room=room, seq=event.seq, type=event.__struct_config__.tag, payload=data, message=message)
     return event
+
+
+def room_heads(*, slugs: list[str]) -> dict[str, int]:
+    """The head seq of each named room (one query)."""
+    return dict(Room.objects.filter(slug__in=slugs).values_list("slug", "last_seq"))
 
 
 def _event_frame(room_slug: str, event: Event) -> protocol.RoomEvent:
@@ -164,7 +169,9 @@ def _replay(room: Room, since: int | None, limit: int | None) -> Replay:
 
 def room_events_between(*, slug: str, after: int, upto: int) -> list[protocol.RoomEvent]:
     """Events after..upto of a room the caller is already subscribed to (gap repair)."""
-    room = Room.objects.get(slug=slug)
+    room = Room.objects.filter(slug=slug).first()
+    if room is None:
+        raise ActionError(ErrorCode.NOT_FOUND, "no such room")
     if upto - after > limits()["REPLAY_MAX"]:
         raise ActionError(ErrorCode.RECOVERY_FAILED, "too many events missed")
     rows = Event.objects.filter(room=room, seq__gt=after, seq__lte=upto).order_by("seq")
@@ -233,10 +240,13 @@ def message_send(*, user, slug: str, body: str, client_id: str) -> tuple[Message
     """Post a message. A repeat of (user, client_id) returns the original result and
     writes nothing; the same client_id in another room is a conflict."""
     body = clean_body(body)
-    access = room_access(user=user, slug=slug, action=Action.POST)
+    # A repeat is answered before the policy: the message exists whatever has
+    # changed since, and the client only needs its ack.
+    access = room_access(user=user, slug=slug, action=Action.VIEW)
     original = _original(user, client_id, access.room)
     if original is not None:
-        return original, []
+        return original, _republish(access.room, original)
+    access = room_access(user=user, slug=slug, action=Action.POST)
     room = access.room
     try:
         with transaction.atomic():
@@ -247,7 +257,8 @@ def message_send(*, user, slug: str, body: str, client_id: str) -> tuple[Message
             )
             event = _append(
                 room,
-                protocol.MessageNew(
+                message=message,
+                event=protocol.MessageNew(
                     room=room.slug,
                     seq=seq,
                     id=message.pk,
@@ -262,8 +273,16 @@ def message_send(*, user, slug: str, body: str, client_id: str) -> tuple[Message
         original = _original(user, client_id, room)
         if original is None:
             raise
-        return original, []
+        return original, _republish(room, original)
     return MessageResult(room=room.slug, id=message.pk, seq=seq), [event]
+
+
+def _republish(room: Room, original: MessageResult) -> list[protocol.RoomEvent]:
+    """The original message.new again: a client retries when it saw no ack, which
+    may mean the first broadcast never left (a crash between commit and publish).
+    Subscribers that have it drop it by seq."""
+    event = Event.objects.filter(room=room, seq=original.seq).first()
+    return [_event_frame(room.slug, event)] if event is not None else []
 
 
 def _original(user, client_id: str, room: Room) -> MessageResult | None:
@@ -301,6 +320,7 @@ def message_edit(*, user, slug: str, message_id: int, body: str) -> tuple[Messag
         event = _append(
             room,
             protocol.MessageEdited(room=room.slug, seq=seq, id=message.pk, body=body, edited_at=message.edited_at),
+            message,
         )
     return MessageResult(room=room.slug, id=message.pk, seq=seq), [event]
 
@@ -318,5 +338,10 @@ def message_delete(*, user, slug: str, message_id: int) -> tuple[MessageResult, 
         message.body = ""
         message.deleted_at = timezone.now()
         message.save(update_fields=["body", "deleted_at"])
-        event = _append(room, protocol.MessageDeleted(room=room.slug, seq=seq, id=message.pk))
+        # The text goes from the log too: a replay must not bring it back.
+        for earlier in Event.objects.filter(message=message).exclude(payload__body=""):
+            if "body" in earlier.payload:
+                earlier.payload = {**earlier.payload, "body": ""}
+                earlier.save(update_fields=["payload"])
+        event = _append(room, protocol.MessageDeleted(room=room.slug, seq=seq, id=message.pk), message)
     return MessageResult(room=room.slug, id=message.pk, seq=seq), [event]

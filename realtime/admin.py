@@ -25,6 +25,11 @@ class RoomAdmin(admin.ModelAdmin):
     readonly_fields = ["last_seq", "created_at"]
     inlines = [MembershipInline]
 
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        # A room's slug names its stream and live subscribers hold seqs of its log:
+        # deleting (and re-creating) a room would silently break them.
+        return False
+
     def get_readonly_fields(self, request, obj=None):
         # The slug names the room's stream and its events: fixed once created.
         fields = list(super().get_readonly_fields(request, obj))

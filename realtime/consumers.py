@@ -89,6 +89,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             log.info("ws refused conn=%s user=%s code=%s", self.conn_id, self.user.pk, exc.code)
             await self.send_frame(exc.reply())
             return
+        except Exception:
+            # A decoder fault must cost one error frame, never the connection.
+            log.exception("ws decode fault conn=%s user=%s", self.conn_id, self.user.pk)
+            await self.send_frame(protocol.Error(code=ErrorCode.INVALID, message="unreadable frame"))
+            return
         handler = HANDLERS[type(frame)]
         try:
             reply = await handler(self, frame)
@@ -124,13 +129,19 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if slug not in self.subscriptions and len(self.subscriptions) >= settings.REALTIME["MAX_ROOMS_PER_CONNECTION"]:
             raise ActionError(ErrorCode.TOO_LARGE, "subscribed to too many rooms on this connection")
         group = broadcast.room_group(slug)
+        since = frame.since
+        current = self.subscriptions.get(slug)
+        if since is None and current is not None:
+            # Already live here: "from now" means from what this socket was sent.
+            since = current.last_seq
         # Join the stream before reading the log: nothing committed in between is lost.
         await self.channel_layer.group_add(group, self.channel_name)
         try:
-            replay = await database_sync_to_async(actions.room_replay)(user=self.user, slug=slug, since=frame.since)
+            replay = await database_sync_to_async(actions.room_replay)(user=self.user, slug=slug, since=since)
         except BaseException:
-            if slug not in self.subscriptions:
-                await self.channel_layer.group_discard(group, self.channel_name)
+            # Refused (or failed): no stream for this room on this socket any more.
+            self.subscriptions.pop(slug, None)
+            await self.channel_layer.group_discard(group, self.channel_name)
             raise
         await self.send_events(replay.events)
         # A re-subscribe (the client asking to repair a gap) restarts from its since.
@@ -159,6 +170,15 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         return protocol.MessageAck(ref=frame.ref, room=result.room, id=result.id, seq=result.seq)
 
     async def on_ping(self, frame: protocol.Ping) -> protocol.Frame:
+        """Answer, and first catch up any subscribed room whose newest events never
+        arrived live (a broadcast lost to a worker crash or the layer, in a room
+        that has been quiet since, so no later event revealed the gap)."""
+        if self.subscriptions:
+            heads = await database_sync_to_async(actions.room_heads)(slugs=list(self.subscriptions))
+            for slug, head in heads.items():
+                sub = self.subscriptions.get(slug)
+                if sub is not None and head > sub.last_seq:
+                    await self.catch_up(slug, sub, head)
         return protocol.Pong(ref=frame.ref, t=frame.t)
 
     # -- channel-layer handlers (reachable from the layer only) ---------------
@@ -171,22 +191,37 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         seq = message["seq"]
         if seq <= sub.last_seq:
             return
-        if seq > sub.last_seq + 1:
-            try:
-                missing = await database_sync_to_async(actions.room_events_between)(slug=slug, after=sub.last_seq, upto=seq - 1)
-            except ActionError as exc:
-                # Too far behind to repair here: tell the client to reload the room.
-                self.subscriptions.pop(slug, None)
-                await self.channel_layer.group_discard(broadcast.room_group(slug), self.channel_name)
-                await self.send_frame(protocol.Error(code=exc.code, message=exc.message, room=slug))
-                return
-            await self.send_events(missing)
+        if seq > sub.last_seq + 1 and not await self.catch_up(slug, sub, seq - 1):
+            return
         payload = message[self.codec.name]
         if self.codec.binary:
             await self.send(bytes_data=payload)
         else:
             await self.send(text_data=payload)
         sub.last_seq = seq
+
+    async def catch_up(self, slug: str, sub: Subscription, upto: int) -> bool:
+        """Send the room's events after sub.last_seq up to `upto` from the log.
+        On failure the subscription ends and the client is told to reload the room."""
+        try:
+            missing = await database_sync_to_async(actions.room_events_between)(slug=slug, after=sub.last_seq, upto=upto)
+        except Exception as exc:
+            if not isinstance(exc, ActionError):
+                log.exception("ws catch-up failed conn=%s room=%s", self.conn_id, slug)
+            self.subscriptions.pop(slug, None)
+            await self.channel_layer.group_discard(broadcast.room_group(slug), self.channel_name)
+            await self.send_frame(
+                protocol.Error(
+                    code=ErrorCode.RECOVERY_FAILED,
+                    message="this room's stream broke off; reload it and subscribe again",
+                    room=slug,
+                )
+            )
+            return False
+        await self.send_events(missing)
+        if missing:
+            sub.last_seq = missing[-1].seq
+        return True
 
 
 Handler = Callable[[RealtimeConsumer, protocol.Request], Awaitable[protocol.Frame]]

@@ -1,11 +1,18 @@
 """Rooms, memberships, messages, and each room's ordered event log."""
 
 from django.conf import settings
+from django.core.validators import RegexValidator
 from django.db import models
+
+from .protocol import ROOM_SLUG_PATTERN
 
 
 class Room(models.Model):
-    slug = models.SlugField(max_length=50, unique=True)
+    slug = models.SlugField(
+        max_length=50,
+        unique=True,
+        validators=[RegexValidator(ROOM_SLUG_PATTERN, "Lowercase letters, digits, - and _, starting with a letter or digit.")],
+    )
     title = models.CharField(max_length=200)
     is_public = models.BooleanField(
         default=True, help_text="Public rooms are visible to every signed-in user; private ones to members only."
@@ -77,6 +84,8 @@ class Event(models.Model):
     room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="events")
     seq = models.PositiveBigIntegerField()
     type = models.CharField(max_length=32)
+    # The message the event is about, so that a delete can redact its earlier events.
+    message = models.ForeignKey("Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     # The frame's fields other than type, room and seq.
     payload = models.JSONField()
     created_at = models.DateTimeField(auto_now_add=True)

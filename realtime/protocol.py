@@ -52,7 +52,9 @@ class CloseCode(enum.IntEnum):
 # Field types
 # ---------------------------------------------------------------------------
 Ref = Union[Annotated[str, Meta(max_length=64)], Annotated[int, Meta(ge=-(2**53), le=2**53)], None]
-RoomSlug = Annotated[str, Meta(min_length=1, max_length=50, pattern=r"^[a-z0-9][a-z0-9_-]*$")]
+# Room slugs: the model validates with the same pattern (realtime.models.Room.slug).
+ROOM_SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
+RoomSlug = Annotated[str, Meta(min_length=1, max_length=50, pattern=ROOM_SLUG_PATTERN)]
 Seq = Annotated[int, Meta(ge=0, le=2**53)]
 MessageId = Annotated[int, Meta(ge=1, le=2**53)]
 ClientId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
@@ -277,6 +279,10 @@ class Codec:
             raw = self._any_decoder.decode(data)
         except RecursionError:
             raise ProtocolError(ErrorCode.INVALID, "frame nested too deeply") from None
+        except msgspec.DecodeError:
+            # Valid for the schema's parser but not as plain data (e.g. 1e999, a
+            # lone surrogate): still just an invalid frame.
+            raise ProtocolError(ErrorCode.INVALID, str(validation)) from None
         if not isinstance(raw, dict):
             raise ProtocolError(ErrorCode.INVALID, "a frame must be an object with a `type`")
         ref = _valid_ref(raw.get("ref"))

@@ -70,9 +70,10 @@ class RoomEvents(ActionView):
         since = int_param(request, "since", 0)
         limit = int_param(request, "limit", 500, minimum=1)
         replay = actions.room_replay(user=request.user, slug=slug, since=since, limit=limit)
-        return Response(
-            {"events": [protocol.event_to_dict(e) for e in replay.events], "seq": replay.head}
-        )
+        events = [protocol.event_to_dict(e) for e in replay.events]
+        last = events[-1]["seq"] if events else since
+        # `seq` is the room's head; when has_more, ask again with since=<last event's seq>.
+        return Response({"events": events, "seq": replay.head, "has_more": last < replay.head})
 
 
 class RoomMessages(ActionView):

@@ -180,14 +180,15 @@ client.on("event", (ev) => {
   }
 });
 
-client.on("sent", ({ clientId, id }) => {
-  // The ack usually comes just before the event; the pending copy stays until the
-  // event stores the message (store() removes it), unless the event is already here.
+client.on("sent", ({ clientId, id, seq }) => {
+  // Acked: show it as sent under its id now. Its message.new (which usually follows)
+  // then finds it in place; if the broadcast was lost, the server's catch-up sends it.
   const key = `p${clientId}`;
-  if (messages.has(key) && messages.has(`m${id}`)) {
-    messages.delete(key);
-    schedule(key);
-  }
+  const m = messages.get(key);
+  if (!m) return;
+  messages.delete(key);
+  schedule(key);
+  if (!messages.has(`m${id}`)) store({ ...m, id, seq });
 });
 
 client.on("failed", ({ clientId, message }) => {

@@ -68,6 +68,7 @@ export class RealtimeClient {
     this.pingInterval = options.pingInterval ?? 20000;
     this.pingTimeout = options.pingTimeout ?? 10000; // silence allowed past an unanswered ping
     this.restartJitter = options.restartJitter ?? 1000;
+    this.connectTimeout = options.connectTimeout ?? 10000; // a handshake that hangs is dropped
     this.env = options.env === undefined ? globalThis : options.env; // for online/offline, visibility
 
     this.state = null;
@@ -82,6 +83,7 @@ export class RealtimeClient {
     this._timer = null;
     this._stableTimer = null;
     this._pingTimer = null;
+    this._connectTimer = null;
     this._lastFrameAt = 0;
     this._bindEnvironment();
   }
@@ -127,6 +129,13 @@ export class RealtimeClient {
     ws.onmessage = (ev) => this._onMessage(ws, ev.data);
     ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason);
     ws.onerror = () => {}; // a close always follows
+    this._connectTimer = this.timers.setTimeout(() => {
+      this._connectTimer = null;
+      if (this.ws === ws && this.state !== State.OPEN) {
+        this._dropSocket(Close.HEARTBEAT, "connect timeout");
+        this._scheduleReconnect(Close.ABNORMAL);
+      }
+    }, this.connectTimeout);
   }
 
   /** Stop for good (until connect() is called again). */
@@ -134,11 +143,23 @@ export class RealtimeClient {
     this._clearTimer();
     this._dropSocket(Close.NORMAL, "client closed");
     this.setState(State.CLOSED, { reason: "closed" });
+    this._failOutbox("closed", "the client was closed");
+  }
+
+  /** Settle every queued send as failed: nothing will send them any more. */
+  _failOutbox(code, message) {
+    for (const [clientId, item] of this.outbox) {
+      item.reject(Object.assign(new Error(message), { code }));
+      this.emit("failed", { clientId, room: item.room, code, message });
+    }
+    this.outbox.clear();
   }
 
   _onOpen(ws) {
     if (ws !== this.ws) return;
     this._lastFrameAt = this.now();
+    if (this._connectTimer) this.timers.clearTimeout(this._connectTimer);
+    this._connectTimer = null;
     this.setState(State.OPEN);
     this._stableTimer = this.timers.setTimeout(() => {
       this.attempts = 0;
@@ -157,6 +178,7 @@ export class RealtimeClient {
     this.requests.clear();
     if (STOP[code]) {
       this.setState(State.CLOSED, { reason: STOP[code], code });
+      this._failOutbox(STOP[code], code === Close.NOT_AUTHENTICATED ? "signed out" : "access revoked");
       return;
     }
     if (this.state === State.CLOSED) return;
@@ -173,6 +195,7 @@ export class RealtimeClient {
       delay = backoffDelay(this.attempts, this.backoff, this.random);
       this.attempts += 1;
       if (code === Close.RATE_LIMITED) delay = Math.max(delay, this.retryAfter * 1000);
+      this.retryAfter = 0;
     }
     this._clearTimer();
     this.setState(State.RECONNECTING, { delay, code, at: this.now() + delay });
@@ -199,9 +222,8 @@ export class RealtimeClient {
   }
 
   _stopSocketTimers() {
-    if (this._stableTimer) this.timers.clearTimeout(this._stableTimer);
-    if (this._pingTimer) this.timers.clearTimeout(this._pingTimer);
-    this._stableTimer = this._pingTimer = null;
+    for (const t of [this._stableTimer, this._pingTimer, this._connectTimer]) if (t) this.timers.clearTimeout(t);
+    this._stableTimer = this._pingTimer = this._connectTimer = null;
   }
 
   _clearTimer() {
@@ -297,7 +319,8 @@ export class RealtimeClient {
   }
 
   _sendMessage(clientId, item) {
-    item.ref = this._nextRef();
+    // One ref per message, whatever the attempt: any attempt's ack settles it.
+    item.ref = `m:${clientId}`;
     this._raw({ type: "message.send", ref: item.ref, room: item.room, body: item.body, client_id: clientId });
   }
 
@@ -336,34 +359,33 @@ export class RealtimeClient {
   async _subscribe(room) {
     const r = this.rooms.get(room);
     if (!r) return;
-    if (r.lastSeq === null) {
-      if (!this.loadSnapshot) {
-        r.lastSeq = 0;
-      } else {
-        if (r.loading) return;
-        r.loading = (async () => {
-          try {
-            const snap = await this.loadSnapshot(room);
-            r.lastSeq = snap.seq;
-            r.pending.clear();
-            this.emit("snapshot", { room, ...snap });
-          } finally {
-            r.loading = null;
-          }
-        })();
-        try {
-          await r.loading;
-        } catch (err) {
-          this.emit("error", { room, code: "snapshot_failed", message: String(err) });
-          // Try again on the next (re)connect; drop this socket so that happens.
-          this._dropSocket(Close.HEARTBEAT, "snapshot failed");
-          this._scheduleReconnect(Close.ABNORMAL);
-          return;
-        }
+    if (r.lastSeq === null && this.loadSnapshot) {
+      if (r.loading) return;
+      try {
+        r.loading = this.loadSnapshot(room);
+        const snap = await r.loading;
+        if (this.rooms.get(room) !== r) return; // unsubscribed meanwhile
+        r.lastSeq = snap.seq;
+        r.pending.clear();
+        r.snapshotAttempts = 0;
+        this.emit("snapshot", { room, ...snap });
+      } catch (err) {
+        if (this.rooms.get(room) !== r) return;
+        this.emit("error", { room, code: "snapshot_failed", message: String(err) });
+        // Try the history again with its own backoff; the socket is fine.
+        r.snapshotAttempts = (r.snapshotAttempts || 0) + 1;
+        this.timers.setTimeout(() => this._subscribe(room), backoffDelay(r.snapshotAttempts, this.backoff, this.random) + 250);
+        return;
+      } finally {
+        r.loading = null;
       }
     }
+    if (this.rooms.get(room) !== r || this.state !== State.OPEN) return;
     r.resyncing = true;
-    this._raw({ type: "subscribe", ref: `sub:${room}`, room, since: r.lastSeq });
+    // Without a snapshot loader and no seq yet, go live from the head (the ack says which).
+    const frame = { type: "subscribe", ref: `sub:${room}`, room };
+    if (r.lastSeq !== null) frame.since = r.lastSeq;
+    this._raw(frame);
   }
 
   // -- receiving ------------------------------------------------------------
@@ -397,6 +419,8 @@ export class RealtimeClient {
       if (r) {
         r.subscribed = true;
         r.resyncing = false;
+        r.subscribeAttempts = 0;
+        if (r.lastSeq === null) r.lastSeq = frame.seq;
         this.emit("subscribed", { room: frame.room, seq: frame.seq, replayed: frame.replayed });
       }
       return;
@@ -421,15 +445,28 @@ export class RealtimeClient {
     const ref = frame.ref;
     const room = frame.room || (typeof ref === "string" && ref.startsWith("sub:") ? ref.slice(4) : null);
     if (frame.code === "recovery_failed" && room && this.rooms.has(room)) {
-      // Too far behind to replay: reload the room's history, then subscribe again.
+      // Too far behind to replay: reload the room's history (or, without a
+      // loader, go live from the head), then subscribe again.
       const r = this.rooms.get(room);
       r.lastSeq = null;
       r.pending.clear();
+      r.resyncing = false;
       this.emit("reset", { room });
       this._subscribe(room);
       return;
     }
     if (typeof ref === "string" && ref.startsWith("sub:")) {
+      const r = this.rooms.get(room);
+      if (r) {
+        r.resyncing = false;
+        r.subscribed = false;
+        if (frame.code === "internal" || frame.code === "rate_limited") {
+          // Transient: ask again later.
+          r.subscribeAttempts = (r.subscribeAttempts || 0) + 1;
+          const wait = Math.max((frame.retry_after || 0) * 1000, backoffDelay(r.subscribeAttempts, this.backoff, this.random));
+          this.timers.setTimeout(() => this._subscribe(room), wait);
+        }
+      }
       this.emit("error", { room, code: frame.code, message: frame.message });
       return;
     }
@@ -437,7 +474,12 @@ export class RealtimeClient {
       if (item.ref !== ref) continue;
       if (frame.code === "rate_limited") {
         const wait = Math.max(1, frame.retry_after || 1) * 1000;
-        this.timers.setTimeout(() => this.outbox.has(clientId) && this._sendMessage(clientId, item), wait);
+        if (!item.retryTimer) {
+          item.retryTimer = this.timers.setTimeout(() => {
+            item.retryTimer = null;
+            if (this.outbox.get(clientId) === item) this._sendMessage(clientId, item);
+          }, wait);
+        }
       } else if (FINAL_ERRORS.has(frame.code)) {
         this.outbox.delete(clientId);
         item.reject(Object.assign(new Error(frame.message), { code: frame.code }));

@@ -111,7 +111,8 @@ test("resubscribes with the last applied seq, drops duplicates, orders by seq", 
   client.subscribe("general");
   client.connect();
   sockets[0].open();
-  assert.deepEqual(sockets[0].sent.at(-1), { type: "subscribe", ref: "sub:general", room: "general", since: 0 });
+  // No snapshot loader and no seq yet: live from the head, which the ack names.
+  assert.deepEqual(sockets[0].sent.at(-1), { type: "subscribe", ref: "sub:general", room: "general" });
   sockets[0].receive({ type: "ack", ref: "sub:general", room: "general", seq: 0, replayed: 0 });
   const ev = (seq) => ({ type: "message.new", room: "general", seq, id: seq, author: "a", body: `b${seq}`, client_id: `c${seq}` });
   sockets[0].receive(ev(1));
@@ -174,5 +175,54 @@ test("a silent socket is dropped by the heartbeat and replaced", () => {
   assert.equal(sockets[0].closedWith.code, 4000);
   assert.equal(client.state, State.RECONNECTING);
   timers.advance(1000);
+  assert.equal(sockets.length, 2);
+});
+
+test("4001 fails every queued send instead of leaving it pending forever", async () => {
+  const { client, sockets } = setup();
+  client.connect();
+  const { done } = client.send("general", "hello");
+  sockets[0].serverClose(4001);
+  await assert.rejects(done, (err) => err.code === "unauthenticated");
+  assert.equal(client.pendingCount, 0);
+});
+
+test("a transient error on a resubscribe is retried; the room does not stay stuck", () => {
+  const { client, sockets, timers, events } = setup();
+  client.subscribe("general");
+  client.connect();
+  sockets[0].open();
+  sockets[0].receive({ type: "ack", ref: "sub:general", room: "general", seq: 0, replayed: 0 });
+  const ev = (seq) => ({ type: "message.new", room: "general", seq, id: seq, author: "a", body: "", client_id: `c${seq}` });
+  sockets[0].receive(ev(2)); // gap -> resubscribe since 0
+  sockets[0].receive({ type: "error", ref: "sub:general", code: "internal", message: "oops" });
+  const before = sockets[0].sent.length;
+  timers.advance(3000); // within the ping interval: only the retry is sent
+  assert.equal(sockets[0].sent.length, before + 1);
+  assert.deepEqual(sockets[0].sent.at(-1), { type: "subscribe", ref: "sub:general", room: "general", since: 0 });
+  sockets[0].receive(ev(1));
+  sockets[0].receive(ev(2));
+  assert.deepEqual(events.map((e) => e.seq), [1, 2]);
+});
+
+test("unsubscribing while the snapshot loads sends no subscribe", async () => {
+  let release;
+  const { client, sockets } = setup({ loadSnapshot: () => new Promise((r) => (release = r)) });
+  client.subscribe("ops");
+  client.connect();
+  sockets[0].open();
+  client.unsubscribe("ops");
+  release({ seq: 7, messages: [] });
+  await new Promise((r) => setImmediate(r));
+  assert.equal(sockets[0].sent.filter((f) => f.type === "subscribe").length, 0);
+});
+
+test("a handshake that never completes is dropped and retried", () => {
+  const { client, sockets, timers } = setup({ connectTimeout: 5000 });
+  client.connect();
+  timers.advance(5000);
+  assert.equal(sockets[0].closedWith.code, 4000);
+  assert.equal(client.state, State.RECONNECTING);
+  timers.advance(2000);
   assert.equal(sockets.length, 2);
 });

@@ -84,9 +84,11 @@ def test_events_since_returns_the_socket_shapes(clients):
     assert data["seq"] == 3
     assert [(e["type"], e["seq"], e["body"]) for e in data["events"]] == [("message.new", 2, "m1"), ("message.new", 3, "m2")]
     assert set(data["events"][0]) == {"type", "room", "seq", "id", "author", "body", "client_id", "ts"}
-    assert clients["bob"].get("/api/v1/rooms/general/events/?since=3").json() == {"events": [], "seq": 3}
+    assert clients["bob"].get("/api/v1/rooms/general/events/?since=3").json() == {"events": [], "seq": 3, "has_more": False}
     paged = clients["bob"].get("/api/v1/rooms/general/events/?since=0&limit=2").json()
-    assert [e["seq"] for e in paged["events"]] == [1, 2]
+    assert [e["seq"] for e in paged["events"]] == [1, 2] and paged["has_more"] is True
+    rest = clients["bob"].get("/api/v1/rooms/general/events/?since=2&limit=2").json()
+    assert [e["seq"] for e in rest["events"]] == [3] and rest["has_more"] is False
 
 
 @pytest.mark.parametrize("query, status, code", [("since=9", 410, "recovery_failed"), ("since=x", 400, "invalid"), ("since=-1", 400, "invalid")])

@@ -277,6 +277,11 @@ async def test_a_refused_subscribe_leaves_no_stream(cookies):
         ('{"type": "subscribe", "room": "General Room", "ref": "s"}', "invalid", "s"),
         ('{"type": "ping", "extra": true, "ref": 8}', "invalid", 8),
         ('{"type": "ping", "ref": {"nested": 1}}', "invalid", None),
+        # Parsable by the schema's decoder but not as plain data: must not crash.
+        ("[1e999]", "invalid", None),
+        ('{"type": "ping", "t": 1e400}', "invalid", None),
+        ('{"type": "nope", "ref": "\\ud800"}', "invalid", None),
+        ('{"type": "message.send", "room": "general", "body": "\\ud800", "client_id": "s", "ref": 1}', "invalid", None),
     ],
 )
 async def test_bad_frames_get_an_error_and_the_socket_stays_open(cookies, raw, code, ref):
@@ -320,3 +325,52 @@ async def test_msgpack_subprotocol_speaks_the_same_schemas(cookies):
         assert ack["seq"] == 1
         event = msgpack.unpackb(await alice.receive_from(timeout=5), timestamp=3)
         assert event["type"] == "message.new" and event["body"] == "hello"
+
+
+async def test_a_refused_resubscribe_ends_the_existing_stream(cookies, demo):
+    from realtime.models import Membership
+
+    async with socket(cookies["bob"]) as bob, socket(cookies["alice"]) as alice:
+        await subscribe(bob, "ops")
+        await Membership.objects.filter(user=demo["bob"], room__slug="ops").adelete()
+        reply = await call(bob, {"type": "subscribe", "room": "ops", "ref": 2})
+        assert reply["code"] == "forbidden"
+        await call(alice, send_frame(room="ops"))
+        assert await bob.receive_nothing(timeout=0.3)
+
+
+async def test_ping_catches_up_a_quiet_room_whose_last_broadcast_was_lost(cookies, demo):
+    async with socket(cookies["bob"]) as bob:
+        await subscribe(bob, "general")
+        # Committed, never broadcast, and nothing follows it.
+        await sync_to_async(actions.message_send)(user=demo["alice"], slug="general", body="quiet", client_id="q1")
+        assert await bob.receive_nothing(timeout=0.2)
+        await bob.send_json_to({"type": "ping", "ref": "hb"})
+        event = await bob.receive_json_from(timeout=5)
+        assert (event["type"], event["seq"], event["body"]) == ("message.new", 1, "quiet")
+        assert await bob.receive_json_from(timeout=5) == {"type": "pong", "ref": "hb"}
+        assert await call(bob, {"type": "ping", "ref": "again"}) == {"type": "pong", "ref": "again"}
+
+
+async def test_a_retried_send_republishes_a_lost_broadcast(cookies, demo):
+    async with socket(cookies["bob"]) as bob, socket(cookies["alice"]) as alice:
+        await subscribe(bob, "general")
+        # The first attempt committed but its broadcast was lost (say, a crash).
+        await sync_to_async(actions.message_send)(user=demo["alice"], slug="general", body="once", client_id="r1")
+        ack = await call(alice, send_frame(client_id="r1", body="once"))
+        assert ack["seq"] == 1
+        got = await bob.receive_json_from(timeout=5)
+        assert (got["seq"], got["body"]) == (1, "once")
+        await call(alice, send_frame(client_id="r1", body="once", ref="again"))
+        assert await bob.receive_nothing(timeout=0.3), "a second repeat must not reach bob twice"
+    assert await count(Message) == 1
+
+
+async def test_deleted_text_is_gone_from_the_replay(cookies):
+    async with socket(cookies["alice"]) as alice:
+        sent = await call(alice, send_frame(body="secret"))
+        await call(alice, {"type": "message.edit", "room": "general", "id": sent["id"], "body": "secret 2"})
+        await call(alice, {"type": "message.delete", "room": "general", "id": sent["id"]})
+        replayed = await subscribe(alice, "general", since=0)
+        assert [e["type"] for e in replayed] == ["message.new", "message.edited", "message.deleted"]
+        assert all(e.get("body", "") == "" for e in replayed)

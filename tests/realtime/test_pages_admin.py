@@ -85,3 +85,15 @@ def test_admin_search_and_filters_render(demo):
     assert admin.get("/admin/realtime/room/").status_code == 200
     assert admin.get("/admin/realtime/membership/?role=reader").status_code == 200
     assert admin.get("/admin/realtime/event/").status_code == 200
+
+
+def test_rooms_cannot_be_deleted_in_the_admin_and_slugs_are_validated(demo):
+    from django.core.exceptions import ValidationError
+
+    from realtime.models import Room
+
+    admin = login(demo["admin"])
+    assert admin.get("/admin/realtime/room/1/delete/").status_code == 403
+    room = Room(slug="Lobby", title="x")
+    with pytest.raises(ValidationError):
+        room.full_clean()

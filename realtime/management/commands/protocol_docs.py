@@ -79,7 +79,7 @@ REST = """\
 | Method and path | Answer |
 | --- | --- |
 | `GET rooms/` | `{{"rooms": [{{"slug", "title", "is_public", "role", "seq"}}]}}`: the rooms the user may see (`role` null when not a member; `seq` the room's head) |
-| `GET rooms/<slug>/events/?since=N[&limit=L]` | `{{"events": [...], "seq": head}}`: the room's events after N (at most L, default 500), the same shapes as the socket's room events |
+| `GET rooms/<slug>/events/?since=N[&limit=L]` | `{{"events": [...], "seq": head, "has_more": bool}}`: the room's events after N (at most L, default 500), the same shapes as the socket's room events; when `has_more`, ask again with `since` = the last event's seq |
 | `GET rooms/<slug>/messages/?[before=SEQ][&limit=L]` | `{{"room", "seq", "has_more", "messages": [{{"id", "seq", "author", "body", "client_id", "ts", "edited_at"}}]}}`: a page of messages, newest last (L at most REALTIME_HISTORY_PAGE_MAX, default 200); `seq` is the head the page is current to |
 | `POST rooms/<slug>/messages/` `{{"body", "client_id"}}` | `{{"room", "id", "seq"}}`: the same as `message.send`'s ack, with the same idempotency |
 
