@@ -152,12 +152,17 @@ class Worker:
     def start(self) -> "Worker":
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port),
+                [sys.executable, "-m", "realtime.server", "-b", "127.0.0.1", "-p", str(self.port),
                  "--ping-interval", "20", "--ping-timeout", "30", "project.asgi:application"],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
         wait_port(self.port, proc=self.proc)
         return self
+
+    def terminate(self) -> None:
+        """SIGTERM: the graceful drain (realtime/server.py)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         """SIGKILL: the crash the delivery guarantee must survive."""

@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -93,7 +94,7 @@ class ResumingClient:
     gaps: int = 0
     reconnects: int = 0
     close_codes: list[int] = field(default_factory=list)
-    workers: list[str] = field(default_factory=list)
+    downtimes: list[float] = field(default_factory=list)
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
     stopped: bool = False
 
@@ -103,6 +104,7 @@ class ResumingClient:
 
     async def run(self) -> None:
         delay = 0.05
+        closed_at = None
         while not self.stopped:
             try:
                 ws = await open_socket(self.base, self.cookie, self.source)
@@ -117,12 +119,16 @@ class ResumingClient:
                     frame = json.loads(raw)
                     if frame.get("type") == "ack" and frame.get("ref") == "sub":
                         self.subscribed.set()
+                        if closed_at is not None:
+                            self.downtimes.append(time.monotonic() - closed_at)
+                            closed_at = None
                     elif frame.get("type") == "error":
                         raise AssertionError(f"server error: {frame}")
                     elif "seq" in frame:
                         self._apply(frame["seq"])
             except websockets.ConnectionClosed as exc:
                 self.close_codes.append(exc.rcvd.code if exc.rcvd else 1006)
+                closed_at = time.monotonic()
             finally:
                 await ws.close()
             if not self.stopped:
@@ -168,3 +174,62 @@ async def send_messages(base: str, cookie: str, room: str, count: int, prefix: s
     await task
     await ws.close()
     return [acks[f"{prefix}{i}"] for i in range(count)]
+
+
+def split_sources(base: str, timeout: float = 15) -> dict[str, str]:
+    """A source address that nginx sends to each worker. A worker restarted by an
+    earlier test may still be in nginx's fail_timeout (10 s): wait for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found: dict[str, str] = {}
+        for i in range(1, 40):
+            source = f"127.{i}.0.1"
+            found.setdefault(worker_for(base, source), source)
+            if len(found) == 2:
+                return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"could not place clients on both workers: {found}")
+        time.sleep(0.5)
+
+
+async def run_clients(cluster, sources, victim_name, action, messages=300, act_at=100):
+    """Three followers of #general on each worker (placed through nginx by source
+    address) while 300 messages are sent through the other worker; `action(victim)`
+    runs after the 100th ack. Asserts every follower ends with every seq once, in
+    order; returns the victim and the followers that were on it and elsewhere."""
+    base = cluster.nginx.url
+    victim = next(w for w in cluster.workers if w.name == victim_name)
+    survivor = next(w for w in cluster.workers if w.name != victim_name)
+    clients = [
+        ResumingClient(base, login(base, user), "general", source=sources[where])
+        for where in sources
+        for user in ("bob", "carol", "alice")
+    ]
+    tasks = [asyncio.create_task(c.run()) for c in clients]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(c.subscribed.wait() for c in clients)), 15)
+
+        def maybe_act(sent: int) -> None:
+            if sent == act_at:
+                action(victim)
+
+        acks = await send_messages(survivor.url, login(survivor.url, "alice"), "general", messages, f"d{victim_name}{time.monotonic_ns()}", on_sent=maybe_act)
+        head = acks[-1]["seq"]
+
+        async def caught_up():
+            while any(c.last < head for c in clients):
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(caught_up(), 30)
+        for c in clients:
+            assert c.applied == list(range(1, head + 1))
+            assert c.duplicates == 0
+        moved = [c for c in clients if c.source == sources[victim_name]]
+        stayed = [c for c in clients if c.source != sources[victim_name]]
+        return victim, moved, stayed
+    finally:
+        for c in clients:
+            c.stopped = True
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

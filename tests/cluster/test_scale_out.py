@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from tests.cluster.conftest import ResumingClient, login, open_socket, send_messages, worker_for
+from tests.cluster.conftest import login, open_socket, run_clients, send_messages, split_sources
 
 pytestmark = [pytest.mark.cluster, pytest.mark.asyncio]
 
@@ -78,50 +78,11 @@ async def test_concurrent_writers_on_two_workers_get_gap_free_unique_seqs(cluste
 async def test_kill_9_of_a_worker_loses_and_doubles_nothing(cluster):
     """Half the clients sit on worker a (through nginx); a is killed with SIGKILL
     while 500 messages are sent; every client ends with every event once, in order."""
-    base = cluster.nginx.url
-    by_worker: dict[str, str] = {}
-    for i in range(1, 40):
-        source = f"127.{i}.0.1"
-        by_worker.setdefault(worker_for(base, source), source)
-        if len(by_worker) == 2:
-            break
-    assert set(by_worker) == {"a", "b"}, f"could not place clients on both workers: {by_worker}"
-    victim = next(w for w in cluster.workers if w.name == "a")
-    survivor = next(w for w in cluster.workers if w.name == "b")
-
-    clients = [
-        ResumingClient(base, login(base, user), "general", source=by_worker[where])
-        for where in ("a", "b")
-        for user in ("bob", "carol", "alice")
-    ]
-    tasks = [asyncio.create_task(c.run()) for c in clients]
+    sources = split_sources(cluster.nginx.url)
+    victim, moved, stayed = await run_clients(cluster, sources, "a", lambda w: w.kill(), messages=500, act_at=150)
     try:
-        await asyncio.wait_for(asyncio.gather(*(c.subscribed.wait() for c in clients)), 15)
-
-        def maybe_kill(sent: int) -> None:
-            if sent == 150:
-                victim.kill()
-
-        acks = await send_messages(survivor.url, login(survivor.url, "alice"), "general", 500, "k9", on_sent=maybe_kill)
-        head = acks[-1]["seq"]
         assert victim.proc.poll() is not None, "the victim was not killed"
-
-        async def caught_up():
-            while any(c.last < head for c in clients):
-                await asyncio.sleep(0.05)
-
-        await asyncio.wait_for(caught_up(), 30)
-        for c in clients:
-            assert c.applied == list(range(1, head + 1))
-            assert c.duplicates == 0 and c.gaps == 0
-        moved = [c for c in clients if c.source == by_worker["a"]]
         assert all(c.reconnects >= 1 for c in moved), "clients on the killed worker must have reconnected"
-        assert all(c.reconnects == 0 for c in clients if c.source == by_worker["b"])
+        assert all(c.reconnects == 0 for c in stayed)
     finally:
-        for c in clients:
-            c.stopped = True
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if victim.proc.poll() is not None:
-            victim.start()
+        victim.start()

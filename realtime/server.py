@@ -1,0 +1,157 @@
+"""daphne with a graceful drain: `python -m realtime.server [daphne arguments]`.
+
+Plain daphne drops every socket with 1006 on SIGTERM (no close frame), so clients
+cannot tell a restart from a network failure. This launcher runs daphne's own
+command line with a Server subclass that, on SIGTERM or SIGINT, or on a drain
+request sent through the channel layer (`manage.py drain`):
+
+1. stops listening, so the load balancer sends new connections to other workers;
+2. closes its WebSockets with 4012 (service restart: reconnect now) in shuffled
+   batches spread over REALTIME_DRAIN_SPREAD seconds, so clients do not all come
+   back in the same millisecond;
+3. waits for the application instances to finish (at most REALTIME_DRAIN_TIMEOUT s),
+   then stops the reactor (only after a signal: a drain request leaves the process
+   idle for its process manager to stop).
+
+It relies on daphne's Server internals (connections, listen_success, the Twisted
+reactor): requirements.txt pins daphne, and tests/cluster checks the behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+import time
+
+from daphne.cli import CommandLineInterface
+from daphne.server import Server
+from daphne.ws_protocol import WebSocketProtocol
+
+log = logging.getLogger("realtime.server")
+
+# The channel-layer group every worker listens on for control messages.
+CONTROL_GROUP = "realtime.workers"
+SERVICE_RESTART = 4012
+
+
+def worker_id() -> str:
+    return os.environ.get("REALTIME_WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class DrainingServer(Server):
+    def run(self):
+        from twisted.internet import reactor
+
+        self.ports = []
+        self.draining = False
+        self.exit_when_drained = False
+        self.drained = False
+        self.drain_spread = float(os.environ.get("REALTIME_DRAIN_SPREAD", "1.0"))
+        self.drain_timeout = float(os.environ.get("REALTIME_DRAIN_TIMEOUT", "10"))
+        # Twisted installs its own SIGTERM/SIGINT handlers when the reactor starts;
+        # ours go in after that, so they win.
+        reactor.callWhenRunning(self._start)
+        super().run()
+
+    def listen_success(self, port):
+        self.ports.append(port)
+        super().listen_success(port)
+
+    # -- start-up ---------------------------------------------------------------
+    def _start(self):
+        from twisted.internet import reactor
+
+        def on_signal(signum, frame):
+            reactor.callFromThread(self.drain, signal.Signals(signum).name, True)
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        asyncio.ensure_future(self._control_loop())
+
+    async def _control_loop(self):
+        """Listen for drain requests on the channel layer (manage.py drain)."""
+        from channels.layers import get_channel_layer
+
+        layer = get_channel_layer()
+        if layer is None:
+            return
+        me = worker_id()
+        channel = await layer.new_channel()
+        while True:
+            try:
+                # Re-joined now and then: channels_redis expires group members.
+                await layer.group_add(CONTROL_GROUP, channel)
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
+                    try:
+                        message = await asyncio.wait_for(layer.receive(channel), 60)
+                    except asyncio.TimeoutError:
+                        continue
+                    if message.get("type") == "worker.drain" and message.get("worker") in ("*", me):
+                        self.drain("drain request", False)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("control channel failed; retrying")
+                await asyncio.sleep(1)
+
+    # -- the drain --------------------------------------------------------------
+    def drain(self, reason: str, exit_after: bool) -> None:
+        from twisted.internet import reactor
+
+        self.exit_when_drained = self.exit_when_drained or exit_after
+        if self.draining:
+            if self.drained and self.exit_when_drained:
+                reactor.stop()
+            return
+        self.draining = True
+        started = time.monotonic()
+        for port in self.ports:
+            port.stopListening()
+        sockets = [
+            p for p in self.connections
+            if isinstance(p, WebSocketProtocol) and p.state == WebSocketProtocol.STATE_OPEN
+        ]
+        random.shuffle(sockets)
+        log.warning("draining: reason=%s sockets=%d spread=%.1fs", reason, len(sockets), self.drain_spread)
+        batches = max(1, min(len(sockets), 20))
+        for i in range(batches):
+            batch = sockets[i::batches]
+            delay = self.drain_spread * i / batches
+            reactor.callLater(delay, self._close_batch, batch)
+        reactor.callLater(0.05, self._wait_for_applications, started)
+
+    @staticmethod
+    def _close_batch(batch):
+        for protocol in batch:
+            if protocol.state == WebSocketProtocol.STATE_OPEN:
+                protocol.serverClose(code=SERVICE_RESTART)
+
+    def _wait_for_applications(self, started: float) -> None:
+        from twisted.internet import reactor
+
+        alive = [
+            d for d in self.connections.values()
+            if d.get("application_instance") is not None and not d["application_instance"].done()
+        ]
+        elapsed = time.monotonic() - started
+        if alive and elapsed < self.drain_spread + self.drain_timeout:
+            reactor.callLater(0.05, self._wait_for_applications, started)
+            return
+        self.drained = True
+        log.warning("drained in %.2fs (%d application instances left)", elapsed, len(alive))
+        if self.exit_when_drained:
+            reactor.stop()
+
+
+def main() -> None:
+    CommandLineInterface.server_class = DrainingServer
+    CommandLineInterface.entrypoint()
+
+
+if __name__ == "__main__":
+    main()
