@@ -15,13 +15,19 @@ crossed) makes the consumer read the missing range from the log before sending i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import logging
 import uuid
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
+from channels.utils import await_many_dispatch
 from django.conf import settings
 
 from . import actions, broadcast, protocol
@@ -38,6 +44,51 @@ class Subscription:
 
 class RealtimeConsumer(AsyncWebsocketConsumer):
     codec: protocol.Codec = protocol.JSON
+    layer_down = False
+
+    async def __call__(self, scope, receive, send):
+        """channels' AsyncConsumer.__call__, with a channel-layer receive that
+        survives a Redis outage instead of killing the socket (see layer_receive)."""
+        self.scope = scope
+        self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        self.channel_name = await self.channel_layer.new_channel()
+        self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
+        self.base_send = send
+        try:
+            await await_many_dispatch([receive, self.layer_receive], self.dispatch)
+        except StopConsumer:
+            pass
+
+    async def layer_receive(self) -> dict:
+        """The next channel-layer message. When the layer fails (Redis restarting),
+        keep the socket, retry until our groups can be joined again (a restarted
+        Redis has forgotten them), then hand the consumer a `layer.recovered`
+        message so that it catches up every room from the log."""
+        try:
+            return await self.channel_receive()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("ws layer receive failed conn=%s: %s", getattr(self, "conn_id", "-"), type(exc).__name__)
+        self.layer_down = True
+        delay = 0.1
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            try:
+                for group in self.groups_joined():
+                    await self.channel_layer.group_add(group, self.channel_name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                continue
+            self.layer_down = False
+            return {"type": "layer.recovered"}
+
+    def groups_joined(self) -> list[str]:
+        if not getattr(self, "authenticated", False):
+            return []
+        return [broadcast.user_group(self.user.pk)] + [broadcast.room_group(slug) for slug in self.subscriptions]
 
     # -- connection ---------------------------------------------------------
     async def connect(self) -> None:
@@ -59,18 +110,26 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             log.info("ws closed conn=%s code=%s reason=anonymous", self.conn_id, CloseCode.NOT_AUTHENTICATED)
             await self.close(code=int(CloseCode.NOT_AUTHENTICATED))  # autobahn wants an exact int
             return
+        try:
+            await self.channel_layer.group_add(broadcast.user_group(self.user.pk), self.channel_name)
+        except Exception:
+            # The layer (Redis) is unreachable: come back later, with backoff.
+            log.warning("ws closed conn=%s code=%s reason=layer-unavailable", self.conn_id, CloseCode.OVERLOADED)
+            await self.close(code=int(CloseCode.OVERLOADED))
+            return
         self.authenticated = True
-        await self.channel_layer.group_add(broadcast.user_group(self.user.pk), self.channel_name)
         log.info("ws open conn=%s user=%s codec=%s", self.conn_id, self.user.pk, self.codec.name)
 
     async def disconnect(self, code: int) -> None:
         if not self.authenticated:
             return
+        groups = self.groups_joined()
         self.authenticated = False
-        for slug in list(self.subscriptions):
-            await self.channel_layer.group_discard(broadcast.room_group(slug), self.channel_name)
         self.subscriptions.clear()
-        await self.channel_layer.group_discard(broadcast.user_group(self.user.pk), self.channel_name)
+        for group in groups:
+            # Best effort: a layer that is down forgets nothing it would keep.
+            with contextlib.suppress(Exception):
+                await self.channel_layer.group_discard(group, self.channel_name)
         log.info("ws close conn=%s user=%s code=%s", self.conn_id, self.user.pk, code)
 
     # -- frames in ----------------------------------------------------------
@@ -173,15 +232,21 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         """Answer, and first catch up any subscribed room whose newest events never
         arrived live (a broadcast lost to a worker crash or the layer, in a room
         that has been quiet since, so no later event revealed the gap)."""
-        if self.subscriptions:
-            heads = await database_sync_to_async(actions.room_heads)(slugs=list(self.subscriptions))
-            for slug, head in heads.items():
-                sub = self.subscriptions.get(slug)
-                if sub is not None and head > sub.last_seq:
-                    await self.catch_up(slug, sub, head)
+        await self.layer_recovered({})
         return protocol.Pong(ref=frame.ref, t=frame.t)
 
     # -- channel-layer handlers (reachable from the layer only) ---------------
+    async def layer_recovered(self, message: dict) -> None:
+        """The layer is back (or a ping asks): send each room what was committed
+        but not delivered, e.g. while the layer was down."""
+        if not self.subscriptions:
+            return
+        heads = await database_sync_to_async(actions.room_heads)(slugs=list(self.subscriptions))
+        for slug, head in heads.items():
+            sub = self.subscriptions.get(slug)
+            if sub is not None and head > sub.last_seq:
+                await self.catch_up(slug, sub, head)
+
     async def room_event(self, message: dict) -> None:
         """A committed event of a room: send it once, in seq order."""
         slug = message["room"]

@@ -95,6 +95,7 @@ class ResumingClient:
     reconnects: int = 0
     close_codes: list[int] = field(default_factory=list)
     downtimes: list[float] = field(default_factory=list)
+    ping_every: float = 0  # seconds; the browser client pings every 20 s
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
     stopped: bool = False
 
@@ -113,6 +114,7 @@ class ResumingClient:
                 delay = min(delay * 2, 1.0)
                 continue
             delay = 0.05
+            pinger = asyncio.create_task(self._ping(ws)) if self.ping_every else None
             try:
                 await ws.send(json.dumps({"type": "subscribe", "room": self.room, "since": self.last, "ref": "sub"}))
                 async for raw in ws:
@@ -130,9 +132,19 @@ class ResumingClient:
                 self.close_codes.append(exc.rcvd.code if exc.rcvd else 1006)
                 closed_at = time.monotonic()
             finally:
+                if pinger:
+                    pinger.cancel()
                 await ws.close()
             if not self.stopped:
                 self.reconnects += 1
+
+    async def _ping(self, ws) -> None:
+        while True:
+            await asyncio.sleep(self.ping_every)
+            try:
+                await ws.send(json.dumps({"type": "ping"}))
+            except websockets.ConnectionClosed:
+                return
 
     def _apply(self, seq: int) -> None:
         if seq <= self.last:
