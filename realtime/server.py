@@ -13,6 +13,11 @@ request sent through the channel layer (`manage.py drain`):
    then stops the reactor (only after a signal: a drain request leaves the process
    idle for its process manager to stop).
 
+It also bounds what a worker buffers for a slow or stuck client: a socket whose
+unsent bytes pass REALTIME_MAX_SEND_BUFFER (default 1 MiB) is closed with 4013
+(overloaded: reconnect with backoff, then resume by seq) instead of growing the
+worker's memory. Messages for it beyond that are not buffered.
+
 It relies on daphne's Server internals (connections, listen_success, the Twisted
 reactor): requirements.txt pins daphne, and tests/cluster checks the behaviour.
 """
@@ -32,6 +37,39 @@ from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
 
 log = logging.getLogger("realtime.server")
+
+OVERLOADED = 4013
+
+
+def unsent_bytes(transport) -> int:
+    """Bytes a Twisted transport holds that the peer has not taken yet (looking
+    through a TLS wrapper to the TCP transport)."""
+    for _ in range(4):
+        if transport is None or hasattr(transport, "dataBuffer"):
+            break
+        transport = getattr(transport, "transport", None)
+    if transport is None:
+        return 0
+    return len(transport.dataBuffer) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+
+
+class BoundedWebSocketProtocol(WebSocketProtocol):
+    """daphne's WebSocket protocol with a ceiling on unsent bytes."""
+
+    max_send_buffer = int(os.environ.get("REALTIME_MAX_SEND_BUFFER", str(1024 * 1024)))
+    overflowed = False
+
+    def serverSend(self, content, binary=False):
+        if self.overflowed:
+            return
+        if self.state == self.STATE_OPEN and unsent_bytes(self.transport) > self.max_send_buffer:
+            self.overflowed = True
+            log.warning("closing a socket that stopped reading: %d bytes unsent", unsent_bytes(self.transport))
+            # The close frame queues behind the backlog; autobahn drops the TCP
+            # connection when the peer does not answer it in time.
+            self.sendClose(code=OVERLOADED)
+            return
+        super().serverSend(content, binary)
 
 # The channel-layer group every worker listens on for control messages.
 CONTROL_GROUP = "realtime.workers"
@@ -70,6 +108,8 @@ class DrainingServer(Server):
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        # Connections are built after start-up, so they all get the bounded protocol.
+        self.ws_factory.protocol = BoundedWebSocketProtocol
         asyncio.ensure_future(self._control_loop())
 
     async def _control_loop(self):

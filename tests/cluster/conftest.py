@@ -23,8 +23,9 @@ from tests.services import Cluster
 pytestmark = pytest.mark.cluster
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
+    """One cluster for every cluster test; a test that stops a worker restarts it."""
     # Not under pytest's private tmp dir: nginx's workers (an unprivileged user)
     # must be able to read the static files.
     workdir = Path(tempfile.mkdtemp(prefix="realtime-cluster-"))
@@ -157,7 +158,7 @@ class ResumingClient:
 
 
 async def send_messages(base: str, cookie: str, room: str, count: int, prefix: str, window: int = 8,
-                        on_sent=None) -> list[dict]:
+                        on_sent=None, body: str | None = None) -> list[dict]:
     """Send `count` messages over one socket with at most `window` in flight; returns the acks."""
     ws = await open_socket(base, cookie)
     acks: dict[str, dict] = {}
@@ -181,7 +182,7 @@ async def send_messages(base: str, cookie: str, room: str, count: int, prefix: s
     for i in range(count):
         await in_flight.acquire()
         ref = f"{prefix}{i}"
-        await ws.send(json.dumps({"type": "message.send", "room": room, "body": f"{prefix} {i}", "client_id": ref, "ref": ref}))
+        await ws.send(json.dumps({"type": "message.send", "room": room, "body": body or f"{prefix} {i}", "client_id": ref, "ref": ref}))
     await asyncio.wait_for(done.wait(), 60)
     await task
     await ws.close()

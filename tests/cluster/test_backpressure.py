@@ -1,0 +1,86 @@
+"""A client that stops reading cannot make a worker buffer without bound: past
+REALTIME_MAX_SEND_BUFFER of unsent bytes its socket is closed (4013), while the
+other members of the room get every message."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+
+import pytest
+
+from tests.cluster.conftest import ResumingClient, login, send_messages
+
+pytestmark = [pytest.mark.cluster, pytest.mark.asyncio]
+
+
+def stuck_socket(port: int, cookie: str) -> socket.socket:
+    """A WebSocket that subscribes to #general and then never reads again."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # no autotuning: fills fast
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /ws/v1/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: rt.v1.json\r\n"
+            f"Origin: http://127.0.0.1:{port}\r\nCookie: {cookie}\r\n\r\n"
+        ).encode()
+    )
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += sock.recv(1024)
+    assert response.startswith(b"HTTP/1.1 101"), response[:80]
+    payload = b'{"type":"subscribe","room":"general"}'
+    mask = os.urandom(4)
+    sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    return sock
+
+
+def read_until_closed(sock: socket.socket, timeout: float = 20) -> tuple[int, bool]:
+    """Read what the server left for us; returns (bytes read, closed by the server)."""
+    sock.settimeout(timeout)
+    total = 0
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return total, True
+            total += len(chunk)
+    except ConnectionResetError:
+        return total, True
+    except socket.timeout:
+        return total, False
+
+
+async def test_a_client_that_stops_reading_is_closed_and_the_rest_get_everything(cluster):
+    worker = cluster.workers[0]
+    stuck = stuck_socket(worker.port, login(worker.url, "carol"))
+    healthy = ResumingClient(worker.url, login(worker.url, "bob"), "general")
+    task = asyncio.create_task(healthy.run())
+    try:
+        await asyncio.wait_for(healthy.subscribed.wait(), 10)
+        await asyncio.sleep(0.3)  # the stuck socket's subscribe is handled
+        body = "x" * 3900
+        count = 2500  # about 10 MB of frames: far more than kernel buffers plus the 1 MiB cap
+        acks = await send_messages(worker.url, login(worker.url, "alice"), "general", count, "bp", window=16,
+                                   body=body)
+        head = acks[-1]["seq"]
+
+        async def caught_up():
+            while healthy.last < head:
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(caught_up(), 60)
+        assert healthy.applied == list(range(1, head + 1)) and healthy.reconnects == 0
+        received, closed = await asyncio.to_thread(read_until_closed, stuck)
+        assert closed, "the server must close a socket that stopped reading"
+        assert received < count * len(body) / 2, f"the stuck socket was sent {received} bytes: the backlog was not cut"
+        assert worker.proc.poll() is None
+    finally:
+        healthy.stopped = True
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        stuck.close()
