@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from tests.cluster.conftest import ResumingClient, login, send_messages
+from tests.cluster.conftest import ResumingClient, login, room_head, send_messages
 
 pytestmark = [pytest.mark.cluster, pytest.mark.asyncio]
 
@@ -58,7 +58,9 @@ def read_until_closed(sock: socket.socket, timeout: float = 20) -> tuple[int, bo
 async def test_a_client_that_stops_reading_is_closed_and_the_rest_get_everything(cluster):
     worker = cluster.workers[0]
     stuck = stuck_socket(worker.port, login(worker.url, "carol"))
-    healthy = ResumingClient(worker.url, login(worker.url, "bob"), "general")
+    cookie = login(worker.url, "bob")
+    start = room_head(worker.url, cookie)
+    healthy = ResumingClient(worker.url, cookie, "general", start=start)
     task = asyncio.create_task(healthy.run())
     try:
         await asyncio.wait_for(healthy.subscribed.wait(), 10)
@@ -74,7 +76,7 @@ async def test_a_client_that_stops_reading_is_closed_and_the_rest_get_everything
                 await asyncio.sleep(0.05)
 
         await asyncio.wait_for(caught_up(), 60)
-        assert healthy.applied == list(range(1, head + 1)) and healthy.reconnects == 0
+        assert healthy.applied == list(range(start + 1, head + 1)) and healthy.reconnects == 0
         received, closed = await asyncio.to_thread(read_until_closed, stuck)
         assert closed, "the server must close a socket that stopped reading"
         assert received < count * len(body) / 2, f"the stuck socket was sent {received} bytes: the backlog was not cut"
