@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install the system programs the tests use, when missing: redis-server, Chromium
-# (with its driver), nginx, PostgreSQL and Node.js. As root on Debian/Ubuntu this uses apt-get;
+# (with its driver), nginx, HAProxy, openssl, PostgreSQL and Node.js. As root on Debian/Ubuntu this uses apt-get;
 # elsewhere it prints what to install and the tests that need it are skipped.
 set -u
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || [ -n "${CHROMIUM:-}" ]; } || need+=(chromium chromium-driver)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need+=(postgresql)
 [ ${#need[@]} -eq 0 ] && exit 0

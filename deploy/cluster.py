@@ -21,6 +21,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "realtime.conf.template"
+HAPROXY_TEMPLATE = ROOT / "deploy" / "haproxy" / "realtime.cfg.template"
+
+
+def fill(template: Path, values: dict[str, str]) -> str:
+    text = template.read_text()
+    for key, value in values.items():
+        text = text.replace(f"@@{key}@@", value)
+    return text
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A development certificate for 127.0.0.1 and localhost, made locally."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    if not cert.exists():
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+             "-days", "30", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+            check=True, capture_output=True,
+        )
+        key.chmod(0o644)  # the balancer's unprivileged workers read it (a throwaway dev key)
+    return cert, key
 
 
 def free_port() -> int:
@@ -177,12 +198,18 @@ class Worker:
 class Nginx:
     """nginx with deploy/nginx/realtime.conf.template, in its own directory."""
 
-    def __init__(self, workdir: Path, workers: list[Worker], static_root: Path, port: int | None = None):
-        self.binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    name = "nginx"
+
+    def __init__(self, workdir: Path, workers: list[Worker], static_root: Path, port: int | None = None,
+                 tls_port: int | None = None):
+        self.binary = shutil.which(self.name) or (f"/usr/sbin/{self.name}" if os.path.exists(f"/usr/sbin/{self.name}") else None)
         if self.binary is None:
-            raise FileNotFoundError("nginx is not installed (Debian: apt-get install nginx)")
+            raise FileNotFoundError(f"{self.name} is not installed (Debian: apt-get install {self.name})")
         self.port = port or free_port()
-        self.dir = Path(workdir) / "nginx"
+        self.tls_port = tls_port or free_port()
+        self.dir = Path(workdir) / self.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cert, self.key = self_signed_certificate(Path(workdir))
         self.workers = workers
         self.static_root = static_root
         self.proc: subprocess.Popen | None = None
@@ -191,20 +218,29 @@ class Nginx:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def tls_url(self) -> str:
+        return f"https://127.0.0.1:{self.tls_port}"
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
     def render(self) -> str:
         upstreams = "\n".join(f"    server 127.0.0.1:{w.port} max_fails=1 fail_timeout=10s;" for w in self.workers)
         mime = "/etc/nginx/mime.types"
-        values = {
+        listen = (
+            f"    listen 127.0.0.1:{self.port};\n"
+            f"    listen 127.0.0.1:{self.tls_port} ssl;\n"
+            f"    ssl_certificate {self.cert};\n"
+            f"    ssl_certificate_key {self.key};"
+        )
+        return fill(NGINX_TEMPLATE, {
             "DIR": str(self.dir),
             "MIME_TYPES": mime if os.path.exists(mime) else str(self.dir / "mime.types"),
             "UPSTREAMS": upstreams,
-            "LISTEN": f"127.0.0.1:{self.port}",
+            "LISTEN": listen,
             "STATIC_ROOT": str(self.static_root),
-        }
-        text = NGINX_TEMPLATE.read_text()
-        for key, value in values.items():
-            text = text.replace(f"@@{key}@@", value)
-        return text
+        })
 
     def start(self) -> "Nginx":
         for sub in ("tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
@@ -217,17 +253,42 @@ class Nginx:
         subprocess.run([*args, "-t"], check=True, capture_output=True)
         self.proc = subprocess.Popen([*args, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port, proc=self.proc)
+        wait_port(self.tls_port, proc=self.proc)
         return self
 
-    def stop(self) -> None:
-        stop_process(self.proc)
+
+class HAProxy(Nginx):
+    """HAProxy with deploy/haproxy/realtime.cfg.template (static files from the workers)."""
+
+    name = "haproxy"
+
+    def render(self) -> str:
+        pem = self.dir / "combined.pem"
+        pem.write_bytes(self.cert.read_bytes() + self.key.read_bytes())
+        binds = f"  bind 127.0.0.1:{self.port}\n  bind 127.0.0.1:{self.tls_port} ssl crt {pem}"
+        servers = "\n".join(f"  server {w.name} 127.0.0.1:{w.port}" for w in self.workers)
+        return fill(HAPROXY_TEMPLATE, {"DIR": str(self.dir), "BINDS": binds, "SERVERS": servers})
+
+    def start(self) -> "HAProxy":
+        conf = self.dir / "haproxy.cfg"
+        conf.write_text(self.render())
+        subprocess.run([self.binary, "-c", "-q", "-f", str(conf)], check=True, capture_output=True)
+        self.proc = subprocess.Popen([self.binary, "-W", "-db", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_port(self.port, proc=self.proc)
+        wait_port(self.tls_port, proc=self.proc)
+        return self
+
+
+BALANCERS = {"nginx": Nginx, "haproxy": HAProxy}
 
 
 class Cluster:
     """PostgreSQL + Redis + N workers + nginx."""
 
     def __init__(self, workdir: Path, workers: int = 2, port: int | None = None, database_url: str = "",
-                 redis_url: str = "", extra_env: dict[str, str] | None = None):
+                 redis_url: str = "", extra_env: dict[str, str] | None = None, balancer: str = "nginx",
+                 tls_port: int | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.n_workers = workers
@@ -235,10 +296,12 @@ class Cluster:
         self.database_url = database_url
         self.redis_url = redis_url
         self.extra_env = extra_env or {}
+        self.balancer_kind = balancer
+        self.tls_port = tls_port
         self.postgres: PostgresServer | None = None
         self.redis: RedisServer | None = None
         self.workers: list[Worker] = []
-        self.nginx: Nginx | None = None
+        self.balancer: Nginx | None = None  # nginx or HAProxy
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
@@ -250,6 +313,8 @@ class Cluster:
                 "DATABASE_URL": self.database_url,
                 "REDIS_URL": self.redis_url,
                 "DJANGO_STATIC_ROOT": str(self.workdir / "static"),
+                # The balancer sets X-Forwarded-Proto itself (deploy/ templates).
+                "DJANGO_BEHIND_TLS_PROXY": "1",
                 "PYTHONUNBUFFERED": "1",
                 **self.extra_env,
             }
@@ -273,15 +338,17 @@ class Cluster:
             self.manage("seed_demo")
             env = self.env()
             self.workers = [Worker(chr(ord("a") + i), env, self.workdir).start() for i in range(self.n_workers)]
-            self.nginx = Nginx(self.workdir, self.workers, self.workdir / "static", port=self.port).start()
+            self.balancer = BALANCERS[self.balancer_kind](
+                self.workdir, self.workers, self.workdir / "static", port=self.port, tls_port=self.tls_port
+            ).start()
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self) -> None:
-        if self.nginx:
-            self.nginx.stop()
+        if self.balancer:
+            self.balancer.stop()
         for worker in self.workers:
             worker.stop()
         if self.redis:
@@ -294,14 +361,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", 2)))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8080)))
+    parser.add_argument("--tls-port", type=int, default=int(os.environ.get("TLS_PORT", 8443)))
+    parser.add_argument("--balancer", choices=sorted(BALANCERS), default=os.environ.get("BALANCER", "nginx"))
     parser.add_argument("--dir", default=str(ROOT / ".cluster"), help="state and logs")
     args = parser.parse_args()
     cluster = Cluster(
         Path(args.dir), workers=args.workers, port=args.port,
         database_url=os.environ.get("DATABASE_URL", ""), redis_url=os.environ.get("REDIS_URL", ""),
+        balancer=args.balancer, tls_port=args.tls_port,
     )
     cluster.start()
-    print(f"nginx:    {cluster.nginx.url}/   (log in as alice, bob or carol; password demo-password)")
+    print(f"{args.balancer}: {cluster.balancer.url}/ and {cluster.balancer.tls_url}/ (self-signed: {cluster.balancer.cert})")
+    print("log in as alice, bob or carol; password demo-password")
     for w in cluster.workers:
         print(f"worker {w.name}: {w.url}  pid {w.proc.pid}  log {w.log}")
     print(f"postgres: {cluster.database_url}\nredis:    {cluster.redis_url}\nCtrl-C stops everything.")

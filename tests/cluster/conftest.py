@@ -23,15 +23,16 @@ from tests.services import Cluster
 pytestmark = pytest.mark.cluster
 
 
-@pytest.fixture(scope="session")
-def cluster():
-    """One cluster for every cluster test; a test that stops a worker restarts it."""
+@pytest.fixture(scope="session", params=["nginx", "haproxy"])
+def cluster(request):
+    """One cluster per load balancer for every cluster test (each test runs behind
+    nginx and behind HAProxy); a test that stops a worker restarts it."""
     # Not under pytest's private tmp dir: nginx's workers (an unprivileged user)
     # must be able to read the static files.
     workdir = Path(tempfile.mkdtemp(prefix="realtime-cluster-"))
     workdir.chmod(0o755)
     try:
-        c = Cluster(workdir, workers=2)
+        c = Cluster(workdir, workers=2, balancer=request.param)
         c.start()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
@@ -51,10 +52,13 @@ class _SourceAddressHandler(urllib.request.HTTPHandler):
         return self.do_open(lambda host, **kw: http.client.HTTPConnection(host, source_address=(self.source, 0), **kw), req)
 
 
-def login(base: str, username: str, password: str = "demo-password", source: str = "127.0.0.1") -> str:
+def login(base: str, username: str, password: str = "demo-password", source: str = "127.0.0.1",
+          opener=None) -> str:
     """Sign in through the login form; returns the Cookie header value."""
     jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar), _SourceAddressHandler(source))
+    if opener is None:
+        opener = urllib.request.build_opener(_SourceAddressHandler(source))
+    opener.add_handler(urllib.request.HTTPCookieProcessor(jar))
     html = opener.open(f"{base}/accounts/login/").read().decode()
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', html).group(1)
     data = urllib.parse.urlencode({"username": username, "password": password, "csrfmiddlewaretoken": token}).encode()
@@ -65,7 +69,7 @@ def login(base: str, username: str, password: str = "demo-password", source: str
 
 
 def worker_for(base: str, source: str) -> str:
-    """Which worker nginx sends this source address to."""
+    """Which worker the balancer sends this source address to."""
     opener = urllib.request.build_opener(_SourceAddressHandler(source))
     return opener.open(f"{base}/accounts/login/").headers["X-Realtime-Worker"]
 
@@ -197,8 +201,8 @@ async def send_messages(base: str, cookie: str, room: str, count: int, prefix: s
 
 
 def split_sources(base: str, timeout: float = 15) -> dict[str, str]:
-    """A source address that nginx sends to each worker. A worker restarted by an
-    earlier test may still be in nginx's fail_timeout (10 s): wait for it."""
+    """A source address that the balancer sends to each worker. A worker restarted by an
+    earlier test may still be marked down (nginx fail_timeout 10 s): wait for it."""
     deadline = time.monotonic() + timeout
     while True:
         found: dict[str, str] = {}
@@ -213,11 +217,11 @@ def split_sources(base: str, timeout: float = 15) -> dict[str, str]:
 
 
 async def run_clients(cluster, sources, victim_name, action, messages=300, act_at=100):
-    """Three followers of #general on each worker (placed through nginx by source
+    """Three followers of #general on each worker (placed through the balancer by source
     address) while 300 messages are sent through the other worker; `action(victim)`
     runs after the 100th ack. Asserts every follower ends with every seq once, in
     order; returns the victim and the followers that were on it and elsewhere."""
-    base = cluster.nginx.url
+    base = cluster.balancer.url
     victim = next(w for w in cluster.workers if w.name == victim_name)
     survivor = next(w for w in cluster.workers if w.name != victim_name)
     start = room_head(base, login(base, "alice"))

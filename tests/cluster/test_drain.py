@@ -24,7 +24,7 @@ def port_open(port: int) -> bool:
 
 
 async def test_sigterm_closes_with_4012_and_clients_are_back_within_2s(cluster):
-    sources = split_sources(cluster.nginx.url)
+    sources = split_sources(cluster.balancer.url)
     victim, moved, stayed = await run_clients(cluster, sources, "a", lambda w: w.terminate())
     try:
         rc = await asyncio.get_running_loop().run_in_executor(None, victim.proc.wait, 15)
@@ -39,7 +39,7 @@ async def test_sigterm_closes_with_4012_and_clients_are_back_within_2s(cluster):
 
 
 async def test_drain_command_closes_sockets_and_stops_listening(cluster):
-    sources = split_sources(cluster.nginx.url)
+    sources = split_sources(cluster.balancer.url)
 
     def drain(worker):
         subprocess.run([sys.executable, "manage.py", "drain", "--worker", worker.name], cwd=ROOT,

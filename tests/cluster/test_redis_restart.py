@@ -25,7 +25,7 @@ def post(base: str, cookie: str, client_id: str) -> dict:
 
 
 async def test_nothing_is_lost_across_a_redis_restart(cluster):
-    base = cluster.nginx.url
+    base = cluster.balancer.url
     sources = split_sources(base)
     start = room_head(base, login(base, "alice"))
     clients = [

@@ -1,4 +1,4 @@
-"""Several daphne workers on Redis and PostgreSQL behind nginx: delivery across
+"""Several daphne workers on Redis and PostgreSQL behind nginx and HAProxy: delivery across
 workers, gap-free seqs under concurrent writers, and nothing lost or doubled when a
 worker is killed."""
 
@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import urllib.request
+
+import websockets
 
 import pytest
 
@@ -43,14 +46,45 @@ async def test_messages_cross_between_workers_both_ways(cluster):
         await bob.close()
 
 
-async def test_nginx_forwards_the_upgrade_and_serves_static(cluster):
-    base = cluster.nginx.url
+async def test_the_balancer_forwards_the_upgrade_and_static_files(cluster):
+    base = cluster.balancer.url
     res = urllib.request.urlopen(f"{base}/static/realtime/client.js")
-    assert res.status == 200 and "X-Realtime-Worker" not in res.headers, "static files come from nginx itself"
+    assert res.status == 200
+    # nginx serves static files itself; HAProxy passes them to a worker.
+    assert ("X-Realtime-Worker" in res.headers) is (cluster.balancer_kind == "haproxy")
     ws = await open_socket(base, login(base, "carol"))
     await ws.send(json.dumps({"type": "ping", "ref": "p"}))
     assert json.loads(await ws.recv()) == {"type": "pong", "ref": "p"}
     await ws.close()
+
+
+async def test_wss_through_the_balancer(cluster):
+    """TLS ends at the balancer (a self-signed certificate made locally): sign in
+    over https, post over https (CSRF sees a secure origin) and chat over wss."""
+    base = cluster.balancer.tls_url
+    context = ssl.create_default_context(cafile=str(cluster.balancer.cert))
+    https = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context))
+    cookie = login(base, "bob", opener=https)
+    ws = await websockets.connect(base.replace("https://", "wss://") + "/ws/v1/", subprotocols=["rt.v1.json"],
+                                  origin=base, additional_headers={"Cookie": cookie}, ssl=context)
+    try:
+        await ws.send(json.dumps({"type": "subscribe", "room": "general", "ref": "s"}))
+        await recv_type(ws, "ack")
+        csrf = dict(p.split("=", 1) for p in cookie.split("; "))["csrftoken"]
+        request = urllib.request.Request(
+            f"{base}/api/v1/rooms/general/messages/",
+            data=json.dumps({"body": "over tls", "client_id": f"tls-{cluster.balancer_kind}"}).encode(),
+            headers={"Cookie": cookie, "Content-Type": "application/json", "X-CSRFToken": csrf,
+                     "Origin": base, "Referer": base + "/"},
+        )
+        assert https.open(request).status == 200
+        got = await recv_type(ws, "message.new")
+        assert got["body"] == "over tls"
+    finally:
+        await ws.close()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await websockets.connect(base.replace("https://", "wss://") + "/ws/v1/", origin=base,
+                                 ssl=ssl.create_default_context())
 
 
 async def test_concurrent_writers_on_two_workers_get_gap_free_unique_seqs(cluster):
@@ -78,7 +112,7 @@ async def test_concurrent_writers_on_two_workers_get_gap_free_unique_seqs(cluste
 async def test_kill_9_of_a_worker_loses_and_doubles_nothing(cluster):
     """Half the clients sit on worker a (through nginx); a is killed with SIGKILL
     while 500 messages are sent; every client ends with every event once, in order."""
-    sources = split_sources(cluster.nginx.url)
+    sources = split_sources(cluster.balancer.url)
     victim, moved, stayed = await run_clients(cluster, sources, "a", lambda w: w.kill(), messages=500, act_at=150)
     try:
         assert victim.proc.poll() is not None, "the victim was not killed"
