@@ -4,6 +4,7 @@ nginx in front (deploy/cluster.py), and a resuming protocol client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.cookiejar
 import json
 import re
@@ -216,45 +217,58 @@ def split_sources(base: str, timeout: float = 15) -> dict[str, str]:
         time.sleep(0.5)
 
 
-async def run_clients(cluster, sources, victim_name, action, messages=300, act_at=100):
-    """Three followers of #general on each worker (placed through the balancer by source
-    address) while 300 messages are sent through the other worker; `action(victim)`
-    runs after the 100th ack. Asserts every follower ends with every seq once, in
-    order; returns the victim and the followers that were on it and elsewhere."""
-    base = cluster.balancer.url
-    victim = next(w for w in cluster.workers if w.name == victim_name)
-    survivor = next(w for w in cluster.workers if w.name != victim_name)
-    start = room_head(base, login(base, "alice"))
-    clients = [
-        ResumingClient(base, login(base, user), "general", source=sources[where], start=start)
-        for where in sources
-        for user in ("bob", "carol", "alice")
-    ]
+@contextlib.asynccontextmanager
+async def followers(base: str, placements: list[tuple[str, str]], **options):
+    """ResumingClients of #general, one per (user, source address), running and
+    subscribed for the duration of the block; stopped after it."""
+    clients = [ResumingClient(base, login(base, user), "general", source=source, **options)
+               for user, source in placements]
     tasks = [asyncio.create_task(c.run()) for c in clients]
     try:
         await asyncio.wait_for(asyncio.gather(*(c.subscribed.wait() for c in clients)), 15)
-
-        def maybe_act(sent: int) -> None:
-            if sent == act_at:
-                action(victim)
-
-        acks = await send_messages(survivor.url, login(survivor.url, "alice"), "general", messages, f"d{victim_name}{time.monotonic_ns()}", on_sent=maybe_act)
-        head = acks[-1]["seq"]
-
-        async def caught_up():
-            while any(c.last < head for c in clients):
-                await asyncio.sleep(0.05)
-
-        await asyncio.wait_for(caught_up(), 30)
-        for c in clients:
-            assert c.applied == list(range(start + 1, head + 1))
-            assert c.duplicates == 0
-        moved = [c for c in clients if c.source == sources[victim_name]]
-        stayed = [c for c in clients if c.source != sources[victim_name]]
-        return victim, moved, stayed
+        yield clients
     finally:
         for c in clients:
             c.stopped = True
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def assert_all_caught_up(clients, head: int, timeout: float = 30) -> None:
+    """Wait until every client has applied `head`; each must hold every seq after
+    its start exactly once, in order."""
+    async def caught_up():
+        while any(c.last < head for c in clients):
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(caught_up(), timeout)
+    for c in clients:
+        assert c.applied == list(range(c.start + 1, head + 1))
+        assert c.duplicates == 0
+
+
+async def run_clients(cluster, sources, victim_name, action, messages=300, act_at=100):
+    """Three followers of #general on each worker (placed through the balancer by
+    source address) while `messages` are sent through the other worker;
+    `action(victim)` runs after the `act_at`-th ack. Asserts every follower ends with
+    every seq once, in order; returns the victim and the followers that were on it
+    and elsewhere."""
+    base = cluster.balancer.url
+    victim = next(w for w in cluster.workers if w.name == victim_name)
+    survivor = next(w for w in cluster.workers if w.name != victim_name)
+    start = room_head(base, login(base, "alice"))
+    placements = [(user, source) for source in sources.values() for user in ("bob", "carol", "alice")]
+    async with followers(base, placements, start=start) as clients:
+
+        def maybe_act(sent: int) -> None:
+            if sent == act_at:
+                action(victim)
+
+        prefix = f"d{victim_name}{time.monotonic_ns()}"
+        acks = await send_messages(survivor.url, login(survivor.url, "alice"), "general", messages, prefix,
+                                   on_sent=maybe_act)
+        await assert_all_caught_up(clients, acks[-1]["seq"])
+        moved = [c for c in clients if c.source == sources[victim_name]]
+        stayed = [c for c in clients if c.source != sources[victim_name]]
+        return victim, moved, stayed

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from tests.cluster.conftest import ResumingClient, login, room_head, send_messages
+from tests.cluster.conftest import assert_all_caught_up, followers, login, room_head, send_messages
 
 pytestmark = [pytest.mark.cluster, pytest.mark.asyncio]
 
@@ -58,31 +58,19 @@ def read_until_closed(sock: socket.socket, timeout: float = 20) -> tuple[int, bo
 async def test_a_client_that_stops_reading_is_closed_and_the_rest_get_everything(cluster):
     worker = cluster.workers[0]
     stuck = stuck_socket(worker.port, login(worker.url, "carol"))
-    cookie = login(worker.url, "bob")
-    start = room_head(worker.url, cookie)
-    healthy = ResumingClient(worker.url, cookie, "general", start=start)
-    task = asyncio.create_task(healthy.run())
+    start = room_head(worker.url, login(worker.url, "bob"))
     try:
-        await asyncio.wait_for(healthy.subscribed.wait(), 10)
-        await asyncio.sleep(0.3)  # the stuck socket's subscribe is handled
-        body = "x" * 3900
-        count = 2500  # about 10 MB of frames: far more than kernel buffers plus the 1 MiB cap
-        acks = await send_messages(worker.url, login(worker.url, "alice"), "general", count, "bp", window=16,
-                                   body=body)
-        head = acks[-1]["seq"]
-
-        async def caught_up():
-            while healthy.last < head:
-                await asyncio.sleep(0.05)
-
-        await asyncio.wait_for(caught_up(), 60)
-        assert healthy.applied == list(range(start + 1, head + 1)) and healthy.reconnects == 0
+        async with followers(worker.url, [("bob", "127.0.0.1")], start=start) as clients:
+            await asyncio.sleep(0.3)  # the stuck socket's subscribe is handled
+            body = "x" * 3900
+            count = 2500  # about 10 MB of frames: far more than kernel buffers plus the 1 MiB cap
+            acks = await send_messages(worker.url, login(worker.url, "alice"), "general", count, "bp", window=16,
+                                       body=body)
+            await assert_all_caught_up(clients, acks[-1]["seq"], timeout=60)
+            assert clients[0].reconnects == 0
         received, closed = await asyncio.to_thread(read_until_closed, stuck)
         assert closed, "the server must close a socket that stopped reading"
         assert received < count * len(body) / 2, f"the stuck socket was sent {received} bytes: the backlog was not cut"
         assert worker.proc.poll() is None
     finally:
-        healthy.stopped = True
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
         stuck.close()

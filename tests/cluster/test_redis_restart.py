@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from tests.cluster.conftest import ResumingClient, login, room_head, send_messages, split_sources
+from tests.cluster.conftest import assert_all_caught_up, followers, login, room_head, send_messages, split_sources
 
 pytestmark = [pytest.mark.cluster, pytest.mark.asyncio]
 
@@ -28,15 +28,9 @@ async def test_nothing_is_lost_across_a_redis_restart(cluster):
     base = cluster.balancer.url
     sources = split_sources(base)
     start = room_head(base, login(base, "alice"))
-    clients = [
-        ResumingClient(base, login(base, user), "general", source=source, ping_every=1.0, start=start)
-        for source in sources.values()
-        for user in ("bob", "carol")
-    ]
-    tasks = [asyncio.create_task(c.run()) for c in clients]
+    placements = [(user, source) for source in sources.values() for user in ("bob", "carol")]
     worker = cluster.workers[0]
-    try:
-        await asyncio.wait_for(asyncio.gather(*(c.subscribed.wait() for c in clients)), 15)
+    async with followers(base, placements, ping_every=1.0, start=start) as clients:
         sender = login(worker.url, "alice")
         await send_messages(worker.url, sender, "general", 20, "before")
         cluster.redis.stop()
@@ -46,23 +40,8 @@ async def test_nothing_is_lost_across_a_redis_restart(cluster):
         cluster.redis.start()
         await asyncio.sleep(0.5)
         after = await send_messages(worker.url, sender, "general", 20, "after")
-        head = after[-1]["seq"]
-        assert during[-1]["seq"] < head
-
-        async def caught_up():
-            while any(c.last < head for c in clients):
-                await asyncio.sleep(0.05)
-
-        await asyncio.wait_for(caught_up(), 30)
-        for c in clients:
-            assert c.applied == list(range(start + 1, head + 1))
-            assert c.duplicates == 0
-            assert c.reconnects == 0, "open sockets ride out a Redis restart"
+        assert during[-1]["seq"] < after[-1]["seq"]
+        await assert_all_caught_up(clients, after[-1]["seq"])
+        assert all(c.reconnects == 0 for c in clients), "open sockets ride out a Redis restart"
         # The workers stayed up throughout.
         assert all(w.proc.poll() is None for w in cluster.workers)
-    finally:
-        for c in clients:
-            c.stopped = True
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
