@@ -84,10 +84,12 @@ function render() {
 }
 
 function place(key, m, li) {
-  // New stored messages go before the pending ones; pending ones go last.
+  // Stored messages in seq order, before the pending ones; pending ones go last.
   if (m.state === "sent") {
-    const firstPending = list.querySelector('li[data-state="pending"], li[data-state="failed"]');
-    list.insertBefore(li, firstPending);
+    // Walk back from the end: new messages almost always belong there.
+    let el = list.lastElementChild;
+    while (el && (el.dataset.state !== "sent" || Number(el.dataset.seq) > m.seq)) el = el.previousElementSibling;
+    list.insertBefore(li, el ? el.nextElementSibling : list.firstElementChild);
   } else {
     list.appendChild(li);
   }
@@ -100,6 +102,7 @@ function draw(key, m) {
   li.dataset.key = key;
   li.dataset.state = m.state;
   if (m.id) li.dataset.id = m.id;
+  if (m.seq) li.dataset.seq = m.seq;
   if (m.author === config.user) li.classList.add("own");
   const meta = document.createElement("div");
   meta.className = "meta";
