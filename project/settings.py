@@ -226,6 +226,9 @@ REALTIME = {
     "MAX_ROOMS_PER_CONNECTION": env_int("REALTIME_MAX_ROOMS_PER_CONNECTION", 100),
     # Most messages one history page returns.
     "HISTORY_PAGE_MAX": env_int("REALTIME_HISTORY_PAGE_MAX", 200),
+    # Seconds between a socket's own checks of its session (expiry, anything a
+    # signal missed); logout, password change and deactivation act at once.
+    "SESSION_RECHECK": env_int("REALTIME_SESSION_RECHECK", 60),
 }
 
 # ------------------------------------------------------------------------------

@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 
 # The channel-layer message type that carries a room event to each subscriber.
 ROOM_EVENT = "room.event"
+# Control messages: a user's sockets re-check their session; a room's subscribers
+# re-check their access to it.
+SESSION_CHECK = "session.check"
+ACCESS_CHECK = "access.check"
 
 
 def room_group(slug: str) -> str:
@@ -61,3 +65,24 @@ def publish_on_commit(events: list[protocol.RoomEvent]) -> None:
     transaction commits, or now when there is none."""
     if events:
         transaction.on_commit(lambda: async_to_sync(publish)(events))
+
+
+def _send_on_commit(group: str, message: dict) -> None:
+    def send():
+        try:
+            async_to_sync(get_channel_layer().group_send)(group, message)
+        except Exception:
+            # The periodic re-check (REALTIME_SESSION_RECHECK) still catches it.
+            log.exception("control message failed group=%s type=%s", group, message["type"])
+
+    transaction.on_commit(send)
+
+
+def session_check_on_commit(user_id: int, revoked: list[str] | None = None) -> None:
+    """Ask the user's sockets to re-check their session (revoked: keys known dead)."""
+    _send_on_commit(user_group(user_id), {"type": SESSION_CHECK, "revoked": revoked or []})
+
+
+def access_check_on_commit(slug: str) -> None:
+    """Ask the room's subscribers to re-check that they may still see it."""
+    _send_on_commit(room_group(slug), {"type": ACCESS_CHECK, "room": slug})

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import uuid
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -30,8 +31,11 @@ from channels.layers import get_channel_layer
 from channels.utils import await_many_dispatch
 from django.conf import settings
 
+from accounts.sessions import session_is_valid
+
 from . import actions, broadcast, protocol
 from .actions import ActionError
+from .permissions import Action
 from .protocol import CloseCode, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,7 @@ class Subscription:
 class RealtimeConsumer(AsyncWebsocketConsumer):
     codec: protocol.Codec = protocol.JSON
     layer_down = False
+    revoked = False
 
     async def __call__(self, scope, receive, send):
         """channels' AsyncConsumer.__call__, with a channel-layer receive that
@@ -118,6 +123,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self.close(code=int(CloseCode.OVERLOADED))
             return
         self.authenticated = True
+        session = self.scope.get("session")
+        self.session_key = getattr(session, "session_key", None)
+        self.recheck_task = asyncio.ensure_future(self.recheck_periodically())
         log.info("ws open conn=%s user=%s codec=%s", self.conn_id, self.user.pk, self.codec.name)
 
     async def disconnect(self, code: int) -> None:
@@ -125,6 +133,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return
         groups = self.groups_joined()
         self.authenticated = False
+        self.recheck_task.cancel()
         self.subscriptions.clear()
         for group in groups:
             # Best effort: a layer that is down forgets nothing it would keep.
@@ -134,7 +143,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     # -- frames in ----------------------------------------------------------
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        if not self.authenticated:
+        if not self.authenticated or self.revoked:
             return
         data = bytes_data if self.codec.binary else text_data
         if data is None:
@@ -251,7 +260,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         """A committed event of a room: send it once, in seq order."""
         slug = message["room"]
         sub = self.subscriptions.get(slug)
-        if sub is None:
+        if sub is None or self.revoked:
             return
         seq = message["seq"]
         if seq <= sub.last_seq:
@@ -264,6 +273,40 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         else:
             await self.send(text_data=payload)
         sub.last_seq = seq
+
+    async def session_check(self, message: dict) -> None:
+        """The user's session may have ended (logout, password change, deactivation,
+        deletion, expiry): if it has, close with 4003 and deliver nothing more."""
+        if self.revoked or not self.authenticated:
+            return
+        if self.session_key not in message.get("revoked", ()) and await database_sync_to_async(session_is_valid)(
+            self.session_key, self.user.pk
+        ):
+            return
+        self.revoked = True
+        log.info("ws closed conn=%s user=%s code=%s reason=session-ended", self.conn_id, self.user.pk, CloseCode.FORBIDDEN)
+        await self.close(code=int(CloseCode.FORBIDDEN))
+
+    async def access_check(self, message: dict) -> None:
+        """A room's memberships or visibility changed: leave it if no longer allowed."""
+        slug = message["room"]
+        if slug not in self.subscriptions or self.revoked:
+            return
+        try:
+            await database_sync_to_async(actions.room_access)(user=self.user, slug=slug, action=Action.VIEW)
+        except ActionError as exc:
+            self.subscriptions.pop(slug, None)
+            await self.channel_layer.group_discard(broadcast.room_group(slug), self.channel_name)
+            await self.send_frame(protocol.Error(code=exc.code, message=exc.message, room=slug))
+
+    async def recheck_periodically(self) -> None:
+        """Catch what no signal reported (a session that simply expired), by asking
+        this consumer to check itself every REALTIME_SESSION_RECHECK seconds."""
+        interval = settings.REALTIME["SESSION_RECHECK"]
+        while True:
+            await asyncio.sleep(interval * (0.9 + 0.2 * random.random()))
+            with contextlib.suppress(Exception):
+                await self.channel_layer.send(self.channel_name, {"type": broadcast.SESSION_CHECK})
 
     async def catch_up(self, slug: str, sub: Subscription, upto: int) -> bool:
         """Send the room's events after sub.last_seq up to `upto` from the log.

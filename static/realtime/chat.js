@@ -203,6 +203,17 @@ client.on("failed", ({ clientId, message }) => {
   }
 });
 
+client.on("error", (err) => {
+  if (err.room !== room || (err.code !== "forbidden" && err.code !== "not_found")) return;
+  // Access was taken away while the page was open.
+  const notice = document.createElement("p");
+  notice.className = "error";
+  notice.setAttribute("role", "alert");
+  notice.textContent = `You no longer have access to this room (${err.message}).`;
+  if (composer) composer.replaceWith(notice);
+  else list.after(notice);
+});
+
 client.on("reset", () => {
   rebuild = true;
   schedule();

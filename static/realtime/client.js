@@ -494,7 +494,11 @@ export class RealtimeClient {
       req.reject(Object.assign(new Error(frame.message), { code: frame.code }));
       return;
     }
-    this.emit("error", { code: frame.code, message: frame.message });
+    if (room && (frame.code === "forbidden" || frame.code === "not_found") && this.rooms.has(room)) {
+      // Access to a followed room was taken away: stop following it.
+      this.rooms.delete(room);
+    }
+    this.emit("error", { room, code: frame.code, message: frame.message });
   }
 
   /** Apply room events exactly once and in seq order; ask for a replay on a gap. */

@@ -226,3 +226,19 @@ test("a handshake that never completes is dropped and retried", () => {
   timers.advance(2000);
   assert.equal(sockets.length, 2);
 });
+
+test("a room whose access is revoked is no longer followed or resubscribed", () => {
+  const { client, sockets, timers } = setup();
+  const errors = [];
+  client.on("error", (e) => errors.push(e));
+  client.subscribe("ops");
+  client.connect();
+  sockets[0].open();
+  sockets[0].receive({ type: "ack", ref: "sub:ops", room: "ops", seq: 3, replayed: 0 });
+  sockets[0].receive({ type: "error", code: "forbidden", message: "gone", room: "ops" });
+  assert.deepEqual(errors, [{ room: "ops", code: "forbidden", message: "gone" }]);
+  sockets[0].serverClose(1006);
+  timers.advance(1000);
+  sockets[1].open();
+  assert.equal(sockets[1].sent.filter((f) => f.type === "subscribe").length, 0);
+});

@@ -1,0 +1,20 @@
+"""Tell a room's live subscribers to re-check access when it may have changed:
+a membership added, changed or removed, or the room's visibility changed."""
+
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
+
+from . import broadcast
+from .models import Membership, Room
+
+
+@receiver(post_save, sender=Membership)
+@receiver(post_delete, sender=Membership)
+def on_membership_changed(sender, instance, **kwargs):
+    broadcast.access_check_on_commit(instance.room.slug)
+
+
+@receiver(post_save, sender=Room)
+def on_room_saved(sender, instance, created, **kwargs):
+    if not created:
+        broadcast.access_check_on_commit(instance.slug)

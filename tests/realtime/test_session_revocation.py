@@ -1,0 +1,109 @@
+"""Sockets obey the Django session: when it ends, they close with 4003; when a
+membership goes, the room's stream goes with it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.sessions.models import Session
+from django.test import Client
+from django.utils import timezone
+
+from realtime.models import Membership, Room
+from tests.conftest import call, socket, subscribe
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("layer")]
+
+
+@pytest.fixture
+def bob_browser(demo):
+    """A signed-in browser of bob's: its Client and its cookie header."""
+    client = Client()
+    client.force_login(demo["bob"])
+    return client, f"sessionid={client.cookies['sessionid'].value}".encode()
+
+
+async def closed_with(comm, timeout: float = 2) -> int:
+    """The close code of the next output, skipping frames sent before it."""
+    while True:
+        output = await comm.receive_output(timeout=timeout)
+        if output["type"] == "websocket.close":
+            return output["code"]
+
+
+async def test_logout_closes_that_sessions_sockets_and_no_others(bob_browser, demo):
+    client, cookie = bob_browser
+    other = Client()
+    await sync_to_async(other.force_login)(demo["bob"])
+    other_cookie = f"sessionid={other.cookies['sessionid'].value}".encode()
+    async with socket(cookie) as comm, socket(other_cookie) as elsewhere:
+        await subscribe(comm, "general")
+        await sync_to_async(client.post)("/accounts/logout/")
+        assert await closed_with(comm) == 4003
+        assert await call(elsewhere, {"type": "ping", "ref": 1}) == {"type": "pong", "ref": 1}
+
+
+@pytest.mark.parametrize("change", ["deactivate", "password", "delete_session"])
+async def test_the_session_ending_closes_the_socket_with_4003(bob_browser, demo, change):
+    client, cookie = bob_browser
+    async with socket(cookie) as comm:
+        await subscribe(comm, "general")
+        bob = demo["bob"]
+        if change == "deactivate":
+            bob.is_active = False
+            await bob.asave()
+        elif change == "password":
+            await sync_to_async(bob.set_password)("a-new-long-password")
+            await bob.asave()
+        else:
+            await Session.objects.filter(session_key=client.session.session_key).adelete()
+        assert await closed_with(comm) == 4003
+
+
+async def test_nothing_is_delivered_after_revocation(bob_browser, demo, cookies):
+    client, cookie = bob_browser
+    async with socket(cookie) as bob, socket(cookies["alice"]) as alice:
+        await subscribe(bob, "general")
+        await sync_to_async(client.post)("/accounts/logout/")
+        assert await closed_with(bob) == 4003
+        await call(alice, {"type": "message.send", "room": "general", "body": "after", "client_id": "a1", "ref": 1})
+        assert await bob.receive_nothing(timeout=0.3)
+
+
+async def test_an_expired_session_is_caught_by_the_periodic_recheck(bob_browser, settings):
+    settings.REALTIME = {**settings.REALTIME, "SESSION_RECHECK": 0.3}
+    client, cookie = bob_browser
+    async with socket(cookie) as comm:
+        await subscribe(comm, "general")
+        # Expired without any signal (as time passing does it).
+        await Session.objects.filter(session_key=client.session.session_key).aupdate(
+            expire_date=timezone.now() - timedelta(seconds=1)
+        )
+        assert await closed_with(comm, timeout=3) == 4003
+
+
+async def test_removed_membership_ends_the_rooms_stream_with_forbidden(cookies, demo):
+    async with socket(cookies["bob"]) as bob, socket(cookies["alice"]) as alice:
+        await subscribe(bob, "ops")
+        await Membership.objects.filter(user=demo["bob"], room__slug="ops").adelete()
+        notice = await bob.receive_json_from(timeout=2)
+        assert (notice["type"], notice["code"], notice["room"]) == ("error", "forbidden", "ops")
+        await call(alice, {"type": "message.send", "room": "ops", "body": "secret", "client_id": "s1", "ref": 1})
+        assert await bob.receive_nothing(timeout=0.3)
+        # The socket itself stays, and other rooms are unaffected.
+        assert await call(bob, {"type": "ping", "ref": 2}) == {"type": "pong", "ref": 2}
+
+
+async def test_a_room_made_private_drops_non_members(cookies):
+    async with socket(cookies["carol"]) as carol, socket(cookies["bob"]) as bob:
+        await Membership.objects.filter(user__username="carol", room__slug="general").adelete()
+        await subscribe(carol, "general")
+        await subscribe(bob, "general")
+        room = await Room.objects.aget(slug="general")
+        room.is_public = False
+        await room.asave()
+        notice = await carol.receive_json_from(timeout=2)
+        assert (notice["code"], notice["room"]) == ("forbidden", "general")
+        assert await bob.receive_nothing(timeout=0.3), "members keep the stream"
