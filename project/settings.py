@@ -36,6 +36,20 @@ def env_int(name: str, default: int) -> int:
         raise ImproperlyConfigured(f"{name}={value!r} is not an integer.") from None
 
 
+def env_rate(name: str, default: tuple[float, float]) -> tuple[float, float]:
+    """A token bucket "RATE/BURST" (per second), e.g. REALTIME_RATE_MESSAGE_SEND=10/30."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        rate, burst = (float(part) for part in value.split("/"))
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not RATE/BURST, e.g. 10/30") from None
+    if rate <= 0 or burst < 1:
+        raise ImproperlyConfigured(f"{name}: the rate must be above 0 and the burst at least 1")
+    return rate, burst
+
+
 def env_list(name: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
 
@@ -182,6 +196,9 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# django-ratelimit on the sign-in and sign-up forms, per client address.
+LOGIN_RATE_LIMIT = os.environ.get("DJANGO_LOGIN_RATE_LIMIT", "10/m")
+SIGNUP_RATE_LIMIT = os.environ.get("DJANGO_SIGNUP_RATE_LIMIT", "5/m")
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
@@ -229,6 +246,18 @@ REALTIME = {
     # Seconds between a socket's own checks of its session (expiry, anything a
     # signal missed); logout, password change and deactivation act at once.
     "SESSION_RECHECK": env_int("REALTIME_SESSION_RECHECK", 60),
+    # Token buckets per user and action: (tokens a second, burst), shared by all
+    # workers through Redis. REST posting takes from the message.send bucket.
+    "RATE_LIMITS": {
+        "message.send": env_rate("REALTIME_RATE_MESSAGE_SEND", (10, 30)),
+        "message.edit": env_rate("REALTIME_RATE_MESSAGE_EDIT", (5, 20)),
+        "message.delete": env_rate("REALTIME_RATE_MESSAGE_DELETE", (5, 20)),
+        "subscribe": env_rate("REALTIME_RATE_SUBSCRIBE", (20, 60)),
+        "unsubscribe": env_rate("REALTIME_RATE_UNSUBSCRIBE", (20, 60)),
+        "ping": env_rate("REALTIME_RATE_PING", (2, 10)),
+    },
+    # Refused frames in a row after which the socket is closed with 4029.
+    "FLOOD_CLOSE_AFTER": env_int("REALTIME_FLOOD_CLOSE_AFTER", 50),
 }
 
 # ------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from django.conf import settings
 
 from accounts.sessions import session_is_valid
 
-from . import actions, broadcast, protocol
+from . import actions, broadcast, protocol, ratelimit
 from .actions import ActionError
 from .permissions import Action
 from .protocol import CloseCode, ErrorCode
@@ -50,6 +50,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     codec: protocol.Codec = protocol.JSON
     layer_down = False
     revoked = False
+    refused_in_row = 0
 
     async def __call__(self, scope, receive, send):
         """channels' AsyncConsumer.__call__, with a channel-layer receive that
@@ -162,6 +163,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             log.exception("ws decode fault conn=%s user=%s", self.conn_id, self.user.pk)
             await self.send_frame(protocol.Error(code=ErrorCode.INVALID, message="unreadable frame"))
             return
+        tag = frame.__struct_config__.tag
+        verdict = await ratelimit.take(self.user.pk, tag)
+        if not verdict.allowed:
+            await self.refuse_flood(frame, verdict.retry_after)
+            return
+        self.refused_in_row = 0
         handler = HANDLERS[type(frame)]
         try:
             reply = await handler(self, frame)
@@ -179,6 +186,18 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             log.exception("ws internal error conn=%s user=%s type=%s", self.conn_id, self.user.pk, frame.__struct_config__.tag)
             reply = protocol.Error(code=ErrorCode.INTERNAL, message="internal error; nothing was changed", ref=frame.ref)
         await self.send_frame(reply)
+
+    async def refuse_flood(self, frame: protocol.Request, retry_after: float) -> None:
+        """Answer a rate-limited frame; close with 4029 a client that keeps going."""
+        self.refused_in_row += 1
+        if self.refused_in_row > settings.REALTIME["FLOOD_CLOSE_AFTER"]:
+            log.info("ws closed conn=%s user=%s code=%s reason=flood", self.conn_id, self.user.pk, CloseCode.RATE_LIMITED)
+            self.revoked = True
+            await self.close(code=int(CloseCode.RATE_LIMITED))
+            return
+        await self.send_frame(
+            protocol.Error(code=ErrorCode.RATE_LIMITED, message="too many; slow down", ref=frame.ref, retry_after=retry_after)
+        )
 
     async def send_frame(self, frame: protocol.Frame) -> None:
         data = self.codec.encode(frame)

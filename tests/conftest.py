@@ -24,6 +24,20 @@ def fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+@pytest.fixture(autouse=True)
+def fresh_rate_limits():
+    """Each test starts with full token buckets (and django-ratelimit's counters,
+    which live in the cache)."""
+    from django.core.cache import cache
+
+    from realtime import ratelimit
+
+    ratelimit._buckets = None
+    cache.clear()
+    yield
+    ratelimit._buckets = None
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A private redis-server for the whole session (skipped, with the reason, when

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import msgspec
+from asgiref.sync import async_to_sync
 from rest_framework import status
 from rest_framework.exceptions import ParseError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from .. import actions, protocol
+from .. import actions, protocol, ratelimit
 from ..actions import ActionError
 from ..protocol import ErrorCode
 
@@ -90,6 +91,9 @@ class RoomMessages(ActionView):
             data = msgspec.convert(request.data, protocol.MessagePost)
         except (msgspec.ValidationError, ParseError) as exc:
             raise ActionError(ErrorCode.INVALID, str(exc)) from None
+        verdict = async_to_sync(ratelimit.take)(request.user.pk, "message.send")
+        if not verdict.allowed:
+            raise ActionError(ErrorCode.RATE_LIMITED, "too many messages; slow down", retry_after=verdict.retry_after)
         result = actions.perform_sync(
             actions.message_send, user=request.user, slug=slug, body=data.body, client_id=data.client_id
         )

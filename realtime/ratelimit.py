@@ -1,0 +1,110 @@
+"""Token buckets per user and action, shared by every worker through Redis (in
+process memory when there is no REDIS_URL).
+
+A bucket holds up to `burst` tokens and refills at `rate` tokens a second; each
+action takes one. The Redis version is one Lua script, so concurrent workers can
+never both spend the last token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+
+_SCRIPT = """
+local tokens = tonumber(redis.call('HGET', KEYS[1], 't'))
+local stamp = tonumber(redis.call('HGET', KEYS[1], 's'))
+local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if tokens == nil then tokens = burst; stamp = now end
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local allowed = 0
+if tokens >= 1 then tokens = tokens - 1; allowed = 1 end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 's', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return {allowed, tostring(tokens)}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    retry_after: float = 0.0
+
+
+def _limits() -> dict[str, tuple[float, float]]:
+    return settings.REALTIME["RATE_LIMITS"]
+
+
+def _retry_after(tokens: float, rate: float) -> float:
+    return round(max(0.0, 1.0 - tokens) / rate, 3)
+
+
+class MemoryBuckets:
+    """One process's buckets (the embedded default)."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    async def take(self, key: str, rate: float, burst: float) -> Verdict:
+        now = time.monotonic()
+        tokens, stamp = self.buckets.get(key, (burst, now))
+        tokens = min(burst, tokens + (now - stamp) * rate)
+        if tokens >= 1:
+            self.buckets[key] = (tokens - 1, now)
+            return Verdict(True)
+        self.buckets[key] = (tokens, now)
+        return Verdict(False, _retry_after(tokens, rate))
+
+
+class RedisBuckets:
+    """Buckets in Redis, one client per event loop (redis-py pools are loop-bound)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.clients: dict[int, object] = {}
+
+    def _client(self):
+        from redis import asyncio as aioredis
+
+        loop = asyncio.get_running_loop()
+        client = self.clients.get(id(loop))
+        if client is None:
+            client = aioredis.from_url(self.url, socket_connect_timeout=2, socket_timeout=2)
+            self.clients = {id(loop): client}  # a new loop (tests) replaces the old one
+        return client
+
+    async def take(self, key: str, rate: float, burst: float) -> Verdict:
+        try:
+            allowed, tokens = await self._client().eval(_SCRIPT, 1, f"rl:{key}", rate, burst, time.time())
+        except Exception:
+            # Redis is down: fail open (the other limits still hold) rather than
+            # refuse every action while the layer recovers.
+            return Verdict(True)
+        if int(allowed):
+            return Verdict(True)
+        return Verdict(False, _retry_after(float(tokens), rate))
+
+
+_buckets: MemoryBuckets | RedisBuckets | None = None
+_configured_for: str | None = None
+
+
+def buckets() -> MemoryBuckets | RedisBuckets:
+    global _buckets, _configured_for
+    url = settings.REDIS_URL if hasattr(settings, "REDIS_URL") else ""
+    if _buckets is None or _configured_for != url:
+        _buckets = RedisBuckets(url) if url else MemoryBuckets()
+        _configured_for = url
+    return _buckets
+
+
+async def take(user_id: int, action: str) -> Verdict:
+    """Spend one token of `action` for this user (unknown actions are unlimited)."""
+    limit = _limits().get(action)
+    if limit is None:
+        return Verdict(True)
+    rate, burst = limit
+    return await buckets().take(f"{action}:{user_id}", rate, burst)

@@ -1,0 +1,82 @@
+"""Token buckets per user and action, on the socket and over HTTP."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+from realtime import ratelimit
+from realtime.models import Message
+from tests.conftest import call, socket
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def tight(settings):
+    settings.REALTIME = {
+        **settings.REALTIME,
+        "RATE_LIMITS": {**settings.REALTIME["RATE_LIMITS"], "message.send": (1, 3)},
+        "FLOOD_CLOSE_AFTER": 5,
+    }
+
+
+def send(i, ref=None):
+    return {"type": "message.send", "room": "general", "body": f"m{i}", "client_id": f"f{i}", "ref": ref or i}
+
+
+@pytest.mark.asyncio
+async def test_a_flood_is_refused_with_retry_after_and_stores_nothing(cookies, tight):
+    async with socket(cookies["bob"]) as bob, socket(cookies["alice"]) as alice:
+        for i in range(3):
+            assert (await call(bob, send(i)))["type"] == "ack"
+        refused = await call(bob, send(3))
+        assert (refused["type"], refused["code"], refused["ref"]) == ("error", "rate_limited", 3)
+        assert 0 < refused["retry_after"] <= 1
+        # Another user's bucket is their own.
+        assert (await call(alice, send(100)))["type"] == "ack"
+    assert await Message.objects.filter(author__username="bob").acount() == 3
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_keeps_flooding_is_closed_with_4029(cookies, tight):
+    async with socket(cookies["bob"]) as bob:
+        for i in range(3):
+            await call(bob, send(i))
+        for i in range(3, 8):
+            assert (await call(bob, send(i)))["code"] == "rate_limited"
+        await bob.send_json_to(send(9))
+        assert await bob.receive_output(timeout=2) == {"type": "websocket.close", "code": 4029}
+
+
+@pytest.mark.asyncio
+async def test_buckets_are_shared_by_workers_through_redis(redis_server):
+    worker_a = ratelimit.RedisBuckets(redis_server.url)
+    worker_b = ratelimit.RedisBuckets(redis_server.url)
+    verdicts = [await w.take("message.send:42", 1, 4) for w in (worker_a, worker_b, worker_a, worker_b)]
+    assert all(v.allowed for v in verdicts)
+    refused = await worker_b.take("message.send:42", 1, 4)
+    assert not refused.allowed and 0 < refused.retry_after <= 1
+    assert (await worker_a.take("message.send:43", 1, 4)).allowed
+
+
+def test_rest_posting_shares_the_message_send_bucket(demo, tight):
+    client = Client()
+    client.force_login(demo["bob"])
+    codes = [
+        client.post("/api/v1/rooms/general/messages/", {"body": "x", "client_id": f"r{i}"}, content_type="application/json")
+        for i in range(4)
+    ]
+    assert [r.status_code for r in codes] == [200, 200, 200, 429]
+    assert codes[-1].json()["code"] == "rate_limited" and int(codes[-1]["Retry-After"]) >= 1
+    assert Message.objects.count() == 3
+
+
+def test_login_attempts_are_limited_per_address(demo, settings):
+    settings.LOGIN_RATE_LIMIT = "3/m"
+    from django.core.cache import cache
+
+    cache.clear()
+    client = Client()
+    statuses = [client.post("/accounts/login/", {"username": "alice", "password": "wrong"}).status_code for _ in range(4)]
+    assert statuses == [200, 200, 200, 403]
