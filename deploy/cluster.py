@@ -174,7 +174,12 @@ class Worker:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "realtime.server", "-b", "127.0.0.1", "-p", str(self.port),
-                 "--ping-interval", "20", "--ping-timeout", "30", "project.asgi:application"],
+                 "--ping-interval", "20", "--ping-timeout", "30",
+                 # The largest client frame: a 4000-character body escaped as JSON
+                 # fits with room to spare; a larger one is closed with 1009.
+                 "--websocket-max-message-size", "65536", "--websocket-max-frame-size", "65536",
+                 "--websocket_connect_timeout", "10",
+                 "project.asgi:application"],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
         wait_port(self.port, proc=self.proc)

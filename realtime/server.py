@@ -13,7 +13,8 @@ request sent through the channel layer (`manage.py drain`):
    then stops the reactor (only after a signal: a drain request leaves the process
    idle for its process manager to stop).
 
-It also bounds what a worker buffers for a slow or stuck client: a socket whose
+A message larger than daphne's --websocket-max-message-size is closed with 1009
+(not dropped). It also bounds what a worker buffers for a slow or stuck client: a socket whose
 unsent bytes pass REALTIME_MAX_SEND_BUFFER (default 1 MiB) is closed with 4013
 (overloaded: reconnect with backoff, then resume by seq) instead of growing the
 worker's memory. Messages for it beyond that are not buffered.
@@ -110,6 +111,10 @@ class DrainingServer(Server):
         signal.signal(signal.SIGINT, on_signal)
         # Connections are built after start-up, so they all get the bounded protocol.
         self.ws_factory.protocol = BoundedWebSocketProtocol
+        # A message over --websocket-max-message-size is answered with a 1009 close
+        # frame instead of a dropped TCP connection (autobahn's failByDrop), so the
+        # client can tell why and does not resend it in a loop.
+        self.ws_factory.setProtocolOptions(failByDrop=False)
         asyncio.ensure_future(self._control_loop())
 
     async def _control_loop(self):

@@ -1,5 +1,6 @@
 """HTML pages: the room list and the chat."""
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
@@ -31,6 +32,7 @@ def room(request: HttpRequest, slug: str) -> HttpResponse:
             can(request.user, Action.DELETE, is_public=access.room.is_public, role=access.role, author_id=None)
         ),
         "wsPath": protocol.PATH,
+        "maxBodyLength": settings.REALTIME["MAX_BODY_LENGTH"],
         "apiBase": "/api/v1/",
         "loginUrl": "/accounts/login/",
     }

@@ -39,7 +39,12 @@ async function loadSnapshot(slug) {
   return res.json();
 }
 
-const client = new RealtimeClient({ url: wsUrl(config.wsPath), loadSnapshot, user: config.user });
+const client = new RealtimeClient({
+  url: wsUrl(config.wsPath),
+  loadSnapshot,
+  user: config.user,
+  maxBodyLength: config.maxBodyLength,
+});
 
 // -- rendering ---------------------------------------------------------------
 function schedule(key) {
@@ -250,7 +255,14 @@ function post(body, clientId = randomId()) {
   order += 1;
   messages.set(key, { client_id: clientId, author: config.user, body, ts: new Date().toISOString(), state: "pending", order });
   schedule(key);
-  client.send(room, body, clientId).done.catch(() => {});
+  const { done } = client.send(room, body, clientId);
+  done.catch((err) => {
+    const m = messages.get(key);
+    if (m && m.state === "pending") {
+      messages.set(key, { ...m, state: "failed", error: err.message });
+      schedule(key);
+    }
+  });
 }
 
 function retry(key) {

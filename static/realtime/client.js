@@ -69,6 +69,7 @@ export class RealtimeClient {
     this.pingTimeout = options.pingTimeout ?? 10000; // silence allowed past an unanswered ping
     this.restartJitter = options.restartJitter ?? 1000;
     this.connectTimeout = options.connectTimeout ?? 10000; // a handshake that hangs is dropped
+    this.maxBodyLength = options.maxBodyLength ?? 4000; // REALTIME_MAX_BODY_LENGTH
     this.env = options.env === undefined ? globalThis : options.env; // for online/offline, visibility
 
     this.state = null;
@@ -312,6 +313,12 @@ export class RealtimeClient {
       resolve = res;
       reject = rej;
     });
+    if (typeof body !== "string" || body.length > this.maxBodyLength) {
+      // Refused here: a frame the server would close (1009) must never be queued.
+      const err = Object.assign(new Error(`longer than ${this.maxBodyLength} characters`), { code: "too_large" });
+      this.emit("failed", { clientId, room, code: err.code, message: err.message });
+      return { clientId, done: Promise.reject(err) };
+    }
     const item = { room, body, resolve, reject, ref: null };
     this.outbox.set(clientId, item);
     this._sendMessage(clientId, item);

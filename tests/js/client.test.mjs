@@ -242,3 +242,10 @@ test("a room whose access is revoked is no longer followed or resubscribed", () 
   sockets[1].open();
   assert.equal(sockets[1].sent.filter((f) => f.type === "subscribe").length, 0);
 });
+
+test("a body over the limit is refused at once and never queued", async () => {
+  const { client } = setup({ maxBodyLength: 10 });
+  const { done } = client.send("general", "x".repeat(11));
+  await assert.rejects(done, (err) => err.code === "too_large");
+  assert.equal(client.pendingCount, 0);
+});
