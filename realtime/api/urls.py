@@ -6,6 +6,7 @@ from . import views
 
 urlpatterns = [
     path("rooms/", views.RoomList.as_view(), name="api-rooms"),
+    path("tickets/", views.Tickets.as_view(), name="api-tickets"),
     path("rooms/<slug:slug>/events/", views.RoomEvents.as_view(), name="api-room-events"),
     path("rooms/<slug:slug>/messages/", views.RoomMessages.as_view(), name="api-room-messages"),
 ]

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import msgspec
 from asgiref.sync import async_to_sync
+from django.utils.decorators import method_decorator
+from django_ratelimit.decorators import ratelimit
 from rest_framework import status
 from rest_framework.exceptions import ParseError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from .. import actions, protocol, ratelimit
+from accounts import tickets
+
+from .. import actions, protocol
+from .. import ratelimit as buckets
 from ..actions import ActionError
 from ..protocol import ErrorCode
 
@@ -91,10 +96,20 @@ class RoomMessages(ActionView):
             data = msgspec.convert(request.data, protocol.MessagePost)
         except (msgspec.ValidationError, ParseError) as exc:
             raise ActionError(ErrorCode.INVALID, str(exc)) from None
-        verdict = async_to_sync(ratelimit.take)(request.user.pk, "message.send")
+        verdict = async_to_sync(buckets.take)(request.user.pk, "message.send")
         if not verdict.allowed:
             raise ActionError(ErrorCode.RATE_LIMITED, "too many messages; slow down", retry_after=verdict.retry_after)
         result = actions.perform_sync(
             actions.message_send, user=request.user, slug=slug, body=data.body, client_id=data.client_id
         )
         return Response({"room": result.room, "id": result.id, "seq": result.seq})
+
+
+@method_decorator(ratelimit(key="user", rate="10/m", method="POST", block=True), name="post")
+class Tickets(ActionView):
+    """A single-use ticket, valid for 30 s, to open /ws/v1/?ticket=... without the
+    session cookie. It stands for the session that asked for it."""
+
+    def post(self, request: Request) -> Response:
+        ticket = tickets.issue(user_id=request.user.pk, session_key=request.session.session_key)
+        return Response({"ticket": ticket, "expires_in": tickets.TICKET_TTL}, status=status.HTTP_201_CREATED)

@@ -81,7 +81,8 @@ REST = """\
 | `GET rooms/` | `{{"rooms": [{{"slug", "title", "is_public", "role", "seq"}}]}}`: the rooms the user may see (`role` null when not a member; `seq` the room's head) |
 | `GET rooms/<slug>/events/?since=N[&limit=L]` | `{{"events": [...], "seq": head, "has_more": bool}}`: the room's events after N (at most L, default 500), the same shapes as the socket's room events; when `has_more`, ask again with `since` = the last event's seq |
 | `GET rooms/<slug>/messages/?[before=SEQ][&limit=L]` | `{{"room", "seq", "has_more", "messages": [{{"id", "seq", "author", "body", "client_id", "ts", "edited_at"}}]}}`: a page of messages, newest last (L at most REALTIME_HISTORY_PAGE_MAX, default 200); `seq` is the head the page is current to |
-| `POST rooms/<slug>/messages/` `{{"body", "client_id"}}` | `{{"room", "id", "seq"}}`: the same as `message.send`'s ack, with the same idempotency |
+| `POST rooms/<slug>/messages/` `{{"body", "client_id"}}` | `{{"room", "id", "seq"}}`: the same as `message.send`'s ack, with the same idempotency and rate limit (429 with `Retry-After`) |
+| `POST tickets/` | 201 `{{"ticket", "expires_in": 30}}`: a single-use ticket for `/ws/v1/?ticket=...` (for clients that cannot send the session cookie; they must still send an allowed `Origin`) |
 
 Errors answer `{{"code", "message"[, "retry_after"]}}` with the status in the error table.
 """
