@@ -255,6 +255,8 @@ REALTIME = {
         "subscribe": env_rate("REALTIME_RATE_SUBSCRIBE", (20, 60)),
         "unsubscribe": env_rate("REALTIME_RATE_UNSUBSCRIBE", (20, 60)),
         "ping": env_rate("REALTIME_RATE_PING", (2, 10)),
+        # Frames that fail to decode or validate.
+        "invalid": env_rate("REALTIME_RATE_INVALID", (5, 20)),
     },
     # Refused frames in a row after which the socket is closed with 4029.
     "FLOOD_CLOSE_AFTER": env_int("REALTIME_FLOOD_CLOSE_AFTER", 50),

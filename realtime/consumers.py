@@ -156,6 +156,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             frame = self.codec.decode(data)
         except protocol.ProtocolError as exc:
             log.info("ws refused conn=%s user=%s code=%s", self.conn_id, self.user.pk, exc.code)
+            # Bad frames have a bucket of their own: a stream of them is a flood too.
+            verdict = await ratelimit.take(self.user.pk, "invalid")
+            if not verdict.allowed:
+                await self.refuse_flood(exc.ref, verdict.retry_after)
+                return
             await self.send_frame(exc.reply())
             return
         except Exception:
@@ -166,7 +171,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         tag = frame.__struct_config__.tag
         verdict = await ratelimit.take(self.user.pk, tag)
         if not verdict.allowed:
-            await self.refuse_flood(frame, verdict.retry_after)
+            await self.refuse_flood(frame.ref, verdict.retry_after)
             return
         self.refused_in_row = 0
         handler = HANDLERS[type(frame)]
@@ -187,7 +192,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             reply = protocol.Error(code=ErrorCode.INTERNAL, message="internal error; nothing was changed", ref=frame.ref)
         await self.send_frame(reply)
 
-    async def refuse_flood(self, frame: protocol.Request, retry_after: float) -> None:
+    async def refuse_flood(self, ref, retry_after: float) -> None:
         """Answer a rate-limited frame; close with 4029 a client that keeps going."""
         self.refused_in_row += 1
         if self.refused_in_row > settings.REALTIME["FLOOD_CLOSE_AFTER"]:
@@ -196,7 +201,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self.close(code=int(CloseCode.RATE_LIMITED))
             return
         await self.send_frame(
-            protocol.Error(code=ErrorCode.RATE_LIMITED, message="too many; slow down", ref=frame.ref, retry_after=retry_after)
+            protocol.Error(code=ErrorCode.RATE_LIMITED, message="too many; slow down", ref=ref, retry_after=retry_after)
         )
 
     async def send_frame(self, frame: protocol.Frame) -> None:

@@ -50,6 +50,23 @@ async def test_a_client_that_keeps_flooding_is_closed_with_4029(cookies, tight):
 
 
 @pytest.mark.asyncio
+async def test_a_stream_of_bad_frames_is_rate_limited_then_closed(cookies, settings):
+    settings.REALTIME = {
+        **settings.REALTIME,
+        "RATE_LIMITS": {**settings.REALTIME["RATE_LIMITS"], "invalid": (1, 2)},
+        "FLOOD_CLOSE_AFTER": 3,
+    }
+    async with socket(cookies["bob"]) as bob:
+        codes = []
+        for _ in range(5):
+            await bob.send_to(text_data="{not json")
+            codes.append((await bob.receive_json_from(timeout=2))["code"])
+        assert codes == ["invalid", "invalid", "rate_limited", "rate_limited", "rate_limited"]
+        await bob.send_to(text_data="{not json")
+        assert await bob.receive_output(timeout=2) == {"type": "websocket.close", "code": 4029}
+
+
+@pytest.mark.asyncio
 async def test_buckets_are_shared_by_workers_through_redis(redis_server):
     worker_a = ratelimit.RedisBuckets(redis_server.url)
     worker_b = ratelimit.RedisBuckets(redis_server.url)
