@@ -159,9 +159,13 @@ class PostgresServer:
 class Worker:
     """One daphne worker of the app."""
 
-    def __init__(self, name: str, env: dict[str, str], workdir: Path, port: int | None = None):
+    def __init__(self, name: str, env: dict[str, str], workdir: Path, port: int | None = None,
+                 tls_port: int | None = None):
         self.name = name
         self.port = port or free_port()
+        # daphne's own TLS endpoint (wss straight to the worker), beside plain http.
+        self.tls_port = tls_port or free_port()
+        self.cert, self.key = self_signed_certificate(Path(workdir))
         self.env = {**env, "REALTIME_WORKER_ID": name}
         self.log = Path(workdir) / f"worker-{name}.log"
         self.proc: subprocess.Popen | None = None
@@ -170,19 +174,30 @@ class Worker:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def tls_url(self) -> str:
+        return f"https://127.0.0.1:{self.tls_port}"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "realtime.server", "-b", "127.0.0.1", "-p", str(self.port),
+            "-e", f"ssl:{self.tls_port}:privateKey={self.key}:certKey={self.cert}:interface=127.0.0.1",
+            # Protocol-level pings (browsers answer them by themselves) find dead peers.
+            "--ping-interval", "20", "--ping-timeout", "30",
+            # The largest client frame: a 4000-character body escaped as JSON
+            # fits with room to spare; a larger one is closed with 1009.
+            "--websocket-max-message-size", "65536", "--websocket-max-frame-size", "65536",
+            # Seconds the app has to accept a socket (also autobahn's opening
+            # handshake timeout); REALTIME_HANDSHAKE_TIMEOUT bounds the HTTP part.
+            "--websocket_connect_timeout", "10",
+            "project.asgi:application",
+        ]
+
     def start(self) -> "Worker":
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "realtime.server", "-b", "127.0.0.1", "-p", str(self.port),
-                 "--ping-interval", "20", "--ping-timeout", "30",
-                 # The largest client frame: a 4000-character body escaped as JSON
-                 # fits with room to spare; a larger one is closed with 1009.
-                 "--websocket-max-message-size", "65536", "--websocket-max-frame-size", "65536",
-                 "--websocket_connect_timeout", "10",
-                 "project.asgi:application"],
-                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )
+            self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         wait_port(self.port, proc=self.proc)
+        wait_port(self.tls_port, proc=self.proc)
         return self
 
     def terminate(self) -> None:
@@ -297,12 +312,14 @@ class Cluster:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.n_workers = workers
-        self.port = port
+        # Ports are chosen up front: the allowed origins name them.
+        self.port = port or free_port()
+        self.tls_port = tls_port or free_port()
+        self.worker_ports = [(free_port(), free_port()) for _ in range(workers)]
         self.database_url = database_url
         self.redis_url = redis_url
         self.extra_env = extra_env or {}
         self.balancer_kind = balancer
-        self.tls_port = tls_port
         self.postgres: PostgresServer | None = None
         self.redis: RedisServer | None = None
         self.workers: list[Worker] = []
@@ -320,11 +337,21 @@ class Cluster:
                 "DJANGO_STATIC_ROOT": str(self.workdir / "static"),
                 # The balancer sets X-Forwarded-Proto itself (deploy/ templates).
                 "DJANGO_BEHIND_TLS_PROXY": "1",
+                "DJANGO_ALLOWED_ORIGINS": env.get("DJANGO_ALLOWED_ORIGINS") or ",".join(self.origins()),
                 "PYTHONUNBUFFERED": "1",
                 **self.extra_env,
             }
         )
         return env
+
+    def origins(self) -> list[str]:
+        """The balancer's and each worker's own origins, under both local names."""
+        found = []
+        for host in ("127.0.0.1", "localhost"):
+            found += [f"http://{host}:{self.port}", f"https://{host}:{self.tls_port}"]
+            for port, tls_port in self.worker_ports:
+                found += [f"http://{host}:{port}", f"https://{host}:{tls_port}"]
+        return found
 
     def manage(self, *args: str) -> None:
         subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=self.env(), check=True,
@@ -342,7 +369,10 @@ class Cluster:
             self.manage("collectstatic", "--noinput")
             self.manage("seed_demo")
             env = self.env()
-            self.workers = [Worker(chr(ord("a") + i), env, self.workdir).start() for i in range(self.n_workers)]
+            self.workers = [
+                Worker(chr(ord("a") + i), env, self.workdir, port=port, tls_port=tls_port).start()
+                for i, (port, tls_port) in enumerate(self.worker_ports)
+            ]
             self.balancer = BALANCERS[self.balancer_kind](
                 self.workdir, self.workers, self.workdir / "static", port=self.port, tls_port=self.tls_port
             ).start()
@@ -379,7 +409,7 @@ def main() -> None:
     print(f"{args.balancer}: {cluster.balancer.url}/ and {cluster.balancer.tls_url}/ (self-signed: {cluster.balancer.cert})")
     print("log in as alice, bob or carol; password demo-password")
     for w in cluster.workers:
-        print(f"worker {w.name}: {w.url}  pid {w.proc.pid}  log {w.log}")
+        print(f"worker {w.name}: {w.url} and {w.tls_url}  pid {w.proc.pid}  log {w.log}")
     print(f"postgres: {cluster.database_url}\nredis:    {cluster.redis_url}\nCtrl-C stops everything.")
     stop = False
 

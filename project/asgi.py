@@ -10,17 +10,17 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from accounts.middleware import TicketAuthMiddleware  # noqa: E402
+from realtime.origins import OriginValidator  # noqa: E402
 from realtime.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        # Origin is checked before anything else; then the session (or a ticket)
-        # fills scope["user"].
-        "websocket": AllowedHostsOriginValidator(
+        # The full Origin is checked before anything else (realtime/origins.py);
+        # then the session (or a ticket) fills scope["user"].
+        "websocket": OriginValidator(
             AuthMiddlewareStack(TicketAuthMiddleware(URLRouter(websocket_urlpatterns)))
         ),
     }

@@ -79,6 +79,34 @@ else:
             "comma-separated host names the app is served under.)"
         )
 
+# Full origins (scheme://host[:port]) whose pages may open the socket; compared
+# exactly (scheme, host and port), see realtime/origins.py. Required with DEBUG off;
+# with DEBUG on and no list, any http(s) origin on an ALLOWED_HOSTS name passes.
+REALTIME_ALLOWED_ORIGINS = env_list("DJANGO_ALLOWED_ORIGINS")
+
+
+def _check_origins(origins: list[str]) -> None:
+    from urllib.parse import urlsplit
+
+    if not DEBUG and not origins:
+        raise ImproperlyConfigured(
+            "DJANGO_DEBUG is off, so DJANGO_ALLOWED_ORIGINS must list the full origins whose pages "
+            "may open the socket, e.g. https://chat.example.com"
+        )
+    for origin in origins:
+        if origin == "*":
+            if not DEBUG:
+                raise ImproperlyConfigured("DJANGO_ALLOWED_ORIGINS='*' is refused with DEBUG off: list the origins.")
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ImproperlyConfigured(
+                f"DJANGO_ALLOWED_ORIGINS: {origin!r} is not an origin (scheme://host[:port], nothing after it)"
+            )
+
+
+_check_origins(REALTIME_ALLOWED_ORIGINS)
+
 # Full origins (scheme://host[:port]) allowed to POST forms across origins, e.g.
 # the public https origin when TLS ends at the proxy.
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
@@ -87,6 +115,26 @@ CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
 # without it a page served over https would fail Django's CSRF origin check.
 if env_bool("DJANGO_BEHIND_TLS_PROXY", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# Cookies and transport. With DEBUG off: cookies only over https, HttpOnly session
+# cookie, SameSite=Lax, HSTS on https responses (a year unless DJANGO_HSTS_SECONDS).
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", not DEBUG)
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = CSRF_COOKIE_SAMESITE = "Lax"
+SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 0 if DEBUG else 31536000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SSL_REDIRECT", False)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+# Content-Security-Policy (realtime.middleware.ContentSecurityPolicyMiddleware):
+# the app's own scripts, styles, images and socket only; on every response, in
+# development too, so the browser tests run under it.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self' {ws}; font-src 'self'; object-src 'none'; base-uri 'self'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
 
 # ------------------------------------------------------------------------------
 # Applications
@@ -112,6 +160,7 @@ INSTALLED_APPS = DJANGO_APPS + THIRD_PARTY_APPS + LOCAL_APPS
 
 MIDDLEWARE = [
     "realtime.middleware.WorkerHeaderMiddleware",  # first: static responses carry it too
+    "realtime.middleware.ContentSecurityPolicyMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -258,6 +307,12 @@ REALTIME = {
         # Frames that fail to decode or validate.
         "invalid": env_rate("REALTIME_RATE_INVALID", (5, 20)),
     },
+    # Sockets one user may hold open at once, across all workers (Redis); one more
+    # is accepted and closed with 4008. Entries of a crashed worker expire.
+    "MAX_CONNECTIONS_PER_USER": env_int("REALTIME_MAX_CONNECTIONS_PER_USER", 20),
+    # Seconds a socket may stay silent (no frame at all, pings included) before it is
+    # closed with 4008. The browser client pings every 20 s.
+    "IDLE_TIMEOUT": env_int("REALTIME_IDLE_TIMEOUT", 300),
     # Refused frames in a row after which the socket is closed with 4029.
     "FLOOD_CLOSE_AFTER": env_int("REALTIME_FLOOD_CLOSE_AFTER", 50),
 }

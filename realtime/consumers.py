@@ -33,7 +33,7 @@ from django.conf import settings
 
 from accounts.sessions import session_is_valid
 
-from . import actions, broadcast, protocol, ratelimit
+from . import actions, broadcast, connections, protocol, ratelimit
 from .actions import ActionError
 from .permissions import Action
 from .protocol import CloseCode, ErrorCode
@@ -116,17 +116,24 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             log.info("ws closed conn=%s code=%s reason=anonymous", self.conn_id, CloseCode.NOT_AUTHENTICATED)
             await self.close(code=int(CloseCode.NOT_AUTHENTICATED))  # autobahn wants an exact int
             return
+        if not await connections.acquire(self.user.pk, self.conn_id):
+            # Too many sockets for one user (on all workers together).
+            log.info("ws closed conn=%s user=%s code=%s reason=too-many-connections", self.conn_id, self.user.pk, CloseCode.POLICY)
+            await self.close(code=int(CloseCode.POLICY))
+            return
         try:
             await self.channel_layer.group_add(broadcast.user_group(self.user.pk), self.channel_name)
         except Exception:
             # The layer (Redis) is unreachable: come back later, with backoff.
+            await connections.release(self.user.pk, self.conn_id)
             log.warning("ws closed conn=%s code=%s reason=layer-unavailable", self.conn_id, CloseCode.OVERLOADED)
             await self.close(code=int(CloseCode.OVERLOADED))
             return
         self.authenticated = True
+        self.last_frame_at = asyncio.get_running_loop().time()
         session = self.scope.get("session")
         self.session_key = getattr(session, "session_key", None)
-        self.recheck_task = asyncio.ensure_future(self.recheck_periodically())
+        self.housekeeping_task = asyncio.ensure_future(self.housekeeping())
         log.info("ws open conn=%s user=%s codec=%s", self.conn_id, self.user.pk, self.codec.name)
 
     async def disconnect(self, code: int) -> None:
@@ -134,18 +141,20 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return
         groups = self.groups_joined()
         self.authenticated = False
-        self.recheck_task.cancel()
+        self.housekeeping_task.cancel()
         self.subscriptions.clear()
         for group in groups:
             # Best effort: a layer that is down forgets nothing it would keep.
             with contextlib.suppress(Exception):
                 await self.channel_layer.group_discard(group, self.channel_name)
+        await connections.release(self.user.pk, self.conn_id)
         log.info("ws close conn=%s user=%s code=%s", self.conn_id, self.user.pk, code)
 
     # -- frames in ----------------------------------------------------------
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if not self.authenticated or self.revoked:
             return
+        self.last_frame_at = asyncio.get_running_loop().time()
         data = bytes_data if self.codec.binary else text_data
         if data is None:
             await self.send_frame(
@@ -323,14 +332,32 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_discard(broadcast.room_group(slug), self.channel_name)
             await self.send_frame(protocol.Error(code=exc.code, message=exc.message, room=slug))
 
-    async def recheck_periodically(self) -> None:
-        """Catch what no signal reported (a session that simply expired), by asking
-        this consumer to check itself every REALTIME_SESSION_RECHECK seconds."""
-        interval = settings.REALTIME["SESSION_RECHECK"]
+    async def housekeeping(self) -> None:
+        """The socket's own timers, in one task:
+        - every REALTIME_SESSION_RECHECK s (jittered), check the session, catching
+          what no signal reported (a session that simply expired);
+        - every connections.LEASE_RENEW s, renew this socket's connection lease;
+        - close with 4008 a socket silent for REALTIME_IDLE_TIMEOUT s."""
+        loop = asyncio.get_running_loop()
+        recheck = settings.REALTIME["SESSION_RECHECK"]
+        idle = settings.REALTIME["IDLE_TIMEOUT"]
+        next_check = loop.time() + recheck * (0.9 + 0.2 * random.random())
+        next_renew = loop.time() + connections.LEASE_RENEW
         while True:
-            await asyncio.sleep(interval * (0.9 + 0.2 * random.random()))
-            with contextlib.suppress(Exception):
-                await self.channel_layer.send(self.channel_name, {"type": broadcast.SESSION_CHECK})
+            await asyncio.sleep(max(0.0, min(next_check, next_renew, self.last_frame_at + idle) - loop.time()))
+            now = loop.time()
+            if now >= self.last_frame_at + idle:
+                self.revoked = True
+                log.info("ws closed conn=%s user=%s code=%s reason=idle", self.conn_id, self.user.pk, CloseCode.POLICY)
+                await self.close(code=int(CloseCode.POLICY))
+                return
+            if now >= next_check:
+                next_check = now + recheck * (0.9 + 0.2 * random.random())
+                with contextlib.suppress(Exception):
+                    await self.channel_layer.send(self.channel_name, {"type": broadcast.SESSION_CHECK})
+            if now >= next_renew:
+                next_renew = now + connections.LEASE_RENEW
+                await connections.acquire(self.user.pk, self.conn_id)
 
     async def catch_up(self, slug: str, sub: Subscription, upto: int) -> bool:
         """Send the room's events after sub.last_seq up to `upto` from the log.

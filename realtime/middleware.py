@@ -16,3 +16,30 @@ class WorkerHeaderMiddleware:
         if self.worker:
             response["X-Realtime-Worker"] = self.worker
         return response
+
+
+class ContentSecurityPolicyMiddleware:
+    """Sets settings.CONTENT_SECURITY_POLICY on every response that has none.
+
+    `{ws}` in the policy becomes this host's ws:// and wss:// origins (CSP level 2
+    browsers do not count sockets as 'self'). The admin keeps its inline styles.
+    """
+
+    def __init__(self, get_response):
+        from django.conf import settings
+
+        self.get_response = get_response
+        self.policy = settings.CONTENT_SECURITY_POLICY
+
+    def __call__(self, request):
+        response = self.get_response(request)
+        if self.policy and "Content-Security-Policy" not in response:
+            try:
+                host = request.get_host()
+            except Exception:  # DisallowedHost: the response is an error page anyway
+                host = ""
+            policy = self.policy.replace("{ws}", f"ws://{host} wss://{host}" if host else "")
+            if request.path.startswith("/admin/"):
+                policy = policy.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")
+            response["Content-Security-Policy"] = policy
+        return response

@@ -8,11 +8,12 @@ never both spend the last token.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 
 from django.conf import settings
+
+from . import store
 
 _SCRIPT = """
 local tokens = tonumber(redis.call('HGET', KEYS[1], 't'))
@@ -60,25 +61,14 @@ class MemoryBuckets:
 
 
 class RedisBuckets:
-    """Buckets in Redis, one client per event loop (redis-py pools are loop-bound)."""
+    """Buckets in Redis, shared by every worker."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.clients: dict[int, object] = {}
-
-    def _client(self):
-        from redis import asyncio as aioredis
-
-        loop = asyncio.get_running_loop()
-        client = self.clients.get(id(loop))
-        if client is None:
-            client = aioredis.from_url(self.url, socket_connect_timeout=2, socket_timeout=2)
-            self.clients = {id(loop): client}  # a new loop (tests) replaces the old one
-        return client
 
     async def take(self, key: str, rate: float, burst: float) -> Verdict:
         try:
-            allowed, tokens = await self._client().eval(_SCRIPT, 1, f"rl:{key}", rate, burst, time.time())
+            allowed, tokens = await store.client(self.url).eval(_SCRIPT, 1, f"rl:{key}", rate, burst, time.time())
         except Exception:
             # Redis is down: fail open (the other limits still hold) rather than
             # refuse every action while the layer recovers.
@@ -94,7 +84,7 @@ _configured_for: str | None = None
 
 def buckets() -> MemoryBuckets | RedisBuckets:
     global _buckets, _configured_for
-    url = settings.REDIS_URL if hasattr(settings, "REDIS_URL") else ""
+    url = store.redis_url()
     if _buckets is None or _configured_for != url:
         _buckets = RedisBuckets(url) if url else MemoryBuckets()
         _configured_for = url

@@ -25,6 +25,12 @@ def fast_password_hashing(settings):
 
 
 @pytest.fixture(autouse=True)
+def allowed_origins(settings):
+    # pytest-django runs with DEBUG off, where the socket needs its list of origins.
+    settings.REALTIME_ALLOWED_ORIGINS = [ORIGIN[1].decode()]
+
+
+@pytest.fixture(autouse=True)
 def fresh_rate_limits():
     """Each test starts with full token buckets (and django-ratelimit's counters,
     which live in the cache)."""

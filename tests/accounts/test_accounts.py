@@ -60,12 +60,47 @@ def test_seed_demo_password_option(db):
     assert get_user_model().objects.get(username="bob").check_password("other-pass-1")
 
 
-def run_settings(env):
+def run_settings(env, show="settings.DEBUG"):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "DATABASE_URL", "REDIS_URL"))}
     return subprocess.run(
-        [sys.executable, "-c", "import django; django.setup(); from django.conf import settings; print(settings.DEBUG)"],
+        [sys.executable, "-c", f"import django; django.setup(); from django.conf import settings; print({show})"],
         cwd=ROOT, env={**clean, "DJANGO_SETTINGS_MODULE": "project.settings", **env}, capture_output=True, text=True,
     )
+
+
+PRODUCTION = {"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "x" * 50, "DJANGO_ALLOWED_HOSTS": "chat.example.test",
+              "DJANGO_ALLOWED_ORIGINS": "https://chat.example.test"}
+
+
+@pytest.mark.parametrize("origins, message", [
+    (None, "DJANGO_ALLOWED_ORIGINS must list the full origins"),
+    ("*", "'*' is refused with DEBUG off"),
+    ("https://chat.example.test,*", "'*' is refused with DEBUG off"),
+    ("chat.example.test", "is not an origin"),
+    ("ftp://chat.example.test", "is not an origin"),
+    ("https://chat.example.test/app", "is not an origin"),
+])
+def test_debug_off_needs_an_explicit_list_of_full_origins(origins, message):
+    env = {k: v for k, v in PRODUCTION.items() if k != "DJANGO_ALLOWED_ORIGINS"}
+    if origins is not None:
+        env["DJANGO_ALLOWED_ORIGINS"] = origins
+    res = run_settings(env)
+    assert res.returncode != 0
+    assert message in res.stderr
+
+
+def test_debug_on_may_allow_any_origin():
+    assert run_settings({"DJANGO_ALLOWED_ORIGINS": "*"}).returncode == 0
+
+
+def test_debug_off_hardens_cookies_and_transport():
+    show = ("settings.SESSION_COOKIE_SECURE, settings.CSRF_COOKIE_SECURE, settings.SESSION_COOKIE_HTTPONLY, "
+            "settings.SESSION_COOKIE_SAMESITE, settings.SECURE_HSTS_SECONDS, settings.SECURE_CONTENT_TYPE_NOSNIFF")
+    res = run_settings(PRODUCTION, show)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "True", "True", "Lax", "31536000", "True"]
+    # The development default keeps cookies usable over plain http.
+    assert run_settings({}, show).stdout.split()[:2] == ["False", "False"]
 
 
 def test_debug_off_without_secret_key_or_hosts_stops_start_up():
@@ -75,7 +110,7 @@ def test_debug_off_without_secret_key_or_hosts_stops_start_up():
 
 
 def test_debug_off_with_both_set_starts():
-    res = run_settings({"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": "x" * 50, "DJANGO_ALLOWED_HOSTS": "chat.example.test"})
+    res = run_settings(PRODUCTION)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
 

@@ -6,16 +6,19 @@ from playwright.sync_api import expect
 pytestmark = pytest.mark.e2e
 
 
-def sign_in(browser, server, username):
-    context = browser.new_context(viewport={"width": 1000, "height": 700})
+def sign_in(browser, server, username, base=None):
+    base = base or server.url
+    context = browser.new_context(viewport={"width": 1000, "height": 700}, ignore_https_errors=True)
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(f"{server.url}/accounts/login/?next=/rooms/general/")
+    # The pages run under the app's Content-Security-Policy: a violation is a bug.
+    page.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
+    page.goto(f"{base}/accounts/login/?next=/rooms/general/")
     page.fill("#id_username", username)
     page.fill("#id_password", "demo-password")
     page.click("button[type=submit]")
-    page.wait_for_url(f"{server.url}/rooms/general/")
+    page.wait_for_url(f"{base}/rooms/general/")
     page.errors = errors
     return page
 
@@ -67,3 +70,17 @@ def test_reader_sees_messages_but_has_no_composer(app_server, browser):
     expect(carol.locator("#status")).to_have_text("connected", timeout=10_000)
     expect(carol.locator("#read-only")).to_be_visible()
     assert carol.locator("#composer").count() == 0
+
+
+def test_wss_straight_to_daphnes_tls_endpoint(app_server, browser):
+    """No proxy: daphne itself serves https and wss with a self-signed certificate."""
+    page = sign_in(browser, app_server, "bob", base=app_server.tls_url)
+    expect(page.locator("#status")).to_have_text("connected", timeout=10_000)
+    sockets = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    page.reload()
+    expect(page.locator("#status")).to_have_text("connected", timeout=10_000)
+    assert sockets and sockets[0].startswith(f"wss://127.0.0.1:{app_server.tls_port}/ws/v1/")
+    send(page, "over tls")
+    expect(page.locator("#messages .body").last).to_have_text("over tls", timeout=10_000)
+    assert page.errors == []

@@ -97,3 +97,18 @@ def test_rooms_cannot_be_deleted_in_the_admin_and_slugs_are_validated(demo):
     room = Room(slug="Lobby", title="x")
     with pytest.raises(ValidationError):
         room.full_clean()
+
+
+def test_pages_carry_a_content_security_policy_of_their_own_origin(demo):
+    res = login(demo["bob"]).get("/rooms/general/", HTTP_HOST="127.0.0.1:8000")
+    policy = dict(part.strip().split(" ", 1) for part in res["Content-Security-Policy"].split(";"))
+    assert policy["script-src"] == "'self'"  # no inline scripts, no other hosts
+    assert policy["style-src"] == "'self'"
+    assert policy["connect-src"] == "'self' ws://127.0.0.1:8000 wss://127.0.0.1:8000"
+    assert policy["frame-ancestors"] == "'none'" and policy["object-src"] == "'none'"
+    assert res["X-Frame-Options"] == "DENY" and res["X-Content-Type-Options"] == "nosniff"
+    # The room page's inline data is a JSON block, which CSP does not execute.
+    assert '<script type="module" src=' in res.content.decode()
+    assert "<script>" not in res.content.decode()
+    admin = login(demo["admin"]).get("/admin/")
+    assert "style-src 'self' 'unsafe-inline'" in admin["Content-Security-Policy"]

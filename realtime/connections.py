@@ -1,0 +1,111 @@
+"""How many sockets each user holds open, across every worker.
+
+Each open socket holds a lease: an entry (its connection id) with an expiry time in
+a per-user sorted set in Redis (a dict in process memory without REDIS_URL). A socket
+renews its lease every LEASE_RENEW seconds and gives it back when it closes; a worker
+that dies (kill -9) gives nothing back, and its leases run out after LEASE_TTL.
+
+`acquire` is one Lua script, so two workers can never both hand out the last place.
+While Redis is unreachable the cap fails open, like the rate limits: the other
+limits still hold, and a socket is not refused for an outage it did not cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from django.conf import settings
+
+from . import store
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL = 90.0  # seconds a lease lives without renewal
+LEASE_RENEW = 30.0  # seconds between renewals by a live socket
+
+_ACQUIRE = """
+local now, ttl, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[4]) == false and redis.call('ZCARD', KEYS[1]) >= cap then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[4])
+redis.call('EXPIRE', KEYS[1], math.ceil(ttl) + 1)
+return 1
+"""
+
+
+def _key(user_id: int) -> str:
+    return f"rt:conns:{user_id}"
+
+
+class MemoryLeases:
+    def __init__(self) -> None:
+        self.leases: dict[int, dict[str, float]] = {}
+
+    async def acquire(self, user_id: int, conn_id: str, cap: int) -> bool:
+        now = time.monotonic()
+        mine = {c: t for c, t in self.leases.get(user_id, {}).items() if t > now}
+        if conn_id not in mine and len(mine) >= cap:
+            self.leases[user_id] = mine
+            return False
+        mine[conn_id] = now + LEASE_TTL
+        self.leases[user_id] = mine
+        return True
+
+    async def release(self, user_id: int, conn_id: str) -> None:
+        mine = self.leases.get(user_id)
+        if mine is not None:
+            mine.pop(conn_id, None)
+            if not mine:
+                del self.leases[user_id]
+
+    async def count(self, user_id: int) -> int:
+        now = time.monotonic()
+        return sum(1 for t in self.leases.get(user_id, {}).values() if t > now)
+
+
+class RedisLeases:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def acquire(self, user_id: int, conn_id: str, cap: int) -> bool:
+        try:
+            return bool(await store.client(self.url).eval(_ACQUIRE, 1, _key(user_id), time.time(), LEASE_TTL, cap, conn_id))
+        except Exception as exc:
+            log.warning("connection cap unavailable (fails open): %s", type(exc).__name__)
+            return True
+
+    async def release(self, user_id: int, conn_id: str) -> None:
+        try:
+            await store.client(self.url).zrem(_key(user_id), conn_id)
+        except Exception:
+            pass  # the lease runs out by itself
+
+    async def count(self, user_id: int) -> int:
+        client = store.client(self.url)
+        return int(await client.zcount(_key(user_id), time.time(), "+inf"))
+
+
+_leases: MemoryLeases | RedisLeases | None = None
+_configured_for: str | None = None
+
+
+def leases() -> MemoryLeases | RedisLeases:
+    global _leases, _configured_for
+    url = store.redis_url()
+    if _leases is None or _configured_for != url:
+        _leases = RedisLeases(url) if url else MemoryLeases()
+        _configured_for = url
+    return _leases
+
+
+async def acquire(user_id: int, conn_id: str) -> bool:
+    """Take (or renew) this socket's place; False when the user already holds
+    MAX_CONNECTIONS_PER_USER other live sockets."""
+    return await leases().acquire(user_id, conn_id, settings.REALTIME["MAX_CONNECTIONS_PER_USER"])
+
+
+async def release(user_id: int, conn_id: str) -> None:
+    await leases().release(user_id, conn_id)

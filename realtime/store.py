@@ -1,0 +1,28 @@
+"""Shared state between workers: a Redis client per event loop (redis-py's asyncio
+pools are bound to the loop that made them), or nothing without REDIS_URL."""
+
+from __future__ import annotations
+
+import asyncio
+
+from django.conf import settings
+
+_clients: dict[tuple[int, str], object] = {}
+
+
+def redis_url() -> str:
+    return getattr(settings, "REDIS_URL", "")
+
+
+def client(url: str):
+    """The asyncio Redis client for `url` on the running loop. Short timeouts: the
+    callers fail open (or closed) on their own rather than wait for a sick Redis."""
+    from redis import asyncio as aioredis
+
+    key = (id(asyncio.get_running_loop()), url)
+    found = _clients.get(key)
+    if found is None:
+        # A new loop (tests) replaces the clients of the old one.
+        _clients.clear()
+        found = _clients[key] = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    return found
