@@ -273,15 +273,18 @@ class Codec:
             validation = exc
         except RecursionError:
             raise ProtocolError(ErrorCode.INVALID, "frame nested too deeply") from None
+        except UnicodeDecodeError:
+            raise ProtocolError(ErrorCode.INVALID, "a string is not valid UTF-8") from None
         # Decode again without a schema to tell an unknown type from a bad field
         # and to find the ref to answer with. Only invalid frames take this path.
         try:
             raw = self._any_decoder.decode(data)
         except RecursionError:
             raise ProtocolError(ErrorCode.INVALID, "frame nested too deeply") from None
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             # Valid for the schema's parser but not as plain data (e.g. 1e999, a
-            # lone surrogate): still just an invalid frame.
+            # lone surrogate, a MessagePack string of invalid UTF-8 that the schema
+            # refused before reading it): still just an invalid frame.
             raise ProtocolError(ErrorCode.INVALID, str(validation)) from None
         if not isinstance(raw, dict):
             raise ProtocolError(ErrorCode.INVALID, "a frame must be an object with a `type`")

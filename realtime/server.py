@@ -14,10 +14,15 @@ request sent through the channel layer (`manage.py drain`):
    idle for its process manager to stop).
 
 A message larger than daphne's --websocket-max-message-size is closed with 1009
-(not dropped). It also bounds what a worker buffers for a slow or stuck client: a socket whose
-unsent bytes pass REALTIME_MAX_SEND_BUFFER (default 1 MiB) is closed with 4013
-(overloaded: reconnect with backoff, then resume by seq) instead of growing the
-worker's memory. Messages for it beyond that are not buffered.
+(not dropped). It also bounds what a worker buffers for one socket, each way:
+- out: a socket whose unsent bytes pass REALTIME_MAX_SEND_BUFFER (default 1 MiB) is
+  closed with 4013 (overloaded: reconnect with backoff, then resume by seq) instead
+  of growing the worker's memory; messages for it beyond that are not buffered;
+- in: a socket with more than REALTIME_MAX_RECEIVE_FRAMES (256) frames, or
+  REALTIME_MAX_RECEIVE_BUFFER bytes (1 MiB), received and not yet handled is closed
+  with 4029 (a flood); what it sends after that is dropped.
+An HTTP connection idle for REALTIME_HANDSHAKE_TIMEOUT s (10) before its request,
+a socket's upgrade included, is dropped.
 
 It relies on daphne's Server internals (connections, listen_success, the Twisted
 reactor): requirements.txt pins daphne, and tests/cluster checks the behaviour.
@@ -40,6 +45,7 @@ from daphne.ws_protocol import WebSocketProtocol
 log = logging.getLogger("realtime.server")
 
 OVERLOADED = 4013
+RATE_LIMITED = 4029
 
 
 def unsent_bytes(transport) -> int:
@@ -55,10 +61,35 @@ def unsent_bytes(transport) -> int:
 
 
 class BoundedWebSocketProtocol(WebSocketProtocol):
-    """daphne's WebSocket protocol with a ceiling on unsent bytes."""
+    """daphne's WebSocket protocol with a ceiling on unsent bytes, and one on
+    received frames the application has not taken yet (daphne queues those
+    without bound: a client can send far faster than frames are handled)."""
 
     max_send_buffer = int(os.environ.get("REALTIME_MAX_SEND_BUFFER", str(1024 * 1024)))
+    max_receive_frames = int(os.environ.get("REALTIME_MAX_RECEIVE_FRAMES", "256"))
+    max_receive_buffer = int(os.environ.get("REALTIME_MAX_RECEIVE_BUFFER", str(1024 * 1024)))
     overflowed = False
+    flooded = False
+
+    def onMessage(self, payload, isBinary):
+        if self.flooded:
+            return
+        queue = getattr(self, "application_queue", None)
+        if queue is not None and self.state == self.STATE_OPEN:
+            waiting = queue._queue  # asyncio.Queue keeps its items in a deque
+            if len(waiting) >= self.max_receive_frames or len(payload) + sum(
+                len(m.get("text") or m.get("bytes") or "") for m in waiting
+            ) > self.max_receive_buffer:
+                self.flooded = True
+                log.warning("closing a socket that floods: %d frames waiting", len(waiting))
+                # What waits will never be answered (the socket is closing): drop it
+                # now rather than handle it, and free its memory at once.
+                kept = [m for m in waiting if m.get("type") != "websocket.receive"]
+                waiting.clear()
+                waiting.extend(kept)
+                self.sendClose(code=RATE_LIMITED)
+                return
+        super().onMessage(payload, isBinary)
 
     def serverSend(self, content, binary=False):
         if self.overflowed:
@@ -115,6 +146,10 @@ class DrainingServer(Server):
         # frame instead of a dropped TCP connection (autobahn's failByDrop), so the
         # client can tell why and does not resend it in a loop.
         self.ws_factory.setProtocolOptions(failByDrop=False)
+        # An HTTP connection (a socket's upgrade request included) that sends
+        # nothing for REALTIME_HANDSHAKE_TIMEOUT s is dropped; Twisted's default is
+        # 60 s. It pauses while a request is being answered (long polls are safe).
+        self.http_factory.timeOut = float(os.environ.get("REALTIME_HANDSHAKE_TIMEOUT", "10"))
         asyncio.ensure_future(self._control_loop())
 
     async def _control_loop(self):
