@@ -12,12 +12,14 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from accounts.middleware import TicketAuthMiddleware  # noqa: E402
+from realtime.longpoll import LongPollRouter  # noqa: E402
 from realtime.origins import OriginValidator  # noqa: E402
 from realtime.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # Long polls are answered on the event loop, before Django (realtime/longpoll.py).
+        "http": LongPollRouter(django_asgi_app),
         # The full Origin is checked before anything else (realtime/origins.py);
         # then the session (or a ticket) fills scope["user"].
         "websocket": OriginValidator(

@@ -17,6 +17,7 @@ from accounts import tickets
 from .. import actions, protocol
 from .. import ratelimit as buckets
 from ..actions import ActionError
+from ..longpoll import events_page
 from ..protocol import ErrorCode
 
 # How each error code answers over HTTP.
@@ -70,16 +71,15 @@ class RoomList(ActionView):
 
 
 class RoomEvents(ActionView):
-    """The room's log after `since`: the same event shapes as the socket."""
+    """The room's log after `since`: the same event shapes as the socket. With
+    `wait`, the request is a long poll, answered by realtime/longpoll.py before it
+    reaches Django."""
 
     def get(self, request: Request, slug: str) -> Response:
         since = int_param(request, "since", 0)
         limit = int_param(request, "limit", 500, minimum=1)
         replay = actions.room_replay(user=request.user, slug=slug, since=since, limit=limit)
-        events = [protocol.event_to_dict(e) for e in replay.events]
-        last = events[-1]["seq"] if events else since
-        # `seq` is the room's head; when has_more, ask again with since=<last event's seq>.
-        return Response({"events": events, "seq": replay.head, "has_more": last < replay.head})
+        return Response(events_page(replay, since))
 
 
 class RoomMessages(ActionView):

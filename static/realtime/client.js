@@ -6,6 +6,7 @@ export const State = Object.freeze({
   OPEN: "open", // socket open and accepted
   RECONNECTING: "reconnecting", // waiting `delay` ms before the next attempt
   OFFLINE: "offline", // the browser says the network is gone; waiting for it
+  FALLBACK: "fallback", // WebSockets fail here: long polling over REST, probing for a way back
   CLOSED: "closed", // stopped for good: signed out, forbidden, or close() called
 });
 
@@ -54,6 +55,10 @@ export class RealtimeClient {
    * @param {string} options.url               ws:// or wss:// URL of /ws/v1/
    * @param {Function} [options.loadSnapshot]  async (room) => {seq, messages}: the room's
    *   history from REST, used on first subscribe and when recovery fails
+   * @param {Function} [options.poll]  async (room, since, wait, signal) => {events, seq, has_more}:
+   *   a long poll of the room's events (REST); throws {status, code, retryAfter}
+   * @param {Function} [options.post]  async (room, body, clientId) => {id, seq, room}: post
+   *   a message over REST; throws {status, code, retryAfter}. With poll, enables the fallback.
    */
   constructor(options) {
     this.url = options.url;
@@ -71,6 +76,18 @@ export class RealtimeClient {
     this.connectTimeout = options.connectTimeout ?? 10000; // a handshake that hangs is dropped
     this.maxBodyLength = options.maxBodyLength ?? 4000; // REALTIME_MAX_BODY_LENGTH
     this.env = options.env === undefined ? globalThis : options.env; // for online/offline, visibility
+    // Long-polling fallback: after `fallbackAfter` attempts in a row that never
+    // opened, poll over REST; probe for a WebSocket again with backoff (base 1 s,
+    // cap `upgradeCap`), and switch back as soon as one opens.
+    this.pollFn = options.poll || null;
+    this.postFn = options.post || null;
+    this.fallbackAfter = options.fallbackAfter ?? 3;
+    this.pollWait = options.pollWait ?? 25;
+    this.upgradeCap = options.upgradeCap ?? 10000;
+    this.transport = "ws"; // or "poll"
+    this.failedOpens = 0;
+    this.probes = 0;
+    this._polls = new Map(); // room -> AbortController of its running poll loop
 
     this.state = null;
     this.attempts = 0;
@@ -122,6 +139,7 @@ export class RealtimeClient {
     try {
       ws = new this.WebSocket(this.url, ["rt.v1.json"]);
     } catch (err) {
+      this.failedOpens += 1;
       this._scheduleReconnect(Close.ABNORMAL);
       return;
     }
@@ -132,7 +150,8 @@ export class RealtimeClient {
     ws.onerror = () => {}; // a close always follows
     this._connectTimer = this.timers.setTimeout(() => {
       this._connectTimer = null;
-      if (this.ws === ws && this.state !== State.OPEN) {
+      if (this.ws === ws && !ws.opened) {
+        this.failedOpens += 1;
         this._dropSocket(Close.HEARTBEAT, "connect timeout");
         this._scheduleReconnect(Close.ABNORMAL);
       }
@@ -142,6 +161,8 @@ export class RealtimeClient {
   /** Stop for good (until connect() is called again). */
   close() {
     this._clearTimer();
+    this._stopPolling();
+    this.transport = "ws";
     this._dropSocket(Close.NORMAL, "client closed");
     this.setState(State.CLOSED, { reason: "closed" });
     this._failOutbox("closed", "the client was closed");
@@ -158,6 +179,14 @@ export class RealtimeClient {
 
   _onOpen(ws) {
     if (ws !== this.ws) return;
+    ws.opened = true;
+    this.failedOpens = 0;
+    this.probes = 0;
+    if (this.transport === "poll") {
+      // A WebSocket works again: stop polling and resume every room by seq below.
+      this._stopPolling();
+      this.transport = "ws";
+    }
     this._lastFrameAt = this.now();
     if (this._connectTimer) this.timers.clearTimeout(this._connectTimer);
     this._connectTimer = null;
@@ -173,11 +202,14 @@ export class RealtimeClient {
   _onClose(ws, code, reason) {
     if (ws !== this.ws) return;
     this.ws = null;
+    if (!ws.opened) this.failedOpens += 1;
     this._stopSocketTimers();
     for (const room of this.rooms.values()) room.subscribed = false;
     for (const [, req] of this.requests) req.reject(Object.assign(new Error("connection lost"), { code: "disconnected" }));
     this.requests.clear();
     if (STOP[code]) {
+      this._stopPolling();
+      this.transport = "ws";
       this.setState(State.CLOSED, { reason: STOP[code], code });
       this._failOutbox(STOP[code], code === Close.NOT_AUTHENTICATED ? "signed out" : "access revoked");
       return;
@@ -188,6 +220,10 @@ export class RealtimeClient {
 
   _scheduleReconnect(code) {
     if (this.state === State.OFFLINE || this.state === State.CLOSED) return;
+    if (this.transport === "poll" || (this.pollFn && this.failedOpens >= this.fallbackAfter)) {
+      this._fallback();
+      return;
+    }
     let delay;
     if (RESTART.has(code)) {
       // The server is restarting on purpose: come back at once, spread out a little.
@@ -258,12 +294,15 @@ export class RealtimeClient {
     env.addEventListener("offline", () => {
       if (this.state === State.CLOSED) return;
       this._clearTimer();
+      this._stopPolling();
+      this.transport = "ws";
       this._dropSocket(Close.NORMAL, "offline");
       this.setState(State.OFFLINE);
     });
     env.addEventListener("online", () => {
       if (this.state !== State.OFFLINE) return;
       this.attempts = 0;
+      this.failedOpens = 0;
       this.setState(State.RECONNECTING, { delay: 0, at: this.now() });
       this.connect();
     });
@@ -328,6 +367,10 @@ export class RealtimeClient {
   _sendMessage(clientId, item) {
     // One ref per message, whatever the attempt: any attempt's ack settles it.
     item.ref = `m:${clientId}`;
+    if (this.transport === "poll") {
+      this._postMessage(clientId, item);
+      return;
+    }
     this._raw({ type: "message.send", ref: item.ref, room: item.room, body: item.body, client_id: clientId });
   }
 
@@ -344,6 +387,137 @@ export class RealtimeClient {
     return this.request({ type: "message.delete", room, id });
   }
 
+  // -- long-polling fallback ---------------------------------------------------
+  /** Enter (or stay in) the fallback: poll every room, post the outbox, and
+   * schedule the next WebSocket probe. */
+  _fallback() {
+    this._clearTimer();
+    if (this.transport !== "poll") {
+      this.transport = "poll";
+      this.setState(State.FALLBACK);
+      for (const room of this.rooms.keys()) this._startPolling(room);
+      for (const [clientId, item] of this.outbox) this._postMessage(clientId, item);
+    }
+    const delay = backoffDelay(this.probes, { base: 1000, cap: this.upgradeCap }, this.random) + 500;
+    this.probes += 1;
+    this._timer = this.timers.setTimeout(() => {
+      this._timer = null;
+      if (this.transport === "poll") this.connect(); // a probe: _onOpen switches back
+    }, delay);
+  }
+
+  _stopPolling() {
+    for (const controller of this._polls.values()) controller.abort();
+    this._polls.clear();
+  }
+
+  _startPolling(room) {
+    if (!this.pollFn || this._polls.has(room)) return;
+    const controller = new AbortController();
+    this._polls.set(room, controller);
+    this._pollLoop(room, controller).finally(() => {
+      if (this._polls.get(room) === controller) this._polls.delete(room);
+    });
+  }
+
+  _sleep(ms, signal) {
+    return new Promise((resolve) => {
+      const t = this.timers.setTimeout(resolve, ms);
+      signal.addEventListener("abort", () => {
+        this.timers.clearTimeout(t);
+        resolve();
+      });
+    });
+  }
+
+  async _pollLoop(room, controller) {
+    const signal = controller.signal;
+    let failures = 0;
+    while (!signal.aborted && this.transport === "poll") {
+      const r = this.rooms.get(room);
+      if (!r) return;
+      try {
+        if (r.lastSeq === null) {
+          if (this.loadSnapshot) {
+            const snap = await this.loadSnapshot(room);
+            if (signal.aborted || this.rooms.get(room) !== r) return;
+            r.lastSeq = snap.seq;
+            r.pending.clear();
+            this.emit("snapshot", { room, ...snap });
+          } else {
+            // No history wanted: go live from the head.
+            const head = await this.pollFn(room, 0, 0, signal, 1);
+            if (signal.aborted || this.rooms.get(room) !== r) return;
+            r.lastSeq = head.seq;
+          }
+          this.emit("subscribed", { room, seq: r.lastSeq, replayed: 0 });
+        }
+        const page = await this.pollFn(room, r.lastSeq, this.pollWait, signal);
+        if (signal.aborted || this.rooms.get(room) !== r) return;
+        failures = 0;
+        // The same path as socket events: each seq once, in order.
+        for (const event of page.events || []) this._onEvent(event);
+      } catch (err) {
+        if (signal.aborted) return;
+        const status = err && err.status;
+        if (status === 401) {
+          this._stopPolling();
+          this.transport = "ws";
+          this.setState(State.CLOSED, { reason: "unauthenticated", code: Close.NOT_AUTHENTICATED });
+          this._failOutbox("unauthenticated", "signed out");
+          return;
+        }
+        if (err && err.code === "recovery_failed") {
+          r.lastSeq = null;
+          r.pending.clear();
+          this.emit("reset", { room });
+          continue;
+        }
+        if (err && (err.code === "forbidden" || err.code === "not_found")) {
+          this.rooms.delete(room);
+          this.emit("error", { room, code: err.code, message: err.message });
+          return;
+        }
+        failures += 1;
+        const wait = Math.max(((err && err.retryAfter) || 0) * 1000, backoffDelay(failures, this.backoff, this.random));
+        await this._sleep(wait, signal);
+      }
+    }
+  }
+
+  async _postMessage(clientId, item) {
+    if (!this.postFn || item.posting) return;
+    item.posting = true;
+    let failures = 0;
+    try {
+      while (this.transport === "poll" && this.outbox.get(clientId) === item) {
+        try {
+          const ack = await this.postFn(item.room, item.body, clientId);
+          if (this.outbox.get(clientId) !== item) return; // the socket's ack came first
+          this.outbox.delete(clientId);
+          item.resolve({ clientId, id: ack.id, seq: ack.seq, room: ack.room });
+          this.emit("sent", { clientId, id: ack.id, seq: ack.seq, room: ack.room });
+          return;
+        } catch (err) {
+          if (this.outbox.get(clientId) !== item) return;
+          if (err && FINAL_ERRORS.has(err.code)) {
+            this.outbox.delete(clientId);
+            item.reject(Object.assign(new Error(err.message || err.code), { code: err.code }));
+            this.emit("failed", { clientId, room: item.room, code: err.code, message: err.message });
+            return;
+          }
+          // Rate-limited, a network error or a server fault: the same client_id
+          // again later (idempotent on the server).
+          failures += 1;
+          const wait = Math.max(((err && err.retryAfter) || 0) * 1000, backoffDelay(failures, this.backoff, this.random));
+          await new Promise((resolve) => this.timers.setTimeout(resolve, wait));
+        }
+      }
+    } finally {
+      item.posting = false;
+    }
+  }
+
   // -- rooms ----------------------------------------------------------------
   /** Follow a room: load its snapshot (if no seq is known), then subscribe with since. */
   subscribe(room) {
@@ -351,10 +525,14 @@ export class RealtimeClient {
       this.rooms.set(room, { lastSeq: null, pending: new Map(), subscribed: false, resyncing: false, loading: null });
     }
     if (this.state === State.OPEN) this._subscribe(room);
+    else if (this.transport === "poll") this._startPolling(room);
   }
 
   unsubscribe(room) {
     this.rooms.delete(room);
+    const poll = this._polls.get(room);
+    if (poll) poll.abort();
+    this._polls.delete(room);
     this._raw({ type: "unsubscribe", room });
   }
 

@@ -249,3 +249,116 @@ test("a body over the limit is refused at once and never queued", async () => {
   await assert.rejects(done, (err) => err.code === "too_large");
   assert.equal(client.pendingCount, 0);
 });
+
+// -- the long-polling fallback ------------------------------------------------
+function fakeRest() {
+  const polls = [];
+  const posts = [];
+  const poll = (room, since, wait, signal, limit) =>
+    new Promise((resolve, reject) => {
+      const call = { room, since, wait, limit, signal, resolve, reject };
+      polls.push(call);
+      signal.addEventListener("abort", () => reject(Object.assign(new Error("aborted"), { aborted: true })));
+    });
+  const post = (room, body, clientId) => new Promise((resolve, reject) => posts.push({ room, body, clientId, resolve, reject }));
+  return { polls, posts, poll, post };
+}
+
+const flush = async () => {
+  for (let i = 0; i < 10; i++) await new Promise((r) => setImmediate(r));
+};
+
+async function inFallback() {
+  const rest = fakeRest();
+  const ctx = setup({ poll: rest.poll, post: rest.post, loadSnapshot: async () => ({ seq: 5, messages: [] }) });
+  ctx.client.subscribe("general");
+  ctx.client.connect();
+  for (let i = 0; i < 3; i++) {
+    ctx.sockets[i].serverClose(1006); // never opened: blocked
+    ctx.timers.advance(i < 2 ? 5000 : 0);
+  }
+  await flush();
+  return { ...ctx, ...rest };
+}
+
+test("after three attempts that never open it falls back to long polling, each seq once and in order", async () => {
+  const { client, polls, states, events } = await inFallback();
+  assert.equal(client.state, State.FALLBACK);
+  assert.ok(states.some((s) => s.state === State.FALLBACK));
+  assert.equal(polls.length, 1);
+  assert.deepEqual([polls[0].room, polls[0].since, polls[0].wait], ["general", 5, 25]);
+  polls[0].resolve({ events: [{ type: "message.new", room: "general", seq: 6 }, { type: "message.new", room: "general", seq: 7 }], seq: 7 });
+  await flush();
+  assert.equal(polls[1].since, 7);
+  polls[1].resolve({ events: [{ type: "message.new", room: "general", seq: 7 }, { type: "message.new", room: "general", seq: 8 }], seq: 8 });
+  await flush();
+  assert.deepEqual(events.map((e) => e.seq), [6, 7, 8]);
+  assert.equal(polls[2].since, 8);
+});
+
+test("while polling, sends go over REST with one client_id, retried after a rate limit", async () => {
+  const { client, posts, timers } = await inFallback();
+  const { clientId, done } = client.send("general", "hello");
+  await flush();
+  assert.equal(posts.length, 1);
+  assert.deepEqual([posts[0].room, posts[0].body, posts[0].clientId], ["general", "hello", clientId]);
+  posts[0].reject({ status: 429, code: "rate_limited", retryAfter: 2 });
+  await flush();
+  timers.advance(1999);
+  await flush();
+  assert.equal(posts.length, 1, "not before retry_after");
+  timers.advance(1);
+  await flush();
+  assert.equal(posts.length, 2);
+  assert.equal(posts[1].clientId, clientId);
+  posts[1].resolve({ room: "general", id: 3, seq: 9 });
+  assert.deepEqual(await done, { clientId, id: 3, seq: 9, room: "general" });
+  assert.equal(client.pendingCount, 0);
+});
+
+test("it keeps probing for a WebSocket and switches back without losing or repeating anything", async () => {
+  const { client, polls, posts, sockets, timers, events } = await inFallback();
+  polls[0].resolve({ events: [{ type: "message.new", room: "general", seq: 6 }], seq: 6 });
+  await flush();
+  const sent = [];
+  client.on("sent", (e) => sent.push(e.clientId));
+  const { clientId } = client.send("general", "in flight");
+  await flush();
+  assert.equal(posts.length, 1);
+
+  // A probe that fails leaves the client polling.
+  timers.advance(2000);
+  assert.equal(sockets.length, 4);
+  sockets[3].serverClose(1006);
+  assert.equal(client.state, State.FALLBACK);
+  // The next one opens: polling stops, the room resumes from its seq over the socket,
+  // and the unacknowledged message goes again with the same client_id.
+  timers.advance(2000);
+  assert.equal(sockets.length, 5);
+  sockets[4].open();
+  await flush();
+  assert.equal(client.state, State.OPEN);
+  assert.ok(polls[1].signal.aborted, "the running poll was cancelled");
+  const frames = sockets[4].sent;
+  assert.deepEqual(frames.find((f) => f.type === "subscribe"), { type: "subscribe", ref: "sub:general", room: "general", since: 6 });
+  assert.equal(frames.find((f) => f.type === "message.send").client_id, clientId);
+  // The REST answer and the socket's ack both arrive: the message is sent once.
+  posts[0].resolve({ room: "general", id: 4, seq: 7 });
+  await flush();
+  sockets[4].receive({ type: "ack", ref: `m:${clientId}`, room: "general", id: 4, seq: 7 });
+  sockets[4].receive({ type: "message.new", room: "general", seq: 6 });
+  sockets[4].receive({ type: "message.new", room: "general", seq: 7, client_id: clientId });
+  assert.deepEqual(sent, [clientId]);
+  assert.deepEqual(events.map((e) => e.seq), [6, 7]);
+  assert.equal(polls.length, 2, "no polling after the switch");
+});
+
+test("a 401 while polling stops the client and fails what is queued", async () => {
+  const { client, polls } = await inFallback();
+  const { done } = client.send("general", "lost session");
+  const failed = assert.rejects(done, (err) => err.code === "unauthenticated");
+  polls[0].reject({ status: 401, code: "forbidden" });
+  await flush();
+  assert.equal(client.state, State.CLOSED);
+  await failed;
+});

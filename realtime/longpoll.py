@@ -1,0 +1,200 @@
+"""Long polling, for clients whose WebSockets are blocked:
+`GET /api/v1/rooms/<slug>/events/?since=N&wait=S`.
+
+With `wait` (1 to 30 seconds) the request is held until the room has an event
+after `since`, or the wait ends; the answer has the same shape as without it:
+`{"events": [...], "seq": head, "has_more": bool}`. Posting goes through
+`POST /api/v1/rooms/<slug>/messages/` (realtime/api/views.py).
+
+It is an ASGI app of its own, in front of Django (project/asgi.py), because a held
+request must not hold a thread: Django would run a sync-only middleware (WhiteNoise)
+around an async view in asgiref's single thread-sensitive thread, so one long poll
+would stall every other request's database work for its whole wait. Here the wait
+is a channel-layer receive on the event loop; only the log reads go to the thread.
+
+The order is the socket's: join the room's group first, then read the log, then
+wait for a broadcast and read the log again. An event committed in between is in
+the second read; a broadcast lost on the way is found by the re-read every
+RECHECK seconds. Every read checks the user's access to the room again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+from urllib.parse import parse_qs
+
+import msgspec
+from channels.auth import AuthMiddlewareStack
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.http.request import split_domain_port, validate_host
+
+from . import actions, broadcast, ratelimit
+from .actions import ActionError
+from .protocol import ErrorCode
+
+log = logging.getLogger(__name__)
+
+EVENTS_PATH = re.compile(r"^/api/v1/rooms/(?P<slug>[-a-zA-Z0-9_]+)/events/$")
+MAX_WAIT = 30  # seconds; proxies in deploy/ allow 60 for /api/
+RECHECK = 5.0  # seconds between log reads while waiting (a lost broadcast costs this)
+PAGE_MAX = 500
+
+STATUS = {
+    ErrorCode.INVALID: 400,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.RECOVERY_FAILED: 410,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+def query(scope) -> dict[str, str]:
+    return {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
+
+
+def wants_long_poll(scope) -> bool:
+    """A GET of a room's events with a `wait` (anything else goes to Django)."""
+    if scope["type"] != "http" or scope.get("method") != "GET" or not EVENTS_PATH.match(scope.get("path", "")):
+        return False
+    wait = query(scope).get("wait", "")
+    return wait not in ("", "0")
+
+
+def int_arg(args: dict[str, str], name: str, default: int, low: int, high: int | None = None) -> int:
+    raw = args.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ActionError(ErrorCode.INVALID, f"{name} must be an integer") from None
+    if value < low:
+        raise ActionError(ErrorCode.INVALID, f"{name} must be at least {low}")
+    return min(value, high) if high is not None else value
+
+
+def events_page(replay: actions.Replay, since: int) -> dict:
+    """The answer of GET .../events/ (with or without wait)."""
+    events = [msgspec.to_builtins(e) for e in replay.events]
+    last = events[-1]["seq"] if events else since
+    # `seq` is the room's head; when has_more, ask again with since=<last event's seq>.
+    return {"events": events, "seq": replay.head, "has_more": last < replay.head}
+
+
+async def wait_for_events(user, slug: str, since: int, wait: float, limit: int) -> dict:
+    verdict = await ratelimit.take(user.pk, "poll")
+    if not verdict.allowed:
+        raise ActionError(ErrorCode.RATE_LIMITED, "polling too often; slow down", retry_after=verdict.retry_after)
+    read = database_sync_to_async(actions.room_replay)
+    layer = get_channel_layer()
+    channel = group = None
+    try:
+        channel = await layer.new_channel()
+        group = broadcast.room_group(slug)
+        await layer.group_add(group, channel)
+    except Exception:
+        # No layer (Redis down): fall back to reading the log every second.
+        channel = None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    try:
+        while True:
+            replay = await read(user=user, slug=slug, since=since, limit=limit)
+            remaining = deadline - loop.time()
+            if replay.events or remaining <= 0:
+                return events_page(replay, since)
+            if channel is None:
+                await asyncio.sleep(min(remaining, 1.0))
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(layer.receive(channel), min(remaining, RECHECK))
+    finally:
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await layer.group_discard(group, channel)
+
+
+class LongPoll:
+    """The ASGI app that answers a long poll (scope["user"] from AuthMiddlewareStack)."""
+
+    async def __call__(self, scope, receive, send):
+        # Read the request to its end; then watch for the client going away.
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            if not message.get("more_body"):
+                break
+        work = asyncio.ensure_future(self.answer(scope))
+        gone = asyncio.ensure_future(self._disconnected(receive))
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            work.cancel()  # the client left: stop waiting (the finally leaves the group)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            return
+        gone.cancel()
+        status, body, extra = work.result()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"cache-control", b"no-store"),
+            (b"x-content-type-options", b"nosniff"),
+            *extra,
+        ]
+        worker = os.environ.get("REALTIME_WORKER_ID", "")
+        if worker:
+            headers.append((b"x-realtime-worker", worker.encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": msgspec.json.encode(body)})
+
+    @staticmethod
+    async def _disconnected(receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def answer(self, scope) -> tuple[int, dict, list]:
+        host = dict(scope.get("headers", ())).get(b"host", b"").decode("latin-1")
+        domain, _ = split_domain_port(host)
+        if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
+            return 400, {"code": ErrorCode.INVALID, "message": "bad Host header"}, []
+        user = scope.get("user")
+        if user is None or not user.is_authenticated or not user.is_active:
+            # 401, unlike a forbidden room: the client stops and sends the person to sign in.
+            return 401, {"code": ErrorCode.FORBIDDEN, "message": "sign in first"}, []
+        slug = EVENTS_PATH.match(scope["path"])["slug"]
+        try:
+            args = query(scope)
+            since = int_arg(args, "since", 0, 0)
+            wait = int_arg(args, "wait", 0, 0, MAX_WAIT)
+            limit = int_arg(args, "limit", PAGE_MAX, 1, PAGE_MAX)
+            return 200, await wait_for_events(user, slug, since, wait, limit), []
+        except ActionError as exc:
+            body = {"code": exc.code, "message": exc.message}
+            extra = []
+            if exc.retry_after is not None:
+                body["retry_after"] = exc.retry_after
+                extra.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
+            return STATUS.get(exc.code, 400), body, extra
+        except Exception:
+            log.exception("long poll failed user=%s room=%s", user.pk, slug)
+            return 500, {"code": ErrorCode.INTERNAL, "message": "internal error"}, []
+
+
+class LongPollRouter:
+    """Sends long polls to LongPoll and everything else to Django."""
+
+    def __init__(self, django_app):
+        self.django_app = django_app
+        self.long_poll = AuthMiddlewareStack(LongPoll())
+
+    async def __call__(self, scope, receive, send):
+        if wants_long_poll(scope):
+            return await self.long_poll(scope, receive, send)
+        return await self.django_app(scope, receive, send)
