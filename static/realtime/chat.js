@@ -39,9 +39,50 @@ async function loadSnapshot(slug) {
   return res.json();
 }
 
+// REST errors as the client expects them: {status, code, message, retryAfter}.
+async function restError(res) {
+  let body = {};
+  try {
+    body = await res.json();
+  } catch (err) {
+    /* not JSON (a proxy's error page) */
+  }
+  return Object.assign(new Error(body.message || body.detail || `HTTP ${res.status}`), {
+    status: res.status,
+    code: body.code,
+    retryAfter: body.retry_after || Number(res.headers.get("Retry-After")) || 0,
+  });
+}
+
+// The long-polling fallback (when WebSockets are blocked): GET events with wait.
+async function poll(slug, since, wait, signal, limit) {
+  const params = new URLSearchParams({ since: String(since), wait: String(wait) });
+  if (limit) params.set("limit", String(limit));
+  const res = await fetch(`${config.apiBase}rooms/${encodeURIComponent(slug)}/events/?${params}`, {
+    credentials: "same-origin",
+    headers: { Accept: "application/json" },
+    signal,
+  });
+  if (!res.ok) throw await restError(res);
+  return res.json();
+}
+
+async function postOverRest(slug, body, clientId) {
+  const res = await fetch(`${config.apiBase}rooms/${encodeURIComponent(slug)}/messages/`, {
+    method: "POST",
+    credentials: "same-origin",
+    headers: { Accept: "application/json", "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
+    body: JSON.stringify({ body, client_id: clientId }),
+  });
+  if (!res.ok) throw await restError(res);
+  return res.json();
+}
+
 const client = new RealtimeClient({
   url: wsUrl(config.wsPath),
   loadSnapshot,
+  poll,
+  post: postOverRest,
   user: config.user,
   maxBodyLength: config.maxBodyLength,
 });
@@ -234,6 +275,7 @@ function showState({ state, at, reason }) {
   if (state === State.OPEN) badge.textContent = "connected";
   else if (state === State.CONNECTING) badge.textContent = "connecting";
   else if (state === State.OFFLINE) badge.textContent = "offline";
+  else if (state === State.FALLBACK) badge.textContent = "connected (long polling)";
   else if (state === State.CLOSED) {
     badge.textContent = reason === "unauthenticated" ? "signed out" : reason === "forbidden" ? "access revoked" : "disconnected";
     if (reason === "unauthenticated") location.assign(`${config.loginUrl}?next=${encodeURIComponent(location.pathname)}`);

@@ -220,10 +220,33 @@ export class RealtimeClient {
 
   _scheduleReconnect(code) {
     if (this.state === State.OFFLINE || this.state === State.CLOSED) return;
-    if (this.transport === "poll" || (this.pollFn && this.failedOpens >= this.fallbackAfter)) {
-      this._fallback();
+    if (this.transport === "poll") {
+      this._fallback(); // a failed probe: keep polling, probe again later
       return;
     }
+    if (this.pollFn && this.failedOpens >= this.fallbackAfter && this.rooms.size && !this._checkingHttp) {
+      // WebSockets keep failing. Fall back only if plain HTTP gets through (they are
+      // blocked); if it does not, the server is down and backing off is right.
+      this._checkingHttp = true;
+      const room = this.rooms.keys().next().value;
+      const usable = () => this._checkingHttp && !this.ws && this.state !== State.OFFLINE && this.state !== State.CLOSED;
+      this.pollFn(room, 0, 0, new AbortController().signal, 1).then(
+        () => {
+          if (usable()) this._fallback();
+          this._checkingHttp = false;
+        },
+        () => {
+          if (usable()) this._backoffReconnect(code);
+          this._checkingHttp = false;
+        },
+      );
+      this.setState(State.RECONNECTING, { delay: 0, code, at: this.now() });
+      return;
+    }
+    this._backoffReconnect(code);
+  }
+
+  _backoffReconnect(code) {
     let delay;
     if (RESTART.has(code)) {
       // The server is restarting on purpose: come back at once, spread out a little.
@@ -394,7 +417,7 @@ export class RealtimeClient {
     this._clearTimer();
     if (this.transport !== "poll") {
       this.transport = "poll";
-      this.setState(State.FALLBACK);
+      // The badge says "fallback" once a poll has answered (_polled), not before.
       for (const room of this.rooms.keys()) this._startPolling(room);
       for (const [clientId, item] of this.outbox) this._postMessage(clientId, item);
     }
@@ -404,6 +427,11 @@ export class RealtimeClient {
       this._timer = null;
       if (this.transport === "poll") this.connect(); // a probe: _onOpen switches back
     }, delay);
+  }
+
+  /** HTTP answered while polling: the connection works, over the fallback. */
+  _polled() {
+    if (this.transport === "poll" && this.state !== State.FALLBACK) this.setState(State.FALLBACK);
   }
 
   _stopPolling() {
@@ -452,9 +480,11 @@ export class RealtimeClient {
           }
           this.emit("subscribed", { room, seq: r.lastSeq, replayed: 0 });
         }
+        this._polled();
         const page = await this.pollFn(room, r.lastSeq, this.pollWait, signal);
         if (signal.aborted || this.rooms.get(room) !== r) return;
         failures = 0;
+        this._polled();
         // The same path as socket events: each seq once, in order.
         for (const event of page.events || []) this._onEvent(event);
       } catch (err) {
@@ -480,6 +510,10 @@ export class RealtimeClient {
         }
         failures += 1;
         const wait = Math.max(((err && err.retryAfter) || 0) * 1000, backoffDelay(failures, this.backoff, this.random));
+        if (!err || !err.status || err.status >= 500) {
+          // The server is unreachable over HTTP too: say so, honestly.
+          this.setState(State.RECONNECTING, { delay: wait, at: this.now() + wait });
+        }
         await this._sleep(wait, signal);
       }
     }

@@ -6,9 +6,11 @@ from playwright.sync_api import expect
 pytestmark = pytest.mark.e2e
 
 
-def sign_in(browser, server, username, base=None):
+def sign_in(browser, server, username, base=None, init_script=None, viewport=None):
     base = base or server.url
-    context = browser.new_context(viewport={"width": 1000, "height": 700}, ignore_https_errors=True)
+    context = browser.new_context(viewport=viewport or {"width": 1000, "height": 700}, ignore_https_errors=True)
+    if init_script:
+        context.add_init_script(init_script)
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))

@@ -254,22 +254,26 @@ test("a body over the limit is refused at once and never queued", async () => {
 function fakeRest() {
   const polls = [];
   const posts = [];
+  const checks = [];
   const poll = (room, since, wait, signal, limit) =>
+    wait === 0 ? (checks.push(room), rest.reachable ? Promise.resolve({ events: [], seq: 5, has_more: true }) : Promise.reject(new TypeError("fetch failed"))) :
     new Promise((resolve, reject) => {
       const call = { room, since, wait, limit, signal, resolve, reject };
       polls.push(call);
       signal.addEventListener("abort", () => reject(Object.assign(new Error("aborted"), { aborted: true })));
     });
   const post = (room, body, clientId) => new Promise((resolve, reject) => posts.push({ room, body, clientId, resolve, reject }));
-  return { polls, posts, poll, post };
+  const rest = { polls, posts, poll, post, checks, reachable: true };
+  return rest;
 }
 
 const flush = async () => {
   for (let i = 0; i < 10; i++) await new Promise((r) => setImmediate(r));
 };
 
-async function inFallback() {
+async function inFallback(reachable = true) {
   const rest = fakeRest();
+  rest.reachable = reachable;
   const ctx = setup({ poll: rest.poll, post: rest.post, loadSnapshot: async () => ({ seq: 5, messages: [] }) });
   ctx.client.subscribe("general");
   ctx.client.connect();
@@ -278,7 +282,7 @@ async function inFallback() {
     ctx.timers.advance(i < 2 ? 5000 : 0);
   }
   await flush();
-  return { ...ctx, ...rest };
+  return { ...ctx, ...rest, rest };
 }
 
 test("after three attempts that never open it falls back to long polling, each seq once and in order", async () => {
@@ -361,4 +365,14 @@ test("a 401 while polling stops the client and fails what is queued", async () =
   await flush();
   assert.equal(client.state, State.CLOSED);
   await failed;
+});
+
+test("when HTTP fails too (the server is down) it keeps backing off instead of falling back", async () => {
+  const { client, checks, polls, sockets, timers, states } = await inFallback(false);
+  assert.deepEqual(checks, ["general"], "HTTP was tried once");
+  assert.equal(polls.length, 0);
+  assert.equal(client.state, State.RECONNECTING);
+  assert.ok(!states.some((s) => s.state === State.FALLBACK), "never claims a connection it does not have");
+  timers.advance(30000);
+  assert.equal(sockets.length, 4, "the next WebSocket attempt came after a backoff");
 });
