@@ -222,6 +222,12 @@ class MessagePost(Struct, forbid_unknown_fields=True, kw_only=True):
     client_id: ClientId
 
 
+class MessagePatch(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of `PATCH /api/v1/rooms/<slug>/messages/<id>/`: the socket's message.edit body."""
+
+    body: Body
+
+
 # ---------------------------------------------------------------------------
 # Codecs
 # ---------------------------------------------------------------------------
@@ -317,6 +323,6 @@ def event_to_dict(event: RoomEvent) -> dict:
 # ---------------------------------------------------------------------------
 def json_schemas() -> dict[str, dict]:
     """One JSON Schema per frame class, keyed by class name."""
-    classes = CLIENT_FRAMES + REPLIES + ROOM_EVENTS + (MessagePost,)
+    classes = CLIENT_FRAMES + REPLIES + ROOM_EVENTS + (MessagePost, MessagePatch)
     _, components = msgspec.json.schema_components(classes, ref_template="#/$defs/{name}")
     return {cls.__name__: components[cls.__name__] for cls in classes}

@@ -9,4 +9,5 @@ urlpatterns = [
     path("tickets/", views.Tickets.as_view(), name="api-tickets"),
     path("rooms/<slug:slug>/events/", views.RoomEvents.as_view(), name="api-room-events"),
     path("rooms/<slug:slug>/messages/", views.RoomMessages.as_view(), name="api-room-messages"),
+    path("rooms/<slug:slug>/messages/<int:message_id>/", views.RoomMessage.as_view(), name="api-room-message"),
 ]

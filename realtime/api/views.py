@@ -92,17 +92,49 @@ class RoomMessages(ActionView):
         return Response(actions.room_messages(user=request.user, slug=slug, before=before, limit=limit))
 
     def post(self, request: Request, slug: str) -> Response:
-        try:
-            data = msgspec.convert(request.data, protocol.MessagePost)
-        except (msgspec.ValidationError, ParseError) as exc:
-            raise ActionError(ErrorCode.INVALID, str(exc)) from None
-        verdict = async_to_sync(buckets.take)(request.user.pk, "message.send")
-        if not verdict.allowed:
-            raise ActionError(ErrorCode.RATE_LIMITED, "too many messages; slow down", retry_after=verdict.retry_after)
+        data = parse_body(request, protocol.MessagePost)
+        take_token(request, "message.send")
         result = actions.perform_sync(
             actions.message_send, user=request.user, slug=slug, body=data.body, client_id=data.client_id
         )
-        return Response({"room": result.room, "id": result.id, "seq": result.seq})
+        return ack(result)
+
+
+class RoomMessage(ActionView):
+    """PATCH: edit a message; DELETE: delete it. The socket's message.edit and
+    message.delete, with the same rules, rate limits and ack."""
+
+    def patch(self, request: Request, slug: str, message_id: int) -> Response:
+        data = parse_body(request, protocol.MessagePatch)
+        take_token(request, "message.edit")
+        result = actions.perform_sync(
+            actions.message_edit, user=request.user, slug=slug, message_id=message_id, body=data.body
+        )
+        return ack(result)
+
+    def delete(self, request: Request, slug: str, message_id: int) -> Response:
+        take_token(request, "message.delete")
+        result = actions.perform_sync(actions.message_delete, user=request.user, slug=slug, message_id=message_id)
+        return ack(result)
+
+
+def parse_body(request: Request, shape):
+    try:
+        return msgspec.convert(request.data, shape)
+    except (msgspec.ValidationError, ParseError) as exc:
+        raise ActionError(ErrorCode.INVALID, str(exc)) from None
+
+
+def take_token(request: Request, action: str) -> None:
+    """The socket's token bucket for this action, shared with the REST call."""
+    verdict = async_to_sync(buckets.take)(request.user.pk, action)
+    if not verdict.allowed:
+        raise ActionError(ErrorCode.RATE_LIMITED, "too many; slow down", retry_after=verdict.retry_after)
+
+
+def ack(result) -> Response:
+    """The same fields as the socket's ack."""
+    return Response({"room": result.room, "id": result.id, "seq": result.seq})
 
 
 @method_decorator(ratelimit(key="user", rate="10/m", method="POST", block=True), name="post")

@@ -67,22 +67,30 @@ async function poll(slug, since, wait, signal, limit) {
   return res.json();
 }
 
-async function postOverRest(slug, body, clientId) {
-  const res = await fetch(`${config.apiBase}rooms/${encodeURIComponent(slug)}/messages/`, {
-    method: "POST",
+// A write over REST (the fallback): the same rules, rate limits and ack as the socket.
+async function write(method, path, payload) {
+  const res = await fetch(`${config.apiBase}${path}`, {
+    method,
     credentials: "same-origin",
     headers: { Accept: "application/json", "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
-    body: JSON.stringify({ body, client_id: clientId }),
+    body: payload === undefined ? undefined : JSON.stringify(payload),
   });
   if (!res.ok) throw await restError(res);
   return res.json();
 }
+
+const messagesPath = (slug) => `rooms/${encodeURIComponent(slug)}/messages/`;
+const postOverRest = (slug, body, clientId) => write("POST", messagesPath(slug), { body, client_id: clientId });
+const editOverRest = (slug, id, body) => write("PATCH", `${messagesPath(slug)}${id}/`, { body });
+const removeOverRest = (slug, id) => write("DELETE", `${messagesPath(slug)}${id}/`);
 
 const client = new RealtimeClient({
   url: wsUrl(config.wsPath),
   loadSnapshot,
   poll,
   post: postOverRest,
+  edit: editOverRest,
+  remove: removeOverRest,
   user: config.user,
   maxBodyLength: config.maxBodyLength,
 });
@@ -105,6 +113,7 @@ function ordered() {
 
 function render() {
   frameRequested = false;
+  if (unreadDirty) drawUnread();
   const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
   if (rebuild) {
     rebuild = false;
@@ -260,9 +269,78 @@ client.on("error", (err) => {
   else list.after(notice);
 });
 
-client.on("reset", () => {
+client.on("reset", ({ room: slug }) => {
+  if (slug !== room) {
+    // Too far behind to count exactly: the room has news, how much is unknown.
+    unread.set(slug, Infinity);
+    schedule();
+    return;
+  }
   rebuild = true;
   schedule();
+});
+
+// -- the other rooms: unread counts -------------------------------------------
+// Counted in this browser: the last seq seen of each room is kept in localStorage,
+// other rooms are followed from there (replay, then live), and each new message by
+// someone else counts once. (Server-side read state comes with issue #7.)
+const unread = new Map(); // slug -> count
+let unreadDirty = false;
+const seenKey = (slug) => `realtime:seen:${config.user}:${slug}`;
+
+function lastSeen(slug) {
+  try {
+    const value = Number(localStorage.getItem(seenKey(slug)));
+    return Number.isInteger(value) && value > 0 ? value : null;
+  } catch (err) {
+    return null; // storage disabled
+  }
+}
+
+function markSeen(seq) {
+  try {
+    if (seq > (lastSeen(room) || 0)) localStorage.setItem(seenKey(room), String(seq));
+  } catch (err) {
+    /* storage disabled: counts start from now */
+  }
+}
+
+function drawUnread() {
+  unreadDirty = false;
+  for (const link of document.querySelectorAll(".rooms a[data-room]")) {
+    const count = unread.get(link.dataset.room) || 0;
+    const badge = link.querySelector(".unread");
+    badge.hidden = count === 0;
+    const shown = count === Infinity || count > 99 ? "99+" : String(count);
+    const visible = Object.assign(document.createElement("span"), { textContent: shown });
+    visible.setAttribute("aria-hidden", "true");
+    const spoken = Object.assign(document.createElement("span"), { className: "visually-hidden", textContent: `, ${shown} unread` });
+    badge.replaceChildren(visible, spoken);
+  }
+}
+
+client.on("event", (ev) => {
+  if (ev.room === room) {
+    markSeen(ev.seq);
+    return;
+  }
+  if (ev.type === "message.new" && ev.author !== config.user) {
+    unread.set(ev.room, (unread.get(ev.room) || 0) + 1);
+    unreadDirty = true;
+    schedule();
+  }
+});
+
+client.on("snapshot", (snap) => {
+  if (snap.room === room) markSeen(snap.seq);
+});
+
+client.on("error", (err) => {
+  // A room of the list we may no longer see: stop counting it.
+  if (err.room && err.room !== room && unread.delete(err.room)) {
+    unreadDirty = true;
+    schedule();
+  }
 });
 
 // -- the status badge -----------------------------------------------------------
@@ -362,5 +440,9 @@ if (composer) {
 
 window.addEventListener("beforeunload", () => client.close());
 client.subscribe(room);
+for (const link of document.querySelectorAll(".rooms a[data-room]")) {
+  const slug = link.dataset.room;
+  if (slug !== room) client.subscribe(slug, { since: lastSeen(slug), background: true });
+}
 client.connect();
 window.realtimeClient = client; // for debugging and the browser tests

@@ -59,6 +59,8 @@ export class RealtimeClient {
    *   a long poll of the room's events (REST); throws {status, code, retryAfter}
    * @param {Function} [options.post]  async (room, body, clientId) => {id, seq, room}: post
    *   a message over REST; throws {status, code, retryAfter}. With poll, enables the fallback.
+   * @param {Function} [options.edit]    async (room, id, body) => ack: edit over REST while polling
+   * @param {Function} [options.remove]  async (room, id) => ack: delete over REST while polling
    */
   constructor(options) {
     this.url = options.url;
@@ -81,6 +83,8 @@ export class RealtimeClient {
     // cap `upgradeCap`), and switch back as soon as one opens.
     this.pollFn = options.poll || null;
     this.postFn = options.post || null;
+    this.editFn = options.edit || null; // async (room, id, body) => ack, over REST
+    this.removeFn = options.remove || null; // async (room, id) => ack, over REST
     this.fallbackAfter = options.fallbackAfter ?? 3;
     this.pollWait = options.pollWait ?? 25;
     this.upgradeCap = options.upgradeCap ?? 10000;
@@ -403,10 +407,13 @@ export class RealtimeClient {
   }
 
   edit(room, id, body) {
+    // Over REST while polling (the same rules and ack), over the socket otherwise.
+    if (this.transport === "poll" && this.editFn) return this.editFn(room, id, body);
     return this.request({ type: "message.edit", room, id, body });
   }
 
   remove(room, id) {
+    if (this.transport === "poll" && this.removeFn) return this.removeFn(room, id);
     return this.request({ type: "message.delete", room, id });
   }
 
@@ -418,7 +425,7 @@ export class RealtimeClient {
     if (this.transport !== "poll") {
       this.transport = "poll";
       // The badge says "fallback" once a poll has answered (_polled), not before.
-      for (const room of this.rooms.keys()) this._startPolling(room);
+      for (const [room, r] of this.rooms) if (!r.background) this._startPolling(room);
       for (const [clientId, item] of this.outbox) this._postMessage(clientId, item);
     }
     const delay = backoffDelay(this.probes, { base: 1000, cap: this.upgradeCap }, this.random) + 500;
@@ -553,13 +560,21 @@ export class RealtimeClient {
   }
 
   // -- rooms ----------------------------------------------------------------
-  /** Follow a room: load its snapshot (if no seq is known), then subscribe with since. */
-  subscribe(room) {
+  /**
+   * Follow a room: load its snapshot (if no seq is known), then subscribe with since.
+   * Options: `since` (a seq already seen: replay from there, no snapshot) and
+   * `background` (no snapshot: with no since, live from the head; not long-polled
+   * in the fallback, where browsers allow only a few requests per host at once).
+   */
+  subscribe(room, { since = null, background = false } = {}) {
     if (!this.rooms.has(room)) {
-      this.rooms.set(room, { lastSeq: null, pending: new Map(), subscribed: false, resyncing: false, loading: null });
+      this.rooms.set(room, {
+        lastSeq: Number.isInteger(since) ? since : null,
+        pending: new Map(), subscribed: false, resyncing: false, loading: null, background,
+      });
     }
     if (this.state === State.OPEN) this._subscribe(room);
-    else if (this.transport === "poll") this._startPolling(room);
+    else if (this.transport === "poll" && !background) this._startPolling(room);
   }
 
   unsubscribe(room) {
@@ -578,7 +593,7 @@ export class RealtimeClient {
   async _subscribe(room) {
     const r = this.rooms.get(room);
     if (!r) return;
-    if (r.lastSeq === null && this.loadSnapshot) {
+    if (r.lastSeq === null && this.loadSnapshot && !r.background) {
       if (r.loading) return;
       try {
         r.loading = this.loadSnapshot(room);

@@ -1,5 +1,7 @@
 """Two people chat in real browsers through a real daphne server."""
 
+import re
+
 import pytest
 from playwright.sync_api import expect
 
@@ -86,3 +88,61 @@ def test_wss_straight_to_daphnes_tls_endpoint(app_server, browser):
     send(page, "over tls")
     expect(page.locator("#messages .body").last).to_have_text("over tls", timeout=10_000)
     assert page.errors == []
+
+
+def test_unread_counts_in_the_room_list_at_phone_width(app_server, browser, artifacts):
+    phone = {"width": 390, "height": 780}
+    bob = sign_in(browser, app_server, "bob", viewport=phone)
+    expect(bob.locator("#status")).to_have_text("connected", timeout=10_000)
+    alice = sign_in(browser, app_server, "alice")
+    alice.goto(f"{app_server.url}/rooms/ops/")
+    expect(alice.locator("#status")).to_have_text("connected", timeout=10_000)
+
+    ops = bob.locator('.rooms a[data-room="ops"]')
+    expect(ops.locator(".unread")).to_be_hidden()
+    send(alice, "ops one")
+    send(alice, "ops two")
+    expect(ops.locator(".unread")).to_have_text("2, 2 unread", timeout=10_000)
+    expect(ops).to_have_accessible_name(re.compile(r"^#ops\s*,\s*2 unread\s*$"))
+    # The room list is still there at phone width, above the messages.
+    assert ops.is_visible() and bob.locator("#composer").is_visible()
+    bob.screenshot(path=str(artifacts / "phone.png"))
+
+    # Reading the room clears it; news after that counts again from there.
+    ops.click()
+    expect(bob.locator("#messages .body").last).to_have_text("ops two", timeout=10_000)
+    bob.locator('.rooms a[data-room="general"]').click()
+    expect(bob.locator("#status")).to_have_text("connected", timeout=10_000)
+    expect(bob.locator('.rooms a[data-room="ops"] .unread')).to_be_hidden()
+    send(alice, "ops three")
+    expect(bob.locator('.rooms a[data-room="ops"] .unread')).to_have_text("1, 1 unread", timeout=10_000)
+    assert bob.errors == [] and alice.errors == []
+
+
+def test_the_page_is_labelled_for_assistive_technology(app_server, browser):
+    bob = sign_in(browser, app_server, "bob")
+    expect(bob.locator("#status")).to_have_text("connected", timeout=10_000)
+    assert bob.locator("#status").get_attribute("role") == "status"
+    assert bob.locator("#messages").get_attribute("aria-live") == "polite"
+    expect(bob.get_by_role("navigation", name="Rooms")).to_be_visible()
+    expect(bob.get_by_label("Message")).to_be_visible()
+    # Keyboard: the composer is reachable and Enter sends.
+    bob.get_by_label("Message").focus()
+    bob.keyboard.type("typed with the keyboard")
+    bob.keyboard.press("Enter")
+    expect(bob.locator("#messages .body").last).to_have_text("typed with the keyboard", timeout=10_000)
+
+
+def test_dark_theme_follows_the_system(app_server, browser, artifacts):
+    context = browser.new_context(color_scheme="dark", viewport={"width": 1000, "height": 700})
+    page = context.new_page()
+    page.goto(f"{app_server.url}/accounts/login/")
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(17, 19, 24)", background  # --bg of the dark palette
+    page.fill("#id_username", "bob")
+    page.fill("#id_password", "demo-password")
+    page.click("button[type=submit]")
+    page.goto(f"{app_server.url}/rooms/general/")
+    expect(page.locator("#status")).to_have_text("connected", timeout=10_000)
+    page.screenshot(path=str(artifacts / "chat-dark.png"))
+    context.close()

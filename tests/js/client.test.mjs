@@ -376,3 +376,79 @@ test("when HTTP fails too (the server is down) it keeps backing off instead of f
   timers.advance(30000);
   assert.equal(sockets.length, 4, "the next WebSocket attempt came after a backoff");
 });
+
+test("while polling, edits and deletes go over REST; over the socket otherwise", async () => {
+  const calls = [];
+  const { client, sockets, timers } = await (async () => {
+    const rest = fakeRest();
+    const ctx = setup({
+      poll: rest.poll, post: rest.post, loadSnapshot: async () => ({ seq: 5, messages: [] }),
+      edit: async (room, id, body) => (calls.push(["edit", room, id, body]), { room, id, seq: 9 }),
+      remove: async (room, id) => (calls.push(["remove", room, id]), { room, id, seq: 10 }),
+    });
+    ctx.client.subscribe("general");
+    ctx.client.connect();
+    for (let i = 0; i < 3; i++) {
+      ctx.sockets[i].serverClose(1006);
+      ctx.timers.advance(i < 2 ? 5000 : 0);
+    }
+    await flush();
+    return ctx;
+  })();
+  assert.equal(client.state, State.FALLBACK);
+  assert.deepEqual(await client.edit("general", 4, "new"), { room: "general", id: 4, seq: 9 });
+  assert.deepEqual(await client.remove("general", 4), { room: "general", id: 4, seq: 10 });
+  assert.deepEqual(calls, [["edit", "general", 4, "new"], ["remove", "general", 4]]);
+  timers.advance(2000);
+  sockets.at(-1).open();
+  const pending = client.edit("general", 4, "again");
+  assert.equal(sockets.at(-1).sent.at(-1).type, "message.edit");
+  assert.equal(calls.length, 2);
+  sockets.at(-1).receive({ type: "ack", ref: sockets.at(-1).sent.at(-1).ref, room: "general", id: 4, seq: 11 });
+  assert.equal((await pending).seq, 11);
+});
+
+test("4013 backs off; 4029 waits at least retry_after", () => {
+  const { client, sockets, timers, states } = setup({ random: () => 0 });
+  client.connect();
+  sockets[0].open();
+  sockets[0].serverClose(4013);
+  assert.equal(client.state, State.RECONNECTING);
+  // full jitter with random()=0 reconnects at once; the attempt counter still grows
+  timers.advance(1);
+  assert.equal(sockets.length, 2);
+  sockets[1].open();
+  sockets[1].receive({ type: "error", code: "rate_limited", retry_after: 7 });
+  sockets[1].serverClose(4029);
+  const waiting = states.at(-1);
+  assert.equal(waiting.state, State.RECONNECTING);
+  assert.ok(waiting.delay >= 7000, `waited ${waiting.delay} ms`);
+  timers.advance(6999);
+  assert.equal(sockets.length, 2);
+  timers.advance(1);
+  assert.equal(sockets.length, 3);
+});
+
+test("the network or the tab coming back reconnects at once", () => {
+  const listeners = {};
+  const docListeners = {};
+  const env = {
+    addEventListener: (name, fn) => (listeners[name] = fn),
+    document: { visibilityState: "hidden", addEventListener: (name, fn) => (docListeners[name] = fn) },
+  };
+  const { client, sockets, timers } = setup({ env });
+  client.connect();
+  sockets[0].open();
+  listeners.offline();
+  assert.equal(client.state, State.OFFLINE);
+  assert.ok(sockets[0].closedWith, "the socket is dropped");
+  timers.advance(60000);
+  assert.equal(sockets.length, 1, "no attempts while offline");
+  listeners.online();
+  assert.equal(sockets.length, 2, "back online: at once");
+  sockets[1].serverClose(1006);
+  assert.equal(client.state, State.RECONNECTING);
+  env.document.visibilityState = "visible";
+  docListeners.visibilitychange();
+  assert.equal(sockets.length, 3, "the tab came back: at once, not after the backoff");
+});

@@ -109,3 +109,32 @@ def test_messages_history_pages_newest_last_without_deleted(clients, demo):
     assert [m["body"] for m in data["messages"]] == ["m2", "m3"]
     older = clients["bob"].get(f"/api/v1/rooms/general/messages/?limit=5&before={data['messages'][0]['seq']}").json()
     assert [m["body"] for m in older["messages"]] == ["m0", "m1"] and older["has_more"] is False
+
+
+def test_edit_and_delete_over_rest_follow_the_sockets_rules(clients):
+    """The long-polling fallback edits and deletes through these."""
+    mid = post(clients["bob"], "general", body="first").json()["id"]
+    url = f"/api/v1/rooms/general/messages/{mid}/"
+    # Someone else's message: refused, nothing changes.
+    res = clients["alice"].patch(url, {"body": "hijack"}, content_type="application/json")
+    assert (res.status_code, res.json()["code"]) == (403, "forbidden")
+    res = clients["bob"].patch(url, {"body": "x", "extra": 1}, content_type="application/json")
+    assert (res.status_code, res.json()["code"]) == (400, "invalid")
+    res = clients["bob"].patch(url, {"body": "second"}, content_type="application/json")
+    assert res.status_code == 200 and res.json() == {"room": "general", "id": mid, "seq": 2}
+    assert Message.objects.get(pk=mid).body == "second"
+    assert clients["carol"].delete(url).status_code == 403  # a reader
+    res = clients["alice"].delete(url)  # the owner may moderate
+    assert res.status_code == 200 and res.json()["seq"] == 3
+    assert Message.objects.get(pk=mid).deleted_at is not None
+    assert [e.type for e in Event.objects.order_by("seq")] == ["message.new", "message.edited", "message.deleted"]
+    assert clients["alice"].delete("/api/v1/rooms/general/messages/999999/").status_code == 404
+
+
+def test_rest_edits_share_the_sockets_bucket(clients, settings):
+    settings.REALTIME = {**settings.REALTIME, "RATE_LIMITS": {**settings.REALTIME["RATE_LIMITS"], "message.edit": (0.01, 1)}}
+    mid = post(clients["bob"], "general", body="first").json()["id"]
+    url = f"/api/v1/rooms/general/messages/{mid}/"
+    assert clients["bob"].patch(url, {"body": "one"}, content_type="application/json").status_code == 200
+    res = clients["bob"].patch(url, {"body": "two"}, content_type="application/json")
+    assert res.status_code == 429 and res.json()["code"] == "rate_limited" and "Retry-After" in res
