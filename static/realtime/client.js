@@ -75,7 +75,7 @@ export class RealtimeClient {
     this.pingInterval = options.pingInterval ?? 20000;
     this.pingTimeout = options.pingTimeout ?? 10000; // silence allowed past an unanswered ping
     this.restartJitter = options.restartJitter ?? 1000;
-    this.connectTimeout = options.connectTimeout ?? 10000; // a handshake that hangs is dropped
+    this.connectTimeout = options.connectTimeout ?? 10000; // no first frame by then: dropped
     this.maxBodyLength = options.maxBodyLength ?? 4000; // REALTIME_MAX_BODY_LENGTH
     this.env = options.env === undefined ? globalThis : options.env; // for online/offline, visibility
     // Long-polling fallback: after `fallbackAfter` attempts in a row that never
@@ -92,6 +92,8 @@ export class RealtimeClient {
     this.failedOpens = 0;
     this.probes = 0;
     this._polls = new Map(); // room -> AbortController of its running poll loop
+    this.checkTimeout = options.checkTimeout ?? 10000; // the HTTP check before falling back
+    this._check = null; // the HTTP check in flight: {controller, timer}
 
     this.state = null;
     this.attempts = 0;
@@ -154,7 +156,9 @@ export class RealtimeClient {
     ws.onerror = () => {}; // a close always follows
     this._connectTimer = this.timers.setTimeout(() => {
       this._connectTimer = null;
-      if (this.ws === ws && !ws.opened) {
+      if (this.ws === ws && !ws.live) {
+        // No frame came back in time (a handshake that hangs, or a proxy that
+        // passes the upgrade and then nothing): it counts as a failed open.
         this.failedOpens += 1;
         this._dropSocket(Close.HEARTBEAT, "connect timeout");
         this._scheduleReconnect(Close.ABNORMAL);
@@ -164,12 +168,25 @@ export class RealtimeClient {
 
   /** Stop for good (until connect() is called again). */
   close() {
+    this._stop("closed", Close.NORMAL, "the client was closed");
+    this.attempts = this.failedOpens = this.probes = 0;
+  }
+
+  /** Everything stops: socket, polls, probe, check, retries; queued sends fail. */
+  _stop(reason, code, message) {
     this._clearTimer();
+    this._cancelCheck();
     this._stopPolling();
     this.transport = "ws";
-    this._dropSocket(Close.NORMAL, "client closed");
-    this.setState(State.CLOSED, { reason: "closed" });
-    this._failOutbox("closed", "the client was closed");
+    this._dropSocket(Close.NORMAL, reason);
+    for (const r of this.rooms.values()) this._clearRoomTimer(r);
+    this.setState(State.CLOSED, { reason, code });
+    this._failOutbox(reason, message);
+  }
+
+  _clearRoomTimer(r) {
+    if (r.retryTimer) this.timers.clearTimeout(r.retryTimer);
+    r.retryTimer = null;
   }
 
   /** Settle every queued send as failed: nothing will send them any more. */
@@ -183,39 +200,46 @@ export class RealtimeClient {
 
   _onOpen(ws) {
     if (ws !== this.ws) return;
+    // Open is not yet connected: the state says so once a frame has come back
+    // (_onLive), so a proxy that passes the upgrade and then nothing is caught.
     ws.opened = true;
+    this._raw({ type: "ping", t: this.now() });
+    for (const room of this.rooms.keys()) this._subscribe(room);
+    for (const [clientId, item] of this.outbox) this._sendMessage(clientId, item);
+  }
+
+  /** The first frame from the server: the socket really works. */
+  _onLive(ws) {
+    ws.live = true;
     this.failedOpens = 0;
     this.probes = 0;
+    this._cancelCheck();
     if (this.transport === "poll") {
-      // A WebSocket works again: stop polling and resume every room by seq below.
+      // A WebSocket works again: polling stops; every room was resubscribed with
+      // its seq and the outbox resent (same client_ids) when the socket opened.
       this._stopPolling();
       this.transport = "ws";
     }
-    this._lastFrameAt = this.now();
     if (this._connectTimer) this.timers.clearTimeout(this._connectTimer);
     this._connectTimer = null;
+    this._clearTimer();
     this.setState(State.OPEN);
     this._stableTimer = this.timers.setTimeout(() => {
       this.attempts = 0;
     }, this.stableAfter);
     this._schedulePing();
-    for (const room of this.rooms.keys()) this._subscribe(room);
-    for (const [clientId, item] of this.outbox) this._sendMessage(clientId, item);
   }
 
   _onClose(ws, code, reason) {
     if (ws !== this.ws) return;
     this.ws = null;
-    if (!ws.opened) this.failedOpens += 1;
+    if (!ws.live) this.failedOpens += 1;
     this._stopSocketTimers();
     for (const room of this.rooms.values()) room.subscribed = false;
     for (const [, req] of this.requests) req.reject(Object.assign(new Error("connection lost"), { code: "disconnected" }));
     this.requests.clear();
     if (STOP[code]) {
-      this._stopPolling();
-      this.transport = "ws";
-      this.setState(State.CLOSED, { reason: STOP[code], code });
-      this._failOutbox(STOP[code], code === Close.NOT_AUTHENTICATED ? "signed out" : "access revoked");
+      this._stop(STOP[code], code, code === Close.NOT_AUTHENTICATED ? "signed out" : "access revoked");
       return;
     }
     if (this.state === State.CLOSED) return;
@@ -228,26 +252,34 @@ export class RealtimeClient {
       this._fallback(); // a failed probe: keep polling, probe again later
       return;
     }
-    if (this.pollFn && this.failedOpens >= this.fallbackAfter && this.rooms.size && !this._checkingHttp) {
+    if (this.pollFn && this.failedOpens >= this.fallbackAfter && this.rooms.size) {
+      if (this._check) return; // one check at a time; it decides what comes next
       // WebSockets keep failing. Fall back only if plain HTTP gets through (they are
       // blocked); if it does not, the server is down and backing off is right.
-      this._checkingHttp = true;
       const room = this.rooms.keys().next().value;
-      const usable = () => this._checkingHttp && !this.ws && this.state !== State.OFFLINE && this.state !== State.CLOSED;
-      this.pollFn(room, 0, 0, new AbortController().signal, 1).then(
-        () => {
-          if (usable()) this._fallback();
-          this._checkingHttp = false;
-        },
-        () => {
-          if (usable()) this._backoffReconnect(code);
-          this._checkingHttp = false;
-        },
-      );
+      const check = { controller: new AbortController(), timer: null };
+      check.timer = this.timers.setTimeout(() => check.controller.abort(), this.checkTimeout);
+      this._check = check;
+      const decide = (answered) => {
+        if (this._check !== check) return; // cancelled: connected, closed or offline meanwhile
+        this._cancelCheck();
+        if (this.ws || this.state === State.OFFLINE || this.state === State.CLOSED) return;
+        if (answered) this._fallback();
+        else this._backoffReconnect(code);
+      };
+      this.pollFn(room, 0, 0, check.controller.signal, 1).then(() => decide(true), () => decide(false));
       this.setState(State.RECONNECTING, { delay: 0, code, at: this.now() });
       return;
     }
     this._backoffReconnect(code);
+  }
+
+  _cancelCheck() {
+    const check = this._check;
+    if (!check) return;
+    this._check = null;
+    this.timers.clearTimeout(check.timer);
+    check.controller.abort();
   }
 
   _backoffReconnect(code) {
@@ -302,7 +334,7 @@ export class RealtimeClient {
 
   _heartbeat() {
     this._pingTimer = null;
-    if (!this.ws || this.state !== State.OPEN) return;
+    if (!this.ws || !this.ws.live) return;
     const silentFor = this.now() - this._lastFrameAt;
     if (silentFor >= this.pingInterval + this.pingTimeout) {
       // Nothing at all came back, not even a pong: the socket is dead.
@@ -321,6 +353,7 @@ export class RealtimeClient {
     env.addEventListener("offline", () => {
       if (this.state === State.CLOSED) return;
       this._clearTimer();
+      this._cancelCheck();
       this._stopPolling();
       this.transport = "ws";
       this._dropSocket(Close.NORMAL, "offline");
@@ -346,7 +379,7 @@ export class RealtimeClient {
 
   // -- sending --------------------------------------------------------------
   _raw(frame) {
-    if (!this.ws || this.state !== State.OPEN) return false;
+    if (!this.ws || !this.ws.opened) return false;
     this.ws.send(JSON.stringify(frame));
     return true;
   }
@@ -394,10 +427,9 @@ export class RealtimeClient {
   _sendMessage(clientId, item) {
     // One ref per message, whatever the attempt: any attempt's ack settles it.
     item.ref = `m:${clientId}`;
-    if (this.transport === "poll") {
-      this._postMessage(clientId, item);
-      return;
-    }
+    // While polling, over REST; and over any open socket too (a probe that has not
+    // answered yet): the server applies one client_id once, whichever arrives.
+    if (this.transport === "poll") this._postMessage(clientId, item);
     this._raw({ type: "message.send", ref: item.ref, room: item.room, body: item.body, client_id: clientId });
   }
 
@@ -424,7 +456,10 @@ export class RealtimeClient {
     this._clearTimer();
     if (this.transport !== "poll") {
       this.transport = "poll";
-      // The badge says "fallback" once a poll has answered (_polled), not before.
+      // The HTTP check has just answered: connected, over the fallback. A poll
+      // that fails later says "reconnecting" until one answers again (_polled).
+      this.setState(State.FALLBACK);
+      for (const r of this.rooms.values()) this._clearRoomTimer(r);
       for (const [room, r] of this.rooms) if (!r.background) this._startPolling(room);
       for (const [clientId, item] of this.outbox) this._postMessage(clientId, item);
     }
@@ -457,12 +492,31 @@ export class RealtimeClient {
 
   _sleep(ms, signal) {
     return new Promise((resolve) => {
-      const t = this.timers.setTimeout(resolve, ms);
-      signal.addEventListener("abort", () => {
+      const onAbort = () => {
         this.timers.clearTimeout(t);
         resolve();
-      });
+      };
+      const t = this.timers.setTimeout(() => {
+        signal.removeEventListener("abort", onAbort);
+        resolve();
+      }, ms);
+      signal.addEventListener("abort", onAbort, { once: true });
     });
+  }
+
+  /** One poll with a deadline of its own: a request that hangs (a connection
+   * that died silently) fails after wait + 10 s instead of stalling the room. */
+  async _timedPoll(room, since, wait, signal, limit) {
+    const request = new AbortController();
+    const onAbort = () => request.abort();
+    signal.addEventListener("abort", onAbort, { once: true });
+    const timer = this.timers.setTimeout(() => request.abort(), (wait + 10) * 1000);
+    try {
+      return await this.pollFn(room, since, wait, request.signal, limit);
+    } finally {
+      this.timers.clearTimeout(timer);
+      signal.removeEventListener("abort", onAbort);
+    }
   }
 
   async _pollLoop(room, controller) {
@@ -476,19 +530,21 @@ export class RealtimeClient {
           if (this.loadSnapshot) {
             const snap = await this.loadSnapshot(room);
             if (signal.aborted || this.rooms.get(room) !== r) return;
-            r.lastSeq = snap.seq;
-            r.pending.clear();
-            this.emit("snapshot", { room, ...snap });
+            if (r.lastSeq === null) {
+              r.lastSeq = snap.seq;
+              r.pending.clear();
+              this.emit("snapshot", { room, ...snap });
+            }
           } else {
             // No history wanted: go live from the head.
-            const head = await this.pollFn(room, 0, 0, signal, 1);
+            const head = await this._timedPoll(room, 0, 0, signal, 1);
             if (signal.aborted || this.rooms.get(room) !== r) return;
-            r.lastSeq = head.seq;
+            if (r.lastSeq === null) r.lastSeq = head.seq;
           }
+          this._polled();
           this.emit("subscribed", { room, seq: r.lastSeq, replayed: 0 });
         }
-        this._polled();
-        const page = await this.pollFn(room, r.lastSeq, this.pollWait, signal);
+        const page = await this._timedPoll(room, r.lastSeq, this.pollWait, signal);
         if (signal.aborted || this.rooms.get(room) !== r) return;
         failures = 0;
         this._polled();
@@ -498,16 +554,15 @@ export class RealtimeClient {
         if (signal.aborted) return;
         const status = err && err.status;
         if (status === 401) {
-          this._stopPolling();
-          this.transport = "ws";
-          this.setState(State.CLOSED, { reason: "unauthenticated", code: Close.NOT_AUTHENTICATED });
-          this._failOutbox("unauthenticated", "signed out");
+          this._stop("unauthenticated", Close.NOT_AUTHENTICATED, "signed out");
           return;
         }
         if (err && err.code === "recovery_failed") {
           r.lastSeq = null;
           r.pending.clear();
           this.emit("reset", { room });
+          failures += 1;
+          await this._sleep(backoffDelay(failures, this.backoff, this.random), signal);
           continue;
         }
         if (err && (err.code === "forbidden" || err.code === "not_found")) {
@@ -541,10 +596,15 @@ export class RealtimeClient {
           return;
         } catch (err) {
           if (this.outbox.get(clientId) !== item) return;
-          if (err && FINAL_ERRORS.has(err.code)) {
+          const status = (err && err.status) || 0;
+          // A refusal (4xx but a timeout or a rate limit) will not change by itself.
+          const final = (err && FINAL_ERRORS.has(err.code)) || (status >= 400 && status < 500 && status !== 408 && status !== 429);
+          if (final) {
+            const code = (err && err.code) || `http_${status}`;
+            const message = (err && err.message) || code;
             this.outbox.delete(clientId);
-            item.reject(Object.assign(new Error(err.message || err.code), { code: err.code }));
-            this.emit("failed", { clientId, room: item.room, code: err.code, message: err.message });
+            item.reject(Object.assign(new Error(message), { code }));
+            this.emit("failed", { clientId, room: item.room, code, message });
             return;
           }
           // Rate-limited, a network error or a server fault: the same client_id
@@ -573,11 +633,13 @@ export class RealtimeClient {
         pending: new Map(), subscribed: false, resyncing: false, loading: null, background,
       });
     }
-    if (this.state === State.OPEN) this._subscribe(room);
-    else if (this.transport === "poll" && !background) this._startPolling(room);
+    if (this.ws && this.ws.opened) this._subscribe(room);
+    if (this.transport === "poll" && !background) this._startPolling(room);
   }
 
   unsubscribe(room) {
+    const r = this.rooms.get(room);
+    if (r) this._clearRoomTimer(r);
     this.rooms.delete(room);
     const poll = this._polls.get(room);
     if (poll) poll.abort();
@@ -599,22 +661,31 @@ export class RealtimeClient {
         r.loading = this.loadSnapshot(room);
         const snap = await r.loading;
         if (this.rooms.get(room) !== r) return; // unsubscribed meanwhile
-        r.lastSeq = snap.seq;
-        r.pending.clear();
         r.snapshotAttempts = 0;
-        this.emit("snapshot", { room, ...snap });
+        if (r.lastSeq === null) {
+          // (Not if the fallback's own load got there first: never go back.)
+          r.lastSeq = snap.seq;
+          r.pending.clear();
+          this.emit("snapshot", { room, ...snap });
+        }
       } catch (err) {
         if (this.rooms.get(room) !== r) return;
         this.emit("error", { room, code: "snapshot_failed", message: String(err) });
         // Try the history again with its own backoff; the socket is fine.
         r.snapshotAttempts = (r.snapshotAttempts || 0) + 1;
-        this.timers.setTimeout(() => this._subscribe(room), backoffDelay(r.snapshotAttempts, this.backoff, this.random) + 250);
+        this._clearRoomTimer(r);
+        if (this.state !== State.CLOSED && this.transport === "ws") {
+          r.retryTimer = this.timers.setTimeout(() => {
+            r.retryTimer = null;
+            this._subscribe(room);
+          }, backoffDelay(r.snapshotAttempts, this.backoff, this.random) + 250);
+        }
         return;
       } finally {
         r.loading = null;
       }
     }
-    if (this.rooms.get(room) !== r || this.state !== State.OPEN) return;
+    if (this.rooms.get(room) !== r || !this.ws || !this.ws.opened) return;
     r.resyncing = true;
     // Without a snapshot loader and no seq yet, go live from the head (the ack says which).
     const frame = { type: "subscribe", ref: `sub:${room}`, room };
@@ -626,6 +697,7 @@ export class RealtimeClient {
   _onMessage(ws, data) {
     if (ws !== this.ws) return;
     this._lastFrameAt = this.now();
+    if (!ws.live) this._onLive(ws);
     let frame;
     try {
       frame = JSON.parse(data);
@@ -698,7 +770,11 @@ export class RealtimeClient {
           // Transient: ask again later.
           r.subscribeAttempts = (r.subscribeAttempts || 0) + 1;
           const wait = Math.max((frame.retry_after || 0) * 1000, backoffDelay(r.subscribeAttempts, this.backoff, this.random));
-          this.timers.setTimeout(() => this._subscribe(room), wait);
+          this._clearRoomTimer(r);
+          r.retryTimer = this.timers.setTimeout(() => {
+            r.retryTimer = null;
+            this._subscribe(room);
+          }, wait);
         }
       }
       this.emit("error", { room, code: frame.code, message: frame.message });

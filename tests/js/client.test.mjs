@@ -29,7 +29,10 @@ function fakeSocketClass() {
     send(data) { this.sent.push(JSON.parse(data)); }
     close(code, reason) { this.closedWith = { code, reason }; }
     // helpers for the test
-    open() { this.onopen && this.onopen(); }
+    // A live server: the socket opens and answers the client's first ping.
+    open() { this.openSilently(); this.receive({ type: "pong" }); }
+    // A proxy that passes the upgrade and then nothing.
+    openSilently() { this.onopen && this.onopen(); }
     receive(frame) { this.onmessage && this.onmessage({ data: JSON.stringify(frame) }); }
     serverClose(code) { this.onclose && this.onclose({ code, reason: "" }); }
   }
@@ -256,7 +259,8 @@ function fakeRest() {
   const posts = [];
   const checks = [];
   const poll = (room, since, wait, signal, limit) =>
-    wait === 0 ? (checks.push(room), rest.reachable ? Promise.resolve({ events: [], seq: 5, has_more: true }) : Promise.reject(new TypeError("fetch failed"))) :
+    wait === 0 ? (checks.push(room), rest.hangCheck ? new Promise((resolve, reject) => signal.addEventListener("abort", () => reject(new Error("aborted")))) :
+      rest.reachable ? Promise.resolve({ events: [], seq: 5, has_more: true }) : Promise.reject(new TypeError("fetch failed"))) :
     new Promise((resolve, reject) => {
       const call = { room, since, wait, limit, signal, resolve, reject };
       polls.push(call);
@@ -271,9 +275,10 @@ const flush = async () => {
   for (let i = 0; i < 10; i++) await new Promise((r) => setImmediate(r));
 };
 
-async function inFallback(reachable = true) {
+async function inFallback(reachable = true, hangCheck = false) {
   const rest = fakeRest();
   rest.reachable = reachable;
+  rest.hangCheck = hangCheck;
   const ctx = setup({ poll: rest.poll, post: rest.post, loadSnapshot: async () => ({ seq: 5, messages: [] }) });
   ctx.client.subscribe("general");
   ctx.client.connect();
@@ -451,4 +456,95 @@ test("the network or the tab coming back reconnects at once", () => {
   env.document.visibilityState = "visible";
   docListeners.visibilitychange();
   assert.equal(sockets.length, 3, "the tab came back: at once, not after the backoff");
+});
+
+// -- regressions found in review ------------------------------------------------
+test("after a failed poll the badge says connected again only once a poll has answered", async () => {
+  const { client, polls, timers } = await inFallback();
+  polls[0].reject(new TypeError("fetch failed")); // the server went away
+  await flush();
+  assert.equal(client.state, State.RECONNECTING);
+  timers.advance(30000); // the retry is in flight, nothing has answered
+  await flush();
+  assert.equal(polls.length, 2);
+  assert.equal(client.state, State.RECONNECTING);
+  polls[1].resolve({ events: [], seq: 5 });
+  await flush();
+  assert.equal(client.state, State.FALLBACK);
+});
+
+test("an HTTP check that hangs times out and the client backs off and retries", async () => {
+  const { client, checks, sockets, timers } = await inFallback(true, true);
+  assert.equal(checks.length, 1);
+  timers.advance(10000); // the check's deadline
+  await flush();
+  assert.equal(client.state, State.RECONNECTING);
+  timers.advance(60000);
+  assert.ok(sockets.length > 3, "it tried the WebSocket again");
+});
+
+test("a long poll that hangs past its wait is abandoned and retried", async () => {
+  const { polls, timers } = await inFallback();
+  assert.equal(polls.length, 1);
+  timers.advance(35000); // wait (25 s) + 10 s
+  await flush();
+  assert.ok(polls[0].signal.aborted, "the hung request was aborted");
+  timers.advance(60000);
+  await flush();
+  assert.ok(polls.length >= 2, "and polled again");
+});
+
+test("a 401 while polling also drops the probe: a signed-out client never shows connected", async () => {
+  const { client, polls, timers, sockets } = await inFallback();
+  timers.advance(2000); // a probe socket is connecting
+  assert.equal(sockets.length, 4);
+  polls[0].reject({ status: 401, code: "forbidden" });
+  await flush();
+  assert.equal(client.state, State.CLOSED);
+  assert.ok(sockets[3].closedWith, "the probe was dropped");
+  sockets[3].open();
+  assert.equal(client.state, State.CLOSED);
+});
+
+test("a socket that opens but carries nothing is not connected, and leads to the fallback", async () => {
+  const rest = fakeRest();
+  const { client, timers, sockets, states } = setup({ poll: rest.poll, post: rest.post, loadSnapshot: async () => ({ seq: 5, messages: [] }) });
+  client.subscribe("general");
+  client.connect();
+  for (let i = 0; i < 3; i++) {
+    sockets.at(-1).openSilently(); // the proxy passes the upgrade, then nothing
+    const n = sockets.length;
+    while (sockets.length === n && rest.checks.length === 0) timers.advance(1000);
+  }
+  await flush();
+  assert.ok(!states.some((s) => s.state === State.OPEN), "never claimed to be connected");
+  assert.equal(rest.checks.length, 1, "tried HTTP after three dead sockets");
+  assert.equal(client.state, State.FALLBACK);
+});
+
+test("close() stops every retry timer", async () => {
+  let loads = 0;
+  const { client, timers, sockets } = setup({ loadSnapshot: async () => { loads++; throw new Error("500"); } });
+  client.subscribe("general");
+  client.connect();
+  sockets[0].open();
+  await flush();
+  client.close();
+  const before = loads;
+  for (let i = 0; i < 5; i++) {
+    timers.advance(60000);
+    await flush();
+  }
+  assert.equal(loads, before);
+  assert.equal(timers.queue.length, 0, "no timer left behind");
+});
+
+test("a REST refusal without an error code (a CSRF failure) fails the send instead of retrying for ever", async () => {
+  const { client, posts } = await inFallback();
+  const { done } = client.send("general", "csrf");
+  const failed = assert.rejects(done, (err) => err.code === "http_403");
+  await flush();
+  posts[0].reject({ status: 403, message: "CSRF Failed" });
+  await failed;
+  assert.equal(client.pendingCount, 0);
 });
