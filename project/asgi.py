@@ -13,13 +13,15 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from accounts.middleware import TicketAuthMiddleware  # noqa: E402
 from realtime.longpoll import LongPollRouter  # noqa: E402
+from realtime.ops import OpsRouter  # noqa: E402
 from realtime.origins import OriginValidator  # noqa: E402
 from realtime.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        # Long polls are answered on the event loop, before Django (realtime/longpoll.py).
-        "http": LongPollRouter(django_asgi_app),
+        # Long polls and the operations endpoints (/healthz, /readyz, /metrics) are
+        # answered on the event loop, before Django (realtime/longpoll.py, ops.py).
+        "http": OpsRouter(LongPollRouter(django_asgi_app)),
         # The full Origin is checked before anything else (realtime/origins.py);
         # then the session (or a ticket) fills scope["user"].
         "websocket": OriginValidator(

@@ -160,6 +160,7 @@ INSTALLED_APPS = DJANGO_APPS + THIRD_PARTY_APPS + LOCAL_APPS
 
 MIDDLEWARE = [
     "realtime.middleware.WorkerHeaderMiddleware",  # first: static responses carry it too
+    "realtime.middleware.TraceMiddleware",
     "realtime.middleware.ContentSecurityPolicyMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -322,14 +323,35 @@ REALTIME = {
 # ------------------------------------------------------------------------------
 # Logging: never message bodies, passwords, cookies or tickets
 # ------------------------------------------------------------------------------
+LOG_FORMAT = os.environ.get("DJANGO_LOG_FORMAT") or ("text" if DEBUG else "json")
+if LOG_FORMAT not in ("json", "text"):
+    raise ImproperlyConfigured(f"DJANGO_LOG_FORMAT={LOG_FORMAT!r}: use json or text")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"context": {"()": "realtime.logs.ContextFilter"}},
+    "formatters": {
+        # One JSON object per line (realtime/logs.py lists the fields).
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        },
+        "text": {"()": "realtime.logs.KeyValueFormatter", "format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["context"]}},
     "root": {"handlers": ["console"], "level": os.environ.get("DJANGO_LOG_LEVEL", "INFO")},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
     },
 }
+
+# ------------------------------------------------------------------------------
+# Operations: /metrics, /healthz, /readyz (realtime/ops.py)
+# ------------------------------------------------------------------------------
+# /metrics answers requests from this machine that did not come through a proxy,
+# or any request with "Authorization: Bearer <REALTIME_METRICS_TOKEN>".
+REALTIME_METRICS_TOKEN = os.environ.get("REALTIME_METRICS_TOKEN", "")
+# Seconds each readiness check (database, channel layer) may take.
+REALTIME_READY_TIMEOUT = float(os.environ.get("REALTIME_READY_TIMEOUT", "2"))

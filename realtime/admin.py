@@ -1,11 +1,22 @@
-"""Moderation in the Django admin. Deleting a message here goes through the same
-action as the socket, so it is logged with a seq and broadcast like any delete."""
+"""Moderation and the realtime console in the Django admin.
 
+Deleting a message here goes through the same action as the socket, so it is logged
+with a seq and broadcast like any delete. The console (/admin/realtime/room/console/,
+permission realtime.operate_realtime) shows the live connections by user and worker
+from the cluster view, disconnects a user everywhere, and drains a worker.
+"""
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import path
 
-from . import actions
+from . import actions, broadcast, heartbeat
 from .actions import ActionError
 from .models import Event, Membership, Message, Room
 
@@ -34,6 +45,47 @@ class RoomAdmin(admin.ModelAdmin):
         # The slug names the room's stream and its events: fixed once created.
         fields = list(super().get_readonly_fields(request, obj))
         return fields + ["slug"] if obj is not None else fields
+
+    def get_urls(self):
+        console = path("console/", self.admin_site.admin_view(self.console), name="realtime_console")
+        return [console, *super().get_urls()]
+
+    def console(self, request: HttpRequest) -> HttpResponse:
+        if not request.user.has_perm("realtime.operate_realtime"):
+            raise PermissionDenied("the realtime console needs the realtime.operate_realtime permission")
+        if request.method == "POST":
+            return self._operate(request)
+        workers = async_to_sync(heartbeat.view)()
+        users: dict[str, dict] = {}
+        for record in workers:
+            for uid, (name, count) in record.get("sockets_by_user", {}).items():
+                row = users.setdefault(uid, {"id": uid, "name": name, "total": 0, "workers": {}})
+                row["total"] += count
+                row["workers"][record["worker"]] = count
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Realtime console",
+            "workers": workers,
+            "users": sorted(users.values(), key=lambda row: (-row["total"], row["name"])),
+            "shared_layer": "InMemory" not in type(get_channel_layer()).__name__,
+        }
+        return TemplateResponse(request, "admin/realtime/console.html", context)
+
+    def _operate(self, request: HttpRequest) -> HttpResponse:
+        action = request.POST.get("action")
+        if action == "disconnect":
+            try:
+                user_id = int(request.POST.get("user_id", ""))
+            except ValueError:
+                raise PermissionDenied("bad user id") from None
+            async_to_sync(broadcast.force_disconnect)(user_id)
+            self.message_user(request, f"Closed every socket of user {user_id} (4003).", messages.SUCCESS)
+        elif action == "drain":
+            worker = request.POST.get("worker", "")
+            async_to_sync(broadcast.request_drain)(worker)
+            self.message_user(request, f"Asked worker {worker} to drain (4012 in batches, then no new sockets).",
+                              messages.SUCCESS)
+        return redirect(request.path)
 
 
 @admin.register(Membership)

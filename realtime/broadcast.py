@@ -7,12 +7,14 @@ Group names are built here and nowhere else (channels allows [a-zA-Z0-9-_.] unde
 from __future__ import annotations
 
 import logging
+import time
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
-from . import protocol
+from . import metrics, protocol
+from .logs import TRACE
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,10 @@ ROOM_EVENT = "room.event"
 # re-check their access to it.
 SESSION_CHECK = "session.check"
 ACCESS_CHECK = "access.check"
+# From the admin console: close the user's sockets everywhere.
+FORCE_DISCONNECT = "force.disconnect"
+# The group every worker process listens on for control messages (server.py).
+CONTROL_GROUP = "realtime.workers"
 
 
 def room_group(slug: str) -> str:
@@ -33,11 +39,16 @@ def user_group(user_id: int) -> str:
 
 
 def layer_message(event: protocol.RoomEvent) -> dict:
-    """The channel-layer message for one event: both wire encodings, made once."""
+    """The channel-layer message for one event: both wire encodings, made once,
+    with the event's type, its publication time (for the latency histogram) and
+    the trace id of the action that caused it."""
     return {
         "type": ROOM_EVENT,
         "room": event.room,
         "seq": event.seq,
+        "event": event.__struct_config__.tag,
+        "t": time.time(),
+        "trace": TRACE.get(),
         protocol.JSON.name: protocol.JSON.encode(event).decode(),
         protocol.MSGPACK.name: protocol.MSGPACK.encode(event),
     }
@@ -57,7 +68,8 @@ async def publish(events: list[protocol.RoomEvent]) -> None:
         try:
             await layer.group_send(room_group(event.room), layer_message(event))
         except Exception:
-            log.exception("broadcast failed room=%s seq=%s type=%s", event.room, event.seq, type(event).__name__)
+            metrics.LAYER_FAILURES.labels("broadcast").inc()
+            log.exception("broadcast failed", extra={"event": "broadcast.failed", "room": event.room, "seq": event.seq})
 
 
 def publish_on_commit(events: list[protocol.RoomEvent]) -> None:
@@ -73,7 +85,8 @@ def _send_on_commit(group: str, message: dict) -> None:
             async_to_sync(get_channel_layer().group_send)(group, message)
         except Exception:
             # The periodic re-check (REALTIME_SESSION_RECHECK) still catches it.
-            log.exception("control message failed group=%s type=%s", group, message["type"])
+            metrics.LAYER_FAILURES.labels("control").inc()
+            log.exception("control message failed", extra={"event": "control.failed", "frame": message["type"]})
 
     transaction.on_commit(send)
 
@@ -86,3 +99,13 @@ def session_check_on_commit(user_id: int, revoked: list[str] | None = None) -> N
 def access_check_on_commit(slug: str) -> None:
     """Ask the room's subscribers to re-check that they may still see it."""
     _send_on_commit(room_group(slug), {"type": ACCESS_CHECK, "room": slug})
+
+
+async def force_disconnect(user_id: int) -> None:
+    """Close every socket of this user, on every worker (4003)."""
+    await get_channel_layer().group_send(user_group(user_id), {"type": FORCE_DISCONNECT})
+
+
+async def request_drain(worker: str) -> None:
+    """Ask one worker (its REALTIME_WORKER_ID), or all ("*"), to drain."""
+    await get_channel_layer().group_send(CONTROL_GROUP, {"type": "worker.drain", "worker": worker})

@@ -20,10 +20,12 @@ import contextlib
 import functools
 import logging
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+import msgspec
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -33,12 +35,21 @@ from django.conf import settings
 
 from accounts.sessions import session_is_valid
 
-from . import actions, broadcast, connections, protocol, ratelimit
+from . import actions, broadcast, connections, heartbeat, metrics, protocol, ratelimit
 from .actions import ActionError
+from .logs import TRACE, clean_trace, event
 from .permissions import Action
 from .protocol import CloseCode, ErrorCode
 
 log = logging.getLogger(__name__)
+INFO, DEBUG, WARNING = logging.INFO, logging.DEBUG, logging.WARNING
+
+# Close codes counted under their own label; anything else a client sends is "other".
+KNOWN_CLOSE_CODES = {1000, 1001, 1005, 1006, 1009, 1011, 1012, 1013} | {int(c) for c in CloseCode}
+
+
+def close_label(code) -> str:
+    return str(code) if code in KNOWN_CLOSE_CODES else "other"
 
 
 @dataclass(slots=True)
@@ -51,6 +62,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     layer_down = False
     revoked = False
     refused_in_row = 0
+    metrics_task: asyncio.Task | None = None
 
     async def __call__(self, scope, receive, send):
         """channels' AsyncConsumer.__call__, with a channel-layer receive that
@@ -75,7 +87,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("ws layer receive failed conn=%s: %s", getattr(self, "conn_id", "-"), type(exc).__name__)
+            metrics.LAYER_FAILURES.labels("receive").inc()
+            event(log, WARNING, "ws.layer_failed", conn_id=getattr(self, "conn_id", None), reason=type(exc).__name__)
         self.layer_down = True
         delay = 0.1
         while True:
@@ -106,19 +119,20 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         chosen = next((name for name in offered if name in protocol.CODECS), None)
         if offered and chosen is None:
             # The client speaks none of our versions: refuse the handshake (HTTP 403).
-            log.info("ws refused conn=%s reason=subprotocol", self.conn_id)
+            event(log, INFO, "ws.refused", conn_id=self.conn_id, reason="subprotocol")
             await self.close()
             return
         self.codec = protocol.CODECS[chosen or protocol.SUBPROTOCOL_JSON]
         await self.accept(subprotocol=chosen)
         if self.user is None or not self.user.is_authenticated or not self.user.is_active:
             # Accept first and then close, so that a browser can see why (4001).
-            log.info("ws closed conn=%s code=%s reason=anonymous", self.conn_id, CloseCode.NOT_AUTHENTICATED)
+            event(log, INFO, "ws.closed", conn_id=self.conn_id, code=int(CloseCode.NOT_AUTHENTICATED), reason="anonymous")
             await self.close(code=int(CloseCode.NOT_AUTHENTICATED))  # autobahn wants an exact int
             return
         if not await connections.acquire(self.user.pk, self.conn_id):
             # Too many sockets for one user (on all workers together).
-            log.info("ws closed conn=%s user=%s code=%s reason=too-many-connections", self.conn_id, self.user.pk, CloseCode.POLICY)
+            event(log, INFO, "ws.closed", conn_id=self.conn_id, user_id=self.user.pk, code=int(CloseCode.POLICY),
+                  reason="too-many-connections")
             await self.close(code=int(CloseCode.POLICY))
             return
         try:
@@ -126,7 +140,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         except Exception:
             # The layer (Redis) is unreachable: come back later, with backoff.
             await connections.release(self.user.pk, self.conn_id)
-            log.warning("ws closed conn=%s code=%s reason=layer-unavailable", self.conn_id, CloseCode.OVERLOADED)
+            event(log, WARNING, "ws.closed", conn_id=self.conn_id, code=int(CloseCode.OVERLOADED), reason="layer-unavailable")
             await self.close(code=int(CloseCode.OVERLOADED))
             return
         self.authenticated = True
@@ -134,27 +148,39 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         session = self.scope.get("session")
         self.session_key = getattr(session, "session_key", None)
         self.housekeeping_task = asyncio.ensure_future(self.housekeeping())
-        log.info("ws open conn=%s user=%s codec=%s", self.conn_id, self.user.pk, self.codec.name)
+        self.opened_at = time.monotonic()
+        metrics.CONNECTIONS.inc()
+        metrics.OPENED.inc()
+        heartbeat.SOCKETS[self.conn_id] = (self.user.pk, self.user.get_username())
+        heartbeat.ensure_started()
+        event(log, INFO, "ws.open", conn_id=self.conn_id, user_id=self.user.pk, codec=self.codec.name)
 
     async def disconnect(self, code: int) -> None:
+        metrics.CLOSED.labels(close_label(code)).inc()
         if not self.authenticated:
             return
         groups = self.groups_joined()
         self.authenticated = False
         self.housekeeping_task.cancel()
+        if self.metrics_task is not None:
+            self.metrics_task.cancel()
+        metrics.CONNECTIONS.dec()
+        heartbeat.SOCKETS.pop(self.conn_id, None)
         self.subscriptions.clear()
         for group in groups:
             # Best effort: a layer that is down forgets nothing it would keep.
             with contextlib.suppress(Exception):
                 await self.channel_layer.group_discard(group, self.channel_name)
         await connections.release(self.user.pk, self.conn_id)
-        log.info("ws close conn=%s user=%s code=%s", self.conn_id, self.user.pk, code)
+        event(log, INFO, "ws.close", conn_id=self.conn_id, user_id=self.user.pk, code=code,
+              duration_s=round(time.monotonic() - self.opened_at, 3))
 
     # -- frames in ----------------------------------------------------------
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if not self.authenticated or self.revoked:
             return
         self.last_frame_at = asyncio.get_running_loop().time()
+        started = time.perf_counter()
         data = bytes_data if self.codec.binary else text_data
         if data is None:
             await self.send_frame(
@@ -164,48 +190,59 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         try:
             frame = self.codec.decode(data)
         except protocol.ProtocolError as exc:
-            log.info("ws refused conn=%s user=%s code=%s", self.conn_id, self.user.pk, exc.code)
+            TRACE.set(clean_trace(None))
+            metrics.FRAMES_IN.labels("invalid").inc()
+            event(log, INFO, "ws.refused", conn_id=self.conn_id, user_id=self.user.pk, frame="invalid", code=str(exc.code))
             # Bad frames have a bucket of their own: a stream of them is a flood too.
             verdict = await ratelimit.take(self.user.pk, "invalid")
             if not verdict.allowed:
-                await self.refuse_flood(exc.ref, verdict.retry_after)
+                await self.refuse_flood(exc.ref, verdict.retry_after, "invalid")
                 return
             await self.send_frame(exc.reply())
             return
         except Exception:
             # A decoder fault must cost one error frame, never the connection.
-            log.exception("ws decode fault conn=%s user=%s", self.conn_id, self.user.pk)
+            metrics.FRAMES_IN.labels("invalid").inc()
+            log.exception("ws decode fault", extra={"event": "ws.decode_fault", "conn_id": self.conn_id, "user_id": self.user.pk})
             await self.send_frame(protocol.Error(code=ErrorCode.INVALID, message="unreadable frame"))
             return
         tag = frame.__struct_config__.tag
+        # The frame's trace id (or a new one) follows it to the log lines, the
+        # published event and every delivery.
+        TRACE.set(clean_trace(frame.trace))
+        metrics.FRAMES_IN.labels(tag).inc()
         verdict = await ratelimit.take(self.user.pk, tag)
         if not verdict.allowed:
-            await self.refuse_flood(frame.ref, verdict.retry_after)
+            await self.refuse_flood(frame.ref, verdict.retry_after, tag)
             return
         self.refused_in_row = 0
+        if tag == "message.send":
+            metrics.WINDOW.message_in(frame.room)
         handler = HANDLERS[type(frame)]
         try:
             reply = await handler(self, frame)
         except ActionError as exc:
-            log.info(
-                "ws refused conn=%s user=%s type=%s room=%s code=%s",
-                self.conn_id,
-                self.user.pk,
-                frame.__struct_config__.tag,
-                getattr(frame, "room", ""),
-                exc.code,
-            )
+            event(log, INFO, "ws.refused", conn_id=self.conn_id, user_id=self.user.pk, frame=tag,
+                  room=getattr(frame, "room", None), code=str(exc.code))
             reply = protocol.Error(code=exc.code, message=exc.message, ref=frame.ref, retry_after=exc.retry_after)
         except Exception:
-            log.exception("ws internal error conn=%s user=%s type=%s", self.conn_id, self.user.pk, frame.__struct_config__.tag)
+            log.exception("ws internal error", extra={"event": "ws.internal_error", "conn_id": self.conn_id,
+                                                       "user_id": self.user.pk, "frame": tag})
             reply = protocol.Error(code=ErrorCode.INTERNAL, message="internal error; nothing was changed", ref=frame.ref)
         await self.send_frame(reply)
+        elapsed = time.perf_counter() - started
+        metrics.HANDLING.labels(tag).observe(elapsed)
+        event(log, DEBUG, "ws.frame", conn_id=self.conn_id, user_id=self.user.pk, frame=tag,
+              room=getattr(frame, "room", None), ms=round(elapsed * 1000, 2))
 
-    async def refuse_flood(self, ref, retry_after: float) -> None:
+    async def refuse_flood(self, ref, retry_after: float, action: str) -> None:
         """Answer a rate-limited frame; close with 4029 a client that keeps going."""
         self.refused_in_row += 1
+        metrics.RATE_LIMITED.labels(action).inc()
+        metrics.WINDOW.limited()
         if self.refused_in_row > settings.REALTIME["FLOOD_CLOSE_AFTER"]:
-            log.info("ws closed conn=%s user=%s code=%s reason=flood", self.conn_id, self.user.pk, CloseCode.RATE_LIMITED)
+            event(log, INFO, "ws.closed", conn_id=self.conn_id, user_id=self.user.pk, code=int(CloseCode.RATE_LIMITED),
+                  reason="flood")
             self.revoked = True
             await self.close(code=int(CloseCode.RATE_LIMITED))
             return
@@ -214,6 +251,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         )
 
     async def send_frame(self, frame: protocol.Frame) -> None:
+        metrics.FRAMES_OUT.labels(frame.__struct_config__.tag).inc()
+        if isinstance(frame, protocol.Error):
+            metrics.ERRORS.labels(str(frame.code)).inc()
+            metrics.WINDOW.error(str(frame.code))
         data = self.codec.encode(frame)
         if self.codec.binary:
             await self.send(bytes_data=data)
@@ -221,8 +262,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=data.decode())
 
     async def send_events(self, events: list[protocol.RoomEvent]) -> None:
-        for event in events:
-            await self.send_frame(event)
+        for room_event in events:
+            await self.send_frame(room_event)
 
     # -- handlers (one per client frame type) ---------------------------------
     async def on_subscribe(self, frame: protocol.Subscribe) -> protocol.Frame:
@@ -245,6 +286,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_discard(group, self.channel_name)
             raise
         await self.send_events(replay.events)
+        metrics.REPLAYED.inc(len(replay.events))
         # A re-subscribe (the client asking to repair a gap) restarts from its since.
         self.subscriptions[slug] = Subscription(last_seq=replay.head)
         return protocol.SubscribeAck(ref=frame.ref, room=slug, seq=replay.head, replayed=len(replay.events))
@@ -277,6 +319,32 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         await self.layer_recovered({})
         return protocol.Pong(ref=frame.ref, t=frame.t)
 
+    async def on_metrics_subscribe(self, frame: protocol.MetricsSubscribe) -> protocol.Frame:
+        """Staff only: a metrics.tick about once a second, from the cluster view."""
+        if not self.user.is_staff:
+            raise ActionError(ErrorCode.FORBIDDEN, "the metrics are for staff")
+        if self.metrics_task is None or self.metrics_task.done():
+            self.metrics_task = asyncio.ensure_future(self.tick_metrics())
+        return protocol.MetricsAck(ref=frame.ref, metrics=True)
+
+    async def on_metrics_unsubscribe(self, frame: protocol.MetricsUnsubscribe) -> protocol.Frame:
+        if self.metrics_task is not None:
+            self.metrics_task.cancel()
+            self.metrics_task = None
+        return protocol.MetricsAck(ref=frame.ref, metrics=False)
+
+    async def tick_metrics(self) -> None:
+        while True:
+            try:
+                records = await heartbeat.view()
+                workers = [msgspec_convert(r) for r in records]
+                await self.send_frame(protocol.MetricsTick(t=time.time(), workers=workers))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                event(log, WARNING, "ws.metrics_failed", conn_id=self.conn_id, reason=type(exc).__name__)
+            await asyncio.sleep(heartbeat.EVERY)
+
     # -- channel-layer handlers (reachable from the layer only) ---------------
     async def layer_recovered(self, message: dict) -> None:
         """The layer is back (or a ping asks): send each room what was committed
@@ -306,6 +374,15 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         else:
             await self.send(text_data=payload)
         sub.last_seq = seq
+        published = message.get("t")
+        latency = time.time() - published if published else None
+        metrics.FRAMES_OUT.labels(message.get("event", "room.event")).inc()
+        if latency is not None:
+            metrics.LATENCY.observe(max(0.0, latency))
+        metrics.WINDOW.delivery(latency)
+        if log.isEnabledFor(DEBUG):
+            log.debug("ws.deliver", extra={"event": "ws.deliver", "conn_id": self.conn_id, "user_id": self.user.pk,
+                                           "room": slug, "seq": seq, "trace_id": message.get("trace")})
 
     async def session_check(self, message: dict) -> None:
         """The user's session may have ended (logout, password change, deactivation,
@@ -317,7 +394,17 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         ):
             return
         self.revoked = True
-        log.info("ws closed conn=%s user=%s code=%s reason=session-ended", self.conn_id, self.user.pk, CloseCode.FORBIDDEN)
+        event(log, INFO, "ws.closed", conn_id=self.conn_id, user_id=self.user.pk, code=int(CloseCode.FORBIDDEN),
+              reason="session-ended")
+        await self.close(code=int(CloseCode.FORBIDDEN))
+
+    async def force_disconnect(self, message: dict) -> None:
+        """An operator closed this user's sockets (the admin's realtime console)."""
+        if self.revoked or not self.authenticated:
+            return
+        self.revoked = True
+        event(log, INFO, "ws.closed", conn_id=self.conn_id, user_id=self.user.pk, code=int(CloseCode.FORBIDDEN),
+              reason="forced")
         await self.close(code=int(CloseCode.FORBIDDEN))
 
     async def access_check(self, message: dict) -> None:
@@ -348,7 +435,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             now = loop.time()
             if now >= self.last_frame_at + idle:
                 self.revoked = True
-                log.info("ws closed conn=%s user=%s code=%s reason=idle", self.conn_id, self.user.pk, CloseCode.POLICY)
+                event(log, INFO, "ws.closed", conn_id=self.conn_id, user_id=self.user.pk, code=int(CloseCode.POLICY),
+                      reason="idle")
                 await self.close(code=int(CloseCode.POLICY))
                 return
             if now >= next_check:
@@ -366,7 +454,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             missing = await database_sync_to_async(actions.room_events_between)(slug=slug, after=sub.last_seq, upto=upto)
         except Exception as exc:
             if not isinstance(exc, ActionError):
-                log.exception("ws catch-up failed conn=%s room=%s", self.conn_id, slug)
+                log.exception("ws catch-up failed", extra={"event": "ws.catchup_failed", "conn_id": self.conn_id, "room": slug})
             self.subscriptions.pop(slug, None)
             await self.channel_layer.group_discard(broadcast.room_group(slug), self.channel_name)
             await self.send_frame(
@@ -378,6 +466,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             )
             return False
         await self.send_events(missing)
+        metrics.REPLAYED.inc(len(missing))
         if missing:
             sub.last_seq = missing[-1].seq
         return True
@@ -392,5 +481,13 @@ HANDLERS: dict[type[protocol.Request], Handler] = {
     protocol.MessageEdit: RealtimeConsumer.on_message_edit,
     protocol.MessageDelete: RealtimeConsumer.on_message_delete,
     protocol.Ping: RealtimeConsumer.on_ping,
+    protocol.MetricsSubscribe: RealtimeConsumer.on_metrics_subscribe,
+    protocol.MetricsUnsubscribe: RealtimeConsumer.on_metrics_unsubscribe,
 }
+
+
+def msgspec_convert(record: dict) -> protocol.WorkerFigures:
+    """A heartbeat record as the tick's WorkerFigures (other keys stay out)."""
+    fields = {name: record[name] for name in protocol.WorkerFigures.__struct_fields__ if name in record}
+    return msgspec.convert(fields, protocol.WorkerFigures)
 assert set(HANDLERS) == set(protocol.CLIENT_FRAMES), "every client frame needs exactly one handler"

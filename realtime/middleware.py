@@ -43,3 +43,23 @@ class ContentSecurityPolicyMiddleware:
                 policy = policy.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")
             response["Content-Security-Policy"] = policy
         return response
+
+
+class TraceMiddleware:
+    """Gives each HTTP request a trace id (the trace-id of its W3C `traceparent`
+    header, or a new one): every log line and every event the request publishes
+    carries it (realtime/logs.py), and the response names it in X-Trace-Id."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        from .logs import TRACE, trace_from_header
+
+        token = TRACE.set(trace_from_header(request.headers.get("traceparent")))
+        try:
+            response = self.get_response(request)
+            response["X-Trace-Id"] = TRACE.get()
+            return response
+        finally:
+            TRACE.reset(token)

@@ -24,6 +24,7 @@ class Room(models.Model):
 
     class Meta:
         ordering = ["slug"]
+        permissions = [("operate_realtime", "Can watch live connections, disconnect users and drain workers")]
 
     def __str__(self) -> str:
         return self.slug

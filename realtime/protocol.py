@@ -61,6 +61,9 @@ ClientId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-
 # The schema only bounds the body by the frame size; its configured limit is a
 # policy checked by the action, answered with `too_large`.
 Body = Annotated[str, Meta(min_length=1)]
+# A client's trace id (e.g. the trace-id of a W3C traceparent); the server makes one
+# when a frame has none.
+TraceId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
 
 
 class Frame(Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
@@ -76,6 +79,8 @@ class Request(Frame, kw_only=True):
     direction: ClassVar[str] = "client"
     # Client-chosen id; a request that carries one gets exactly one reply with it.
     ref: Ref = None
+    # Follows the action through the channel layer to every delivery and log line.
+    trace: TraceId | None = None
 
 
 class Subscribe(Request, tag="subscribe", kw_only=True):
@@ -120,9 +125,19 @@ class Ping(Request, tag="ping", kw_only=True):
     t: Annotated[float, Meta(ge=0)] | None = None
 
 
-CLIENT_FRAMES: tuple[type[Request], ...] = (Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Ping)
+class MetricsSubscribe(Request, tag="metrics.subscribe", kw_only=True):
+    """Staff only: receive `metrics.tick` about once a second (others: `forbidden`)."""
+
+
+class MetricsUnsubscribe(Request, tag="metrics.unsubscribe", kw_only=True):
+    """Stop the `metrics.tick` frames."""
+
+
+CLIENT_FRAMES: tuple[type[Request], ...] = (
+    Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Ping, MetricsSubscribe, MetricsUnsubscribe,
+)
 CLIENT_TYPES: dict[str, type[Request]] = {cls.__struct_config__.tag: cls for cls in CLIENT_FRAMES}
-ClientFrame = Union[Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Ping]
+ClientFrame = Union[Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Ping, MetricsSubscribe, MetricsUnsubscribe]
 
 
 # ---------------------------------------------------------------------------
@@ -163,6 +178,13 @@ class Pong(Reply, tag="pong", kw_only=True):
 
     ref: Ref = None
     t: float | None = None
+
+
+class MetricsAck(Reply, tag="ack", kw_only=True):
+    """Reply to `metrics.subscribe` (metrics true) and `metrics.unsubscribe` (false)."""
+
+    ref: Ref = None
+    metrics: bool
 
 
 class Error(Reply, tag="error", kw_only=True):
@@ -209,7 +231,40 @@ class MessageDeleted(RoomEvent, tag="message.deleted", kw_only=True):
 ROOM_EVENTS: tuple[type[RoomEvent], ...] = (MessageNew, MessageEdited, MessageDeleted)
 ROOM_EVENT_TYPES: dict[str, type[RoomEvent]] = {cls.__struct_config__.tag: cls for cls in ROOM_EVENTS}
 ServerEvent = Union[MessageNew, MessageEdited, MessageDeleted]
-REPLIES: tuple[type[Reply], ...] = (SubscribeAck, UnsubscribeAck, MessageAck, Pong, Error)
+REPLIES: tuple[type[Reply], ...] = (SubscribeAck, UnsubscribeAck, MessageAck, MetricsAck, Pong, Error)
+
+
+# ---------------------------------------------------------------------------
+# Server -> client: pushes (no seq, not stored)
+# ---------------------------------------------------------------------------
+class WorkerFigures(Struct, kw_only=True):
+    """One worker's figures over its last heartbeat interval (rates per second)."""
+
+    worker: str
+    pid: int
+    uptime: float
+    connections: int
+    users: int
+    messages_in: float
+    delivered: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    errors: dict[str, int]
+    rate_limited: int
+    rooms: dict[str, int]
+    draining: bool = False
+
+
+class MetricsTick(Frame, tag="metrics.tick", kw_only=True):
+    """The cluster's figures, about once a second: every worker that heartbeated
+    in the last few seconds (a worker that stops drops out)."""
+
+    direction: ClassVar[str] = "server"
+    t: float
+    workers: list[WorkerFigures]
+
+
+PUSHES: tuple[type[Frame], ...] = (MetricsTick,)
 
 
 # ---------------------------------------------------------------------------
@@ -323,6 +378,6 @@ def event_to_dict(event: RoomEvent) -> dict:
 # ---------------------------------------------------------------------------
 def json_schemas() -> dict[str, dict]:
     """One JSON Schema per frame class, keyed by class name."""
-    classes = CLIENT_FRAMES + REPLIES + ROOM_EVENTS + (MessagePost, MessagePatch)
+    classes = CLIENT_FRAMES + REPLIES + ROOM_EVENTS + PUSHES + (WorkerFigures, MessagePost, MessagePatch)
     _, components = msgspec.json.schema_components(classes, ref_template="#/$defs/{name}")
     return {cls.__name__: components[cls.__name__] for cls in classes}

@@ -35,7 +35,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import time
 
 from daphne.cli import CommandLineInterface
@@ -103,13 +102,14 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
             return
         super().serverSend(content, binary)
 
-# The channel-layer group every worker listens on for control messages.
-CONTROL_GROUP = "realtime.workers"
+from realtime.broadcast import CONTROL_GROUP  # noqa: E402  (the group every worker listens on)
 SERVICE_RESTART = 4012
 
 
 def worker_id() -> str:
-    return os.environ.get("REALTIME_WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}"
+    from realtime.heartbeat import worker_id as heartbeat_worker_id
+
+    return heartbeat_worker_id()
 
 
 class DrainingServer(Server):
@@ -151,6 +151,9 @@ class DrainingServer(Server):
         # 60 s. It pauses while a request is being answered (long polls are safe).
         self.http_factory.timeOut = float(os.environ.get("REALTIME_HANDSHAKE_TIMEOUT", "10"))
         asyncio.ensure_future(self._control_loop())
+        from realtime import heartbeat
+
+        heartbeat.ensure_started()  # the worker is in the cluster view from the start
 
     async def _control_loop(self):
         """Listen for drain requests on the channel layer (manage.py drain)."""
@@ -189,6 +192,9 @@ class DrainingServer(Server):
                 reactor.stop()
             return
         self.draining = True
+        from realtime import heartbeat
+
+        heartbeat.draining = True  # /readyz answers 503, the dashboard shows it
         started = time.monotonic()
         for port in self.ports:
             port.stopListening()

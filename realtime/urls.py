@@ -7,4 +7,5 @@ from . import views
 urlpatterns = [
     path("", views.home, name="home"),
     path("rooms/<slug:slug>/", views.room, name="room"),
+    path("dashboard/", views.dashboard, name="dashboard"),
 ]

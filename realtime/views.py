@@ -1,4 +1,4 @@
-"""HTML pages: the room list and the chat."""
+"""HTML pages: the room list, the chat and the staff dashboard."""
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
@@ -41,3 +41,12 @@ def room(request: HttpRequest, slug: str) -> HttpResponse:
         "realtime/room.html",
         {"room": access.room, "role": access.role, "rooms": actions.visible_rooms(user=request.user), "config": config},
     )
+
+
+@login_required
+def dashboard(request: HttpRequest) -> HttpResponse:
+    """The live operations dashboard (staff only; fed by metrics.tick over the socket)."""
+    if not request.user.is_staff:
+        raise PermissionDenied("the dashboard is for staff")
+    config = {"user": request.user.get_username(), "wsPath": protocol.PATH, "loginUrl": "/accounts/login/"}
+    return render(request, "realtime/dashboard.html", {"config": config})

@@ -1,6 +1,7 @@
 // Chat page: renders one room through RealtimeClient. DOM updates are batched per
 // animation frame; every text goes in through textContent, never as HTML.
-import { RealtimeClient, State, randomId } from "./client.js";
+import { bindBadge } from "./badge.js";
+import { RealtimeClient, randomId } from "./client.js";
 
 const config = JSON.parse(document.getElementById("realtime-config").textContent);
 const room = config.room;
@@ -344,30 +345,7 @@ client.on("error", (err) => {
 });
 
 // -- the status badge -----------------------------------------------------------
-let countdown = null;
-
-function showState({ state, at, reason }) {
-  if (countdown) clearInterval(countdown);
-  countdown = null;
-  badge.dataset.state = state;
-  if (state === State.OPEN) badge.textContent = "connected";
-  else if (state === State.CONNECTING) badge.textContent = "connecting";
-  else if (state === State.OFFLINE) badge.textContent = "offline";
-  else if (state === State.FALLBACK) badge.textContent = "connected (long polling)";
-  else if (state === State.CLOSED) {
-    badge.textContent = reason === "unauthenticated" ? "signed out" : reason === "forbidden" ? "access revoked" : "disconnected";
-    if (reason === "unauthenticated") location.assign(`${config.loginUrl}?next=${encodeURIComponent(location.pathname)}`);
-  } else if (state === State.RECONNECTING) {
-    const tick = () => {
-      const secs = Math.max(0, Math.ceil((at - Date.now()) / 1000));
-      badge.textContent = secs > 0 ? `reconnecting in ${secs}s` : "reconnecting";
-    };
-    tick();
-    countdown = setInterval(tick, 1000);
-  }
-}
-
-client.on("state", showState);
+bindBadge(client, badge, config);
 
 // -- actions --------------------------------------------------------------------
 function post(body, clientId = randomId()) {

@@ -112,3 +112,43 @@ def test_pages_carry_a_content_security_policy_of_their_own_origin(demo):
     assert "<script>" not in res.content.decode()
     admin = login(demo["admin"]).get("/admin/")
     assert "style-src 'self' 'unsafe-inline'" in admin["Content-Security-Policy"]
+
+
+def test_the_dashboard_is_for_staff(demo):
+    assert Client().get("/dashboard/")["Location"].startswith("/accounts/login/")
+    assert login(demo["bob"]).get("/dashboard/").status_code == 403
+    res = login(demo["admin"]).get("/dashboard/")
+    assert res.status_code == 200 and "realtime/dashboard.js" in res.content.decode()
+    assert 'href="/dashboard/"' in res.content.decode()  # linked for staff
+    assert 'href="/dashboard/"' not in login(demo["bob"]).get("/").content.decode()
+
+
+def test_the_console_needs_its_permission_and_operates(demo, settings):
+    from django.contrib.auth.models import Permission
+
+    from realtime import heartbeat
+
+    settings.REDIS_URL = ""
+    url = "/admin/realtime/room/console/"
+    staff = demo["bob"]
+    staff.is_staff = True
+    staff.save()
+    assert login(staff).get(url).status_code == 403
+    staff.user_permissions.add(Permission.objects.get(codename="operate_realtime"))
+    heartbeat.SOCKETS["c-test"] = (demo["carol"].pk, "carol")
+    try:
+        async_to_sync(heartbeat.publish_once)()
+        html = login(staff).get(url).content.decode()
+    finally:
+        heartbeat.SOCKETS.pop("c-test")
+    assert heartbeat.worker_id() in html and "carol" in html and "Disconnect everywhere" in html
+
+    layer = get_channel_layer()
+    watch_user = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(broadcast.user_group(demo["carol"].pk), watch_user)
+    watch_workers = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(broadcast.CONTROL_GROUP, watch_workers)
+    assert login(staff).post(url, {"action": "disconnect", "user_id": demo["carol"].pk}).status_code == 302
+    assert async_to_sync(layer.receive)(watch_user) == {"type": "force.disconnect"}
+    assert login(staff).post(url, {"action": "drain", "worker": "b"}).status_code == 302
+    assert async_to_sync(layer.receive)(watch_workers) == {"type": "worker.drain", "worker": "b"}

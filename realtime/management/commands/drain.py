@@ -2,11 +2,10 @@
 elsewhere now). Run it before the process manager stops a worker."""
 
 from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from realtime.server import CONTROL_GROUP
+from realtime.broadcast import request_drain
 
 
 class Command(BaseCommand):
@@ -21,5 +20,5 @@ class Command(BaseCommand):
         if "InMemory" in settings.CHANNEL_LAYERS["default"]["BACKEND"]:
             raise CommandError("the in-memory channel layer cannot reach a server process: set REDIS_URL, or send SIGTERM")
         target = "*" if all else worker
-        async_to_sync(get_channel_layer().group_send)(CONTROL_GROUP, {"type": "worker.drain", "worker": target})
+        async_to_sync(request_drain)(target)
         self.stdout.write(f"drain requested for {'all workers' if all else worker}")

@@ -120,6 +120,7 @@ def render() -> str:
         ("Client to server", protocol.CLIENT_FRAMES),
         ("Server to client: replies", protocol.REPLIES),
         ("Server to client: room events", protocol.ROOM_EVENTS),
+        ("Server to client: pushes (no seq, not stored)", protocol.PUSHES),
     ]
     out.append("## Frames at a glance\n")
     out.append("| Frame | `type` | Fields (`?` optional) |\n| --- | --- | --- |")
@@ -129,7 +130,9 @@ def render() -> str:
     out.append("")
     out.append("Which `ack` answers which request: `subscribe` -> `SubscribeAck`; `unsubscribe` -> "
                "`UnsubscribeAck`; `message.send`, `message.edit`, `message.delete` -> `MessageAck`; "
-               "`ping` -> `Pong`.\n")
+               "`ping` -> `Pong`; `metrics.subscribe`, `metrics.unsubscribe` -> `MetricsAck`. Every client frame "
+               "may carry `trace` (letters, digits, dashes; at most 64): the action's trace id, which the "
+               "events it causes carry to every delivery and log line.\n")
     out.append("## Error codes\n\n| code | HTTP | meaning |\n| --- | --- | --- |")
     for code, (status, meaning) in ERROR_MEANING.items():
         out.append(f"| `{code}` | {status} | {meaning} |")
@@ -147,6 +150,7 @@ def render() -> str:
         out.append(f"## {title}\n")
         for cls in classes:
             out.append(_schema_block(cls.__name__, schemas[cls.__name__]))
+    out.append(_schema_block("WorkerFigures", schemas["WorkerFigures"]))
     out.append("## REST bodies\n")
     out.append(_schema_block("MessagePost", schemas["MessagePost"]))
     out.append(_schema_block("MessagePatch", schemas["MessagePatch"]))

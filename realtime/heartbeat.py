@@ -1,0 +1,115 @@
+"""The cluster view: every worker publishes its figures every second, and whoever
+reads the view (the dashboard's ticks, the admin console) sees each worker that
+published within the last TTL seconds; a worker that stops drops out by itself.
+
+With REDIS_URL the records live in Redis (`rt:hb:<worker>` with a TTL, and the set
+`rt:workers` scored by time); without it, in this process (one worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from collections import Counter
+
+from . import metrics, store
+
+log = logging.getLogger(__name__)
+
+EVERY = 1.0  # seconds between heartbeats
+TTL = 5.0  # seconds after which a silent worker leaves the view
+WORKERS_KEY = "rt:workers"
+_local: dict[str, dict] = {}
+_loops: set[int] = set()
+
+# This process's sockets, for the admin console: conn_id -> (user id, username).
+SOCKETS: dict[str, tuple[int, str]] = {}
+draining = False
+
+
+def worker_id() -> str:
+    return os.environ.get("REALTIME_WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def record() -> dict:
+    """This worker's figures for the last interval (taken from metrics.WINDOW)."""
+    figures = metrics.WINDOW.take()
+    users = Counter(uid for uid, _ in SOCKETS.values())
+    names = {uid: name for uid, name in SOCKETS.values()}
+    return {
+        "worker": worker_id(),
+        "pid": os.getpid(),
+        "uptime": round(time.time() - metrics.WINDOW.started, 1),
+        "connections": len(SOCKETS),
+        "users": len(users),
+        "messages_in": figures["messages_in"],
+        "delivered": figures["delivered"],
+        "p50_ms": figures["p50_ms"],
+        "p99_ms": figures["p99_ms"],
+        "errors": figures["errors"],
+        "rate_limited": figures["rate_limited"],
+        "rooms": figures["rooms"],
+        "draining": draining,
+        # For the admin console: who is connected here (the 200 with most sockets).
+        "sockets_by_user": {str(uid): [names[uid], n] for uid, n in users.most_common(200)},
+        "t": time.time(),
+    }
+
+
+async def publish_once() -> None:
+    rec = record()
+    url = store.redis_url()
+    if not url:
+        _local.clear()
+        _local[rec["worker"]] = rec
+        return
+    client = store.client(url)
+    key = f"rt:hb:{rec['worker']}"
+    pipe = client.pipeline(transaction=False)
+    pipe.set(key, json.dumps(rec), ex=int(TTL))
+    pipe.zadd(WORKERS_KEY, {rec["worker"]: rec["t"]})
+    pipe.zremrangebyscore(WORKERS_KEY, "-inf", rec["t"] - 3600)
+    await pipe.execute()
+
+
+async def _loop() -> None:
+    while True:
+        try:
+            await publish_once()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis away: the view misses this worker meanwhile
+            log.warning("heartbeat failed: %s", type(exc).__name__)
+        await asyncio.sleep(EVERY)
+
+
+def ensure_started() -> None:
+    """Start this process's heartbeat on the running loop (once per loop)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        # daphne's start-up hooks run before Twisted's asyncio loop is running.
+        loop = asyncio.get_event_loop()
+    if id(loop) in _loops:
+        return
+    _loops.add(id(loop))
+    asyncio.ensure_future(_loop(), loop=loop)
+
+
+async def view() -> list[dict]:
+    """Every worker that heartbeated within TTL seconds, by name."""
+    now = time.time()
+    url = store.redis_url()
+    if not url:
+        return [r for r in _local.values() if now - r["t"] <= TTL]
+    client = store.client(url)
+    names = await client.zrangebyscore(WORKERS_KEY, now - TTL, "+inf")
+    if not names:
+        return []
+    raw = await client.mget([f"rt:hb:{n.decode() if isinstance(n, bytes) else n}" for n in names])
+    records = [json.loads(r) for r in raw if r]
+    return sorted((r for r in records if now - r["t"] <= TTL), key=lambda r: r["worker"])

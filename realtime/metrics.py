@@ -1,0 +1,110 @@
+"""What a worker counts, for Prometheus (/metrics) and the live dashboard.
+
+One set of metrics per process (each daphne worker is scraped on its own port).
+Label values are bounded sets: frame types, error codes, close codes and actions
+come from protocol.py and settings, never from the client (an unknown frame type is
+counted as "invalid"). Per-room figures, whose label set is unbounded, are kept only
+in the in-process window the dashboard reads (`Window.rooms`), not in Prometheus.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter as Tally
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from . import protocol
+
+# -- Prometheus ---------------------------------------------------------------------
+CONNECTIONS = Gauge("realtime_connections_active", "Open, authenticated sockets on this worker")
+OPENED = Counter("realtime_connections_opened_total", "Sockets accepted and authenticated")
+CLOSED = Counter("realtime_connections_closed_total", "Sockets closed, by close code", ["code"])
+FRAMES_IN = Counter("realtime_frames_in_total", "Client frames received, by type", ["type"])
+FRAMES_OUT = Counter("realtime_frames_out_total", "Frames sent to clients, by type", ["type"])
+ERRORS = Counter("realtime_errors_total", "Error frames sent, by code", ["code"])
+RATE_LIMITED = Counter("realtime_rate_limited_total", "Actions refused by a rate limit, by action", ["action"])
+HANDLING = Histogram(
+    "realtime_frame_handling_seconds", "Time from a frame's arrival to its reply, by type", ["type"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+LATENCY = Histogram(
+    "realtime_broadcast_latency_seconds", "Time from a room event's publication (after commit) to its delivery",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+REPLAYED = Counter("realtime_replayed_events_total", "Room events sent from the log (subscribe replay, catch-up)")
+LAYER_FAILURES = Counter("realtime_layer_send_failures_total", "Channel-layer sends that failed, by kind", ["kind"])
+
+_KNOWN_TYPES = set(protocol.CLIENT_TYPES)
+
+
+def frame_type(tag: str | None) -> str:
+    return tag if tag in _KNOWN_TYPES else "invalid"
+
+
+# -- the dashboard's window ---------------------------------------------------------
+class Window:
+    """Per-second figures of this worker since the last `take()`: what the
+    heartbeat publishes (every second or two) and the dashboard draws."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started = time.time()
+        self._reset(time.monotonic())
+
+    def _reset(self, now: float) -> None:
+        self.since = now
+        self.messages_in = 0
+        self.delivered = 0
+        self.errors: Tally[str] = Tally()
+        self.rate_limited = 0
+        self.latencies: list[float] = []
+        self.rooms: Tally[str] = Tally()
+
+    def message_in(self, room: str) -> None:
+        with self.lock:
+            self.messages_in += 1
+            self.rooms[room] += 1
+
+    def delivery(self, latency: float | None) -> None:
+        with self.lock:
+            self.delivered += 1
+            if latency is not None and len(self.latencies) < 20_000:
+                self.latencies.append(latency)
+
+    def error(self, code: str) -> None:
+        with self.lock:
+            self.errors[code] += 1
+
+    def limited(self) -> None:
+        with self.lock:
+            self.rate_limited += 1
+
+    def take(self) -> dict:
+        """The figures since the last take, as rates per second, and start anew."""
+        now = time.monotonic()
+        with self.lock:
+            span = max(now - self.since, 1e-3)
+            latencies = sorted(self.latencies)
+            figures = {
+                "span": round(span, 3),
+                "messages_in": round(self.messages_in / span, 2),
+                "delivered": round(self.delivered / span, 2),
+                "p50_ms": _quantile(latencies, 0.50),
+                "p99_ms": _quantile(latencies, 0.99),
+                "errors": dict(self.errors),
+                "rate_limited": self.rate_limited,
+                "rooms": dict(self.rooms.most_common(10)),
+            }
+            self._reset(now)
+        return figures
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2)
+
+
+WINDOW = Window()

@@ -1,0 +1,242 @@
+"""Metrics, health and readiness, the cluster view, structured logs and trace ids."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+
+import pytest
+from channels.layers import get_channel_layer
+from channels.testing import HttpCommunicator
+
+import project.asgi  # noqa: F401  (its django.setup() reconfigures logging: done before caplog starts)
+from realtime import broadcast, heartbeat
+from realtime.logs import ContextFilter
+from tests.conftest import call, socket, subscribe
+from tests.services import RedisServer
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+
+async def http(path: str, headers=(), client=("127.0.0.1", 5555), timeout: float = 10) -> tuple[int, bytes]:
+    from project.asgi import application
+
+    comm = HttpCommunicator(application, "GET", path, headers=[(b"host", b"127.0.0.1"), *headers])
+    comm.scope["client"] = client
+    res = await comm.get_response(timeout=timeout)
+    return res["status"], res["body"]
+
+
+def sample(text: str, name: str, **labels) -> float:
+    """One sample's value from Prometheus text (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.compile(rf"^{re.escape(name)}(\{{{re.escape(want)}\}})? (\S+)$" if want else rf"^{re.escape(name)} (\S+)$", re.M)
+    match = pattern.search(text)
+    return float(match.groups()[-1]) if match else 0.0
+
+
+async def scrape() -> str:
+    status, body = await http("/metrics")
+    assert status == 200
+    return body.decode()
+
+
+@pytest.mark.asyncio
+async def test_metrics_move_when_traffic_flows(cookies):
+    before = await scrape()
+    async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
+        await subscribe(bob, "general")
+        await call(alice, {"type": "message.send", "room": "general", "body": "hello", "client_id": "m1", "ref": 1})
+        assert (await bob.receive_json_from(timeout=5))["type"] == "message.new"
+        await call(alice, {"type": "nonsense"})
+        during = await scrape()
+        assert sample(during, "realtime_connections_active") - sample(before, "realtime_connections_active") == 2
+    after = await scrape()
+    moved = {
+        ("realtime_connections_opened_total", ()): 2,
+        ("realtime_frames_in_total", (("type", "message.send"),)): 1,
+        ("realtime_frames_in_total", (("type", "invalid"),)): 1,
+        ("realtime_frames_out_total", (("type", "message.new"),)): 1,
+        ("realtime_errors_total", (("code", "unknown_type"),)): 1,
+        ("realtime_frame_handling_seconds_count", (("type", "message.send"),)): 1,
+        ("realtime_broadcast_latency_seconds_count", ()): 1,
+        ("realtime_connections_closed_total", (("code", "1000"),)): 2,
+    }
+    for (name, labels), delta in moved.items():
+        got = sample(after, name, **dict(labels)) - sample(before, name, **dict(labels))
+        assert got >= delta, f"{name}{dict(labels)} moved by {got}, expected {delta}"
+    assert sample(after, "realtime_connections_active") == sample(before, "realtime_connections_active")
+    for name in ("realtime_rate_limited_total", "realtime_replayed_events_total", "realtime_layer_send_failures_total"):
+        assert f"# TYPE {name} counter" in after
+
+
+@pytest.mark.parametrize("headers, client, status", [
+    ((), ("127.0.0.1", 1), 200),
+    ((), ("::1", 1), 200),
+    (((b"x-forwarded-for", b"203.0.113.9"),), ("127.0.0.1", 1), 403),  # came through the proxy
+    ((), ("203.0.113.9", 1), 403),
+    (((b"authorization", b"Bearer wrong"),), ("203.0.113.9", 1), 403),
+    (((b"authorization", b"Bearer s3cret-token"),), ("203.0.113.9", 1), 200),
+])
+@pytest.mark.asyncio
+async def test_metrics_are_for_this_machine_or_the_token(settings, headers, client, status):
+    settings.REALTIME_METRICS_TOKEN = "s3cret-token"
+    assert (await http("/metrics", headers, client))[0] == status
+
+
+@pytest.mark.asyncio
+async def test_healthz_and_readyz_on_the_embedded_default(settings):
+    settings.REDIS_URL = ""
+    status, body = await http("/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, body = await http("/readyz")
+    assert status == 200 and json.loads(body)["checks"] == {"database": "ok", "channel_layer": "ok"}
+
+
+@pytest.mark.asyncio
+async def test_readyz_fails_while_redis_is_down_or_hangs_and_recovers(settings, tmp_path):
+    redis = RedisServer(tmp_path).start()
+    settings.REDIS_URL = redis.url
+    settings.REALTIME_READY_TIMEOUT = 1
+    try:
+        assert (await http("/readyz"))[0] == 200
+        redis.stop()
+        status, body = await http("/readyz")
+        assert status == 503 and json.loads(body)["failing"] == ["channel_layer"]
+        redis.start()
+        assert (await http("/readyz"))[0] == 200
+        # A Redis that hangs (stopped, not gone) fails by the timeout, not forever.
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            status, body = await http("/readyz", timeout=5)
+            assert status == 503
+            assert json.loads(body)["checks"]["channel_layer"].startswith("timeout")
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        for _ in range(20):  # the client reconnects
+            if (await http("/readyz"))[0] == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert (await http("/readyz"))[0] == 200
+    finally:
+        redis.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_worker_that_stops_heartbeating_leaves_the_cluster_view(settings, redis_server):
+    settings.REDIS_URL = redis_server.url
+    await heartbeat.publish_once()
+    me = heartbeat.worker_id()
+    assert me in [r["worker"] for r in await heartbeat.view()]
+    from realtime import store
+
+    client = store.client(redis_server.url)
+    ghost = {**(await heartbeat.view())[0], "worker": "ghost", "t": 0}
+    await client.set("rt:hb:ghost", json.dumps(ghost))
+    await client.zadd(heartbeat.WORKERS_KEY, {"ghost": 1.0})  # last seen long ago
+    assert "ghost" not in [r["worker"] for r in await heartbeat.view()]
+
+
+@pytest.mark.asyncio
+async def test_metrics_subscribe_is_for_staff_and_ticks(cookies, settings):
+    settings.REDIS_URL = ""
+    async with socket(cookies["bob"]) as bob:
+        reply = await call(bob, {"type": "metrics.subscribe", "ref": "m"})
+        assert (reply["type"], reply["code"]) == ("error", "forbidden")
+        assert await bob.receive_nothing(timeout=1.5), "no ticks for non-staff"
+    async with socket(cookies["admin"]) as admin, socket(cookies["alice"]) as alice:
+        assert await call(admin, {"type": "metrics.subscribe", "ref": "m"}) == {"type": "ack", "ref": "m", "metrics": True}
+        await call(alice, {"type": "message.send", "room": "general", "body": "x", "client_id": "t1", "ref": 1})
+        ticks = [await admin.receive_json_from(timeout=5) for _ in range(2)]
+        assert all(t["type"] == "metrics.tick" for t in ticks)
+        workers = ticks[-1]["workers"]
+        assert [w["worker"] for w in workers] == [heartbeat.worker_id()]
+        assert workers[0]["connections"] >= 2 and set(workers[0]) >= {"p50_ms", "p99_ms", "messages_in", "delivered", "errors", "rooms"}
+        assert await call(admin, {"type": "metrics.unsubscribe", "ref": "u"}) == {"type": "ack", "ref": "u", "metrics": False}
+        await asyncio.sleep(1.2)
+        while not await admin.receive_nothing(timeout=0.1):
+            await admin.receive_json_from()  # a tick already on its way
+        assert await admin.receive_nothing(timeout=1.5)
+
+
+@pytest.mark.asyncio
+async def test_force_disconnect_closes_the_users_sockets(cookies, demo):
+    async with socket(cookies["bob"]) as bob, socket(cookies["alice"]) as alice:
+        await broadcast.force_disconnect(demo["bob"].pk)
+        assert await bob.receive_output(timeout=5) == {"type": "websocket.close", "code": 4003}
+        assert (await call(alice, {"type": "ping", "ref": 1}))["type"] == "pong"
+
+
+# -- logs --------------------------------------------------------------------------
+SECRETS = ("body-secret-6f3a", "demo-password")
+
+
+@pytest.mark.asyncio
+async def test_logs_are_json_events_with_trace_ids_and_no_secrets(cookies, demo, caplog):
+    from django.test import AsyncClient
+    from pythonjsonlogger.json import JsonFormatter
+
+    caplog.set_level(logging.DEBUG)
+    layer = get_channel_layer()
+    watcher = await layer.new_channel()
+    await layer.group_add(broadcast.room_group("general"), watcher)
+    async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
+        await subscribe(bob, "general")
+        await call(alice, {"type": "message.send", "room": "general", "body": SECRETS[0], "client_id": "s1",
+                           "ref": 1, "trace": "trace-abc-123"})
+        delivered = await bob.receive_json_from(timeout=5)
+        assert delivered["body"] == SECRETS[0]
+    published = await layer.receive(watcher)
+    assert published["trace"] == "trace-abc-123"
+
+    # Over HTTP: sign in with a password, take a ticket, post with a traceparent.
+    http_client = AsyncClient()
+    res = await http_client.post("/accounts/login/", {"username": "carol", "password": SECRETS[1]})
+    assert res.status_code == 302
+    ticket = (await http_client.post("/api/v1/tickets/")).json()["ticket"]
+    res = await AsyncClient().get("/", headers={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+    assert res["X-Trace-Id"] == "0af7651916cd43dd8448eb211c80319c"
+    # A message posted over REST carries the request's trace id to the layer.
+    poster = AsyncClient()
+    await poster.aforce_login(demo["alice"])
+    res = await poster.post("/api/v1/rooms/general/messages/", {"body": "over rest", "client_id": "r1"},
+                            content_type="application/json",
+                            headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    assert res.status_code == 200
+    assert (await layer.receive(watcher))["trace"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+    formatter = JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    add_context = ContextFilter()
+    lines = []
+    for record in caplog.records:
+        add_context.filter(record)
+        lines.append(formatter.format(record))
+    ours = [json.loads(line) for line in lines if "realtime." in line]
+    assert ours and all("event" in entry for entry in ours if entry["name"].startswith("realtime.consumers"))
+    delivery = [e for e in ours if e.get("event") == "ws.deliver"]
+    assert delivery and delivery[0]["trace_id"] == "trace-abc-123" and delivery[0]["seq"] >= 1
+    handled = [e for e in ours if e.get("event") == "ws.frame" and e.get("frame") == "message.send"]
+    assert handled and handled[0]["trace_id"] == "trace-abc-123" and handled[0]["ms"] >= 0
+    everything = "\n".join(lines) + caplog.text
+    session_keys = [c.decode().split("=", 1)[1] for c in cookies.values()]
+    for secret in (*SECRETS, ticket, *session_keys):
+        assert secret not in everything, "a secret reached the logs"
+
+
+def test_the_alert_rules_use_metrics_that_exist():
+    from pathlib import Path
+
+    from prometheus_client import REGISTRY
+
+    rules = (Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml").read_text()
+    used = set(re.findall(r"\b(realtime_[a-z_]+)", rules))
+    known = set()
+    for family in REGISTRY.collect():
+        known.update({family.name, f"{family.name}_total", f"{family.name}_bucket"})
+    assert used and used <= known, used - known
+    for alert in ("RealtimeWorkerMissing", "RealtimeErrorRate", "RealtimeConnectionDrop", "RealtimeLatencyP99"):
+        assert f"alert: {alert}" in rules
