@@ -305,6 +305,8 @@ REALTIME = {
         "subscribe": env_rate("REALTIME_RATE_SUBSCRIBE", (20, 60)),
         "unsubscribe": env_rate("REALTIME_RATE_UNSUBSCRIBE", (20, 60)),
         "ping": env_rate("REALTIME_RATE_PING", (2, 10)),
+        "typing": env_rate("REALTIME_RATE_TYPING", (2, 5)),
+        "read": env_rate("REALTIME_RATE_READ", (5, 20)),
         # Long polls (GET .../events/?wait=); a busy room answers them at once.
         "poll": env_rate("REALTIME_RATE_POLL", (5, 20)),
         # Frames that fail to decode or validate.

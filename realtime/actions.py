@@ -16,11 +16,12 @@ from typing import Any, Callable
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import Count, F, OuterRef, Q, Subquery, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from . import broadcast, protocol
-from .models import Event, Membership, Message, Room
+from .models import Event, Membership, Message, ReadState, Room
 from .permissions import Action, can
 from .protocol import ErrorCode
 
@@ -94,9 +95,17 @@ def room_access(*, user, slug: str, action: Action) -> RoomAccess:
 
 
 def visible_rooms(*, user) -> list[dict]:
-    """The rooms a user may see, with their role and the room's head seq."""
+    """The rooms a user may see, with their role, the room's head seq, how far the
+    user has read it, and how many messages by others are unread (one query)."""
     roles = dict(Membership.objects.filter(user=user).values_list("room_id", "role"))
     rooms = Room.objects.all() if user.is_staff else Room.objects.filter(Q(is_public=True) | Q(id__in=roles))
+    read = ReadState.objects.filter(room=OuterRef("pk"), user=user).values("seq")[:1]
+    rooms = rooms.annotate(read=Coalesce(Subquery(read), Value(0))).annotate(
+        unread=Count(
+            "messages",
+            filter=Q(messages__seq__gt=F("read"), messages__deleted_at__isnull=True) & ~Q(messages__author=user),
+        )
+    )
     return [
         {
             "slug": room.slug,
@@ -104,9 +113,41 @@ def visible_rooms(*, user) -> list[dict]:
             "is_public": room.is_public,
             "role": roles.get(room.id),
             "seq": room.last_seq,
+            "read": room.read,
+            "unread": room.unread,
         }
         for room in rooms.order_by("slug")
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    room: str
+    seq: int  # what is stored now
+    moved: bool  # whether this call moved it forward
+    markers: bool  # whether the room shows read markers to its members
+
+
+def mark_read(*, user, slug: str, seq: int) -> ReadResult:
+    """Move the user's read position forward to `seq` (clamped to the room's head;
+    never backwards). Anyone who may see the room may mark it read."""
+    access = room_access(user=user, slug=slug, action=Action.VIEW)
+    room = access.room
+    target = min(seq, Room.objects.filter(pk=room.pk).values_list("last_seq", flat=True).get())
+    with transaction.atomic():
+        state, _ = ReadState.objects.get_or_create(room=room, user=user)
+        # A conditional UPDATE: two tabs marking at once can only move it forward.
+        moved = ReadState.objects.filter(pk=state.pk, seq__lt=target).update(seq=target) == 1
+    stored = ReadState.objects.filter(pk=state.pk).values_list("seq", flat=True).get()
+    return ReadResult(room=room.slug, seq=stored, moved=moved, markers=room.read_markers)
+
+
+def read_markers(*, slug: str) -> dict[str, int]:
+    """Everyone's read position in a room that shows read markers (username -> seq)."""
+    return dict(
+        ReadState.objects.filter(room__slug=slug, room__read_markers=True, seq__gt=0)
+        .values_list("user__username", "seq")
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -25,12 +25,12 @@ class MembershipInline(admin.TabularInline):
     model = Membership
     extra = 0
     autocomplete_fields = ["user"]
-    readonly_fields = ["last_read_seq", "joined_at"]
+    readonly_fields = ["joined_at"]
 
 
 @admin.register(Room)
 class RoomAdmin(admin.ModelAdmin):
-    list_display = ["slug", "title", "is_public", "last_seq", "created_at"]
+    list_display = ["slug", "title", "is_public", "read_markers", "last_seq", "created_at"]
     list_filter = ["is_public"]
     search_fields = ["slug", "title"]
     readonly_fields = ["last_seq", "created_at"]
@@ -90,7 +90,7 @@ class RoomAdmin(admin.ModelAdmin):
 
 @admin.register(Membership)
 class MembershipAdmin(admin.ModelAdmin):
-    list_display = ["room", "user", "role", "last_read_seq", "joined_at"]
+    list_display = ["room", "user", "role", "joined_at"]
     list_filter = ["role", "room"]
     search_fields = ["room__slug", "user__username"]
     autocomplete_fields = ["user", "room"]

@@ -26,6 +26,8 @@ SESSION_CHECK = "session.check"
 ACCESS_CHECK = "access.check"
 # From the admin console: close the user's sockets everywhere.
 FORCE_DISCONNECT = "force.disconnect"
+# Ephemeral frames (typing, presence, read markers): no seq, not stored.
+PUSH = "push"
 # The group every worker process listens on for control messages (server.py).
 CONTROL_GROUP = "realtime.workers"
 
@@ -109,3 +111,31 @@ async def force_disconnect(user_id: int) -> None:
 async def request_drain(worker: str) -> None:
     """Ask one worker (its REALTIME_WORKER_ID), or all ("*"), to drain."""
     await get_channel_layer().group_send(CONTROL_GROUP, {"type": "worker.drain", "worker": worker})
+
+
+def push_message(frame: protocol.Frame, *, room: str | None = None, skip_user: int | None = None,
+                 skip_channel: str | None = None) -> dict:
+    """A channel-layer message carrying an ephemeral frame, encoded once per codec.
+    With `room`, only sockets subscribed to it pass it on; `skip_user`'s sockets
+    never do (a typist does not see their own typing)."""
+    return {
+        "type": PUSH,
+        "room": room,
+        "skip_user": skip_user,
+        "skip_channel": skip_channel,
+        # Presence frames go only to sockets that asked for presence.
+        "presence": isinstance(frame, (protocol.PresenceState, protocol.PresenceDiff)),
+        protocol.JSON.name: protocol.JSON.encode(frame).decode(),
+        protocol.MSGPACK.name: protocol.MSGPACK.encode(frame),
+    }
+
+
+async def publish_push(group: str, frame: protocol.Frame, *, room: str | None = None, skip_user: int | None = None,
+                       skip_channel: str | None = None) -> None:
+    """Best effort: an ephemeral frame lost to a layer failure is not worth an error."""
+    try:
+        message = push_message(frame, room=room, skip_user=skip_user, skip_channel=skip_channel)
+        await get_channel_layer().group_send(group, message)
+    except Exception:
+        metrics.LAYER_FAILURES.labels("push").inc()
+        log.warning("push failed", extra={"event": "push.failed", "room": room})

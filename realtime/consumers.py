@@ -35,7 +35,7 @@ from django.conf import settings
 
 from accounts.sessions import session_is_valid
 
-from . import actions, broadcast, connections, heartbeat, metrics, protocol, ratelimit
+from . import actions, broadcast, connections, heartbeat, metrics, presence, protocol, ratelimit
 from .actions import ActionError
 from .logs import TRACE, clean_trace, event
 from .permissions import Action
@@ -55,6 +55,7 @@ def close_label(code) -> str:
 @dataclass(slots=True)
 class Subscription:
     last_seq: int
+    presence: bool = True
 
 
 class RealtimeConsumer(AsyncWebsocketConsumer):
@@ -153,6 +154,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         metrics.OPENED.inc()
         heartbeat.SOCKETS[self.conn_id] = (self.user.pk, self.user.get_username())
         heartbeat.ensure_started()
+        presence.ensure_started()
         event(log, INFO, "ws.open", conn_id=self.conn_id, user_id=self.user.pk, codec=self.codec.name)
 
     async def disconnect(self, code: int) -> None:
@@ -166,6 +168,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self.metrics_task.cancel()
         metrics.CONNECTIONS.dec()
         heartbeat.SOCKETS.pop(self.conn_id, None)
+        for slug, sub in list(self.subscriptions.items()):
+            if sub.presence:
+                await self.leave_presence(slug)
         self.subscriptions.clear()
         for group in groups:
             # Best effort: a layer that is down forgets nothing it would keep.
@@ -282,19 +287,76 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             replay = await database_sync_to_async(actions.room_replay)(user=self.user, slug=slug, since=since)
         except BaseException:
             # Refused (or failed): no stream for this room on this socket any more.
-            self.subscriptions.pop(slug, None)
-            await self.channel_layer.group_discard(group, self.channel_name)
+            if current is not None:
+                await self.drop_subscription(slug)
+            else:
+                await self.channel_layer.group_discard(group, self.channel_name)
             raise
         await self.send_events(replay.events)
         metrics.REPLAYED.inc(len(replay.events))
         # A re-subscribe (the client asking to repair a gap) restarts from its since.
-        self.subscriptions[slug] = Subscription(last_seq=replay.head)
+        self.subscriptions[slug] = Subscription(last_seq=replay.head, presence=current.presence if current else frame.presence)
+        if current is None and frame.presence:
+            # Present in the room from now: announce a join (if this is the user's
+            # first socket there), then tell this socket who is here.
+            await presence.join(slug, self.user.pk, self.user.get_username(), self.conn_id)
+            await presence.announce(slug, skip_channel=self.channel_name)
+            await self.send_frame(protocol.PresenceState(room=slug, users=await presence.names(slug)))
+        if current is None:
+            markers = await database_sync_to_async(actions.read_markers)(slug=slug)
+            if markers:
+                await self.send_frame(protocol.ReadMarkers(room=slug, markers=markers))
         return protocol.SubscribeAck(ref=frame.ref, room=slug, seq=replay.head, replayed=len(replay.events))
 
+    async def drop_subscription(self, slug: str) -> None:
+        """Leave a room's stream and its presence (unsubscribe, access lost, broken stream)."""
+        sub = self.subscriptions.pop(slug, None)
+        if sub is None:
+            return
+        with contextlib.suppress(Exception):
+            await self.channel_layer.group_discard(broadcast.room_group(slug), self.channel_name)
+        if sub.presence:
+            await self.leave_presence(slug)
+
+    async def leave_presence(self, slug: str) -> None:
+        try:
+            await presence.leave(slug, self.user.pk, self.user.get_username(), self.conn_id)
+        except Exception:
+            pass  # the lease runs out by itself
+        presence.announce_later(slug)
+
     async def on_unsubscribe(self, frame: protocol.Unsubscribe) -> protocol.Frame:
-        if self.subscriptions.pop(frame.room, None) is not None:
-            await self.channel_layer.group_discard(broadcast.room_group(frame.room), self.channel_name)
+        await self.drop_subscription(frame.room)
         return protocol.UnsubscribeAck(ref=frame.ref, room=frame.room)
+
+    async def on_typing(self, frame: protocol.Typing) -> protocol.Frame:
+        """Shown to the room's other subscribers; only those who may post may type."""
+        await database_sync_to_async(actions.room_access)(user=self.user, slug=frame.room, action=Action.POST)
+        sent = await presence.typing_allowed(frame.room, self.user.pk)
+        if sent:
+            await broadcast.publish_push(
+                broadcast.room_group(frame.room),
+                protocol.TypingNotice(room=frame.room, user=self.user.get_username()),
+                room=frame.room,
+                skip_user=self.user.pk,
+            )
+        return protocol.TypingAck(ref=frame.ref, room=frame.room, sent=sent)
+
+    async def on_read(self, frame: protocol.Read) -> protocol.Frame:
+        """Move the read position forward; tell the user's other sockets, and the
+        room's members where the room shows read markers."""
+        result = await database_sync_to_async(actions.mark_read)(user=self.user, slug=frame.room, seq=frame.seq)
+        if result.moved:
+            await broadcast.publish_push(
+                broadcast.user_group(self.user.pk), protocol.ReadPosition(room=result.room, seq=result.seq)
+            )
+            if result.markers:
+                await broadcast.publish_push(
+                    broadcast.room_group(result.room),
+                    protocol.ReadMarker(room=result.room, user=self.user.get_username(), seq=result.seq),
+                    room=result.room,
+                )
+        return protocol.ReadAck(ref=frame.ref, room=result.room, seq=result.seq)
 
     async def on_message_send(self, frame: protocol.MessageSend) -> protocol.Frame:
         result = await actions.perform(
@@ -384,6 +446,22 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             log.debug("ws.deliver", extra={"event": "ws.deliver", "conn_id": self.conn_id, "user_id": self.user.pk,
                                            "room": slug, "seq": seq, "trace_id": message.get("trace")})
 
+    async def push(self, message: dict) -> None:
+        """An ephemeral frame (typing, presence, read markers), encoded once upstream."""
+        room = message.get("room")
+        sub = self.subscriptions.get(room) if room is not None else None
+        if self.revoked or (room is not None and sub is None):
+            return
+        if message.get("skip_user") == self.user.pk or message.get("skip_channel") == self.channel_name:
+            return
+        if message.get("presence") and not sub.presence:
+            return
+        payload = message[self.codec.name]
+        if self.codec.binary:
+            await self.send(bytes_data=payload)
+        else:
+            await self.send(text_data=payload)
+
     async def session_check(self, message: dict) -> None:
         """The user's session may have ended (logout, password change, deactivation,
         deletion, expiry): if it has, close with 4003 and deliver nothing more."""
@@ -415,8 +493,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         try:
             await database_sync_to_async(actions.room_access)(user=self.user, slug=slug, action=Action.VIEW)
         except ActionError as exc:
-            self.subscriptions.pop(slug, None)
-            await self.channel_layer.group_discard(broadcast.room_group(slug), self.channel_name)
+            await self.drop_subscription(slug)
             await self.send_frame(protocol.Error(code=exc.code, message=exc.message, room=slug))
 
     async def housekeeping(self) -> None:
@@ -424,14 +501,17 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         - every REALTIME_SESSION_RECHECK s (jittered), check the session, catching
           what no signal reported (a session that simply expired);
         - every connections.LEASE_RENEW s, renew this socket's connection lease;
+        - every presence.RENEW s, renew its presence in the rooms it follows;
         - close with 4008 a socket silent for REALTIME_IDLE_TIMEOUT s."""
         loop = asyncio.get_running_loop()
         recheck = settings.REALTIME["SESSION_RECHECK"]
         idle = settings.REALTIME["IDLE_TIMEOUT"]
         next_check = loop.time() + recheck * (0.9 + 0.2 * random.random())
         next_renew = loop.time() + connections.LEASE_RENEW
+        next_presence = loop.time() + presence.RENEW
         while True:
-            await asyncio.sleep(max(0.0, min(next_check, next_renew, self.last_frame_at + idle) - loop.time()))
+            wake = min(next_check, next_renew, next_presence, self.last_frame_at + idle)
+            await asyncio.sleep(max(0.0, wake - loop.time()))
             now = loop.time()
             if now >= self.last_frame_at + idle:
                 self.revoked = True
@@ -446,6 +526,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             if now >= next_renew:
                 next_renew = now + connections.LEASE_RENEW
                 await connections.acquire(self.user.pk, self.conn_id)
+            if now >= next_presence:
+                next_presence = now + presence.RENEW
+                with contextlib.suppress(Exception):
+                    await presence.renew(self.user.pk, self.user.get_username(), self.conn_id,
+                                         [slug for slug, sub in self.subscriptions.items() if sub.presence])
 
     async def catch_up(self, slug: str, sub: Subscription, upto: int) -> bool:
         """Send the room's events after sub.last_seq up to `upto` from the log.
@@ -455,8 +540,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         except Exception as exc:
             if not isinstance(exc, ActionError):
                 log.exception("ws catch-up failed", extra={"event": "ws.catchup_failed", "conn_id": self.conn_id, "room": slug})
-            self.subscriptions.pop(slug, None)
-            await self.channel_layer.group_discard(broadcast.room_group(slug), self.channel_name)
+            await self.drop_subscription(slug)
             await self.send_frame(
                 protocol.Error(
                     code=ErrorCode.RECOVERY_FAILED,
@@ -480,6 +564,8 @@ HANDLERS: dict[type[protocol.Request], Handler] = {
     protocol.MessageSend: RealtimeConsumer.on_message_send,
     protocol.MessageEdit: RealtimeConsumer.on_message_edit,
     protocol.MessageDelete: RealtimeConsumer.on_message_delete,
+    protocol.Typing: RealtimeConsumer.on_typing,
+    protocol.Read: RealtimeConsumer.on_read,
     protocol.Ping: RealtimeConsumer.on_ping,
     protocol.MetricsSubscribe: RealtimeConsumer.on_metrics_subscribe,
     protocol.MetricsUnsubscribe: RealtimeConsumer.on_metrics_unsubscribe,

@@ -24,7 +24,6 @@ EVERY = 1.0  # seconds between heartbeats
 TTL = 5.0  # seconds after which a silent worker leaves the view
 WORKERS_KEY = "rt:workers"
 _local: dict[str, dict] = {}
-_loops: set[int] = set()
 
 # This process's sockets, for the admin console: conn_id -> (user id, username).
 SOCKETS: dict[str, tuple[int, str]] = {}
@@ -88,16 +87,8 @@ async def _loop() -> None:
 
 
 def ensure_started() -> None:
-    """Start this process's heartbeat on the running loop (once per loop)."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        # daphne's start-up hooks run before Twisted's asyncio loop is running.
-        loop = asyncio.get_event_loop()
-    if id(loop) in _loops:
-        return
-    _loops.add(id(loop))
-    asyncio.ensure_future(_loop(), loop=loop)
+    """Start this process's heartbeat (once per event loop)."""
+    store.start_once("heartbeat", _loop)
 
 
 async def view() -> list[dict]:

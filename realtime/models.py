@@ -17,6 +17,9 @@ class Room(models.Model):
     is_public = models.BooleanField(
         default=True, help_text="Public rooms are visible to every signed-in user; private ones to members only."
     )
+    read_markers = models.BooleanField(
+        default=True, help_text="Members see how far the others have read (read markers)."
+    )
     # The seq of the room's newest event. Incremented with an UPDATE inside the
     # transaction that writes the event, so seqs are gap-free and commit in order.
     last_seq = models.PositiveBigIntegerField(default=0, editable=False)
@@ -41,7 +44,6 @@ class Membership(models.Model):
     room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="memberships")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
     role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
-    last_read_seq = models.PositiveBigIntegerField(default=0)
     joined_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -49,6 +51,22 @@ class Membership(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} in {self.room} ({self.role})"
+
+
+class ReadState(models.Model):
+    """How far a user has read a room (any user who may see it, member or not):
+    the highest seq they have marked read. It only moves forward."""
+
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="read_states")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="read_states")
+    seq = models.PositiveBigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["room", "user"], name="readstate_unique_room_user")]
+
+    def __str__(self) -> str:
+        return f"{self.user} read {self.room} to {self.seq}"
 
 
 class Message(models.Model):

@@ -88,6 +88,9 @@ class Subscribe(Request, tag="subscribe", kw_only=True):
 
     room: RoomSlug
     since: Seq | None = None
+    # Count this socket as present in the room, and send it presence.state and
+    # presence.diff. Off for clients that show no presence (bots, tools).
+    presence: bool = True
 
 
 class Unsubscribe(Request, tag="unsubscribe", kw_only=True):
@@ -125,6 +128,20 @@ class Ping(Request, tag="ping", kw_only=True):
     t: Annotated[float, Meta(ge=0)] | None = None
 
 
+class Typing(Request, tag="typing", kw_only=True):
+    """The user is typing in the room: shown to the others for a few seconds.
+    Throttled: at most one broadcast per user and room every 2 s; never stored."""
+
+    room: RoomSlug
+
+
+class Read(Request, tag="read", kw_only=True):
+    """The user has read the room up to `seq` (clamped to the head; never backwards)."""
+
+    room: RoomSlug
+    seq: Seq
+
+
 class MetricsSubscribe(Request, tag="metrics.subscribe", kw_only=True):
     """Staff only: receive `metrics.tick` about once a second (others: `forbidden`)."""
 
@@ -134,10 +151,14 @@ class MetricsUnsubscribe(Request, tag="metrics.unsubscribe", kw_only=True):
 
 
 CLIENT_FRAMES: tuple[type[Request], ...] = (
-    Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Ping, MetricsSubscribe, MetricsUnsubscribe,
+    Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Typing, Read, Ping, MetricsSubscribe,
+    MetricsUnsubscribe,
 )
 CLIENT_TYPES: dict[str, type[Request]] = {cls.__struct_config__.tag: cls for cls in CLIENT_FRAMES}
-ClientFrame = Union[Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Ping, MetricsSubscribe, MetricsUnsubscribe]
+ClientFrame = Union[
+    Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Typing, Read, Ping, MetricsSubscribe,
+    MetricsUnsubscribe,
+]
 
 
 # ---------------------------------------------------------------------------
@@ -178,6 +199,22 @@ class Pong(Reply, tag="pong", kw_only=True):
 
     ref: Ref = None
     t: float | None = None
+
+
+class TypingAck(Reply, tag="ack", kw_only=True):
+    """Reply to `typing`: `sent` false when the throttle held it back."""
+
+    ref: Ref = None
+    room: RoomSlug
+    sent: bool
+
+
+class ReadAck(Reply, tag="ack", kw_only=True):
+    """Reply to `read`: the stored read position (never lower than before)."""
+
+    ref: Ref = None
+    room: RoomSlug
+    seq: Seq
 
 
 class MetricsAck(Reply, tag="ack", kw_only=True):
@@ -231,7 +268,7 @@ class MessageDeleted(RoomEvent, tag="message.deleted", kw_only=True):
 ROOM_EVENTS: tuple[type[RoomEvent], ...] = (MessageNew, MessageEdited, MessageDeleted)
 ROOM_EVENT_TYPES: dict[str, type[RoomEvent]] = {cls.__struct_config__.tag: cls for cls in ROOM_EVENTS}
 ServerEvent = Union[MessageNew, MessageEdited, MessageDeleted]
-REPLIES: tuple[type[Reply], ...] = (SubscribeAck, UnsubscribeAck, MessageAck, MetricsAck, Pong, Error)
+REPLIES: tuple[type[Reply], ...] = (SubscribeAck, UnsubscribeAck, MessageAck, TypingAck, ReadAck, MetricsAck, Pong, Error)
 
 
 # ---------------------------------------------------------------------------
@@ -264,7 +301,59 @@ class MetricsTick(Frame, tag="metrics.tick", kw_only=True):
     workers: list[WorkerFigures]
 
 
-PUSHES: tuple[type[Frame], ...] = (MetricsTick,)
+class Push(Frame, kw_only=True):
+    direction: ClassVar[str] = "server"
+
+
+class TypingNotice(Push, tag="typing", kw_only=True):
+    """Someone else is typing in a room this socket follows (not sent to the typist)."""
+
+    room: RoomSlug
+    user: str
+
+
+class PresenceState(Push, tag="presence.state", kw_only=True):
+    """Who is in the room, sent on subscribe (each user once, however many tabs)."""
+
+    room: RoomSlug
+    users: list[str]
+
+
+class PresenceDiff(Push, tag="presence.diff", kw_only=True):
+    """Who came and went since the last state or diff (coalesced: a reload within a
+    couple of seconds is neither)."""
+
+    room: RoomSlug
+    joins: list[str]
+    leaves: list[str]
+
+
+class ReadPosition(Push, tag="read.state", kw_only=True):
+    """To the user's own sockets: their read position in a room moved (another tab
+    or device read it)."""
+
+    room: RoomSlug
+    seq: Seq
+
+
+class ReadMarker(Push, tag="read.marker", kw_only=True):
+    """In rooms that show read markers: a member read up to `seq`."""
+
+    room: RoomSlug
+    user: str
+    seq: Seq
+
+
+class ReadMarkers(Push, tag="read.markers", kw_only=True):
+    """On subscribe, in rooms that show read markers: everyone's read position."""
+
+    room: RoomSlug
+    markers: dict[str, int]
+
+
+PUSHES: tuple[type[Frame], ...] = (
+    TypingNotice, PresenceState, PresenceDiff, ReadPosition, ReadMarker, ReadMarkers, MetricsTick,
+)
 
 
 # ---------------------------------------------------------------------------

@@ -26,3 +26,20 @@ def client(url: str):
         _clients.clear()
         found = _clients[key] = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
     return found
+
+
+_started: set[tuple[str, int]] = set()
+
+
+def start_once(name: str, factory) -> None:
+    """Run `factory()` (a coroutine that loops for ever) once per event loop:
+    a process-wide background task such as the heartbeat or the presence sweep."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        # daphne's start-up hooks run before Twisted's asyncio loop is running.
+        loop = asyncio.get_event_loop()
+    if (name, id(loop)) in _started:
+        return
+    _started.add((name, id(loop)))
+    asyncio.ensure_future(factory(), loop=loop)

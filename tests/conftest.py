@@ -124,9 +124,10 @@ async def call(comm, frame: dict, timeout: float = 5) -> dict:
     return await comm.receive_json_from(timeout=timeout)
 
 
-async def subscribe(comm, room: str, since: int | None = 0) -> list[dict]:
-    """Subscribe and return the replayed events; asserts the ack."""
-    frame = {"type": "subscribe", "room": room, "ref": f"sub-{room}"}
+async def subscribe(comm, room: str, since: int | None = 0, presence: bool = False) -> list[dict]:
+    """Subscribe and return the replayed events; asserts the ack. Without presence
+    by default, so that the tests see the room's events alone."""
+    frame = {"type": "subscribe", "room": room, "ref": f"sub-{room}", "presence": presence}
     if since is not None:
         frame["since"] = since
     await comm.send_json_to(frame)
@@ -138,4 +139,6 @@ async def subscribe(comm, room: str, since: int | None = 0) -> list[dict]:
             assert reply["replayed"] == len(events)
             return events
         assert reply["type"] != "error", reply
+        if reply["type"] in ("presence.state", "read.markers"):
+            continue
         events.append(reply)

@@ -32,6 +32,9 @@ export const Close = Object.freeze({
 const STOP = { [Close.NOT_AUTHENTICATED]: "unauthenticated", [Close.FORBIDDEN]: "forbidden" };
 const RESTART = new Set([Close.SERVICE_RESTART, Close.SERVER_RESTART]);
 
+// Frames without a place in a room's log.
+const EPHEMERAL = new Set(["typing", "presence.state", "presence.diff", "read.state", "read.marker", "read.markers", "metrics.tick"]);
+
 // Errors after which resending the same request cannot succeed.
 const FINAL_ERRORS = new Set(["invalid", "unknown_type", "forbidden", "not_found", "too_large", "conflict"]);
 
@@ -713,7 +716,11 @@ export class RealtimeClient {
       case "error":
         return this._onError(frame);
       default:
-        if (typeof frame.seq === "number" && typeof frame.room === "string") return this._onEvent(frame);
+        // Room events carry the room's seq; pushes (typing, presence, read markers,
+        // metrics) are ephemeral, even those that carry a seq of their own.
+        if (!EPHEMERAL.has(frame.type) && typeof frame.seq === "number" && typeof frame.room === "string") {
+          return this._onEvent(frame);
+        }
         this.emit("ephemeral", frame);
     }
   }

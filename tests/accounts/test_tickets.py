@@ -46,7 +46,7 @@ async def test_a_ticket_opens_one_socket_once(bob_client, caplog):
     caplog.set_level(logging.DEBUG)
     ticket = await sync_to_async(new_ticket)(bob_client)
     first = await open_with(ticket)
-    assert await call(first, {"type": "subscribe", "room": "general", "ref": 1}) == {
+    assert await call(first, {"type": "subscribe", "room": "general", "ref": 1, "presence": False}) == {
         "type": "ack", "ref": 1, "room": "general", "seq": 0, "replayed": 0,
     }
     again = await open_with(ticket)

@@ -152,7 +152,7 @@ class ResumingClient:
                             closed_at = None
                     elif frame.get("type") == "error":
                         raise AssertionError(f"server error: {frame}")
-                    elif "seq" in frame:
+                    elif frame.get("type", "").startswith("message.") and "seq" in frame:
                         self._apply(frame["seq"])
             except websockets.ConnectionClosed as exc:
                 self.close_codes.append(exc.rcvd.code if exc.rcvd else 1006)

@@ -116,7 +116,7 @@ async def test_subscribe_without_since_goes_live_from_the_head(cookies):
     async with socket(cookies["alice"]) as alice:
         await call(alice, send_frame(client_id="old"))
         async with socket(cookies["bob"]) as bob:
-            await bob.send_json_to({"type": "subscribe", "room": "general", "ref": 1})
+            await bob.send_json_to({"type": "subscribe", "room": "general", "ref": 1, "presence": False})
             assert await bob.receive_json_from(timeout=5) == {
                 "type": "ack", "ref": 1, "room": "general", "seq": 1, "replayed": 0,
             }
@@ -133,7 +133,7 @@ async def test_since_older_than_the_replay_window_fails_recovery(cookies, settin
     async with socket(cookies["alice"]) as alice:
         for i in range(4):
             await call(alice, send_frame(client_id=f"w{i}"))
-        reply = await call(alice, {"type": "subscribe", "room": "general", "since": 1, "ref": 3})
+        reply = await call(alice, {"type": "subscribe", "room": "general", "since": 1, "ref": 3, "presence": False})
         assert reply["code"] == "recovery_failed"
         assert len(await subscribe(alice, "general", since=2)) == 2
 
@@ -166,7 +166,7 @@ async def test_rooms_per_connection_are_limited(cookies, settings):
     settings.REALTIME = {**settings.REALTIME, "MAX_ROOMS_PER_CONNECTION": 1}
     async with socket(cookies["alice"]) as alice:
         await subscribe(alice, "general")
-        reply = await call(alice, {"type": "subscribe", "room": "ops", "ref": 1})
+        reply = await call(alice, {"type": "subscribe", "room": "ops", "ref": 1, "presence": False})
         assert reply["code"] == "too_large"
 
 
@@ -317,7 +317,7 @@ async def test_msgpack_subprotocol_speaks_the_same_schemas(cookies):
     import msgpack
 
     async with socket(cookies["alice"], subprotocols=("rt.v1.msgpack",)) as alice:
-        await alice.send_to(bytes_data=msgpack.packb({"type": "subscribe", "room": "general", "since": 0, "ref": 1}))
+        await alice.send_to(bytes_data=msgpack.packb({"type": "subscribe", "room": "general", "since": 0, "ref": 1, "presence": False}))
         ack = msgpack.unpackb(await alice.receive_from(timeout=5))
         assert ack == {"type": "ack", "ref": 1, "room": "general", "seq": 0, "replayed": 0}
         await alice.send_to(bytes_data=msgpack.packb(send_frame()))
@@ -335,7 +335,7 @@ async def test_a_refused_resubscribe_ends_the_existing_stream(cookies, demo):
         # Taken away without a signal (a queryset update sends none), so only the
         # re-subscribe finds out.
         await Membership.objects.filter(user=demo["bob"], room__slug="ops").aupdate(user=demo["carol"])
-        reply = await call(bob, {"type": "subscribe", "room": "ops", "ref": 2})
+        reply = await call(bob, {"type": "subscribe", "room": "ops", "ref": 2, "presence": False})
         assert reply["code"] == "forbidden"
         await call(alice, send_frame(room="ops"))
         assert await bob.receive_nothing(timeout=0.3)
