@@ -21,8 +21,8 @@ from . import store
 
 log = logging.getLogger(__name__)
 
-LEASE_TTL = 90.0  # seconds a lease lives without renewal
-LEASE_RENEW = 30.0  # seconds between renewals by a live socket
+LEASE_TTL = 30.0  # seconds a lease lives without renewal
+LEASE_RENEW = 10.0  # seconds between renewals by a live socket
 
 _ACQUIRE = """
 local now, ttl, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])

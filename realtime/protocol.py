@@ -372,6 +372,12 @@ class MessagePatch(Struct, forbid_unknown_fields=True, kw_only=True):
     body: Body
 
 
+class ReadPost(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of `POST /api/v1/rooms/<slug>/read/`: the socket's read frame."""
+
+    seq: Seq
+
+
 # ---------------------------------------------------------------------------
 # Codecs
 # ---------------------------------------------------------------------------
@@ -467,6 +473,6 @@ def event_to_dict(event: RoomEvent) -> dict:
 # ---------------------------------------------------------------------------
 def json_schemas() -> dict[str, dict]:
     """One JSON Schema per frame class, keyed by class name."""
-    classes = CLIENT_FRAMES + REPLIES + ROOM_EVENTS + PUSHES + (WorkerFigures, MessagePost, MessagePatch)
+    classes = CLIENT_FRAMES + REPLIES + ROOM_EVENTS + PUSHES + (WorkerFigures, MessagePost, MessagePatch, ReadPost)
     _, components = msgspec.json.schema_components(classes, ref_template="#/$defs/{name}")
     return {cls.__name__: components[cls.__name__] for cls in classes}

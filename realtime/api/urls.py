@@ -10,4 +10,5 @@ urlpatterns = [
     path("rooms/<slug:slug>/events/", views.RoomEvents.as_view(), name="api-room-events"),
     path("rooms/<slug:slug>/messages/", views.RoomMessages.as_view(), name="api-room-messages"),
     path("rooms/<slug:slug>/messages/<int:message_id>/", views.RoomMessage.as_view(), name="api-room-message"),
+    path("rooms/<slug:slug>/read/", views.RoomRead.as_view(), name="api-room-read"),
 ]

@@ -14,7 +14,7 @@ from rest_framework.views import APIView
 
 from accounts import tickets
 
-from .. import actions, protocol
+from .. import actions, broadcast, protocol
 from .. import ratelimit as buckets
 from ..actions import ActionError
 from ..longpoll import events_page
@@ -116,6 +116,25 @@ class RoomMessage(ActionView):
         take_token(request, "message.delete")
         result = actions.perform_sync(actions.message_delete, user=request.user, slug=slug, message_id=message_id)
         return ack(result)
+
+
+class RoomRead(ActionView):
+    """POST {"seq"}: the socket's `read` over HTTP (the long-polling fallback)."""
+
+    def post(self, request: Request, slug: str) -> Response:
+        data = parse_body(request, protocol.ReadPost)
+        take_token(request, "read")
+        result = actions.mark_read(user=request.user, slug=slug, seq=data.seq)
+        if result.moved:
+            async_to_sync(broadcast.publish_push)(
+                broadcast.user_group(request.user.pk), protocol.ReadPosition(room=result.room, seq=result.seq)
+            )
+            if result.markers:
+                marker = protocol.ReadMarker(room=result.room, user=request.user.get_username(), seq=result.seq)
+                async_to_sync(broadcast.publish_push)(
+                    broadcast.room_group(result.room), marker, room=result.room, skip_user=request.user.pk
+                )
+        return Response({"room": result.room, "seq": result.seq})
 
 
 def parse_body(request: Request, shape):

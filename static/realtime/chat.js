@@ -84,6 +84,7 @@ const messagesPath = (slug) => `rooms/${encodeURIComponent(slug)}/messages/`;
 const postOverRest = (slug, body, clientId) => write("POST", messagesPath(slug), { body, client_id: clientId });
 const editOverRest = (slug, id, body) => write("PATCH", `${messagesPath(slug)}${id}/`, { body });
 const removeOverRest = (slug, id) => write("DELETE", `${messagesPath(slug)}${id}/`);
+const readOverRest = (slug, seq) => write("POST", `rooms/${encodeURIComponent(slug)}/read/`, { seq });
 
 const client = new RealtimeClient({
   url: wsUrl(config.wsPath),
@@ -92,6 +93,7 @@ const client = new RealtimeClient({
   post: postOverRest,
   edit: editOverRest,
   remove: removeOverRest,
+  read: readOverRest,
   user: config.user,
   maxBodyLength: config.maxBodyLength,
 });
@@ -114,6 +116,7 @@ function ordered() {
 
 function render() {
   frameRequested = false;
+  const changed = rebuild || dirty.size > 0;
   if (unreadDirty) drawUnread();
   const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
   if (rebuild) {
@@ -136,6 +139,7 @@ function render() {
     }
     dirty.clear();
   }
+  if (pushDirty || (changed && markers.size)) drawPushes();
   if (nearBottom) list.scrollTop = list.scrollHeight;
 }
 
@@ -272,9 +276,7 @@ client.on("error", (err) => {
 
 client.on("reset", ({ room: slug }) => {
   if (slug !== room) {
-    // Too far behind to count exactly: the room has news, how much is unknown.
-    unread.set(slug, Infinity);
-    schedule();
+    recountSoon();
     return;
   }
   rebuild = true;
@@ -282,37 +284,24 @@ client.on("reset", ({ room: slug }) => {
 });
 
 // -- the other rooms: unread counts -------------------------------------------
-// Counted in this browser: the last seq seen of each room is kept in localStorage,
-// other rooms are followed from there (replay, then live), and each new message by
-// someone else counts once. (Server-side read state comes with issue #7.)
+// The server knows how far this user has read each room (on every device): the
+// page starts from its counts, follows the other rooms live and counts new messages
+// by others, and asks again whenever the user reads a room elsewhere (read.state).
 const unread = new Map(); // slug -> count
+const liveSeqs = new Map(); // slug -> seqs of messages by others seen live since the count
 let unreadDirty = false;
-const seenKey = (slug) => `realtime:seen:${config.user}:${slug}`;
-
-function lastSeen(slug) {
-  try {
-    const value = Number(localStorage.getItem(seenKey(slug)));
-    return Number.isInteger(value) && value > 0 ? value : null;
-  } catch (err) {
-    return null; // storage disabled
-  }
-}
-
-function markSeen(seq) {
-  try {
-    if (seq > (lastSeen(room) || 0)) localStorage.setItem(seenKey(room), String(seq));
-  } catch (err) {
-    /* storage disabled: counts start from now */
-  }
+for (const link of document.querySelectorAll(".rooms a[data-room]")) {
+  unread.set(link.dataset.room, Number(link.dataset.unread) || 0);
+  unreadDirty = true;
 }
 
 function drawUnread() {
   unreadDirty = false;
   for (const link of document.querySelectorAll(".rooms a[data-room]")) {
-    const count = unread.get(link.dataset.room) || 0;
+    const count = link.dataset.room === room ? 0 : unread.get(link.dataset.room) || 0;
     const badge = link.querySelector(".unread");
     badge.hidden = count === 0;
-    const shown = count === Infinity || count > 99 ? "99+" : String(count);
+    const shown = count > 99 ? "99+" : String(count);
     const visible = Object.assign(document.createElement("span"), { textContent: shown });
     visible.setAttribute("aria-hidden", "true");
     const spoken = Object.assign(document.createElement("span"), { className: "visually-hidden", textContent: `, ${shown} unread` });
@@ -320,21 +309,126 @@ function drawUnread() {
   }
 }
 
+let recount = null;
+function recountSoon() {
+  // Exact counts from the server, then the messages seen live after its answer.
+  clearTimeout(recount);
+  recount = setTimeout(async () => {
+    try {
+      const res = await fetch(`${config.apiBase}rooms/`, { credentials: "same-origin", headers: { Accept: "application/json" } });
+      if (!res.ok) return;
+      for (const r of (await res.json()).rooms) {
+        const later = (liveSeqs.get(r.slug) || []).filter((seq) => seq > r.seq);
+        liveSeqs.set(r.slug, later);
+        unread.set(r.slug, r.unread + later.length);
+      }
+      unreadDirty = true;
+      schedule();
+    } catch (err) {
+      /* offline: the next read.state asks again */
+    }
+  }, 300);
+}
+
 client.on("event", (ev) => {
-  if (ev.room === room) {
-    markSeen(ev.seq);
-    return;
-  }
-  if (ev.type === "message.new" && ev.author !== config.user) {
-    unread.set(ev.room, (unread.get(ev.room) || 0) + 1);
-    unreadDirty = true;
-    schedule();
-  }
+  if (ev.room === room || ev.type !== "message.new" || ev.author === config.user) return;
+  unread.set(ev.room, (unread.get(ev.room) || 0) + 1);
+  liveSeqs.set(ev.room, [...(liveSeqs.get(ev.room) || []), ev.seq].slice(-500));
+  unreadDirty = true;
+  schedule();
 });
 
-client.on("snapshot", (snap) => {
-  if (snap.room === room) markSeen(snap.seq);
+// -- presence, typing, read markers (pushes: no seq, not stored) ----------------
+const presenceLine = document.getElementById("presence");
+const typingLine = document.getElementById("typing");
+let present = new Set();
+const typers = new Map(); // username -> time the notice expires
+const markers = new Map(); // username -> seq they have read to (not ours)
+let pushDirty = false;
+const TYPING_SHOWN = 4000; // ms a notice stays without a new one
+const TYPING_EVERY = 2000; // ms between our own typing frames
+
+function later(fn, ms) {
+  setTimeout(fn, ms);
+}
+
+client.on("ephemeral", (frame) => {
+  if (frame.type === "read.state") {
+    if (frame.room !== room) recountSoon();
+    return;
+  }
+  if (frame.room !== room) return;
+  if (frame.type === "presence.state") present = new Set(frame.users);
+  else if (frame.type === "presence.diff") {
+    for (const user of frame.joins) present.add(user);
+    for (const user of frame.leaves) {
+      present.delete(user);
+      typers.delete(user);
+    }
+  } else if (frame.type === "typing") {
+    typers.set(frame.user, Date.now() + TYPING_SHOWN);
+    later(() => {
+      pushDirty = true;
+      schedule();
+    }, TYPING_SHOWN + 50);
+  } else if (frame.type === "read.markers") {
+    for (const [user, seq] of Object.entries(frame.markers)) if (user !== config.user) markers.set(user, seq);
+  } else if (frame.type === "read.marker") {
+    if (frame.user !== config.user) markers.set(frame.user, Math.max(frame.seq, markers.get(frame.user) || 0));
+  } else return;
+  pushDirty = true;
+  schedule();
 });
+
+function drawPushes() {
+  pushDirty = false;
+  const others = [...present].filter((u) => u !== config.user).sort();
+  presenceLine.textContent = present.size ? `Here now: ${[...present].sort().join(", ")}` : "";
+  presenceLine.dataset.count = String(others.length);
+  const now = Date.now();
+  for (const [user, until] of typers) if (until <= now) typers.delete(user);
+  const names = [...typers.keys()].sort();
+  typingLine.textContent =
+    names.length === 0 ? "" : names.length === 1 ? `${names[0]} is typing…` : `${names.slice(0, -1).join(", ")} and ${names.at(-1)} are typing…`;
+  // Read markers: each reader's name under the newest message they have read.
+  for (const el of list.querySelectorAll(".readers")) el.remove();
+  const byMessage = new Map();
+  for (const [user, seq] of markers) {
+    let best = null;
+    for (const li of list.querySelectorAll('li[data-state="sent"]')) {
+      const s = Number(li.dataset.seq);
+      if (s <= seq && (!best || s > Number(best.dataset.seq))) best = li;
+    }
+    if (best) byMessage.set(best, [...(byMessage.get(best) || []), user]);
+  }
+  for (const [li, users] of byMessage) {
+    li.append(Object.assign(document.createElement("div"), { className: "readers muted", textContent: `Seen by ${users.sort().join(", ")}` }));
+  }
+}
+
+// -- marking this room read ---------------------------------------------------------
+let readSent = 0;
+let readTimer = null;
+function markReadSoon() {
+  if (readTimer || document.visibilityState !== "visible") return;
+  readTimer = setTimeout(() => {
+    readTimer = null;
+    const seq = client.lastSeq(room);
+    if (seq === null || seq <= readSent || document.visibilityState !== "visible") return;
+    readSent = seq;
+    client.markRead(room, seq).catch(() => {
+      readSent = 0; // not sent: try again with the next event
+    });
+  }, 1000);
+}
+
+client.on("event", (ev) => {
+  if (ev.room === room) markReadSoon();
+});
+client.on("snapshot", (snap) => {
+  if (snap.room === room) markReadSoon();
+});
+document.addEventListener("visibilitychange", markReadSoon);
 
 client.on("error", (err) => {
   // A room of the list we may no longer see: stop counting it.
@@ -408,6 +502,14 @@ if (composer) {
     post(body);
     input.focus();
   });
+  let typingSent = 0;
+  input.addEventListener("input", () => {
+    // At most one typing frame every 2 s while the person types (the server
+    // throttles too); nothing while the box is empty.
+    if (!input.value.trim() || Date.now() - typingSent < TYPING_EVERY) return;
+    typingSent = Date.now();
+    client.typing(room);
+  });
   input.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey) {
       e.preventDefault();
@@ -420,7 +522,8 @@ window.addEventListener("beforeunload", () => client.close());
 client.subscribe(room);
 for (const link of document.querySelectorAll(".rooms a[data-room]")) {
   const slug = link.dataset.room;
-  if (slug !== room) client.subscribe(slug, { since: lastSeen(slug), background: true });
+  if (slug !== room) client.subscribe(slug, { background: true });
 }
 client.connect();
+schedule(); // the room list's first counts
 window.realtimeClient = client; // for debugging and the browser tests

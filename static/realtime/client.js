@@ -88,6 +88,7 @@ export class RealtimeClient {
     this.postFn = options.post || null;
     this.editFn = options.edit || null; // async (room, id, body) => ack, over REST
     this.removeFn = options.remove || null; // async (room, id) => ack, over REST
+    this.readFn = options.read || null; // async (room, seq) => {room, seq}, over REST
     this.fallbackAfter = options.fallbackAfter ?? 3;
     this.pollWait = options.pollWait ?? 25;
     this.upgradeCap = options.upgradeCap ?? 10000;
@@ -439,6 +440,17 @@ export class RealtimeClient {
   /** Number of messages waiting for an ack. */
   get pendingCount() {
     return this.outbox.size;
+  }
+
+  /** Tell the room this user is typing (ephemeral: not queued, not sent while polling). */
+  typing(room) {
+    this._raw({ type: "typing", room });
+  }
+
+  /** Mark the room read up to seq; resolves with the stored position. */
+  markRead(room, seq) {
+    if (this.transport === "poll" && this.readFn) return this.readFn(room, seq);
+    return this.request({ type: "read", room, seq });
   }
 
   edit(room, id, body) {

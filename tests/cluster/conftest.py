@@ -35,9 +35,12 @@ def cluster(request):
     try:
         # The tests send hundreds of messages a second and sign in often from one
         # address: lift those limits here (tests/realtime proves the limits).
+        # Kill -9 tests leave leases behind for LEASE_TTL: lift the per-user socket
+        # cap too (test_security.py proves it on workers of its own).
         c = Cluster(workdir, workers=2, balancer=request.param, extra_env={
             "REALTIME_RATE_MESSAGE_SEND": "100000/100000",
             "DJANGO_LOGIN_RATE_LIMIT": "10000/m",
+            "REALTIME_MAX_CONNECTIONS_PER_USER": "1000",
         })
         c.start()
     except FileNotFoundError as exc:

@@ -55,3 +55,39 @@ async def test_each_worker_serves_readyz_and_metrics_but_the_balancer_hides_metr
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{cluster.balancer.url}/metrics")
     assert refused.value.code in (403, 404)
+
+
+async def test_a_killed_workers_users_leave_presence_within_the_bound(cluster):
+    """bob follows #general on worker b, carol on worker a; b is killed with -9 and
+    does nothing more. Worker a's sweep announces bob's leave within presence.BOUND."""
+    from realtime import presence
+
+    if cluster.balancer_kind != "nginx":
+        pytest.skip("talks to the workers directly; run once")
+    a, b = cluster.workers
+    carol = await open_socket(a.url, login(a.url, "carol"))
+    bob = await open_socket(b.url, login(b.url, "bob"))
+    try:
+        await bob.send(json.dumps({"type": "subscribe", "room": "general", "ref": "s"}))
+        await carol.send(json.dumps({"type": "subscribe", "room": "general", "ref": "s"}))
+
+        async def until(predicate, timeout):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                frame = json.loads(await asyncio.wait_for(carol.recv(), deadline - time.monotonic()))
+                if predicate(frame):
+                    return frame
+            raise AssertionError("not seen in time")
+
+        state = await until(lambda f: f.get("type") == "presence.state", 10)
+        assert "bob" in state["users"] and "carol" in state["users"]
+        b.kill()
+        killed = time.monotonic()
+        left = await until(lambda f: f.get("type") == "presence.diff" and "bob" in f["leaves"], presence.BOUND + 10)
+        waited = time.monotonic() - killed
+        print(f"bob left presence {waited:.1f} s after worker b was killed")
+        assert left["room"] == "general"
+        assert waited <= presence.BOUND + 3, f"bob left {waited:.1f} s after the crash"
+    finally:
+        await carol.close()
+        b.start()

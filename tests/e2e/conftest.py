@@ -50,3 +50,18 @@ def browser():
 def artifacts():
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+# Browser contexts opened by a test; closed after it, so that one test's pages
+# (their sockets, their presence in rooms) never leak into the next.
+OPEN_CONTEXTS: list = []
+
+
+@pytest.fixture(autouse=True)
+def close_contexts():
+    yield
+    while OPEN_CONTEXTS:
+        try:
+            OPEN_CONTEXTS.pop().close()
+        except Exception:
+            pass

@@ -5,12 +5,15 @@ import re
 import pytest
 from playwright.sync_api import expect
 
+from tests.e2e.conftest import OPEN_CONTEXTS
+
 pytestmark = pytest.mark.e2e
 
 
 def sign_in(browser, server, username, base=None, init_script=None, viewport=None):
     base = base or server.url
     context = browser.new_context(viewport=viewport or {"width": 1000, "height": 700}, ignore_https_errors=True)
+    OPEN_CONTEXTS.append(context)
     if init_script:
         context.add_init_script(init_script)
     page = context.new_page()
@@ -108,9 +111,11 @@ def test_unread_counts_in_the_room_list_at_phone_width(app_server, browser, arti
     assert ops.is_visible() and bob.locator("#composer").is_visible()
     bob.screenshot(path=str(artifacts / "phone.png"))
 
-    # Reading the room clears it; news after that counts again from there.
+    # Reading the room clears it (the server keeps the position: alice sees bob's
+    # read marker); news after that counts again from there.
     ops.click()
     expect(bob.locator("#messages .body").last).to_have_text("ops two", timeout=10_000)
+    expect(alice.locator("#messages li", has_text="ops two").locator(".readers")).to_have_text("Seen by bob", timeout=10_000)
     bob.locator('.rooms a[data-room="general"]').click()
     expect(bob.locator("#status")).to_have_text("connected", timeout=10_000)
     expect(bob.locator('.rooms a[data-room="ops"] .unread')).to_be_hidden()
@@ -146,3 +151,19 @@ def test_dark_theme_follows_the_system(app_server, browser, artifacts):
     expect(page.locator("#status")).to_have_text("connected", timeout=10_000)
     page.screenshot(path=str(artifacts / "chat-dark.png"))
     context.close()
+
+
+def test_presence_and_typing_between_two_people(app_server, browser, artifacts):
+    bob = sign_in(browser, app_server, "bob")
+    alice = sign_in(browser, app_server, "alice")
+    for page in (alice, bob):
+        expect(page.locator("#status")).to_have_text("connected", timeout=10_000)
+    expect(bob.locator("#presence")).to_have_text("Here now: alice, bob", timeout=10_000)
+    alice.locator("#body").press_sequentially("hello th", delay=50)
+    expect(bob.locator("#typing")).to_have_text("alice is typing…", timeout=5_000)
+    expect(alice.locator("#typing")).to_have_text("")  # not to the typist
+    bob.screenshot(path=str(artifacts / "typing.png"))
+    expect(bob.locator("#typing")).to_have_text("", timeout=8_000)  # it expires by itself
+    alice.context.close()
+    expect(bob.locator("#presence")).to_have_text("Here now: bob", timeout=10_000)
+    assert bob.errors == []

@@ -138,3 +138,14 @@ def test_rest_edits_share_the_sockets_bucket(clients, settings):
     assert clients["bob"].patch(url, {"body": "one"}, content_type="application/json").status_code == 200
     res = clients["bob"].patch(url, {"body": "two"}, content_type="application/json")
     assert res.status_code == 429 and res.json()["code"] == "rate_limited" and "Retry-After" in res
+
+
+def test_read_over_rest_moves_forward_only(clients):
+    for i in range(2):
+        post(clients["alice"], "general", body=f"m{i}", client_id=f"rr{i}")
+    res = clients["bob"].post("/api/v1/rooms/general/read/", {"seq": 1}, content_type="application/json")
+    assert res.status_code == 200 and res.json() == {"room": "general", "seq": 1}
+    assert clients["bob"].post("/api/v1/rooms/general/read/", {"seq": 0}, content_type="application/json").json()["seq"] == 1
+    assert clients["bob"].post("/api/v1/rooms/general/read/", {"seq": 50}, content_type="application/json").json()["seq"] == 2
+    assert clients["carol"].post("/api/v1/rooms/ops/read/", {"seq": 1}, content_type="application/json").status_code == 403
+    assert clients["bob"].post("/api/v1/rooms/general/read/", {"seq": -1}, content_type="application/json").status_code == 400

@@ -78,13 +78,14 @@ REST = """\
 
 | Method and path | Answer |
 | --- | --- |
-| `GET rooms/` | `{{"rooms": [{{"slug", "title", "is_public", "role", "seq"}}]}}`: the rooms the user may see (`role` null when not a member; `seq` the room's head) |
+| `GET rooms/` | `{{"rooms": [{{"slug", "title", "is_public", "role", "seq", "read", "unread"}}]}}`: the rooms the user may see (`role` null when not a member; `seq` the room's head; `read` how far the user has read; `unread` messages by others after that) |
 | `GET rooms/<slug>/events/?since=N[&limit=L]` | `{{"events": [...], "seq": head, "has_more": bool}}`: the room's events after N (at most L, default 500), the same shapes as the socket's room events; when `has_more`, ask again with `since` = the last event's seq |
 | `GET rooms/<slug>/events/?since=N&wait=S` | the long poll (the fallback when WebSockets are blocked): the same answer, but held until the room has an event after N or S seconds pass (at most 30; then `events` is empty). Rate-limited per user (`poll`, 5/s, burst 20: 429); anonymous: 401 |
 | `GET rooms/<slug>/messages/?[before=SEQ][&limit=L]` | `{{"room", "seq", "has_more", "messages": [{{"id", "seq", "author", "body", "client_id", "ts", "edited_at"}}]}}`: a page of messages, newest last (L at most REALTIME_HISTORY_PAGE_MAX, default 200); `seq` is the head the page is current to |
 | `POST rooms/<slug>/messages/` `{{"body", "client_id"}}` | `{{"room", "id", "seq"}}`: the same as `message.send`'s ack, with the same idempotency and rate limit (429 with `Retry-After`) |
 | `PATCH rooms/<slug>/messages/<id>/` `{{"body"}}` | `{{"room", "id", "seq"}}`: `message.edit` over HTTP, same rules, rate limit and ack |
 | `DELETE rooms/<slug>/messages/<id>/` | `{{"room", "id", "seq"}}`: `message.delete` over HTTP |
+| `POST rooms/<slug>/read/` `{{"seq"}}` | `{{"room", "seq"}}`: `read` over HTTP (forward only, clamped to the head) |
 | `POST tickets/` | 201 `{{"ticket", "expires_in": 30}}`: a single-use ticket for `/ws/v1/?ticket=...` (for clients that cannot send the session cookie; they must still send an allowed `Origin`) |
 
 Errors answer `{{"code", "message"[, "retry_after"]}}` with the status in the error table.
@@ -154,6 +155,7 @@ def render() -> str:
     out.append("## REST bodies\n")
     out.append(_schema_block("MessagePost", schemas["MessagePost"]))
     out.append(_schema_block("MessagePatch", schemas["MessagePatch"]))
+    out.append(_schema_block("ReadPost", schemas["ReadPost"]))
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -1,0 +1,207 @@
+"""Presence, typing and read state: on the in-memory layer and on Redis (where the
+state is shared by every worker, as two sockets of this process show)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from django.test import Client
+
+from realtime import presence
+from realtime.models import Membership, ReadState
+from tests.conftest import call, socket
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def shared(request, settings, monkeypatch):
+    """Presence, typing throttle and channel layer in memory, or all in Redis."""
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        settings.REDIS_URL = server.url
+        settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
+                                               "CONFIG": {"hosts": [{"address": server.url, "socket_timeout": None}]}}}
+    else:
+        settings.REDIS_URL = ""
+        settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    monkeypatch.setattr(presence, "GRACE", 0.3)
+    presence._backend = None
+    presence._typing.clear()
+    yield request.param
+    presence._backend = None
+    if request.param == "redis":
+        from asgiref.sync import async_to_sync
+        from channels.layers import get_channel_layer
+
+        import redis
+
+        redis.Redis.from_url(settings.REDIS_URL).flushall()
+        async_to_sync(get_channel_layer().flush)()
+
+
+async def join(comm, room="general") -> dict:
+    """Subscribe with presence; returns the presence.state."""
+    await comm.send_json_to({"type": "subscribe", "room": room, "ref": "s"})
+    state = None
+    while True:
+        frame = await comm.receive_json_from(timeout=5)
+        if frame["type"] == "presence.state":
+            state = frame
+        if frame.get("ref") == "s":
+            assert frame["type"] == "ack", frame
+            return state
+
+
+async def pushes(comm, wait: float = 0.5) -> list[dict]:
+    found = []
+    while not await comm.receive_nothing(timeout=wait):
+        found.append(await comm.receive_json_from())
+    return found
+
+
+@pytest.mark.asyncio
+async def test_presence_state_then_diffs_and_several_tabs_count_once(cookies, shared):
+    async with socket(cookies["bob"]) as bob:
+        assert (await join(bob))["users"] == ["bob"]
+        async with socket(cookies["alice"]) as tab1:
+            assert (await join(tab1))["users"] == ["alice", "bob"]
+            assert await pushes(bob) == [{"type": "presence.diff", "room": "general", "joins": ["alice"], "leaves": []}]
+            async with socket(cookies["alice"]) as tab2:
+                assert (await join(tab2))["users"] == ["alice", "bob"]
+                assert await pushes(bob) == [], "a second tab is no news"
+            assert await pushes(bob) == [], "nor is closing one of two"
+        # The last tab is gone: alice leaves, once, after the grace period.
+        assert await pushes(bob, wait=1.5) == [{"type": "presence.diff", "room": "general", "joins": [], "leaves": ["alice"]}]
+
+
+@pytest.mark.asyncio
+async def test_a_reload_within_the_grace_period_is_neither_a_leave_nor_a_join(cookies, shared, monkeypatch):
+    monkeypatch.setattr(presence, "GRACE", 1.0)
+    async with socket(cookies["bob"]) as bob:
+        await join(bob)
+        async with socket(cookies["alice"]) as before:
+            await join(before)
+        assert (await pushes(bob))[0]["joins"] == ["alice"]
+        async with socket(cookies["alice"]) as after:  # the reloaded tab
+            await join(after)
+            assert await pushes(bob, wait=1.5) == []
+
+
+@pytest.mark.asyncio
+async def test_subscribers_without_presence_are_neither_counted_nor_told(cookies, shared):
+    async with socket(cookies["bob"]) as bob, socket(cookies["alice"]) as bot:
+        await join(bob)
+        await call(bot, {"type": "subscribe", "room": "general", "ref": "s", "presence": False})
+        assert await pushes(bob) == []
+        async with socket(cookies["carol"]) as carol:
+            await join(carol)
+            assert await pushes(bot) == [], "no presence frames for a socket that opted out"
+
+
+@pytest.mark.asyncio
+async def test_a_crashed_sockets_presence_runs_out(cookies, shared, demo, monkeypatch):
+    """What a worker killed with -9 leaves behind: leases nobody renews. The sweep of
+    any worker with subscribers in the room announces the leave once they expire."""
+    async with socket(cookies["bob"]) as bob:
+        await join(bob)
+        monkeypatch.setattr(presence, "TTL", 0.5)  # the dead socket's lease only
+        await presence.join("general", demo["alice"].pk, "alice", "dead-conn")
+        await presence.announce("general")
+        assert (await pushes(bob))[0]["joins"] == ["alice"]
+        await asyncio.sleep(0.6)
+        await presence.announce("general")  # what the periodic sweep does
+        assert await pushes(bob) == [{"type": "presence.diff", "room": "general", "joins": [], "leaves": ["alice"]}]
+
+
+@pytest.mark.asyncio
+async def test_typing_reaches_the_others_throttled_never_the_typist(cookies, shared):
+    async with socket(cookies["bob"]) as bob, socket(cookies["alice"]) as alice, socket(cookies["alice"]) as alice2:
+        for comm in (bob, alice, alice2):
+            await join(comm)
+        await pushes(bob)
+        await pushes(alice)
+        acks = [await call(alice, {"type": "typing", "room": "general", "ref": i}) for i in range(10)]
+        # One broadcast per 2 s however many frames; past the typing bucket's burst
+        # the frames are refused outright (rate_limited).
+        assert acks[0]["sent"] is True
+        assert all(a.get("sent") is False or a.get("code") == "rate_limited" for a in acks[1:]), acks
+        assert any(a.get("code") == "rate_limited" for a in acks)
+        assert await pushes(bob) == [{"type": "typing", "room": "general", "user": "alice"}]
+        assert await pushes(alice2) == [], "not the typist's own tabs"
+
+
+@pytest.mark.asyncio
+async def test_refused_typing_and_reads_broadcast_nothing(cookies, shared):
+    async with socket(cookies["bob"]) as bob, socket(cookies["carol"]) as carol:
+        await join(bob)
+        await join(carol)
+        await pushes(bob)
+        reply = await call(carol, {"type": "typing", "room": "general", "ref": 1})  # a reader may not type
+        assert (reply["type"], reply["code"]) == ("error", "forbidden")
+        reply = await call(carol, {"type": "read", "room": "ops", "seq": 1, "ref": 2})  # a private room
+        assert (reply["type"], reply["code"]) == ("error", "forbidden")
+        assert await pushes(bob) == []
+        assert not await ReadState.objects.filter(room__slug="ops").aexists()
+
+
+@pytest.mark.asyncio
+async def test_read_moves_forward_only_is_clamped_and_reaches_own_tabs_and_markers(cookies, shared, demo):
+    async with socket(cookies["alice"]) as alice:
+        for i in range(3):
+            await call(alice, {"type": "message.send", "room": "general", "body": f"m{i}", "client_id": f"r{i}", "ref": i})
+    async with socket(cookies["bob"]) as bob, socket(cookies["bob"]) as bob2, socket(cookies["alice"]) as alice:
+        await join(bob)
+        await join(alice)
+        await pushes(bob)
+        assert await call(bob, {"type": "read", "room": "general", "seq": 2, "ref": "a"}) == {
+            "type": "ack", "ref": "a", "room": "general", "seq": 2}
+        assert await pushes(bob2) == [{"type": "read.state", "room": "general", "seq": 2}], "the user's other socket"
+        assert {"type": "read.marker", "room": "general", "user": "bob", "seq": 2} in await pushes(alice)
+        # Backwards: the stored value stays, nothing is sent.
+        assert (await call(bob, {"type": "read", "room": "general", "seq": 1, "ref": "b"}))["seq"] == 2
+        # Past the head: clamped to it.
+        assert (await call(bob, {"type": "read", "room": "general", "seq": 999, "ref": "c"}))["seq"] == 3
+        assert await pushes(alice) == [{"type": "read.marker", "room": "general", "user": "bob", "seq": 3}]
+        assert [f for f in await pushes(bob2)] == [{"type": "read.state", "room": "general", "seq": 3}]
+    assert await ReadState.objects.filter(user=demo["bob"], room__slug="general").values_list("seq", flat=True).aget() == 3
+    # A new subscriber learns everyone's read position.
+    async with socket(cookies["carol"]) as carol:
+        await carol.send_json_to({"type": "subscribe", "room": "general", "ref": "s", "presence": False})
+        assert await carol.receive_json_from(timeout=5) == {"type": "read.markers", "room": "general", "markers": {"bob": 3}}
+
+
+@pytest.mark.asyncio
+async def test_rooms_without_read_markers_keep_reads_private(cookies, shared, demo):
+    from realtime.models import Room
+
+    await Room.objects.filter(slug="general").aupdate(read_markers=False)
+    async with socket(cookies["alice"]) as alice:
+        await call(alice, {"type": "message.send", "room": "general", "body": "x", "client_id": "p", "ref": 0})
+        await join(alice)
+        async with socket(cookies["bob"]) as bob:
+            await join(bob)
+            await pushes(alice)
+            assert (await call(bob, {"type": "read", "room": "general", "seq": 1, "ref": 1}))["seq"] == 1
+            assert await pushes(alice) == []
+
+
+def test_rooms_list_counts_unread_messages_by_others(demo):
+    from realtime import actions
+
+    for i in range(3):
+        actions.perform_sync(actions.message_send, user=demo["alice"], slug="general", body=f"m{i}", client_id=f"u{i}")
+    actions.perform_sync(actions.message_send, user=demo["bob"], slug="general", body="mine", client_id="u-bob")
+    ops = actions.perform_sync(actions.message_send, user=demo["alice"], slug="ops", body="o", client_id="u-ops")
+    actions.perform_sync(actions.message_delete, user=demo["alice"], slug="ops", message_id=ops.id)
+    bob = Client()
+    bob.force_login(demo["bob"])
+
+    def rooms():
+        return {r["slug"]: (r["read"], r["unread"]) for r in bob.get("/api/v1/rooms/").json()["rooms"]}
+
+    assert rooms() == {"general": (0, 3), "ops": (0, 0)}  # own and deleted messages do not count
+    actions.mark_read(user=demo["bob"], slug="general", seq=2)
+    assert rooms()["general"] == (2, 1)
+    assert Membership.objects.filter(user=demo["bob"]).count() == 2  # reading changed no membership
