@@ -88,17 +88,8 @@ class RedisLeases:
         return int(await client.zcount(_key(user_id), time.time(), "+inf"))
 
 
-_leases: MemoryLeases | RedisLeases | None = None
-_configured_for: str | None = None
-
-
-def leases() -> MemoryLeases | RedisLeases:
-    global _leases, _configured_for
-    url = store.redis_url()
-    if _leases is None or _configured_for != url:
-        _leases = RedisLeases(url) if url else MemoryLeases()
-        _configured_for = url
-    return _leases
+# The leases in use: shared through Redis, or this process's own.
+leases = store.Chooser(RedisLeases, MemoryLeases)
 
 
 async def acquire(user_id: int, conn_id: str) -> bool:

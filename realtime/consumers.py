@@ -432,11 +432,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return
         if seq > sub.last_seq + 1 and not await self.catch_up(slug, sub, seq - 1):
             return
-        payload = message[self.codec.name]
-        if self.codec.binary:
-            await self.send(bytes_data=payload)
-        else:
-            await self.send(text_data=payload)
+        await self.send_encoded(message)
         sub.last_seq = seq
         published = message.get("t")
         latency = time.time() - published if published else None
@@ -458,6 +454,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return
         if message.get("presence") and not sub.presence:
             return
+        await self.send_encoded(message)
+
+    async def send_encoded(self, message: dict) -> None:
+        """Send a layer message's payload as encoded upstream for this socket's codec."""
         payload = message[self.codec.name]
         if self.codec.binary:
             await self.send(bytes_data=payload)

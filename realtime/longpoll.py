@@ -67,7 +67,8 @@ def wants_long_poll(scope) -> bool:
     return wait not in ("", "0")
 
 
-def int_arg(args: dict[str, str], name: str, default: int, low: int, high: int | None = None) -> int:
+def int_arg(args, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
+    """An integer query parameter (a default when absent), or error invalid."""
     raw = args.get(name, "")
     if raw == "":
         return default

@@ -142,17 +142,8 @@ class RedisPresence:
         return decode(joins), decode(leaves)
 
 
-_backend: MemoryPresence | RedisPresence | None = None
-_configured_for: str | None = None
-
-
-def backend() -> MemoryPresence | RedisPresence:
-    global _backend, _configured_for
-    url = store.redis_url()
-    if _backend is None or _configured_for != url:
-        _backend = RedisPresence(url) if url else MemoryPresence()
-        _configured_for = url
-    return _backend
+# The presence store in use: shared through Redis, or this process's own.
+backend = store.Chooser(RedisPresence, MemoryPresence)
 
 
 # -- what the consumer calls ----------------------------------------------------------

@@ -78,17 +78,8 @@ class RedisBuckets:
         return Verdict(False, _retry_after(float(tokens), rate))
 
 
-_buckets: MemoryBuckets | RedisBuckets | None = None
-_configured_for: str | None = None
-
-
-def buckets() -> MemoryBuckets | RedisBuckets:
-    global _buckets, _configured_for
-    url = store.redis_url()
-    if _buckets is None or _configured_for != url:
-        _buckets = RedisBuckets(url) if url else MemoryBuckets()
-        _configured_for = url
-    return _buckets
+# The buckets in use: shared through Redis, or this process's own.
+buckets = store.Chooser(RedisBuckets, MemoryBuckets)
 
 
 async def take(user_id: int, action: str) -> Verdict:

@@ -28,6 +28,26 @@ def client(url: str):
     return found
 
 
+class Chooser:
+    """The Redis implementation of something when REDIS_URL is set, the in-memory
+    one otherwise; made again when the URL changes (tests switch it)."""
+
+    def __init__(self, redis_cls, memory_cls) -> None:
+        self.redis_cls, self.memory_cls = redis_cls, memory_cls
+        self.made = None
+        self.url: str | None = None
+
+    def __call__(self):
+        url = redis_url()
+        if self.made is None or self.url != url:
+            self.made = self.redis_cls(url) if url else self.memory_cls()
+            self.url = url
+        return self.made
+
+    def reset(self) -> None:
+        self.made = None
+
+
 _started: set[tuple[str, int]] = set()
 
 

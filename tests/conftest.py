@@ -38,10 +38,10 @@ def fresh_rate_limits():
 
     from realtime import ratelimit
 
-    ratelimit._buckets = None
+    ratelimit.buckets.reset()
     cache.clear()
     yield
-    ratelimit._buckets = None
+    ratelimit.buckets.reset()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from accounts import tickets
 from .. import actions, broadcast, protocol
 from .. import ratelimit as buckets
 from ..actions import ActionError
-from ..longpoll import events_page
+from ..longpoll import events_page, int_arg
 from ..protocol import ErrorCode
 
 # How each error code answers over HTTP.
@@ -44,16 +44,7 @@ def error_response(code: ErrorCode, message: str, retry_after: float | None = No
 
 
 def int_param(request: Request, name: str, default: int | None, minimum: int = 0) -> int | None:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ActionError(ErrorCode.INVALID, f"{name} must be an integer") from None
-    if value < minimum:
-        raise ActionError(ErrorCode.INVALID, f"{name} must be at least {minimum}")
-    return value
+    return int_arg(request.query_params, name, default, minimum)
 
 
 class ActionView(APIView):

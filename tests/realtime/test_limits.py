@@ -81,9 +81,9 @@ def leases(request, settings):
     else:
         settings.REDIS_URL = ""
     settings.REALTIME = {**settings.REALTIME, "MAX_CONNECTIONS_PER_USER": 3}
-    connections._leases = None
+    connections.leases.reset()
     yield request.param
-    connections._leases = None
+    connections.leases.reset()
 
 
 async def opened(cookie) -> tuple[object, int | None]:

@@ -27,10 +27,10 @@ def shared(request, settings, monkeypatch):
         settings.REDIS_URL = ""
         settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     monkeypatch.setattr(presence, "GRACE", 0.3)
-    presence._backend = None
+    presence.backend.reset()
     presence._typing.clear()
     yield request.param
-    presence._backend = None
+    presence.backend.reset()
     if request.param == "redis":
         from asgiref.sync import async_to_sync
         from channels.layers import get_channel_layer
