@@ -178,6 +178,7 @@ export class RealtimeClient {
 
   /** Everything stops: socket, polls, probe, check, retries; queued sends fail. */
   _stop(reason, code, message) {
+    this._lastChance = false;
     this._clearTimer();
     this._cancelCheck();
     this._stopPolling();
@@ -215,6 +216,7 @@ export class RealtimeClient {
   /** The first frame from the server: the socket really works. */
   _onLive(ws) {
     ws.live = true;
+    this._lastChance = false;
     this.failedOpens = 0;
     this.probes = 0;
     this._cancelCheck();
@@ -252,7 +254,8 @@ export class RealtimeClient {
 
   _scheduleReconnect(code) {
     if (this.state === State.OFFLINE || this.state === State.CLOSED) return;
-    if (this.transport === "poll") {
+    if (this.transport === "poll" || this._lastChance) {
+      this._lastChance = false;
       this._fallback(); // a failed probe: keep polling, probe again later
       return;
     }
@@ -268,8 +271,14 @@ export class RealtimeClient {
         if (this._check !== check) return; // cancelled: connected, closed or offline meanwhile
         this._cancelCheck();
         if (this.ws || this.state === State.OFFLINE || this.state === State.CLOSED) return;
-        if (answered) this._fallback();
-        else this._backoffReconnect(code);
+        if (!answered) {
+          this._backoffReconnect(code);
+          return;
+        }
+        // HTTP works. The server may just be back (a restart fails sockets too):
+        // one more WebSocket attempt first, and the fallback only if it fails.
+        this._lastChance = true;
+        this.connect();
       };
       this.pollFn(room, 0, 0, check.controller.signal, 1).then(() => decide(true), () => decide(false));
       this.setState(State.RECONNECTING, { delay: 0, code, at: this.now() });
@@ -433,7 +442,7 @@ export class RealtimeClient {
     item.ref = `m:${clientId}`;
     // While polling, over REST; and over any open socket too (a probe that has not
     // answered yet): the server applies one client_id once, whichever arrives.
-    if (this.transport === "poll") this._postMessage(clientId, item);
+    if (this.transport === "poll") this._postMessage();
     this._raw({ type: "message.send", ref: item.ref, room: item.room, body: item.body, client_id: clientId });
   }
 
@@ -476,7 +485,7 @@ export class RealtimeClient {
       this.setState(State.FALLBACK);
       for (const r of this.rooms.values()) this._clearRoomTimer(r);
       for (const [room, r] of this.rooms) if (!r.background) this._startPolling(room);
-      for (const [clientId, item] of this.outbox) this._postMessage(clientId, item);
+      this._postMessage();
     }
     const delay = backoffDelay(this.probes, { base: 1000, cap: this.upgradeCap }, this.random) + 500;
     this.probes += 1;
@@ -596,41 +605,46 @@ export class RealtimeClient {
     }
   }
 
-  async _postMessage(clientId, item) {
-    if (!this.postFn || item.posting) return;
-    item.posting = true;
+  /** While polling, post the outbox over REST one message at a time, in the order
+   * they were written: two posts in flight could commit in either order. */
+  _postMessage() {
+    if (!this.postFn || this._posting) return;
+    this._posting = true;
+    this._drainOverRest().finally(() => {
+      this._posting = false;
+    });
+  }
+
+  async _drainOverRest() {
     let failures = 0;
-    try {
-      while (this.transport === "poll" && this.outbox.get(clientId) === item) {
-        try {
-          const ack = await this.postFn(item.room, item.body, clientId);
-          if (this.outbox.get(clientId) !== item) return; // the socket's ack came first
+    while (this.transport === "poll" && this.outbox.size) {
+      const [clientId, item] = this.outbox.entries().next().value;
+      try {
+        const ack = await this.postFn(item.room, item.body, clientId);
+        failures = 0;
+        if (this.outbox.get(clientId) !== item) continue; // the socket's ack came first
+        this.outbox.delete(clientId);
+        item.resolve({ clientId, id: ack.id, seq: ack.seq, room: ack.room });
+        this.emit("sent", { clientId, id: ack.id, seq: ack.seq, room: ack.room });
+      } catch (err) {
+        if (this.outbox.get(clientId) !== item) continue;
+        const status = (err && err.status) || 0;
+        // A refusal (4xx but a timeout or a rate limit) will not change by itself.
+        const final = (err && FINAL_ERRORS.has(err.code)) || (status >= 400 && status < 500 && status !== 408 && status !== 429);
+        if (final) {
+          const code = (err && err.code) || `http_${status}`;
+          const message = (err && err.message) || code;
           this.outbox.delete(clientId);
-          item.resolve({ clientId, id: ack.id, seq: ack.seq, room: ack.room });
-          this.emit("sent", { clientId, id: ack.id, seq: ack.seq, room: ack.room });
-          return;
-        } catch (err) {
-          if (this.outbox.get(clientId) !== item) return;
-          const status = (err && err.status) || 0;
-          // A refusal (4xx but a timeout or a rate limit) will not change by itself.
-          const final = (err && FINAL_ERRORS.has(err.code)) || (status >= 400 && status < 500 && status !== 408 && status !== 429);
-          if (final) {
-            const code = (err && err.code) || `http_${status}`;
-            const message = (err && err.message) || code;
-            this.outbox.delete(clientId);
-            item.reject(Object.assign(new Error(message), { code }));
-            this.emit("failed", { clientId, room: item.room, code, message });
-            return;
-          }
-          // Rate-limited, a network error or a server fault: the same client_id
-          // again later (idempotent on the server).
-          failures += 1;
-          const wait = Math.max(((err && err.retryAfter) || 0) * 1000, backoffDelay(failures, this.backoff, this.random));
-          await new Promise((resolve) => this.timers.setTimeout(resolve, wait));
+          item.reject(Object.assign(new Error(message), { code }));
+          this.emit("failed", { clientId, room: item.room, code, message });
+          continue;
         }
+        // Rate-limited, a network error or a server fault: the same client_id
+        // again later (idempotent on the server), still before the next one.
+        failures += 1;
+        const wait = Math.max(((err && err.retryAfter) || 0) * 1000, backoffDelay(failures, this.backoff, this.random));
+        await new Promise((resolve) => this.timers.setTimeout(resolve, wait));
       }
-    } finally {
-      item.posting = false;
     }
   }
 

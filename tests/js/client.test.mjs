@@ -287,6 +287,12 @@ async function inFallback(reachable = true, hangCheck = false) {
     ctx.timers.advance(i < 2 ? 5000 : 0);
   }
   await flush();
+  if (reachable && !hangCheck) {
+    // HTTP answered: one last WebSocket attempt, which fails too.
+    assert.equal(ctx.sockets.length, 4);
+    ctx.sockets[3].serverClose(1006);
+    await flush();
+  }
   return { ...ctx, ...rest, rest };
 }
 
@@ -337,26 +343,26 @@ test("it keeps probing for a WebSocket and switches back without losing or repea
 
   // A probe that fails leaves the client polling.
   timers.advance(2000);
-  assert.equal(sockets.length, 4);
-  sockets[3].serverClose(1006);
+  assert.equal(sockets.length, 5);
+  sockets[4].serverClose(1006);
   assert.equal(client.state, State.FALLBACK);
   // The next one opens: polling stops, the room resumes from its seq over the socket,
   // and the unacknowledged message goes again with the same client_id.
   timers.advance(2000);
-  assert.equal(sockets.length, 5);
-  sockets[4].open();
+  assert.equal(sockets.length, 6);
+  sockets[5].open();
   await flush();
   assert.equal(client.state, State.OPEN);
   assert.ok(polls[1].signal.aborted, "the running poll was cancelled");
-  const frames = sockets[4].sent;
+  const frames = sockets[5].sent;
   assert.deepEqual(frames.find((f) => f.type === "subscribe"), { type: "subscribe", ref: "sub:general", room: "general", since: 6 });
   assert.equal(frames.find((f) => f.type === "message.send").client_id, clientId);
   // The REST answer and the socket's ack both arrive: the message is sent once.
   posts[0].resolve({ room: "general", id: 4, seq: 7 });
   await flush();
-  sockets[4].receive({ type: "ack", ref: `m:${clientId}`, room: "general", id: 4, seq: 7 });
-  sockets[4].receive({ type: "message.new", room: "general", seq: 6 });
-  sockets[4].receive({ type: "message.new", room: "general", seq: 7, client_id: clientId });
+  sockets[5].receive({ type: "ack", ref: `m:${clientId}`, room: "general", id: 4, seq: 7 });
+  sockets[5].receive({ type: "message.new", room: "general", seq: 6 });
+  sockets[5].receive({ type: "message.new", room: "general", seq: 7, client_id: clientId });
   assert.deepEqual(sent, [clientId]);
   assert.deepEqual(events.map((e) => e.seq), [6, 7]);
   assert.equal(polls.length, 2, "no polling after the switch");
@@ -397,6 +403,8 @@ test("while polling, edits and deletes go over REST; over the socket otherwise",
       ctx.sockets[i].serverClose(1006);
       ctx.timers.advance(i < 2 ? 5000 : 0);
     }
+    await flush();
+    ctx.sockets[3].serverClose(1006); // the last attempt before falling back
     await flush();
     return ctx;
   })();
@@ -497,12 +505,12 @@ test("a long poll that hangs past its wait is abandoned and retried", async () =
 test("a 401 while polling also drops the probe: a signed-out client never shows connected", async () => {
   const { client, polls, timers, sockets } = await inFallback();
   timers.advance(2000); // a probe socket is connecting
-  assert.equal(sockets.length, 4);
+  assert.equal(sockets.length, 5);
   polls[0].reject({ status: 401, code: "forbidden" });
   await flush();
   assert.equal(client.state, State.CLOSED);
-  assert.ok(sockets[3].closedWith, "the probe was dropped");
-  sockets[3].open();
+  assert.ok(sockets[4].closedWith, "the probe was dropped");
+  sockets[4].open();
   assert.equal(client.state, State.CLOSED);
 });
 
@@ -516,6 +524,9 @@ test("a socket that opens but carries nothing is not connected, and leads to the
     const n = sockets.length;
     while (sockets.length === n && rest.checks.length === 0) timers.advance(1000);
   }
+  await flush();
+  sockets.at(-1).openSilently(); // the last attempt before falling back: silent too
+  timers.advance(10000);
   await flush();
   assert.ok(!states.some((s) => s.state === State.OPEN), "never claimed to be connected");
   assert.equal(rest.checks.length, 1, "tried HTTP after three dead sockets");
@@ -547,4 +558,37 @@ test("a REST refusal without an error code (a CSRF failure) fails the send inste
   posts[0].reject({ status: 403, message: "CSRF Failed" });
   await failed;
   assert.equal(client.pendingCount, 0);
+});
+
+test("while polling, queued messages are posted one at a time, in the order written", async () => {
+  const { client, posts } = await inFallback();
+  const first = client.send("general", "one");
+  const second = client.send("general", "two");
+  await flush();
+  assert.deepEqual(posts.map((p) => p.body), ["one"], "the second waits for the first");
+  posts[0].resolve({ room: "general", id: 1, seq: 6 });
+  await flush();
+  assert.deepEqual(posts.map((p) => p.body), ["one", "two"]);
+  assert.equal(posts[1].clientId, second.clientId);
+  posts[1].resolve({ room: "general", id: 2, seq: 7 });
+  assert.equal((await first.done).seq, 6);
+  assert.equal((await second.done).seq, 7);
+});
+
+test("a server coming back after a restart is not mistaken for blocked WebSockets", async () => {
+  const rest = fakeRest();
+  const { client, sockets, timers, states } = setup({ poll: rest.poll, post: rest.post, loadSnapshot: async () => ({ seq: 5, messages: [] }) });
+  client.subscribe("general");
+  client.connect();
+  for (let i = 0; i < 3; i++) {
+    sockets[i].serverClose(1006); // the server is down
+    timers.advance(i < 2 ? 5000 : 0);
+  }
+  await flush(); // ...and back: HTTP answers, so the client tries the socket once more
+  assert.equal(sockets.length, 4);
+  sockets[3].open();
+  await flush();
+  assert.equal(client.state, State.OPEN);
+  assert.ok(!states.some((s) => s.state === State.FALLBACK));
+  assert.equal(rest.polls.length, 0, "no long poll was started");
 });

@@ -1,0 +1,28 @@
+"""The baseline: a tutorial-style Channels chat consumer (group_add on connect,
+group_send per message, one channel-layer send, receive and JSON encode per member).
+Served by the same worker as the real pipeline, at /ws/bench/bare/, only when
+REALTIME_BENCH=1 (project/asgi.py), so that both are measured in the same run.
+No auth, no schema, no permissions, no persistence: it is what we must beat while
+keeping all of those."""
+
+import json
+
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+GROUP = "bench.bare"
+
+
+class BareChatConsumer(AsyncWebsocketConsumer):
+    async def connect(self):
+        await self.channel_layer.group_add(GROUP, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code):
+        await self.channel_layer.group_discard(GROUP, self.channel_name)
+
+    async def receive(self, text_data=None, bytes_data=None):
+        message = json.loads(text_data)["message"]
+        await self.channel_layer.group_send(GROUP, {"type": "chat.message", "message": message})
+
+    async def chat_message(self, event):
+        await self.send(text_data=json.dumps({"message": event["message"]}))

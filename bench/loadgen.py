@@ -1,0 +1,229 @@
+"""The load generator: one asyncio process (pinned to its own core by bench/run.py)
+that opens the members' sockets, sends, and times every delivery.
+
+Targets:
+- `full`: our pipeline at /ws/v1/ (session cookie, subscribe, message.send with a
+  client_id; every guarantee on: schema, permissions, rate-limit check, persistence
+  with seq, presence);
+- `bare`: the tutorial consumer at /ws/bench/bare/ (bench/bare.py).
+
+Scenarios print one JSON object:
+- `fanout`: R members, one sender publishing M messages with at most W in flight (a
+  message is done when the sender's own copy comes back): deliveries per second,
+  latency p50/p99, lost and duplicated deliveries;
+- `rate`: R members, messages sent at a fixed rate for D seconds: latency
+  p50/p99/max, lost;
+- `idle`: N sockets opened (and subscribed): the worker's memory per socket and the
+  connect rate.
+Times are taken on this machine's monotonic clock, on both ends (one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import resource
+import statistics
+import time
+import uuid
+
+import websockets
+
+PATHS = {"full": "/ws/v1/", "bare": "/ws/bench/bare/"}
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Target:
+    def __init__(self, kind: str, port: int, cookie: str, sender_cookie: str, room: str):
+        self.kind, self.port, self.cookie, self.sender_cookie, self.room = kind, port, cookie, sender_cookie, room
+        self.url = f"ws://127.0.0.1:{port}{PATHS[kind]}"
+        self.origin = f"http://127.0.0.1:{port}"
+
+    async def connect(self, sender: bool = False):
+        headers = {"Cookie": self.sender_cookie if sender else self.cookie} if self.kind == "full" else {}
+        ws = await websockets.connect(
+            self.url, subprotocols=["rt.v1.json"] if self.kind == "full" else None, origin=self.origin,
+            additional_headers=headers, max_queue=None, open_timeout=30, ping_interval=None, compression=None,
+        )
+        if self.kind == "full":
+            await ws.send(json.dumps({"type": "subscribe", "room": self.room, "ref": "s"}))
+            while True:
+                frame = json.loads(await ws.recv())
+                if frame.get("ref") == "s":
+                    assert frame["type"] == "ack", frame
+                    break
+        return ws
+
+    def frame(self, text: str, n: int) -> str:
+        if self.kind == "full":
+            return json.dumps({"type": "message.send", "room": self.room, "body": text, "client_id": f"b{uuid.uuid4().hex[:16]}"})
+        return json.dumps({"message": text})
+
+
+class Member:
+    """Records (message number, receive time) for every message of this run."""
+
+    def __init__(self, ws, run: str):
+        self.ws = ws
+        self.pattern = re.compile(rf"{run}:(\d+):")
+        self.got: list[tuple[int, float]] = []
+        self.task = asyncio.ensure_future(self.read())
+
+    async def read(self):
+        search = self.pattern.search
+        try:
+            async for raw in self.ws:
+                found = search(raw)
+                if found:
+                    self.got.append((int(found.group(1)), time.monotonic()))
+        except websockets.ConnectionClosed:
+            pass
+
+
+def summarize(sent: dict[int, float], members: list[Member], started: float) -> dict:
+    latencies = []
+    lost = duplicated = 0
+    last = started
+    for m in members:
+        seen = set()
+        for n, at in m.got:
+            if n in seen:
+                duplicated += 1
+                continue
+            seen.add(n)
+            if n in sent:
+                latencies.append(at - sent[n])
+                last = max(last, at)
+        lost += len(set(sent) - seen)
+    latencies.sort()
+    q = lambda p: round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2) if latencies else None  # noqa: E731
+    span = max(last - started, 1e-6)
+    return {
+        "deliveries": len(latencies),
+        "deliveries_per_s": round(len(latencies) / span, 1),
+        "p50_ms": q(0.50),
+        "p99_ms": q(0.99),
+        "max_ms": round(latencies[-1] * 1000, 2) if latencies else None,
+        "lost": lost,
+        "duplicated": duplicated,
+        "seconds": round(span, 2),
+    }
+
+
+async def open_members(target: Target, count: int, run: str) -> list[Member]:
+    members = []
+    for start in range(0, count, 50):  # in batches: a connect storm is another scenario
+        sockets = await asyncio.gather(*(target.connect() for _ in range(start, min(count, start + 50))))
+        members += [Member(ws, run) for ws in sockets]
+    return members
+
+
+async def fanout(target: Target, members_n: int, messages: int, window: int) -> dict:
+    run = uuid.uuid4().hex[:8]
+    members = await open_members(target, members_n, run)
+    sender_ws = await target.connect(sender=True)
+    echo = Member(sender_ws, run)  # the sender's own copies pace the window
+    sent: dict[int, float] = {}
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    for n in range(messages):
+        while n - len(echo.got) >= window:
+            await asyncio.sleep(0.0005)
+        sent[n] = time.monotonic()
+        await sender_ws.send(target.frame(f"{run}:{n}:", n))
+    deadline = time.monotonic() + 60
+    while any(len(m.got) < messages for m in members) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    result = summarize(sent, members, started)
+    await close_all([sender_ws] + [m.ws for m in members])
+    return result
+
+
+async def fixed_rate(target: Target, members_n: int, rate: float, seconds: float) -> dict:
+    run = uuid.uuid4().hex[:8]
+    members = await open_members(target, members_n, run)
+    sender_ws = await target.connect(sender=True)
+    Member(sender_ws, run)
+    sent: dict[int, float] = {}
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    total = int(rate * seconds)
+    for n in range(total):
+        target_time = started + n / rate
+        delay = target_time - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent[n] = time.monotonic()
+        await sender_ws.send(target.frame(f"{run}:{n}:", n))
+    deadline = time.monotonic() + 30
+    while any(len(m.got) < total for m in members) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    result = summarize(sent, members, started)
+    await close_all([sender_ws] + [m.ws for m in members])
+    return result
+
+
+async def idle(target: Target, count: int, worker_pid: int) -> dict:
+    await asyncio.sleep(1)
+    before = rss_kib(worker_pid)
+    started = time.monotonic()
+    sockets = []
+    for start in range(0, count, 100):
+        sockets += await asyncio.gather(*(target.connect() for _ in range(start, min(count, start + 100))))
+    elapsed = time.monotonic() - started
+    await asyncio.sleep(2)
+    after = rss_kib(worker_pid)
+    result = {
+        "connections": count,
+        "kib_per_connection": round((after - before) / count, 1),
+        "connects_per_s": round(count / elapsed, 1),
+    }
+    await close_all(sockets)
+    return result
+
+
+async def close_all(sockets) -> None:
+    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", choices=sorted(PATHS), required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--scenario", choices=["fanout", "rate", "idle"], required=True)
+    parser.add_argument("--members", type=int, default=100)
+    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--rate", type=float, default=100)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--worker-pid", type=int, default=0)
+    parser.add_argument("--room", default="bench")
+    args = parser.parse_args()
+    target = Target(args.target, args.port, os.environ.get("BENCH_COOKIE", ""), os.environ.get("BENCH_SENDER_COOKIE", ""), args.room)
+    wall = time.monotonic()
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    if args.scenario == "fanout":
+        result = asyncio.run(fanout(target, args.members, args.messages, args.window))
+    elif args.scenario == "rate":
+        result = asyncio.run(fixed_rate(target, args.members, args.rate, args.seconds))
+    else:
+        result = asyncio.run(idle(target, args.members, args.worker_pid))
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    # How busy the load generator was: near 1.0 means it, not the server, was the limit.
+    result["loadgen_cpu"] = round(((used.ru_utime - cpu.ru_utime) + (used.ru_stime - cpu.ru_stime)) / (time.monotonic() - wall), 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    statistics  # noqa: B018  (kept for ad-hoc use)
+    main()
