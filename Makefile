@@ -10,7 +10,7 @@ PORT ?= 8000
 PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$p; break; }; done)
 
-.PHONY: run test cluster system-deps docs clean
+.PHONY: run test cluster system-deps docs clean bench
 
 $(VENV)/.requirements: requirements.txt
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is needed (e.g. apt-get install python3)"; exit 1; }
@@ -45,3 +45,8 @@ docs: $(VENV)/.requirements
 
 clean:
 	rm -rf $(VENV) db.sqlite3 staticfiles test-artifacts .pytest_cache .cluster
+
+# Benchmarks (bench/run.py): the full pipeline against a bare Channels consumer,
+# same worker code, same run; writes bench/RESULTS.md. Not part of `make test`.
+bench: $(VENV)/.requirements-dev system-deps
+	$(PY) bench/run.py

@@ -31,11 +31,13 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from channels.utils import await_many_dispatch
+from channels.consumer import get_handler_name
 from django.conf import settings
 
 from accounts.sessions import session_is_valid
 
 from . import actions, broadcast, connections, heartbeat, metrics, presence, protocol, ratelimit
+from .fanout import fanout
 from .actions import ActionError
 from .logs import TRACE, clean_trace, event
 from .permissions import Action
@@ -64,6 +66,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     revoked = False
     refused_in_row = 0
     metrics_task: asyncio.Task | None = None
+    replaying = 0  # > 0 while a subscribe or a catch-up sends from the log
+    handling = False  # a client frame is being handled: its reply goes first
 
     async def __call__(self, scope, receive, send):
         """channels' AsyncConsumer.__call__, with a channel-layer receive that
@@ -73,10 +77,24 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.channel_name = await self.channel_layer.new_channel()
         self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
         self.base_send = send
+        # Room messages come from this worker's fan-out (realtime/fanout.py), not
+        # from a channel-layer group of this socket's own.
+        self.local_queue: asyncio.Queue = asyncio.Queue()
         try:
-            await await_many_dispatch([receive, self.layer_receive], self.dispatch)
+            await await_many_dispatch([receive, self.layer_receive, self.local_queue.get], self.dispatch)
         except StopConsumer:
             pass
+
+    async def dispatch(self, message: dict) -> None:
+        """channels' dispatch without its `aclose_old_connections()` before every
+        message: that is a hop to the database thread for each room event delivered
+        (a quarter of a busy worker's time, measured with py-spy). Every database
+        access here goes through database_sync_to_async, which closes stale
+        connections around itself."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def layer_receive(self) -> dict:
         """The next channel-layer message. When the layer fails (Redis restarting),
@@ -106,9 +124,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return {"type": "layer.recovered"}
 
     def groups_joined(self) -> list[str]:
+        """The groups this socket's own channel is in (rooms go through the fan-out)."""
         if not getattr(self, "authenticated", False):
             return []
-        return [broadcast.user_group(self.user.pk)] + [broadcast.room_group(slug) for slug in self.subscriptions]
+        return [broadcast.user_group(self.user.pk)]
 
     # -- connection ---------------------------------------------------------
     async def connect(self) -> None:
@@ -169,6 +188,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         metrics.CONNECTIONS.dec()
         heartbeat.SOCKETS.pop(self.conn_id, None)
         for slug, sub in list(self.subscriptions.items()):
+            await fanout().discard(slug, self)
             if sub.presence:
                 await self.leave_presence(slug)
         self.subscriptions.clear()
@@ -182,6 +202,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     # -- frames in ----------------------------------------------------------
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        self.handling = True
+        try:
+            await self._receive(text_data, bytes_data)
+        finally:
+            self.handling = False
+
+    async def _receive(self, text_data: str | None, bytes_data: bytes | None) -> None:
         if not self.authenticated or self.revoked:
             return
         self.last_frame_at = asyncio.get_running_loop().time()
@@ -272,17 +299,23 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     # -- handlers (one per client frame type) ---------------------------------
     async def on_subscribe(self, frame: protocol.Subscribe) -> protocol.Frame:
+        self.replaying += 1
+        try:
+            return await self._subscribe(frame)
+        finally:
+            self.replaying -= 1
+
+    async def _subscribe(self, frame: protocol.Subscribe) -> protocol.Frame:
         slug = frame.room
         if slug not in self.subscriptions and len(self.subscriptions) >= settings.REALTIME["MAX_ROOMS_PER_CONNECTION"]:
             raise ActionError(ErrorCode.TOO_LARGE, "subscribed to too many rooms on this connection")
-        group = broadcast.room_group(slug)
         since = frame.since
         current = self.subscriptions.get(slug)
         if since is None and current is not None:
             # Already live here: "from now" means from what this socket was sent.
             since = current.last_seq
         # Join the stream before reading the log: nothing committed in between is lost.
-        await self.channel_layer.group_add(group, self.channel_name)
+        await fanout().add(slug, self)
         try:
             replay = await database_sync_to_async(actions.room_replay)(user=self.user, slug=slug, since=since)
         except BaseException:
@@ -290,7 +323,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             if current is not None:
                 await self.drop_subscription(slug)
             else:
-                await self.channel_layer.group_discard(group, self.channel_name)
+                await fanout().discard(slug, self)
             raise
         await self.send_events(replay.events)
         metrics.REPLAYED.inc(len(replay.events))
@@ -313,8 +346,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         sub = self.subscriptions.pop(slug, None)
         if sub is None:
             return
-        with contextlib.suppress(Exception):
-            await self.channel_layer.group_discard(broadcast.room_group(slug), self.channel_name)
+        await fanout().discard(slug, self)
         if sub.presence:
             await self.leave_presence(slug)
 
@@ -420,6 +452,20 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             sub = self.subscriptions.get(slug)
             if sub is not None and head > sub.last_seq:
                 await self.catch_up(slug, sub, head)
+
+    async def deliver(self, message: dict) -> bool:
+        """The fan-out's fast path: send the room's next event straight away when
+        nothing is ahead of it for this socket (no queued message, no replay, no
+        frame of its own being answered, so a sender gets its ack before its own
+        message; the seq right after the last one sent). False: queue it, and
+        room_event takes it in order with everything else."""
+        if message.get("type") != broadcast.ROOM_EVENT or self.replaying or self.handling or not self.local_queue.empty():
+            return False
+        sub = self.subscriptions.get(message["room"])
+        if sub is None or self.revoked or message["seq"] != sub.last_seq + 1:
+            return False
+        await self.room_event(message)
+        return True
 
     async def room_event(self, message: dict) -> None:
         """A committed event of a room: send it once, in seq order."""
@@ -537,6 +583,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     async def catch_up(self, slug: str, sub: Subscription, upto: int) -> bool:
         """Send the room's events after sub.last_seq up to `upto` from the log.
         On failure the subscription ends and the client is told to reload the room."""
+        self.replaying += 1
+        try:
+            return await self._catch_up(slug, sub, upto)
+        finally:
+            self.replaying -= 1
+
+    async def _catch_up(self, slug: str, sub: Subscription, upto: int) -> bool:
         try:
             missing = await database_sync_to_async(actions.room_events_between)(slug=slug, after=sub.last_seq, upto=upto)
         except Exception as exc:

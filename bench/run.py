@@ -1,0 +1,166 @@
+"""`make bench`: every scenario against our full pipeline and against the bare
+tutorial consumer (bench/bare.py), served by the same worker code in the same run,
+each three times (the median is reported), with the ratio full / bare.
+
+The worker (`python -m realtime.server`, the flags of deploy/) is pinned to core 0
+and the load generator (bench/loadgen.py) to core 1 where taskset exists; each run
+gets a fresh worker on private PostgreSQL and Redis instances. The rate limits and
+the per-user socket cap are lifted (one sender publishes hundreds of messages a
+second; hundreds of members share one user), but every frame still goes through
+them, and through the schema, the permission check, the database write with its seq
+and the presence bookkeeping.
+
+Writes bench/RESULTS.md and prints the same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from deploy.cluster import PostgresServer, RedisServer, Worker, free_port  # noqa: E402
+
+SCENARIOS = {
+    # name: (loadgen arguments, metric, higher is better)
+    "fan-out, 100 members": (["--scenario", "fanout", "--members", "100", "--messages", "200", "--window", "16"], "deliveries_per_s", True),
+    "fan-out, 500 members": (["--scenario", "fanout", "--members", "500", "--messages", "60", "--window", "16"], "deliveries_per_s", True),
+    "100 msg/s into 100 members, p99": (["--scenario", "rate", "--members", "100", "--rate", "100", "--seconds", "10"], "p99_ms", False),
+    "idle sockets, memory each": (["--scenario", "idle", "--members", "2000"], "kib_per_connection", False),
+}
+QUICK = {
+    "fan-out, 100 members": (["--scenario", "fanout", "--members", "50", "--messages", "50", "--window", "16"], "deliveries_per_s", True),
+    "100 msg/s into 100 members, p99": (["--scenario", "rate", "--members", "50", "--rate", "50", "--seconds", "3"], "p99_ms", False),
+    "idle sockets, memory each": (["--scenario", "idle", "--members", "300"], "kib_per_connection", False),
+}
+
+
+def pinned(core: int) -> list[str]:
+    return ["taskset", "-c", str(core)] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+
+
+class BenchWorker(Worker):
+    def command(self) -> list[str]:
+        return pinned(0) + super().command()
+
+
+def setup(workdir: Path) -> tuple[dict, str, str]:
+    pg = PostgresServer().start()
+    redis = RedisServer(workdir).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "REALTIME_"))}
+    env.update({
+        "DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": os.urandom(24).hex(), "DJANGO_ALLOWED_HOSTS": "127.0.0.1",
+        "DATABASE_URL": pg.url, "REDIS_URL": redis.url, "REALTIME_BENCH": "1", "DJANGO_LOG_LEVEL": "WARNING",
+        "REALTIME_RATE_MESSAGE_SEND": "1000000/1000000", "REALTIME_RATE_SUBSCRIBE": "1000000/1000000",
+        "REALTIME_MAX_CONNECTIONS_PER_USER": "1000000", "DJANGO_STATIC_ROOT": str(workdir / "static"),
+        "PYTHONUNBUFFERED": "1",
+    })
+    manage = [sys.executable, "manage.py"]
+    subprocess.run([*manage, "migrate", "--noinput"], cwd=ROOT, env={**env, "DJANGO_ALLOWED_ORIGINS": "http://x"},
+                   check=True, stdout=subprocess.DEVNULL)
+    script = (
+        "from django.contrib.auth import get_user_model; from django.test import Client; "
+        "from realtime.models import Room; U = get_user_model(); "
+        "Room.objects.get_or_create(slug='bench', defaults={'title': 'Bench'}); out = []\n"
+        "for name in ('bench-member', 'bench-sender'):\n"
+        "    u, _ = U.objects.get_or_create(username=name); c = Client(); c.force_login(u); "
+        "out.append(c.cookies['sessionid'].value)\n"
+        "print('COOKIES', ' '.join(out))"
+    )
+    cookies = subprocess.run([*manage, "shell", "-c", script], cwd=ROOT, env={**env, "DJANGO_ALLOWED_ORIGINS": "http://x"},
+                             check=True, capture_output=True, text=True).stdout
+    cookies = next(line for line in cookies.splitlines() if line.startswith("COOKIES ")).split()[1:]
+    return {"env": env, "pg": pg, "redis": redis}, f"sessionid={cookies[0]}", f"sessionid={cookies[1]}"
+
+
+def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str, sender: str) -> dict:
+    port, tls_port = free_port(), free_port()
+    env = {**ctx["env"], "DJANGO_ALLOWED_ORIGINS": f"http://127.0.0.1:{port}"}
+    worker = BenchWorker("bench", env, workdir, port=port, tls_port=tls_port).start()
+    try:
+        time.sleep(0.5)
+        out = subprocess.run(
+            pinned(1) + [sys.executable, "-m", "bench.loadgen", "--target", target, "--port", str(port),
+                         "--worker-pid", str(worker.proc.pid), *args],
+            cwd=ROOT, env={**os.environ, "BENCH_COOKIE": member, "BENCH_SENDER_COOKIE": sender},
+            capture_output=True, text=True, timeout=600,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        worker.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="small scenarios, one run (a smoke test)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
+    args = parser.parse_args()
+    scenarios = QUICK if args.quick else SCENARIOS
+    runs = 1 if args.quick else args.runs
+    workdir = Path(tempfile.mkdtemp(prefix="realtime-bench-"))
+    workdir.chmod(0o755)
+    ctx, member, sender = setup(workdir)
+    rows = []
+    try:
+        for name, (loadgen_args, metric, higher) in scenarios.items():
+            medians = {}
+            details = {}
+            for target in ("bare", "full"):
+                results = [one_run(ctx, workdir, target, loadgen_args, member, sender) for _ in range(runs)]
+                values = [r[metric] for r in results if r.get(metric) is not None]
+                medians[target] = statistics.median(values) if values else None
+                details[target] = results
+                print(f"{name} [{target}]: {[r[metric] for r in results]} (lost {[r.get('lost') for r in results]}, "
+                      f"duplicated {[r.get('duplicated') for r in results]}, loadgen cpu {[r['loadgen_cpu'] for r in results]})",
+                      flush=True)
+            bare, full = medians["bare"], medians["full"]
+            ratio = (full / bare if higher else bare / full) if bare and full else None
+            rows.append((name, metric, bare, full, ratio, details))
+    finally:
+        ctx["pg"].stop()
+        ctx["redis"].stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    write(rows, args, runs)
+
+
+def write(rows, args, runs: int) -> None:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"`{' '.join(['python', 'bench/run.py'] + (['--quick'] if args.quick else []) + ([f'--runs {args.runs}'] if args.runs != 3 else []))}`"
+        f" (what `make bench` runs), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{platform.python_version()}, {os.cpu_count()} cores; worker pinned to core 0, load generator to core 1; "
+        f"median of {runs} run(s). The ratio is ours against the bare tutorial consumer measured in the same run "
+        "(above 1 is better for us: deliveries a second divided, latency and memory inverted).",
+        "",
+        "| Scenario | Metric | Bare Channels | Full pipeline | Ratio | Lost / duplicated (full) | Load generator CPU |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for name, metric, bare, full, ratio, details in rows:
+        lost = sum(r.get("lost") or 0 for r in details["full"])
+        dup = sum(r.get("duplicated") or 0 for r in details["full"])
+        cpu = max(r["loadgen_cpu"] for rs in details.values() for r in rs)
+        lines.append(f"| {name} | {metric} | {bare} | {full} | {ratio:.2f}x | {lost} / {dup} | {cpu} |"
+                     if ratio is not None else f"| {name} | {metric} | {bare} | {full} | – | {lost} / {dup} | {cpu} |")
+    lines += ["", "Raw results (every run):", "", "```json", json.dumps({name: details for name, _, _, _, _, details in rows}, indent=1), "```", ""]
+    text = "\n".join(lines)
+    Path(args.out).write_text(text)
+    print("\n".join(lines[:6 + len(rows)]))
+
+
+if __name__ == "__main__":
+    main()
