@@ -194,6 +194,8 @@ class Worker:
         ]
 
     def start(self) -> "Worker":
+        if self.proc is not None and self.proc.poll() is None:
+            return self  # already running: a second process could not bind the port
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         wait_port(self.port, proc=self.proc)
