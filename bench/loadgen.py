@@ -26,7 +26,6 @@ import json
 import os
 import re
 import resource
-import statistics
 import time
 import uuid
 
@@ -128,44 +127,29 @@ async def open_members(target: Target, count: int, run: str) -> list[Member]:
     return members
 
 
-async def fanout(target: Target, members_n: int, messages: int, window: int) -> dict:
+async def publish(target: Target, members_n: int, total: int, *, window: int | None = None,
+                  rate: float | None = None, drain: float = 60) -> dict:
+    """R members; one sender publishes `total` messages, paced either by a window of
+    messages in flight (done when the sender's own copy comes back) or by a fixed
+    rate; then wait for the deliveries (at most `drain` seconds) and summarize."""
     run = uuid.uuid4().hex[:8]
     members = await open_members(target, members_n, run)
     sender_ws = await target.connect(sender=True)
-    echo = Member(sender_ws, run)  # the sender's own copies pace the window
+    echo = Member(sender_ws, run)
     sent: dict[int, float] = {}
     await asyncio.sleep(0.5)
     started = time.monotonic()
-    for n in range(messages):
-        while n - len(echo.got) >= window:
-            await asyncio.sleep(0.0005)
-        sent[n] = time.monotonic()
-        await sender_ws.send(target.frame(f"{run}:{n}:", n))
-    deadline = time.monotonic() + 60
-    while any(len(m.got) < messages for m in members) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    result = summarize(sent, members, started)
-    await close_all([sender_ws] + [m.ws for m in members])
-    return result
-
-
-async def fixed_rate(target: Target, members_n: int, rate: float, seconds: float) -> dict:
-    run = uuid.uuid4().hex[:8]
-    members = await open_members(target, members_n, run)
-    sender_ws = await target.connect(sender=True)
-    Member(sender_ws, run)
-    sent: dict[int, float] = {}
-    await asyncio.sleep(0.5)
-    started = time.monotonic()
-    total = int(rate * seconds)
     for n in range(total):
-        target_time = started + n / rate
-        delay = target_time - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        if window is not None:
+            while n - len(echo.got) >= window:
+                await asyncio.sleep(0.0005)
+        else:
+            delay = started + n / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
         sent[n] = time.monotonic()
         await sender_ws.send(target.frame(f"{run}:{n}:", n))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + drain
     while any(len(m.got) < total for m in members) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     result = summarize(sent, members, started)
@@ -213,9 +197,9 @@ def main() -> None:
     wall = time.monotonic()
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     if args.scenario == "fanout":
-        result = asyncio.run(fanout(target, args.members, args.messages, args.window))
+        result = asyncio.run(publish(target, args.members, args.messages, window=args.window))
     elif args.scenario == "rate":
-        result = asyncio.run(fixed_rate(target, args.members, args.rate, args.seconds))
+        result = asyncio.run(publish(target, args.members, int(args.rate * args.seconds), rate=args.rate, drain=30))
     else:
         result = asyncio.run(idle(target, args.members, args.worker_pid))
     used = resource.getrusage(resource.RUSAGE_SELF)
@@ -225,5 +209,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    statistics  # noqa: B018  (kept for ad-hoc use)
     main()
