@@ -273,10 +273,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         metrics.RATE_LIMITED.labels(action).inc()
         metrics.WINDOW.limited()
         if self.refused_in_row > settings.REALTIME["FLOOD_CLOSE_AFTER"]:
-            event(log, INFO, "ws.closed", conn_id=self.conn_id, user_id=self.user.pk, code=int(CloseCode.RATE_LIMITED),
-                  reason="flood")
-            self.revoked = True
-            await self.close(code=int(CloseCode.RATE_LIMITED))
+            await self.shut(CloseCode.RATE_LIMITED, "flood")
             return
         await self.send_frame(
             protocol.Error(code=ErrorCode.RATE_LIMITED, message="too many; slow down", ref=ref, retry_after=retry_after)
@@ -519,19 +516,19 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self.session_key, self.user.pk
         ):
             return
-        self.revoked = True
-        event(log, INFO, "ws.closed", conn_id=self.conn_id, user_id=self.user.pk, code=int(CloseCode.FORBIDDEN),
-              reason="session-ended")
-        await self.close(code=int(CloseCode.FORBIDDEN))
+        await self.shut(CloseCode.FORBIDDEN, "session-ended")
 
     async def force_disconnect(self, message: dict) -> None:
         """An operator closed this user's sockets (the admin's realtime console)."""
         if self.revoked or not self.authenticated:
             return
+        await self.shut(CloseCode.FORBIDDEN, "forced")
+
+    async def shut(self, code: CloseCode, reason: str) -> None:
+        """Close this socket for good: nothing more is handled or delivered."""
         self.revoked = True
-        event(log, INFO, "ws.closed", conn_id=self.conn_id, user_id=self.user.pk, code=int(CloseCode.FORBIDDEN),
-              reason="forced")
-        await self.close(code=int(CloseCode.FORBIDDEN))
+        event(log, INFO, "ws.closed", conn_id=self.conn_id, user_id=self.user.pk, code=int(code), reason=reason)
+        await self.close(code=int(code))
 
     async def access_check(self, message: dict) -> None:
         """A room's memberships or visibility changed: leave it if no longer allowed."""
@@ -562,10 +559,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await asyncio.sleep(max(0.0, wake - loop.time()))
             now = loop.time()
             if now >= self.last_frame_at + idle:
-                self.revoked = True
-                event(log, INFO, "ws.closed", conn_id=self.conn_id, user_id=self.user.pk, code=int(CloseCode.POLICY),
-                      reason="idle")
-                await self.close(code=int(CloseCode.POLICY))
+                await self.shut(CloseCode.POLICY, "idle")
                 return
             if now >= next_check:
                 next_check = now + recheck * (0.9 + 0.2 * random.random())
