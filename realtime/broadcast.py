@@ -139,3 +139,16 @@ async def publish_push(group: str, frame: protocol.Frame, *, room: str | None = 
     except Exception:
         metrics.LAYER_FAILURES.labels("push").inc()
         log.warning("push failed", extra={"event": "push.failed", "room": room})
+
+
+async def publish_read(result, user, skip_channel: str | None = None) -> None:
+    """A read position moved (actions.mark_read): tell the user's other sockets
+    (read.state; not `skip_channel`, which has its ack) and, where the room shows
+    read markers, the room (read.marker; not the reader's own sockets)."""
+    if not result.moved:
+        return
+    await publish_push(user_group(user.pk), protocol.ReadPosition(room=result.room, seq=result.seq),
+                       skip_channel=skip_channel)
+    if result.markers:
+        marker = protocol.ReadMarker(room=result.room, user=user.get_username(), seq=result.seq)
+        await publish_push(room_group(result.room), marker, room=result.room, skip_user=user.pk)

@@ -375,18 +375,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         """Move the read position forward; tell the user's other sockets, and the
         room's members where the room shows read markers."""
         result = await database_sync_to_async(actions.mark_read)(user=self.user, slug=frame.room, seq=frame.seq)
-        if result.moved:
-            await broadcast.publish_push(
-                broadcast.user_group(self.user.pk), protocol.ReadPosition(room=result.room, seq=result.seq),
-                skip_channel=self.channel_name,  # this socket has the ack
-            )
-            if result.markers:
-                await broadcast.publish_push(
-                    broadcast.room_group(result.room),
-                    protocol.ReadMarker(room=result.room, user=self.user.get_username(), seq=result.seq),
-                    room=result.room,
-                    skip_user=self.user.pk,  # its own sockets had read.state
-                )
+        await broadcast.publish_read(result, self.user, skip_channel=self.channel_name)
         return protocol.ReadAck(ref=frame.ref, room=result.room, seq=result.seq)
 
     async def on_message_send(self, frame: protocol.MessageSend) -> protocol.Frame:

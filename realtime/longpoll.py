@@ -36,7 +36,7 @@ from django.http.request import split_domain_port, validate_host
 
 from . import actions, broadcast, ratelimit
 from .actions import ActionError
-from .protocol import ErrorCode
+from .protocol import HTTP_STATUS, ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +44,6 @@ EVENTS_PATH = re.compile(r"^/api/v1/rooms/(?P<slug>[-a-zA-Z0-9_]+)/events/$")
 MAX_WAIT = 30  # seconds; proxies in deploy/ allow 60 for /api/
 RECHECK = 5.0  # seconds between log reads while waiting (a lost broadcast costs this)
 PAGE_MAX = 500
-
-STATUS = {
-    ErrorCode.INVALID: 400,
-    ErrorCode.FORBIDDEN: 403,
-    ErrorCode.NOT_FOUND: 404,
-    ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.RECOVERY_FAILED: 410,
-    ErrorCode.INTERNAL: 500,
-}
-
 
 def query(scope) -> dict[str, str]:
     return {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
@@ -182,7 +172,7 @@ class LongPoll:
             if exc.retry_after is not None:
                 body["retry_after"] = exc.retry_after
                 extra.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
-            return STATUS.get(exc.code, 400), body, extra
+            return HTTP_STATUS[exc.code], body, extra
         except Exception:
             log.exception("long poll failed user=%s room=%s", user.pk, slug)
             return 500, {"code": ErrorCode.INTERNAL, "message": "internal error"}, []

@@ -34,6 +34,20 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"  # a server fault; nothing was changed
 
 
+# How each error code answers over HTTP (REST, the long poll, docs/protocol.md).
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID: 400,
+    ErrorCode.UNKNOWN_TYPE: 400,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.RECOVERY_FAILED: 410,
+    ErrorCode.INTERNAL: 500,
+}
+
+
 class CloseCode(enum.IntEnum):
     """Close codes the app decides (daphne only lets an app send 1000 and 3000-4999)."""
 

@@ -20,27 +20,13 @@ from ..actions import ActionError
 from ..longpoll import events_page, int_arg
 from ..protocol import ErrorCode
 
-# How each error code answers over HTTP.
-HTTP_STATUS = {
-    ErrorCode.INVALID: status.HTTP_400_BAD_REQUEST,
-    ErrorCode.UNKNOWN_TYPE: status.HTTP_400_BAD_REQUEST,
-    ErrorCode.FORBIDDEN: status.HTTP_403_FORBIDDEN,
-    ErrorCode.NOT_FOUND: status.HTTP_404_NOT_FOUND,
-    ErrorCode.RATE_LIMITED: status.HTTP_429_TOO_MANY_REQUESTS,
-    ErrorCode.TOO_LARGE: status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
-    ErrorCode.CONFLICT: status.HTTP_409_CONFLICT,
-    ErrorCode.RECOVERY_FAILED: status.HTTP_410_GONE,
-    ErrorCode.INTERNAL: status.HTTP_500_INTERNAL_SERVER_ERROR,
-}
-
-
 def error_response(code: ErrorCode, message: str, retry_after: float | None = None) -> Response:
     body = {"code": str(code), "message": message}
     headers = {}
     if retry_after is not None:
         body["retry_after"] = retry_after
         headers["Retry-After"] = str(max(1, round(retry_after)))
-    return Response(body, status=HTTP_STATUS[code], headers=headers)
+    return Response(body, status=protocol.HTTP_STATUS[code], headers=headers)
 
 
 def int_param(request: Request, name: str, default: int | None, minimum: int = 0) -> int | None:
@@ -116,15 +102,7 @@ class RoomRead(ActionView):
         data = parse_body(request, protocol.ReadPost)
         take_token(request, "read")
         result = actions.mark_read(user=request.user, slug=slug, seq=data.seq)
-        if result.moved:
-            async_to_sync(broadcast.publish_push)(
-                broadcast.user_group(request.user.pk), protocol.ReadPosition(room=result.room, seq=result.seq)
-            )
-            if result.markers:
-                marker = protocol.ReadMarker(room=result.room, user=request.user.get_username(), seq=result.seq)
-                async_to_sync(broadcast.publish_push)(
-                    broadcast.room_group(result.room), marker, room=result.room, skip_user=request.user.pk
-                )
+        async_to_sync(broadcast.publish_read)(result, request.user)
         return Response({"room": result.room, "seq": result.seq})
 
 

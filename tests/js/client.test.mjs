@@ -275,6 +275,14 @@ const flush = async () => {
   for (let i = 0; i < 10; i++) await new Promise((r) => setImmediate(r));
 };
 
+/** The first `n` WebSocket attempts close without opening (blocked, or the server down). */
+function failOpens(ctx, n = 3) {
+  for (let i = 0; i < n; i++) {
+    ctx.sockets[i].serverClose(1006);
+    ctx.timers.advance(i < n - 1 ? 5000 : 0);
+  }
+}
+
 async function inFallback(reachable = true, hangCheck = false) {
   const rest = fakeRest();
   rest.reachable = reachable;
@@ -282,10 +290,7 @@ async function inFallback(reachable = true, hangCheck = false) {
   const ctx = setup({ poll: rest.poll, post: rest.post, loadSnapshot: async () => ({ seq: 5, messages: [] }) });
   ctx.client.subscribe("general");
   ctx.client.connect();
-  for (let i = 0; i < 3; i++) {
-    ctx.sockets[i].serverClose(1006); // never opened: blocked
-    ctx.timers.advance(i < 2 ? 5000 : 0);
-  }
+  failOpens(ctx); // never opened: blocked
   await flush();
   if (reachable && !hangCheck) {
     // HTTP answered: one last WebSocket attempt, which fails too.
@@ -399,10 +404,7 @@ test("while polling, edits and deletes go over REST; over the socket otherwise",
     });
     ctx.client.subscribe("general");
     ctx.client.connect();
-    for (let i = 0; i < 3; i++) {
-      ctx.sockets[i].serverClose(1006);
-      ctx.timers.advance(i < 2 ? 5000 : 0);
-    }
+    failOpens(ctx);
     await flush();
     ctx.sockets[3].serverClose(1006); // the last attempt before falling back
     await flush();
@@ -580,10 +582,7 @@ test("a server coming back after a restart is not mistaken for blocked WebSocket
   const { client, sockets, timers, states } = setup({ poll: rest.poll, post: rest.post, loadSnapshot: async () => ({ seq: 5, messages: [] }) });
   client.subscribe("general");
   client.connect();
-  for (let i = 0; i < 3; i++) {
-    sockets[i].serverClose(1006); // the server is down
-    timers.advance(i < 2 ? 5000 : 0);
-  }
+  failOpens({ sockets, timers }); // the server is down
   await flush(); // ...and back: HTTP answers, so the client tries the socket once more
   assert.equal(sockets.length, 4);
   sockets[3].open();

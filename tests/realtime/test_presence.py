@@ -205,3 +205,22 @@ def test_rooms_list_counts_unread_messages_by_others(demo):
     actions.mark_read(user=demo["bob"], slug="general", seq=2)
     assert rooms()["general"] == (2, 1)
     assert Membership.objects.filter(user=demo["bob"]).count() == 2  # reading changed no membership
+
+
+@pytest.mark.asyncio
+async def test_a_read_over_rest_reaches_own_sockets_and_the_room(cookies, shared, demo):
+    """The long-polling fallback marks read over REST: the same pushes as the socket."""
+    from django.test import AsyncClient
+
+    async with socket(cookies["alice"]) as alice:
+        await call(alice, {"type": "message.send", "room": "general", "body": "x", "client_id": "rest-read", "ref": 0})
+        await join(alice)
+        async with socket(cookies["bob"]) as bob:
+            await join(bob)
+            await pushes(alice)
+            client = AsyncClient()
+            await client.aforce_login(demo["bob"])
+            res = await client.post("/api/v1/rooms/general/read/", {"seq": 1}, content_type="application/json")
+            assert res.status_code == 200
+            assert await pushes(bob) == [{"type": "read.state", "room": "general", "seq": 1}]
+            assert await pushes(alice) == [{"type": "read.marker", "room": "general", "user": "bob", "seq": 1}]

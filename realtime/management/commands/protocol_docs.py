@@ -20,16 +20,16 @@ CLOSE_MEANING = {
     protocol.CloseCode.PROTOCOL_VIOLATION: "protocol violation",
 }
 
-ERROR_MEANING = {
-    protocol.ErrorCode.INVALID: (400, "malformed frame, missing or wrongly typed field, bad value, empty body"),
-    protocol.ErrorCode.UNKNOWN_TYPE: (400, "`type` names no client frame"),
-    protocol.ErrorCode.FORBIDDEN: (403, "the policy refuses this action to this user; nothing changed"),
-    protocol.ErrorCode.NOT_FOUND: (404, "no such room or message (a deleted message is not found)"),
-    protocol.ErrorCode.RATE_LIMITED: (429, "too many of this action; retry after `retry_after` seconds"),
-    protocol.ErrorCode.TOO_LARGE: (413, "a body over the length limit, or too many rooms on one connection"),
-    protocol.ErrorCode.CONFLICT: (409, "the client_id was already used for a message in another room"),
-    protocol.ErrorCode.RECOVERY_FAILED: (410, "`since` is ahead of the log or outside the replay window: reload history"),
-    protocol.ErrorCode.INTERNAL: (500, "a server fault; nothing was changed"),
+ERROR_MEANING = {  # the HTTP status of each comes from protocol.HTTP_STATUS
+    protocol.ErrorCode.INVALID: "malformed frame, missing or wrongly typed field, bad value, empty body",
+    protocol.ErrorCode.UNKNOWN_TYPE: "`type` names no client frame",
+    protocol.ErrorCode.FORBIDDEN: "the policy refuses this action to this user; nothing changed",
+    protocol.ErrorCode.NOT_FOUND: "no such room or message (a deleted message is not found)",
+    protocol.ErrorCode.RATE_LIMITED: "too many of this action; retry after `retry_after` seconds",
+    protocol.ErrorCode.TOO_LARGE: "a body over the length limit, or too many rooms on one connection",
+    protocol.ErrorCode.CONFLICT: "the client_id was already used for a message in another room",
+    protocol.ErrorCode.RECOVERY_FAILED: "`since` is ahead of the log or outside the replay window: reload history",
+    protocol.ErrorCode.INTERNAL: "a server fault; nothing was changed",
 }
 
 INTRO = """\
@@ -135,8 +135,8 @@ def render() -> str:
                "may carry `trace` (letters, digits, dashes; at most 64): the action's trace id, which the "
                "events it causes carry to every delivery and log line.\n")
     out.append("## Error codes\n\n| code | HTTP | meaning |\n| --- | --- | --- |")
-    for code, (status, meaning) in ERROR_MEANING.items():
-        out.append(f"| `{code}` | {status} | {meaning} |")
+    for code, meaning in ERROR_MEANING.items():
+        out.append(f"| `{code}` | {protocol.HTTP_STATUS[code]} | {meaning} |")
     out.append("")
     out.append("## Close codes\n\n| code | meaning |\n| --- | --- |")
     for code, meaning in CLOSE_MEANING.items():
