@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -88,12 +89,20 @@ def setup(workdir: Path) -> tuple[dict, str, str]:
     return {"env": env, "pg": pg, "redis": redis}, f"sessionid={cookies[0]}", f"sessionid={cookies[1]}"
 
 
-def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str, sender: str) -> dict:
+def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str, sender: str,
+            profile: Path | None = None) -> dict:
     port, tls_port = free_port(), free_port()
     env = {**ctx["env"], "DJANGO_ALLOWED_ORIGINS": f"http://127.0.0.1:{port}"}
     worker = BenchWorker("bench", env, workdir, port=port, tls_port=tls_port).start()
+    spy = None
     try:
         time.sleep(0.5)
+        if profile is not None:
+            # Sampled from outside (py-spy attaches to the pid): the worker runs as measured.
+            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(worker.proc.pid),
+                                    "--rate", "250", "--format", "raw", "--output", str(profile)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
         out = subprocess.run(
             pinned(1) + [sys.executable, "-m", "bench.loadgen", "--target", target, "--port", str(port),
                          "--worker-pid", str(worker.proc.pid), *args],
@@ -104,7 +113,34 @@ def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str,
             raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
         worker.stop()
+
+
+def summarize_profile(raw: Path, out: Path, title: str, top: int = 25) -> None:
+    """py-spy's collapsed stacks as two tables: where the worker's time went by
+    function itself (self) and with what it called (total), in percent of samples."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        samples += n
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split("/")[-1] if " (" in f else f for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0) + n
+    lines = [f"# {title}", "", f"{samples} samples (py-spy, 250 Hz, all threads, idle excluded).", "",
+             "| self % | function |", "| ---: | --- |"]
+    lines += [f"| {100 * n / samples:.1f} | `{f}` |" for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]]
+    lines += ["", "| total % | function |", "| ---: | --- |"]
+    lines += [f"| {100 * n / samples:.1f} | `{f}` |" for f, n in sorted(total.items(), key=lambda kv: -kv[1])[:top]]
+    out.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -112,8 +148,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small scenarios, one run (a smoke test)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
+    parser.add_argument("--profile", metavar="NAME",
+                        help="instead: one run of the full pipeline in the hottest scenario under py-spy, "
+                             "summarized to bench/profiles/NAME.md")
+    parser.add_argument("--only", metavar="TEXT", help="only the scenarios whose name contains TEXT")
     args = parser.parse_args()
+    if args.profile:
+        return profile(args.profile)
     scenarios = QUICK if args.quick else SCENARIOS
+    if args.only:
+        scenarios = {name: s for name, s in scenarios.items() if args.only in name}
     runs = 1 if args.quick else args.runs
     workdir = Path(tempfile.mkdtemp(prefix="realtime-bench-"))
     workdir.chmod(0o755)
@@ -139,6 +183,28 @@ def main() -> None:
         ctx["redis"].stop()
         shutil.rmtree(workdir, ignore_errors=True)
     write(rows, args, runs)
+
+
+def profile(name: str) -> None:
+    scenario = "fan-out, 100 members"
+    workdir = Path(tempfile.mkdtemp(prefix="realtime-bench-"))
+    workdir.chmod(0o755)
+    ctx, member, sender = setup(workdir)
+    folder = ROOT / "bench" / "profiles"
+    folder.mkdir(exist_ok=True)
+    raw = Path(os.environ.get("BENCH_PROFILE_RAW", workdir / "profile.txt"))
+    try:
+        # Five times the messages, so that the sockets' set-up is a small part of the profile.
+        args = [*SCENARIOS[scenario][0]]
+        args[args.index("--messages") + 1] = str(5 * int(args[args.index("--messages") + 1]))
+        result = one_run(ctx, workdir, "full", args, member, sender, profile=raw)
+        summarize_profile(raw, folder / f"{name}.md", f"Profile '{name}': {scenario}, full pipeline "
+                          f"({result['deliveries_per_s']} deliveries/s under the profiler)")
+    finally:
+        ctx["pg"].stop()
+        ctx["redis"].stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print((folder / f"{name}.md").read_text())
 
 
 def write(rows, args, runs: int) -> None:

@@ -62,6 +62,7 @@ class Subscription:
 
 class RealtimeConsumer(AsyncWebsocketConsumer):
     codec: protocol.Codec = protocol.JSON
+    write_frame = None
     layer_down = False
     revoked = False
     refused_in_row = 0
@@ -77,6 +78,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.channel_name = await self.channel_layer.new_channel()
         self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
         self.base_send = send
+        # The server's prebuilt-frame write (realtime/server.py), when it has one.
+        self.write_frame = ((scope.get("extensions") or {}).get("realtime.frames") or {}).get("write")
         # Room messages come from this worker's fan-out (realtime/fanout.py), not
         # from a channel-layer group of this socket's own.
         self.local_queue: asyncio.Queue = asyncio.Queue()
@@ -466,12 +469,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return
         await self.send_encoded(message)
         sub.last_seq = seq
-        published = message.get("t")
-        latency = time.time() - published if published else None
-        metrics.FRAMES_OUT.labels(message.get("event", "room.event")).inc()
-        if latency is not None:
-            metrics.LATENCY.observe(max(0.0, latency))
-        metrics.WINDOW.delivery(latency)
+        metrics.delivered(message)
         if log.isEnabledFor(DEBUG):
             log.debug("ws.deliver", extra={"event": "ws.deliver", "conn_id": self.conn_id, "user_id": self.user.pk,
                                            "room": slug, "seq": seq, "trace_id": message.get("trace")})
@@ -489,7 +487,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         await self.send_encoded(message)
 
     async def send_encoded(self, message: dict) -> None:
-        """Send a layer message's payload as encoded upstream for this socket's codec."""
+        """Send a layer message's payload as encoded upstream for this socket's codec:
+        framed once per worker and written as is where the server allows it
+        (realtime/server.py), through ASGI otherwise."""
+        if self.write_frame is not None and self.write_frame(protocol.framed(message, self.codec)):
+            return
         payload = message[self.codec.name]
         if self.codec.binary:
             await self.send(bytes_data=payload)

@@ -108,3 +108,21 @@ def _quantile(values: list[float], q: float) -> float | None:
 
 
 WINDOW = Window()
+
+
+_frames_out: dict[str, object] = {}
+
+
+def delivered(message: dict) -> None:
+    """Count one room event written to one socket: the frame counter, the
+    publish-to-write latency histogram and the dashboard's window."""
+    kind = message.get("event", "room.event")
+    counter = _frames_out.get(kind)
+    if counter is None:
+        counter = _frames_out[kind] = FRAMES_OUT.labels(kind)
+    counter.inc()
+    published = message.get("t")
+    latency = max(0.0, time.time() - published) if published else None
+    if latency is not None:
+        LATENCY.observe(latency)
+    WINDOW.delivery(latency)

@@ -490,3 +490,28 @@ def json_schemas() -> dict[str, dict]:
     classes = CLIENT_FRAMES + REPLIES + ROOM_EVENTS + PUSHES + (WorkerFigures, MessagePost, MessagePatch, ReadPost)
     _, components = msgspec.json.schema_components(classes, ref_template="#/$defs/{name}")
     return {cls.__name__: components[cls.__name__] for cls in classes}
+
+
+def websocket_frame(payload: bytes, binary: bool) -> bytes:
+    """One unfragmented, unmasked server-to-client WebSocket message (RFC 6455 5.2)."""
+    head = 0x82 if binary else 0x81
+    n = len(payload)
+    if n < 126:
+        return bytes((head, n)) + payload
+    if n < 65536:
+        return bytes((head, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((head, 127)) + n.to_bytes(8, "big") + payload
+
+
+def framed(message: dict, codec: Codec) -> bytes:
+    """A layer message's payload for `codec` as a WebSocket frame, made on first use
+    and kept in the message, which the fan-out shares among a worker's sockets."""
+    key = FRAME_KEYS[codec.name]
+    frame = message.get(key)
+    if frame is None:
+        payload = message[codec.name]
+        frame = message[key] = websocket_frame(payload if codec.binary else payload.encode(), codec.binary)
+    return frame
+
+
+FRAME_KEYS = {name: f"frame:{name}" for name in CODECS}

@@ -24,6 +24,13 @@ A message larger than daphne's --websocket-max-message-size is closed with 1009
 An HTTP connection idle for REALTIME_HANDSHAKE_TIMEOUT s (10) before its request,
 a socket's upgrade included, is dropped.
 
+Each socket's scope carries the ASGI extension `realtime.frames`: `write(frame)`
+puts a complete, already framed WebSocket message (protocol.websocket_frame()) on the
+socket as is. The fan-out frames a room event once and writes those bytes to every
+local member, instead of daphne encoding, framing and accounting it per member.
+The same send-buffer bound applies. Under another server the extension is absent
+and the app sends through ASGI as usual.
+
 It relies on daphne's Server internals (connections, listen_success, the Twisted
 reactor): requirements.txt pins daphne, and tests/cluster checks the behaviour.
 """
@@ -31,6 +38,7 @@ reactor): requirements.txt pins daphne, and tests/cluster checks the behaviour.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -40,6 +48,7 @@ import time
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
+from twisted.internet import tcp
 
 log = logging.getLogger("realtime.server")
 
@@ -57,6 +66,24 @@ def unsent_bytes(transport) -> int:
     if transport is None:
         return 0
     return len(transport.dataBuffer) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+
+
+def write_now(transport, data: bytes) -> None:
+    """transport.write(data), but sent at once when nothing is queued ahead of it on
+    a plain TCP socket: Twisted would queue it and register the socket with the
+    poller for one send() on the next turn, two poller changes per frame, which
+    was most of a fan-out's cost. What the kernel does not take is queued as usual."""
+    if (
+        isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
+        and not transport.disconnecting and not transport._writeDisconnected
+        and not transport._tempDataLen and len(transport.dataBuffer) == transport.offset
+    ):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int):
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)
 
 
 class BoundedWebSocketProtocol(WebSocketProtocol):
@@ -91,16 +118,40 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         super().onMessage(payload, isBinary)
 
     def serverSend(self, content, binary=False):
-        if self.overflowed:
+        if self.overflowed or self._over_bound():
             return
+        super().serverSend(content, binary)
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Write a complete WebSocket frame (protocol.websocket_frame()); False when this
+        socket cannot take it as is (not open, compressing, mid-message), and the
+        caller sends through ASGI instead."""
+        if self.overflowed:
+            return True  # closing: dropped, as serverSend drops it
+        if (self.state != self.STATE_OPEN or self._perMessageCompress is not None
+                or self.send_state != self.SEND_STATE_GROUND or self.send_queue):
+            return False
+        if not self._over_bound():
+            write_now(self.transport, frame)
+        return True
+
+    def connectionMade(self):
+        super().connectionMade()
+        # Frames go out as they are written (as asyncio's own transports do): a
+        # small room event must not wait on the peer's delayed ACK (Nagle).
+        with contextlib.suppress(Exception):
+            self.transport.setTcpNoDelay(True)
+
+    def _over_bound(self) -> bool:
         if self.state == self.STATE_OPEN and unsent_bytes(self.transport) > self.max_send_buffer:
             self.overflowed = True
             log.warning("closing a socket that stopped reading: %d bytes unsent", unsent_bytes(self.transport))
             # The close frame queues behind the backlog; autobahn drops the TCP
             # connection when the peer does not answer it in time.
             self.sendClose(code=OVERLOADED)
-            return
-        super().serverSend(content, binary)
+            return True
+        return False
+
 
 from realtime.broadcast import CONTROL_GROUP  # noqa: E402  (the group every worker listens on)
 SERVICE_RESTART = 4012
@@ -126,6 +177,11 @@ class DrainingServer(Server):
         # ours go in after that, so they win.
         reactor.callWhenRunning(self._start)
         super().run()
+
+    def create_application(self, protocol, scope):
+        if isinstance(protocol, BoundedWebSocketProtocol):
+            scope["extensions"] = {**(scope.get("extensions") or {}), "realtime.frames": {"write": protocol.write_frame}}
+        return super().create_application(protocol, scope)
 
     def listen_success(self, port):
         self.ports.append(port)
