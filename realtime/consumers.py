@@ -58,6 +58,10 @@ def close_label(code) -> str:
 class Subscription:
     last_seq: int
     presence: bool = True
+    # The room and this user's role in it, as read at subscribe and re-read on
+    # every access.check (membership or visibility change): message.send checks
+    # against it instead of reading them again for every message.
+    access: actions.RoomAccess | None = None
 
 
 class RealtimeConsumer(AsyncWebsocketConsumer):
@@ -328,7 +332,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         await self.send_events(replay.events)
         metrics.REPLAYED.inc(len(replay.events))
         # A re-subscribe (the client asking to repair a gap) restarts from its since.
-        self.subscriptions[slug] = Subscription(last_seq=replay.head, presence=current.presence if current else frame.presence)
+        self.subscriptions[slug] = Subscription(
+            last_seq=replay.head, presence=current.presence if current else frame.presence, access=replay.access
+        )
         if current is None and frame.presence:
             # Present in the room from now: announce a join (if this is the user's
             # first socket there), then tell this socket who is here.
@@ -382,8 +388,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         return protocol.ReadAck(ref=frame.ref, room=result.room, seq=result.seq)
 
     async def on_message_send(self, frame: protocol.MessageSend) -> protocol.Frame:
+        sub = self.subscriptions.get(frame.room)
         result = await actions.perform(
-            actions.message_send, user=self.user, slug=frame.room, body=frame.body, client_id=frame.client_id
+            actions.message_send, user=self.user, slug=frame.room, body=frame.body, client_id=frame.client_id,
+            access=sub.access if sub is not None else None,
         )
         return protocol.MessageAck(ref=frame.ref, room=result.room, id=result.id, seq=result.seq)
 
@@ -448,7 +456,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         frame of its own being answered, so a sender gets its ack before its own
         message; the seq right after the last one sent). False: queue it, and
         room_event takes it in order with everything else."""
-        if message.get("type") != broadcast.ROOM_EVENT or self.replaying or self.handling or not self.local_queue.empty():
+        kind = message.get("type")
+        if kind == broadcast.ACCESS_CHECK and message.get("room") in self.subscriptions:
+            # Forget the room's access at once, not when access_check gets its
+            # turn: a message.send handled before that reads it afresh.
+            self.subscriptions[message["room"]].access = None
+        if kind != broadcast.ROOM_EVENT or self.replaying or self.handling or not self.local_queue.empty():
             return False
         sub = self.subscriptions.get(message["room"])
         if sub is None or self.revoked or message["seq"] != sub.last_seq + 1:
@@ -526,11 +539,16 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         slug = message["room"]
         if slug not in self.subscriptions or self.revoked:
             return
+        sub = self.subscriptions[slug]
+        sub.access = None  # until read again: message.send reads it itself
         try:
-            await database_sync_to_async(actions.room_access)(user=self.user, slug=slug, action=Action.VIEW)
+            access = await database_sync_to_async(actions.room_access)(user=self.user, slug=slug, action=Action.VIEW)
         except ActionError as exc:
             await self.drop_subscription(slug)
             await self.send_frame(protocol.Error(code=exc.code, message=exc.message, room=slug))
+            return
+        if self.subscriptions.get(slug) is sub:
+            sub.access = access
 
     async def housekeeping(self) -> None:
         """The socket's own timers, in one task:

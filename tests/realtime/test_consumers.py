@@ -241,6 +241,43 @@ async def test_reader_may_read_but_not_post(cookies):
     assert await count(Message) == 0 and await count(Event) == 0
 
 
+async def until_reply(comm, frame: dict, code: str | None, timeout: float = 3) -> dict:
+    """Send `frame` (a fresh client_id each time) until the reply's error code is
+    `code` (None: until it is acked); the change being waited for travels through
+    the channel layer."""
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    n = 0
+    while True:
+        n += 1
+        reply = await call(comm, {**frame, "client_id": f"{frame['client_id']}-{n}"})
+        if reply.get("code") == code or asyncio.get_running_loop().time() > deadline:
+            return reply
+        await asyncio.sleep(0.05)
+
+
+async def test_a_role_change_reaches_the_access_a_subscribed_socket_posts_with(cookies, demo):
+    """message.send checks a subscribed socket's cached room and role: a change of
+    role must replace it (demoted: refused; promoted again: allowed)."""
+    from realtime.models import Membership, Role
+
+    membership = await Membership.objects.aget(user=demo["bob"], room__slug="general")
+    async with socket(cookies["bob"]) as bob:
+        await subscribe(bob, "general")
+        assert (await call(bob, send_frame(client_id="first")))["type"] == "ack"
+        await bob.receive_json_from()  # its own message.new
+        membership.role = Role.READER
+        await membership.asave()
+        reply = await until_reply(bob, send_frame(client_id="demoted"), "forbidden")
+        assert reply["code"] == "forbidden"
+        membership.role = Role.MEMBER
+        await membership.asave()
+        reply = await until_reply(bob, send_frame(client_id="promoted"), None)
+        assert reply["type"] == "ack"
+    assert await count(Message, author=demo["bob"]) == 2
+
+
 async def test_non_member_cannot_see_or_post_in_a_private_room(cookies):
     async with socket(cookies["carol"]) as carol:
         assert (await call(carol, {"type": "subscribe", "room": "ops", "since": 0}))["code"] == "forbidden"
