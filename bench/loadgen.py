@@ -43,15 +43,20 @@ def rss_kib(pid: int) -> int:
 
 
 class Target:
-    def __init__(self, kind: str, port: int, cookie: str, sender_cookie: str, room: str):
-        self.kind, self.port, self.cookie, self.sender_cookie, self.room = kind, port, cookie, sender_cookie, room
-        self.url = f"ws://127.0.0.1:{port}{PATHS[kind]}"
-        self.origin = f"http://127.0.0.1:{port}"
+    """One or more workers: the sender on the first, members in turn on each."""
+
+    def __init__(self, kind: str, ports: list[int], cookie: str, sender_cookie: str, room: str):
+        self.kind, self.ports, self.cookie, self.sender_cookie, self.room = kind, ports, cookie, sender_cookie, room
+        self.opened = 0
 
     async def connect(self, sender: bool = False):
         headers = {"Cookie": self.sender_cookie if sender else self.cookie} if self.kind == "full" else {}
+        port = self.ports[0] if sender else self.ports[self.opened % len(self.ports)]
+        if not sender:
+            self.opened += 1
         ws = await websockets.connect(
-            self.url, subprotocols=["rt.v1.json"] if self.kind == "full" else None, origin=self.origin,
+            f"ws://127.0.0.1:{port}{PATHS[self.kind]}", subprotocols=["rt.v1.json"] if self.kind == "full" else None,
+            origin=f"http://127.0.0.1:{port}",
             additional_headers=headers, max_queue=None, open_timeout=30, ping_interval=None, compression=None,
         )
         if self.kind == "full":
@@ -183,7 +188,7 @@ async def close_all(sockets) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", choices=sorted(PATHS), required=True)
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", required=True, help="the workers' ports, comma-separated")
     parser.add_argument("--scenario", choices=["fanout", "rate", "idle"], required=True)
     parser.add_argument("--members", type=int, default=100)
     parser.add_argument("--messages", type=int, default=200)
@@ -193,7 +198,7 @@ def main() -> None:
     parser.add_argument("--worker-pid", type=int, default=0)
     parser.add_argument("--room", default="bench")
     args = parser.parse_args()
-    target = Target(args.target, args.port, os.environ.get("BENCH_COOKIE", ""), os.environ.get("BENCH_SENDER_COOKIE", ""), args.room)
+    target = Target(args.target, [int(p) for p in args.port.split(",")], os.environ.get("BENCH_COOKIE", ""), os.environ.get("BENCH_SENDER_COOKIE", ""), args.room)
     wall = time.monotonic()
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     if args.scenario == "fanout":

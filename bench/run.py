@@ -34,16 +34,19 @@ sys.path.insert(0, str(ROOT))
 from deploy.cluster import PostgresServer, RedisServer, Worker, free_port  # noqa: E402
 
 SCENARIOS = {
-    # name: (loadgen arguments, metric, higher is better)
-    "fan-out, 100 members": (["--scenario", "fanout", "--members", "100", "--messages", "200", "--window", "16"], "deliveries_per_s", True),
-    "fan-out, 500 members": (["--scenario", "fanout", "--members", "500", "--messages", "60", "--window", "16"], "deliveries_per_s", True),
-    "100 msg/s into 100 members, p99": (["--scenario", "rate", "--members", "100", "--rate", "100", "--seconds", "10"], "p99_ms", False),
-    "idle sockets, memory each": (["--scenario", "idle", "--members", "2000"], "kib_per_connection", False),
+    # name: (loadgen arguments, metric, higher is better, workers)
+    "fan-out, 100 members": (["--scenario", "fanout", "--members", "100", "--messages", "200", "--window", "16"], "deliveries_per_s", True, 1),
+    "fan-out, 500 members": (["--scenario", "fanout", "--members", "500", "--messages", "60", "--window", "16"], "deliveries_per_s", True, 1),
+    "100 msg/s into 100 members, p99": (["--scenario", "rate", "--members", "100", "--rate", "100", "--seconds", "10"], "p99_ms", False, 1),
+    "cross-worker fan-out, 500 members on 2 workers": (["--scenario", "fanout", "--members", "500", "--messages", "60", "--window", "16"], "deliveries_per_s", True, 2),
+    "cross-worker, 100 msg/s into 100 members on 2 workers, p99": (["--scenario", "rate", "--members", "100", "--rate", "100", "--seconds", "10"], "p99_ms", False, 2),
+    "idle sockets, memory each": (["--scenario", "idle", "--members", "2000"], "kib_per_connection", False, 1),
 }
 QUICK = {
-    "fan-out, 100 members": (["--scenario", "fanout", "--members", "50", "--messages", "50", "--window", "16"], "deliveries_per_s", True),
-    "100 msg/s into 100 members, p99": (["--scenario", "rate", "--members", "50", "--rate", "50", "--seconds", "3"], "p99_ms", False),
-    "idle sockets, memory each": (["--scenario", "idle", "--members", "300"], "kib_per_connection", False),
+    "fan-out, 100 members": (["--scenario", "fanout", "--members", "50", "--messages", "50", "--window", "16"], "deliveries_per_s", True, 1),
+    "100 msg/s into 100 members, p99": (["--scenario", "rate", "--members", "50", "--rate", "50", "--seconds", "3"], "p99_ms", False, 1),
+    "cross-worker, 100 msg/s into 100 members on 2 workers, p99": (["--scenario", "rate", "--members", "50", "--rate", "50", "--seconds", "3"], "p99_ms", False, 2),
+    "idle sockets, memory each": (["--scenario", "idle", "--members", "300"], "kib_per_connection", False, 1),
 }
 
 
@@ -90,22 +93,27 @@ def setup(workdir: Path) -> tuple[dict, str, str]:
 
 
 def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str, sender: str,
-            profile: Path | None = None) -> dict:
-    port, tls_port = free_port(), free_port()
-    env = {**ctx["env"], "DJANGO_ALLOWED_ORIGINS": f"http://127.0.0.1:{port}"}
-    worker = BenchWorker("bench", env, workdir, port=port, tls_port=tls_port).start()
+            profile: Path | None = None, workers: int = 1) -> dict:
+    """Fresh workers (all on core 0), the load generator on core 1: one result.
+    With two workers the sender is on the first and the members alternate."""
+    ports = [(free_port(), free_port()) for _ in range(workers)]
+    env = {**ctx["env"], "DJANGO_ALLOWED_ORIGINS": ",".join(f"http://127.0.0.1:{port}" for port, _ in ports)}
+    started = []
     spy = None
     try:
+        for n, (port, tls_port) in enumerate(ports):
+            started.append(BenchWorker(f"bench{n}", env, workdir, port=port, tls_port=tls_port).start())
         time.sleep(0.5)
         if profile is not None:
             # Sampled from outside (py-spy attaches to the pid): the worker runs as measured.
-            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(worker.proc.pid),
+            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(started[0].proc.pid),
                                     "--rate", "250", "--format", "raw", "--output", str(profile)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
         out = subprocess.run(
-            pinned(1) + [sys.executable, "-m", "bench.loadgen", "--target", target, "--port", str(port),
-                         "--worker-pid", str(worker.proc.pid), *args],
+            pinned(1) + [sys.executable, "-m", "bench.loadgen", "--target", target,
+                         "--port", ",".join(str(port) for port, _ in ports),
+                         "--worker-pid", str(started[0].proc.pid), *args],
             cwd=ROOT, env={**os.environ, "BENCH_COOKIE": member, "BENCH_SENDER_COOKIE": sender},
             capture_output=True, text=True, timeout=600,
         )
@@ -116,7 +124,8 @@ def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str,
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
-        worker.stop()
+        for worker in started:
+            worker.stop()
 
 
 def summarize_profile(raw: Path, out: Path, title: str, top: int = 25) -> None:
@@ -164,11 +173,11 @@ def main() -> None:
     ctx, member, sender = setup(workdir)
     rows = []
     try:
-        for name, (loadgen_args, metric, higher) in scenarios.items():
+        for name, (loadgen_args, metric, higher, workers) in scenarios.items():
             medians = {}
             details = {}
             for target in ("bare", "full"):
-                results = [one_run(ctx, workdir, target, loadgen_args, member, sender) for _ in range(runs)]
+                results = [one_run(ctx, workdir, target, loadgen_args, member, sender, workers=workers) for _ in range(runs)]
                 values = [r[metric] for r in results if r.get(metric) is not None]
                 medians[target] = statistics.median(values) if values else None
                 details[target] = results
