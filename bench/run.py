@@ -3,7 +3,8 @@ tutorial consumer (bench/bare.py), served by the same worker code in the same ru
 each three times (the median is reported), with the ratio full / bare.
 
 The worker (`python -m realtime.server`, the flags of deploy/) is pinned to core 0
-and the load generator (bench/loadgen.py) to core 1 where taskset exists; each run
+and the load generator (bench/loadgen.py), PostgreSQL and Redis to core 1 where
+taskset exists (the worker's core is its own, as on a production host); each run
 gets a fresh worker on private PostgreSQL and Redis instances. The rate limits and
 the per-user socket cap are lifted (one sender publishes hundreds of messages a
 second; hundreds of members share one user), but every frame still goes through
@@ -16,6 +17,7 @@ Writes bench/RESULTS.md and prints the same table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -59,9 +61,29 @@ class BenchWorker(Worker):
         return pinned(0) + super().command()
 
 
+def pin_tree(pid: int, core: int) -> None:
+    """Pin a process and its children to `core` (processes it forks later inherit it)."""
+    if not pinned(core):
+        return
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    for each in [pid, *children]:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(each, {core})
+
+
 def setup(workdir: Path) -> tuple[dict, str, str]:
     pg = PostgresServer().start()
     redis = RedisServer(workdir).start()
+    # PostgreSQL and Redis share the load generator's core: the worker's core is its own.
+    pin_tree(int((pg.data / "postmaster.pid").read_text().split()[0]), 1)
+    pin_tree(redis.proc.pid, 1)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "REALTIME_"))}
     env.update({
         "DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": os.urandom(24).hex(), "DJANGO_ALLOWED_HOSTS": "127.0.0.1",

@@ -1,8 +1,9 @@
 """How many sockets each user holds open, across every worker.
 
 Each open socket holds a lease: an entry (its connection id) with an expiry time in
-a per-user sorted set in Redis (a dict in process memory without REDIS_URL). A socket
-renews its lease every LEASE_RENEW seconds and gives it back when it closes; a worker
+a per-user sorted set in Redis (a dict in process memory without REDIS_URL). A
+socket's lease is renewed every LEASE_RENEW seconds (all of a worker's in one round
+trip, by realtime/housekeeper.py) and given back when it closes; a worker
 that dies (kill -9) gives nothing back, and its leases run out after LEASE_TTL.
 
 `acquire` is one Lua script, so two workers can never both hand out the last place.
@@ -13,6 +14,7 @@ limits still hold, and a socket is not refused for an outage it did not cause.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from django.conf import settings
@@ -54,6 +56,11 @@ class MemoryLeases:
         self.leases[user_id] = mine
         return True
 
+    async def renew(self, held: list[tuple[int, str]]) -> None:
+        expiry = time.monotonic() + LEASE_TTL
+        for user_id, conn_id in held:
+            self.leases.setdefault(user_id, {})[conn_id] = expiry
+
     async def release(self, user_id: int, conn_id: str) -> None:
         mine = self.leases.get(user_id)
         if mine is not None:
@@ -77,6 +84,17 @@ class RedisLeases:
             log.warning("connection cap unavailable (fails open): %s", type(exc).__name__)
             return True
 
+    async def renew(self, held: list[tuple[int, str]]) -> None:
+        if not held:
+            return
+        pipe = store.client(self.url).pipeline(transaction=False)
+        expiry = time.time() + LEASE_TTL
+        for user_id, conn_id in held:
+            pipe.zadd(_key(user_id), {conn_id: expiry})
+        for user_id in {user_id for user_id, _ in held}:
+            pipe.expire(_key(user_id), math.ceil(LEASE_TTL) + 1)
+        await pipe.execute()
+
     async def release(self, user_id: int, conn_id: str) -> None:
         try:
             await store.client(self.url).zrem(_key(user_id), conn_id)
@@ -96,6 +114,11 @@ async def acquire(user_id: int, conn_id: str) -> bool:
     """Take (or renew) this socket's place; False when the user already holds
     MAX_CONNECTIONS_PER_USER other live sockets."""
     return await leases().acquire(user_id, conn_id, settings.REALTIME["MAX_CONNECTIONS_PER_USER"])
+
+
+async def renew(held: list[tuple[int, str]]) -> None:
+    """Extend the leases (user id, conn id) of live sockets, in one round trip."""
+    await leases().renew(held)
 
 
 async def release(user_id: int, conn_id: str) -> None:

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from django.conf import settings
 
 from accounts.sessions import session_is_valid
 
-from . import actions, broadcast, connections, heartbeat, metrics, presence, protocol, ratelimit
+from . import actions, broadcast, connections, heartbeat, housekeeper, metrics, presence, protocol, ratelimit
 from .fanout import fanout
 from .actions import ActionError
 from .logs import TRACE, clean_trace, event
@@ -174,7 +173,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.last_frame_at = asyncio.get_running_loop().time()
         session = self.scope.get("session")
         self.session_key = getattr(session, "session_key", None)
-        self.housekeeping_task = asyncio.ensure_future(self.housekeeping())
+        housekeeper.add(self)
         self.opened_at = time.monotonic()
         metrics.CONNECTIONS.inc()
         metrics.OPENED.inc()
@@ -189,7 +188,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return
         groups = self.groups_joined()
         self.authenticated = False
-        self.housekeeping_task.cancel()
+        housekeeper.discard(self)
         if self.metrics_task is not None:
             self.metrics_task.cancel()
         metrics.CONNECTIONS.dec()
@@ -550,38 +549,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if self.subscriptions.get(slug) is sub:
             sub.access = access
 
-    async def housekeeping(self) -> None:
-        """The socket's own timers, in one task:
-        - every REALTIME_SESSION_RECHECK s (jittered), check the session, catching
-          what no signal reported (a session that simply expired);
-        - every connections.LEASE_RENEW s, renew this socket's connection lease;
-        - every presence.RENEW s, renew its presence in the rooms it follows;
-        - close with 4008 a socket silent for REALTIME_IDLE_TIMEOUT s."""
-        loop = asyncio.get_running_loop()
-        recheck = settings.REALTIME["SESSION_RECHECK"]
-        idle = settings.REALTIME["IDLE_TIMEOUT"]
-        next_check = loop.time() + recheck * (0.9 + 0.2 * random.random())
-        next_renew = loop.time() + connections.LEASE_RENEW
-        next_presence = loop.time() + presence.RENEW
-        while True:
-            wake = min(next_check, next_renew, next_presence, self.last_frame_at + idle)
-            await asyncio.sleep(max(0.0, wake - loop.time()))
-            now = loop.time()
-            if now >= self.last_frame_at + idle:
-                await self.shut(CloseCode.POLICY, "idle")
-                return
-            if now >= next_check:
-                next_check = now + recheck * (0.9 + 0.2 * random.random())
-                with contextlib.suppress(Exception):
-                    await self.channel_layer.send(self.channel_name, {"type": broadcast.SESSION_CHECK})
-            if now >= next_renew:
-                next_renew = now + connections.LEASE_RENEW
-                await connections.acquire(self.user.pk, self.conn_id)
-            if now >= next_presence:
-                next_presence = now + presence.RENEW
-                with contextlib.suppress(Exception):
-                    await presence.renew(self.user.pk, self.user.get_username(), self.conn_id,
-                                         [slug for slug, sub in self.subscriptions.items() if sub.presence])
+    async def housekeeping_idle(self, message: dict) -> None:
+        """Silent for REALTIME_IDLE_TIMEOUT s (realtime/housekeeper.py)."""
+        await self.shut(CloseCode.POLICY, "idle")
 
     async def catch_up(self, slug: str, sub: Subscription, upto: int) -> bool:
         """Send the room's events after sub.last_seq up to `upto` from the log.

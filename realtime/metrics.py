@@ -9,6 +9,7 @@ in the in-process window the dashboard reads (`Window.rooms`), not in Prometheus
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import Counter as Tally
@@ -44,6 +45,9 @@ def frame_type(tag: str | None) -> str:
 
 
 # -- the dashboard's window ---------------------------------------------------------
+LATENCY_SAMPLE = 2048
+
+
 class Window:
     """Per-second figures of this worker since the last `take()`: what the
     heartbeat publishes (every second or two) and the dashboard draws."""
@@ -70,8 +74,16 @@ class Window:
     def delivery(self, latency: float | None) -> None:
         with self.lock:
             self.delivered += 1
-            if latency is not None and len(self.latencies) < 20_000:
+            if latency is None:
+                return
+            if len(self.latencies) < LATENCY_SAMPLE:
                 self.latencies.append(latency)
+            else:
+                # A uniform sample of the interval's latencies (reservoir): the
+                # quantiles stay honest while the heartbeat's sort stays short.
+                slot = random.randrange(self.delivered)
+                if slot < LATENCY_SAMPLE:
+                    self.latencies[slot] = latency
 
     def error(self, code: str) -> None:
         with self.lock:

@@ -2,7 +2,8 @@
 
 Each subscribed socket holds a lease in its room's sorted set in Redis
 (`rt:pres:<room>`: member `<user id>:<username>:<conn id>`, score = expiry). A live
-socket renews its leases every RENEW seconds; a socket that closes removes its own;
+socket's leases are renewed every RENEW seconds (all of a worker's at once, by
+realtime/housekeeper.py); a socket that closes removes its own;
 a worker killed with -9 removes nothing and its leases run out after TTL seconds.
 
 A user is present while any of their sockets holds a lease, so several tabs or
@@ -172,8 +173,10 @@ async def leave(room: str, user_id: int, username: str, conn_id: str) -> None:
     await backend().leave(room, _member(user_id, username, conn_id))
 
 
-async def renew(user_id: int, username: str, conn_id: str, rooms: list[str]) -> None:
-    await backend().renew([(room, _member(user_id, username, conn_id)) for room in rooms])
+async def renew_all(held: list[tuple[str, int, str, str]]) -> None:
+    """Renew the leases (room, user id, username, conn id) of this process's sockets,
+    in one round trip (realtime/housekeeper.py)."""
+    await backend().renew([(room, _member(user_id, username, conn_id)) for room, user_id, username, conn_id in held])
 
 
 # -- announcing -------------------------------------------------------------------

@@ -224,3 +224,29 @@ async def test_a_read_over_rest_reaches_own_sockets_and_the_room(cookies, shared
             assert res.status_code == 200
             assert await pushes(bob) == [{"type": "read.state", "room": "general", "seq": 1}]
             assert await pushes(alice) == [{"type": "read.marker", "room": "general", "user": "bob", "seq": 1}]
+
+
+@pytest.mark.asyncio
+async def test_a_live_sockets_leases_outlive_their_ttl(cookies, shared, demo, monkeypatch):
+    """The housekeeper renews every local socket's connection lease and presence
+    (in one round trip each): a socket that stays is neither dropped from the
+    room nor from its user's socket count, however long it stays."""
+    from realtime import connections
+
+    monkeypatch.setattr(presence, "TTL", 0.6)
+    monkeypatch.setattr(presence, "RENEW", 0.2)
+    monkeypatch.setattr(connections, "LEASE_TTL", 0.6)
+    monkeypatch.setattr(connections, "LEASE_RENEW", 0.2)
+    connections.leases.reset()
+    async with socket(cookies["bob"]) as bob, socket(cookies["alice"]) as alice:
+        await join(bob)
+        await join(alice)
+        await pushes(bob, wait=0.2)
+        await asyncio.sleep(1.5)  # more than twice either TTL
+        await presence.announce("general")  # what the periodic sweep does
+        assert await pushes(bob, wait=0.2) == [], "nobody left"
+        assert await presence.names("general") == ["alice", "bob"]
+        assert await connections.leases().count(demo["bob"].pk) == 1
+    # Closed: the leases are given back at once.
+    assert await connections.leases().count(demo["bob"].pk) == 0
+    connections.leases.reset()

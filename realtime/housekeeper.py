@@ -1,0 +1,93 @@
+"""The timers of every socket of this process, in one task.
+
+Each open socket needs four things done now and then:
+- closed with 4008 once silent for REALTIME_IDLE_TIMEOUT s;
+- its session checked every REALTIME_SESSION_RECHECK s (jittered), which catches
+  what no signal reported (a session that simply expired);
+- its connection lease renewed every connections.LEASE_RENEW s;
+- its presence in the rooms it follows renewed every presence.RENEW s.
+
+One task per worker does them all: the leases and the presence of every local
+socket are renewed in one Redis round trip each, where a task per socket sent one
+round trip per socket, all at nearly the same moment (the sockets of a burst of
+connects came due together, and the room's deliveries waited behind them), and
+kept a task and its frame alive per idle socket.
+
+What concerns a socket's stream (the idle close, the session check) is put on that
+socket's own queue, so it is handled in order with everything else it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from django.conf import settings
+
+from . import broadcast, connections, presence, store
+
+log = logging.getLogger(__name__)
+
+IDLE = "housekeeping.idle"
+SOCKETS: set = set()  # this process's open sockets (RealtimeConsumer)
+
+
+def add(consumer) -> None:
+    now = asyncio.get_running_loop().time()
+    consumer.next_session_check = now + _recheck_interval()
+    SOCKETS.add(consumer)
+    store.start_once("housekeeper", _loop)
+
+
+def discard(consumer) -> None:
+    SOCKETS.discard(consumer)
+
+
+def _recheck_interval() -> float:
+    return settings.REALTIME["SESSION_RECHECK"] * (0.9 + 0.2 * random.random())
+
+
+def _tick() -> float:
+    """How often to look: once a second, or more often when a limit is shorter (tests)."""
+    return min(1.0, settings.REALTIME["IDLE_TIMEOUT"] / 4, settings.REALTIME["SESSION_RECHECK"] / 4,
+               connections.LEASE_RENEW / 4, presence.RENEW / 4)
+
+
+async def _loop() -> None:
+    loop = asyncio.get_running_loop()
+    next_renew = loop.time() + connections.LEASE_RENEW
+    next_presence = loop.time() + presence.RENEW
+    while True:
+        await asyncio.sleep(_tick())
+        now = loop.time()
+        try:
+            due(now)
+            if now >= next_renew:
+                next_renew = now + connections.LEASE_RENEW
+                await connections.renew([(c.user.pk, c.conn_id) for c in SOCKETS if c.authenticated])
+            if now >= next_presence:
+                next_presence = now + presence.RENEW
+                await presence.renew_all(
+                    [(slug, c.user.pk, c.user.get_username(), c.conn_id)
+                     for c in SOCKETS if c.authenticated
+                     for slug, sub in c.subscriptions.items() if sub.presence]
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis away: the leases hold for their TTL meanwhile
+            log.warning("housekeeping failed: %s", type(exc).__name__, extra={"event": "housekeeping.failed"})
+
+
+def due(now: float) -> None:
+    """Queue the idle close and the session checks that have come due."""
+    idle = settings.REALTIME["IDLE_TIMEOUT"]
+    for consumer in list(SOCKETS):
+        if not consumer.authenticated or consumer.revoked:
+            continue
+        if now >= consumer.last_frame_at + idle:
+            consumer.revoked = True  # nothing more is handled or delivered
+            consumer.local_queue.put_nowait({"type": IDLE})
+        elif now >= consumer.next_session_check:
+            consumer.next_session_check = now + _recheck_interval()
+            consumer.local_queue.put_nowait({"type": broadcast.SESSION_CHECK})
