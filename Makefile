@@ -22,6 +22,10 @@ $(VENV)/.requirements-dev: $(VENV)/.requirements requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
+$(VENV)/.requirements-bench: $(VENV)/.requirements-dev requirements-bench.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
+	touch $@
+
 run: $(VENV)/.requirements
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo
@@ -48,5 +52,5 @@ clean:
 
 # Benchmarks (bench/run.py): the full pipeline against a bare Channels consumer,
 # same worker code, same run; writes bench/RESULTS.md. Not part of `make test`.
-bench: $(VENV)/.requirements-dev system-deps
+bench: $(VENV)/.requirements-bench system-deps
 	$(PY) bench/run.py

@@ -29,6 +29,7 @@ import resource
 import time
 import uuid
 
+import msgspec
 import websockets
 
 PATHS = {"full": "/ws/v1/", "bare": "/ws/bench/bare/"}
@@ -45,9 +46,13 @@ def rss_kib(pid: int) -> int:
 class Target:
     """One or more workers: the sender on the first, members in turn on each."""
 
-    def __init__(self, kind: str, ports: list[int], cookie: str, sender_cookie: str, room: str):
+    def __init__(self, kind: str, ports: list[int], cookie: str, sender_cookie: str, room: str, codec: str = "json"):
         self.kind, self.ports, self.cookie, self.sender_cookie, self.room = kind, ports, cookie, sender_cookie, room
         self.opened = 0
+        # rt.v1.json or rt.v1.msgpack (the full pipeline; the bare consumer speaks JSON).
+        self.codec = codec
+        self.encode, self.decode = (msgspec.msgpack.encode, msgspec.msgpack.decode) if codec == "msgpack" else (
+            lambda frame: json.dumps(frame), json.loads)
 
     async def connect(self, sender: bool = False):
         headers = {"Cookie": self.sender_cookie if sender else self.cookie} if self.kind == "full" else {}
@@ -55,14 +60,14 @@ class Target:
         if not sender:
             self.opened += 1
         ws = await websockets.connect(
-            f"ws://127.0.0.1:{port}{PATHS[self.kind]}", subprotocols=["rt.v1.json"] if self.kind == "full" else None,
+            f"ws://127.0.0.1:{port}{PATHS[self.kind]}", subprotocols=[f"rt.v1.{self.codec}"] if self.kind == "full" else None,
             origin=f"http://127.0.0.1:{port}",
             additional_headers=headers, max_queue=None, open_timeout=30, ping_interval=None, compression=None,
         )
         if self.kind == "full":
-            await ws.send(json.dumps({"type": "subscribe", "room": self.room, "ref": "s"}))
+            await ws.send(self.encode({"type": "subscribe", "room": self.room, "ref": "s"}))
             while True:
-                frame = json.loads(await ws.recv())
+                frame = self.decode(await ws.recv())
                 if frame.get("ref") == "s":
                     assert frame["type"] == "ack", frame
                     break
@@ -70,7 +75,7 @@ class Target:
 
     def frame(self, text: str, n: int) -> str:
         if self.kind == "full":
-            return json.dumps({"type": "message.send", "room": self.room, "body": text, "client_id": f"b{uuid.uuid4().hex[:16]}"})
+            return self.encode({"type": "message.send", "room": self.room, "body": text, "client_id": f"b{uuid.uuid4().hex[:16]}"})
         return json.dumps({"message": text})
 
 
@@ -253,8 +258,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--worker-pid", type=int, default=0)
     parser.add_argument("--room", default="bench")
+    parser.add_argument("--codec", choices=["json", "msgpack"], default="json")
     args = parser.parse_args()
-    target = Target(args.target, [int(p) for p in args.port.split(",")], os.environ.get("BENCH_COOKIE", ""), os.environ.get("BENCH_SENDER_COOKIE", ""), args.room)
+    target = Target(args.target, [int(p) for p in args.port.split(",")], os.environ.get("BENCH_COOKIE", ""), os.environ.get("BENCH_SENDER_COOKIE", ""), args.room, args.codec)
     wall = time.monotonic()
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     if args.scenario == "fanout":
