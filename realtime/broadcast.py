@@ -40,6 +40,14 @@ def user_group(user_id: int) -> str:
     return f"user.{user_id}"
 
 
+async def send_group(group: str, message: dict) -> None:
+    """group_send, with the group named in the message: each worker's fan-out
+    (realtime/fanout.py) receives every group's messages on one channel and hands
+    them to the sockets that follow that group."""
+    message["group"] = group
+    await get_channel_layer().group_send(group, message)
+
+
 def layer_message(event: protocol.RoomEvent) -> dict:
     """The channel-layer message for one event: both wire encodings, made once,
     with the event's type, its publication time (for the latency histogram) and
@@ -65,10 +73,9 @@ async def publish(events: list[protocol.RoomEvent]) -> None:
     """
     if not events:
         return
-    layer = get_channel_layer()
     for event in events:
         try:
-            await layer.group_send(room_group(event.room), layer_message(event))
+            await send_group(room_group(event.room), layer_message(event))
         except Exception:
             metrics.LAYER_FAILURES.labels("broadcast").inc()
             log.exception("broadcast failed", extra={"event": "broadcast.failed", "room": event.room, "seq": event.seq})
@@ -84,7 +91,7 @@ def publish_on_commit(events: list[protocol.RoomEvent]) -> None:
 def _send_on_commit(group: str, message: dict) -> None:
     def send():
         try:
-            async_to_sync(get_channel_layer().group_send)(group, message)
+            async_to_sync(send_group)(group, message)
         except Exception:
             # The periodic re-check (REALTIME_SESSION_RECHECK) still catches it.
             metrics.LAYER_FAILURES.labels("control").inc()
@@ -105,7 +112,7 @@ def access_check_on_commit(slug: str) -> None:
 
 async def force_disconnect(user_id: int) -> None:
     """Close every socket of this user, on every worker (4003)."""
-    await get_channel_layer().group_send(user_group(user_id), {"type": FORCE_DISCONNECT})
+    await send_group(user_group(user_id), {"type": FORCE_DISCONNECT})
 
 
 async def request_drain(worker: str) -> None:
@@ -114,7 +121,7 @@ async def request_drain(worker: str) -> None:
 
 
 def push_message(frame: protocol.Frame, *, room: str | None = None, skip_user: int | None = None,
-                 skip_channel: str | None = None) -> dict:
+                 skip_conn: str | None = None) -> dict:
     """A channel-layer message carrying an ephemeral frame, encoded once per codec.
     With `room`, only sockets subscribed to it pass it on; `skip_user`'s sockets
     never do (a typist does not see their own typing)."""
@@ -122,7 +129,7 @@ def push_message(frame: protocol.Frame, *, room: str | None = None, skip_user: i
         "type": PUSH,
         "room": room,
         "skip_user": skip_user,
-        "skip_channel": skip_channel,
+        "skip_conn": skip_conn,
         # Presence frames go only to sockets that asked for presence.
         "presence": isinstance(frame, (protocol.PresenceState, protocol.PresenceDiff)),
         protocol.JSON.name: protocol.JSON.encode(frame).decode(),
@@ -131,24 +138,23 @@ def push_message(frame: protocol.Frame, *, room: str | None = None, skip_user: i
 
 
 async def publish_push(group: str, frame: protocol.Frame, *, room: str | None = None, skip_user: int | None = None,
-                       skip_channel: str | None = None) -> None:
+                       skip_conn: str | None = None) -> None:
     """Best effort: an ephemeral frame lost to a layer failure is not worth an error."""
     try:
-        message = push_message(frame, room=room, skip_user=skip_user, skip_channel=skip_channel)
-        await get_channel_layer().group_send(group, message)
+        await send_group(group, push_message(frame, room=room, skip_user=skip_user, skip_conn=skip_conn))
     except Exception:
         metrics.LAYER_FAILURES.labels("push").inc()
         log.warning("push failed", extra={"event": "push.failed", "room": room})
 
 
-async def publish_read(result, user, skip_channel: str | None = None) -> None:
+async def publish_read(result, user, skip_conn: str | None = None) -> None:
     """A read position moved (actions.mark_read): tell the user's other sockets
-    (read.state; not `skip_channel`, which has its ack) and, where the room shows
+    (read.state; not the socket `skip_conn`, which has its ack) and, where the room shows
     read markers, the room (read.marker; not the reader's own sockets)."""
     if not result.moved:
         return
     await publish_push(user_group(user.pk), protocol.ReadPosition(room=result.room, seq=result.seq),
-                       skip_channel=skip_channel)
+                       skip_conn=skip_conn)
     if result.markers:
         marker = protocol.ReadMarker(room=result.room, user=user.get_username(), seq=result.seq)
         await publish_push(room_group(result.room), marker, room=result.room, skip_user=user.pk)

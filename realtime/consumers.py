@@ -16,8 +16,6 @@ crossed) makes the consumer read the missing range from the log before sending i
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import time
 import uuid
@@ -66,7 +64,6 @@ class Subscription:
 class RealtimeConsumer(AsyncWebsocketConsumer):
     codec: protocol.Codec = protocol.JSON
     write_frame = None
-    layer_down = False
     revoked = False
     refused_in_row = 0
     metrics_task: asyncio.Task | None = None
@@ -74,20 +71,20 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     handling = False  # a client frame is being handled: its reply goes first
 
     async def __call__(self, scope, receive, send):
-        """channels' AsyncConsumer.__call__, with a channel-layer receive that
-        survives a Redis outage instead of killing the socket (see layer_receive)."""
+        """channels' AsyncConsumer.__call__ without a channel-layer channel of the
+        socket's own: what the layer has for this socket (its rooms' and its user's
+        groups) comes from this worker's fan-out (realtime/fanout.py), straight to
+        deliver() or through local_queue. A layer failure is the fan-out's to
+        survive: it rejoins and sends `layer.recovered`."""
         self.scope = scope
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
-        self.channel_name = await self.channel_layer.new_channel()
-        self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
+        self.channel_name = None
         self.base_send = send
         # The server's prebuilt-frame write (realtime/server.py), when it has one.
         self.write_frame = ((scope.get("extensions") or {}).get("realtime.frames") or {}).get("write")
-        # Room messages come from this worker's fan-out (realtime/fanout.py), not
-        # from a channel-layer group of this socket's own.
         self.local_queue: asyncio.Queue = asyncio.Queue()
         try:
-            await await_many_dispatch([receive, self.layer_receive, self.local_queue.get], self.dispatch)
+            await await_many_dispatch([receive, self.local_queue.get], self.dispatch)
         except StopConsumer:
             pass
 
@@ -101,39 +98,6 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
-
-    async def layer_receive(self) -> dict:
-        """The next channel-layer message. When the layer fails (Redis restarting),
-        keep the socket, retry until our groups can be joined again (a restarted
-        Redis has forgotten them), then hand the consumer a `layer.recovered`
-        message so that it catches up every room from the log."""
-        try:
-            return await self.channel_receive()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            metrics.LAYER_FAILURES.labels("receive").inc()
-            event(log, WARNING, "ws.layer_failed", conn_id=getattr(self, "conn_id", None), reason=type(exc).__name__)
-        self.layer_down = True
-        delay = 0.1
-        while True:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-            try:
-                for group in self.groups_joined():
-                    await self.channel_layer.group_add(group, self.channel_name)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                continue
-            self.layer_down = False
-            return {"type": "layer.recovered"}
-
-    def groups_joined(self) -> list[str]:
-        """The groups this socket's own channel is in (rooms go through the fan-out)."""
-        if not getattr(self, "authenticated", False):
-            return []
-        return [broadcast.user_group(self.user.pk)]
 
     # -- connection ---------------------------------------------------------
     async def connect(self) -> None:
@@ -162,7 +126,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self.close(code=int(CloseCode.POLICY))
             return
         try:
-            await self.channel_layer.group_add(broadcast.user_group(self.user.pk), self.channel_name)
+            await fanout().add(broadcast.user_group(self.user.pk), self)
         except Exception:
             # The layer (Redis) is unreachable: come back later, with backoff.
             await connections.release(self.user.pk, self.conn_id)
@@ -186,7 +150,6 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         metrics.CLOSED.labels(close_label(code)).inc()
         if not self.authenticated:
             return
-        groups = self.groups_joined()
         self.authenticated = False
         housekeeper.discard(self)
         if self.metrics_task is not None:
@@ -194,14 +157,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         metrics.CONNECTIONS.dec()
         heartbeat.SOCKETS.pop(self.conn_id, None)
         for slug, sub in list(self.subscriptions.items()):
-            await fanout().discard(slug, self)
+            await fanout().discard(broadcast.room_group(slug), self)
             if sub.presence:
                 await self.leave_presence(slug)
         self.subscriptions.clear()
-        for group in groups:
-            # Best effort: a layer that is down forgets nothing it would keep.
-            with contextlib.suppress(Exception):
-                await self.channel_layer.group_discard(group, self.channel_name)
+        await fanout().discard(broadcast.user_group(self.user.pk), self)
         await connections.release(self.user.pk, self.conn_id)
         event(log, INFO, "ws.close", conn_id=self.conn_id, user_id=self.user.pk, code=code,
               duration_s=round(time.monotonic() - self.opened_at, 3))
@@ -318,7 +278,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             # Already live here: "from now" means from what this socket was sent.
             since = current.last_seq
         # Join the stream before reading the log: nothing committed in between is lost.
-        await fanout().add(slug, self)
+        await fanout().add(broadcast.room_group(slug), self)
         try:
             replay = await database_sync_to_async(actions.room_replay)(user=self.user, slug=slug, since=since)
         except BaseException:
@@ -326,7 +286,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             if current is not None:
                 await self.drop_subscription(slug)
             else:
-                await fanout().discard(slug, self)
+                await fanout().discard(broadcast.room_group(slug), self)
             raise
         await self.send_events(replay.events)
         metrics.REPLAYED.inc(len(replay.events))
@@ -338,7 +298,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             # Present in the room from now: announce a join (if this is the user's
             # first socket there), then tell this socket who is here.
             await presence.join(slug, self.user.pk, self.user.get_username(), self.conn_id)
-            await presence.announce(slug, skip_channel=self.channel_name)
+            await presence.announce(slug, skip_conn=self.conn_id)
             await self.send_frame(protocol.PresenceState(room=slug, users=await presence.names(slug)))
         if current is None:
             markers = await database_sync_to_async(actions.read_markers)(slug=slug)
@@ -351,7 +311,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         sub = self.subscriptions.pop(slug, None)
         if sub is None:
             return
-        await fanout().discard(slug, self)
+        await fanout().discard(broadcast.room_group(slug), self)
         if sub.presence:
             await self.leave_presence(slug)
 
@@ -383,7 +343,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         """Move the read position forward; tell the user's other sockets, and the
         room's members where the room shows read markers."""
         result = await database_sync_to_async(actions.mark_read)(user=self.user, slug=frame.room, seq=frame.seq)
-        await broadcast.publish_read(result, self.user, skip_channel=self.channel_name)
+        await broadcast.publish_read(result, self.user, skip_conn=self.conn_id)
         return protocol.ReadAck(ref=frame.ref, room=result.room, seq=result.seq)
 
     async def on_message_send(self, frame: protocol.MessageSend) -> protocol.Frame:
@@ -492,7 +452,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         sub = self.subscriptions.get(room) if room is not None else None
         if self.revoked or (room is not None and sub is None):
             return
-        if message.get("skip_user") == self.user.pk or message.get("skip_channel") == self.channel_name:
+        if message.get("skip_user") == self.user.pk or message.get("skip_conn") == self.conn_id:
             return
         if message.get("presence") and not sub.presence:
             return

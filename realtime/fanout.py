@@ -1,12 +1,15 @@
-"""Room fan-out per worker, not per member.
+"""Group fan-out per worker, not per member.
 
 A tutorial Channels consumer joins each room's group with its own channel, so a
 room event costs one channel-layer send, one Redis round trip and one receive per
-member. Here each worker process joins a room's group once, with one channel of
-its own, when its first socket subscribes; its receive loop hands each room
-message to the room's local sockets through in-process queues. A room event then
-costs one layer delivery per worker, and the frame, encoded once upstream
-(broadcast.layer_message), is written as is to every socket.
+member. Here each worker process joins a group once, with one channel of its own,
+when its first socket needs it: a room's group (`room.<slug>`) for the sockets
+subscribed to the room, a user's (`user.<id>`) for that user's sockets (session
+checks, forced disconnects, read positions). Its receive loop hands each message
+to the group's local sockets (broadcast.send_group names the group in the
+message). A room event then costs one layer delivery per worker, and the frame,
+encoded once upstream (broadcast.layer_message), is written as is to every socket.
+A socket has no channel of its own: no channel-layer receive waits per socket.
 
 Every per-socket guarantee stays where it was: each consumer still takes room
 messages one at a time from its own queue, drops seqs it has sent, repairs gaps
@@ -14,8 +17,8 @@ from the log, and replays on subscribe after it has joined (`add` returns only
 once the worker's channel is in the group, so nothing committed after the
 subscribe's log read can be missed).
 
-If the layer fails (Redis restarting), the loop retries, joins every room's group
-again (a restarted Redis has forgotten them) and tells each local socket
+If the layer fails (Redis restarting), the loop retries, joins every group again
+(a restarted Redis has forgotten them) and tells each local socket
 `layer.recovered`, which catches every room up from the log. Group memberships are
 renewed every GROUP_RENEW seconds (channels_redis expires them after a day).
 """
@@ -39,8 +42,8 @@ class Fanout:
     def __init__(self) -> None:
         self.layer = get_channel_layer()
         self.channel: str | None = None
-        self.rooms: dict[str, set] = {}  # room -> local consumers
-        self.joined: dict[str, asyncio.Future] = {}  # room -> done once the group is joined
+        self.groups: dict[str, set] = {}  # group -> local consumers
+        self.joined: dict[str, asyncio.Future] = {}  # group -> done once it is joined
         self.task: asyncio.Task | None = None
         self.renewed = time.monotonic()
 
@@ -53,19 +56,19 @@ class Fanout:
             self.task = asyncio.ensure_future(self._loop())
         return self.channel
 
-    async def add(self, room: str, consumer) -> None:
-        """Deliver the room's messages to `consumer` (its local_queue), from the moment
-        this returns."""
+    async def add(self, group: str, consumer) -> None:
+        """Deliver the group's messages to `consumer` (deliver() or its local_queue),
+        from the moment this returns."""
         channel = await self._channel()
-        self.rooms.setdefault(room, set()).add(consumer)
-        joined = self.joined.get(room)
+        self.groups.setdefault(group, set()).add(consumer)
+        joined = self.joined.get(group)
         if joined is None:
-            joined = self.joined[room] = asyncio.get_running_loop().create_future()
+            joined = self.joined[group] = asyncio.get_running_loop().create_future()
             try:
-                await self.layer.group_add(broadcast.room_group(room), channel)
+                await self.layer.group_add(group, channel)
             except BaseException as exc:
-                del self.joined[room]
-                self.rooms[room].discard(consumer)
+                del self.joined[group]
+                self.groups[group].discard(consumer)
                 joined.set_exception(exc)
                 joined.exception()  # retrieved: the waiters below get it too
                 raise
@@ -73,18 +76,18 @@ class Fanout:
         else:
             await asyncio.shield(joined)
 
-    async def discard(self, room: str, consumer) -> None:
-        local = self.rooms.get(room)
+    async def discard(self, group: str, consumer) -> None:
+        local = self.groups.get(group)
         if local is None:
             return
         local.discard(consumer)
         if local:
             return
-        del self.rooms[room]
-        joined = self.joined.pop(room, None)
+        del self.groups[group]
+        joined = self.joined.pop(group, None)
         if joined is not None and joined.done() and not joined.exception() and self.channel is not None:
             try:
-                await self.layer.group_discard(broadcast.room_group(room), self.channel)
+                await self.layer.group_discard(group, self.channel)
             except Exception:
                 pass  # the membership expires; messages for it are dropped below
 
@@ -103,7 +106,8 @@ class Fanout:
                 await self._rejoin(recovered=True)
                 continue
             delay = 0.1
-            for consumer in tuple(self.rooms.get(message.get("room"), ())):
+            group = message.get("group") or broadcast.room_group(message.get("room"))
+            for consumer in tuple(self.groups.get(group, ())):
                 try:
                     if await consumer.deliver(message):
                         continue
@@ -114,16 +118,16 @@ class Fanout:
                 await self._rejoin(recovered=False)
 
     async def _rejoin(self, recovered: bool) -> None:
-        """Join every room's group again; after a failure, have every local socket
-        catch its rooms up from the log."""
+        """Join every group again; after a failure, have every local socket catch
+        its rooms up from the log."""
         try:
-            for room in list(self.rooms):
-                await self.layer.group_add(broadcast.room_group(room), self.channel)
+            for group in list(self.groups):
+                await self.layer.group_add(group, self.channel)
         except Exception:
             return  # still down: the loop tries again
         self.renewed = time.monotonic()
         if recovered:
-            for consumer in {c for local in self.rooms.values() for c in local}:
+            for consumer in {c for local in self.groups.values() for c in local}:
                 consumer.local_queue.put_nowait({"type": "layer.recovered"})
 
 

@@ -180,9 +180,9 @@ async def renew_all(held: list[tuple[str, int, str, str]]) -> None:
 
 
 # -- announcing -------------------------------------------------------------------
-async def announce(room: str, skip_channel: str | None = None) -> None:
+async def announce(room: str, skip_conn: str | None = None) -> None:
     """Tell the room's subscribers who came and went, if anyone did (not the socket
-    `skip_channel`, which is about to get the whole presence.state)."""
+    `skip_conn`, which is about to get the whole presence.state)."""
     from . import broadcast, protocol
 
     try:
@@ -194,7 +194,7 @@ async def announce(room: str, skip_channel: str | None = None) -> None:
         joins, leaves = diff
         await broadcast.publish_push(
             broadcast.room_group(room), protocol.PresenceDiff(room=room, joins=joins, leaves=leaves),
-            room=room, skip_channel=skip_channel,
+            room=room, skip_conn=skip_conn,
         )
 
 

@@ -149,6 +149,6 @@ def test_the_console_needs_its_permission_and_operates(demo, settings):
     watch_workers = async_to_sync(layer.new_channel)()
     async_to_sync(layer.group_add)(broadcast.CONTROL_GROUP, watch_workers)
     assert login(staff).post(url, {"action": "disconnect", "user_id": demo["carol"].pk}).status_code == 302
-    assert async_to_sync(layer.receive)(watch_user) == {"type": "force.disconnect"}
+    assert async_to_sync(layer.receive)(watch_user) == {"type": "force.disconnect", "group": f"user.{demo['carol'].pk}"}
     assert login(staff).post(url, {"action": "drain", "worker": "b"}).status_code == 302
     assert async_to_sync(layer.receive)(watch_workers) == {"type": "worker.drain", "worker": "b"}
