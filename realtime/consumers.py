@@ -34,7 +34,7 @@ from django.conf import settings
 from accounts.sessions import session_is_valid
 
 from . import actions, broadcast, connections, heartbeat, housekeeper, metrics, presence, protocol, ratelimit
-from .fanout import fanout
+from .fanout import LocalQueue, fanout
 from .actions import ActionError
 from .logs import TRACE, clean_trace, event
 from .permissions import Action
@@ -82,7 +82,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.base_send = send
         # The server's prebuilt-frame write (realtime/server.py), when it has one.
         self.write_frame = ((scope.get("extensions") or {}).get("realtime.frames") or {}).get("write")
-        self.local_queue: asyncio.Queue = asyncio.Queue()
+        self.local_queue = LocalQueue()
         try:
             await await_many_dispatch([receive, self.local_queue.get], self.dispatch)
         except StopConsumer:

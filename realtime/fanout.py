@@ -26,6 +26,7 @@ renewed every GROUP_RENEW seconds (channels_redis expires them after a day).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
@@ -129,6 +130,36 @@ class Fanout:
         if recovered:
             for consumer in {c for local in self.groups.values() for c in local}:
                 consumer.local_queue.put_nowait({"type": "layer.recovered"})
+
+
+class LocalQueue:
+    """A socket's queue of what the fan-out and the housekeeper hand it: the part
+    of asyncio.Queue used here (no size bound, one reader), at a fraction of its
+    memory (asyncio.Queue keeps four deques and an Event per instance)."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque = collections.deque()
+        self.waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self.items
+
+    async def get(self):
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
 
 
 _by_loop: dict[int, Fanout] = {}

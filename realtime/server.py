@@ -86,6 +86,15 @@ def write_now(transport, data: bytes) -> None:
     transport.write(data)
 
 
+class OpenedRequest:
+    """What daphne reads of the handshake request once a socket is open."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str):
+        self.path = path
+
+
 class BoundedWebSocketProtocol(WebSocketProtocol):
     """daphne's WebSocket protocol with a ceiling on unsent bytes, and one on
     received frames the application has not taken yet (daphne queues those
@@ -134,6 +143,15 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         if not self._over_bound():
             write_now(self.transport, frame)
         return True
+
+    def onOpen(self):
+        super().onOpen()
+        # The handshake is over: let go of what only it needed (the request's
+        # headers, twice, and the raw request and response), a few KiB a socket.
+        # daphne still names the path in its log lines.
+        self.request = OpenedRequest(self.request.path)
+        self.http_headers = {}
+        self.http_request_data = self.http_response_data = b""
 
     def connectionMade(self):
         super().connectionMade()
