@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import time
 
+import msgspec
+
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
-from . import metrics, protocol
+from . import metrics, protocol, store
 from .logs import TRACE
 
 log = logging.getLogger(__name__)
@@ -40,12 +42,22 @@ def user_group(user_id: int) -> str:
     return f"user.{user_id}"
 
 
+def fan_channel(group: str) -> str:
+    """The Redis pub/sub channel that carries a group's messages (with REDIS_URL)."""
+    return f"rt:fan:{group}"
+
+
 async def send_group(group: str, message: dict) -> None:
     """group_send, with the group named in the message: each worker's fan-out
     (realtime/fanout.py) receives every group's messages on one channel and hands
     them to the sockets that follow that group."""
     message["group"] = group
-    await get_channel_layer().group_send(group, message)
+    url = store.redis_url()
+    if url:
+        # Redis pub/sub, one round trip (realtime/fanout.py says why).
+        await store.client(url).publish(fan_channel(group), msgspec.msgpack.encode(message))
+    else:
+        await get_channel_layer().group_send(group, message)
 
 
 def layer_message(event: protocol.RoomEvent) -> dict:

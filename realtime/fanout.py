@@ -2,71 +2,72 @@
 
 A tutorial Channels consumer joins each room's group with its own channel, so a
 room event costs one channel-layer send, one Redis round trip and one receive per
-member. Here each worker process joins a group once, with one channel of its own,
-when its first socket needs it: a room's group (`room.<slug>`) for the sockets
-subscribed to the room, a user's (`user.<id>`) for that user's sockets (session
-checks, forced disconnects, read positions). Its receive loop hands each message
-to the group's local sockets (broadcast.send_group names the group in the
-message). A room event then costs one layer delivery per worker, and the frame,
-encoded once upstream (broadcast.layer_message), is written as is to every socket.
-A socket has no channel of its own: no channel-layer receive waits per socket.
+member. Here each worker process subscribes to a group once, when its first
+socket needs it: a room's group (`room.<slug>`) for the sockets subscribed to the
+room, a user's (`user.<id>`) for that user's sockets (session checks, forced
+disconnects, read positions). Its receive loop hands each message to the group's
+local sockets (broadcast.send_group names the group in the message). A room event
+then costs one delivery per worker, and the frame, encoded once upstream
+(broadcast.layer_message), is written as is to every socket. A socket has no
+channel of its own: nothing waits on the layer per socket.
+
+Two transports, chosen as broadcast.send_group chooses:
+- with REDIS_URL, Redis pub/sub (`PUBLISH rt:fan:<group>`): one round trip to
+  publish, pushed to each subscribed worker at once. channels_redis's group_send
+  takes four round trips (expire the group, read it, expire each channel, push),
+  and its receive waits on a blocking pop; pub/sub is what python-socketio's and
+  Centrifugo's Redis engines use;
+- without it, the channel layer (in-memory: one process).
 
 Every per-socket guarantee stays where it was: each consumer still takes room
-messages one at a time from its own queue, drops seqs it has sent, repairs gaps
-from the log, and replays on subscribe after it has joined (`add` returns only
-once the worker's channel is in the group, so nothing committed after the
-subscribe's log read can be missed).
+messages one at a time, drops seqs it has sent, repairs gaps from the log, and
+replays on subscribe after it has joined (`add` returns only once the
+subscription is confirmed, so nothing committed after the subscribe's log read
+can be missed). Pub/sub, like the layer, may lose a message (a dropped
+connection); what a socket misses is found by seq (gap repair, the ping's head
+comparison, resume).
 
-If the layer fails (Redis restarting), the loop retries, joins every group again
-(a restarted Redis has forgotten them) and tells each local socket
-`layer.recovered`, which catches every room up from the log. Group memberships are
-renewed every GROUP_RENEW seconds (channels_redis expires them after a day).
+If the transport fails (Redis restarting), the loop retries, subscribes to every
+group again (waiting for the confirmations) and then tells each local socket
+`layer.recovered`, which catches every room up from the log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 
+import msgspec
 from channels.layers import get_channel_layer
 
-from . import broadcast, metrics
+from . import broadcast, metrics, store
 
 log = logging.getLogger(__name__)
 
-GROUP_RENEW = 3600.0
+GROUP_RENEW = 3600.0  # channel layer: renew memberships (channels_redis expires them after a day)
+RETRY_MAX = 2.0
 
 
 class Fanout:
     def __init__(self) -> None:
         self.layer = get_channel_layer()
-        self.channel: str | None = None
+        self.url = store.redis_url()
         self.groups: dict[str, set] = {}  # group -> local consumers
-        self.joined: dict[str, asyncio.Future] = {}  # group -> done once it is joined
-        self.task: asyncio.Task | None = None
-        self.renewed = time.monotonic()
-
-    async def _channel(self) -> str:
-        if self.channel is None:
-            # The default prefix on purpose: channels_redis receives every channel
-            # of a process through one list and one lock; another prefix would
-            # wait on the consumers' blocking receives.
-            self.channel = await self.layer.new_channel()
-            self.task = asyncio.ensure_future(self._loop())
-        return self.channel
+        self.joined: dict[str, asyncio.Future] = {}  # group -> done once subscribed
+        self.transport = PubSubTransport(self) if self.url else LayerTransport(self)
 
     async def add(self, group: str, consumer) -> None:
         """Deliver the group's messages to `consumer` (deliver() or its local_queue),
         from the moment this returns."""
-        channel = await self._channel()
         self.groups.setdefault(group, set()).add(consumer)
         joined = self.joined.get(group)
         if joined is None:
             joined = self.joined[group] = asyncio.get_running_loop().create_future()
             try:
-                await self.layer.group_add(group, channel)
+                await self.transport.join(group)
             except BaseException as exc:
                 del self.joined[group]
                 self.groups[group].discard(consumer)
@@ -86,11 +87,48 @@ class Fanout:
             return
         del self.groups[group]
         joined = self.joined.pop(group, None)
-        if joined is not None and joined.done() and not joined.exception() and self.channel is not None:
+        if joined is not None and joined.done() and not joined.exception():
             try:
-                await self.layer.group_discard(group, self.channel)
+                await self.transport.leave(group)
             except Exception:
-                pass  # the membership expires; messages for it are dropped below
+                pass  # messages for it are dropped below (no local consumer)
+
+    async def dispatch(self, message: dict) -> None:
+        group = message.get("group") or broadcast.room_group(message.get("room"))
+        for consumer in tuple(self.groups.get(group, ())):
+            try:
+                if await consumer.deliver(message):
+                    continue
+            except Exception:
+                log.exception("fan-out delivery failed", extra={"event": "fanout.delivery_failed"})
+            consumer.local_queue.put_nowait(message)
+
+    def recovered(self) -> None:
+        """After a transport failure: every local socket catches its rooms up."""
+        for consumer in {c for local in self.groups.values() for c in local}:
+            consumer.local_queue.put_nowait({"type": "layer.recovered"})
+
+    def failed(self, exc: Exception) -> None:
+        metrics.LAYER_FAILURES.labels("fanout").inc()
+        log.warning("fan-out receive failed", extra={"event": "fanout.failed", "reason": type(exc).__name__})
+
+
+class LayerTransport:
+    """The channel layer: one channel of this process in each group."""
+
+    def __init__(self, fan: Fanout) -> None:
+        self.fan, self.layer = fan, fan.layer
+        self.channel: str | None = None
+        self.renewed = time.monotonic()
+
+    async def join(self, group: str) -> None:
+        if self.channel is None:
+            self.channel = await self.layer.new_channel()
+            asyncio.ensure_future(self._loop())
+        await self.layer.group_add(group, self.channel)
+
+    async def leave(self, group: str) -> None:
+        await self.layer.group_discard(group, self.channel)
 
     async def _loop(self) -> None:
         delay = 0.1
@@ -100,36 +138,125 @@ class Fanout:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                metrics.LAYER_FAILURES.labels("fanout").inc()
-                log.warning("fan-out receive failed", extra={"event": "fanout.failed", "reason": type(exc).__name__})
+                self.fan.failed(exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, RETRY_MAX)
                 await self._rejoin(recovered=True)
                 continue
             delay = 0.1
-            group = message.get("group") or broadcast.room_group(message.get("room"))
-            for consumer in tuple(self.groups.get(group, ())):
-                try:
-                    if await consumer.deliver(message):
-                        continue
-                except Exception:
-                    log.exception("fan-out delivery failed", extra={"event": "fanout.delivery_failed"})
-                consumer.local_queue.put_nowait(message)
+            await self.fan.dispatch(message)
             if time.monotonic() - self.renewed > GROUP_RENEW:
                 await self._rejoin(recovered=False)
 
     async def _rejoin(self, recovered: bool) -> None:
-        """Join every group again; after a failure, have every local socket catch
-        its rooms up from the log."""
         try:
-            for group in list(self.groups):
+            for group in list(self.fan.groups):
                 await self.layer.group_add(group, self.channel)
         except Exception:
             return  # still down: the loop tries again
         self.renewed = time.monotonic()
         if recovered:
-            for consumer in {c for local in self.groups.values() for c in local}:
-                consumer.local_queue.put_nowait({"type": "layer.recovered"})
+            self.fan.recovered()
+
+
+class PubSubTransport:
+    """Redis pub/sub on a connection of this process's own (no read timeout, no
+    silent retries: a failure must reach the loop, which then resubscribes and has
+    the sockets catch up)."""
+
+    def __init__(self, fan: Fanout) -> None:
+        self.fan = fan
+        self.pubsub = None
+        self.task: asyncio.Task | None = None
+        self.confirming: dict[str, list[asyncio.Future]] = {}  # channel -> waiting for its confirmation
+        # One command at a time: two first subscribes racing would each open a
+        # connection, and the first one's confirmation would never be read.
+        self.commands = asyncio.Lock()
+
+    def _connect(self):
+        from redis import asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        client = aioredis.from_url(self.fan.url, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0),
+                                   health_check_interval=10)
+        return client.pubsub()
+
+    async def join(self, group: str) -> None:
+        if self.pubsub is None:
+            self.pubsub = self._connect()
+        confirmed = self._expect(broadcast.fan_channel(group))
+        async with self.commands:
+            await self.pubsub.subscribe(broadcast.fan_channel(group))
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._loop())
+        await asyncio.wait_for(confirmed, timeout=5)
+
+    async def leave(self, group: str) -> None:
+        if self.pubsub is not None:
+            async with self.commands:
+                await self.pubsub.unsubscribe(broadcast.fan_channel(group))
+
+    def _expect(self, channel: str) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self.confirming.setdefault(channel, []).append(future)
+        return future
+
+    async def _loop(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                message = await self.pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.fan.failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                await self._resubscribe()
+                continue
+            if message is None:
+                continue
+            delay = 0.1
+            kind = message["type"]
+            if kind == "message":
+                try:
+                    data = msgspec.msgpack.decode(message["data"])
+                except msgspec.DecodeError:
+                    log.warning("fan-out message undecodable", extra={"event": "fanout.undecodable"})
+                    continue
+                await self.fan.dispatch(data)
+            elif kind == "subscribe":
+                channel = message["channel"].decode() if isinstance(message["channel"], bytes) else message["channel"]
+                for future in self.confirming.pop(channel, ()):
+                    if not future.done():
+                        future.set_result(True)
+
+    async def _resubscribe(self) -> None:
+        """A fresh connection subscribed to every group; the sockets are told to
+        catch up once Redis has confirmed all of them (the loop reads those)."""
+        old, self.pubsub = self.pubsub, self._connect()
+        with contextlib.suppress(Exception):
+            await old.aclose()
+        channels = [broadcast.fan_channel(group) for group in self.fan.groups]
+        if not channels:
+            return
+        confirmations = [self._expect(channel) for channel in channels]
+        try:
+            async with self.commands:
+                await self.pubsub.subscribe(*channels)
+        except Exception:
+            for future in confirmations:
+                future.cancel()
+            self.confirming.clear()
+            return  # still down: the next read fails and we come back here
+
+        async def tell_when_confirmed():
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.gather(*confirmations), timeout=10)
+                self.fan.recovered()
+
+        asyncio.ensure_future(tell_when_confirmed())
 
 
 class LocalQueue:
@@ -169,7 +296,7 @@ def fanout() -> Fanout:
     """This process's fan-out on the running loop (tests run one loop per test)."""
     loop = asyncio.get_running_loop()
     found = _by_loop.get(id(loop))
-    if found is None or found.layer is not get_channel_layer():
+    if found is None or found.layer is not get_channel_layer() or found.url != store.redis_url():
         _by_loop.clear()
         found = _by_loop[id(loop)] = Fanout()
     return found

@@ -10,7 +10,7 @@ It is an ASGI app of its own, in front of Django (project/asgi.py), because a he
 request must not hold a thread: Django would run a sync-only middleware (WhiteNoise)
 around an async view in asgiref's single thread-sensitive thread, so one long poll
 would stall every other request's database work for its whole wait. Here the wait
-is a channel-layer receive on the event loop; only the log reads go to the thread.
+is a wait on the worker's fan-out (realtime/fanout.py); only the log reads go to the thread.
 
 The order is the socket's: join the room's group first, then read the log, then
 wait for a broadcast and read the log again. An event committed in between is in
@@ -30,11 +30,11 @@ from urllib.parse import parse_qs
 import msgspec
 from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
 from . import actions, broadcast, ratelimit
+from .fanout import fanout
 from .actions import ActionError
 from .protocol import HTTP_STATUS, ErrorCode
 
@@ -84,32 +84,54 @@ async def wait_for_events(user, slug: str, since: int, wait: float, limit: int) 
     if not verdict.allowed:
         raise ActionError(ErrorCode.RATE_LIMITED, "polling too often; slow down", retry_after=verdict.retry_after)
     read = database_sync_to_async(actions.room_replay)
-    layer = get_channel_layer()
-    channel = group = None
+    group = broadcast.room_group(slug)
+    waiter = Waiter()
     try:
-        channel = await layer.new_channel()
-        group = broadcast.room_group(slug)
-        await layer.group_add(group, channel)
+        await fanout().add(group, waiter)
     except Exception:
         # No layer (Redis down): fall back to reading the log every second.
-        channel = None
+        waiter = None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     try:
         while True:
+            if waiter is not None:
+                waiter.woken.clear()  # what arrives during the read wakes the next wait
             replay = await read(user=user, slug=slug, since=since, limit=limit)
             remaining = deadline - loop.time()
             if replay.events or remaining <= 0:
                 return events_page(replay, since)
-            if channel is None:
+            if waiter is None:
                 await asyncio.sleep(min(remaining, 1.0))
                 continue
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(layer.receive(channel), min(remaining, RECHECK))
+                await asyncio.wait_for(waiter.woken.wait(), min(remaining, RECHECK))
     finally:
-        if channel is not None:
+        if waiter is not None:
             with contextlib.suppress(Exception):
-                await layer.group_discard(group, channel)
+                await fanout().discard(group, waiter)
+
+
+class Waiter:
+    """A held poll as the worker's fan-out sees it: anything for the room (an
+    event, an access check, a catch-up after a layer failure) wakes it, and it
+    reads the log again."""
+
+    __slots__ = ("woken",)
+
+    def __init__(self) -> None:
+        self.woken = asyncio.Event()
+
+    async def deliver(self, message: dict) -> bool:
+        self.woken.set()
+        return True
+
+    def put_nowait(self, message: dict) -> None:
+        self.woken.set()
+
+    @property
+    def local_queue(self) -> "Waiter":
+        return self
 
 
 class LongPoll:

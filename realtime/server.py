@@ -127,8 +127,8 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         super().onMessage(payload, isBinary)
 
     def serverSend(self, content, binary=False):
-        if self.overflowed or self._over_bound():
-            return
+        if self.overflowed or self.state == self.STATE_CLOSED or self._over_bound():
+            return  # a send racing the close is dropped (autobahn would raise)
         super().serverSend(content, binary)
 
     def write_frame(self, frame: bytes) -> bool:
