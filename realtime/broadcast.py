@@ -105,7 +105,9 @@ def _send_on_commit(group: str, message: dict) -> None:
         try:
             async_to_sync(send_group)(group, message)
         except Exception:
-            # The periodic re-check (REALTIME_SESSION_RECHECK) still catches it.
+            # A lost session.check is caught by the periodic re-check
+            # (REALTIME_SESSION_RECHECK); a lost access.check by the cached
+            # access's age limit and the sockets' pings (consumers.py).
             metrics.LAYER_FAILURES.labels("control").inc()
             log.exception("control message failed", extra={"event": "control.failed", "frame": message["type"]})
 

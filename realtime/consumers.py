@@ -6,7 +6,8 @@ handler or a websocket_* method by naming it), and keeps per-connection stream
 state: the rooms subscribed and the last seq sent in each.
 
 Ordering: Channels runs one handler at a time per consumer, so while `subscribe`
-replays the log, room events for that room wait in this consumer's channel. They
+replays the log, room events for that room wait in this consumer's local queue
+(the worker's fan-out fills it, realtime/fanout.py). They
 are delivered afterwards and dropped when their seq was already sent, which is the
 "join first, buffer, read the log, flush without duplicates" order of DESIGN.md.
 A live event whose seq skips ahead (the layer dropped one, or two workers' broadcasts
@@ -16,6 +17,7 @@ crossed) makes the consumer read the missing range from the log before sending i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -59,6 +61,10 @@ class Subscription:
     # every access.check (membership or visibility change): message.send checks
     # against it instead of reading them again for every message.
     access: actions.RoomAccess | None = None
+    access_at: float = 0.0  # loop time it was read
+
+
+ACCESS_MAX_AGE = 30.0  # seconds a cached access is trusted without an access.check
 
 
 class RealtimeConsumer(AsyncWebsocketConsumer):
@@ -87,6 +93,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await await_many_dispatch([receive, self.local_queue.get], self.dispatch)
         except StopConsumer:
             pass
+        finally:
+            if getattr(self, "authenticated", False):
+                # The app ended without a disconnect (a handler raised, or daphne
+                # cancelled it): give back the leases, the presence and the groups
+                # all the same, or the housekeeper would renew them for ever.
+                with contextlib.suppress(BaseException):
+                    await self.disconnect(1011)
 
     async def dispatch(self, message: dict) -> None:
         """channels' dispatch without its `aclose_old_connections()` before every
@@ -104,6 +117,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.conn_id = uuid.uuid4().hex[:12]
         self.user = self.scope.get("user")
         self.subscriptions: dict[str, Subscription] = {}
+        self.access_changes: dict[str, int] = {}  # room -> access.checks seen (deliver())
         self.authenticated = False
         offered = self.scope.get("subprotocols") or []
         chosen = next((name for name in offered if name in protocol.CODECS), None)
@@ -279,6 +293,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             since = current.last_seq
         # Join the stream before reading the log: nothing committed in between is lost.
         await fanout().add(broadcast.room_group(slug), self)
+        changes = self.access_changes.get(slug, 0)
         try:
             replay = await database_sync_to_async(actions.room_replay)(user=self.user, slug=slug, since=since)
         except BaseException:
@@ -291,8 +306,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         await self.send_events(replay.events)
         metrics.REPLAYED.inc(len(replay.events))
         # A re-subscribe (the client asking to repair a gap) restarts from its since.
+        unchanged = self.access_changes.get(slug, 0) == changes
         self.subscriptions[slug] = Subscription(
-            last_seq=replay.head, presence=current.presence if current else frame.presence, access=replay.access
+            last_seq=replay.head, presence=current.presence if current else frame.presence,
+            access=replay.access if unchanged else None, access_at=asyncio.get_running_loop().time(),
         )
         if current is None and frame.presence:
             # Present in the room from now: announce a join (if this is the user's
@@ -348,9 +365,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     async def on_message_send(self, frame: protocol.MessageSend) -> protocol.Frame:
         sub = self.subscriptions.get(frame.room)
+        fresh = sub is not None and asyncio.get_running_loop().time() - sub.access_at < ACCESS_MAX_AGE
         result = await actions.perform(
             actions.message_send, user=self.user, slug=frame.room, body=frame.body, client_id=frame.client_id,
-            access=sub.access if sub is not None else None,
+            access=sub.access if fresh else None,
         )
         return protocol.MessageAck(ref=frame.ref, room=result.room, id=result.id, seq=result.seq)
 
@@ -403,6 +421,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         but not delivered, e.g. while the layer was down."""
         if not self.subscriptions:
             return
+        # An access.check may have been lost with the rest: read access afresh.
+        for sub in self.subscriptions.values():
+            sub.access = None
         heads = await database_sync_to_async(actions.room_heads)(slugs=list(self.subscriptions))
         for slug, head in heads.items():
             sub = self.subscriptions.get(slug)
@@ -416,10 +437,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         message; the seq right after the last one sent). False: queue it, and
         room_event takes it in order with everything else."""
         kind = message.get("type")
-        if kind == broadcast.ACCESS_CHECK and message.get("room") in self.subscriptions:
+        if kind == broadcast.ACCESS_CHECK:
             # Forget the room's access at once, not when access_check gets its
-            # turn: a message.send handled before that reads it afresh.
-            self.subscriptions[message["room"]].access = None
+            # turn: a message.send handled before that reads it afresh. A read
+            # begun before this (a subscribe, an earlier check) is not kept.
+            self.access_changes[message["room"]] = self.access_changes.get(message["room"], 0) + 1
+            if message["room"] in self.subscriptions:
+                self.subscriptions[message["room"]].access = None
         if kind != broadcast.ROOM_EVENT or self.replaying or self.handling or not self.local_queue.empty():
             return False
         sub = self.subscriptions.get(message["room"])
@@ -500,14 +524,15 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return
         sub = self.subscriptions[slug]
         sub.access = None  # until read again: message.send reads it itself
+        changes = self.access_changes.get(slug, 0)
         try:
             access = await database_sync_to_async(actions.room_access)(user=self.user, slug=slug, action=Action.VIEW)
         except ActionError as exc:
             await self.drop_subscription(slug)
             await self.send_frame(protocol.Error(code=exc.code, message=exc.message, room=slug))
             return
-        if self.subscriptions.get(slug) is sub:
-            sub.access = access
+        if self.subscriptions.get(slug) is sub and self.access_changes.get(slug, 0) == changes:
+            sub.access, sub.access_at = access, asyncio.get_running_loop().time()
 
     async def housekeeping_idle(self, message: dict) -> None:
         """Silent for REALTIME_IDLE_TIMEOUT s (realtime/housekeeper.py)."""

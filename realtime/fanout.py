@@ -61,22 +61,31 @@ class Fanout:
 
     async def add(self, group: str, consumer) -> None:
         """Deliver the group's messages to `consumer` (deliver() or its local_queue),
-        from the moment this returns."""
+        from the moment this returns. The subscription is made in a task of its own:
+        a caller that is cancelled (a long poll whose client left) does not cancel
+        it for the others waiting on the same group."""
         self.groups.setdefault(group, set()).add(consumer)
         joined = self.joined.get(group)
         if joined is None:
-            joined = self.joined[group] = asyncio.get_running_loop().create_future()
-            try:
-                await self.transport.join(group)
-            except BaseException as exc:
-                del self.joined[group]
-                self.groups[group].discard(consumer)
-                joined.set_exception(exc)
-                joined.exception()  # retrieved: the waiters below get it too
-                raise
-            joined.set_result(True)
-        else:
+            joined = self.joined[group] = asyncio.ensure_future(self.transport.join(group))
+            joined.add_done_callback(lambda done, group=group: self._join_ended(group, done))
+        try:
             await asyncio.shield(joined)
+        except BaseException:
+            await self._forget(group, consumer)
+            raise
+
+    def _join_ended(self, group: str, done: asyncio.Future) -> None:
+        if done.cancelled() or done.exception() is not None:
+            if self.joined.get(group) is done:
+                del self.joined[group]
+
+    async def _forget(self, group: str, consumer) -> None:
+        """`consumer` will not follow the group after all (its join failed, or it
+        gave up waiting)."""
+        local = self.groups.get(group)
+        if local is not None and consumer in local:
+            await self.discard(group, consumer)
 
     async def discard(self, group: str, consumer) -> None:
         local = self.groups.get(group)
@@ -87,7 +96,7 @@ class Fanout:
             return
         del self.groups[group]
         joined = self.joined.pop(group, None)
-        if joined is not None and joined.done() and not joined.exception():
+        if joined is not None and joined.done() and not joined.cancelled() and joined.exception() is None:
             try:
                 await self.transport.leave(group)
             except Exception:
@@ -214,6 +223,8 @@ class PubSubTransport:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
                 await self._resubscribe()
+                if self.pubsub is None:
+                    return
                 continue
             if message is None:
                 continue
@@ -240,6 +251,11 @@ class PubSubTransport:
             await old.aclose()
         channels = [broadcast.fan_channel(group) for group in self.fan.groups]
         if not channels:
+            # Nothing to follow: no connection until the next join (which starts
+            # the loop again).
+            with contextlib.suppress(Exception):
+                await self.pubsub.aclose()
+            self.pubsub = None
             return
         confirmations = [self._expect(channel) for channel in channels]
         try:
@@ -259,6 +275,9 @@ class PubSubTransport:
         asyncio.ensure_future(tell_when_confirmed())
 
 
+LOCAL_QUEUE_MAX = 1000  # room events held for one busy socket before they are dropped
+
+
 class LocalQueue:
     """A socket's queue of what the fan-out and the housekeeper hand it: the part
     of asyncio.Queue used here (no size bound, one reader), at a fraction of its
@@ -271,6 +290,11 @@ class LocalQueue:
         self.waiter: asyncio.Future | None = None
 
     def put_nowait(self, item) -> None:
+        if len(self.items) >= LOCAL_QUEUE_MAX and item.get("type") == broadcast.ROOM_EVENT:
+            # A socket this far behind drops room events: it repairs the gap from
+            # the log at the next event it takes (or at its next ping).
+            metrics.LAYER_FAILURES.labels("local-queue-full").inc()
+            return
         self.items.append(item)
         waiter = self.waiter
         if waiter is not None and not waiter.done():

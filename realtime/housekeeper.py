@@ -65,12 +65,12 @@ async def _loop() -> None:
             due(now)
             if now >= next_renew:
                 next_renew = now + connections.LEASE_RENEW
-                await connections.renew([(c.user.pk, c.conn_id) for c in SOCKETS if c.authenticated])
+                await connections.renew([(c.user.pk, c.conn_id) for c in SOCKETS if c.authenticated and not c.revoked])
             if now >= next_presence:
                 next_presence = now + presence.RENEW
                 await presence.renew_all(
                     [(slug, c.user.pk, c.user.get_username(), c.conn_id)
-                     for c in SOCKETS if c.authenticated
+                     for c in SOCKETS if c.authenticated and not c.revoked
                      for slug, sub in c.subscriptions.items() if sub.presence]
                 )
         except asyncio.CancelledError:

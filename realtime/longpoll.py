@@ -86,14 +86,14 @@ async def wait_for_events(user, slug: str, since: int, wait: float, limit: int) 
     read = database_sync_to_async(actions.room_replay)
     group = broadcast.room_group(slug)
     waiter = Waiter()
-    try:
-        await fanout().add(group, waiter)
-    except Exception:
-        # No layer (Redis down): fall back to reading the log every second.
-        waiter = None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     try:
+        try:
+            await fanout().add(group, waiter)
+        except Exception:
+            # No layer (Redis down): fall back to reading the log every second.
+            waiter = None
         while True:
             if waiter is not None:
                 waiter.woken.clear()  # what arrives during the read wakes the next wait

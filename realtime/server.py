@@ -127,15 +127,15 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         super().onMessage(payload, isBinary)
 
     def serverSend(self, content, binary=False):
-        if self.overflowed or self.state == self.STATE_CLOSED or self._over_bound():
-            return  # a send racing the close is dropped (autobahn would raise)
+        if self.overflowed or self.state in (self.STATE_CLOSING, self.STATE_CLOSED) or self._over_bound():
+            return  # a send racing a close is dropped (autobahn would raise and kill the app)
         super().serverSend(content, binary)
 
     def write_frame(self, frame: bytes) -> bool:
         """Write a complete WebSocket frame (protocol.websocket_frame()); False when this
         socket cannot take it as is (not open, compressing, mid-message), and the
         caller sends through ASGI instead."""
-        if self.overflowed:
+        if self.overflowed or self.state in (self.STATE_CLOSING, self.STATE_CLOSED):
             return True  # closing: dropped, as serverSend drops it
         if (self.state != self.STATE_OPEN or self._perMessageCompress is not None
                 or self.send_state != self.SEND_STATE_GROUND or self.send_queue):

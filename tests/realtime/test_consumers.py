@@ -278,6 +278,44 @@ async def test_a_role_change_reaches_the_access_a_subscribed_socket_posts_with(c
     assert await count(Message, author=demo["bob"]) == 2
 
 
+async def test_a_ping_makes_a_socket_read_its_access_again(cookies, demo):
+    """An access.check can be lost (the layer or pub/sub dropped it): the ping's
+    catch-up, like a layer recovery, forgets every cached access."""
+    from realtime.models import Membership, Role
+
+    async with socket(cookies["bob"]) as bob:
+        await subscribe(bob, "general")
+        # Demoted without a signal (a queryset update sends no access.check).
+        await Membership.objects.filter(user=demo["bob"], room__slug="general").aupdate(role=Role.READER)
+        assert (await call(bob, send_frame(client_id="stale")))["type"] == "ack"  # the cached role
+        await bob.receive_json_from()  # its own message.new
+        assert (await call(bob, {"type": "ping", "ref": "p"}))["type"] == "pong"
+        assert (await call(bob, send_frame(client_id="fresh")))["code"] == "forbidden"
+
+
+async def test_a_consumer_that_fails_gives_back_its_leases_and_timers(cookies, demo, monkeypatch, settings):
+    """A handler that raises ends the app without a websocket.disconnect: the
+    socket's lease, presence and place in the housekeeper go all the same."""
+    import asyncio
+
+    from realtime import connections, consumers, housekeeper
+
+    settings.REALTIME = {**settings.REALTIME, "SESSION_RECHECK": 0.2}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("database away")
+
+    monkeypatch.setattr(consumers, "session_is_valid", broken)
+    comm = communicator(cookies["bob"])
+    await comm.connect()
+    assert await connections.leases().count(demo["bob"].pk) == 1
+    with pytest.raises(RuntimeError):
+        await comm.receive_output(timeout=3)  # the session check raised in the app
+    await asyncio.sleep(0.1)
+    assert await connections.leases().count(demo["bob"].pk) == 0
+    assert not [c for c in housekeeper.SOCKETS if c.user.pk == demo["bob"].pk]
+
+
 async def test_non_member_cannot_see_or_post_in_a_private_room(cookies):
     async with socket(cookies["carol"]) as carol:
         assert (await call(carol, {"type": "subscribe", "room": "ops", "since": 0}))["code"] == "forbidden"
