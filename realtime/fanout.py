@@ -117,9 +117,12 @@ class Fanout:
         for consumer in {c for local in self.groups.values() for c in local}:
             consumer.local_queue.put_nowait({"type": "layer.recovered"})
 
-    def failed(self, exc: Exception) -> None:
+    async def failed(self, exc: Exception, delay: float) -> float:
+        """A transport's receive failed: count it, wait `delay`, return the next delay."""
         metrics.LAYER_FAILURES.labels("fanout").inc()
         log.warning("fan-out receive failed", extra={"event": "fanout.failed", "reason": type(exc).__name__})
+        await asyncio.sleep(delay)
+        return min(delay * 2, RETRY_MAX)
 
 
 class LayerTransport:
@@ -147,9 +150,7 @@ class LayerTransport:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.fan.failed(exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
+                delay = await self.fan.failed(exc, delay)
                 await self._rejoin(recovered=True)
                 continue
             delay = 0.1
@@ -219,9 +220,7 @@ class PubSubTransport:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.fan.failed(exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
+                delay = await self.fan.failed(exc, delay)
                 await self._resubscribe()
                 if self.pubsub is None:
                     return
