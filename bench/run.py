@@ -131,6 +131,21 @@ def setup(workdir: Path) -> tuple[dict, str, str]:
     return {"env": env, "pg": pg, "redis": redis}, f"sessionid={cookies[0]}", f"sessionid={cookies[1]}"
 
 
+@contextlib.contextmanager
+def services():
+    """A work directory, private PostgreSQL and Redis, and the two users' cookies,
+    for the length of the block."""
+    workdir = Path(tempfile.mkdtemp(prefix="realtime-bench-"))
+    workdir.chmod(0o755)
+    ctx, member, sender = setup(workdir)
+    try:
+        yield workdir, ctx, member, sender
+    finally:
+        ctx["pg"].stop()
+        ctx["redis"].stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str, sender: str,
             profile: Path | None = None, workers: int = 1) -> dict:
     """Fresh workers (all on core 0), the load generator on core 1: one result.
@@ -209,11 +224,8 @@ def main() -> None:
     if args.only:
         scenarios = {name: s for name, s in scenarios.items() if args.only in name}
     runs = 1 if args.quick else args.runs
-    workdir = Path(tempfile.mkdtemp(prefix="realtime-bench-"))
-    workdir.chmod(0o755)
-    ctx, member, sender = setup(workdir)
     tables = {}
-    try:
+    with services() as (workdir, ctx, member, sender):
         for server in args.servers.split(","):
             BenchWorker.server = server
             tables[server] = rows = []
@@ -231,32 +243,21 @@ def main() -> None:
                 bare, full = medians["bare"], medians["full"]
                 ratio = (full / bare if higher else bare / full) if bare and full else None
                 rows.append((name, metric, higher, bare, full, ratio, details))
-    finally:
-        ctx["pg"].stop()
-        ctx["redis"].stop()
-        shutil.rmtree(workdir, ignore_errors=True)
     write(tables, args, runs)
 
 
 def profile(name: str) -> None:
     scenario = "fan-out, 100 members"
-    workdir = Path(tempfile.mkdtemp(prefix="realtime-bench-"))
-    workdir.chmod(0o755)
-    ctx, member, sender = setup(workdir)
     folder = ROOT / "bench" / "profiles"
     folder.mkdir(exist_ok=True)
-    raw = Path(os.environ.get("BENCH_PROFILE_RAW", workdir / "profile.txt"))
-    try:
+    with services() as (workdir, ctx, member, sender):
+        raw = Path(os.environ.get("BENCH_PROFILE_RAW", workdir / "profile.txt"))
         # Five times the messages, so that the sockets' set-up is a small part of the profile.
         args = [*SCENARIOS[scenario][0]]
         args[args.index("--messages") + 1] = str(5 * int(args[args.index("--messages") + 1]))
         result = one_run(ctx, workdir, "full", args, member, sender, profile=raw)
         summarize_profile(raw, folder / f"{name}.md", f"Profile '{name}': {scenario}, full pipeline "
                           f"({result['deliveries_per_s']} deliveries/s under the profiler)")
-    finally:
-        ctx["pg"].stop()
-        ctx["redis"].stop()
-        shutil.rmtree(workdir, ignore_errors=True)
     print((folder / f"{name}.md").read_text())
 
 

@@ -85,15 +85,8 @@ class RedisLeases:
             return True
 
     async def renew(self, held: list[tuple[int, str]]) -> None:
-        if not held:
-            return
-        pipe = store.client(self.url).pipeline(transaction=False)
-        expiry = time.time() + LEASE_TTL
-        for user_id, conn_id in held:
-            pipe.zadd(_key(user_id), {conn_id: expiry})
-        for user_id in {user_id for user_id, _ in held}:
-            pipe.expire(_key(user_id), math.ceil(LEASE_TTL) + 1)
-        await pipe.execute()
+        await store.renew_scores(self.url, [(_key(user_id), conn_id) for user_id, conn_id in held], LEASE_TTL,
+                                 key_ttl=math.ceil(LEASE_TTL) + 1)
 
     async def release(self, user_id: int, conn_id: str) -> None:
         try:

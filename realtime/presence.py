@@ -122,13 +122,8 @@ class RedisPresence:
         await pipe.execute()
 
     async def renew(self, pairs: list[tuple[str, str]]) -> None:
-        if not pairs:
-            return
-        pipe = store.client(self.url).pipeline(transaction=False)
-        expiry = time.time() + TTL
-        for room, member in pairs:
-            pipe.zadd(_keys(room)[0], {member: expiry}, xx=True)
-        await pipe.execute()
+        # Only leases still held: one given back by a closing socket stays gone.
+        await store.renew_scores(self.url, [(_keys(room)[0], member) for room, member in pairs], TTL, only_existing=True)
 
     async def leave(self, room: str, member: str) -> None:
         await store.client(self.url).zrem(_keys(room)[0], member)

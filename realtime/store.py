@@ -4,6 +4,8 @@ pools are bound to the loop that made them), or nothing without REDIS_URL."""
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 
 from django.conf import settings
 
@@ -26,6 +28,24 @@ def client(url: str):
         _clients.clear()
         found = _clients[key] = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
     return found
+
+
+async def renew_scores(url: str, entries: list[tuple[str, str]], ttl: float, *, only_existing: bool = False,
+                       key_ttl: float | None = None) -> None:
+    """Set each (sorted-set key, member) to expire `ttl` seconds from now, all in
+    one round trip (the leases kept as sorted sets scored by expiry). With
+    `only_existing`, a member that is gone stays gone; with `key_ttl`, each key
+    is kept that long."""
+    if not entries:
+        return
+    pipe = client(url).pipeline(transaction=False)
+    expiry = time.time() + ttl
+    for key, member in entries:
+        pipe.zadd(key, {member: expiry}, xx=only_existing)
+    if key_ttl is not None:
+        for key in {key for key, _ in entries}:
+            pipe.expire(key, math.ceil(key_ttl))
+    await pipe.execute()
 
 
 class Chooser:

@@ -4,6 +4,7 @@ state is shared by every worker, as two sockets of this process show)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from django.test import Client
@@ -172,19 +173,27 @@ async def test_read_moves_forward_only_is_clamped_and_reaches_own_tabs_and_marke
         assert await carol.receive_json_from(timeout=5) == {"type": "read.markers", "room": "general", "markers": {"bob": 3}}
 
 
+@contextlib.asynccontextmanager
+async def alice_posted_then_bob_joined(cookies, client_id: str):
+    """alice posts one message to #general, then both join with presence; the
+    pushes so far are read off, so the test sees only what follows."""
+    async with socket(cookies["alice"]) as alice:
+        await call(alice, {"type": "message.send", "room": "general", "body": "x", "client_id": client_id, "ref": 0})
+        await join(alice)
+        async with socket(cookies["bob"]) as bob:
+            await join(bob)
+            await pushes(alice)
+            yield alice, bob
+
+
 @pytest.mark.asyncio
 async def test_rooms_without_read_markers_keep_reads_private(cookies, shared, demo):
     from realtime.models import Room
 
     await Room.objects.filter(slug="general").aupdate(read_markers=False)
-    async with socket(cookies["alice"]) as alice:
-        await call(alice, {"type": "message.send", "room": "general", "body": "x", "client_id": "p", "ref": 0})
-        await join(alice)
-        async with socket(cookies["bob"]) as bob:
-            await join(bob)
-            await pushes(alice)
-            assert (await call(bob, {"type": "read", "room": "general", "seq": 1, "ref": 1}))["seq"] == 1
-            assert await pushes(alice) == []
+    async with alice_posted_then_bob_joined(cookies, "p") as (alice, bob):
+        assert (await call(bob, {"type": "read", "room": "general", "seq": 1, "ref": 1}))["seq"] == 1
+        assert await pushes(alice) == []
 
 
 def test_rooms_list_counts_unread_messages_by_others(demo):
@@ -212,18 +221,13 @@ async def test_a_read_over_rest_reaches_own_sockets_and_the_room(cookies, shared
     """The long-polling fallback marks read over REST: the same pushes as the socket."""
     from django.test import AsyncClient
 
-    async with socket(cookies["alice"]) as alice:
-        await call(alice, {"type": "message.send", "room": "general", "body": "x", "client_id": "rest-read", "ref": 0})
-        await join(alice)
-        async with socket(cookies["bob"]) as bob:
-            await join(bob)
-            await pushes(alice)
-            client = AsyncClient()
-            await client.aforce_login(demo["bob"])
-            res = await client.post("/api/v1/rooms/general/read/", {"seq": 1}, content_type="application/json")
-            assert res.status_code == 200
-            assert await pushes(bob) == [{"type": "read.state", "room": "general", "seq": 1}]
-            assert await pushes(alice) == [{"type": "read.marker", "room": "general", "user": "bob", "seq": 1}]
+    async with alice_posted_then_bob_joined(cookies, "rest-read") as (alice, bob):
+        client = AsyncClient()
+        await client.aforce_login(demo["bob"])
+        res = await client.post("/api/v1/rooms/general/read/", {"seq": 1}, content_type="application/json")
+        assert res.status_code == 200
+        assert await pushes(bob) == [{"type": "read.state", "room": "general", "seq": 1}]
+        assert await pushes(alice) == [{"type": "read.marker", "room": "general", "user": "bob", "seq": 1}]
 
 
 @pytest.mark.asyncio
