@@ -39,6 +39,7 @@ import collections
 import contextlib
 import logging
 import time
+import weakref
 
 import msgspec
 from channels.layers import get_channel_layer
@@ -312,14 +313,14 @@ class LocalQueue:
         return self.items.popleft()
 
 
-_by_loop: dict[int, Fanout] = {}
+_by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Fanout]" = weakref.WeakKeyDictionary()
 
 
 def fanout() -> Fanout:
-    """This process's fan-out on the running loop (tests run one loop per test)."""
+    """This process's fan-out on the running loop (tests run one loop per test,
+    and switch layers and Redis between tests)."""
     loop = asyncio.get_running_loop()
-    found = _by_loop.get(id(loop))
+    found = _by_loop.get(loop)
     if found is None or found.layer is not get_channel_layer() or found.url != store.redis_url():
-        _by_loop.clear()
-        found = _by_loop[id(loop)] = Fanout()
+        found = _by_loop[loop] = Fanout()
     return found

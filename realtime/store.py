@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import weakref
 
 from django.conf import settings
 
-_clients: dict[tuple[int, str], object] = {}
+# Per loop (a closed loop's clients go with it; tests run a loop per test), per URL.
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, object]]" = weakref.WeakKeyDictionary()
 
 
 def redis_url() -> str:
@@ -21,12 +23,10 @@ def client(url: str):
     callers fail open (or closed) on their own rather than wait for a sick Redis."""
     from redis import asyncio as aioredis
 
-    key = (id(asyncio.get_running_loop()), url)
-    found = _clients.get(key)
+    mine = _clients.setdefault(asyncio.get_running_loop(), {})
+    found = mine.get(url)
     if found is None:
-        # A new loop (tests) replaces the clients of the old one.
-        _clients.clear()
-        found = _clients[key] = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        found = mine[url] = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
     return found
 
 
@@ -68,18 +68,21 @@ class Chooser:
         self.made = None
 
 
-_started: set[tuple[str, int]] = set()
+_started: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[str]]" = weakref.WeakKeyDictionary()
 
 
 def start_once(name: str, factory) -> None:
     """Run `factory()` (a coroutine that loops for ever) once per event loop:
-    a process-wide background task such as the heartbeat or the presence sweep."""
+    a process-wide background task such as the heartbeat or the presence sweep.
+    Keyed by the loop itself, not its id: a closed loop's id can be reused by the
+    next one (tests run a loop per test), which would then get no task."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         # daphne's start-up hooks run before Twisted's asyncio loop is running.
         loop = asyncio.get_event_loop()
-    if (name, id(loop)) in _started:
+    names = _started.setdefault(loop, set())
+    if name in names:
         return
-    _started.add((name, id(loop)))
+    names.add(name)
     asyncio.ensure_future(factory(), loop=loop)

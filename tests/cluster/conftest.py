@@ -291,12 +291,12 @@ async def run_clients(cluster, sources, victim_name, action, messages=300, act_a
                                    on_sent=maybe_act)
         moved = [c for c in clients if c.source == sources[victim_name]]
         stayed = [c for c in clients if c.source != sources[victim_name]]
-        # Every follower of the victim must have been moved before the block ends:
+        # Every follower of the victim must be back (moved and subscribed) before the block ends:
         # the messages can all arrive before the victim has closed its last socket
         # (a drain spreads its closes over a second), and closing the followers
         # then would leave nothing to assert.
         deadline = time.monotonic() + 15
-        while not all(c.reconnects for c in moved) and time.monotonic() < deadline:
+        while not all(c.downtimes for c in moved) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await assert_all_caught_up(clients, acks[-1]["seq"])
         return victim, moved, stayed
