@@ -51,16 +51,31 @@ async def send_group(group: str, message: dict) -> None:
     """group_send, with the group named in the message: each worker's fan-out
     (realtime/fanout.py) receives every group's messages on one channel and hands
     them to the sockets that follow that group."""
-    message["group"] = group
+    await send_groups([(group, message)])
+
+
+async def send_groups(messages: list[tuple[str, dict]]) -> None:
+    """send_group for each (group, message), in order; with Redis in one round trip."""
+    for group, message in messages:
+        message["group"] = group
     url = store.redis_url()
-    if url:
-        # Redis pub/sub, one round trip (realtime/fanout.py says why).
-        await store.client(url).publish(fan_channel(group), msgspec.msgpack.encode(message))
-    else:
-        await get_channel_layer().group_send(group, message)
+    if not url:
+        for group, message in messages:
+            await get_channel_layer().group_send(group, message)
+        return
+    # Redis pub/sub (realtime/fanout.py says why).
+    redis = store.client(url)
+    if len(messages) == 1:
+        group, message = messages[0]
+        await redis.publish(fan_channel(group), msgspec.msgpack.encode(message))
+        return
+    pipe = redis.pipeline(transaction=False)
+    for group, message in messages:
+        pipe.publish(fan_channel(group), msgspec.msgpack.encode(message))
+    await pipe.execute()
 
 
-def layer_message(event: protocol.RoomEvent) -> dict:
+def layer_message(event: protocol.RoomEvent, trace: str | None = None) -> dict:
     """The channel-layer message for one event: both wire encodings, made once,
     with the event's type, its publication time (for the latency histogram) and
     the trace id of the action that caused it."""
@@ -70,14 +85,15 @@ def layer_message(event: protocol.RoomEvent) -> dict:
         "seq": event.seq,
         "event": event.__struct_config__.tag,
         "t": time.time(),
-        "trace": TRACE.get(),
+        "trace": trace or TRACE.get(),
         protocol.JSON.name: protocol.JSON.encode(event).decode(),
         protocol.MSGPACK.name: protocol.MSGPACK.encode(event),
     }
 
 
-async def publish(events: list[protocol.RoomEvent]) -> None:
-    """Send committed events to their rooms' groups. Call only after commit.
+async def publish(events: list[protocol.RoomEvent], traces: list[str] | None = None) -> None:
+    """Send committed events to their rooms' groups, in one round trip. Call only
+    after commit. `traces`: each event's trace id (the current one if None).
 
     A failed send is logged and swallowed: the event is in the log already, and
     subscribers recover it by seq (gap repair or resume), so the writer's request
@@ -85,12 +101,13 @@ async def publish(events: list[protocol.RoomEvent]) -> None:
     """
     if not events:
         return
-    for event in events:
-        try:
-            await send_group(room_group(event.room), layer_message(event))
-        except Exception:
-            metrics.LAYER_FAILURES.labels("broadcast").inc()
-            log.exception("broadcast failed", extra={"event": "broadcast.failed", "room": event.room, "seq": event.seq})
+    try:
+        await send_groups([(room_group(event.room), layer_message(event, traces[i] if traces else None))
+                           for i, event in enumerate(events)])
+    except Exception:
+        metrics.LAYER_FAILURES.labels("broadcast").inc()
+        log.exception("broadcast failed", extra={"event": "broadcast.failed", "room": events[0].room,
+                                                 "seq": events[0].seq, "count": len(events)})
 
 
 def publish_on_commit(events: list[protocol.RoomEvent]) -> None:

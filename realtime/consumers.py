@@ -65,6 +65,11 @@ class Subscription:
 
 
 ACCESS_MAX_AGE = 30.0  # seconds a cached access is trusted without an access.check
+SEND_BATCH_MAX = 32  # queued messages taken at once (receive_burst)
+
+
+def message_ack(frame: protocol.Request, result: actions.MessageResult) -> protocol.MessageAck:
+    return protocol.MessageAck(ref=frame.ref, room=result.room, id=result.id, seq=result.seq)
 
 
 class RealtimeConsumer(AsyncWebsocketConsumer):
@@ -89,6 +94,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         # The server's prebuilt-frame write (realtime/server.py), when it has one.
         self.write_frame = ((scope.get("extensions") or {}).get("realtime.frames") or {}).get("write")
         self.local_queue = LocalQueue()
+        # The server's queue of this socket's received messages, when `receive` is
+        # an asyncio.Queue's get (daphne, channels' test communicator): frames
+        # already waiting in it are taken together (receive_burst).
+        inbox = getattr(receive, "__self__", None)
+        self.inbox = inbox if isinstance(inbox, asyncio.Queue) else None
         try:
             await await_many_dispatch([receive, self.local_queue.get], self.dispatch)
         except StopConsumer:
@@ -107,6 +117,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         (a quarter of a busy worker's time, measured with py-spy). Every database
         access here goes through database_sync_to_async, which closes stale
         connections around itself."""
+        if message["type"] == "websocket.receive" and self.inbox is not None and self.inbox.qsize():
+            await self.receive_burst(message)
+            return
+        await self.dispatch_one(message)
+
+    async def dispatch_one(self, message: dict) -> None:
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
@@ -233,19 +249,107 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         handler = HANDLERS[type(frame)]
         try:
             reply = await handler(self, frame)
-        except ActionError as exc:
+        except Exception as exc:
+            reply = self.error_reply(frame, exc)
+        await self.send_frame(reply)
+        self.handled(frame, time.perf_counter() - started)
+
+    def error_reply(self, frame: protocol.Request, exc: Exception) -> protocol.Error:
+        """The reply to a frame whose action raised: the refusal it names, or an
+        internal error (logged with its traceback, never with the frame's body)."""
+        tag = frame.__struct_config__.tag
+        if isinstance(exc, ActionError):
             event(log, INFO, "ws.refused", conn_id=self.conn_id, user_id=self.user.pk, frame=tag,
                   room=getattr(frame, "room", None), code=str(exc.code))
-            reply = protocol.Error(code=exc.code, message=exc.message, ref=frame.ref, retry_after=exc.retry_after)
-        except Exception:
-            log.exception("ws internal error", extra={"event": "ws.internal_error", "conn_id": self.conn_id,
-                                                       "user_id": self.user.pk, "frame": tag})
-            reply = protocol.Error(code=ErrorCode.INTERNAL, message="internal error; nothing was changed", ref=frame.ref)
-        await self.send_frame(reply)
-        elapsed = time.perf_counter() - started
+            return protocol.Error(code=exc.code, message=exc.message, ref=frame.ref, retry_after=exc.retry_after)
+        log.error("ws internal error", exc_info=exc, extra={"event": "ws.internal_error", "conn_id": self.conn_id,
+                                                             "user_id": self.user.pk, "frame": tag})
+        return protocol.Error(code=ErrorCode.INTERNAL, message="internal error; nothing was changed", ref=frame.ref)
+
+    def handled(self, frame: protocol.Request, elapsed: float) -> None:
+        tag = frame.__struct_config__.tag
         metrics.HANDLING.labels(tag).observe(elapsed)
         event(log, DEBUG, "ws.frame", conn_id=self.conn_id, user_id=self.user.pk, frame=tag,
               room=getattr(frame, "room", None), ms=round(elapsed * 1000, 2))
+
+    # -- bursts: frames that were already waiting ------------------------------
+    async def receive_burst(self, first: dict) -> None:
+        """Take what the server has queued behind `first` as well (up to
+        SEND_BATCH_MAX messages) and handle it in order. Consecutive message.sends
+        among them are handled as one batch (handle_sends); anything else is
+        dispatched as usual between the batches. Replies keep the frames' order."""
+        burst = [first]
+        while len(burst) < SEND_BATCH_MAX and self.inbox.qsize():
+            burst.append(self.inbox.get_nowait())
+        sends: list[protocol.MessageSend] = []
+        for message in burst:
+            frame = self.queued_send(message)
+            if frame is not None:
+                sends.append(frame)
+                continue
+            if sends:
+                await self.handle_sends(sends)
+                sends = []
+            await self.dispatch_one(message)
+        if sends:
+            await self.handle_sends(sends)
+
+    def queued_send(self, message: dict) -> protocol.MessageSend | None:
+        """The message.send a queued message carries; None for anything else (it
+        takes the usual path, which answers a bad frame in its turn)."""
+        if message["type"] != "websocket.receive" or not self.authenticated or self.revoked:
+            return None
+        data = message.get("bytes") if self.codec.binary else message.get("text")
+        if data is None:
+            return None
+        try:
+            frame = self.codec.decode(data)
+        except Exception:
+            return None
+        return frame if type(frame) is protocol.MessageSend else None
+
+    async def handle_sends(self, frames: list[protocol.MessageSend]) -> None:
+        """Several message.sends that were waiting, each checked and written as if
+        it came alone (its own token, permission check, write, seq and ack, in
+        order), with one rate-limit call, one trip to the database thread and one
+        publish for all of them."""
+        if not self.authenticated or self.revoked:
+            return
+        self.handling = True
+        try:
+            self.last_frame_at = asyncio.get_running_loop().time()
+            started = time.perf_counter()
+            tag = "message.send"
+            traces = [clean_trace(frame.trace) for frame in frames]
+            TRACE.set(traces[0])
+            metrics.FRAMES_IN.labels(tag).inc(len(frames))
+            granted, retry_after = await ratelimit.take_up_to(self.user.pk, tag, len(frames))
+            allowed = frames[:granted]
+            if allowed:
+                self.refused_in_row = 0
+                for frame in allowed:
+                    metrics.WINDOW.message_in(frame.room)
+                outcomes = await database_sync_to_async(actions.message_send_many)(user=self.user, sends=[
+                    {"slug": frame.room, "body": frame.body, "client_id": frame.client_id,
+                     "access": self.cached_access(frame.room)}
+                    for frame in allowed
+                ])
+                published = [(room_event, trace) for (_, events), trace in zip(outcomes, traces) for room_event in events]
+                await broadcast.publish([e for e, _ in published], [t for _, t in published])
+                for frame, trace, (result, _) in zip(allowed, traces, outcomes):
+                    TRACE.set(trace)
+                    await self.send_frame(self.error_reply(frame, result) if isinstance(result, Exception)
+                                          else message_ack(frame, result))
+            for frame, trace in zip(frames[granted:], traces[granted:]):
+                if self.revoked:
+                    break
+                TRACE.set(trace)
+                await self.refuse_flood(frame.ref, retry_after, tag)
+            elapsed = (time.perf_counter() - started) / len(frames)
+            for frame in frames:
+                self.handled(frame, elapsed)
+        finally:
+            self.handling = False
 
     async def refuse_flood(self, ref, retry_after: float, action: str) -> None:
         """Answer a rate-limited frame; close with 4029 a client that keeps going."""
@@ -363,24 +467,30 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         await broadcast.publish_read(result, self.user, skip_conn=self.conn_id)
         return protocol.ReadAck(ref=frame.ref, room=result.room, seq=result.seq)
 
+    def cached_access(self, slug: str) -> actions.RoomAccess | None:
+        """The room's access as this socket's subscription holds it, if it is young
+        enough to trust (None: message_send reads it)."""
+        sub = self.subscriptions.get(slug)
+        if sub is None or asyncio.get_running_loop().time() - sub.access_at >= ACCESS_MAX_AGE:
+            return None
+        return sub.access
+
     async def on_message_send(self, frame: protocol.MessageSend) -> protocol.Frame:
-        sub = self.subscriptions.get(frame.room)
-        fresh = sub is not None and asyncio.get_running_loop().time() - sub.access_at < ACCESS_MAX_AGE
         result = await actions.perform(
             actions.message_send, user=self.user, slug=frame.room, body=frame.body, client_id=frame.client_id,
-            access=sub.access if fresh else None,
+            access=self.cached_access(frame.room),
         )
-        return protocol.MessageAck(ref=frame.ref, room=result.room, id=result.id, seq=result.seq)
+        return message_ack(frame, result)
 
     async def on_message_edit(self, frame: protocol.MessageEdit) -> protocol.Frame:
         result = await actions.perform(
             actions.message_edit, user=self.user, slug=frame.room, message_id=frame.id, body=frame.body
         )
-        return protocol.MessageAck(ref=frame.ref, room=result.room, id=result.id, seq=result.seq)
+        return message_ack(frame, result)
 
     async def on_message_delete(self, frame: protocol.MessageDelete) -> protocol.Frame:
         result = await actions.perform(actions.message_delete, user=self.user, slug=frame.room, message_id=frame.id)
-        return protocol.MessageAck(ref=frame.ref, room=result.room, id=result.id, seq=result.seq)
+        return message_ack(frame, result)
 
     async def on_ping(self, frame: protocol.Ping) -> protocol.Frame:
         """Answer, and first catch up any subscribed room whose newest events never

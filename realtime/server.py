@@ -26,7 +26,8 @@ a socket's upgrade included, is dropped.
 
 Each socket's scope carries the ASGI extension `realtime.frames`: `write(frame)`
 puts a complete, already framed WebSocket message (protocol.websocket_frame()) on the
-socket as is. The fan-out frames a room event once and writes those bytes to every
+socket as is, at the end of the loop's current turn, in one send() with whatever
+else the socket got in that turn (anything sent through ASGI goes after it). The fan-out frames a room event once and writes those bytes to every
 local member, instead of daphne encoding, framing and accounting it per member.
 The same send-buffer bound applies. Under another server the extension is absent
 and the app sends through ASGI as usual.
@@ -86,6 +87,21 @@ def write_now(transport, data: bytes) -> None:
     transport.write(data)
 
 
+# Sockets with prebuilt frames waiting for the end of this turn of the loop
+# (BoundedWebSocketProtocol.write_frame), and whether their flush is scheduled.
+_corked: list["BoundedWebSocketProtocol"] = []
+
+
+def flush_corked() -> None:
+    """Write what each corked socket gathered in this turn of the loop, in one
+    send() per socket: a burst of room events (a batch of sends, a catch-up) costs
+    a system call per socket instead of one per socket and event."""
+    sockets = list(_corked)
+    _corked.clear()
+    for socket in sockets:
+        socket.flush_frames()
+
+
 class OpenedRequest:
     """What daphne reads of the handshake request once a socket is open."""
 
@@ -105,6 +121,8 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
     max_receive_buffer = int(os.environ.get("REALTIME_MAX_RECEIVE_BUFFER", str(1024 * 1024)))
     overflowed = False
     flooded = False
+    corked: list[bytes] | None = None  # prebuilt frames not yet written (write_frame)
+    corked_bytes = 0
 
     def onMessage(self, payload, isBinary):
         if self.flooded:
@@ -140,9 +158,32 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         if (self.state != self.STATE_OPEN or self._perMessageCompress is not None
                 or self.send_state != self.SEND_STATE_GROUND or self.send_queue):
             return False
-        if not self._over_bound():
-            write_now(self.transport, frame)
+        if self._over_bound():
+            return True
+        # Gathered until the loop's current turn ends, then written with whatever
+        # else this socket gets in the meantime (flush_corked).
+        if self.corked is None:
+            self.corked = [frame]
+            if not _corked:
+                asyncio.get_running_loop().call_soon(flush_corked)
+            _corked.append(self)
+        else:
+            self.corked.append(frame)
+        self.corked_bytes += len(frame)
         return True
+
+    def flush_frames(self) -> None:
+        frames, self.corked, self.corked_bytes = self.corked, None, 0
+        if not frames or self.state == self.STATE_CLOSED:
+            return
+        write_now(self.transport, frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def sendData(self, data, sync=False, chopsize=None):
+        # Whatever autobahn writes (replies through ASGI, pings, the close frame)
+        # goes after the frames gathered before it.
+        if self.corked:
+            self.flush_frames()
+        super().sendData(data, sync, chopsize)
 
     def onOpen(self):
         super().onOpen()
@@ -161,7 +202,7 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
             self.transport.setTcpNoDelay(True)
 
     def _over_bound(self) -> bool:
-        if self.state == self.STATE_OPEN and unsent_bytes(self.transport) > self.max_send_buffer:
+        if self.state == self.STATE_OPEN and unsent_bytes(self.transport) + self.corked_bytes > self.max_send_buffer:
             self.overflowed = True
             log.warning("closing a socket that stopped reading: %d bytes unsent", unsent_bytes(self.transport))
             # The close frame queues behind the backlog; autobahn drops the TCP

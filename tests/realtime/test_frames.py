@@ -42,3 +42,52 @@ def test_a_room_event_is_framed_once_per_codec_and_kept_in_the_message():
     binary = parse(protocol.framed(message, protocol.MSGPACK))
     assert binary.opcode == Opcode.BINARY
     assert binary.data == message[protocol.MSGPACK.name]
+
+
+class Transport:
+    """What the protocol writes, write by write (not a TCP transport: write_now
+    hands it everything through write())."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+
+def open_socket(**attributes):
+    from types import SimpleNamespace
+
+    from realtime.server import BoundedWebSocketProtocol
+
+    socket = BoundedWebSocketProtocol.__new__(BoundedWebSocketProtocol)
+    socket.__dict__.update(state=socket.STATE_OPEN, transport=Transport(), _perMessageCompress=None,
+                           send_state=socket.SEND_STATE_GROUND, send_queue=[], peer="tcp:127.0.0.1:1",
+                           trafficStats=SimpleNamespace(outgoingOctetsWireLevel=0), logOctets=False, **attributes)
+    return socket
+
+
+@pytest.mark.asyncio
+async def test_frames_of_one_turn_go_out_in_one_write_before_anything_sent_after_them():
+    import asyncio
+
+    socket = open_socket()
+    assert socket.write_frame(b"one") and socket.write_frame(b"two")
+    assert socket.transport.writes == [], "written before the turn ended"
+    await asyncio.sleep(0)
+    assert socket.transport.writes == [b"onetwo"]
+    socket.write_frame(b"three")
+    socket.sendData(b"ack")  # a reply through ASGI in the same turn goes after it
+    assert socket.transport.writes == [b"onetwo", b"three", b"ack"]
+    await asyncio.sleep(0)
+    assert socket.transport.writes == [b"onetwo", b"three", b"ack"]
+
+
+@pytest.mark.asyncio
+async def test_gathered_frames_count_against_the_send_bound():
+    closed = []
+    socket = open_socket(max_send_buffer=10)
+    socket.sendClose = lambda code: closed.append(code)
+    assert socket.write_frame(b"x" * 8) and socket.write_frame(b"y" * 8)
+    assert socket.write_frame(b"z")
+    assert closed == [4013] and socket.overflowed

@@ -70,11 +70,21 @@ async def test_a_stream_of_bad_frames_is_rate_limited_then_closed(cookies, setti
 async def test_buckets_are_shared_by_workers_through_redis(redis_server):
     worker_a = ratelimit.RedisBuckets(redis_server.url)
     worker_b = ratelimit.RedisBuckets(redis_server.url)
-    verdicts = [await w.take("message.send:42", 1, 4) for w in (worker_a, worker_b, worker_a, worker_b)]
-    assert all(v.allowed for v in verdicts)
-    refused = await worker_b.take("message.send:42", 1, 4)
-    assert not refused.allowed and 0 < refused.retry_after <= 1
-    assert (await worker_a.take("message.send:43", 1, 4)).allowed
+    grants = [(await w.take("message.send:42", 1, 4, 1))[0] for w in (worker_a, worker_b, worker_a, worker_b)]
+    assert grants == [1, 1, 1, 1]
+    granted, tokens = await worker_b.take("message.send:42", 1, 4, 1)
+    assert granted == 0 and 0 <= tokens < 1
+    assert (await worker_a.take("message.send:43", 1, 4, 1))[0] == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+async def test_a_batch_gets_what_the_bucket_holds_in_one_call(kind, redis_server):
+    buckets = ratelimit.RedisBuckets(redis_server.url) if kind == "redis" else ratelimit.MemoryBuckets()
+    assert (await buckets.take("message.send:7", 1, 5, 3))[0] == 3
+    granted, tokens = await buckets.take("message.send:7", 1, 5, 4)
+    assert granted == 2 and 0 <= tokens < 1  # two left of five; the other two are refused
+    assert (await buckets.take("message.send:7", 1, 5, 1))[0] == 0
 
 
 def test_rest_posting_shares_the_message_send_bucket(demo, tight):
