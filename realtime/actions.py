@@ -14,6 +14,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import msgspec
+
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
@@ -374,15 +376,97 @@ def message_send(*, user, slug: str, body: str, client_id: str, access: RoomAcce
 def message_send_many(*, user, sends: list[dict]) -> list[tuple[MessageResult | Exception, list]]:
     """message_send for each of `sends` (its keyword arguments), in order, in one
     call: a socket's queued sends take one trip to the database thread instead of
-    one each. Each is its own write with its own outcome: an ActionError (or any
-    other failure) is returned in that send's place and the others go on."""
-    outcomes: list[tuple[MessageResult | Exception, list]] = []
-    for kwargs in sends:
+    one each. Each has its own checks, seq and outcome: an ActionError (or any
+    other failure) is returned in that send's place and the others go on. On
+    PostgreSQL, consecutive first sends to one room are written by one statement
+    (_post_run); whatever that cannot settle (a refusal, a repeat) takes
+    message_send's own path."""
+    outcomes: list[tuple[MessageResult | Exception, list] | None] = [None] * len(sends)
+    in_one_statement = connection.vendor == "postgresql" and not connection.in_atomic_block
+    start = 0
+    while start < len(sends):
+        end = start + 1
+        while end < len(sends) and sends[end]["slug"] == sends[start]["slug"]:
+            end += 1
+        if in_one_statement and end - start > 1:
+            _post_run(user, sends, start, end, outcomes)
+        # Before the next run: seqs follow the order the sends came in.
+        for i in range(start, end):
+            if outcomes[i] is None:
+                try:
+                    outcomes[i] = message_send(user=user, **sends[i])
+                except Exception as exc:
+                    outcomes[i] = (exc, [])
+        start = end
+    return outcomes  # type: ignore[return-value]
+
+
+POST_RUN_SQL = f"""
+WITH taken AS (
+    UPDATE {Room._meta.db_table} SET last_seq = last_seq + %(n)s WHERE id = %(room)s
+    RETURNING last_seq - %(n)s AS base
+), input AS (
+    SELECT * FROM unnest(%(bodies)s::text[], %(client_ids)s::text[], %(payloads)s::text[])
+        WITH ORDINALITY AS t(body, client_id, payload, i)
+), posted AS (
+    INSERT INTO {Message._meta.db_table} (room_id, author_id, body, client_id, seq, created_at)
+    SELECT %(room)s, %(author)s, input.body, input.client_id, taken.base + input.i, %(now)s
+    FROM taken CROSS JOIN input ORDER BY input.i
+    RETURNING id, seq
+)
+INSERT INTO {Event._meta.db_table} (room_id, seq, type, message_id, payload, created_at)
+SELECT %(room)s, posted.seq, 'message.new', posted.id, input.payload::jsonb || jsonb_build_object('id', posted.id),
+       %(now)s
+FROM posted CROSS JOIN taken JOIN input ON posted.seq = taken.base + input.i
+RETURNING message_id, seq
+"""
+
+
+def _post_run(user, sends: list[dict], start: int, end: int, outcomes: list) -> None:
+    """PostgreSQL: post sends[start:end] (one room) in one statement, as
+    _post_in_one_statement does for one: the room row's lock hands out n
+    consecutive seqs, in the sends' order. Fills `outcomes` for the sends it
+    wrote; leaves the rest (and all of them, when a repeat fails the statement's
+    unique constraint) to message_send."""
+    first = sends[start]
+    try:
+        access = first.get("access") or room_access(user=user, slug=first["slug"], action=Action.VIEW)
+        check(user, access, Action.VIEW)
+        check(user, access, Action.POST)
+    except ActionError:
+        return  # each send is refused (or found to be a repeat) on its own
+    room = access.room
+    author = user.get_username()
+    now = timezone.now()
+    run: list[tuple[int, str, str]] = []
+    for i in range(start, end):
         try:
-            outcomes.append(message_send(user=user, **kwargs))
-        except Exception as exc:
-            outcomes.append((exc, []))
-    return outcomes
+            run.append((i, clean_body(sends[i]["body"]), sends[i]["client_id"]))
+        except ActionError:
+            continue  # refused on its own
+    if len(run) < 2:
+        return
+    payloads = []
+    for _, body, client_id in run:
+        payload = protocol.event_to_dict(_message_new("", 0, 0, author, body, client_id, now))
+        for key in ("type", "room", "seq", "id"):
+            del payload[key]
+        payloads.append(msgspec.json.encode(payload).decode())
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(POST_RUN_SQL, {
+                "n": len(run), "room": room.pk, "author": user.pk,
+                "bodies": [body for _, body, _ in run], "client_ids": [client_id for _, _, client_id in run],
+                "payloads": payloads, "now": Message._meta.get_field("created_at").get_db_prep_save(now, connection),
+            })
+            rows = cursor.fetchall()
+    except IntegrityError:
+        return  # a repeat among them: nothing was written; one by one finds it
+    if len(rows) != len(run):
+        return  # the room is gone: nothing was written
+    for (i, body, client_id), (message_id, seq) in zip(run, sorted(rows, key=lambda row: row[1])):
+        outcomes[i] = (MessageResult(room=room.slug, id=message_id, seq=seq),
+                       [_message_new(room.slug, seq, message_id, author, body, client_id, now)])
 
 
 def _message_new(slug: str, seq: int, message_id: int, author: str, body: str, client_id: str, now) -> protocol.MessageNew:

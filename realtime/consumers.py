@@ -559,7 +559,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         sub = self.subscriptions.get(message["room"])
         if sub is None or self.revoked or message["seq"] != sub.last_seq + 1:
             return False
-        await self.room_event(message)
+        await self.write_event(message, sub)  # the fan-out counts it (metrics.delivered)
         return True
 
     async def room_event(self, message: dict) -> None:
@@ -573,12 +573,16 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return
         if seq > sub.last_seq + 1 and not await self.catch_up(slug, sub, seq - 1):
             return
-        await self.send_encoded(message)
-        sub.last_seq = seq
+        await self.write_event(message, sub)
         metrics.delivered(message)
+
+    async def write_event(self, message: dict, sub: Subscription) -> None:
+        await self.send_encoded(message)
+        sub.last_seq = message["seq"]
         if log.isEnabledFor(DEBUG):
             log.debug("ws.deliver", extra={"event": "ws.deliver", "conn_id": self.conn_id, "user_id": self.user.pk,
-                                           "room": slug, "seq": seq, "trace_id": message.get("trace")})
+                                           "room": message["room"], "seq": message["seq"],
+                                           "trace_id": message.get("trace")})
 
     async def push(self, message: dict) -> None:
         """An ephemeral frame (typing, presence, read markers), encoded once upstream."""

@@ -105,13 +105,18 @@ class Fanout:
 
     async def dispatch(self, message: dict) -> None:
         group = message.get("group") or broadcast.room_group(message.get("room"))
+        written = 0
         for consumer in tuple(self.groups.get(group, ())):
             try:
                 if await consumer.deliver(message):
+                    written += 1  # a room event, written
                     continue
             except Exception:
                 log.exception("fan-out delivery failed", extra={"event": "fanout.delivery_failed"})
             consumer.local_queue.put_nowait(message)
+        if written:
+            # Counted once for all the sockets it was written to straight away.
+            metrics.delivered(message, written)
 
     def recovered(self) -> None:
         """After a transport failure: every local socket catches its rooms up."""

@@ -31,7 +31,9 @@ HANDLING = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 LATENCY = Histogram(
-    "realtime_broadcast_latency_seconds", "Time from a room event's publication (after commit) to its delivery",
+    "realtime_broadcast_latency_seconds",
+    "Time from a room event's publication (after commit) to its delivery; one observation per event and worker "
+    "for the sockets it was written to together (the last of them)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 REPLAYED = Counter("realtime_replayed_events_total", "Room events sent from the log (subscribe replay, catch-up)")
@@ -61,6 +63,7 @@ class Window:
         self.since = now
         self.messages_in = 0
         self.delivered = 0
+        self.observed = 0  # latencies seen (one per event and worker, written together)
         self.errors: Tally[str] = Tally()
         self.rate_limited = 0
         self.latencies: list[float] = []
@@ -71,17 +74,18 @@ class Window:
             self.messages_in += 1
             self.rooms[room] += 1
 
-    def delivery(self, latency: float | None) -> None:
+    def delivery(self, latency: float | None, count: int = 1) -> None:
         with self.lock:
-            self.delivered += 1
+            self.delivered += count
             if latency is None:
                 return
+            self.observed += 1
             if len(self.latencies) < LATENCY_SAMPLE:
                 self.latencies.append(latency)
             else:
                 # A uniform sample of the interval's latencies (reservoir): the
                 # quantiles stay honest while the heartbeat's sort stays short.
-                slot = random.randrange(self.delivered)
+                slot = random.randrange(self.observed)
                 if slot < LATENCY_SAMPLE:
                     self.latencies[slot] = latency
 
@@ -125,16 +129,17 @@ WINDOW = Window()
 _frames_out: dict[str, object] = {}
 
 
-def delivered(message: dict) -> None:
-    """Count one room event written to one socket: the frame counter, the
-    publish-to-write latency histogram and the dashboard's window."""
+def delivered(message: dict, count: int = 1) -> None:
+    """Count one room event written to `count` sockets: the frame counter, the
+    publish-to-write latency histogram (once: the last of those writes) and the
+    dashboard's window."""
     kind = message.get("event", "room.event")
     counter = _frames_out.get(kind)
     if counter is None:
         counter = _frames_out[kind] = FRAMES_OUT.labels(kind)
-    counter.inc()
+    counter.inc(count)
     published = message.get("t")
     latency = max(0.0, time.time() - published) if published else None
     if latency is not None:
         LATENCY.observe(latency)
-    WINDOW.delivery(latency)
+    WINDOW.delivery(latency, count)

@@ -150,32 +150,35 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         super().serverSend(content, binary)
 
     def write_frame(self, frame: bytes) -> bool:
-        """Write a complete WebSocket frame (protocol.websocket_frame()); False when this
-        socket cannot take it as is (not open, compressing, mid-message), and the
-        caller sends through ASGI instead."""
+        """Write a complete WebSocket frame (protocol.websocket_frame()) at the end of
+        this turn of the loop; False when this socket cannot take it as is (not
+        open, compressing, mid-message), and the caller sends through ASGI instead."""
+        corked = self.corked
+        if corked is not None:
+            # Checked at this turn's first frame; anything that could have changed
+            # since (a close, a reply) went through sendData, which uncorks.
+            corked.append(frame)
+            self.corked_bytes += len(frame)
+            return True
         if self.overflowed or self.state in (self.STATE_CLOSING, self.STATE_CLOSED):
             return True  # closing: dropped, as serverSend drops it
         if (self.state != self.STATE_OPEN or self._perMessageCompress is not None
                 or self.send_state != self.SEND_STATE_GROUND or self.send_queue):
             return False
-        if self._over_bound():
-            return True
         # Gathered until the loop's current turn ends, then written with whatever
         # else this socket gets in the meantime (flush_corked).
-        if self.corked is None:
-            self.corked = [frame]
-            if not _corked:
-                asyncio.get_running_loop().call_soon(flush_corked)
-            _corked.append(self)
-        else:
-            self.corked.append(frame)
-        self.corked_bytes += len(frame)
+        self.corked = [frame]
+        self.corked_bytes = len(frame)
+        if not _corked:
+            asyncio.get_running_loop().call_soon(flush_corked)
+        _corked.append(self)
         return True
 
     def flush_frames(self) -> None:
-        frames, self.corked, self.corked_bytes = self.corked, None, 0
-        if not frames or self.state == self.STATE_CLOSED:
-            return
+        frames, size = self.corked, self.corked_bytes
+        self.corked, self.corked_bytes = None, 0
+        if not frames or self.state != self.STATE_OPEN or self._over_bound(size):
+            return  # closed meanwhile, or over the send bound (closing with 4013): dropped
         write_now(self.transport, frames[0] if len(frames) == 1 else b"".join(frames))
 
     def sendData(self, data, sync=False, chopsize=None):
@@ -201,8 +204,11 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         with contextlib.suppress(Exception):
             self.transport.setTcpNoDelay(True)
 
-    def _over_bound(self) -> bool:
-        if self.state == self.STATE_OPEN and unsent_bytes(self.transport) + self.corked_bytes > self.max_send_buffer:
+    def _over_bound(self, pending: int | None = None) -> bool:
+        """Whether the unsent bytes, with `pending` more (the gathered frames by
+        default), pass the send bound; if so, close with 4013."""
+        pending = self.corked_bytes if pending is None else pending
+        if self.state == self.STATE_OPEN and unsent_bytes(self.transport) + pending > self.max_send_buffer:
             self.overflowed = True
             log.warning("closing a socket that stopped reading: %d bytes unsent", unsent_bytes(self.transport))
             # The close frame queues behind the backlog; autobahn drops the TCP

@@ -85,9 +85,15 @@ async def test_frames_of_one_turn_go_out_in_one_write_before_anything_sent_after
 
 @pytest.mark.asyncio
 async def test_gathered_frames_count_against_the_send_bound():
+    import asyncio
+
     closed = []
     socket = open_socket(max_send_buffer=10)
     socket.sendClose = lambda code: closed.append(code)
     assert socket.write_frame(b"x" * 8) and socket.write_frame(b"y" * 8)
-    assert socket.write_frame(b"z")
+    await asyncio.sleep(0)
     assert closed == [4013] and socket.overflowed
+    assert socket.transport.writes == [], "a socket over the bound got the frames"
+    assert socket.write_frame(b"z")  # taken and dropped: the socket is closing
+    await asyncio.sleep(0)
+    assert socket.transport.writes == []
