@@ -95,6 +95,28 @@ class OpenedRequest:
         self.path = path
 
 
+def release_http_channel(transport) -> None:
+    """After daphne's upgrade the HTTP channel stays registered as the transport's
+    producer, keeping the channel, its request, both header sets and the raw
+    request alive (some 5 KiB a socket). Its producer methods do nothing once the
+    request is being handled and never finishes (no request producer, the network
+    producer left alone), so the transport is better off with no producer: what
+    autobahn's own server protocols have."""
+    from twisted.web.http import HTTPChannel
+
+    producer = getattr(transport, "producer", None)  # a TCP transport
+    if producer is None:
+        membrane = getattr(transport, "_producer", None)  # TLS: wrapped in a membrane
+        producer = getattr(membrane, "_producer", None)
+    if (isinstance(producer, HTTPChannel) and getattr(producer, "_handlingRequest", False)
+            and getattr(producer, "_requestProducer", None) is None):
+        transport.unregisterProducer()
+        # The channel and its request point at each other: break that, so both go
+        # as soon as daphne forgets the request (within a second), not at some
+        # later full garbage collection.
+        producer.requests = []
+
+
 class BoundedWebSocketProtocol(WebSocketProtocol):
     """daphne's WebSocket protocol with a ceiling on unsent bytes, and one on
     received frames the application has not taken yet (daphne queues those
@@ -159,6 +181,7 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         # small room event must not wait on the peer's delayed ACK (Nagle).
         with contextlib.suppress(Exception):
             self.transport.setTcpNoDelay(True)
+        release_http_channel(self.transport)
 
     def _over_bound(self) -> bool:
         if self.state == self.STATE_OPEN and unsent_bytes(self.transport) > self.max_send_buffer:
