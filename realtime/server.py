@@ -45,11 +45,14 @@ import random
 import signal
 import time
 import types
+from functools import partial
 
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import tcp
+
+from realtime.queues import AppQueue
 
 log = logging.getLogger("realtime.server")
 
@@ -173,7 +176,7 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
             return
         queue = getattr(self, "application_queue", None)
         if queue is not None and self.state == self.STATE_OPEN:
-            waiting = queue._queue  # asyncio.Queue keeps its items in a deque
+            waiting = queue._queue  # AppQueue (as asyncio.Queue) keeps its items there
             if len(waiting) >= self.max_receive_frames or len(payload) + sum(
                 len(m.get("text") or m.get("bytes") or "") for m in waiting
             ) > self.max_receive_buffer:
@@ -275,9 +278,20 @@ class DrainingServer(Server):
         super().run()
 
     def create_application(self, protocol, scope):
-        if isinstance(protocol, BoundedWebSocketProtocol):
-            scope["extensions"] = {**(scope.get("extensions") or {}), "realtime.frames": {"write": protocol.write_frame}}
-        return super().create_application(protocol, scope)
+        if not isinstance(protocol, BoundedWebSocketProtocol):
+            return super().create_application(protocol, scope)
+        scope["extensions"] = {**(scope.get("extensions") or {}), "realtime.frames": {"write": protocol.write_frame}}
+        # daphne's create_application, with the lean queue.
+        assert "application_instance" not in self.connections[protocol]
+        input_queue = AppQueue()
+        scope.setdefault("asgi", {"version": "3.0"})
+        application_instance = self.application(scope=scope, receive=input_queue.get,
+                                                send=partial(self.handle_reply, protocol))
+        if protocol not in self.connections:
+            return None
+        self.connections[protocol]["application_instance"] = asyncio.ensure_future(
+            application_instance, loop=asyncio.get_event_loop())
+        return input_queue
 
     def listen_success(self, port):
         self.ports.append(port)
