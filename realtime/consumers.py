@@ -29,13 +29,12 @@ from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
-from channels.utils import await_many_dispatch
 from channels.consumer import get_handler_name
 from django.conf import settings
 
 from accounts.sessions import session_is_valid
 
-from . import actions, broadcast, connections, heartbeat, housekeeper, metrics, presence, protocol, ratelimit
+from . import actions, broadcast, connections, heartbeat, housekeeper, metrics, presence, protocol, queues, ratelimit
 from .fanout import LocalQueue, fanout
 from .actions import ActionError
 from .logs import TRACE, clean_trace, event
@@ -81,7 +80,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         socket's own: what the layer has for this socket (its rooms' and its user's
         groups) comes from this worker's fan-out (realtime/fanout.py), straight to
         deliver() or through local_queue. A layer failure is the fan-out's to
-        survive: it rejoins and sends `layer.recovered`."""
+        survive: it rejoins and sends `layer.recovered`. Under the daphne launcher
+        this task alone serves both queues (realtime/queues.py: no task for each)."""
         self.scope = scope
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.channel_name = None
@@ -90,7 +90,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.write_frame = ((scope.get("extensions") or {}).get("realtime.frames") or {}).get("write")
         self.local_queue = LocalQueue()
         try:
-            await await_many_dispatch([receive, self.local_queue.get], self.dispatch)
+            await queues.serve(receive, self.local_queue, self.dispatch)
         except StopConsumer:
             pass
         finally:
