@@ -1,4 +1,5 @@
-"""The per-socket queues and the dispatch loop of realtime/queues.py."""
+"""The per-socket queues and the dispatch loop of realtime/queues.py, and the
+WebSocket router of realtime/routing.py."""
 
 import asyncio
 
@@ -7,6 +8,7 @@ from channels.exceptions import StopConsumer
 
 from realtime.fanout import LocalQueue
 from realtime.queues import AppQueue, serve
+from realtime.routing import SocketRouter
 
 pytestmark = pytest.mark.asyncio
 
@@ -77,3 +79,19 @@ async def test_serve_falls_back_to_await_many_dispatch_for_other_servers():
     with pytest.raises(StopConsumer):
         await asyncio.wait_for(serve(incoming.get, local, dispatch), 1)
     assert "stop" in seen
+
+
+async def test_socket_router_matches_as_url_router_does():
+    calls = []
+
+    def app(name):
+        async def run(scope, receive, send):
+            calls.append(name)
+        return run
+
+    router = SocketRouter({"ws/v1/": app("realtime")}, app("other"))
+    await router({"path": "/ws/v1/"}, None, None)
+    await router({"path": "/prefix/ws/v1/", "root_path": "/prefix"}, None, None)
+    await router({"path": "/ws/v1/x"}, None, None)
+    await router({"path": "/ws/bench/bare/"}, None, None)
+    assert calls == ["realtime", "realtime", "other", "other"]
