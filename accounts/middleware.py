@@ -1,21 +1,44 @@
-"""WebSocket authentication by ticket (`/ws/v1/?ticket=...`), in front of the
-session middleware: a socket with a ticket is that ticket's user and session."""
+"""WebSocket authentication.
+
+- SocketAuthMiddleware: the /ws/v1/ socket's handshake in one middleware: the
+  Origin check, then the user from a ticket (`/ws/v1/?ticket=...`) or else the
+  session cookie, in the scope it was given.
+- TicketAuthMiddleware: the ticket alone, for a stack of channels' middleware
+  (the bench's baseline route keeps that stack: project/asgi.py).
+A socket with a ticket is that ticket's user and session.
+"""
 
 from __future__ import annotations
 
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
+from channels.security.websocket import WebsocketDenier
+from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
+from django.http.cookie import parse_cookie
+
+from realtime.origins import origin_allowed, origin_of, refuse_log
 
 from . import tickets
 
 
-class _TicketSession:
-    """What the consumer reads of a session: its key."""
+class SessionRef:
+    """What the consumer reads of a socket's session: its key. The session itself
+    (its store and decoded data) is not kept for the socket's life."""
+
+    __slots__ = ("session_key",)
 
     def __init__(self, session_key: str | None):
         self.session_key = session_key
+
+
+_TicketSession = SessionRef  # the name it had
+
+
+def _ticket(scope) -> str | None:
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return query["ticket"][0] if "ticket" in query else None
 
 
 class TicketAuthMiddleware:
@@ -23,10 +46,62 @@ class TicketAuthMiddleware:
         self.inner = inner
 
     async def __call__(self, scope, receive, send):
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        if "ticket" not in query:
+        ticket = _ticket(scope)
+        if ticket is None:
             return await self.inner(scope, receive, send)
-        user, session_key = await database_sync_to_async(tickets.redeem)(query["ticket"][0])
+        user, session_key = await database_sync_to_async(tickets.redeem)(ticket)
         # A bad, reused or expired ticket is an anonymous socket: accepted, then 4001.
-        scope = {**scope, "user": user or AnonymousUser(), "session": _TicketSession(session_key), "ticket": True}
+        scope = {**scope, "user": user or AnonymousUser(), "session": SessionRef(session_key), "ticket": True}
         return await self.inner(scope, receive, send)
+
+
+async def _session_user(session_key: str | None):
+    """channels' SessionMiddleware and AuthMiddleware on their own: the session's
+    user when its auth hash still matches (else the session is flushed), else
+    anonymous; and the session's key after that (None when there is none)."""
+    from importlib import import_module
+
+    from channels.auth import get_user
+
+    store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    user = await get_user({"session": store})
+    return user, store.session_key
+
+
+class SocketAuthMiddleware:
+    """OriginValidator(AuthMiddlewareStack(TicketAuthMiddleware(inner))) in one:
+    the same checks and the same scope["user"], with scope["session"] a SessionRef.
+
+    Each of channels' layers copies the scope and stays suspended in `await
+    inner(...)` for the socket's life, the session wrapper re-reads the session at
+    every message sent, and the scope keeps the decoded session: some 6 KiB an idle
+    socket (bench/memprobe.py). This adds its keys to the scope it is given (the
+    server's, which nothing else keeps) and then waits in one frame.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        origin = origin_of(scope)
+        if not origin_allowed(origin):
+            refuse_log(origin)
+            return await WebsocketDenier()(scope, receive, send)
+        # (in a coroutine of its own: what it reads is gone once the socket is open)
+        scope.update(await self.identify(scope))
+        return await self.inner(scope, receive, send)
+
+    @staticmethod
+    async def identify(scope) -> dict:
+        ticket = _ticket(scope)
+        if ticket is not None:
+            user, session_key = await database_sync_to_async(tickets.redeem)(ticket)
+            # A bad, reused or expired ticket is an anonymous socket: accepted, then 4001.
+            return {"user": user or AnonymousUser(), "session": SessionRef(session_key), "ticket": True}
+        cookies = {}
+        for name, value in scope.get("headers", ()):
+            if name == b"cookie":
+                cookies = parse_cookie(value.decode("latin1"))
+                break
+        user, session_key = await _session_user(cookies.get(settings.SESSION_COOKIE_NAME))
+        return {"user": user, "session": SessionRef(session_key)}

@@ -29,13 +29,12 @@ from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
-from channels.utils import await_many_dispatch
 from channels.consumer import get_handler_name
 from django.conf import settings
 
 from accounts.sessions import session_is_valid
 
-from . import actions, broadcast, connections, heartbeat, housekeeper, metrics, presence, protocol, ratelimit
+from . import actions, broadcast, connections, heartbeat, housekeeper, metrics, presence, protocol, queues, ratelimit
 from .fanout import LocalQueue, fanout
 from .actions import ActionError
 from .logs import TRACE, clean_trace, event
@@ -86,7 +85,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         socket's own: what the layer has for this socket (its rooms' and its user's
         groups) comes from this worker's fan-out (realtime/fanout.py), straight to
         deliver() or through local_queue. A layer failure is the fan-out's to
-        survive: it rejoins and sends `layer.recovered`."""
+        survive: it rejoins and sends `layer.recovered`. Under the daphne launcher
+        this task alone serves both queues (realtime/queues.py: no task for each)."""
         self.scope = scope
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.channel_name = None
@@ -95,12 +95,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.write_frame = ((scope.get("extensions") or {}).get("realtime.frames") or {}).get("write")
         self.local_queue = LocalQueue()
         # The server's queue of this socket's received messages, when `receive` is
-        # an asyncio.Queue's get (daphne, channels' test communicator): frames
-        # already waiting in it are taken together (receive_burst).
+        # its get (our daphne launcher's AppQueue, daphne's or channels' test
+        # communicator's asyncio.Queue): frames already waiting in it are taken
+        # together (receive_burst).
         inbox = getattr(receive, "__self__", None)
-        self.inbox = inbox if isinstance(inbox, asyncio.Queue) else None
+        self.inbox = inbox if isinstance(inbox, (queues.AppQueue, asyncio.Queue)) else None
         try:
-            await await_many_dispatch([receive, self.local_queue.get], self.dispatch)
+            await queues.serve(receive, self.local_queue, self.dispatch)
         except StopConsumer:
             pass
         finally:
@@ -167,6 +168,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.last_frame_at = asyncio.get_running_loop().time()
         session = self.scope.get("session")
         self.session_key = getattr(session, "session_key", None)
+        # The handshake is over and nothing here reads the request's headers
+        # again: let them go (1.5 KiB a socket, the cookie's value among them).
+        self.scope["headers"] = ()
         housekeeper.add(self)
         self.opened_at = time.monotonic()
         metrics.CONNECTIONS.inc()

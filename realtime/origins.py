@@ -62,6 +62,18 @@ def origin_allowed(origin: str | None) -> bool:
     return settings.DEBUG and validate_host(host, settings.ALLOWED_HOSTS)
 
 
+def origin_of(scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"origin":
+            return value.decode("latin-1")
+    return None
+
+
+def refuse_log(origin: str | None) -> None:
+    # The Origin is no secret, but it is attacker-chosen: log a bounded repr.
+    log.info("ws refused reason=origin origin=%r", (origin or "")[:100] if origin is not None else None)
+
+
 class OriginValidator:
     """ASGI middleware for the websocket scope: refuse foreign origins at the handshake."""
 
@@ -69,14 +81,9 @@ class OriginValidator:
         self.application = application
 
     async def __call__(self, scope, receive, send):
-        origin = None
-        for name, value in scope.get("headers", ()):
-            if name == b"origin":
-                origin = value.decode("latin-1")
-                break
+        origin = origin_of(scope)
         if origin_allowed(origin):
             return await self.application(scope, receive, send)
-        # The Origin is no secret, but it is attacker-chosen: log a bounded repr.
-        log.info("ws refused reason=origin origin=%r", (origin or "")[:100] if origin is not None else None)
+        refuse_log(origin)
         denier = WebsocketDenier()
         return await denier(scope, receive, send)

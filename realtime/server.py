@@ -45,11 +45,15 @@ import os
 import random
 import signal
 import time
+import types
+from functools import partial
 
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import tcp
+
+from realtime.queues import AppQueue
 
 log = logging.getLogger("realtime.server")
 
@@ -102,6 +106,17 @@ def flush_corked() -> None:
         socket.flush_frames()
 
 
+class SendQueue(list):
+    """autobahn's send_queue (len, append, popleft) as a list: it is empty but for
+    chopped or synchronous sends, and an empty deque holds a 64-slot block (760 B
+    a socket), an empty list 56 B."""
+
+    __slots__ = ()
+
+    def popleft(self):
+        return self.pop(0)
+
+
 class OpenedRequest:
     """What daphne reads of the handshake request once a socket is open."""
 
@@ -111,10 +126,62 @@ class OpenedRequest:
         self.path = path
 
 
+def release_http_channel(transport) -> None:
+    """After daphne's upgrade the HTTP channel stays registered as the transport's
+    producer, keeping the channel, its request, both header sets and the raw
+    request alive (some 5 KiB a socket). Its producer methods do nothing once the
+    request is being handled and never finishes (no request producer, the network
+    producer left alone), so the transport is better off with no producer: what
+    autobahn's own server protocols have."""
+    from twisted.web.http import HTTPChannel
+
+    producer = getattr(transport, "producer", None)  # a TCP transport
+    if producer is None:
+        membrane = getattr(transport, "_producer", None)  # TLS: wrapped in a membrane
+        producer = getattr(membrane, "_producer", None)
+    if (isinstance(producer, HTTPChannel) and getattr(producer, "_handlingRequest", False)
+            and getattr(producer, "_requestProducer", None) is None):
+        transport.unregisterProducer()
+        # The channel and its request point at each other: break that, so both go
+        # as soon as daphne forgets the request (within a second), not at some
+        # later full garbage collection.
+        producer.requests = []
+
+
 class BoundedWebSocketProtocol(WebSocketProtocol):
     """daphne's WebSocket protocol with a ceiling on unsent bytes, and one on
     received frames the application has not taken yet (daphne queues those
     without bound: a client can send far faster than frames are handled)."""
+
+    # Instance attributes that autobahn sets to these values when a connection is
+    # made and that an open socket rarely changes: onOpen leaves them to the class
+    # (same values), and the instance dict shrinks (see _shed()).
+    _INITIAL = {
+        "closedByMe": False, "failedByMe": False, "droppedByMe": False, "wasClean": False,
+        "wasNotCleanReason": None, "wasServerConnectionDropTimeout": False, "wasOpenHandshakeTimeout": False,
+        "wasCloseHandshakeTimeout": False, "wasServingFlashSocketPolicyFile": False,
+        "localCloseCode": None, "localCloseReason": None, "remoteCloseCode": None, "remoteCloseReason": None,
+        "openHandshakeTimeoutCall": None, "closeHandshakeTimeoutCall": None, "autoPingTimeoutCall": None,
+        "autoPingPending": None, "autoPingPendingCall": None, "autoPingPendingSent": None,
+        "trackedTimings": None, "_perMessageCompress": None, "protocol_to_accept": None,
+        "wasMaxFramePayloadSizeExceeded": False, "wasMaxMessagePayloadSizeExceeded": False,
+        "root_path": "",
+        # Read by the handshake only (daphne's onConnect, autobahn's processHandshake):
+        # dropped whatever they hold, these are what the class answers after that.
+        "http_headers": {}, "http_request_data": b"", "http_response_data": b"", "_raw_query_string": b"",
+        "clean_headers": (), "application_deferred": None, "_wskey": None, "http_status_line": None,
+        "http_request_uri": None, "http_request_path": None, "http_request_params": None, "http_request_host": None,
+        "websocket_protocols": (), "websocket_extensions": (), "websocket_origin": None,
+        "_transport_details": None,
+    }
+    _HANDSHAKE_ONLY = frozenset({
+        "http_headers", "http_request_data", "http_response_data", "_raw_query_string", "clean_headers",
+        "application_deferred", "_wskey", "http_status_line", "http_request_uri", "http_request_path",
+        "http_request_params", "http_request_host", "websocket_protocols", "websocket_extensions",
+        "websocket_origin",
+        # autobahn's TLS details, for WAMP (its own onOpen has read them)
+        "_transport_details",
+    })
 
     max_send_buffer = int(os.environ.get("REALTIME_MAX_SEND_BUFFER", str(1024 * 1024)))
     max_receive_frames = int(os.environ.get("REALTIME_MAX_RECEIVE_FRAMES", "256"))
@@ -129,7 +196,7 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
             return
         queue = getattr(self, "application_queue", None)
         if queue is not None and self.state == self.STATE_OPEN:
-            waiting = queue._queue  # asyncio.Queue keeps its items in a deque
+            waiting = queue._queue  # AppQueue (as asyncio.Queue) keeps its items there
             if len(waiting) >= self.max_receive_frames or len(payload) + sum(
                 len(m.get("text") or m.get("bytes") or "") for m in waiting
             ) > self.max_receive_buffer:
@@ -194,8 +261,32 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         # headers, twice, and the raw request and response), a few KiB a socket.
         # daphne still names the path in its log lines.
         self.request = OpenedRequest(self.request.path)
-        self.http_headers = {}
-        self.http_request_data = self.http_response_data = b""
+        self._shed()
+
+    def _shed(self) -> None:
+        """Rebuild the instance dict without the handshake's leftovers and the
+        attributes that still hold their initial values (the class has the same
+        ones): some 110 keys become 36 (0.8 KiB instead of 3.3), and a dict never
+        shrinks by itself. A keepalive ping and its pong add 5 back: 41, still the
+        same table (a 43rd key would double it)."""
+        initial, d = self._INITIAL, self.__dict__
+        drop = self._HANDSHAKE_ONLY
+        if d.get("_listeners") is None and d.get("_valid_events") == ["message"] and d.get("_results") == {"message": None}:
+            # txaio's event bookkeeping, unused while nothing listens (fire() returns
+            # at once): the class's ("message",) and None stand in until on().
+            drop = drop | {"_valid_events", "_results"}
+        if not d.get("send_queue", True):
+            d["send_queue"] = SendQueue()
+        # (built anew: a deleted key would still take its slot)
+        self.__dict__ = {k: v for k, v in d.items() if k not in drop and not (k in initial and v is initial[k])}
+
+    _valid_events = ("message",)
+    _results = None
+
+    def on(self, event, handler):
+        if "_results" not in self.__dict__:
+            self.set_valid_events(["message"])
+        super().on(event, handler)
 
     def connectionMade(self):
         super().connectionMade()
@@ -203,6 +294,7 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         # small room event must not wait on the peer's delayed ACK (Nagle).
         with contextlib.suppress(Exception):
             self.transport.setTcpNoDelay(True)
+        release_http_channel(self.transport)
 
     def _over_bound(self, pending: int | None = None) -> bool:
         """Whether the unsent bytes, with `pending` more (the gathered frames by
@@ -217,6 +309,9 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
             return True
         return False
 
+
+for _name, _value in BoundedWebSocketProtocol._INITIAL.items():
+    setattr(BoundedWebSocketProtocol, _name, _value)
 
 from realtime.broadcast import CONTROL_GROUP  # noqa: E402  (the group every worker listens on)
 SERVICE_RESTART = 4012
@@ -244,9 +339,20 @@ class DrainingServer(Server):
         super().run()
 
     def create_application(self, protocol, scope):
-        if isinstance(protocol, BoundedWebSocketProtocol):
-            scope["extensions"] = {**(scope.get("extensions") or {}), "realtime.frames": {"write": protocol.write_frame}}
-        return super().create_application(protocol, scope)
+        if not isinstance(protocol, BoundedWebSocketProtocol):
+            return super().create_application(protocol, scope)
+        scope["extensions"] = {**(scope.get("extensions") or {}), "realtime.frames": {"write": protocol.write_frame}}
+        # daphne's create_application, with the lean queue.
+        assert "application_instance" not in self.connections[protocol]
+        input_queue = AppQueue()
+        scope.setdefault("asgi", {"version": "3.0"})
+        application_instance = self.application(scope=scope, receive=input_queue.get,
+                                                send=partial(self.handle_reply, protocol))
+        if protocol not in self.connections:
+            return None
+        self.connections[protocol]["application_instance"] = asyncio.ensure_future(
+            application_instance, loop=asyncio.get_event_loop())
+        return input_queue
 
     def listen_success(self, port):
         self.ports.append(port)
@@ -261,12 +367,20 @@ class DrainingServer(Server):
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        # Connections are built after start-up, so they all get the bounded protocol.
-        self.ws_factory.protocol = BoundedWebSocketProtocol
         # A message over --websocket-max-message-size is answered with a 1009 close
         # frame instead of a dropped TCP connection (autobahn's failByDrop), so the
         # client can tell why and does not resend it in a loop.
         self.ws_factory.setProtocolOptions(failByDrop=False)
+        # Connections are built after start-up, so they all get the bounded protocol,
+        # with the factory's options as class attributes: autobahn copies an option
+        # onto each new connection only where the protocol has none (some 30 keys
+        # less in every connection's dict).
+        self.ws_factory.protocol = type(
+            "BoundedWebSocketProtocol", (BoundedWebSocketProtocol,),
+            # (a function, perMessageCompressionAccept, must not become a method)
+            {name: staticmethod(value) if isinstance(value, types.FunctionType) else value
+             for name in BoundedWebSocketProtocol.CONFIG_ATTRS for value in [getattr(self.ws_factory, name)]},
+        )
         # An HTTP connection (a socket's upgrade request included) that sends
         # nothing for REALTIME_HANDSHAKE_TIMEOUT s is dropped; Twisted's default is
         # 60 s. It pauses while a request is being answered (long polls are safe).

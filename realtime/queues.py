@@ -1,0 +1,101 @@
+"""Per-socket queues at a fraction of asyncio.Queue's memory, and one loop that
+serves a socket's two of them without a task for each.
+
+asyncio.Queue keeps three deques and an Event with a fourth: 3.2 KiB a queue
+before it holds anything. channels' await_many_dispatch keeps a task per queue
+plus asyncio.wait's own waiter and callbacks (some 3.5 KiB a socket, measured
+with tracemalloc: bench/memprobe.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from channels.utils import await_many_dispatch
+
+
+class AppQueue:
+    """daphne's queue of one socket's events for its application: the part of
+    asyncio.Queue used here (put_nowait, get, get_nowait, empty, qsize), at a
+    fraction of its memory (asyncio.Queue keeps three deques and an Event with a
+    fourth, 3.2 KiB a socket). What waits is the list `_queue` (onMessage's receive bound reads it)."""
+
+    __slots__ = ("_queue", "_getters")
+
+    def __init__(self) -> None:
+        self._queue: list = []
+        self._getters: list[asyncio.Future] | None = None
+
+    def put_nowait(self, item) -> None:
+        self._queue.append(item)
+        self._wakeup_next()
+
+    def empty(self) -> bool:
+        return not self._queue
+
+    def qsize(self) -> int:
+        return len(self._queue)
+
+    def get_nowait(self):
+        return self._queue.pop(0)  # IndexError when empty (asyncio.QueueEmpty there)
+
+    def _wakeup_next(self) -> None:
+        getters = self._getters
+        while getters:
+            getter = getters.pop(0)
+            if not getter.done():
+                getter.set_result(None)
+                break
+
+    async def get(self):
+        # asyncio.Queue.get, with its cancellation handling.
+        while not self._queue:
+            getter = asyncio.get_running_loop().create_future()
+            if self._getters is None:
+                self._getters = []
+            self._getters.append(getter)
+            try:
+                await getter
+            except BaseException:
+                getter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._getters.remove(getter)
+                if self._queue and not getter.cancelled():
+                    self._wakeup_next()
+                raise
+        return self._queue.pop(0)
+
+
+async def serve(receive, local_queue, dispatch) -> None:
+    """await_many_dispatch([receive, local_queue.get], dispatch), in this task.
+
+    When `receive` is an AppQueue's get (the daphne launcher, realtime/server.py),
+    both queues wake one future of this task instead of each having a task of its
+    own. The two take turns as with await_many_dispatch: one message from each that
+    has one, the socket's own first. Anything else: await_many_dispatch as is."""
+    app_queue = getattr(receive, "__self__", None)
+    if not isinstance(app_queue, AppQueue) or getattr(receive, "__func__", None) is not AppQueue.get:
+        await await_many_dispatch([receive, local_queue.get], dispatch)
+        return
+    incoming, local = app_queue._queue, local_queue.items
+    loop = asyncio.get_running_loop()
+    while True:
+        if incoming:
+            await dispatch(incoming.pop(0))
+        if local:
+            await dispatch(local.pop(0))
+        if incoming or local:
+            continue
+        waiter = loop.create_future()
+        if app_queue._getters is None:
+            app_queue._getters = []
+        app_queue._getters.append(waiter)
+        local_queue.waiter = waiter
+        try:
+            await waiter
+        finally:
+            with contextlib.suppress(ValueError):
+                app_queue._getters.remove(waiter)
+            if local_queue.waiter is waiter:
+                local_queue.waiter = None

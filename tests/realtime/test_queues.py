@@ -1,0 +1,97 @@
+"""The per-socket queues and the dispatch loop of realtime/queues.py, and the
+WebSocket router of realtime/routing.py."""
+
+import asyncio
+
+import pytest
+from channels.exceptions import StopConsumer
+
+from realtime.fanout import LocalQueue
+from realtime.queues import AppQueue, serve
+from realtime.routing import SocketRouter
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_app_queue_is_fifo_and_wakes_a_waiting_get():
+    queue = AppQueue()
+    queue.put_nowait(1)
+    queue.put_nowait(2)
+    assert queue.qsize() == 2 and not queue.empty()
+    assert [await queue.get(), await queue.get()] == [1, 2]
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    assert not getter.done()
+    queue.put_nowait(3)
+    assert await asyncio.wait_for(getter, 1) == 3
+    assert queue.empty()
+
+
+async def test_app_queue_cancelled_get_loses_nothing_and_two_getters_both_get():
+    queue = AppQueue()
+    first = asyncio.ensure_future(queue.get())
+    second = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    queue.put_nowait("a")
+    first.cancel()  # woken and cancelled at once: "a" goes to the other getter
+    queue.put_nowait("b")
+    got = [await asyncio.wait_for(second, 1), await asyncio.wait_for(queue.get(), 1)]
+    assert sorted(got) == ["a", "b"]
+
+
+async def test_serve_takes_turns_and_keeps_no_waiter_behind():
+    incoming, local = AppQueue(), LocalQueue()
+    seen = []
+
+    async def dispatch(message):
+        seen.append(message)
+        if message == "stop":
+            raise StopConsumer()
+
+    for n in range(3):
+        incoming.put_nowait(f"in{n}")
+        local.put_nowait({"type": "x", "n": n})
+    task = asyncio.ensure_future(serve(incoming.get, local, dispatch))
+    await asyncio.sleep(0)
+    assert seen == ["in0", {"type": "x", "n": 0}, "in1", {"type": "x", "n": 1}, "in2", {"type": "x", "n": 2}]
+    # Many wake-ups from the local queue alone leave no stale waiter in the other.
+    for n in range(100):
+        local.put_nowait({"type": "y", "n": n})
+        await asyncio.sleep(0)
+    assert len(seen) == 106 and incoming._getters == [local.waiter]  # the one it waits on now
+    incoming.put_nowait("stop")
+    with pytest.raises(StopConsumer):
+        await asyncio.wait_for(task, 1)
+    assert not incoming._getters and local.waiter is None
+
+
+async def test_serve_falls_back_to_await_many_dispatch_for_other_servers():
+    incoming, local = asyncio.Queue(), LocalQueue()
+    seen = []
+
+    async def dispatch(message):
+        seen.append(message)
+        if message == "stop":
+            raise StopConsumer()
+
+    local.put_nowait({"type": "x"})
+    incoming.put_nowait("stop")
+    with pytest.raises(StopConsumer):
+        await asyncio.wait_for(serve(incoming.get, local, dispatch), 1)
+    assert "stop" in seen
+
+
+async def test_socket_router_matches_as_url_router_does():
+    calls = []
+
+    def app(name):
+        async def run(scope, receive, send):
+            calls.append(name)
+        return run
+
+    router = SocketRouter({"ws/v1/": app("realtime")}, app("other"))
+    await router({"path": "/ws/v1/"}, None, None)
+    await router({"path": "/prefix/ws/v1/", "root_path": "/prefix"}, None, None)
+    await router({"path": "/ws/v1/x"}, None, None)
+    await router({"path": "/ws/bench/bare/"}, None, None)
+    assert calls == ["realtime", "realtime", "other", "other"]
