@@ -32,8 +32,11 @@ local member, instead of daphne encoding, framing and accounting it per member.
 The same send-buffer bound applies. Under another server the extension is absent
 and the app sends through ASGI as usual.
 
-It relies on daphne's Server internals (connections, listen_success, the Twisted
-reactor): requirements.txt pins daphne, and tests/cluster checks the behaviour.
+It relies on daphne's Server internals (connections, listen_success,
+create_application, the Twisted reactor) and on autobahn's and Twisted's
+per-connection attributes (what an open socket sheds to stay small, about 15 KiB an
+idle socket: docs/decisions.md): requirements.txt pins all three, and tests/cluster
+checks the behaviour.
 """
 
 from __future__ import annotations
@@ -91,19 +94,21 @@ def write_now(transport, data: bytes) -> None:
     transport.write(data)
 
 
-# Sockets with prebuilt frames waiting for the end of this turn of the loop
-# (BoundedWebSocketProtocol.write_frame), and whether their flush is scheduled.
-_corked: list["BoundedWebSocketProtocol"] = []
+# The prebuilt frames each socket got in this turn of the loop
+# (BoundedWebSocketProtocol.write_frame), written when the turn ends. Kept here,
+# not on the socket: an open socket's dict is kept small (_shed), and two more
+# keys would double it.
+_corked: dict["BoundedWebSocketProtocol", list[bytes]] = {}
 
 
 def flush_corked() -> None:
-    """Write what each corked socket gathered in this turn of the loop, in one
-    send() per socket: a burst of room events (a batch of sends, a catch-up) costs
-    a system call per socket instead of one per socket and event."""
-    sockets = list(_corked)
+    """Write what each socket gathered in this turn of the loop, in one send() per
+    socket: a burst of room events (a batch of sends, several rooms' events)
+    costs a system call per socket instead of one per socket and event."""
+    gathered = list(_corked.items())
     _corked.clear()
-    for socket in sockets:
-        socket.flush_frames()
+    for socket, frames in gathered:
+        socket.write_gathered(frames)
 
 
 class SendQueue(list):
@@ -188,8 +193,6 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
     max_receive_buffer = int(os.environ.get("REALTIME_MAX_RECEIVE_BUFFER", str(1024 * 1024)))
     overflowed = False
     flooded = False
-    corked: list[bytes] | None = None  # prebuilt frames not yet written (write_frame)
-    corked_bytes = 0
 
     def onMessage(self, payload, isBinary):
         if self.flooded:
@@ -220,12 +223,11 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         """Write a complete WebSocket frame (protocol.websocket_frame()) at the end of
         this turn of the loop; False when this socket cannot take it as is (not
         open, compressing, mid-message), and the caller sends through ASGI instead."""
-        corked = self.corked
-        if corked is not None:
+        gathered = _corked.get(self)
+        if gathered is not None:
             # Checked at this turn's first frame; anything that could have changed
-            # since (a close, a reply) went through sendData, which uncorks.
-            corked.append(frame)
-            self.corked_bytes += len(frame)
+            # since (a close, a reply) went through sendData, which writes them.
+            gathered.append(frame)
             return True
         if self.overflowed or self.state in (self.STATE_CLOSING, self.STATE_CLOSED):
             return True  # closing: dropped, as serverSend drops it
@@ -234,25 +236,24 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
             return False
         # Gathered until the loop's current turn ends, then written with whatever
         # else this socket gets in the meantime (flush_corked).
-        self.corked = [frame]
-        self.corked_bytes = len(frame)
         if not _corked:
             asyncio.get_running_loop().call_soon(flush_corked)
-        _corked.append(self)
+        _corked[self] = [frame]
         return True
 
-    def flush_frames(self) -> None:
-        frames, size = self.corked, self.corked_bytes
-        self.corked, self.corked_bytes = None, 0
-        if not frames or self.state != self.STATE_OPEN or self._over_bound(size):
+    def write_gathered(self, frames: list[bytes]) -> None:
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        if self.state != self.STATE_OPEN or self._over_bound(len(data)):
             return  # closed meanwhile, or over the send bound (closing with 4013): dropped
-        write_now(self.transport, frames[0] if len(frames) == 1 else b"".join(frames))
+        write_now(self.transport, data)
 
     def sendData(self, data, sync=False, chopsize=None):
         # Whatever autobahn writes (replies through ASGI, pings, the close frame)
         # goes after the frames gathered before it.
-        if self.corked:
-            self.flush_frames()
+        if _corked:
+            gathered = _corked.pop(self, None)
+            if gathered:
+                self.write_gathered(gathered)
         super().sendData(data, sync, chopsize)
 
     def onOpen(self):
@@ -299,7 +300,8 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
     def _over_bound(self, pending: int | None = None) -> bool:
         """Whether the unsent bytes, with `pending` more (the gathered frames by
         default), pass the send bound; if so, close with 4013."""
-        pending = self.corked_bytes if pending is None else pending
+        if pending is None:
+            pending = sum(map(len, _corked.get(self, ())))
         if self.state == self.STATE_OPEN and unsent_bytes(self.transport) + pending > self.max_send_buffer:
             self.overflowed = True
             log.warning("closing a socket that stopped reading: %d bytes unsent", unsent_bytes(self.transport))

@@ -50,6 +50,9 @@ by hand (a test fails when this file and the declarations disagree).
 - A request may carry `ref` (a string of at most 64 characters, or an integer); each
   request gets exactly one reply (`ack`, `error` or `pong`) carrying the same `ref`.
   A frame too broken to read a `ref` from gets an `error` without one.
+- Replies come in the order the requests were sent. A client may pipeline requests
+  (several `message.send`s in flight, within its rate limit): the server handles
+  those already waiting together, each with its own checks, seq and reply.
 - A bad frame never closes the socket: it is answered with `error` and nothing
   is stored or broadcast.
 
