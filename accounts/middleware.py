@@ -33,9 +33,6 @@ class SessionRef:
         self.session_key = session_key
 
 
-_TicketSession = SessionRef  # the name it had
-
-
 def _ticket(scope) -> str | None:
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     return query["ticket"][0] if "ticket" in query else None
