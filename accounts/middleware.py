@@ -33,6 +33,13 @@ class SessionRef:
         self.session_key = session_key
 
 
+async def _ticket_identity(ticket: str) -> dict:
+    """The scope keys of a socket opened with `ticket`. A bad, reused or expired
+    ticket is an anonymous socket: accepted, then 4001."""
+    user, session_key = await database_sync_to_async(tickets.redeem)(ticket)
+    return {"user": user or AnonymousUser(), "session": SessionRef(session_key), "ticket": True}
+
+
 def _ticket(scope) -> str | None:
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     return query["ticket"][0] if "ticket" in query else None
@@ -46,10 +53,7 @@ class TicketAuthMiddleware:
         ticket = _ticket(scope)
         if ticket is None:
             return await self.inner(scope, receive, send)
-        user, session_key = await database_sync_to_async(tickets.redeem)(ticket)
-        # A bad, reused or expired ticket is an anonymous socket: accepted, then 4001.
-        scope = {**scope, "user": user or AnonymousUser(), "session": SessionRef(session_key), "ticket": True}
-        return await self.inner(scope, receive, send)
+        return await self.inner({**scope, **await _ticket_identity(ticket)}, receive, send)
 
 
 async def _session_user(session_key: str | None):
@@ -92,9 +96,7 @@ class SocketAuthMiddleware:
     async def identify(scope) -> dict:
         ticket = _ticket(scope)
         if ticket is not None:
-            user, session_key = await database_sync_to_async(tickets.redeem)(ticket)
-            # A bad, reused or expired ticket is an anonymous socket: accepted, then 4001.
-            return {"user": user or AnonymousUser(), "session": SessionRef(session_key), "ticket": True}
+            return await _ticket_identity(ticket)
         cookies = {}
         for name, value in scope.get("headers", ()):
             if name == b"cookie":

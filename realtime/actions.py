@@ -448,10 +448,7 @@ def _post_run(user, sends: list[dict], start: int, end: int, outcomes: list) -> 
         return
     payloads = []
     for _, body, client_id in run:
-        payload = protocol.event_to_dict(_message_new("", 0, 0, author, body, client_id, now))
-        for key in ("type", "room", "seq", "id"):
-            del payload[key]
-        payloads.append(msgspec.json.encode(payload).decode())
+        payloads.append(msgspec.json.encode(_new_payload(author, body, client_id, now)).decode())
     try:
         with connection.cursor() as cursor:
             cursor.execute(POST_RUN_SQL, {
@@ -473,6 +470,15 @@ def _message_new(slug: str, seq: int, message_id: int, author: str, body: str, c
     return protocol.MessageNew(room=slug, seq=seq, id=message_id, author=author, body=body, client_id=client_id, ts=now)
 
 
+def _new_payload(author: str, body: str, client_id: str, now) -> dict:
+    """A message.new event's stored payload: what the row does not hold in columns
+    of its own (type, room, seq) and the id, which the statement adds."""
+    payload = protocol.event_to_dict(_message_new("", 0, 0, author, body, client_id, now))
+    for key in ("type", "room", "seq", "id"):
+        del payload[key]
+    return payload
+
+
 def _post_in_one_statement(room_id: int, author_id: int, body: str, client_id: str, now, author: str) -> tuple[int, int]:
     """PostgreSQL: take the seq, insert the message and append its event in one
     statement, committed on its own (autocommit): one round trip where the
@@ -481,9 +487,7 @@ def _post_in_one_statement(room_id: int, author_id: int, body: str, client_id: s
     guarantees: the UPDATE locks the room's row until the statement commits, so
     seqs commit in order with no gap; a repeated client_id fails the unique
     constraint and nothing of the statement stays."""
-    payload = protocol.event_to_dict(_message_new("", 0, 0, author, body, client_id, now))
-    for key in ("type", "room", "seq", "id"):
-        del payload[key]
+    payload = _new_payload(author, body, client_id, now)
     with connection.cursor() as cursor:
         cursor.execute(POST_SQL, {
             "room": room_id, "author": author_id, "body": body, "client_id": client_id,
