@@ -55,7 +55,12 @@ async def send_group(group: str, message: dict) -> None:
 
 
 async def send_groups(messages: list[tuple[str, dict]]) -> None:
-    """send_group for each (group, message), in order; with Redis in one round trip."""
+    """send_group for each (group, message), in order; with Redis in one round trip.
+    There, room events this worker's sockets follow are handed to them first,
+    without waiting for the round trip (fanout.Fanout.dispatch_own); the
+    in-process layer has none to save."""
+    from .fanout import running
+
     for group, message in messages:
         message["group"] = group
     url = store.redis_url()
@@ -63,15 +68,19 @@ async def send_groups(messages: list[tuple[str, dict]]) -> None:
         for group, message in messages:
             await get_channel_layer().group_send(group, message)
         return
-    # Redis pub/sub (realtime/fanout.py says why).
+    # Redis pub/sub (realtime/fanout.py says why). Encoded before the local
+    # sockets get the messages (the fan-out keeps their frames in them).
+    payloads = [(fan_channel(group), msgspec.msgpack.encode(message)) for group, message in messages]
+    fan = running()
+    if fan is not None:
+        await fan.dispatch_own(messages)
     redis = store.client(url)
-    if len(messages) == 1:
-        group, message = messages[0]
-        await redis.publish(fan_channel(group), msgspec.msgpack.encode(message))
+    if len(payloads) == 1:
+        await redis.publish(*payloads[0])
         return
     pipe = redis.pipeline(transaction=False)
-    for group, message in messages:
-        pipe.publish(fan_channel(group), msgspec.msgpack.encode(message))
+    for channel, payload in payloads:
+        pipe.publish(channel, payload)
     await pipe.execute()
 
 

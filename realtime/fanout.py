@@ -19,6 +19,12 @@ Two transports, chosen as broadcast.send_group chooses:
   Centrifugo's Redis engines use;
 - without it, the channel layer (in-memory: one process).
 
+A room event committed on this worker is handed to this worker's own sockets
+before it is published (`dispatch_own`), when it directly follows the last event
+the worker handed out in that room; the copy that comes back is dropped by seq.
+On one worker that takes the Redis round trip (publish, then receive) out of
+every message's latency; with several, the other workers get it as before.
+
 Every per-socket guarantee stays where it was: each consumer still takes room
 messages one at a time, drops seqs it has sent, repairs gaps from the log, and
 replays on subscribe after it has joined (`add` returns only once the
@@ -56,6 +62,9 @@ class Fanout:
         self.layer = get_channel_layer()
         self.url = store.redis_url()
         self.groups: dict[str, set] = {}  # group -> local consumers
+        # group -> the newest room event seq handed to its local consumers: an
+        # event at or below it has been handed out already (see dispatch_own).
+        self.heads: dict[str, int] = {}
         self.joined: dict[str, asyncio.Future] = {}  # group -> done once subscribed
         self.transport = PubSubTransport(self) if self.url else LayerTransport(self)
 
@@ -95,6 +104,7 @@ class Fanout:
         if local:
             return
         del self.groups[group]
+        self.heads.pop(group, None)
         joined = self.joined.pop(group, None)
         if joined is not None and joined.done() and not joined.cancelled() and joined.exception() is None:
             try:
@@ -104,8 +114,19 @@ class Fanout:
 
     async def dispatch(self, message: dict) -> None:
         group = message.get("group") or broadcast.room_group(message.get("room"))
+        local = self.groups.get(group)
+        if not local:
+            return
+        if message.get("type") == broadcast.ROOM_EVENT:
+            head = self.heads.get(group)
+            if head is not None and message["seq"] <= head:
+                # Handed out already: this worker's own event coming back from
+                # the transport (dispatch_own), or one overtaken by a newer one,
+                # which sent each socket to the log for it (gap repair).
+                return
+            self.heads[group] = message["seq"]
         written = 0
-        for consumer in tuple(self.groups.get(group, ())):
+        for consumer in tuple(local):
             try:
                 if await consumer.deliver(message):
                     written += 1  # a room event, written
@@ -116,6 +137,22 @@ class Fanout:
         if written:
             # Counted once for all the sockets it was written to straight away.
             metrics.delivered(message, written)
+
+    async def dispatch_own(self, messages: list[tuple[str, dict]]) -> None:
+        """Room events this worker has just committed, handed to its own sockets
+        before the transport's round trip (publish, then receive its own message
+        back): the local subscribers of the sender's worker get them a Redis round
+        trip sooner, the usual case on one worker. Only an event that directly
+        follows the last one handed out (seq = head + 1) goes this way: any other
+        might overtake one still in flight from another worker, so it waits for
+        the transport, which keeps the group's order. The copy that comes back is
+        dropped by seq (dispatch)."""
+        for group, message in messages:
+            if message.get("type") != broadcast.ROOM_EVENT or group not in self.groups:
+                continue
+            head = self.heads.get(group)
+            if head is not None and message["seq"] == head + 1:
+                await self.dispatch(message)
 
     def recovered(self) -> None:
         """After a transport failure: every local socket catches its rooms up."""
@@ -320,6 +357,16 @@ class LocalQueue:
 
 
 _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Fanout]" = weakref.WeakKeyDictionary()
+
+
+def running() -> Fanout | None:
+    """The fan-out on the running loop if it has one (a process that only
+    publishes, such as a management command, has none)."""
+    with contextlib.suppress(RuntimeError):
+        found = _by_loop.get(asyncio.get_running_loop())
+        if found is not None and found.layer is get_channel_layer() and found.url == store.redis_url():
+            return found
+    return None
 
 
 def fanout() -> Fanout:
