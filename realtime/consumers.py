@@ -118,10 +118,24 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         (a quarter of a busy worker's time, measured with py-spy). Every database
         access here goes through database_sync_to_async, which closes stale
         connections around itself."""
-        if message["type"] == "websocket.receive" and self.inbox is not None and self.inbox.qsize():
-            await self.receive_burst(message)
+        if message["type"] != "websocket.receive":
+            await self.dispatch_one(message)
             return
-        await self.dispatch_one(message)
+        if self.inbox is not None and self.inbox.qsize():
+            await self.receive_burst(message)
+        else:
+            await self.dispatch_one(message)
+        await self.send_held()
+
+    async def send_held(self) -> None:
+        """The room events that waited while this socket's frames were handled (a
+        sender's own messages among them, which wait for its acks), sent right
+        after the replies rather than one per turn of the socket's queues: a
+        client with sends in flight would otherwise get its own messages one per
+        frame it sends."""
+        held = self.local_queue.items
+        while held and held[0]["type"] == broadcast.ROOM_EVENT:
+            await self.room_event(held.pop(0))
 
     async def dispatch_one(self, message: dict) -> None:
         handler = getattr(self, get_handler_name(message), None)

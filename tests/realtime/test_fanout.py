@@ -1,17 +1,21 @@
 """The worker's fan-out hands the room events this worker commits to its own
 sockets before the transport's round trip (fanout.Fanout.dispatch_own), only when
 that cannot overtake an event still in flight, and drops the copy that comes
-back. Run on the embedded default and with REDIS_URL (pub/sub)."""
+back; a sender's own messages follow its acks at once (consumers.send_held)."""
 
 from __future__ import annotations
+
+import asyncio
+import json
 
 import pytest
 from redis import asyncio as aioredis
 
-from realtime import broadcast, ratelimit
+from realtime import actions, broadcast, ratelimit
 from realtime.consumers import RealtimeConsumer
 from realtime.fanout import fanout
-from tests.conftest import socket, subscribe
+from realtime.queues import AppQueue
+from tests.conftest import HOST, ORIGIN, socket, subscribe
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
@@ -127,3 +131,57 @@ async def test_the_copy_that_comes_back_is_dropped_once_for_the_worker(cookies, 
     # Each event was handed to each of the worker's two sockets once: the copies
     # that came back through the transport stopped at the fan-out.
     assert handed == {seq: 2 for seq in range(1, 6)}
+
+
+async def test_a_senders_own_messages_follow_its_acks_before_later_frames(cookies, settings, redis_server, monkeypatch):
+    """Served as our daphne launcher serves a socket (an AppQueue, realtime/queues.py):
+    a burst of sends, and a frame that arrives while the burst is in the database.
+    The sender's own messages, held while its frames were handled, go out right
+    after the acks, not one per turn of the socket's queues behind later frames
+    (with a window of sends in flight, that made the echo, and so the sender,
+    wait a whole send for each of its messages)."""
+    from project.asgi import application
+
+    settings.REDIS_URL = redis_server.url
+    inbox, out = AppQueue(), asyncio.Queue()
+    scope = {"type": "websocket", "path": "/ws/v1/", "raw_path": b"/ws/v1/", "query_string": b"",
+             "headers": [HOST, ORIGIN, (b"cookie", cookies["alice"])], "subprotocols": ["rt.v1.json"],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}
+    app = asyncio.ensure_future(application(scope, inbox.get, out.put))
+
+    async def frame() -> dict:
+        message = await asyncio.wait_for(out.get(), 5)
+        assert message["type"] == "websocket.send", message
+        return json.loads(message["text"])
+
+    def put(payload: dict) -> None:
+        inbox.put_nowait({"type": "websocket.receive", "text": json.dumps(payload)})
+
+    real = actions.message_send_many
+
+    def meanwhile(*, user, sends):
+        # A frame that arrives while the burst is being written (one whose reply
+        # needs nothing more: a ping would first catch the room up from the log).
+        inbox.put_nowait({"type": "websocket.receive", "text": "{not json"})
+        return real(user=user, sends=sends)
+
+    try:
+        inbox.put_nowait({"type": "websocket.connect"})
+        assert (await asyncio.wait_for(out.get(), 5))["type"] == "websocket.accept"
+        put({"type": "subscribe", "room": "general", "ref": "s", "presence": False})
+        while (await frame())["type"] != "ack":
+            pass
+        put(send(0))  # the worker learns the room's head: what follows is handed over here
+        assert [(f["type"], f["seq"]) for f in [await frame(), await frame()]] == [("ack", 1), ("message.new", 1)]
+        monkeypatch.setattr(actions, "message_send_many", meanwhile)
+        for i in range(1, 4):
+            put(send(i))
+        got = [await frame() for _ in range(7)]
+        assert [(f["type"], f.get("ref"), f.get("seq")) for f in got] == [
+            ("ack", "r1", 2), ("ack", "r2", 3), ("ack", "r3", 4),
+            ("message.new", None, 2), ("message.new", None, 3), ("message.new", None, 4),
+            ("error", None, None),
+        ]
+    finally:
+        inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
+        await asyncio.wait_for(app, 5)
