@@ -9,6 +9,7 @@ in the in-process window the dashboard reads (`Window.rooms`), not in Prometheus
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
@@ -38,6 +39,9 @@ LATENCY = Histogram(
 )
 REPLAYED = Counter("realtime_replayed_events_total", "Room events sent from the log (subscribe replay, catch-up)")
 LAYER_FAILURES = Counter("realtime_layer_send_failures_total", "Channel-layer sends that failed, by kind", ["kind"])
+GC_FROZEN = Gauge("realtime_gc_frozen_objects", "Objects made at start-up and kept out of the garbage collector's walks "
+                  "(gc.freeze, realtime/server.py)")
+GC_FROZEN.set_function(gc.get_freeze_count)
 
 _KNOWN_TYPES = set(protocol.CLIENT_TYPES)
 

@@ -42,6 +42,7 @@ checks the behaviour.
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import logging
 import os
@@ -363,6 +364,13 @@ class DrainingServer(Server):
     # -- start-up ---------------------------------------------------------------
     def _start(self):
         from twisted.internet import reactor
+
+        # What start-up made (Django, the app, the modules) lives as long as the
+        # process: out of the collector's reach, a full collection walks only
+        # what the sockets made since, instead of stopping every socket for the
+        # whole heap's walk (bench: 150-290 ms a collection with 2,000 sockets).
+        gc.collect()
+        gc.freeze()
 
         def on_signal(signum, frame):
             reactor.callFromThread(self.drain, signal.Signals(signum).name, True)

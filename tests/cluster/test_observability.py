@@ -53,6 +53,10 @@ async def test_each_worker_serves_readyz_and_metrics_but_the_balancer_hides_metr
     assert ready["status"] == "ok" and ready["checks"] == {"database": "ok", "channel_layer": "ok"}
     text = urllib.request.urlopen(f"{worker.url}/metrics").read().decode()
     assert "realtime_connections_active" in text
+    # Start-up's heap is out of the collector's walks (a full collection would
+    # otherwise stop every socket for the whole heap).
+    frozen = next(line for line in text.splitlines() if line.startswith("realtime_gc_frozen_objects "))
+    assert float(frozen.split()[1]) > 10_000
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{cluster.balancer.url}/metrics")
     assert refused.value.code in (403, 404)
