@@ -372,8 +372,7 @@ def running() -> Fanout | None:
 def fanout() -> Fanout:
     """This process's fan-out on the running loop (tests run one loop per test,
     and switch layers and Redis between tests)."""
-    loop = asyncio.get_running_loop()
-    found = _by_loop.get(loop)
-    if found is None or found.layer is not get_channel_layer() or found.url != store.redis_url():
-        found = _by_loop[loop] = Fanout()
+    found = running()
+    if found is None:
+        found = _by_loop[asyncio.get_running_loop()] = Fanout()
     return found

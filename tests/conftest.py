@@ -76,6 +76,22 @@ def layer(request, settings):
         async_to_sync(layer.flush)()
 
 
+@pytest.fixture(params=["memory", "redis"])
+def transport(request, settings):
+    """Run the test on the embedded default (the in-memory layer, buckets in this
+    process) and with REDIS_URL (Redis buckets, the pub/sub fan-out)."""
+    from realtime import ratelimit
+
+    if request.param == "redis":
+        settings.REDIS_URL = request.getfixturevalue("redis_server").url
+    else:
+        settings.REDIS_URL = ""
+        settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    ratelimit.buckets.reset()
+    yield request.param
+    ratelimit.buckets.reset()
+
+
 @pytest.fixture
 def demo(db):
     """The seed_demo data: alice, bob, carol, admin; rooms general and ops."""

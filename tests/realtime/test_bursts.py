@@ -8,23 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from realtime import actions, ratelimit
+from realtime import actions
 from realtime.models import Event, Message, Room
 from tests.conftest import socket, subscribe
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture(params=["memory", "redis"])
-def transport(request, settings):
-    if request.param == "redis":
-        settings.REDIS_URL = request.getfixturevalue("redis_server").url
-    else:
-        settings.REDIS_URL = ""
-        settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    ratelimit.buckets.reset()
-    yield request.param
-    ratelimit.buckets.reset()
 
 
 @pytest.fixture

@@ -11,25 +11,13 @@ import json
 import pytest
 from redis import asyncio as aioredis
 
-from realtime import actions, broadcast, ratelimit
+from realtime import actions, broadcast
 from realtime.consumers import RealtimeConsumer
 from realtime.fanout import fanout
 from realtime.queues import AppQueue
 from tests.conftest import HOST, ORIGIN, socket, subscribe
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture(params=["memory", "redis"])
-def transport(request, settings):
-    if request.param == "redis":
-        settings.REDIS_URL = request.getfixturevalue("redis_server").url
-    else:
-        settings.REDIS_URL = ""
-        settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    ratelimit.buckets.reset()
-    yield request.param
-    ratelimit.buckets.reset()
 
 
 @pytest.fixture
