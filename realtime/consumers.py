@@ -252,6 +252,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             log.exception("ws decode fault", extra={"event": "ws.decode_fault", "conn_id": self.conn_id, "user_id": self.user.pk})
             await self.send_frame(protocol.Error(code=ErrorCode.INVALID, message="unreadable frame"))
             return
+        if type(frame) is protocol.MessageSend:
+            # One path for sends, alone or queued together.
+            await self.handle_sends([frame])
+            return
         tag = frame.__struct_config__.tag
         # The frame's trace id (or a new one) follows it to the log lines, the
         # published event and every delivery.
@@ -262,8 +266,6 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self.refuse_flood(frame.ref, verdict.retry_after, tag)
             return
         self.refused_in_row = 0
-        if tag == "message.send":
-            metrics.WINDOW.message_in(frame.room)
         handler = HANDLERS[type(frame)]
         try:
             reply = await handler(self, frame)
@@ -327,10 +329,10 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         return frame if type(frame) is protocol.MessageSend else None
 
     async def handle_sends(self, frames: list[protocol.MessageSend]) -> None:
-        """Several message.sends that were waiting, each checked and written as if
-        it came alone (its own token, permission check, write, seq and ack, in
-        order), with one rate-limit call, one trip to the database thread and one
-        publish for all of them."""
+        """message.sends, one alone or several that were waiting, each checked and
+        written as if it came alone (its own token, permission check, write, seq
+        and ack, in order), with one rate-limit call, one trip to the database
+        thread and one publish for all of them."""
         if not self.authenticated or self.revoked:
             return
         self.handling = True
@@ -492,13 +494,6 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if sub is None or asyncio.get_running_loop().time() - sub.access_at >= ACCESS_MAX_AGE:
             return None
         return sub.access
-
-    async def on_message_send(self, frame: protocol.MessageSend) -> protocol.Frame:
-        result = await actions.perform(
-            actions.message_send, user=self.user, slug=frame.room, body=frame.body, client_id=frame.client_id,
-            access=self.cached_access(frame.room),
-        )
-        return message_ack(frame, result)
 
     async def on_message_edit(self, frame: protocol.MessageEdit) -> protocol.Frame:
         result = await actions.perform(
@@ -706,7 +701,6 @@ Handler = Callable[[RealtimeConsumer, protocol.Request], Awaitable[protocol.Fram
 HANDLERS: dict[type[protocol.Request], Handler] = {
     protocol.Subscribe: RealtimeConsumer.on_subscribe,
     protocol.Unsubscribe: RealtimeConsumer.on_unsubscribe,
-    protocol.MessageSend: RealtimeConsumer.on_message_send,
     protocol.MessageEdit: RealtimeConsumer.on_message_edit,
     protocol.MessageDelete: RealtimeConsumer.on_message_delete,
     protocol.Typing: RealtimeConsumer.on_typing,
@@ -721,4 +715,5 @@ def msgspec_convert(record: dict) -> protocol.WorkerFigures:
     """A heartbeat record as the tick's WorkerFigures (other keys stay out)."""
     fields = {name: record[name] for name in protocol.WorkerFigures.__struct_fields__ if name in record}
     return msgspec.convert(fields, protocol.WorkerFigures)
-assert set(HANDLERS) == set(protocol.CLIENT_FRAMES), "every client frame needs exactly one handler"
+# message.send has handle_sends (one path for a send alone or a batch of them).
+assert set(HANDLERS) | {protocol.MessageSend} == set(protocol.CLIENT_FRAMES), "every client frame needs exactly one handler"

@@ -42,8 +42,8 @@ checks the behaviour.
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import logging
 import os
 import random
