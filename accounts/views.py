@@ -1,35 +1,61 @@
-"""Sign-up, and Django's login view with a rate limit; logout is Django's own."""
+"""Sign-in (Django's login view, throttled), sign-up (limited per address, names
+checked for look-alikes) and Django's own logout."""
 
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
-from django.contrib.auth.forms import UserCreationForm
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils.decorators import method_decorator
 from django_ratelimit.decorators import ratelimit
 
+from . import throttle
+from .forms import SignupForm
 
-def _login_rate(group, request) -> str:
-    return settings.LOGIN_RATE_LIMIT
+
+class LoginView(auth_views.LoginView):
+    """Failed sign-ins are counted per address, per account and per known browser
+    (accounts/throttle.py); past a limit the form answers 429 without checking
+    the password."""
+
+    def post(self, request, *args, **kwargs):
+        username = request.POST.get("username", "")
+        found = throttle.refusal(request, username)
+        if found is not None:
+            throttle.refused(request, found)
+            response = self.render_to_response(self.get_context_data(form=self.get_form(), throttled=found.message))
+            response.status_code = 429
+            response["Retry-After"] = str(found.retry_after)
+            return response
+        return super().post(request, *args, **kwargs)
+
+    def form_invalid(self, form):
+        throttle.failed(self.request, self.request.POST.get("username", ""))
+        return super().form_invalid(form)
+
+    def form_valid(self, form):
+        response = super().form_valid(form)
+        throttle.remember_device(self.request, response, form.get_user().get_username())
+        return response
 
 
 def _signup_rate(group, request) -> str:
     return settings.SIGNUP_RATE_LIMIT
 
 
-@method_decorator(ratelimit(key="ip", rate=_login_rate, method="POST", block=True), name="post")
-class LoginView(auth_views.LoginView):
-    """Password guessing is limited per client address (django-ratelimit; 403 past it)."""
-
-
-@ratelimit(key="ip", rate=_signup_rate, method="POST", block=True)
+@ratelimit(key="ip", rate=_signup_rate, method="POST", block=False)
 def signup(request: HttpRequest) -> HttpResponse:
     if request.user.is_authenticated:
         return redirect("home")
-    form = UserCreationForm(request.POST or None)
+    if request.method == "POST" and getattr(request, "limited", False):
+        response = render(request, "registration/signup.html", {
+            "form": SignupForm(), "throttled": "Too many sign-ups from your network. Try again later."})
+        response.status_code = 429
+        return response
+    form = SignupForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
-        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-        return redirect("home")
+        if user is not None:  # None: a look-alike name signed up in the meantime
+            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+            return redirect("home")
     return render(request, "registration/signup.html", {"form": form})

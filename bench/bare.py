@@ -26,3 +26,18 @@ class BareChatConsumer(AsyncWebsocketConsumer):
 
     async def chat_message(self, event):
         await self.send(text_data=json.dumps({"message": event["message"]}))
+
+
+def bare_socket():
+    """The consumer behind channels' own stack, as a tutorial mounts it (origin
+    check, session and auth, a ticket, the URL router): what project/asgi.py
+    mounts at /ws/bench/bare/ for `make bench`."""
+    from channels.auth import AuthMiddlewareStack
+    from channels.routing import URLRouter
+    from django.urls import path
+
+    from accounts.middleware import TicketAuthMiddleware
+    from realtime.origins import OriginValidator
+
+    return OriginValidator(AuthMiddlewareStack(TicketAuthMiddleware(
+        URLRouter([path("ws/bench/bare/", BareChatConsumer.as_asgi())]))))

@@ -8,28 +8,35 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 # Set up Django (apps, models) before anything imports them.
 django_asgi_app = get_asgi_application()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ProtocolTypeRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
 
-from accounts.middleware import SocketAuthMiddleware, TicketAuthMiddleware  # noqa: E402
+from accounts.middleware import SocketAuthMiddleware  # noqa: E402
 from realtime.longpoll import LongPollRouter  # noqa: E402
 from realtime.ops import OpsRouter  # noqa: E402
-from realtime.origins import OriginValidator  # noqa: E402
-from realtime.routing import SocketRouter, realtime_socket, websocket_urlpatterns  # noqa: E402
+from realtime.proxies import ProxyHeadersMiddleware  # noqa: E402
+from realtime.routing import SocketRouter, no_such_socket  # noqa: E402
+from realtime.consumers import RealtimeConsumer  # noqa: E402
 
-application = ProtocolTypeRouter(
+# The sockets there are: /ws/v1/, the full Origin checked before anything else
+# (realtime/origins.py), then the session (or a ticket) fills scope["user"], both in
+# one middleware (accounts/middleware.py: a few KiB less a socket than channels'
+# stack). Any other path is refused (404, realtime/routing.py).
+sockets = {"ws/v1/": SocketAuthMiddleware(RealtimeConsumer.as_asgi())}
+if settings.REALTIME_BENCH:
+    # The baseline the benchmarks compare against (bench/bare.py): a tutorial
+    # consumer behind channels' own stack. Mounted only for `make bench`.
+    from bench.bare import bare_socket  # noqa: E402
+
+    sockets["ws/bench/bare/"] = bare_socket()
+
+# The client's real address first (realtime/proxies.py): every limit and log line
+# after this reads it from scope["client"].
+application = ProxyHeadersMiddleware(ProtocolTypeRouter(
     {
         # Long polls and the operations endpoints (/healthz, /readyz, /metrics) are
         # answered on the event loop, before Django (realtime/longpoll.py, ops.py).
         "http": OpsRouter(LongPollRouter(django_asgi_app)),
-        # The full Origin is checked before anything else (realtime/origins.py);
-        # then the session (or a ticket) fills scope["user"]. For /ws/v1/ both in
-        # one middleware (accounts/middleware.py: a few KiB less a socket than
-        # channels' stack); any other path (the bench's baseline) through
-        # channels' stack as before.
-        "websocket": SocketRouter(
-            {"ws/v1/": SocketAuthMiddleware(realtime_socket)},
-            OriginValidator(AuthMiddlewareStack(TicketAuthMiddleware(URLRouter(websocket_urlpatterns)))),
-        ),
+        "websocket": SocketRouter(sockets, no_such_socket),
     }
-)
+))

@@ -6,6 +6,7 @@ the in-memory channel layer, one process. DATABASE_URL (PostgreSQL) and REDIS_UR
 DJANGO_SECRET_KEY or DJANGO_ALLOWED_HOSTS stops start-up with a clear message.
 """
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -106,6 +107,18 @@ def _check_origins(origins: list[str]) -> None:
 
 
 _check_origins(REALTIME_ALLOWED_ORIGINS)
+
+# The load balancers' addresses (or networks): only their X-Forwarded-For is
+# believed when working out a client's address (realtime/proxies.py). Empty: the
+# TCP peer is the client, whatever the headers say.
+REALTIME_TRUSTED_PROXIES = env_list("REALTIME_TRUSTED_PROXIES")
+for _entry in REALTIME_TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_entry, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"REALTIME_TRUSTED_PROXIES: {_entry!r} is not an IP address or network (e.g. 10.0.0.1 or 10.0.0.0/8)"
+        ) from None
 
 # Full origins (scheme://host[:port]) allowed to POST forms across origins, e.g.
 # the public https origin when TLS ends at the proxy.
@@ -246,9 +259,17 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
-# django-ratelimit on the sign-in and sign-up forms, per client address.
-LOGIN_RATE_LIMIT = os.environ.get("DJANGO_LOGIN_RATE_LIMIT", "10/m")
-SIGNUP_RATE_LIMIT = os.environ.get("DJANGO_SIGNUP_RATE_LIMIT", "5/m")
+# Sign-in throttling (accounts/throttle.py, counted with django-ratelimit): failed
+# sign-ins per client address; per account from browsers that never signed in to
+# it; per browser that did (its device cookie). django-ratelimit rates: "20/10m".
+LOGIN_RATE_LIMIT = os.environ.get("DJANGO_LOGIN_RATE_LIMIT", "20/10m")
+LOGIN_ACCOUNT_RATE_LIMIT = os.environ.get("DJANGO_LOGIN_ACCOUNT_RATE_LIMIT", "10/15m")
+LOGIN_DEVICE_RATE_LIMIT = os.environ.get("DJANGO_LOGIN_DEVICE_RATE_LIMIT", "10/15m")
+# Sign-ups per client address.
+SIGNUP_RATE_LIMIT = os.environ.get("DJANGO_SIGNUP_RATE_LIMIT", "10/h")
+# While the cache (Redis) is unreachable these limits let requests through, like
+# the token buckets: an outage must not lock every user out.
+RATELIMIT_FAIL_OPEN = True
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
@@ -278,6 +299,12 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"]
     + (["rest_framework.renderers.BrowsableAPIRenderer"] if DEBUG else []),
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    # DRF's parsers, with deep JSON answered 400 instead of a RecursionError's 500.
+    "DEFAULT_PARSER_CLASSES": [
+        "realtime.api.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
 }
 
 # ------------------------------------------------------------------------------
@@ -311,7 +338,28 @@ REALTIME = {
         "poll": env_rate("REALTIME_RATE_POLL", (5, 20)),
         # Frames that fail to decode or validate.
         "invalid": env_rate("REALTIME_RATE_INVALID", (5, 20)),
+        # message.send (socket and REST) for an account still on probation.
+        "message.send.probation": env_rate("REALTIME_RATE_MESSAGE_SEND_PROBATION", (0.2, 5)),
+        # Sockets opened, per user and per client address (the handshake's cost):
+        # past it the socket is accepted, told to wait and closed with 4029. The
+        # bursts fit a user's every socket (MAX_CONNECTIONS_PER_USER) coming back
+        # at once after a drain, and an office behind one address.
+        "handshake.user": env_rate("REALTIME_RATE_HANDSHAKE_USER", (1, 30)),
+        "handshake.address": env_rate("REALTIME_RATE_HANDSHAKE_ADDRESS", (20, 200)),
     },
+    # Bytes of replayed events (subscribe's replay, REST history and event pages)
+    # per user: (bytes a second, burst). A replay runs while the user is not in
+    # debt and its size is then taken; one that finds the user in debt is refused
+    # with rate_limited and the seconds until the debt is paid. Gap repair of a
+    # live stream is counted, never refused.
+    "REPLAY_BUDGET": env_rate("REALTIME_REPLAY_BUDGET", (262144, 8388608)),
+    # Seconds a self-service account stays on probation (its message.send rate is
+    # message.send.probation); 0: no probation.
+    "PROBATION": env_int("REALTIME_PROBATION", 86400),
+    # Seconds between a worker's sweeps of its sockets' users, memberships and
+    # sessions in the database: a change made without a signal (a queryset
+    # update(), raw SQL) closes or re-checks the socket within twice this.
+    "AUTH_SWEEP": float(os.environ.get("REALTIME_AUTH_SWEEP") or 4),
     # Sockets one user may hold open at once, across all workers (Redis); one more
     # is accepted and closed with 4008. Entries of a crashed worker expire.
     "MAX_CONNECTIONS_PER_USER": env_int("REALTIME_MAX_CONNECTIONS_PER_USER", 20),
@@ -355,5 +403,12 @@ LOGGING = {
 # /metrics answers requests from this machine that did not come through a proxy,
 # or any request with "Authorization: Bearer <REALTIME_METRICS_TOKEN>".
 REALTIME_METRICS_TOKEN = os.environ.get("REALTIME_METRICS_TOKEN", "")
+# `make bench` only: mount the baseline consumer (bench/bare.py) at /ws/bench/bare/.
+REALTIME_BENCH = env_bool("REALTIME_BENCH", False)
+# Whether responses name the worker that answered (X-Realtime-Worker), and /healthz
+# and /readyz name it to anyone. Off by default with DEBUG off: what a worker is
+# called is for operators (/readyz from this machine or with the metrics token
+# always says).
+REALTIME_EXPOSE_WORKER = env_bool("REALTIME_EXPOSE_WORKER", DEBUG)
 # Seconds each readiness check (database, channel layer) may take.
 REALTIME_READY_TIMEOUT = float(os.environ.get("REALTIME_READY_TIMEOUT", "2"))

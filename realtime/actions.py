@@ -84,6 +84,9 @@ def perform_sync(fn: Callable[..., tuple[Any, list[protocol.RoomEvent]]], **kwar
 # ---------------------------------------------------------------------------
 # Access
 # ---------------------------------------------------------------------------
+NO_SUCH_ROOM = "no such room"
+
+
 def room_access(*, user, slug: str, action: Action) -> RoomAccess:
     """Load the room and the user's role, and check `action`; raise if refused."""
     if not (user.is_authenticated and user.is_active):
@@ -92,17 +95,25 @@ def room_access(*, user, slug: str, action: Action) -> RoomAccess:
     role_of = Membership.objects.filter(room=OuterRef("pk"), user_id=user.pk).values("role")[:1]
     room = Room.objects.filter(slug=slug).annotate(member_role=Subquery(role_of)).first()
     if room is None:
-        raise ActionError(ErrorCode.NOT_FOUND, "no such room")
+        raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
     access = RoomAccess(room=room, role=room.member_role)
     check(user, access, action)
     return access
 
 
 def check(user, access: RoomAccess, action: Action) -> None:
-    """Check `action` against an access already loaded; raise if refused."""
-    decision = can(user, action, is_public=access.room.is_public, role=access.role)
-    if not decision:
-        raise ActionError(ErrorCode.FORBIDDEN, decision.reason)
+    """Check `action` against an access already loaded; raise if refused.
+
+    A room the user may not see does not exist for them: the refusal is the one a
+    room that does not exist gets (not_found, "no such room"), so that a private
+    room's name cannot be confirmed by asking. Only in a room they can see is a
+    refused action `forbidden`."""
+    if not can(user, Action.VIEW, is_public=access.room.is_public, role=access.role):
+        raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
+    if action is not Action.VIEW:
+        decision = can(user, action, is_public=access.room.is_public, role=access.role)
+        if not decision:
+            raise ActionError(ErrorCode.FORBIDDEN, decision.reason)
 
 
 def visible_rooms(*, user) -> list[dict]:
@@ -172,7 +183,7 @@ def _next_seq(room_id: int) -> int:
         cursor.execute(f"UPDATE {ROOM_TABLE} SET last_seq = last_seq + 1 WHERE id = %s RETURNING last_seq", [room_id])
         row = cursor.fetchone()
     if row is None:  # deleted since its access was read
-        raise ActionError(ErrorCode.NOT_FOUND, "no such room")
+        raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
     return row[0]
 
 
@@ -264,7 +275,7 @@ def room_events_between(*, slug: str, after: int, upto: int) -> list[protocol.Ro
     """Events after..upto of a room the caller is already subscribed to (gap repair)."""
     room = Room.objects.filter(slug=slug).first()
     if room is None:
-        raise ActionError(ErrorCode.NOT_FOUND, "no such room")
+        raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
     if upto - after > limits()["REPLAY_MAX"]:
         raise ActionError(ErrorCode.RECOVERY_FAILED, "too many events missed")
     rows = Event.objects.filter(room=room, seq__gt=after, seq__lte=upto).order_by("seq")
@@ -496,7 +507,7 @@ def _post_in_one_statement(room_id: int, author_id: int, body: str, client_id: s
         })
         row = cursor.fetchone()
     if row is None:  # deleted since its access was read
-        raise ActionError(ErrorCode.NOT_FOUND, "no such room")
+        raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
     return row[0], row[1]
 
 

@@ -25,7 +25,7 @@ import uuid
 
 TRACE: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
 
-FIELDS = ("event", "conn_id", "user_id", "room", "frame", "code", "ms", "reason", "seq", "count", "codec", "duration_s")
+FIELDS = ("event", "conn_id", "user_id", "room", "frame", "code", "ms", "reason", "seq", "count", "codec", "duration_s", "addr")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _TRACE_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 from urllib.parse import parse_qs
 
@@ -35,6 +34,7 @@ from django.http.request import split_domain_port, validate_host
 
 from . import actions, broadcast, ratelimit
 from .fanout import fanout
+from .middleware import worker_header
 from .actions import ActionError
 from .protocol import HTTP_STATUS, ErrorCode
 
@@ -161,7 +161,7 @@ class LongPoll:
             (b"x-content-type-options", b"nosniff"),
             *extra,
         ]
-        worker = os.environ.get("REALTIME_WORKER_ID", "")
+        worker = worker_header()
         if worker:
             headers.append((b"x-realtime-worker", worker.encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})

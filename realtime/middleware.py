@@ -3,13 +3,22 @@
 import os
 
 
+def worker_header() -> str:
+    """The X-Realtime-Worker value, or "" when responses do not name the worker
+    (REALTIME_EXPOSE_WORKER: off by default with DEBUG off)."""
+    from django.conf import settings
+
+    return os.environ.get("REALTIME_WORKER_ID", "") if settings.REALTIME_EXPOSE_WORKER else ""
+
+
 class WorkerHeaderMiddleware:
     """Names the worker that answered (X-Realtime-Worker), so an operator, or a
-    test behind the load balancer, can tell where a client landed."""
+    test behind the load balancer, can tell where a client landed; only where
+    REALTIME_EXPOSE_WORKER allows it."""
 
     def __init__(self, get_response):
         self.get_response = get_response
-        self.worker = os.environ.get("REALTIME_WORKER_ID", "")
+        self.worker = worker_header()
 
     def __call__(self, request):
         response = self.get_response(request)

@@ -4,7 +4,9 @@ hold no thread and work whatever Django's middleware is doing:
 - `GET /healthz`: the process is alive and its event loop answers (always 200).
 - `GET /readyz`: the database and the channel layer answer, each within
   REALTIME_READY_TIMEOUT seconds (a Redis that hangs fails like one that refuses);
-  200, or 503 naming what failed. A draining worker is not ready.
+  200, or 503. A draining worker is not ready. What failed, and the worker's
+  name, are told only to callers that may read /metrics (below); anyone else
+  gets the status alone (REALTIME_EXPOSE_WORKER names the worker to all).
 - `GET /metrics`: Prometheus text for this worker. Only from this machine and not
   through a proxy (no forwarding headers), or with
   `Authorization: Bearer <REALTIME_METRICS_TOKEN>`; 403 otherwise.
@@ -66,6 +68,15 @@ async def readiness() -> tuple[int, dict]:
     return (503 if failing else 200), body
 
 
+def public(body: dict) -> dict:
+    """What anyone may read of a health answer: its status (and the worker's name
+    where REALTIME_EXPOSE_WORKER says so)."""
+    shown = {"status": body["status"]}
+    if settings.REALTIME_EXPOSE_WORKER:
+        shown["worker"] = body["worker"]
+    return shown
+
+
 def metrics_allowed(scope) -> bool:
     headers = dict(scope.get("headers", ()))
     token = settings.REALTIME_METRICS_TOKEN
@@ -95,12 +106,13 @@ class OpsRouter:
         path = scope["path"]
         if scope.get("method") not in ("GET", "HEAD"):
             return await _respond(send, 405, b'{"status": "method not allowed"}', b"application/json")
+        detail = metrics_allowed(scope)
         if path == "/healthz":
             body = {"status": "ok", "worker": heartbeat.worker_id()}
-            return await _respond(send, 200, json.dumps(body).encode(), b"application/json")
+            return await _respond(send, 200, json.dumps(body if detail else public(body)).encode(), b"application/json")
         if path == "/readyz":
             status, body = await readiness()
-            return await _respond(send, status, json.dumps(body).encode(), b"application/json")
-        if not metrics_allowed(scope):
+            return await _respond(send, status, json.dumps(body if detail else public(body)).encode(), b"application/json")
+        if not detail:
             return await _respond(send, 403, b'{"status": "forbidden"}', b"application/json")
         return await _respond(send, 200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST.encode())

@@ -1,22 +1,16 @@
-"""WebSocket routes."""
+"""WebSocket routes: `/ws/v1/`, and nothing else.
 
-import os
+An unknown path is refused before the handshake completes, with one warning
+line: HTTP 404 where the server offers the ASGI WebSocket denial response
+extension (`websocket.http.response`: our daphne launcher, realtime/server.py),
+else the close-before-accept every ASGI server answers with 403. Never a
+traceback (channels' URLRouter raises for an unknown path: a 500 and an ERROR
+log line per request).
+"""
 
-from django.urls import path
+import logging
 
-from .consumers import RealtimeConsumer
-
-realtime_socket = RealtimeConsumer.as_asgi()
-
-websocket_urlpatterns = [
-    path("ws/v1/", realtime_socket),
-]
-
-if os.environ.get("REALTIME_BENCH") == "1":
-    # The baseline the benchmarks compare against (bench/bare.py); never in production.
-    from bench.bare import BareChatConsumer
-
-    websocket_urlpatterns.append(path("ws/bench/bare/", BareChatConsumer.as_asgi()))
+log = logging.getLogger(__name__)
 
 
 class SocketRouter:
@@ -36,3 +30,20 @@ class SocketRouter:
         if root and route.startswith(root):
             route = route[len(root):]
         return self.routes.get(route.lstrip("/"), self.other)(scope, receive, send)
+
+
+async def no_such_socket(scope, receive, send) -> None:
+    """Refuse a socket on a path that has none: 404 where the server can say so."""
+    from .logs import event
+
+    event(log, logging.WARNING, "ws.refused", reason="path", frame=str(scope.get("path", ""))[:100],
+          addr=(scope.get("client") or [""])[0])
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        await send({"type": "websocket.http.response.start", "status": 404,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+        await send({"type": "websocket.http.response.body", "body": b"no such socket\n"})
+    else:
+        await send({"type": "websocket.close"})

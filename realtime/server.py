@@ -154,6 +154,9 @@ def release_http_channel(transport) -> None:
         producer.requests = []
 
 
+DENIAL_REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 429: "Too Many Requests"}
+
+
 class BoundedWebSocketProtocol(WebSocketProtocol):
     """daphne's WebSocket protocol with a ceiling on unsent bytes, and one on
     received frames the application has not taken yet (daphne queues those
@@ -214,6 +217,26 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
                 self.sendClose(code=RATE_LIMITED)
                 return
         super().onMessage(payload, isBinary)
+
+    def handle_reply(self, message):
+        """daphne's, plus the ASGI WebSocket denial response (extension
+        `websocket.http.response`): a handshake refused with an HTTP status of the
+        app's choosing (404 for a path with no socket), where daphne alone answers
+        every refusal with 403. The body is not sent (autobahn writes its own)."""
+        kind = message.get("type")
+        if kind == "websocket.http.response.start" and self.state == self.STATE_CONNECTING:
+            self.__dict__["denial_status"] = int(message.get("status", 403))
+            return
+        if kind == "websocket.http.response.body" and "denial_status" in self.__dict__:
+            if not message.get("more_body") and hasattr(self, "handshake_deferred"):
+                from autobahn.websocket.types import ConnectionDeny
+
+                status = self.__dict__.pop("denial_status")
+                self.handshake_deferred.errback(ConnectionDeny(code=status, reason=DENIAL_REASONS.get(status, "Refused")))
+                del self.handshake_deferred
+                self.server.protocol_disconnected(self)
+            return
+        super().handle_reply(message)
 
     def serverSend(self, content, binary=False):
         if self.overflowed or self.state in (self.STATE_CLOSING, self.STATE_CLOSED) or self._over_bound():
@@ -330,6 +353,10 @@ class DrainingServer(Server):
     def run(self):
         from twisted.internet import reactor
 
+        # No "Server: daphne" on responses and handshakes: what runs here is no
+        # one else's business (daphne's --server-name cannot be set to nothing).
+        self.server_name = ""
+
         self.ports = []
         self.draining = False
         self.exit_when_drained = False
@@ -344,7 +371,8 @@ class DrainingServer(Server):
     def create_application(self, protocol, scope):
         if not isinstance(protocol, BoundedWebSocketProtocol):
             return super().create_application(protocol, scope)
-        scope["extensions"] = {**(scope.get("extensions") or {}), "realtime.frames": {"write": protocol.write_frame}}
+        scope["extensions"] = {**(scope.get("extensions") or {}), "realtime.frames": {"write": protocol.write_frame},
+                               "websocket.http.response": {}}
         # daphne's create_application, with the lean queue.
         assert "application_instance" not in self.connections[protocol]
         input_queue = AppQueue()

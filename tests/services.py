@@ -12,6 +12,7 @@ from pathlib import Path
 from deploy.cluster import (  # noqa: F401  (re-exported for the tests)
     ROOT,
     Cluster,
+    HAProxy,
     Nginx,
     PostgresServer,
     RedisServer,

@@ -41,6 +41,12 @@ def cluster(request):
             "REALTIME_RATE_MESSAGE_SEND": "100000/100000",
             "DJANGO_LOGIN_RATE_LIMIT": "10000/m",
             "REALTIME_MAX_CONNECTIONS_PER_USER": "1000",
+            # Tests find out where the balancer sent them (off by default with DEBUG off).
+            "REALTIME_EXPOSE_WORKER": "1",
+            # Many tests open sockets and replay from one address as fast as they can.
+            "REALTIME_RATE_HANDSHAKE_USER": "10000/10000",
+            "REALTIME_RATE_HANDSHAKE_ADDRESS": "10000/10000",
+            "REALTIME_REPLAY_BUDGET": "100000000/100000000",
         })
         c.start()
     except FileNotFoundError as exc:
@@ -53,6 +59,80 @@ def cluster(request):
     for log in workdir.glob("worker-*.log"):
         shutil.copy(log, artifacts / log.name)
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+@dataclass
+class Hardened:
+    """Production-mode workers with the attack's limits at test sizes (docs/security.md),
+    behind nginx and HAProxy at once."""
+
+    workers: list
+    balancers: dict
+    redis: object
+    env: dict
+
+    def create_users(self, *names: str, password: str = "demo-password") -> None:
+        """Users of a test's own (limits keyed on an account outlive the test)."""
+        import subprocess
+        import sys
+
+        from tests.services import ROOT
+
+        code = ("from django.contrib.auth.models import User\n"
+                f"for name in {list(names)!r}:\n"
+                f"    User.objects.filter(username=name).exists() or User.objects.create_user(name, password={password!r})")
+        subprocess.run([sys.executable, "manage.py", "shell", "-c", code], cwd=ROOT, env=self.env, check=True,
+                       stdout=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def hardened(cluster):
+    """Two workers on the cluster's PostgreSQL and a private Redis, with nginx and
+    HAProxy both in front of them; every limit the security tests attack lowered to
+    a size a test can reach, everything else as in production (no X-Realtime-Worker
+    header, no Server header)."""
+    if cluster.balancer_kind != "nginx":
+        pytest.skip("has both balancers of its own; run once")
+    from tests.services import HAProxy, Nginx, RedisServer, Worker, free_port
+
+    workdir = cluster.workdir / "hardened"
+    workdir.mkdir(exist_ok=True)
+    redis = RedisServer(workdir).start()
+    ports = {"nginx": (free_port(), free_port()), "haproxy": (free_port(), free_port())}
+    worker_ports = [(free_port(), free_port()) for _ in range(2)]
+    origins = []
+    for host in ("127.0.0.1", "localhost"):
+        for port, tls_port in [*ports.values(), *worker_ports]:
+            origins += [f"http://{host}:{port}", f"https://{host}:{tls_port}"]
+    env = {k: v for k, v in cluster.env().items() if k not in ("REALTIME_EXPOSE_WORKER",)}
+    env.update({
+        "REDIS_URL": redis.url,
+        "DJANGO_ALLOWED_ORIGINS": ",".join(origins),
+        "REALTIME_RATE_MESSAGE_SEND": "100/100",
+        "REALTIME_MAX_CONNECTIONS_PER_USER": "1000",
+        "DJANGO_LOGIN_RATE_LIMIT": "6/m",
+        "DJANGO_LOGIN_ACCOUNT_RATE_LIMIT": "3/m",
+        "DJANGO_LOGIN_DEVICE_RATE_LIMIT": "3/m",
+        "DJANGO_SIGNUP_RATE_LIMIT": "2/m",
+    })
+    workers, balancers = [], {}
+    try:
+        workers = [Worker(f"h{i}", env, workdir, port=port, tls_port=tls).start()
+                   for i, (port, tls) in enumerate(worker_ports)]
+        for kind, cls in (("nginx", Nginx), ("haproxy", HAProxy)):
+            port, tls_port = ports[kind]
+            balancers[kind] = cls(workdir, workers, cluster.workdir / "static", port=port, tls_port=tls_port).start()
+        yield Hardened(workers, balancers, redis, env)
+    finally:
+        for balancer in balancers.values():
+            balancer.stop()
+        for worker in workers:
+            worker.stop()
+        redis.stop()
+        artifacts = Path(__file__).resolve().parents[2] / "test-artifacts" / "cluster-hardened"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        for log in workdir.glob("worker-*.log"):
+            shutil.copy(log, artifacts / log.name)
 
 
 class _SourceAddressHandler(urllib.request.HTTPHandler):

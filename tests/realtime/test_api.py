@@ -52,7 +52,7 @@ def test_post_is_idempotent_and_matches_the_socket_ack(clients):
     "user, room, payload, status, code",
     [
         ("carol", "general", {"body": "x", "client_id": "a"}, 403, "forbidden"),
-        ("carol", "ops", {"body": "x", "client_id": "a"}, 403, "forbidden"),
+        ("carol", "ops", {"body": "x", "client_id": "a"}, 404, "not_found"),  # private: as if it did not exist
         ("alice", "nope", {"body": "x", "client_id": "a"}, 404, "not_found"),
         ("alice", "general", {"body": "x"}, 400, "invalid"),
         ("alice", "general", {"body": "x", "client_id": "a", "extra": 1}, 400, "invalid"),
@@ -97,8 +97,11 @@ def test_events_bad_since(clients, query, status, code):
     assert res.status_code == status and res.json()["code"] == code
 
 
-def test_events_of_a_private_room_are_refused_to_non_members(clients):
-    assert clients["carol"].get("/api/v1/rooms/ops/events/?since=0").status_code == 403
+def test_a_private_room_is_answered_as_if_it_did_not_exist(clients):
+    for path in ("/api/v1/rooms/{}/events/?since=0", "/api/v1/rooms/{}/messages/"):
+        hidden, missing = (clients["carol"].get(path.format(room)) for room in ("ops", "nope"))
+        assert hidden.status_code == missing.status_code == 404
+        assert hidden.json() == missing.json() == {"code": "not_found", "message": "no such room"}
 
 
 def test_messages_history_pages_newest_last_without_deleted(clients, demo):
@@ -147,5 +150,32 @@ def test_read_over_rest_moves_forward_only(clients):
     assert res.status_code == 200 and res.json() == {"room": "general", "seq": 1}
     assert clients["bob"].post("/api/v1/rooms/general/read/", {"seq": 0}, content_type="application/json").json()["seq"] == 1
     assert clients["bob"].post("/api/v1/rooms/general/read/", {"seq": 50}, content_type="application/json").json()["seq"] == 2
-    assert clients["carol"].post("/api/v1/rooms/ops/read/", {"seq": 1}, content_type="application/json").status_code == 403
+    assert clients["carol"].post("/api/v1/rooms/ops/read/", {"seq": 1}, content_type="application/json").status_code == 404
     assert clients["bob"].post("/api/v1/rooms/general/read/", {"seq": -1}, content_type="application/json").status_code == 400
+
+
+HOSTILE_BODIES = [
+    ("application/json", b"[" * 50_000 + b"]" * 50_000),           # RecursionError in Python's json
+    ("application/json", b'{"body": ' + b"[" * 5_000 + b"]" * 5_000 + b', "client_id": "x"}'),
+    ("application/json", b"\xff\xfe not utf-8"),
+    ("application/json", b'{"body": "hi", "client_id": "x"'),      # cut short
+    ("application/json", b'["body", "hi"]'),                         # the wrong shape
+    ("application/json", b'"just a string"'),
+    ("application/json", b'{"body": 1e999999, "client_id": "x"}'),
+    ("application/json", b'{"body": "\\ud800", "client_id": "x"}'),  # a lone surrogate
+    ("multipart/form-data; boundary=x", b"--x\r\nnonsense"),
+    ("multipart/form-data", b"no boundary at all"),
+    ("application/x-www-form-urlencoded", b"body=%ff%fe&client_id=%"),
+    ("text/plain", b"hello"),
+]
+
+
+@pytest.mark.parametrize("content_type, data", HOSTILE_BODIES, ids=range(len(HOSTILE_BODIES)))
+def test_hostile_bodies_are_answered_4xx_with_one_warning_and_store_nothing(clients, caplog, content_type, data):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    res = clients["bob"].generic("POST", "/api/v1/rooms/general/messages/", data, content_type=content_type)
+    assert res.status_code == (415 if content_type == "text/plain" else 400), res.content
+    assert Message.objects.count() == 0
+    assert [r.levelname for r in caplog.records] == ["WARNING"], [r.getMessage()[:200] for r in caplog.records]

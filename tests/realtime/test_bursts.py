@@ -62,7 +62,7 @@ async def test_a_burst_keeps_each_frames_outcome_and_order(cookies, transport, b
         frames = [
             send(0),
             send(1, client_id="b0", body="a retry of b0"),  # a repeat in the same batch: the original's ack
-            send(2, room="hidden"),  # bob is no member of it: forbidden, nothing stored
+            send(2, room="hidden"),  # bob is no member of it: not_found (as if it did not exist), nothing stored
             send(3, body="bell\x07"),  # a control character: invalid
             {"type": "ping", "ref": "p"},  # between two batches
             "{not json",  # answered in its turn
@@ -75,7 +75,7 @@ async def test_a_burst_keeps_each_frames_outcome_and_order(cookies, transport, b
         assert [(r["type"], r.get("ref"), r.get("code"), r.get("seq")) for r in got] == [
             ("ack", "r0", None, 1),
             ("ack", "r1", None, 1),
-            ("error", "r2", "forbidden", None),
+            ("error", "r2", "not_found", None),
             ("error", "r3", "invalid", None),
             ("pong", "p", None, None),
             ("error", None, "invalid", None),

@@ -36,9 +36,10 @@ def test_room_page_loads_the_client_and_says_what_the_user_may_do(demo):
     assert '"canPost": true' in login(demo["bob"]).get("/rooms/general/").content.decode()
 
 
-def test_private_room_page_is_forbidden_to_non_members_and_unknown_is_404(demo):
-    assert login(demo["carol"]).get("/rooms/ops/").status_code == 403
-    assert login(demo["carol"]).get("/rooms/nope/").status_code == 404
+def test_a_private_room_page_is_the_same_404_as_a_room_that_does_not_exist(demo):
+    hidden, missing = (login(demo["carol"]).get(f"/rooms/{room}/") for room in ("ops", "nope"))
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.content == missing.content
 
 
 def test_room_titles_are_escaped(demo):

@@ -142,7 +142,7 @@ async def test_refused_typing_and_reads_broadcast_nothing(cookies, shared):
         reply = await call(carol, {"type": "typing", "room": "general", "ref": 1})  # a reader may not type
         assert (reply["type"], reply["code"]) == ("error", "forbidden")
         reply = await call(carol, {"type": "read", "room": "ops", "seq": 1, "ref": 2})  # a private room
-        assert (reply["type"], reply["code"]) == ("error", "forbidden")
+        assert (reply["type"], reply["code"]) == ("error", "not_found")
         assert await pushes(bob) == []
         assert not await ReadState.objects.filter(room__slug="ops").aexists()
 

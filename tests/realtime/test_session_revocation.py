@@ -84,12 +84,12 @@ async def test_an_expired_session_is_caught_by_the_periodic_recheck(bob_browser,
         assert await closed_with(comm, timeout=3) == 4003
 
 
-async def test_removed_membership_ends_the_rooms_stream_with_forbidden(cookies, demo):
+async def test_removed_membership_ends_the_rooms_stream_with_not_found(cookies, demo):
     async with socket(cookies["bob"]) as bob, socket(cookies["alice"]) as alice:
         await subscribe(bob, "ops")
         await Membership.objects.filter(user=demo["bob"], room__slug="ops").adelete()
         notice = await bob.receive_json_from(timeout=2)
-        assert (notice["type"], notice["code"], notice["room"]) == ("error", "forbidden", "ops")
+        assert (notice["type"], notice["code"], notice["room"]) == ("error", "not_found", "ops")
         await call(alice, {"type": "message.send", "room": "ops", "body": "secret", "client_id": "s1", "ref": 1})
         assert await bob.receive_nothing(timeout=0.3)
         # The socket itself stays, and other rooms are unaffected.
@@ -105,5 +105,5 @@ async def test_a_room_made_private_drops_non_members(cookies):
         room.is_public = False
         await room.asave()
         notice = await carol.receive_json_from(timeout=2)
-        assert (notice["code"], notice["room"]) == ("forbidden", "general")
+        assert (notice["code"], notice["room"]) == ("not_found", "general")
         assert await bob.receive_nothing(timeout=0.3), "members keep the stream"

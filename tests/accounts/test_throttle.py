@@ -1,0 +1,147 @@
+"""Sign-in throttling per address, per account and per known browser; sign-up per
+address; look-alike names; the client's address behind trusted proxies only."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from accounts import names
+from accounts.models import Account
+from realtime.proxies import ProxyHeadersMiddleware, client_address, parse_networks
+
+pytestmark = pytest.mark.django_db
+
+
+def attempt(client: Client, username: str, password: str = "wrong", addr: str = "10.0.0.1"):
+    return client.post("/accounts/login/", {"username": username, "password": password}, REMOTE_ADDR=addr)
+
+
+@pytest.fixture
+def limits(settings):
+    settings.LOGIN_RATE_LIMIT = "6/m"
+    settings.LOGIN_ACCOUNT_RATE_LIMIT = "3/m"
+    settings.LOGIN_DEVICE_RATE_LIMIT = "3/m"
+
+
+def test_failures_from_one_address_stop_that_address_only(demo, limits):
+    attacker = Client()
+    statuses = [attempt(attacker, f"nobody{i}").status_code for i in range(7)]
+    assert statuses == [200] * 6 + [429]
+    refused = attempt(attacker, "alice", "demo-password")
+    assert refused.status_code == 429  # a right guess is not even checked
+    assert int(refused["Retry-After"]) >= 1 and b"Too many failed sign-ins from your network" in refused.content
+    # Everyone else signs in as usual.
+    assert attempt(Client(), "bob", "demo-password", addr="10.0.0.2").status_code == 302
+
+
+def test_guessing_one_account_locks_unknown_browsers_not_its_owner(demo, limits):
+    owner = Client()
+    assert attempt(owner, "alice", "demo-password", addr="10.9.0.1").status_code == 302  # a known browser now
+    owner.post("/accounts/logout/")
+    # Guesses from many addresses (a botnet): three per account, then unknown browsers wait.
+    statuses = [attempt(Client(), "alice", addr=f"10.1.0.{i}").status_code for i in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    other = attempt(Client(), "ALICE", "demo-password", addr="10.1.0.99")
+    assert other.status_code == 429 and b"browser you signed in with before" in other.content
+    # The owner's browser is not locked out, and other accounts are untouched.
+    assert attempt(owner, "alice", "demo-password", addr="10.9.0.1").status_code == 302
+    assert attempt(Client(), "bob", "demo-password", addr="10.1.0.50").status_code == 302
+
+
+def test_a_known_browser_has_a_limit_of_its_own(demo, limits):
+    owner = Client()
+    assert attempt(owner, "alice", "demo-password", addr="10.9.0.1").status_code == 302
+    owner.post("/accounts/logout/")
+    assert [attempt(owner, "alice", addr="10.9.0.1").status_code for _ in range(4)] == [200, 200, 200, 429]
+    # Its failures did not count against the account: a new browser still gets in.
+    assert attempt(Client(), "alice", "demo-password", addr="10.9.0.2").status_code == 302
+
+
+def test_a_forged_device_cookie_is_an_unknown_browser(demo, limits):
+    client = Client()
+    client.cookies["rt_device"] = "forged"
+    assert [attempt(client, "alice", addr=f"10.2.0.{i}").status_code for i in range(4)] == [200, 200, 200, 429]
+
+
+def test_signups_are_limited_per_address(db, settings):
+    settings.SIGNUP_RATE_LIMIT = "2/m"
+
+    def signup(name: str, addr: str):
+        return Client().post("/accounts/signup/", {"username": name, "password1": "a-long-passphrase-42",
+                                                   "password2": "a-long-passphrase-42"}, REMOTE_ADDR=addr)
+
+    assert [signup(f"user{i}", "10.3.0.1").status_code for i in range(3)] == [302, 302, 429]
+    assert not get_user_model().objects.filter(username="user2").exists()
+    assert signup("user3", "10.3.0.2").status_code == 302
+
+
+@pytest.mark.parametrize("name, error", [
+    ("аlice", "one script"),          # Cyrillic а in a Latin name
+    ("саrоl", "one script"),
+    ("аӏісе", "reads as Latin"),      # all Cyrillic, and it reads as alice
+    ("ａｌｉｃｅ", "already exists"),  # NFKC makes it alice (Django's own check)
+    ("aIice", "looks too much like"),  # capital I for l
+    ("a1ice", "looks too much like"),
+    ("b0b", "looks too much like"),
+    ("ALICE", "already exists"),
+])
+def test_look_alike_names_are_refused(demo, name, error):
+    res = Client().post("/accounts/signup/", {"username": name, "password1": "a-long-passphrase-42",
+                                              "password2": "a-long-passphrase-42"})
+    assert res.status_code == 200
+    assert error in res.content.decode()
+    assert get_user_model().objects.count() == 4
+
+
+@pytest.mark.parametrize("name", ["dave", "josé", "иван", "δημήτρης", "田中さん", "李小龙", "Tanaka田中", "dave_2"])
+def test_names_of_one_script_that_look_like_no_one_are_accepted(demo, name):
+    res = Client().post("/accounts/signup/", {"username": name, "password1": "a-long-passphrase-42",
+                                              "password2": "a-long-passphrase-42"})
+    assert res.status_code == 302, res.content.decode()
+    account = Account.objects.get(user__username=name)
+    assert account.name_skeleton == names.skeleton(name) and account.probation_until is not None
+
+
+def test_every_user_has_an_account_with_its_skeleton(demo):
+    assert dict(Account.objects.values_list("user__username", "name_skeleton")) == {
+        "alice": "alice", "bob": "bob", "carol": "carol", "admin": "admin"}
+    assert not Account.objects.exclude(probation_until=None).exists()  # demo users are not on probation
+    # A staff-made user whose name collides keeps no skeleton instead of failing.
+    user = get_user_model().objects.create_user("bo\u0431", password="x")  # Cyrillic б
+    assert Account.objects.get(user=user).name_skeleton == names.skeleton("boб")
+    twin = get_user_model().objects.create_user("aIice", password="x")
+    assert Account.objects.get(user=twin).name_skeleton is None
+
+
+TRUSTED = parse_networks(["127.0.0.1", "10.0.0.0/8"])
+
+
+@pytest.mark.parametrize("peer, forwarded, expected", [
+    ("203.0.113.5", ["198.51.100.1"], "203.0.113.5"),            # an untrusted peer's header is ignored
+    ("127.0.0.1", [], "127.0.0.1"),
+    ("127.0.0.1", ["198.51.100.1"], "198.51.100.1"),
+    ("127.0.0.1", ["6.6.6.6, 198.51.100.1"], "198.51.100.1"),     # the client's own header is on the left
+    ("127.0.0.1", ["6.6.6.6", "198.51.100.1, 10.1.2.3"], "198.51.100.1"),  # two headers, a second proxy
+    ("127.0.0.1", ["10.1.2.3, 10.2.3.4"], "10.1.2.3"),            # all trusted: the furthest hop
+    ("127.0.0.1", ["6.6.6.6, junk"], "127.0.0.1"),                # garbage ends the walk at the last vouched hop
+    ("127.0.0.1", ["2001:db8::1"], "2001:db8::1"),
+    ("127.0.0.1", ["[2001:db8::2]:443"], "2001:db8::2"),
+    ("127.0.0.1", ["198.51.100.7:5555"], "198.51.100.7"),
+])
+def test_the_client_address_is_believed_only_from_trusted_proxies(peer, forwarded, expected):
+    assert client_address(peer, forwarded, TRUSTED) == expected
+
+
+def test_the_middleware_rewrites_the_scope_and_drops_an_untrusted_forwarded_proto(settings):
+    settings.REALTIME_TRUSTED_PROXIES = ["127.0.0.1"]
+    seen = []
+    app = ProxyHeadersMiddleware(lambda scope, receive, send: seen.append(scope))
+    headers = [(b"x-forwarded-for", b"6.6.6.6, 198.51.100.1"), (b"x-forwarded-proto", b"https")]
+    app({"type": "http", "client": ["127.0.0.1", 4000], "headers": list(headers)}, None, None)
+    app({"type": "websocket", "client": ["203.0.113.9", 4001], "headers": list(headers)}, None, None)
+    assert seen[0]["client"] == ["198.51.100.1", 0] and seen[0]["peer"] == ["127.0.0.1", 4000]
+    assert (b"x-forwarded-proto", b"https") in seen[0]["headers"]
+    assert seen[1]["client"] == ["203.0.113.9", 4001] and "peer" not in seen[1]
+    assert [n for n, _ in seen[1]["headers"]] == [b"x-forwarded-for"]
