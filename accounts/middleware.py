@@ -18,7 +18,9 @@ from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.http.cookie import parse_cookie
 
+from realtime import ratelimit
 from realtime.origins import origin_allowed, origin_of, refuse_log
+from realtime.proxies import rate_subject, scope_address
 
 from . import tickets
 
@@ -88,6 +90,12 @@ class SocketAuthMiddleware:
         if not origin_allowed(origin):
             refuse_log(origin)
             return await WebsocketDenier()(scope, receive, send)
+        # Handshakes per client address, before the session is even read: a
+        # reconnect loop or a flood of anonymous upgrades costs a token each.
+        verdict = await ratelimit.take(rate_subject(scope_address(scope)), "handshake.address")
+        if not verdict.allowed:
+            scope.update({"user": AnonymousUser(), "session": SessionRef(None), "throttled": verdict.retry_after})
+            return await self.inner(scope, receive, send)
         # (in a coroutine of its own: what it reads is gone once the socket is open)
         scope.update(await self.identify(scope))
         return await self.inner(scope, receive, send)

@@ -22,3 +22,15 @@ class Account(models.Model):
 
     def __str__(self) -> str:
         return f"account of user {self.user_id}"
+
+
+def probation_until(user_id: int):
+    """When the user's probation ends (an aware datetime), or None if they have none."""
+    return Account.objects.filter(user_id=user_id).values_list("probation_until", flat=True).first()
+
+
+def send_bucket(until) -> str:
+    """The rate-limit bucket a message.send takes from, given probation_until()."""
+    from django.utils import timezone
+
+    return "message.send.probation" if until is not None and until > timezone.now() else "message.send"

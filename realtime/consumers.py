@@ -32,13 +32,15 @@ from channels.layers import get_channel_layer
 from channels.consumer import get_handler_name
 from django.conf import settings
 
-from accounts.sessions import session_is_valid
+from accounts.models import probation_until, send_bucket
+from accounts.sessions import session_is_valid, session_user
 
-from . import actions, broadcast, connections, heartbeat, housekeeper, metrics, presence, protocol, queues, ratelimit
+from . import actions, authsweep, broadcast, connections, heartbeat, housekeeper, metrics, presence, protocol, queues, ratelimit
 from .fanout import LocalQueue, fanout
 from .actions import ActionError
 from .logs import TRACE, clean_trace, event
 from .permissions import Action
+from .proxies import scope_address
 from .protocol import CloseCode, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class Subscription:
     access_at: float = 0.0  # loop time it was read
 
 
+UNREAD = object()
 ACCESS_MAX_AGE = 30.0  # seconds a cached access is trusted without an access.check
 SEND_BATCH_MAX = 32  # queued messages taken at once (receive_burst)
 
@@ -78,6 +81,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     refused_in_row = 0
     metrics_task: asyncio.Task | None = None
     replaying = 0  # > 0 while a subscribe or a catch-up sends from the log
+    probation_until = UNREAD  # read from the Account at the socket's first message.send
     handling = False  # a client frame is being handled: its reply goes first
 
     async def __call__(self, scope, receive, send):
@@ -159,10 +163,18 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             return
         self.codec = protocol.CODECS[chosen or protocol.SUBPROTOCOL_JSON]
         await self.accept(subprotocol=chosen)
+        if "throttled" in self.scope:
+            # Too many handshakes from this address (accounts/middleware.py).
+            await self.refuse_handshake(self.scope["throttled"], "address")
+            return
         if self.user is None or not self.user.is_authenticated or not self.user.is_active:
             # Accept first and then close, so that a browser can see why (4001).
             event(log, INFO, "ws.closed", conn_id=self.conn_id, code=int(CloseCode.NOT_AUTHENTICATED), reason="anonymous")
             await self.close(code=int(CloseCode.NOT_AUTHENTICATED))  # autobahn wants an exact int
+            return
+        verdict = await ratelimit.take(self.user.pk, "handshake.user")
+        if not verdict.allowed:
+            await self.refuse_handshake(verdict.retry_after, "user")
             return
         if not await connections.acquire(self.user.pk, self.conn_id):
             # Too many sockets for one user (on all workers together).
@@ -179,6 +191,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self.close(code=int(CloseCode.OVERLOADED))
             return
         self.authenticated = True
+        self.auth_stamp = authsweep.stamp_of(self.user)  # what authsweep.py compares with
         self.last_frame_at = asyncio.get_running_loop().time()
         session = self.scope.get("session")
         self.session_key = getattr(session, "session_key", None)
@@ -192,7 +205,18 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         heartbeat.SOCKETS[self.conn_id] = (self.user.pk, self.user.get_username())
         heartbeat.ensure_started()
         presence.ensure_started()
-        event(log, INFO, "ws.open", conn_id=self.conn_id, user_id=self.user.pk, codec=self.codec.name)
+        event(log, INFO, "ws.open", conn_id=self.conn_id, user_id=self.user.pk, codec=self.codec.name,
+              addr=scope_address(self.scope))
+
+    async def refuse_handshake(self, retry_after: float, per: str) -> None:
+        """Too many sockets opened (per client address or per user): say how long
+        to wait, then close with 4029. Nothing else is done for this socket."""
+        metrics.RATE_LIMITED.labels(f"handshake.{per}").inc()
+        event(log, INFO, "ws.closed", conn_id=self.conn_id, user_id=getattr(self.user, "pk", None),
+              code=int(CloseCode.RATE_LIMITED), reason=f"handshakes-per-{per}", addr=scope_address(self.scope))
+        await self.send_frame(protocol.Error(code=ErrorCode.RATE_LIMITED, message="too many connections; wait",
+                                             retry_after=retry_after))
+        await self.close(code=int(CloseCode.RATE_LIMITED))
 
     async def disconnect(self, code: int) -> None:
         metrics.CLOSED.labels(close_label(code)).inc()
@@ -343,12 +367,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             traces = [clean_trace(frame.trace) for frame in frames]
             TRACE.set(traces[0])
             metrics.FRAMES_IN.labels(tag).inc(len(frames))
-            granted, retry_after = await ratelimit.take_up_to(self.user.pk, tag, len(frames))
+            if self.probation_until is UNREAD:
+                self.probation_until = await database_sync_to_async(probation_until)(self.user.pk)
+            granted, retry_after = await ratelimit.take_up_to(self.user.pk, send_bucket(self.probation_until), len(frames))
             allowed = frames[:granted]
             if allowed:
                 self.refused_in_row = 0
-                for frame in allowed:
-                    metrics.WINDOW.message_in(frame.room)
                 outcomes = await database_sync_to_async(actions.message_send_many)(user=self.user, sends=[
                     {"slug": frame.room, "body": frame.body, "client_id": frame.client_id,
                      "access": self.cached_access(frame.room)}
@@ -357,6 +381,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 published = [(room_event, trace) for (_, events), trace in zip(outcomes, traces) for room_event in events]
                 await broadcast.publish([e for e, _ in published], [t for _, t in published])
                 for frame, trace, (result, _) in zip(allowed, traces, outcomes):
+                    if not isinstance(result, Exception):
+                        # The dashboard's "messages in" and "busiest rooms": what was accepted.
+                        metrics.WINDOW.message_in(result.room)
                     TRACE.set(trace)
                     await self.send_frame(self.error_reply(frame, result) if isinstance(result, Exception)
                                           else message_ack(frame, result))
@@ -383,7 +410,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             protocol.Error(code=ErrorCode.RATE_LIMITED, message="too many; slow down", ref=ref, retry_after=retry_after)
         )
 
-    async def send_frame(self, frame: protocol.Frame) -> None:
+    async def send_frame(self, frame: protocol.Frame) -> int:
+        """Encode and send one frame; its size in bytes."""
         metrics.FRAMES_OUT.labels(frame.__struct_config__.tag).inc()
         if isinstance(frame, protocol.Error):
             metrics.ERRORS.labels(str(frame.code)).inc()
@@ -393,10 +421,17 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self.send(bytes_data=data)
         else:
             await self.send(text_data=data.decode())
+        return len(data)
 
-    async def send_events(self, events: list[protocol.RoomEvent]) -> None:
+    async def send_events(self, events: list[protocol.RoomEvent]) -> int:
+        """Send events from the log; their size in bytes is taken from the user's
+        replay budget."""
+        size = 0
         for room_event in events:
-            await self.send_frame(room_event)
+            size += await self.send_frame(room_event)
+        if size:
+            await ratelimit.replay_spend(self.user.pk, size)
+        return size
 
     # -- handlers (one per client frame type) ---------------------------------
     async def on_subscribe(self, frame: protocol.Subscribe) -> protocol.Frame:
@@ -415,6 +450,16 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if since is None and current is not None:
             # Already live here: "from now" means from what this socket was sent.
             since = current.last_seq
+        if since is not None:
+            budget = ratelimit.replay_check(self.user.pk)
+            if not budget.allowed:
+                # Replaying more than the budget (a reconnect loop): wait. A live
+                # stream refused here ends; the client subscribes again later.
+                if current is not None:
+                    await self.drop_subscription(slug)
+                metrics.RATE_LIMITED.labels("replay").inc()
+                raise ActionError(ErrorCode.RATE_LIMITED, "replaying too much; wait and subscribe again",
+                                  retry_after=budget.retry_after)
         # Join the stream before reading the log: nothing committed in between is lost.
         await fanout().add(broadcast.room_group(slug), self)
         changes = self.access_changes.get(slug, 0)
@@ -631,6 +676,24 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         ):
             return
         await self.shut(CloseCode.FORBIDDEN, "session-ended")
+
+    async def auth_changed(self, message: dict) -> None:
+        """The user's record changed behind the signals' back (realtime/authsweep.py):
+        check the session as a request would (close with 4003 if it ended), then
+        take the user as they are now (staff or not) and check every room again."""
+        if self.revoked or not self.authenticated:
+            return
+        user = await database_sync_to_async(session_user)(self.session_key, self.user.pk)
+        if user is None:
+            await self.shut(CloseCode.FORBIDDEN, "session-ended")
+            return
+        self.user, self.auth_stamp = user, authsweep.stamp_of(user)
+        heartbeat.SOCKETS[self.conn_id] = (user.pk, user.get_username())
+        if not user.is_staff and self.metrics_task is not None:
+            self.metrics_task.cancel()
+            self.metrics_task = None
+        for slug in list(self.subscriptions):
+            await self.access_check({"type": broadcast.ACCESS_CHECK, "room": slug})
 
     async def force_disconnect(self, message: dict) -> None:
         """An operator closed this user's sockets (the admin's realtime console)."""

@@ -5,7 +5,9 @@ Each open socket needs four things done now and then:
 - its session checked every REALTIME_SESSION_RECHECK s (jittered), which catches
   what no signal reported (a session that simply expired);
 - its connection lease renewed every connections.LEASE_RENEW s;
-- its presence in the rooms it follows renewed every presence.RENEW s.
+- its presence in the rooms it follows renewed every presence.RENEW s;
+- its user, session and rooms' access compared with the database every
+  REALTIME_AUTH_SWEEP s, for changes no signal announced (realtime/authsweep.py).
 
 One task per worker does them all: the leases and the presence of every local
 socket are renewed in one Redis round trip each, where a task per socket sent one
@@ -25,7 +27,7 @@ import random
 
 from django.conf import settings
 
-from . import broadcast, connections, presence, store
+from . import authsweep, broadcast, connections, presence, store
 
 log = logging.getLogger(__name__)
 
@@ -51,32 +53,44 @@ def _recheck_interval() -> float:
 def _tick() -> float:
     """How often to look: once a second, or more often when a limit is shorter (tests)."""
     return min(1.0, settings.REALTIME["IDLE_TIMEOUT"] / 4, settings.REALTIME["SESSION_RECHECK"] / 4,
-               connections.LEASE_RENEW / 4, presence.RENEW / 4)
+               connections.LEASE_RENEW / 4, presence.RENEW / 4, settings.REALTIME["AUTH_SWEEP"] / 4)
 
 
 async def _loop() -> None:
     loop = asyncio.get_running_loop()
     next_renew = loop.time() + connections.LEASE_RENEW
     next_presence = loop.time() + presence.RENEW
+    next_sweep = loop.time() + settings.REALTIME["AUTH_SWEEP"]
     while True:
         await asyncio.sleep(_tick())
         now = loop.time()
-        try:
-            due(now)
-            if now >= next_renew:
-                next_renew = now + connections.LEASE_RENEW
-                await connections.renew([(c.user.pk, c.conn_id) for c in SOCKETS if c.authenticated and not c.revoked])
-            if now >= next_presence:
-                next_presence = now + presence.RENEW
-                await presence.renew_all(
-                    [(slug, c.user.pk, c.user.get_username(), c.conn_id)
-                     for c in SOCKETS if c.authenticated and not c.revoked
-                     for slug, sub in c.subscriptions.items() if sub.presence]
-                )
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # Redis away: the leases hold for their TTL meanwhile
-            log.warning("housekeeping failed: %s", type(exc).__name__, extra={"event": "housekeeping.failed"})
+        due(now)
+        if now >= next_renew:
+            next_renew = now + connections.LEASE_RENEW
+            # (Redis away: the leases hold for their TTL meanwhile)
+            await _step("leases", connections.renew(
+                [(c.user.pk, c.conn_id) for c in SOCKETS if c.authenticated and not c.revoked]))
+        if now >= next_sweep:
+            next_sweep = now + settings.REALTIME["AUTH_SWEEP"]
+            await _step("auth-sweep", authsweep.sweep(list(SOCKETS)))
+        if now >= next_presence:
+            next_presence = now + presence.RENEW
+            await _step("presence", presence.renew_all(
+                [(slug, c.user.pk, c.user.get_username(), c.conn_id)
+                 for c in SOCKETS if c.authenticated and not c.revoked
+                 for slug, sub in c.subscriptions.items() if sub.presence]
+            ))
+
+
+async def _step(name: str, work) -> None:
+    """One of the loop's chores: a failure is logged and the others go on."""
+    try:
+        await work
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.warning("housekeeping failed: %s", type(exc).__name__, extra={"event": "housekeeping.failed",
+                                                                          "reason": name})
 
 
 def due(now: float) -> None:

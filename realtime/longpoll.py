@@ -83,6 +83,9 @@ async def wait_for_events(user, slug: str, since: int, wait: float, limit: int) 
     verdict = await ratelimit.take(user.pk, "poll")
     if not verdict.allowed:
         raise ActionError(ErrorCode.RATE_LIMITED, "polling too often; slow down", retry_after=verdict.retry_after)
+    budget = ratelimit.replay_check(user.pk)
+    if not budget.allowed:
+        raise ActionError(ErrorCode.RATE_LIMITED, "reading history too fast; wait", retry_after=budget.retry_after)
     read = database_sync_to_async(actions.room_replay)
     group = broadcast.room_group(slug)
     waiter = Waiter()
@@ -164,8 +167,11 @@ class LongPoll:
         worker = worker_header()
         if worker:
             headers.append((b"x-realtime-worker", worker.encode()))
+        data = msgspec.json.encode(body)
+        if status == 200 and body.get("events"):
+            await ratelimit.replay_spend(scope["user"].pk, len(data))
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": msgspec.json.encode(body)})
+        await send({"type": "http.response.body", "body": data})
 
     @staticmethod
     async def _disconnected(receive) -> None:

@@ -127,6 +127,15 @@ class ProxyHeadersMiddleware:
             scope["client"] = [address, 0]
 
 
+def rate_subject(address: str) -> str:
+    """The key a limit per client address uses: the address, or for IPv6 its /64
+    (one host's share; a /128 each would give a single attacker 2^64 buckets)."""
+    found = _ip(address)
+    if isinstance(found, ipaddress.IPv6Address):
+        return str(ipaddress.ip_network(f"{found}/64", strict=False).network_address) + "/64"
+    return str(found) if found is not None else address
+
+
 def scope_address(scope) -> str:
     """The client's address of a scope that went through ProxyHeadersMiddleware."""
     client = scope.get("client")

@@ -38,10 +38,10 @@ def fresh_rate_limits():
 
     from realtime import ratelimit
 
-    ratelimit.buckets.reset()
+    ratelimit.reset()
     cache.clear()
     yield
-    ratelimit.buckets.reset()
+    ratelimit.reset()
 
 
 @pytest.fixture(scope="session")
@@ -87,9 +87,9 @@ def transport(request, settings):
     else:
         settings.REDIS_URL = ""
         settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    ratelimit.buckets.reset()
+    ratelimit.reset()
     yield request.param
-    ratelimit.buckets.reset()
+    ratelimit.reset()
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts import tickets
+from accounts.models import probation_until, send_bucket
 
-from .. import actions, broadcast, protocol
+from .. import actions, broadcast, metrics, protocol
 from .. import ratelimit as buckets
 from ..actions import ActionError
 from ..longpoll import events_page, int_arg
@@ -47,6 +48,17 @@ class RoomList(ActionView):
         return Response({"rooms": actions.visible_rooms(user=request.user)})
 
 
+def replayed(request: Request, read):
+    """A page read from the log, within the user's replay budget: refused while the
+    user is in debt, and its size (as JSON) taken from the budget afterwards."""
+    budget = buckets.replay_check(request.user.pk)
+    if not budget.allowed:
+        raise ActionError(ErrorCode.RATE_LIMITED, "reading history too fast; wait", retry_after=budget.retry_after)
+    page = read()
+    buckets.replay_spend_sync(request.user.pk, len(msgspec.json.encode(page)))
+    return Response(page)
+
+
 class RoomEvents(ActionView):
     """The room's log after `since`: the same event shapes as the socket. With
     `wait`, the request is a long poll, answered by realtime/longpoll.py before it
@@ -55,8 +67,8 @@ class RoomEvents(ActionView):
     def get(self, request: Request, slug: str) -> Response:
         since = int_param(request, "since", 0)
         limit = int_param(request, "limit", 500, minimum=1)
-        replay = actions.room_replay(user=request.user, slug=slug, since=since, limit=limit)
-        return Response(events_page(replay, since))
+        return replayed(request, lambda: events_page(
+            actions.room_replay(user=request.user, slug=slug, since=since, limit=limit), since))
 
 
 class RoomMessages(ActionView):
@@ -66,14 +78,15 @@ class RoomMessages(ActionView):
     def get(self, request: Request, slug: str) -> Response:
         before = int_param(request, "before", None, minimum=1)
         limit = int_param(request, "limit", 50, minimum=1)
-        return Response(actions.room_messages(user=request.user, slug=slug, before=before, limit=limit))
+        return replayed(request, lambda: actions.room_messages(user=request.user, slug=slug, before=before, limit=limit))
 
     def post(self, request: Request, slug: str) -> Response:
         data = parse_body(request, protocol.MessagePost)
-        take_token(request, "message.send")
+        take_token(request, send_bucket(probation_until(request.user.pk)))
         result = actions.perform_sync(
             actions.message_send, user=request.user, slug=slug, body=data.body, client_id=data.client_id
         )
+        metrics.WINDOW.message_in(result.room)
         return ack(result)
 
 

@@ -107,3 +107,80 @@ async def test_a_room_made_private_drops_non_members(cookies):
         notice = await carol.receive_json_from(timeout=2)
         assert (notice["code"], notice["room"]) == ("not_found", "general")
         assert await bob.receive_nothing(timeout=0.3), "members keep the stream"
+
+
+# -- changes no signal announces: the worker's sweep (realtime/authsweep.py) ----------
+@pytest.fixture
+def swept(settings):
+    """A sweep every 0.2 s, and no periodic session check to find things instead."""
+    settings.REALTIME = {**settings.REALTIME, "AUTH_SWEEP": 0.2, "SESSION_RECHECK": 600}
+
+
+@pytest.mark.parametrize("change", ["password", "deactivate", "session_deleted", "session_expired"])
+async def test_a_revocation_without_a_signal_closes_the_socket_within_the_sweep(bob_browser, demo, swept, change):
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.hashers import make_password
+
+    client, cookie = bob_browser
+    users = get_user_model().objects.filter(pk=demo["bob"].pk)
+    async with socket(cookie) as bob, socket(f"sessionid={(await sync_to_async(alice_cookie)(demo))}".encode()) as alice:
+        await subscribe(bob, "general")
+        if change == "password":
+            await users.aupdate(password=await sync_to_async(make_password)("changed-behind-its-back"))
+        elif change == "deactivate":
+            await users.aupdate(is_active=False)
+        elif change == "session_deleted":
+            await sync_to_async(Session.objects.filter(session_key=client.session.session_key)._raw_delete)("default")
+        else:
+            await Session.objects.filter(session_key=client.session.session_key).aupdate(
+                expire_date=timezone.now() - timedelta(seconds=1))
+        assert await closed_with(bob, timeout=2) == 4003
+        # Nothing more reaches it, and other users are untouched.
+        assert await call(alice, {"type": "ping", "ref": 1}) == {"type": "pong", "ref": 1}
+
+
+def alice_cookie(demo) -> str:
+    client = Client()
+    client.force_login(demo["alice"])
+    return client.cookies["sessionid"].value
+
+
+async def test_a_role_lowered_without_a_signal_is_seen_within_the_sweep(bob_browser, demo, swept):
+    _, cookie = bob_browser
+    async with socket(cookie) as bob:
+        await subscribe(bob, "general")
+        send = {"type": "message.send", "room": "general", "body": "hi", "ref": 1}
+        assert (await call(bob, {**send, "client_id": "before"}))["type"] == "ack"  # access cached now
+        await bob.receive_json_from(timeout=2)  # its own message
+        await Membership.objects.filter(user=demo["bob"], room__slug="general").aupdate(role="reader")
+        import asyncio
+
+        await asyncio.sleep(0.8)  # a few sweeps; no ping, no resubscribe
+        reply = await call(bob, {**send, "client_id": "after"})
+        assert (reply["type"], reply["code"]) == ("error", "forbidden")
+
+
+async def test_a_room_made_private_without_a_signal_drops_non_members_within_the_sweep(cookies, swept):
+    async with socket(cookies["carol"]) as carol, socket(cookies["bob"]) as bob:
+        await Membership.objects.filter(user__username="carol", room__slug="general").adelete()
+        await subscribe(carol, "general")
+        await subscribe(bob, "general")
+        await Room.objects.filter(slug="general").aupdate(is_public=False)
+        notice = await carol.receive_json_from(timeout=2)
+        assert (notice["type"], notice["code"], notice["room"]) == ("error", "not_found", "general")
+        assert await bob.receive_nothing(timeout=0.5), "members keep the stream"
+
+
+async def test_staff_taken_away_without_a_signal_loses_what_staff_may_see(demo, swept):
+    from django.contrib.auth import get_user_model
+
+    staff = await get_user_model().objects.acreate(username="ops-staff", is_staff=True)
+    client = Client()
+    await sync_to_async(client.force_login)(staff)
+    async with socket(f"sessionid={client.cookies['sessionid'].value}".encode()) as comm:
+        await subscribe(comm, "ops")  # private, but staff may read every room
+        await get_user_model().objects.filter(pk=staff.pk).aupdate(is_staff=False)
+        notice = await comm.receive_json_from(timeout=2)
+        assert (notice["type"], notice["code"], notice["room"]) == ("error", "not_found", "ops")
+        reply = await call(comm, {"type": "metrics.subscribe", "ref": 2})
+        assert (reply["type"], reply["code"]) == ("error", "forbidden")
