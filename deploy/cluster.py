@@ -223,7 +223,7 @@ class Nginx:
     name = "nginx"
 
     def __init__(self, workdir: Path, workers: list[Worker], static_root: Path, port: int | None = None,
-                 tls_port: int | None = None):
+                 tls_port: int | None = None, header_timeout: int = 10, conn_per_address: int = 256):
         self.binary = shutil.which(self.name) or (f"/usr/sbin/{self.name}" if os.path.exists(f"/usr/sbin/{self.name}") else None)
         if self.binary is None:
             raise FileNotFoundError(f"{self.name} is not installed (Debian: apt-get install {self.name})")
@@ -234,6 +234,8 @@ class Nginx:
         self.cert, self.key = self_signed_certificate(Path(workdir))
         self.workers = workers
         self.static_root = static_root
+        # Seconds a request head may take; connections per client address.
+        self.limits = {"HEADER_TIMEOUT": str(header_timeout), "CONN_PER_ADDRESS": str(conn_per_address)}
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -262,6 +264,7 @@ class Nginx:
             "UPSTREAMS": upstreams,
             "LISTEN": listen,
             "STATIC_ROOT": str(self.static_root),
+            **self.limits,
         })
 
     def start(self) -> "Nginx":
@@ -289,7 +292,7 @@ class HAProxy(Nginx):
         pem.write_bytes(self.cert.read_bytes() + self.key.read_bytes())
         binds = f"  bind 127.0.0.1:{self.port}\n  bind 127.0.0.1:{self.tls_port} ssl crt {pem}"
         servers = "\n".join(f"  server {w.name} 127.0.0.1:{w.port}" for w in self.workers)
-        return fill(HAPROXY_TEMPLATE, {"DIR": str(self.dir), "BINDS": binds, "SERVERS": servers})
+        return fill(HAPROXY_TEMPLATE, {"DIR": str(self.dir), "BINDS": binds, "SERVERS": servers, **self.limits})
 
     def start(self) -> "HAProxy":
         conf = self.dir / "haproxy.cfg"

@@ -342,10 +342,11 @@ REALTIME = {
         "message.send.probation": env_rate("REALTIME_RATE_MESSAGE_SEND_PROBATION", (0.2, 5)),
         # Sockets opened, per user and per client address (the handshake's cost):
         # past it the socket is accepted, told to wait and closed with 4029. The
-        # bursts fit a user's every socket (MAX_CONNECTIONS_PER_USER) coming back
-        # at once after a drain, and an office behind one address.
-        "handshake.user": env_rate("REALTIME_RATE_HANDSHAKE_USER", (1, 30)),
-        "handshake.address": env_rate("REALTIME_RATE_HANDSHAKE_ADDRESS", (20, 200)),
+        # user's burst is twice MAX_CONNECTIONS_PER_USER: every socket opened and
+        # then all of them back at once after a drain; the address's, an office's
+        # worth (as many as the balancer's connections per address, deploy/).
+        "handshake.user": env_rate("REALTIME_RATE_HANDSHAKE_USER", (1, 40)),
+        "handshake.address": env_rate("REALTIME_RATE_HANDSHAKE_ADDRESS", (20, 256)),
     },
     # Bytes of replayed events (subscribe's replay, REST history and event pages)
     # per user: (bytes a second, burst). A replay runs while the user is not in
@@ -368,6 +369,12 @@ REALTIME = {
     "IDLE_TIMEOUT": env_int("REALTIME_IDLE_TIMEOUT", 300),
     # Refused frames in a row after which the socket is closed with 4029.
     "FLOOD_CLOSE_AFTER": env_int("REALTIME_FLOOD_CLOSE_AFTER", 50),
+    # Under realtime.server (daphne): seconds each HTTP request (a socket's upgrade
+    # included) has to arrive whole, and an idle kept-alive connection may wait;
+    # and connections per peer address that are not sockets yet (trusted proxies
+    # excepted: the balancer limits those, deploy/).
+    "HANDSHAKE_TIMEOUT": float(os.environ.get("REALTIME_HANDSHAKE_TIMEOUT") or 10),
+    "MAX_PENDING_PER_ADDRESS": env_int("REALTIME_MAX_PENDING_PER_ADDRESS", 32),
 }
 
 # ------------------------------------------------------------------------------

@@ -21,8 +21,17 @@ A message larger than daphne's --websocket-max-message-size is closed with 1009
 - in: a socket with more than REALTIME_MAX_RECEIVE_FRAMES (256) frames, or
   REALTIME_MAX_RECEIVE_BUFFER bytes (1 MiB), received and not yet handled is closed
   with 4029 (a flood); what it sends after that is dropped.
-An HTTP connection idle for REALTIME_HANDSHAKE_TIMEOUT s (10) before its request,
-a socket's upgrade included, is dropped.
+Before a connection is a socket (or while it is plain HTTP), two guards against
+connections that cost the worker without ever becoming a request:
+- a deadline: each request, head and body, a socket's upgrade included, must
+  arrive whole within REALTIME_HANDSHAKE_TIMEOUT s (10) of the connection or of the
+  previous response. Twisted's own timeout is an idle one, reset by every byte, so
+  a client trickling a header byte every few seconds held its connection for ever
+  (slowloris);
+- a cap: at most REALTIME_MAX_PENDING_PER_ADDRESS (32) such connections per peer
+  address at once; one more is closed as it arrives. Trusted proxies
+  (REALTIME_TRUSTED_PROXIES) are not capped: behind them the balancer's own limits
+  apply (deploy/).
 
 Each socket's scope carries the ASGI extension `realtime.frames`: `write(frame)`
 puts a complete, already framed WebSocket message (protocol.websocket_frame()) on the
@@ -55,7 +64,9 @@ from functools import partial
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
+from twisted.internet import protocol as twisted_protocol
 from twisted.internet import tcp
+from twisted.web import http as twisted_http
 
 from realtime.queues import AppQueue
 
@@ -132,6 +143,122 @@ class OpenedRequest:
         self.path = path
 
 
+class GuardedHTTPChannel(twisted_http.HTTPChannel):
+    """Twisted's HTTP channel with a deadline for each whole request (module doc),
+    counted against its peer's address until it ends or becomes a socket."""
+
+    deadline_call = None
+    counted: "PendingCounter | None" = None
+    address = ""
+
+    def connectionMade(self):
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self) -> None:
+        timeout = settings_value("HANDSHAKE_TIMEOUT")
+        if timeout:
+            self.deadline_call = self.callLater(timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self.deadline_call is not None and self.deadline_call.active():
+            self.deadline_call.cancel()
+        self.deadline_call = None
+
+    def _too_slow(self) -> None:
+        self.deadline_call = None
+        if not self._handlingRequest and self.transport is not None:
+            from realtime.logs import event
+
+            event(log, logging.INFO, "http.too_slow", addr=self.address)
+            self.transport.abortConnection()
+
+    def allContentReceived(self):
+        self._disarm()
+        super().allContentReceived()
+
+    def requestDone(self, request):
+        super().requestDone(request)
+        if self.persistent and self.transport is not None and not self._handlingRequest:
+            self._arm()  # the next request on this kept-alive connection
+
+    def upgraded(self) -> None:
+        """It is a WebSocket now: no longer a pending HTTP connection."""
+        self._disarm()
+        self._uncount()
+
+    def _uncount(self) -> None:
+        if self.counted is not None:
+            self.counted.release(self.address)
+            self.counted = None
+
+    def connectionLost(self, reason):
+        self._disarm()
+        self._uncount()
+        super().connectionLost(reason)
+
+
+class Refuse(twisted_protocol.Protocol):
+    """Closes a connection as soon as it is made (one over the per-address cap)."""
+
+    def connectionMade(self):
+        self.transport.abortConnection()
+
+
+class PendingCounter:
+    """Connections per peer address that are not (yet) sockets."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, int] = {}
+
+    def take(self, address: str, cap: int) -> bool:
+        n = self.open.get(address, 0)
+        if n >= cap:
+            return False
+        self.open[address] = n + 1
+        return True
+
+    def release(self, address: str) -> None:
+        n = self.open.get(address, 0) - 1
+        if n > 0:
+            self.open[address] = n
+        else:
+            self.open.pop(address, None)
+
+
+def settings_value(name: str):
+    from django.conf import settings
+
+    return settings.REALTIME[name]
+
+
+def guard_http_factory(factory) -> None:
+    """Give daphne's HTTP factory the guarded channel and the per-address cap."""
+    from realtime.proxies import _ip, is_trusted, trusted_networks
+
+    counter = PendingCounter()
+    factory.pending = counter
+    factory.protocol = lambda: twisted_http._GenericHTTPChannelProtocol(GuardedHTTPChannel())
+    build = factory.buildProtocol
+
+    def buildProtocol(addr):
+        host = getattr(addr, "host", "")
+        trusted = is_trusted(_ip(host), trusted_networks())
+        if not trusted and not counter.take(host, settings_value("MAX_PENDING_PER_ADDRESS")):
+            from realtime.logs import event
+
+            event(log, logging.WARNING, "http.refused", reason="connections-per-address", addr=host)
+            return Refuse()
+        p = build(addr)
+        channel = p._channel
+        channel.address = host
+        if not trusted:
+            channel.counted = counter
+        return p
+
+    factory.buildProtocol = buildProtocol
+
+
 def release_http_channel(transport) -> None:
     """After daphne's upgrade the HTTP channel stays registered as the transport's
     producer, keeping the channel, its request, both header sets and the raw
@@ -145,6 +272,8 @@ def release_http_channel(transport) -> None:
     if producer is None:
         membrane = getattr(transport, "_producer", None)  # TLS: wrapped in a membrane
         producer = getattr(membrane, "_producer", None)
+    if isinstance(producer, GuardedHTTPChannel):
+        producer.upgraded()
     if (isinstance(producer, HTTPChannel) and getattr(producer, "_handlingRequest", False)
             and getattr(producer, "_requestProducer", None) is None):
         transport.unregisterProducer()
@@ -422,7 +551,10 @@ class DrainingServer(Server):
         # An HTTP connection (a socket's upgrade request included) that sends
         # nothing for REALTIME_HANDSHAKE_TIMEOUT s is dropped; Twisted's default is
         # 60 s. It pauses while a request is being answered (long polls are safe).
-        self.http_factory.timeOut = float(os.environ.get("REALTIME_HANDSHAKE_TIMEOUT", "10"))
+        # And each request must arrive whole within that time, however it
+        # trickles in; at most MAX_PENDING_PER_ADDRESS such connections an address.
+        self.http_factory.timeOut = settings_value("HANDSHAKE_TIMEOUT")
+        guard_http_factory(self.http_factory)
         asyncio.ensure_future(self._control_loop())
         from realtime import heartbeat
 

@@ -192,3 +192,337 @@ def _raw(port: int, data: bytes, source: str = "127.27.0.1") -> bytes:
             if not chunk:
                 return b"".join(chunks)
             chunks.append(chunk)
+
+
+# -- Row 3 and 6: reconnect loops, handshake floods, replay amplification ------------
+async def handshake(base: str, cookie: str | None, source: str) -> tuple[int | None, float | None]:
+    """Open a socket and send a ping: (close code, retry_after), or (None, None) if the
+    socket answered it (a pong, or its own rate_limited: pings have a bucket too)."""
+    headers = {"Cookie": cookie} if cookie else {}
+    async with websockets.connect(ws_url(base), subprotocols=["rt.v1.json"], origin=base, additional_headers=headers,
+                                  local_addr=(source, 0), open_timeout=5) as ws:
+        retry_after = None
+        try:
+            try:
+                await ws.send(json.dumps({"type": "ping", "ref": "p"}))
+            except websockets.ConnectionClosed:
+                pass  # closed already: what it said before is still to be read
+            while True:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                if frame.get("ref") == "p":
+                    return None, None
+                if frame.get("code") == "rate_limited":
+                    retry_after = frame["retry_after"]
+        except websockets.ConnectionClosed as exc:
+            return (exc.rcvd.code if exc.rcvd else 1006), retry_after
+
+
+@pytest.mark.parametrize("kind", BALANCERS)
+async def test_a_reconnect_loop_gets_4029_with_a_retry_hint_and_others_do_not(hardened, kind):
+    base = hardened.balancers[kind].url
+    n = BALANCERS.index(kind)
+    looper, other = f"looper-{kind}", f"calm-{kind}"
+    await in_thread(hardened.create_users, looper, other)
+    cookie = await in_thread(login, base, looper, "demo-password", f"127.30.{n}.1")
+    outcomes = [await handshake(base, cookie, f"127.30.{n}.1") for _ in range(22)]
+    assert outcomes[:20] == [(None, None)] * 20  # the burst: twice a user's sockets (10)
+    code, retry_after = outcomes[20]
+    assert code == 4029 and 0 < retry_after <= 1.5  # a token a second
+    # Someone else, even from the same address, opens sockets as usual.
+    other_cookie = await in_thread(login, base, other, "demo-password", f"127.30.{n}.1")
+    assert await handshake(base, other_cookie, f"127.30.{n}.1") == (None, None)
+    # The hint is honest: after it, the looper gets one in.
+    await asyncio.sleep(1.1)
+    assert await handshake(base, cookie, f"127.30.{n}.1") == (None, None)
+
+
+@pytest.mark.parametrize("kind", BALANCERS)
+async def test_an_anonymous_handshake_flood_is_cut_off_per_address(hardened, kind):
+    base = hardened.balancers[kind].url
+    n = BALANCERS.index(kind)
+    started = time.monotonic()
+    codes = [(await handshake(base, None, f"127.31.{n}.1"))[0] for _ in range(50)]
+    elapsed = time.monotonic() - started
+    # The burst (40), then what the refill (2 a second) lets through: the rest wait.
+    assert codes[:40] == [4001] * 40 and set(codes[40:]) <= {4001, 4029} and 4029 in codes
+    assert codes.count(4001) <= 40 + 2 * elapsed + 1
+    assert (await handshake(base, None, f"127.32.{n}.1"))[0] == 4001  # another address: its own budget
+
+
+async def test_reconnects_after_a_drain_are_never_refused(hardened):
+    """A worker drained with its users' every socket on it: all of them come back
+    through the balancer on the other worker at once, and none gets 4029."""
+    base = hardened.balancers["nginx"].url
+    users = [f"drained-{i}" for i in range(3)]
+    await in_thread(hardened.create_users, *users)
+    # Two users share an address (an office); each address stays within the
+    # balancer's connections per address (16 here).
+    sources = ["127.33.0.1", "127.33.0.1", "127.33.0.2"]
+    cookies = [await in_thread(login, base, user, "demo-password", source) for user, source in zip(users, sources)]
+    worker = hardened.workers[0]
+    sockets = []
+    for cookie, source, count in zip(cookies, sources, (8, 8, 10)):
+        for _ in range(count):  # up to a user's cap, all on the worker that will drain
+            ws = await open_socket(worker.url, cookie, source)
+            sockets.append((cookie, source, ws))
+    worker.terminate()  # SIGTERM: the drain, 4012 to every socket
+    codes = []
+    for _, _, ws in sockets:
+        try:
+            await asyncio.wait_for(ws.wait_closed(), 10)
+        finally:
+            codes.append(ws.close_code)
+    assert set(codes) == {4012}
+    # All at once, through the balancer (the drained worker no longer listens).
+    outcomes = await asyncio.gather(*(handshake(base, cookie, source) for cookie, source, _ in sockets))
+    assert outcomes == [(None, None)] * len(sockets)
+    worker.proc.wait(10)
+    worker.start()
+
+
+async def test_replay_amplification_is_bounded_per_user(hardened):
+    """Row 3. A room with a long backlog; a socket that subscribes from seq 0 over and
+    over (unsubscribing between) gets the backlog once, then rate_limited with the
+    time to wait, on every worker once it has seen the debt."""
+    base = hardened.balancers["nginx"].url
+    room = f"backlog{time.monotonic_ns() % 10**8}"
+    await in_thread(hardened.create_users, "replayer", "poster")
+    await in_thread(hardened.shell, "from realtime.models import Room\n"
+                                    f"Room.objects.create(slug={room!r}, title='backlog', is_public=True)")
+    poster = await in_thread(login, base, "poster", "demo-password", "127.34.0.1")
+    ws = await open_socket(base, poster, "127.34.0.1")
+    for i in range(150):
+        await ws.send(json.dumps({"type": "message.send", "room": room, "body": "b" * 200, "client_id": f"{room}{i}",
+                                  "ref": i}))
+    acks = 0
+    while acks < 150:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        acks += frame.get("type") == "ack"
+    await ws.close()
+    cookie = await in_thread(login, base, "replayer", "demo-password", "127.35.0.1")
+    results = []
+    for worker in hardened.workers:  # straight to each worker: a loop spread over both
+        sock = await open_socket(worker.url, cookie, "127.35.0.1")
+        for attempt in range(3):
+            await sock.send(json.dumps({"type": "subscribe", "room": room, "since": 0, "ref": f"s{attempt}"}))
+            replayed = 0
+            while True:
+                frame = json.loads(await asyncio.wait_for(sock.recv(), 10))
+                if frame.get("type") == "message.new":
+                    replayed += 1
+                elif frame.get("ref") == f"s{attempt}":
+                    break
+            results.append((worker.name, frame["type"], replayed, frame.get("code"), frame.get("retry_after")))
+            await sock.send(json.dumps({"type": "unsubscribe", "room": room, "ref": f"u{attempt}"}))
+            while json.loads(await asyncio.wait_for(sock.recv(), 10)).get("ref") != f"u{attempt}":
+                pass
+        await sock.close()
+    first, second = hardened.workers[0].name, hardened.workers[1].name
+    assert [(w, t, r, c) for w, t, r, c, _ in results] == [
+        (first, "ack", 150, None), (first, "error", 0, "rate_limited"), (first, "error", 0, "rate_limited"),
+        # The other worker has not seen the debt: one replay there, then the same.
+        (second, "ack", 150, None), (second, "error", 0, "rate_limited"), (second, "error", 0, "rate_limited"),
+    ]
+    # The hint says how long the debt takes to pay at 2 KB a second: a replay is
+    # about 54 KB, the burst 20 KB; the second worker's replay deepened the debt
+    # by a whole replay's size.
+    first_wait, second_wait = results[1][4], results[4][4]
+    assert 10 < first_wait < 25 and 20 < second_wait - first_wait < 35, results
+
+
+# -- Row 4: revocations made without a signal -------------------------------------
+async def test_a_deactivation_without_a_signal_closes_sockets_within_10_s(hardened):
+    base = hardened.balancers["nginx"].url
+    await in_thread(hardened.create_users, "quietly-gone", "quietly-demoted")
+    await in_thread(hardened.shell, "from realtime.models import Membership, Room\n"
+                                    "from django.contrib.auth.models import User\n"
+                                    "Membership.objects.get_or_create(room=Room.objects.get(slug='general'), "
+                                    "user=User.objects.get(username='quietly-demoted'), defaults={'role': 'member'})")
+    gone = await open_socket(base, await in_thread(login, base, "quietly-gone", "demo-password", "127.36.0.1"),
+                             "127.36.0.1")
+    demoted = await open_socket(base, await in_thread(login, base, "quietly-demoted", "demo-password", "127.36.0.2"),
+                                "127.36.0.2")
+    for ws in (gone, demoted):
+        await ws.send(json.dumps({"type": "subscribe", "room": "general", "ref": "s"}))
+        while json.loads(await ws.recv()).get("ref") != "s":
+            pass
+    send = {"type": "message.send", "room": "general", "body": "hi", "ref": "m"}
+    await demoted.send(json.dumps({**send, "client_id": "before-demotion"}))
+    while json.loads(await demoted.recv()).get("ref") != "m":
+        pass
+    started = time.monotonic()
+    # queryset.update(): no signal reaches anyone.
+    await in_thread(hardened.shell, "from django.contrib.auth.models import User\n"
+                                    "from realtime.models import Membership\n"
+                                    "User.objects.filter(username='quietly-gone').update(is_active=False)\n"
+                                    "Membership.objects.filter(user__username='quietly-demoted').update(role='reader')")
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            await asyncio.wait_for(gone.recv(), 10)
+    assert closed.value.rcvd.code == 4003 and time.monotonic() - started < 10
+    # The demoted member may no longer post, within the same bound, with no ping
+    # or resubscribe of its own to find out.
+    while True:
+        await demoted.send(json.dumps({**send, "client_id": f"after-{time.monotonic_ns()}"}))
+        reply = None
+        while reply is None or reply.get("ref") != "m":
+            reply = json.loads(await asyncio.wait_for(demoted.recv(), 5))
+        if reply["type"] == "error":
+            break
+        assert time.monotonic() - started < 10, "still posting 10 s after the demotion"
+        await asyncio.sleep(0.5)
+    assert reply["code"] == "forbidden"
+    await demoted.close()
+
+
+# -- Row 5: slowloris and connection floods, at the worker and at the balancers -------
+def trickle(port: int, source: str, every: float = 0.5, limit: float = 8.0) -> float:
+    """A request head sent a byte at a time; how long until the server hung up."""
+    head = b"GET /accounts/login/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 200
+    with socket.create_connection(("127.0.0.1", port), timeout=limit, source_address=(source, 0)) as s:
+        started = time.monotonic()
+        for byte in head:
+            try:
+                s.sendall(bytes([byte]))
+                s.settimeout(every)
+                if s.recv(4096) == b"":
+                    return time.monotonic() - started
+            except socket.timeout:
+                pass
+            except OSError:
+                return time.monotonic() - started
+            if time.monotonic() - started > limit:
+                return float("inf")
+    return float("inf")
+
+
+async def test_a_request_head_trickled_byte_by_byte_is_cut_off_at_the_deadline(hardened):
+    """Every byte resets an idle timeout; a deadline for the whole head does not
+    care. Straight at a worker, and through each balancer: 2 s here."""
+    targets = {"worker": hardened.workers[0].port, **{k: b.port for k, b in hardened.balancers.items()}}
+    for name, port in targets.items():
+        waits = await asyncio.gather(*(in_thread(trickle, port, f"127.37.{i}.1") for i in range(6)))
+        assert all(1.5 <= w <= 5 for w in waits), (name, waits)
+    assert all(w.proc.poll() is None for w in hardened.workers)
+
+
+def idle_connections(port: int, source: str, n: int) -> list[socket.socket]:
+    return [socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) for _ in range(n)]
+
+
+def refused_at_once(port: int, source: str) -> bool:
+    """Whether a new connection is closed before it can say anything (well inside the
+    2 s deadline that ends every idle one)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as s:
+        s.settimeout(1.0)
+        try:
+            return s.recv(1) == b""
+        except socket.timeout:
+            return False
+        except ConnectionResetError:
+            return True
+
+
+async def test_connections_per_address_are_capped_before_they_are_sockets(hardened):
+    """The worker: 8 connections that have sent nothing from one address, then the
+    9th is closed as it arrives; another address is served. HAProxy: the same at
+    16 (its stick table counts every connection)."""
+    for port, cap in ((hardened.workers[0].port, 8), (hardened.balancers["haproxy"].port, 16)):
+        held = await in_thread(idle_connections, port, "127.38.0.1", cap)
+        try:
+            assert await in_thread(refused_at_once, port, "127.38.0.1"), f"port {port}: the one over {cap} was let in"
+            status, _, _ = await in_thread(Browser(f"http://127.0.0.1:{port}", "127.38.0.2").request,
+                                           "/accounts/login/")
+            assert status == 200
+        finally:
+            for s in held:
+                s.close()
+        await asyncio.sleep(0.3)
+        assert not await in_thread(refused_at_once, port, "127.38.0.1")  # places given back
+
+
+async def test_nginx_caps_open_sockets_per_address(hardened):
+    """nginx counts a connection once its request is read: open sockets from one
+    address past 16 are refused with 429; another address is served."""
+    base = hardened.balancers["nginx"].url
+    await in_thread(hardened.create_users, "crowd-a", "crowd-b")
+    cookies = [await in_thread(login, base, user, "demo-password", "127.39.0.1") for user in ("crowd-a", "crowd-b")]
+    held = []
+    try:
+        for i in range(16):
+            held.append(await open_socket(base, cookies[i % 2], "127.39.0.1"))
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await open_socket(base, cookies[0], "127.39.0.1")
+        assert refused.value.response.status_code == 429
+        held.append(await open_socket(base, cookies[0], "127.39.0.2"))
+    finally:
+        await asyncio.gather(*(ws.close() for ws in held))
+
+
+# -- Row 7: look-alike names, probation -------------------------------------------
+async def test_look_alikes_are_refused_and_a_new_account_is_on_probation(hardened):
+    base = hardened.balancers["haproxy"].url
+    for i, name in enumerate(("аlice", "a1ice", "b0b")):  # Cyrillic а; 1 for l; 0 for o
+        status = await in_thread(Browser(base, f"127.40.1.{i + 1}").sign_up, name)
+        assert status == 200, name  # the form again, with its error
+    newcomer = Browser(base, "127.40.0.2")
+    name = f"newcomer{time.monotonic_ns() % 10**8}"
+    assert await in_thread(newcomer.sign_up, name) == 302
+    token = next(c.value for c in newcomer.jar if c.name == "csrftoken")
+
+    def post(i: int) -> int:
+        req = urllib.request.Request(base + "/api/v1/rooms/general/messages/", method="POST",
+                                     data=json.dumps({"body": "hello", "client_id": f"p{i}"}).encode(),
+                                     headers={"Content-Type": "application/json", "X-CSRFToken": token,
+                                              "Referer": base + "/"})
+        try:
+            return newcomer.opener.open(req).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    statuses = [await in_thread(post, i) for i in range(6)]
+    assert statuses == [200] * 5 + [429]  # probation: a burst of 5, then one every 5 s
+
+
+# -- Row 8: one answer for "does not exist" and "not yours to see" ---------------------
+async def test_a_private_room_cannot_be_told_from_a_missing_one(hardened):
+    base = hardened.balancers["nginx"].url
+    carol = Browser(base, "127.41.0.1")
+    assert await in_thread(carol.sign_in, "carol") == 302
+    pages = [await in_thread(carol.request, f"/rooms/{room}/") for room in ("ops", "no-such-room")]
+    assert pages[0][0] == pages[1][0] == 404 and pages[0][2] == pages[1][2]
+    apis = [await in_thread(carol.request, f"/api/v1/rooms/{room}/messages/") for room in ("ops", "no-such-room")]
+    assert apis[0][0] == apis[1][0] == 404 and apis[0][2] == apis[1][2]
+    ws = await open_socket(base, carol.cookie, "127.41.0.1")
+    replies = []
+    for room in ("ops", "no-such-room"):
+        await ws.send(json.dumps({"type": "subscribe", "room": room, "since": 0, "ref": "s"}))
+        replies.append(json.loads(await ws.recv()))
+    await ws.close()
+    assert replies[0] == replies[1] == {"type": "error", "ref": "s", "code": "not_found", "message": "no such room"}
+
+
+# -- Row 10: the dashboard counts what was accepted -----------------------------------
+async def test_made_up_rooms_never_reach_the_dashboard(hardened):
+    base = hardened.balancers["nginx"].url
+    admin = await open_socket(base, await in_thread(login, base, "admin", "demo-password", "127.42.0.1"), "127.42.0.1")
+    await admin.send(json.dumps({"type": "metrics.subscribe", "ref": "m"}))
+    spammer = await open_socket(base, await in_thread(login, base, "carol", "demo-password", "127.42.0.2"),
+                                "127.42.0.2")
+    for i in range(20):
+        await spammer.send(json.dumps({"type": "message.send", "room": f"fake-room-{i}", "body": "x",
+                                       "client_id": f"fake{i}{time.monotonic_ns()}", "ref": i}))
+    replies = [json.loads(await asyncio.wait_for(spammer.recv(), 5)) for _ in range(20)]
+    assert {(r["type"], r["code"]) for r in replies} == {("error", "not_found")}
+    seen_rooms, ticks = set(), 0
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        frame = json.loads(await asyncio.wait_for(admin.recv(), 5))
+        if frame.get("type") == "metrics.tick":
+            ticks += 1
+            for worker in frame["workers"]:
+                seen_rooms |= set(worker.get("rooms") or {})
+    assert ticks >= 2
+    assert not {room for room in seen_rooms if room.startswith("fake-room-")}
+    await admin.close()
+    await spammer.close()
