@@ -24,7 +24,9 @@ class SignupForm(UserCreationForm):
             return username  # Django's own check refused it (a case-insensitive duplicate)
         if names.mixes_scripts(username):
             raise forms.ValidationError(
-                "Use letters of one script (digits and _ . @ + - go with any).", code="mixed_script")
+                "This name mixes letters of different scripts (such as a Cyrillic а among Latin letters), "
+                "which lets it pass for another name. Use letters of one script; digits and _ . @ + - go "
+                "with any.", code="mixed_script")
         if names.disguised_as_latin(username):
             raise forms.ValidationError(
                 "That name reads as Latin letters but is written in another script; choose another.",

@@ -25,9 +25,9 @@ class ErrorCode(enum.StrEnum):
 
     INVALID = "invalid"  # malformed frame, missing or wrongly typed field, bad value
     UNKNOWN_TYPE = "unknown_type"  # `type` names no client frame
-    FORBIDDEN = "forbidden"  # the policy refuses this action to this user
-    NOT_FOUND = "not_found"  # no such room or message (or not visible to the user)
-    RATE_LIMITED = "rate_limited"  # too many of this action; retry after `retry_after` s
+    FORBIDDEN = "forbidden"  # the policy refuses this action, in a room the user can see
+    NOT_FOUND = "not_found"  # no such room or message (a room the user may not see is none)
+    RATE_LIMITED = "rate_limited"  # too many of this action, or the replay budget; retry after `retry_after` s
     TOO_LARGE = "too_large"  # a body or frame over its limit
     CONFLICT = "conflict"  # the request contradicts the state (e.g. client_id reused elsewhere)
     RECOVERY_FAILED = "recovery_failed"  # `since` is outside the replay window: reload history
@@ -58,7 +58,7 @@ class CloseCode(enum.IntEnum):
     INTERNAL = 4011  # internal error
     SERVICE_RESTART = 4012  # reconnect now, with jitter
     OVERLOADED = 4013  # reconnect with backoff
-    RATE_LIMITED = 4029  # rate-limited too long: wait retry_after
+    RATE_LIMITED = 4029  # a flood, or sockets opened too often: wait retry_after
     PROTOCOL_VIOLATION = 4400  # the client broke the protocol
 
 

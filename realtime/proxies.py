@@ -115,8 +115,12 @@ class ProxyHeadersMiddleware:
         peer = client[0]
         if not is_trusted(_ip(peer), networks):
             headers = scope.get("headers")
-            if headers and any(name == b"x-forwarded-proto" for name, _ in headers):
-                scope["headers"] = [(n, v) for n, v in headers if n != b"x-forwarded-proto"]
+            if headers:
+                names = {name for name, _ in headers}
+                if b"x-forwarded-proto" in names:
+                    scope["headers"] = [(n, v) for n, v in headers if n != b"x-forwarded-proto"]
+                if b"x-forwarded-for" in names:
+                    _untrusted_forwarder(peer)
             return
         forwarded = [v.decode("latin-1") for n, v in scope.get("headers", ()) if n == b"x-forwarded-for"]
         if not forwarded:
@@ -125,6 +129,24 @@ class ProxyHeadersMiddleware:
         if address != peer:
             scope["peer"] = client
             scope["client"] = [address, 0]
+
+
+_warned: set[str] = set()
+
+
+def _untrusted_forwarder(peer: str) -> None:
+    """A peer that forwards (a proxy we were not told of, or a client forging the
+    header): say so once per peer address (at most 20), so that an operator who
+    forgot REALTIME_TRUSTED_PROXIES finds out before every client shares one address."""
+    if peer in _warned or len(_warned) >= 20:
+        return
+    _warned.add(peer)
+    import logging
+
+    from .logs import event
+
+    event(logging.getLogger(__name__), logging.WARNING, "proxy.untrusted", addr=peer,
+          reason="X-Forwarded-For from a peer not in REALTIME_TRUSTED_PROXIES: ignored")
 
 
 def rate_subject(address: str) -> str:

@@ -78,8 +78,8 @@ def test_signups_are_limited_per_address(db, settings):
 
 
 @pytest.mark.parametrize("name, error", [
-    ("аlice", "one script"),          # Cyrillic а in a Latin name
-    ("саrоl", "one script"),
+    ("аlice", "letters of one script"),  # Cyrillic а in a Latin name
+    ("саrоl", "letters of one script"),
     ("аӏісе", "reads as Latin"),      # all Cyrillic, and it reads as alice
     ("ａｌｉｃｅ", "already exists"),  # NFKC makes it alice (Django's own check)
     ("aIice", "looks too much like"),  # capital I for l
@@ -145,3 +145,20 @@ def test_the_middleware_rewrites_the_scope_and_drops_an_untrusted_forwarded_prot
     assert (b"x-forwarded-proto", b"https") in seen[0]["headers"]
     assert seen[1]["client"] == ["203.0.113.9", 4001] and "peer" not in seen[1]
     assert [n for n, _ in seen[1]["headers"]] == [b"x-forwarded-for"]
+
+
+def test_a_forwarding_peer_that_is_not_trusted_is_reported_once(settings, caplog):
+    """An operator who forgot REALTIME_TRUSTED_PROXIES hears of it (once per peer)."""
+    import logging
+
+    from realtime import proxies
+
+    settings.REALTIME_TRUSTED_PROXIES = []
+    proxies._warned.clear()
+    caplog.set_level(logging.WARNING, logger="realtime.proxies")
+    app = ProxyHeadersMiddleware(lambda scope, receive, send: None)
+    for _ in range(3):
+        app({"type": "http", "client": ["10.0.0.5", 1], "headers": [(b"x-forwarded-for", b"198.51.100.1")]}, None, None)
+    app({"type": "http", "client": ["10.0.0.6", 1], "headers": []}, None, None)
+    assert [(r.levelname, r.getMessage(), r.addr) for r in caplog.records] == [
+        ("WARNING", "proxy.untrusted", "10.0.0.5")]

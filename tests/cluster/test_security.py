@@ -88,7 +88,10 @@ async def test_a_connection_that_never_finishes_its_handshake_is_dropped(cluster
             with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as s:
                 s.sendall(b"GET /ws/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n")
                 started = time.monotonic()
-                assert s.recv(1024) == b"", "the worker closes the connection"
+                try:
+                    assert s.recv(1024) == b"", "the worker closes the connection"
+                except ConnectionResetError:
+                    pass  # aborted: closed all the same
                 return time.monotonic() - started
 
         waited = await asyncio.to_thread(half_a_request)

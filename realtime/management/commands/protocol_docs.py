@@ -16,16 +16,16 @@ CLOSE_MEANING = {
     protocol.CloseCode.INTERNAL: "internal error: reconnect with backoff",
     protocol.CloseCode.SERVICE_RESTART: "service restart: reconnect now, with jitter",
     protocol.CloseCode.OVERLOADED: "overloaded: reconnect with backoff",
-    protocol.CloseCode.RATE_LIMITED: "rate-limited too long: wait retry_after",
+    protocol.CloseCode.RATE_LIMITED: "rate-limited: too many refused frames in a row, too many frames waiting, or too many sockets opened (per user or per client address). The `error` frame before the close says `retry_after`: wait that long",
     protocol.CloseCode.PROTOCOL_VIOLATION: "protocol violation",
 }
 
 ERROR_MEANING = {  # the HTTP status of each comes from protocol.HTTP_STATUS
     protocol.ErrorCode.INVALID: "malformed frame, missing or wrongly typed field, bad value, empty body",
     protocol.ErrorCode.UNKNOWN_TYPE: "`type` names no client frame",
-    protocol.ErrorCode.FORBIDDEN: "the policy refuses this action to this user; nothing changed",
-    protocol.ErrorCode.NOT_FOUND: "no such room or message (a deleted message is not found)",
-    protocol.ErrorCode.RATE_LIMITED: "too many of this action; retry after `retry_after` seconds",
+    protocol.ErrorCode.FORBIDDEN: "the policy refuses this action, in a room the user can see; nothing changed",
+    protocol.ErrorCode.NOT_FOUND: "no such room or message. A room the user may not see gets exactly this answer (`no such room`), so a private room cannot be told from a missing one; a deleted message is not found",
+    protocol.ErrorCode.RATE_LIMITED: "too many of this action (a bucket per user and action), or, on `subscribe` and REST history and event pages, the user's replay budget is in debt; retry after `retry_after` seconds. Also the `error` before a 4029 close of a socket opened too often",
     protocol.ErrorCode.TOO_LARGE: "a body over the length limit, or too many rooms on one connection",
     protocol.ErrorCode.CONFLICT: "the client_id was already used for a message in another room",
     protocol.ErrorCode.RECOVERY_FAILED: "`since` is ahead of the log or outside the replay window: reload history",
@@ -46,6 +46,15 @@ by hand (a test fails when this file and the declarations disagree).
   frames); both carry the same schemas. A client that offers neither is refused at
   the handshake (HTTP 403); one that offers none gets JSON.
 - Anonymous sockets are accepted and then closed with 4001, so a browser can tell why.
+- A socket opened too often (per user, or per client address) is accepted, sent
+  `{{"type": "error", "code": "rate_limited", "retry_after": S}}` and closed with 4029:
+  wait S seconds before the next attempt. The limits fit every socket of a user
+  coming back at once after a 4012 (a drain or a restart).
+- Any path other than `{path}` is refused at the handshake (HTTP 404 under our
+  daphne launcher, 403 under other ASGI servers).
+- A replay (`subscribe` with `since`, REST history and event pages) costs bytes
+  from a budget per user; in debt, `subscribe` answers `rate_limited` with
+  `retry_after` and the client subscribes again after it (`since` unchanged).
 - Every frame is an object whose `type` names its schema; unknown fields are refused.
 - A request may carry `ref` (a string of at most 64 characters, or an integer); each
   request gets exactly one reply (`ack`, `error` or `pong`) carrying the same `ref`.
