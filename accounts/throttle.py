@@ -16,13 +16,16 @@ cache (Redis in production), each keyed so that an attacker fills only their own
 
 Past a limit the form answers 429 with Retry-After and says how long to wait; the
 password is not checked at all (a right guess does not get through). Only failed
-attempts count; the counters' windows end by themselves.
+attempts count; the counters' windows end by themselves. Sign-ups are counted per
+client address the same way (every attempt). Addresses are counted IPv6 by /64.
+While the cache cannot be reached, every counter lets requests through.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import unicodedata
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -31,6 +34,7 @@ from django.http import HttpRequest, HttpResponse
 from django_ratelimit.core import get_usage
 
 from realtime.logs import event
+from realtime.proxies import rate_subject
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,10 @@ DEVICE_MAX_AGE = 180 * 24 * 3600
 
 
 def account_key(username: str) -> str:
-    """One counter for every spelling Django would let sign in to the same account."""
-    return username.strip().casefold()[:150]
+    """One counter for every spelling that reaches the same account: Django's form
+    normalises a username with NFKC before it looks the user up (`ａｌｉｃｅ` and
+    `𝐚𝐥𝐢𝐜𝐞` sign in as alice), and case is folded on top (a stricter grouping)."""
+    return unicodedata.normalize("NFKC", username).strip().casefold()[:150]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +58,19 @@ class Refusal:
 
 
 def _usage(request: HttpRequest, group: str, rate: str, value: str, increment: bool) -> dict | None:
-    return get_usage(request, group=group, key=lambda _group, _request: value, rate=rate, increment=increment)
+    """A counter's state, or None while the cache (Redis) cannot be reached: the
+    limits fail open then, like every other limit (django-ratelimit's own
+    RATELIMIT_FAIL_OPEN does not cover a cache that raises)."""
+    try:
+        return get_usage(request, group=group, key=lambda _group, _request: value, rate=rate, increment=increment)
+    except Exception as exc:
+        event(log, logging.WARNING, "login.throttle_unavailable", reason=type(exc).__name__)
+        return None
 
 
 def _address(request: HttpRequest) -> str:
-    return request.META.get("REMOTE_ADDR", "")
+    """The client's address (realtime/proxies.py), IPv6 by its /64."""
+    return rate_subject(request.META.get("REMOTE_ADDR", ""))
 
 
 def known_device(request: HttpRequest, username: str) -> str | None:
@@ -107,6 +121,12 @@ def refusal(request: HttpRequest, username: str) -> Refusal | None:
             wait = max(1, usage["time_left"])
             return Refusal(reason, wait, MESSAGES[reason].format(wait=_wait_text(wait)))
     return None
+
+
+def signup_refusal(request: HttpRequest) -> bool:
+    """Whether this address has used up its sign-ups (and count this one if not)."""
+    usage = _usage(request, "signup.address", settings.SIGNUP_RATE_LIMIT, _address(request), increment=True)
+    return usage is not None and usage["should_limit"]
 
 
 def failed(request: HttpRequest, username: str) -> None:

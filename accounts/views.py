@@ -1,13 +1,10 @@
 """Sign-in (Django's login view, throttled), sign-up (limited per address, names
 checked for look-alikes) and Django's own logout."""
 
-from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
-from django.utils.decorators import method_decorator
-from django_ratelimit.decorators import ratelimit
 
 from . import throttle
 from .forms import SignupForm
@@ -39,15 +36,10 @@ class LoginView(auth_views.LoginView):
         return response
 
 
-def _signup_rate(group, request) -> str:
-    return settings.SIGNUP_RATE_LIMIT
-
-
-@ratelimit(key="ip", rate=_signup_rate, method="POST", block=False)
 def signup(request: HttpRequest) -> HttpResponse:
     if request.user.is_authenticated:
         return redirect("home")
-    if request.method == "POST" and getattr(request, "limited", False):
+    if request.method == "POST" and throttle.signup_refusal(request):
         response = render(request, "registration/signup.html", {
             "form": SignupForm(), "throttled": "Too many sign-ups from your network. Try again later."})
         response.status_code = 429

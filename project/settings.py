@@ -113,6 +113,8 @@ _check_origins(REALTIME_ALLOWED_ORIGINS)
 # TCP peer is the client, whatever the headers say.
 REALTIME_TRUSTED_PROXIES = env_list("REALTIME_TRUSTED_PROXIES")
 for _entry in REALTIME_TRUSTED_PROXIES:
+    if _entry == "unix":  # a balancer on a UNIX socket (realtime/proxies.py)
+        continue
     try:
         ipaddress.ip_network(_entry, strict=False)
     except ValueError:
@@ -268,7 +270,8 @@ LOGIN_DEVICE_RATE_LIMIT = os.environ.get("DJANGO_LOGIN_DEVICE_RATE_LIMIT", "10/1
 # Sign-ups per client address.
 SIGNUP_RATE_LIMIT = os.environ.get("DJANGO_SIGNUP_RATE_LIMIT", "10/h")
 # While the cache (Redis) is unreachable these limits let requests through, like
-# the token buckets: an outage must not lock every user out.
+# the token buckets: an outage must not lock every user out (accounts/throttle.py
+# also catches a cache that raises, which this setting alone does not cover).
 RATELIMIT_FAIL_OPEN = True
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"

@@ -58,6 +58,7 @@ class Replay:
     head: int
     events: list[protocol.RoomEvent]
     access: RoomAccess | None = None
+    held_back: bool = False  # head_only: there were events after since, not read
 
 
 def limits() -> dict[str, int]:
@@ -240,23 +241,26 @@ def _event_frame(room_slug: str, event: Event) -> protocol.RoomEvent:
     return protocol.event_from_dict({"type": event.type, "room": room_slug, "seq": event.seq, **event.payload})
 
 
-def room_replay(*, user, slug: str, since: int | None, limit: int | None = None) -> Replay:
+def room_replay(*, user, slug: str, since: int | None, limit: int | None = None, head_only: bool = False) -> Replay:
     """The room's events after `since`, checked against the replay window.
 
     With since=None nothing is replayed and the head is returned: the caller
     goes live from there. A `since` ahead of the head, or further back than the
     window (REPLAY_MAX events, or pruned from the log), raises recovery_failed.
     With `limit`, at most that many events are returned (REST paging) and a longer
-    backlog is not an error.
+    backlog is not an error. With `head_only` (the user's replay budget is in
+    debt) no event is read: `held_back` says whether there were any to read.
     """
     access = room_access(user=user, slug=slug, action=Action.VIEW)
-    return dataclasses.replace(_replay(access.room, since, limit), access=access)
+    return dataclasses.replace(_replay(access.room, since, limit, head_only), access=access)
 
 
-def _replay(room: Room, since: int | None, limit: int | None) -> Replay:
+def _replay(room: Room, since: int | None, limit: int | None, head_only: bool = False) -> Replay:
     head = Room.objects.filter(pk=room.pk).values_list("last_seq", flat=True).get()
     if since is None or since == head:
         return Replay(room=room.slug, head=head, events=[])
+    if head_only and since < head:
+        return Replay(room=room.slug, head=head, events=[], held_back=True)
     if since > head:
         raise ActionError(ErrorCode.RECOVERY_FAILED, f"since={since} is ahead of the room's log (head {head})")
     window = limits()["REPLAY_MAX"]

@@ -410,8 +410,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             protocol.Error(code=ErrorCode.RATE_LIMITED, message="too many; slow down", ref=ref, retry_after=retry_after)
         )
 
-    async def send_frame(self, frame: protocol.Frame) -> int:
-        """Encode and send one frame; its size in bytes."""
+    async def send_frame(self, frame: protocol.Frame) -> None:
+        """Encode and send one frame."""
         metrics.FRAMES_OUT.labels(frame.__struct_config__.tag).inc()
         if isinstance(frame, protocol.Error):
             metrics.ERRORS.labels(str(frame.code)).inc()
@@ -421,17 +421,19 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             await self.send(bytes_data=data)
         else:
             await self.send(text_data=data.decode())
-        return len(data)
 
-    async def send_events(self, events: list[protocol.RoomEvent]) -> int:
-        """Send events from the log; their size in bytes is taken from the user's
-        replay budget."""
-        size = 0
-        for room_event in events:
-            size += await self.send_frame(room_event)
-        if size:
-            await ratelimit.replay_spend(self.user.pk, size)
-        return size
+    def encode_all(self, events: list[protocol.RoomEvent]) -> list[bytes]:
+        """Events from the log, encoded for this socket (their size is what a
+        replay costs the user's budget)."""
+        return [self.codec.encode(room_event) for room_event in events]
+
+    async def send_all(self, encoded: list[bytes], events: list[protocol.RoomEvent]) -> None:
+        for data, room_event in zip(encoded, events):
+            metrics.FRAMES_OUT.labels(room_event.__struct_config__.tag).inc()
+            if self.codec.binary:
+                await self.send(bytes_data=data)
+            else:
+                await self.send(text_data=data.decode())
 
     # -- handlers (one per client frame type) ---------------------------------
     async def on_subscribe(self, frame: protocol.Subscribe) -> protocol.Frame:
@@ -450,21 +452,16 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if since is None and current is not None:
             # Already live here: "from now" means from what this socket was sent.
             since = current.last_seq
-        if since is not None:
-            budget = ratelimit.replay_check(self.user.pk)
-            if not budget.allowed:
-                # Replaying more than the budget (a reconnect loop): wait. A live
-                # stream refused here ends; the client subscribes again later.
-                if current is not None:
-                    await self.drop_subscription(slug)
-                metrics.RATE_LIMITED.labels("replay").inc()
-                raise ActionError(ErrorCode.RATE_LIMITED, "replaying too much; wait and subscribe again",
-                                  retry_after=budget.retry_after)
+        # The replay budget (ratelimit.py): while this worker knows the user in
+        # debt, the log read stops at the head, and a replay that would send
+        # anything is refused; one that sends nothing goes ahead.
+        budget = ratelimit.replay_check(self.user.pk) if since is not None else ratelimit.ALLOWED
         # Join the stream before reading the log: nothing committed in between is lost.
         await fanout().add(broadcast.room_group(slug), self)
         changes = self.access_changes.get(slug, 0)
         try:
-            replay = await database_sync_to_async(actions.room_replay)(user=self.user, slug=slug, since=since)
+            replay = await database_sync_to_async(actions.room_replay)(
+                user=self.user, slug=slug, since=since, head_only=not budget.allowed)
         except BaseException:
             # Refused (or failed): no stream for this room on this socket any more.
             if current is not None:
@@ -472,7 +469,19 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             else:
                 await fanout().discard(broadcast.room_group(slug), self)
             raise
-        await self.send_events(replay.events)
+        encoded = self.encode_all(replay.events)
+        if replay.held_back or encoded:
+            verdict = budget if replay.held_back else await ratelimit.replay_take(self.user.pk, sum(map(len, encoded)))
+            if not verdict.allowed:
+                # Replaying more than the budget (a reconnect loop): wait. A stream
+                # already live here stays live (this was its repair); a new one is
+                # not joined. The client subscribes again after retry_after.
+                if current is None:
+                    await fanout().discard(broadcast.room_group(slug), self)
+                metrics.RATE_LIMITED.labels("replay").inc()
+                raise ActionError(ErrorCode.RATE_LIMITED, "replaying too much; wait and subscribe again",
+                                  retry_after=verdict.retry_after)
+        await self.send_all(encoded, replay.events)
         metrics.REPLAYED.inc(len(replay.events))
         # A re-subscribe (the client asking to repair a gap) restarts from its since.
         unchanged = self.access_changes.get(slug, 0) == changes
@@ -752,7 +761,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 )
             )
             return False
-        await self.send_events(missing)
+        # Gap repair: counted against the replay budget, never refused (the gap
+        # is the server's doing, not the client's).
+        encoded = self.encode_all(missing)
+        if encoded:
+            await ratelimit.replay_take(self.user.pk, sum(map(len, encoded)), force=True)
+        await self.send_all(encoded, missing)
         metrics.REPLAYED.inc(len(missing))
         if missing:
             sub.last_seq = missing[-1].seq

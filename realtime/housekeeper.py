@@ -61,6 +61,7 @@ async def _loop() -> None:
     next_renew = loop.time() + connections.LEASE_RENEW
     next_presence = loop.time() + presence.RENEW
     next_sweep = loop.time() + settings.REALTIME["AUTH_SWEEP"]
+    sweeping: asyncio.Future | None = None
     while True:
         await asyncio.sleep(_tick())
         now = loop.time()
@@ -70,9 +71,14 @@ async def _loop() -> None:
             # (Redis away: the leases hold for their TTL meanwhile)
             await _step("leases", connections.renew(
                 [(c.user.pk, c.conn_id) for c in SOCKETS if c.authenticated and not c.revoked]))
-        if now >= next_sweep:
-            next_sweep = now + settings.REALTIME["AUTH_SWEEP"]
-            await _step("auth-sweep", authsweep.sweep(list(SOCKETS)))
+        if now >= next_sweep and (sweeping is None or sweeping.done()):
+            # A task of its own, bounded: a slow database must not hold up the
+            # leases, the presence or the idle closes (a sweep still running is
+            # not started again).
+            period = settings.REALTIME["AUTH_SWEEP"]
+            next_sweep = now + period
+            sweeping = asyncio.ensure_future(_step("auth-sweep", asyncio.wait_for(
+                authsweep.sweep(list(SOCKETS)), max(3 * period, 10))))
         if now >= next_presence:
             next_presence = now + presence.RENEW
             await _step("presence", presence.renew_all(

@@ -83,9 +83,6 @@ async def wait_for_events(user, slug: str, since: int, wait: float, limit: int) 
     verdict = await ratelimit.take(user.pk, "poll")
     if not verdict.allowed:
         raise ActionError(ErrorCode.RATE_LIMITED, "polling too often; slow down", retry_after=verdict.retry_after)
-    budget = ratelimit.replay_check(user.pk)
-    if not budget.allowed:
-        raise ActionError(ErrorCode.RATE_LIMITED, "reading history too fast; wait", retry_after=budget.retry_after)
     read = database_sync_to_async(actions.room_replay)
     group = broadcast.room_group(slug)
     waiter = Waiter()
@@ -100,7 +97,13 @@ async def wait_for_events(user, slug: str, since: int, wait: float, limit: int) 
         while True:
             if waiter is not None:
                 waiter.woken.clear()  # what arrives during the read wakes the next wait
-            replay = await read(user=user, slug=slug, since=since, limit=limit)
+            # The replay budget: in debt, the head alone is read, and a poll that
+            # would bring events is refused (one that waits for them may wait).
+            budget = ratelimit.replay_check(user.pk)
+            replay = await read(user=user, slug=slug, since=since, limit=limit, head_only=not budget.allowed)
+            if replay.held_back:
+                raise ActionError(ErrorCode.RATE_LIMITED, "reading history too fast; wait",
+                                  retry_after=budget.retry_after)
             remaining = deadline - loop.time()
             if replay.events or remaining <= 0:
                 return events_page(replay, since)
@@ -169,7 +172,13 @@ class LongPoll:
             headers.append((b"x-realtime-worker", worker.encode()))
         data = msgspec.json.encode(body)
         if status == 200 and body.get("events"):
-            await ratelimit.replay_spend(scope["user"].pk, len(data))
+            verdict = await ratelimit.replay_take(scope["user"].pk, len(data))
+            if not verdict.allowed:
+                status, body = HTTP_STATUS[ErrorCode.RATE_LIMITED], {
+                    "code": ErrorCode.RATE_LIMITED, "message": "reading history too fast; wait",
+                    "retry_after": verdict.retry_after}
+                headers.append((b"retry-after", str(max(1, round(verdict.retry_after))).encode()))
+                data = msgspec.json.encode(body)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": data})
 

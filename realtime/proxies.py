@@ -12,8 +12,9 @@ it is believed only as far as it was written by a proxy we trust:
   last hop that was vouched for.
 
 REALTIME_TRUSTED_PROXIES (environment: the same name) lists the trusted proxies'
-addresses or networks (`127.0.0.1`, `10.0.0.0/8`, `::1`); empty by default, which
-is right for a worker that faces the clients itself.
+addresses or networks (`127.0.0.1`, `10.0.0.0/8`, `::1`), and `unix` for a
+balancer that reaches the worker over a UNIX socket (no peer address at all);
+empty by default, which is right for a worker that faces the clients itself.
 
 `ProxyHeadersMiddleware` applies this to every HTTP and WebSocket scope before
 anything reads it: `scope["client"]` becomes the client's address (so Django's
@@ -44,9 +45,12 @@ def parse_networks(entries: list[str]) -> tuple[Network, ...]:
     return tuple(networks)
 
 
+UNIX = "unix"
+
+
 @lru_cache(maxsize=8)
 def _trusted(entries: tuple[str, ...]) -> tuple[Network, ...]:
-    return parse_networks(list(entries))
+    return parse_networks([entry for entry in entries if entry != UNIX])
 
 
 def trusted_networks() -> tuple[Network, ...]:
@@ -71,22 +75,32 @@ def is_trusted(address, networks: tuple[Network, ...]) -> bool:
     return address is not None and any(address in network for network in networks)
 
 
-def client_address(peer: str, forwarded_for: list[str], networks: tuple[Network, ...] | None = None) -> str:
+def peer_trusted(peer: str) -> bool:
+    """Whether the TCP peer (or, with no address, a UNIX-socket peer) is a trusted proxy."""
+    if not peer:
+        return UNIX in settings.REALTIME_TRUSTED_PROXIES
+    return is_trusted(_ip(peer), trusted_networks())
+
+
+def client_address(peer: str, forwarded_for: list[str], networks: tuple[Network, ...] | None = None,
+                   trusted_peer: bool | None = None) -> str:
     """The client's address: `peer` unless it is a trusted proxy, else the rightmost
     address of `forwarded_for` (the header's values, in order) that is not one."""
     networks = trusted_networks() if networks is None else networks
-    current = _ip(peer)
-    if current is None or not is_trusted(current, networks):
+    if trusted_peer is None:
+        trusted_peer = is_trusted(_ip(peer), networks)
+    if not trusted_peer:
         return peer
+    current = peer
     hops = [hop for value in forwarded_for for hop in value.split(",")]
     for hop in reversed(hops):
         address = _ip(hop)
         if address is None:
             break  # garbage (or an attacker's text): the last vouched-for hop is the client
-        current = address
+        current = str(address)
         if not is_trusted(address, networks):
             break
-    return str(current)
+    return current
 
 
 class ProxyHeadersMiddleware:
@@ -109,23 +123,20 @@ class ProxyHeadersMiddleware:
     @staticmethod
     def resolve(scope) -> None:
         client = scope.get("client")
-        if not client:
-            return
-        networks = trusted_networks()
-        peer = client[0]
-        if not is_trusted(_ip(peer), networks):
+        peer = client[0] if client else ""
+        if not peer_trusted(peer):
             headers = scope.get("headers")
             if headers:
                 names = {name for name, _ in headers}
                 if b"x-forwarded-proto" in names:
                     scope["headers"] = [(n, v) for n, v in headers if n != b"x-forwarded-proto"]
                 if b"x-forwarded-for" in names:
-                    _untrusted_forwarder(peer)
+                    _untrusted_forwarder(peer or UNIX)
             return
         forwarded = [v.decode("latin-1") for n, v in scope.get("headers", ()) if n == b"x-forwarded-for"]
         if not forwarded:
             return
-        address = client_address(peer, forwarded, networks)
+        address = client_address(peer, forwarded, trusted_networks(), trusted_peer=True)
         if address != peer:
             scope["peer"] = client
             scope["client"] = [address, 0]

@@ -7,12 +7,13 @@ in order). The Redis version is one Lua script, so concurrent workers can never
 both spend the last token.
 
 The replay budget is a bucket of bytes that may go into debt: a replay's size is
-known only once it is read, so a replay may start while the user is not in debt,
-and its size is taken afterwards (`replay_check`, `replay_spend`). Taking it
-answers the budget left, shared by every worker; a worker that sees a user in
-debt refuses that user's replays until it is paid off, with no round trip to ask
-(a subscribe that replays nothing costs nothing). A user in debt can so get one
-more replay through on each worker that has not yet seen them in debt.
+known only once it is read, so a replay is allowed while the user is not in debt
+and its whole size is taken, in one atomic step before it is sent
+(`replay_take`); concurrent replays of one user (twenty sockets at once, on any
+workers) can overshoot by the last one allowed, no more. A worker that sees a
+user in debt remembers until when (`replay_check`, no round trip): it then reads
+only the room's head, refusing a replay that would send anything without reading
+it, and letting one that would send nothing go ahead.
 """
 
 from __future__ import annotations
@@ -37,17 +38,22 @@ redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
 return {granted, tostring(tokens)}
 """
 
-# The replay budget: refill, then take ARGV[4] (which may leave it below zero);
-# with ARGV[4] = 0 a look that changes nothing but the refill.
+# The replay budget: refill; unless ARGV[5] forces it, refuse when in debt (taking
+# nothing); else take ARGV[4], which may leave it below zero. Returns {taken, tokens}.
 _DEBIT = """
 local tokens = tonumber(redis.call('HGET', KEYS[1], 't'))
 local stamp = tonumber(redis.call('HGET', KEYS[1], 's'))
 local rate, burst, now, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 if tokens == nil then tokens = burst; stamp = now end
-tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate) - cost
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local taken = 0
+if tokens > 0 or ARGV[5] == '1' then
+  tokens = tokens - cost
+  taken = 1
+end
 redis.call('HSET', KEYS[1], 't', tostring(tokens), 's', tostring(now))
 redis.call('EXPIRE', KEYS[1], math.ceil((burst - math.min(0, tokens)) / rate) + 1)
-return tostring(tokens)
+return {taken, tostring(tokens)}
 """
 
 
@@ -55,6 +61,9 @@ return tostring(tokens)
 class Verdict:
     allowed: bool
     retry_after: float = 0.0
+
+
+ALLOWED = Verdict(True)
 
 
 def _limits() -> dict[str, tuple[float, float]]:
@@ -79,12 +88,15 @@ class MemoryBuckets:
         self.buckets[key] = (tokens - granted, now)
         return granted, tokens - granted
 
-    async def debit(self, key: str, rate: float, burst: float, cost: float) -> float:
+    async def debit(self, key: str, rate: float, burst: float, cost: float, force: bool) -> tuple[bool, float]:
         now = time.monotonic()
         tokens, stamp = self.buckets.get(key, (burst, now))
-        tokens = min(burst, tokens + (now - stamp) * rate) - cost
+        tokens = min(burst, tokens + (now - stamp) * rate)
+        taken = tokens > 0 or force
+        if taken:
+            tokens -= cost
         self.buckets[key] = (tokens, now)
-        return tokens
+        return taken, tokens
 
 
 class RedisBuckets:
@@ -102,11 +114,13 @@ class RedisBuckets:
             return wanted, 0.0
         return int(granted), float(tokens)
 
-    async def debit(self, key: str, rate: float, burst: float, cost: float) -> float:
+    async def debit(self, key: str, rate: float, burst: float, cost: float, force: bool) -> tuple[bool, float]:
         try:
-            return float(await store.client(self.url).eval(_DEBIT, 1, f"rl:{key}", rate, burst, time.time(), cost))
+            taken, tokens = await store.client(self.url).eval(_DEBIT, 1, f"rl:{key}", rate, burst, time.time(), cost,
+                                                               "1" if force else "0")
         except Exception:
-            return burst  # fail open, as take() does
+            return True, burst  # fail open, as take() does
+        return bool(taken), float(tokens)
 
 
 # The buckets in use: shared through Redis, or this process's own.
@@ -142,34 +156,39 @@ _in_debt: dict[int, float] = {}
 
 
 def replay_check(user_id: int) -> Verdict:
-    """May this user start a replay now? No, while this worker knows them in debt."""
+    """Is this user in debt, as far as this worker knows (no round trip)?"""
     until = _in_debt.get(user_id)
     if until is None:
-        return Verdict(True)
+        return ALLOWED
     left = until - time.monotonic()
     if left <= 0:
         _in_debt.pop(user_id, None)
-        return Verdict(True)
+        return ALLOWED
     return Verdict(False, round(max(0.1, left), 3))
 
 
-async def replay_spend(user_id: int, size: int) -> None:
-    """Take a replay's size (bytes sent) from the user's budget, and remember a debt."""
+async def replay_take(user_id: int, size: int, *, force: bool = False) -> Verdict:
+    """Take a replay's size (the bytes it is about to send) from the user's budget,
+    unless the user is in debt (then nothing is taken and the replay must not be
+    sent), or `force` (gap repair: always taken, never refused). Remembers a debt."""
     if size <= 0:
-        return
+        return ALLOWED
     rate, burst = _replay_budget()
-    tokens = await buckets().debit(f"replay:{user_id}", rate, burst, size)
+    taken, tokens = await buckets().debit(f"replay:{user_id}", rate, burst, size, force)
     if tokens < 0:
         _in_debt[user_id] = time.monotonic() + -tokens / rate
     else:
         _in_debt.pop(user_id, None)
+    if taken:
+        return ALLOWED
+    return Verdict(False, round(max(0.1, -tokens / rate), 3))
 
 
-def replay_spend_sync(user_id: int, size: int) -> None:
-    """replay_spend, from a synchronous view."""
+def replay_take_sync(user_id: int, size: int) -> Verdict:
+    """replay_take, from a synchronous view."""
     from asgiref.sync import async_to_sync
 
-    async_to_sync(replay_spend)(user_id, size)
+    return async_to_sync(replay_take)(user_id, size)
 
 
 def reset() -> None:

@@ -68,6 +68,7 @@ from twisted.internet import protocol as twisted_protocol
 from twisted.internet import tcp
 from twisted.web import http as twisted_http
 
+from realtime.proxies import peer_trusted, rate_subject
 from realtime.queues import AppQueue
 
 log = logging.getLogger("realtime.server")
@@ -150,6 +151,7 @@ class GuardedHTTPChannel(twisted_http.HTTPChannel):
     deadline_call = None
     counted: "PendingCounter | None" = None
     address = ""
+    heard = False  # a byte of the awaited request has arrived
 
     def connectionMade(self):
         super().connectionMade()
@@ -157,8 +159,13 @@ class GuardedHTTPChannel(twisted_http.HTTPChannel):
 
     def _arm(self) -> None:
         timeout = settings_value("HANDSHAKE_TIMEOUT")
+        self.heard = False
         if timeout:
             self.deadline_call = self.callLater(timeout, self._too_slow)
+
+    def dataReceived(self, data):
+        self.heard = True
+        super().dataReceived(data)
 
     def _disarm(self) -> None:
         if self.deadline_call is not None and self.deadline_call.active():
@@ -166,12 +173,21 @@ class GuardedHTTPChannel(twisted_http.HTTPChannel):
         self.deadline_call = None
 
     def _too_slow(self) -> None:
+        """The deadline passed with the request still incomplete. A request that has
+        begun to trickle in is cut off at once (abort: nothing of ours is queued);
+        a connection that has sent nothing of a next request is closed gracefully,
+        so that the end of a previous response still queued for a slow reader
+        reaches it first."""
         self.deadline_call = None
-        if not self._handlingRequest and self.transport is not None:
+        if self._handlingRequest or self.transport is None:
+            return
+        if self.heard:
             from realtime.logs import event
 
             event(log, logging.INFO, "http.too_slow", addr=self.address)
             self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
 
     def allContentReceived(self):
         self._disarm()
@@ -189,7 +205,7 @@ class GuardedHTTPChannel(twisted_http.HTTPChannel):
 
     def _uncount(self) -> None:
         if self.counted is not None:
-            self.counted.release(self.address)
+            self.counted.release(rate_subject(self.address))
             self.counted = None
 
     def connectionLost(self, reason):
@@ -233,8 +249,8 @@ def settings_value(name: str):
 
 
 def guard_http_factory(factory) -> None:
-    """Give daphne's HTTP factory the guarded channel and the per-address cap."""
-    from realtime.proxies import _ip, is_trusted, trusted_networks
+    """Give daphne's HTTP factory the guarded channel and the per-address cap
+    (IPv6 counted by /64, as every per-address limit is)."""
 
     counter = PendingCounter()
     factory.pending = counter
@@ -243,8 +259,8 @@ def guard_http_factory(factory) -> None:
 
     def buildProtocol(addr):
         host = getattr(addr, "host", "")
-        trusted = is_trusted(_ip(host), trusted_networks())
-        if not trusted and not counter.take(host, settings_value("MAX_PENDING_PER_ADDRESS")):
+        trusted = peer_trusted(host)
+        if not trusted and not counter.take(rate_subject(host), settings_value("MAX_PENDING_PER_ADDRESS")):
             from realtime.logs import event
 
             event(log, logging.WARNING, "http.refused", reason="connections-per-address", addr=host)

@@ -49,13 +49,16 @@ class RoomList(ActionView):
 
 
 def replayed(request: Request, read):
-    """A page read from the log, within the user's replay budget: refused while the
-    user is in debt, and its size (as JSON) taken from the budget afterwards."""
+    """A page read from the log, within the user's replay budget (ratelimit.py):
+    refused while this worker knows the user in debt, else its size (as JSON) is
+    taken before it is sent, which a user found in debt then is refused."""
     budget = buckets.replay_check(request.user.pk)
     if not budget.allowed:
         raise ActionError(ErrorCode.RATE_LIMITED, "reading history too fast; wait", retry_after=budget.retry_after)
     page = read()
-    buckets.replay_spend_sync(request.user.pk, len(msgspec.json.encode(page)))
+    verdict = buckets.replay_take_sync(request.user.pk, len(msgspec.json.encode(page)))
+    if not verdict.allowed:
+        raise ActionError(ErrorCode.RATE_LIMITED, "reading history too fast; wait", retry_after=verdict.retry_after)
     return Response(page)
 
 

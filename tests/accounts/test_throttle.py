@@ -162,3 +162,36 @@ def test_a_forwarding_peer_that_is_not_trusted_is_reported_once(settings, caplog
     app({"type": "http", "client": ["10.0.0.6", 1], "headers": []}, None, None)
     assert [(r.levelname, r.getMessage(), r.addr) for r in caplog.records] == [
         ("WARNING", "proxy.untrusted", "10.0.0.5")]
+
+
+def test_sign_in_and_sign_up_fail_open_while_the_cache_is_down(demo, limits, settings):
+    """Sessions live in the database: a Redis outage must not turn the forms into 500s."""
+    from tests.services import free_port
+
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                   "LOCATION": f"redis://127.0.0.1:{free_port()}/0"}}
+    assert attempt(Client(), "alice", "wrong").status_code == 200
+    assert attempt(Client(), "alice", "demo-password").status_code == 302
+    res = Client().post("/accounts/signup/", {"username": "offline", "password1": "a-long-passphrase-42",
+                                              "password2": "a-long-passphrase-42"})
+    assert res.status_code == 302
+
+
+def test_every_spelling_of_an_account_counts_against_it(demo, limits):
+    """Django's form applies NFKC before looking the user up: fullwidth and
+    mathematical letters reach alice, and must share her counter."""
+    spellings = ["ａｌｉｃｅ", "𝐚𝐥𝐢𝐜𝐞", "ALICE"]
+    statuses = [attempt(Client(), name, addr=f"10.4.0.{i}").status_code for i, name in enumerate(spellings)]
+    assert statuses == [200, 200, 200]
+    assert attempt(Client(), "alice", "demo-password", addr="10.4.0.9").status_code == 429
+
+
+def test_a_balancer_on_a_unix_socket_is_trusted_only_when_named(settings):
+    seen = []
+    app = ProxyHeadersMiddleware(lambda scope, receive, send: seen.append(scope["client"]))
+    scope = {"type": "websocket", "client": None, "headers": [(b"x-forwarded-for", b"198.51.100.4")]}
+    settings.REALTIME_TRUSTED_PROXIES = ["127.0.0.1"]
+    app(dict(scope), None, None)
+    settings.REALTIME_TRUSTED_PROXIES = ["unix"]
+    app(dict(scope), None, None)
+    assert seen == [None, ["198.51.100.4", 0]]

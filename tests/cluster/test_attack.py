@@ -138,6 +138,9 @@ async def test_a_ticket_taken_before_logout_opens_nothing(hardened):
             await ws.send(json.dumps({"type": "subscribe", "room": "ops", "since": 0, "ref": 1}))
             await asyncio.wait_for(ws.recv(), 5)
         assert closed.value.rcvd.code == 4001
+    # Nor does the ticket reach the balancer's access log (nginx logs the path alone).
+    log = hardened.balancers["nginx"].dir / "nginx-access.log"
+    assert "/ws/v1/" in log.read_text() and ticket not in log.read_text()
 
 
 async def test_unknown_socket_paths_are_404_with_one_warning(hardened):
@@ -283,7 +286,7 @@ async def test_reconnects_after_a_drain_are_never_refused(hardened):
 async def test_replay_amplification_is_bounded_per_user(hardened):
     """Row 3. A room with a long backlog; a socket that subscribes from seq 0 over and
     over (unsubscribing between) gets the backlog once, then rate_limited with the
-    time to wait, on every worker once it has seen the debt."""
+    time to wait, on that worker and on the other (the budget is shared)."""
     base = hardened.balancers["nginx"].url
     room = f"backlog{time.monotonic_ns() % 10**8}"
     await in_thread(hardened.create_users, "replayer", "poster")
@@ -320,14 +323,11 @@ async def test_replay_amplification_is_bounded_per_user(hardened):
     first, second = hardened.workers[0].name, hardened.workers[1].name
     assert [(w, t, r, c) for w, t, r, c, _ in results] == [
         (first, "ack", 150, None), (first, "error", 0, "rate_limited"), (first, "error", 0, "rate_limited"),
-        # The other worker has not seen the debt: one replay there, then the same.
-        (second, "ack", 150, None), (second, "error", 0, "rate_limited"), (second, "error", 0, "rate_limited"),
+        (second, "error", 0, "rate_limited"), (second, "error", 0, "rate_limited"), (second, "error", 0, "rate_limited"),
     ]
     # The hint says how long the debt takes to pay at 2 KB a second: a replay is
-    # about 54 KB, the burst 20 KB; the second worker's replay deepened the debt
-    # by a whole replay's size.
-    first_wait, second_wait = results[1][4], results[4][4]
-    assert 10 < first_wait < 25 and 20 < second_wait - first_wait < 35, results
+    # about 54 KB, the burst 20 KB: some 17 s, less what has been paid since.
+    assert all(10 < retry < 25 for _, t, _, _, retry in results if t == "error"), results
 
 
 # -- Row 4: revocations made without a signal -------------------------------------

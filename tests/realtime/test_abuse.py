@@ -104,9 +104,9 @@ async def test_handshakes_per_address_are_limited_before_the_session_is_read(coo
             await comm.disconnect()
 
 
-async def post_many(client: Client, n: int, body: str = "x" * 100) -> None:
+async def post_many(client: Client, n: int, body: str = "x" * 100, prefix: str = "m") -> None:
     for i in range(n):
-        res = await sync_to_async(client.post)("/api/v1/rooms/general/messages/", {"body": body, "client_id": f"m{i}"},
+        res = await sync_to_async(client.post)("/api/v1/rooms/general/messages/", {"body": body, "client_id": f"{prefix}{i}"},
                                                content_type="application/json")
         assert res.status_code == 200
 
@@ -130,8 +130,20 @@ async def test_replays_past_the_budget_are_refused_until_it_refills(demo, cookie
             reply = await call(comm, {"type": "subscribe", "room": "general", "since": 0, "ref": "again"})
             assert (reply["type"], reply["code"], reply["ref"]) == ("error", "rate_limited", "again")
             assert 0.5 <= reply["retry_after"] <= 3.5  # the debt (about 2 KB) at 1 KB a second
-        # Going live without a replay is not a replay.
+        # A refused subscribe leaves the socket in no fan-out group of the room.
+        from realtime.fanout import fanout
+
+        assert all("general" in c.subscriptions for c in fanout().groups.get("room.general", ()))
+        # Going live without a replay is not a replay, nor is a since at the head.
         assert await subscribe(bob_b, "general", since=None) == []
+        await call(bob_b, {"type": "unsubscribe", "room": "general", "ref": "u"})
+        assert await subscribe(bob_b, "general", since=30) == []
+        # A repair asked of a live stream is refused, and the stream stays live.
+        reply = await call(bob_b, {"type": "subscribe", "room": "general", "since": 0, "ref": "repair"})
+        assert (reply["code"], reply["ref"]) == ("rate_limited", "repair")
+        await post_many(alice, 1, prefix="later")
+        live = await bob_b.receive_json_from(timeout=5)
+        assert (live["type"], live["seq"]) == ("message.new", 31)
         # REST history and event pages share the budget.
         bob = Client()
         await sync_to_async(bob.force_login)(demo["bob"])
@@ -140,11 +152,32 @@ async def test_replays_past_the_budget_are_refused_until_it_refills(demo, cookie
         res = await sync_to_async(bob.get)("/api/v1/rooms/general/messages/")
         assert res.status_code == 429
         # Another user replays as usual.
-        assert len(await subscribe(carol, "general", since=0)) == 30
+        assert len(await subscribe(carol, "general", since=0)) == 31
     finally:
         for comm in (bob_a, bob_b, carol):
             await comm.disconnect()
-    assert await Event.objects.acount() == 30
+    assert await Event.objects.acount() == 31
+
+
+async def test_concurrent_replays_of_one_user_overshoot_by_one_at_most(demo, cookies, transport, settings):
+    """Five sockets of one user asking for the same backlog at once: the budget is
+    taken atomically before each replay is sent, so one gets it and the rest wait."""
+    import asyncio
+
+    settings.REALTIME = {**settings.REALTIME, "REPLAY_BUDGET": (100, 1000),
+                         "RATE_LIMITS": {**settings.REALTIME["RATE_LIMITS"], "message.send": (1000, 1000)}}
+    alice = Client()
+    await sync_to_async(alice.force_login)(demo["alice"])
+    await post_many(alice, 20)
+    socks = [(await opened(cookies["bob"]))[0] for _ in range(5)]
+    try:
+        replies = await asyncio.gather(*(call(comm, {"type": "subscribe", "room": "general", "since": 0, "ref": "s",
+                                                     "presence": False}) for comm in socks))
+        kinds = sorted(r["type"] for r in replies)
+        assert kinds == ["error", "error", "error", "error", "message.new"], replies
+    finally:
+        for comm in socks:
+            await comm.disconnect()
 
 
 async def test_a_new_account_posts_at_the_probation_rate(db, demo, transport, settings):

@@ -179,3 +179,13 @@ def test_hostile_bodies_are_answered_4xx_with_one_warning_and_store_nothing(clie
     assert res.status_code == (415 if content_type == "text/plain" else 400), res.content
     assert Message.objects.count() == 0
     assert [r.levelname for r in caplog.records] == ["WARNING"], [r.getMessage()[:200] for r in caplog.records]
+
+
+@pytest.mark.parametrize("path", ["/no/such/page/", "/api/v1/nothing/", "/api/v1/rooms/general/messages/x/",
+                                  "/rooms/Not A Slug/"])
+def test_unknown_paths_are_404_with_one_warning(clients, caplog, path):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    assert clients["bob"].get(path).status_code == 404
+    assert [r.levelname for r in caplog.records] == ["WARNING"]

@@ -184,3 +184,23 @@ async def test_staff_taken_away_without_a_signal_loses_what_staff_may_see(demo, 
         assert (notice["type"], notice["code"], notice["room"]) == ("error", "not_found", "ops")
         reply = await call(comm, {"type": "metrics.subscribe", "ref": 2})
         assert (reply["type"], reply["code"]) == ("error", "forbidden")
+
+
+async def test_a_sweep_that_hangs_holds_up_none_of_the_other_chores(cookies, settings, monkeypatch):
+    """A database that hangs the sweep must not stop the idle closes, the leases
+    or the presence: the sweep runs beside them, not in their way."""
+    import asyncio
+
+    from realtime import authsweep
+
+    hung = asyncio.Event()
+
+    async def never_ends(sockets):
+        hung.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(authsweep, "sweep", never_ends)
+    settings.REALTIME = {**settings.REALTIME, "AUTH_SWEEP": 0.1, "IDLE_TIMEOUT": 1}
+    async with socket(cookies["bob"]) as bob:
+        await asyncio.wait_for(hung.wait(), 2)
+        assert await closed_with(bob, timeout=3) == 4008  # the idle close came all the same
