@@ -1,0 +1,67 @@
+"""The worker's guard on HTTP connections (realtime/server.py), driven with a
+fake clock: a deadline per request, graceful for an idle kept-alive connection,
+abrupt for a request that trickles; the per-address count given back."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from realtime.server import GuardedHTTPChannel, PendingCounter
+
+
+class Transport(StringTransport):
+    aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+        super().abortConnection()
+
+
+@pytest.fixture
+def channel(settings):
+    settings.REALTIME = {**settings.REALTIME, "HANDSHAKE_TIMEOUT": 2.0}
+    clock = Clock()
+    ch = GuardedHTTPChannel()
+    ch.callLater = clock.callLater
+    ch.timeOut = None  # Twisted's own idle timeout out of the way: the deadline alone
+    transport = Transport()
+    ch.makeConnection(transport)
+    return ch, transport, clock
+
+
+def test_a_request_that_trickles_is_cut_off_at_the_deadline(channel):
+    ch, transport, clock = channel
+    for i in range(19):  # a byte every 0.1 s: an idle timeout would never fire
+        ch.dataReceived(b"GET / HTTP/1.1\r\nX-Slow: "[i:i + 1])
+        clock.advance(0.1)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.aborted
+
+
+def test_a_connection_that_sends_nothing_is_closed_gracefully(channel):
+    ch, transport, clock = channel
+    clock.advance(1.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting and not transport.aborted  # what it was sent still goes out
+
+
+def test_the_per_address_count_is_given_back_when_the_connection_ends_or_upgrades():
+    counter = PendingCounter()
+    assert counter.take("198.51.100.1", 2) and counter.take("198.51.100.1", 2)
+    assert not counter.take("198.51.100.1", 2)
+    assert counter.take("198.51.100.2", 2)
+    for address, how in (("198.51.100.1", "lost"), ("198.51.100.1", "upgraded")):
+        ch = GuardedHTTPChannel()
+        ch.address, ch.counted = address, counter
+        ch.callLater = Clock().callLater
+        ch.makeConnection(StringTransport())
+        if how == "lost":
+            ch.connectionLost(None)
+        else:
+            ch.upgraded()
+            ch.upgraded()  # twice gives back once
+    assert counter.open == {"198.51.100.2": 1}
