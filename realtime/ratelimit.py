@@ -25,12 +25,17 @@ from django.conf import settings
 
 from . import store
 
-_SCRIPT = """
+# Both scripts: the bucket KEYS[1] refilled at ARGV[1] a second up to ARGV[2], as of
+# ARGV[3] (now); ARGV[4] is what is asked of it.
+_REFILL = """
 local tokens = tonumber(redis.call('HGET', KEYS[1], 't'))
 local stamp = tonumber(redis.call('HGET', KEYS[1], 's'))
 local rate, burst, now, wanted = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 if tokens == nil then tokens = burst; stamp = now end
 tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+"""
+
+_SCRIPT = _REFILL + """
 local granted = math.min(wanted, math.floor(tokens))
 tokens = tokens - granted
 redis.call('HSET', KEYS[1], 't', tostring(tokens), 's', tostring(now))
@@ -40,15 +45,10 @@ return {granted, tostring(tokens)}
 
 # The replay budget: refill; unless ARGV[5] forces it, refuse when in debt (taking
 # nothing); else take ARGV[4], which may leave it below zero. Returns {taken, tokens}.
-_DEBIT = """
-local tokens = tonumber(redis.call('HGET', KEYS[1], 't'))
-local stamp = tonumber(redis.call('HGET', KEYS[1], 's'))
-local rate, burst, now, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if tokens == nil then tokens = burst; stamp = now end
-tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+_DEBIT = _REFILL + """
 local taken = 0
 if tokens > 0 or ARGV[5] == '1' then
-  tokens = tokens - cost
+  tokens = tokens - wanted
   taken = 1
 end
 redis.call('HSET', KEYS[1], 't', tostring(tokens), 's', tostring(now))
