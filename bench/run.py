@@ -107,6 +107,10 @@ def setup(workdir: Path) -> tuple[dict, str, str]:
         "DATABASE_URL": pg.url, "REDIS_URL": redis.url, "REALTIME_BENCH": "1", "DJANGO_LOG_LEVEL": "WARNING",
         "REALTIME_RATE_MESSAGE_SEND": "1000000/1000000", "REALTIME_RATE_SUBSCRIBE": "1000000/1000000",
         "REALTIME_MAX_CONNECTIONS_PER_USER": "1000000", "DJANGO_STATIC_ROOT": str(workdir / "static"),
+        # Thousands of sockets from one address and two users, opened at once: the
+        # per-address and per-user abuse limits are lifted (the checks still run).
+        "REALTIME_RATE_HANDSHAKE_USER": "1000000/1000000", "REALTIME_RATE_HANDSHAKE_ADDRESS": "1000000/1000000",
+        "REALTIME_MAX_PENDING_PER_ADDRESS": "1000000", "REALTIME_REPLAY_BUDGET": "1000000000/1000000000",
         # The worker's receive bound would cut off a sender the bare consumer cannot
         # keep up with (it falls behind at 100 msg/s into 100 members): lifted, so
         # the baseline is measured as the tutorial consumer on plain daphne.
