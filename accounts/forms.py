@@ -11,8 +11,8 @@ from django.contrib.auth.forms import UserCreationForm
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import names
-from .models import Account
+from accounts import names
+from accounts.models import Account
 
 LOOKS_TAKEN = "That name looks too much like an existing one; choose another."
 

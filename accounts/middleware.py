@@ -22,7 +22,7 @@ from realtime import ratelimit
 from realtime.origins import origin_allowed, origin_of, refuse_log
 from realtime.proxies import rate_subject, scope_address
 
-from . import tickets
+from accounts import tickets
 
 
 class SessionRef:

@@ -14,8 +14,8 @@ from django.dispatch import receiver
 
 from realtime import broadcast
 
-from . import names, tickets
-from .models import Account
+from accounts import names, tickets
+from accounts.models import Account
 
 log = logging.getLogger(__name__)
 

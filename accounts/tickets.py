@@ -19,7 +19,7 @@ import secrets
 from django.contrib.auth import get_user_model
 from django.core.cache import cache
 
-from .sessions import session_is_valid
+from accounts.sessions import session_is_valid
 
 TICKET_TTL = 30  # seconds
 

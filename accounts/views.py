@@ -6,8 +6,8 @@ from django.contrib.auth import views as auth_views
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 
-from . import throttle
-from .forms import SignupForm
+from accounts import throttle
+from accounts.forms import SignupForm
 
 
 class LoginView(auth_views.LoginView):

@@ -23,10 +23,10 @@ from django.db.models import Count, F, OuterRef, Q, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from . import broadcast, protocol
-from .models import Event, Membership, Message, ReadState, Room
-from .permissions import Action, can
-from .protocol import ErrorCode
+from realtime import broadcast, protocol
+from realtime.models import Event, Membership, Message, ReadState, Room
+from realtime.permissions import Action, can
+from realtime.protocol import ErrorCode
 
 
 class ActionError(Exception):

@@ -16,9 +16,9 @@ from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import path
 
-from . import actions, broadcast, heartbeat
-from .actions import ActionError
-from .models import Event, Membership, Message, Room
+from realtime import actions, broadcast, heartbeat
+from realtime.actions import ActionError
+from realtime.models import Event, Membership, Message, Room
 
 
 class MembershipInline(admin.TabularInline):

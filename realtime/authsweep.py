@@ -37,9 +37,9 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from . import broadcast
-from .models import Membership, Room
-from .permissions import Action, can
+from realtime import broadcast
+from realtime.models import Membership, Room
+from realtime.permissions import Action, can
 
 log = logging.getLogger(__name__)
 

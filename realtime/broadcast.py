@@ -15,8 +15,8 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
-from . import metrics, protocol, store
-from .logs import TRACE
+from realtime import metrics, protocol, store
+from realtime.logs import TRACE
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ async def send_groups(messages: list[tuple[str, dict]]) -> None:
     There, room events this worker's sockets follow are handed to them first,
     without waiting for the round trip (fanout.Fanout.dispatch_own); the
     in-process layer has none to save."""
-    from .fanout import running
+    from realtime.fanout import running
 
     for group, message in messages:
         message["group"] = group

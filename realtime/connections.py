@@ -19,7 +19,7 @@ import time
 
 from django.conf import settings
 
-from . import store
+from realtime import store
 
 log = logging.getLogger(__name__)
 

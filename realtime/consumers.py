@@ -35,13 +35,13 @@ from django.conf import settings
 from accounts.models import probation_until, send_bucket
 from accounts.sessions import session_is_valid, session_user
 
-from . import actions, authsweep, broadcast, connections, heartbeat, housekeeper, metrics, presence, protocol, queues, ratelimit
-from .fanout import LocalQueue, fanout
-from .actions import ActionError
-from .logs import TRACE, clean_trace, event
-from .permissions import Action
-from .proxies import scope_address
-from .protocol import CloseCode, ErrorCode
+from realtime import actions, authsweep, broadcast, connections, heartbeat, housekeeper, metrics, presence, protocol, queues, ratelimit
+from realtime.fanout import LocalQueue, fanout
+from realtime.actions import ActionError
+from realtime.logs import TRACE, clean_trace, event
+from realtime.permissions import Action
+from realtime.proxies import scope_address
+from realtime.protocol import CloseCode, ErrorCode
 
 log = logging.getLogger(__name__)
 INFO, DEBUG, WARNING = logging.INFO, logging.DEBUG, logging.WARNING

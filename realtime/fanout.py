@@ -49,7 +49,7 @@ import weakref
 import msgspec
 from channels.layers import get_channel_layer
 
-from . import broadcast, metrics, store
+from realtime import broadcast, metrics, store
 
 log = logging.getLogger(__name__)
 

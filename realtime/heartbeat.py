@@ -16,7 +16,7 @@ import socket
 import time
 from collections import Counter
 
-from . import metrics, store
+from realtime import metrics, store
 
 log = logging.getLogger(__name__)
 

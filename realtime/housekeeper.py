@@ -27,7 +27,7 @@ import random
 
 from django.conf import settings
 
-from . import authsweep, broadcast, connections, presence, store
+from realtime import authsweep, broadcast, connections, presence, store
 
 log = logging.getLogger(__name__)
 

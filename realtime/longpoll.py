@@ -32,11 +32,11 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
-from . import actions, broadcast, ratelimit
-from .fanout import fanout
-from .middleware import worker_header
-from .actions import ActionError
-from .protocol import HTTP_STATUS, ErrorCode
+from realtime import actions, broadcast, ratelimit
+from realtime.fanout import fanout
+from realtime.middleware import worker_header
+from realtime.actions import ActionError
+from realtime.protocol import HTTP_STATUS, ErrorCode
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections import Counter as Tally
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from . import protocol
+from realtime import protocol
 
 # -- Prometheus ---------------------------------------------------------------------
 CONNECTIONS = Gauge("realtime_connections_active", "Open, authenticated sockets on this worker")

@@ -63,7 +63,7 @@ class TraceMiddleware:
         self.get_response = get_response
 
     def __call__(self, request):
-        from .logs import TRACE, trace_from_header
+        from realtime.logs import TRACE, trace_from_header
 
         token = TRACE.set(trace_from_header(request.headers.get("traceparent")))
         try:

@@ -4,7 +4,7 @@ from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
 
-from .protocol import ROOM_SLUG_PATTERN
+from realtime.protocol import ROOM_SLUG_PATTERN
 
 
 class Room(models.Model):

@@ -23,7 +23,7 @@ from django.conf import settings
 from django.db import connection
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from . import heartbeat, store
+from realtime import heartbeat, store
 
 LOCAL = {"127.0.0.1", "::1"}
 FORWARDING = {b"x-forwarded-for", b"x-real-ip", b"forwarded"}

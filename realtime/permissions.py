@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .models import Role
+from realtime.models import Role
 
 POSTING_ROLES = frozenset({Role.OWNER, Role.MODERATOR, Role.MEMBER})
 MODERATING_ROLES = frozenset({Role.OWNER, Role.MODERATOR})

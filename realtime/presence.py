@@ -25,7 +25,7 @@ import logging
 import time
 from collections import Counter
 
-from . import store
+from realtime import store
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ async def renew_all(held: list[tuple[str, int, str, str]]) -> None:
 async def announce(room: str, skip_conn: str | None = None) -> None:
     """Tell the room's subscribers who came and went, if anyone did (not the socket
     `skip_conn`, which is about to get the whole presence.state)."""
-    from . import broadcast, protocol
+    from realtime import broadcast, protocol
 
     try:
         diff = await changes(room)

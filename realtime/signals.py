@@ -4,8 +4,8 @@ a membership added, changed or removed, or the room's visibility changed."""
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from . import broadcast
-from .models import Membership, Room
+from realtime import broadcast
+from realtime.models import Membership, Room
 
 
 @receiver(post_save, sender=Membership)

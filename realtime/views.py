@@ -6,9 +6,9 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 
-from . import actions, protocol
-from .actions import ActionError
-from .permissions import Action, can
+from realtime import actions, protocol
+from realtime.actions import ActionError
+from realtime.permissions import Action, can
 
 
 @login_required

@@ -15,11 +15,11 @@ from rest_framework.views import APIView
 from accounts import tickets
 from accounts.models import probation_until, send_bucket
 
-from .. import actions, broadcast, metrics, protocol
-from .. import ratelimit as buckets
-from ..actions import ActionError
-from ..longpoll import events_page, int_arg
-from ..protocol import ErrorCode
+from realtime import actions, broadcast, metrics, protocol
+from realtime import ratelimit as buckets
+from realtime.actions import ActionError
+from realtime.longpoll import events_page, int_arg
+from realtime.protocol import ErrorCode
 
 def error_response(code: ErrorCode, message: str, retry_after: float | None = None) -> Response:
     body = {"code": str(code), "message": message}
