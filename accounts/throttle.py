@@ -33,7 +33,7 @@ from django.core import signing
 from django.http import HttpRequest, HttpResponse
 from django_ratelimit.core import get_usage
 
-from realtime.logs import event
+from realtime.observability.logs import event
 from realtime.proxies import rate_subject
 
 log = logging.getLogger(__name__)

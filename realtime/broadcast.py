@@ -15,8 +15,9 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
-from realtime import metrics, protocol, store
-from realtime.logs import TRACE
+from realtime import protocol, store
+from realtime.observability import metrics
+from realtime.observability.logs import TRACE
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ import socket
 import time
 from collections import Counter
 
-from realtime import metrics, store
+from realtime import store
+from realtime.observability import metrics
 
 log = logging.getLogger(__name__)
 

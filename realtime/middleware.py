@@ -57,13 +57,13 @@ class ContentSecurityPolicyMiddleware:
 class TraceMiddleware:
     """Gives each HTTP request a trace id (the trace-id of its W3C `traceparent`
     header, or a new one): every log line and every event the request publishes
-    carries it (realtime/logs.py), and the response names it in X-Trace-Id."""
+    carries it (realtime/observability/logs.py), and the response names it in X-Trace-Id."""
 
     def __init__(self, get_response):
         self.get_response = get_response
 
     def __call__(self, request):
-        from realtime.logs import TRACE, trace_from_header
+        from realtime.observability.logs import TRACE, trace_from_header
 
         token = TRACE.set(trace_from_header(request.headers.get("traceparent")))
         try:

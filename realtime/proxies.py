@@ -154,7 +154,7 @@ def _untrusted_forwarder(peer: str) -> None:
     _warned.add(peer)
     import logging
 
-    from realtime.logs import event
+    from realtime.observability.logs import event
 
     event(logging.getLogger(__name__), logging.WARNING, "proxy.untrusted", addr=peer,
           reason="X-Forwarded-For from a peer not in REALTIME_TRUSTED_PROXIES: ignored")

@@ -34,7 +34,7 @@ class SocketRouter:
 
 async def no_such_socket(scope, receive, send) -> None:
     """Refuse a socket on a path that has none: 404 where the server can say so."""
-    from realtime.logs import event
+    from realtime.observability.logs import event
 
     event(log, logging.WARNING, "ws.refused", reason="path", frame=str(scope.get("path", ""))[:100],
           addr=(scope.get("client") or [""])[0])

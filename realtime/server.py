@@ -182,7 +182,7 @@ class GuardedHTTPChannel(twisted_http.HTTPChannel):
         if self._handlingRequest or self.transport is None:
             return
         if self.heard:
-            from realtime.logs import event
+            from realtime.observability.logs import event
 
             event(log, logging.INFO, "http.too_slow", addr=self.address)
             self.transport.abortConnection()
@@ -261,7 +261,7 @@ def guard_http_factory(factory) -> None:
         host = getattr(addr, "host", "")
         trusted = peer_trusted(host)
         if not trusted and not counter.take(rate_subject(host), settings_value("MAX_PENDING_PER_ADDRESS")):
-            from realtime.logs import event
+            from realtime.observability.logs import event
 
             event(log, logging.WARNING, "http.refused", reason="connections-per-address", addr=host)
             return Refuse()

@@ -15,7 +15,8 @@ from rest_framework.views import APIView
 from accounts import tickets
 from accounts.models import probation_until, send_bucket
 
-from realtime import actions, broadcast, metrics, protocol
+from realtime import actions, broadcast, protocol
+from realtime.observability import metrics
 from realtime import ratelimit as buckets
 from realtime.actions import ActionError
 from realtime.longpoll import events_page, int_arg

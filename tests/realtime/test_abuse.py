@@ -8,7 +8,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.test import Client
 
-from realtime import metrics
+from realtime.observability import metrics
 from realtime.models import Event
 from tests.conftest import HOST, ORIGIN, call, subscribe
 

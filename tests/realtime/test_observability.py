@@ -15,7 +15,7 @@ from channels.testing import HttpCommunicator
 
 import project.asgi  # noqa: F401  (its django.setup() reconfigures logging: done before caplog starts)
 from realtime import broadcast, heartbeat
-from realtime.logs import ContextFilter
+from realtime.observability.logs import ContextFilter
 from tests.conftest import call, socket, subscribe
 from tests.services import RedisServer
 
