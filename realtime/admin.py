@@ -16,8 +16,9 @@ from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import path
 
-from realtime import actions, broadcast, heartbeat
-from realtime.actions import ActionError
+from realtime import broadcast, heartbeat
+from realtime.domain import actions
+from realtime.domain.actions import ActionError
 from realtime.models import Event, Membership, Message, Room
 
 

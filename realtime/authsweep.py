@@ -39,7 +39,7 @@ from django.utils import timezone
 
 from realtime import broadcast
 from realtime.models import Membership, Room
-from realtime.permissions import Action, can
+from realtime.domain.policy import Action, can
 
 log = logging.getLogger(__name__)
 

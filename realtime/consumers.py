@@ -35,12 +35,13 @@ from django.conf import settings
 from accounts.models import probation_until, send_bucket
 from accounts.sessions import session_is_valid, session_user
 
-from realtime import actions, authsweep, broadcast, connections, heartbeat, housekeeper, presence, protocol, queues, ratelimit
+from realtime import authsweep, broadcast, connections, heartbeat, housekeeper, presence, protocol, queues, ratelimit
+from realtime.domain import actions
 from realtime.observability import metrics
 from realtime.fanout import LocalQueue, fanout
-from realtime.actions import ActionError
+from realtime.domain.actions import ActionError
 from realtime.observability.logs import TRACE, clean_trace, event
-from realtime.permissions import Action
+from realtime.domain.policy import Action
 from realtime.proxies import scope_address
 from realtime.protocol import CloseCode, ErrorCode
 

@@ -32,10 +32,11 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
-from realtime import actions, broadcast, ratelimit
+from realtime import broadcast, ratelimit
+from realtime.domain import actions
 from realtime.fanout import fanout
 from realtime.middleware import worker_header
-from realtime.actions import ActionError
+from realtime.domain.actions import ActionError
 from realtime.protocol import HTTP_STATUS, ErrorCode
 
 log = logging.getLogger(__name__)

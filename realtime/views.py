@@ -6,9 +6,10 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 
-from realtime import actions, protocol
-from realtime.actions import ActionError
-from realtime.permissions import Action, can
+from realtime import protocol
+from realtime.domain import actions
+from realtime.domain.actions import ActionError
+from realtime.domain.policy import Action, can
 
 
 @login_required

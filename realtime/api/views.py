@@ -15,10 +15,11 @@ from rest_framework.views import APIView
 from accounts import tickets
 from accounts.models import probation_until, send_bucket
 
-from realtime import actions, broadcast, protocol
+from realtime import broadcast, protocol
+from realtime.domain import actions
 from realtime.observability import metrics
 from realtime import ratelimit as buckets
-from realtime.actions import ActionError
+from realtime.domain.actions import ActionError
 from realtime.longpoll import events_page, int_arg
 from realtime.protocol import ErrorCode
 

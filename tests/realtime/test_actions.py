@@ -4,8 +4,9 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
-from realtime import actions, broadcast
-from realtime.actions import ActionError
+from realtime import broadcast
+from realtime.domain import actions
+from realtime.domain.actions import ActionError
 from realtime.models import Event, Message, Room
 
 # Real commits, so that on-commit broadcasts run as they do in production.

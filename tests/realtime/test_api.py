@@ -5,7 +5,8 @@ from channels.layers import get_channel_layer
 from asgiref.sync import async_to_sync
 from django.test import Client
 
-from realtime import actions, broadcast
+from realtime import broadcast
+from realtime.domain import actions
 from realtime.models import Event, Message
 
 pytestmark = pytest.mark.django_db

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from realtime import actions
+from realtime.domain import actions
 from realtime.models import Event, Message, Room
 from tests.conftest import socket, subscribe
 

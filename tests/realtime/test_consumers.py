@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from asgiref.sync import sync_to_async
 
-from realtime import actions
+from realtime.domain import actions
 from realtime.models import Event, Message
 from tests.conftest import ORIGIN, call, communicator, socket, subscribe
 

@@ -11,7 +11,8 @@ import json
 import pytest
 from redis import asyncio as aioredis
 
-from realtime import actions, broadcast
+from realtime import broadcast
+from realtime.domain import actions
 from realtime.consumers import RealtimeConsumer
 from realtime.fanout import fanout
 from realtime.queues import AppQueue

@@ -9,7 +9,7 @@ import json
 import pytest
 from channels.testing import HttpCommunicator
 
-from realtime import actions
+from realtime.domain import actions
 from realtime.models import Room
 from tests.conftest import HOST
 

@@ -5,7 +5,8 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.test import Client
 
-from realtime import actions, broadcast
+from realtime import broadcast
+from realtime.domain import actions
 from realtime.models import Event, Message
 
 pytestmark = pytest.mark.django_db

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from realtime.permissions import Action, can
+from realtime.domain.policy import Action, can
 
 ALICE = SimpleNamespace(pk=1, is_authenticated=True, is_active=True, is_staff=False)
 STAFF = SimpleNamespace(pk=9, is_authenticated=True, is_active=True, is_staff=True)

@@ -197,7 +197,7 @@ async def test_rooms_without_read_markers_keep_reads_private(cookies, shared, de
 
 
 def test_rooms_list_counts_unread_messages_by_others(demo):
-    from realtime import actions
+    from realtime.domain import actions
 
     for i in range(3):
         actions.perform_sync(actions.message_send, user=demo["alice"], slug="general", body=f"m{i}", client_id=f"u{i}")

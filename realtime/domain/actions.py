@@ -25,7 +25,7 @@ from django.utils import timezone
 
 from realtime import broadcast, protocol
 from realtime.models import Event, Membership, Message, ReadState, Room
-from realtime.permissions import Action, can
+from realtime.domain.policy import Action, can
 from realtime.protocol import ErrorCode
 
 
