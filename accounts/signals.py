@@ -12,7 +12,7 @@ from django.db import IntegrityError, transaction
 from django.db.models.signals import post_save, pre_delete
 from django.dispatch import receiver
 
-from realtime import broadcast
+from realtime.delivery import publish as broadcast
 
 from accounts import names, tickets
 from accounts.models import Account

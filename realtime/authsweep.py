@@ -37,7 +37,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from realtime import broadcast
+from realtime.delivery import publish as broadcast
 from realtime.models import Membership, Room
 from realtime.domain.policy import Action, can
 

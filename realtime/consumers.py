@@ -7,7 +7,7 @@ state: the rooms subscribed and the last seq sent in each.
 
 Ordering: Channels runs one handler at a time per consumer, so while `subscribe`
 replays the log, room events for that room wait in this consumer's local queue
-(the worker's fan-out fills it, realtime/fanout.py). They
+(the worker's fan-out fills it, realtime/delivery/fanout.py). They
 are delivered afterwards and dropped when their seq was already sent, which is the
 "join first, buffer, read the log, flush without duplicates" order of DESIGN.md.
 A live event whose seq skips ahead (the layer dropped one, or two workers' broadcasts
@@ -35,10 +35,11 @@ from django.conf import settings
 from accounts.models import probation_until, send_bucket
 from accounts.sessions import session_is_valid, session_user
 
-from realtime import authsweep, broadcast, connections, heartbeat, housekeeper, presence, protocol, queues, ratelimit
+from realtime import authsweep, connections, heartbeat, housekeeper, presence, protocol, queues, ratelimit
+from realtime.delivery import publish as broadcast
 from realtime.domain import actions
 from realtime.observability import metrics
-from realtime.fanout import LocalQueue, fanout
+from realtime.delivery.fanout import LocalQueue, fanout
 from realtime.domain.actions import ActionError
 from realtime.observability.logs import TRACE, clean_trace, event
 from realtime.domain.policy import Action
@@ -89,7 +90,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     async def __call__(self, scope, receive, send):
         """channels' AsyncConsumer.__call__ without a channel-layer channel of the
         socket's own: what the layer has for this socket (its rooms' and its user's
-        groups) comes from this worker's fan-out (realtime/fanout.py), straight to
+        groups) comes from this worker's fan-out (realtime/delivery/fanout.py), straight to
         deliver() or through local_queue. A layer failure is the fan-out's to
         survive: it rejoins and sends `layer.recovered`. Under the daphne launcher
         this task alone serves both queues (realtime/queues.py: no task for each)."""

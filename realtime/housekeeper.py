@@ -27,7 +27,8 @@ import random
 
 from django.conf import settings
 
-from realtime import authsweep, broadcast, connections, presence, store
+from realtime import authsweep, connections, presence, store
+from realtime.delivery import publish as broadcast
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ It is an ASGI app of its own, in front of Django (project/asgi.py), because a he
 request must not hold a thread: Django would run a sync-only middleware (WhiteNoise)
 around an async view in asgiref's single thread-sensitive thread, so one long poll
 would stall every other request's database work for its whole wait. Here the wait
-is a wait on the worker's fan-out (realtime/fanout.py); only the log reads go to the thread.
+is a wait on the worker's fan-out (realtime/delivery/fanout.py); only the log reads go to the thread.
 
 The order is the socket's: join the room's group first, then read the log, then
 wait for a broadcast and read the log again. An event committed in between is in
@@ -32,9 +32,10 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
-from realtime import broadcast, ratelimit
+from realtime import ratelimit
+from realtime.delivery import publish as broadcast
 from realtime.domain import actions
-from realtime.fanout import fanout
+from realtime.delivery.fanout import fanout
 from realtime.middleware import worker_header
 from realtime.domain.actions import ActionError
 from realtime.protocol import HTTP_STATUS, ErrorCode

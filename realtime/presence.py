@@ -178,7 +178,8 @@ async def renew_all(held: list[tuple[str, int, str, str]]) -> None:
 async def announce(room: str, skip_conn: str | None = None) -> None:
     """Tell the room's subscribers who came and went, if anyone did (not the socket
     `skip_conn`, which is about to get the whole presence.state)."""
-    from realtime import broadcast, protocol
+    from realtime import protocol
+    from realtime.delivery import publish as broadcast
 
     try:
         diff = await changes(room)

@@ -484,7 +484,7 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
 for _name, _value in BoundedWebSocketProtocol._INITIAL.items():
     setattr(BoundedWebSocketProtocol, _name, _value)
 
-from realtime.broadcast import CONTROL_GROUP  # noqa: E402  (the group every worker listens on)
+from realtime.delivery.publish import CONTROL_GROUP  # noqa: E402  (the group every worker listens on)
 SERVICE_RESTART = 4012
 
 

@@ -4,7 +4,7 @@ a membership added, changed or removed, or the room's visibility changed."""
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from realtime import broadcast
+from realtime.delivery import publish as broadcast
 from realtime.models import Membership, Room
 
 

@@ -15,7 +15,8 @@ from rest_framework.views import APIView
 from accounts import tickets
 from accounts.models import probation_until, send_bucket
 
-from realtime import broadcast, protocol
+from realtime import protocol
+from realtime.delivery import publish as broadcast
 from realtime.domain import actions
 from realtime.observability import metrics
 from realtime import ratelimit as buckets

@@ -23,7 +23,8 @@ from django.db.models import Count, F, OuterRef, Q, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from realtime import broadcast, protocol
+from realtime import protocol
+from realtime.delivery import publish as broadcast
 from realtime.models import Event, Membership, Message, ReadState, Room
 from realtime.domain.policy import Action, can
 from realtime.protocol import ErrorCode

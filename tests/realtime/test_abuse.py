@@ -131,7 +131,7 @@ async def test_replays_past_the_budget_are_refused_until_it_refills(demo, cookie
             assert (reply["type"], reply["code"], reply["ref"]) == ("error", "rate_limited", "again")
             assert 0.5 <= reply["retry_after"] <= 3.5  # the debt (about 2 KB) at 1 KB a second
         # A refused subscribe leaves the socket in no fan-out group of the room.
-        from realtime.fanout import fanout
+        from realtime.delivery.fanout import fanout
 
         assert all("general" in c.subscriptions for c in fanout().groups.get("room.general", ()))
         # Going live without a replay is not a replay, nor is a since at the head.

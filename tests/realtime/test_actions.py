@@ -4,7 +4,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
-from realtime import broadcast
+from realtime.delivery import publish as broadcast
 from realtime.domain import actions
 from realtime.domain.actions import ActionError
 from realtime.models import Event, Message, Room

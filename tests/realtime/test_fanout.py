@@ -11,10 +11,10 @@ import json
 import pytest
 from redis import asyncio as aioredis
 
-from realtime import broadcast
+from realtime.delivery import publish as broadcast
 from realtime.domain import actions
 from realtime.consumers import RealtimeConsumer
-from realtime.fanout import fanout
+from realtime.delivery.fanout import fanout
 from realtime.queues import AppQueue
 from tests.conftest import HOST, ORIGIN, socket, subscribe
 

@@ -9,7 +9,8 @@ import pytest
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from realtime import broadcast, protocol
+from realtime import protocol
+from realtime.delivery import publish as broadcast
 
 
 def parse(data: bytes) -> Frame:

@@ -14,7 +14,8 @@ from channels.layers import get_channel_layer
 from channels.testing import HttpCommunicator
 
 import project.asgi  # noqa: F401  (its django.setup() reconfigures logging: done before caplog starts)
-from realtime import broadcast, heartbeat
+from realtime import heartbeat
+from realtime.delivery import publish as broadcast
 from realtime.observability.logs import ContextFilter
 from tests.conftest import call, socket, subscribe
 from tests.services import RedisServer

@@ -5,7 +5,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.test import Client
 
-from realtime import broadcast
+from realtime.delivery import publish as broadcast
 from realtime.domain import actions
 from realtime.models import Event, Message
 

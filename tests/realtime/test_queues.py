@@ -6,7 +6,7 @@ import asyncio
 import pytest
 from channels.exceptions import StopConsumer
 
-from realtime.fanout import LocalQueue
+from realtime.delivery.fanout import LocalQueue
 from realtime.queues import AppQueue, serve
 from realtime.routing import SocketRouter
 

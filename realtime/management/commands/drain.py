@@ -5,7 +5,7 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from realtime.broadcast import request_drain
+from realtime.delivery.publish import request_drain
 
 
 class Command(BaseCommand):

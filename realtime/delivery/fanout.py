@@ -49,7 +49,8 @@ import weakref
 import msgspec
 from channels.layers import get_channel_layer
 
-from realtime import broadcast, store
+from realtime import store
+from realtime.delivery import publish as broadcast
 from realtime.observability import metrics
 
 log = logging.getLogger(__name__)

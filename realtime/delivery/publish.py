@@ -50,7 +50,7 @@ def fan_channel(group: str) -> str:
 
 async def send_group(group: str, message: dict) -> None:
     """group_send, with the group named in the message: each worker's fan-out
-    (realtime/fanout.py) receives every group's messages on one channel and hands
+    (realtime/delivery/fanout.py) receives every group's messages on one channel and hands
     them to the sockets that follow that group."""
     await send_groups([(group, message)])
 
@@ -60,7 +60,7 @@ async def send_groups(messages: list[tuple[str, dict]]) -> None:
     There, room events this worker's sockets follow are handed to them first,
     without waiting for the round trip (fanout.Fanout.dispatch_own); the
     in-process layer has none to save."""
-    from realtime.fanout import running
+    from realtime.delivery.fanout import running
 
     for group, message in messages:
         message["group"] = group
@@ -69,7 +69,7 @@ async def send_groups(messages: list[tuple[str, dict]]) -> None:
         for group, message in messages:
             await get_channel_layer().group_send(group, message)
         return
-    # Redis pub/sub (realtime/fanout.py says why). Encoded before the local
+    # Redis pub/sub (realtime/delivery/fanout.py says why). Encoded before the local
     # sockets get the messages (the fan-out keeps their frames in them).
     payloads = [(fan_channel(group), msgspec.msgpack.encode(message)) for group, message in messages]
     fan = running()
