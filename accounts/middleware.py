@@ -18,7 +18,7 @@ from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.http.cookie import parse_cookie
 
-from realtime import ratelimit
+from realtime.state import ratelimit
 from realtime.origins import origin_allowed, origin_of, refuse_log
 from realtime.proxies import rate_subject, scope_address
 

@@ -16,7 +16,7 @@ from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import path
 
-from realtime import heartbeat
+from realtime.state import heartbeat
 from realtime.delivery import publish as broadcast
 from realtime.domain import actions
 from realtime.domain.actions import ActionError

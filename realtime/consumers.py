@@ -35,7 +35,12 @@ from django.conf import settings
 from accounts.models import probation_until, send_bucket
 from accounts.sessions import session_is_valid, session_user
 
-from realtime import authsweep, connections, heartbeat, housekeeper, presence, protocol, queues, ratelimit
+from realtime import authsweep, protocol, queues
+from realtime.state import leases as connections
+from realtime.state import heartbeat
+from realtime.state import housekeeper
+from realtime.state import presence
+from realtime.state import ratelimit
 from realtime.delivery import publish as broadcast
 from realtime.domain import actions
 from realtime.observability import metrics
@@ -737,7 +742,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             sub.access, sub.access_at = access, asyncio.get_running_loop().time()
 
     async def housekeeping_idle(self, message: dict) -> None:
-        """Silent for REALTIME_IDLE_TIMEOUT s (realtime/housekeeper.py)."""
+        """Silent for REALTIME_IDLE_TIMEOUT s (realtime/state/housekeeper.py)."""
         await self.shut(CloseCode.POLICY, "idle")
 
     async def catch_up(self, slug: str, sub: Subscription, upto: int) -> bool:

@@ -32,7 +32,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
-from realtime import ratelimit
+from realtime.state import ratelimit
 from realtime.delivery import publish as broadcast
 from realtime.domain import actions
 from realtime.delivery.fanout import fanout

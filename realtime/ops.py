@@ -23,7 +23,8 @@ from django.conf import settings
 from django.db import connection
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from realtime import heartbeat, store
+from realtime.state import heartbeat
+from realtime.state import store
 
 LOCAL = {"127.0.0.1", "::1"}
 FORWARDING = {b"x-forwarded-for", b"x-real-ip", b"forwarded"}

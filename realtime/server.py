@@ -489,7 +489,7 @@ SERVICE_RESTART = 4012
 
 
 def worker_id() -> str:
-    from realtime.heartbeat import worker_id as heartbeat_worker_id
+    from realtime.state.heartbeat import worker_id as heartbeat_worker_id
 
     return heartbeat_worker_id()
 
@@ -572,7 +572,7 @@ class DrainingServer(Server):
         self.http_factory.timeOut = settings_value("HANDSHAKE_TIMEOUT")
         guard_http_factory(self.http_factory)
         asyncio.ensure_future(self._control_loop())
-        from realtime import heartbeat
+        from realtime.state import heartbeat
 
         heartbeat.ensure_started()  # the worker is in the cluster view from the start
 
@@ -613,7 +613,7 @@ class DrainingServer(Server):
                 reactor.stop()
             return
         self.draining = True
-        from realtime import heartbeat
+        from realtime.state import heartbeat
 
         heartbeat.draining = True  # /readyz answers 503, the dashboard shows it
         started = time.monotonic()

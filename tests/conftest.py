@@ -36,7 +36,7 @@ def fresh_rate_limits():
     which live in the cache)."""
     from django.core.cache import cache
 
-    from realtime import ratelimit
+    from realtime.state import ratelimit
 
     ratelimit.reset()
     cache.clear()
@@ -80,7 +80,7 @@ def layer(request, settings):
 def transport(request, settings):
     """Run the test on the embedded default (the in-memory layer, buckets in this
     process) and with REDIS_URL (Redis buckets, the pub/sub fan-out)."""
-    from realtime import ratelimit
+    from realtime.state import ratelimit
 
     if request.param == "redis":
         settings.REDIS_URL = request.getfixturevalue("redis_server").url

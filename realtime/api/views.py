@@ -19,7 +19,7 @@ from realtime import protocol
 from realtime.delivery import publish as broadcast
 from realtime.domain import actions
 from realtime.observability import metrics
-from realtime import ratelimit as buckets
+from realtime.state import ratelimit as buckets
 from realtime.domain.actions import ActionError
 from realtime.longpoll import events_page, int_arg
 from realtime.protocol import ErrorCode

@@ -49,7 +49,7 @@ import weakref
 import msgspec
 from channels.layers import get_channel_layer
 
-from realtime import store
+from realtime.state import store
 from realtime.delivery import publish as broadcast
 from realtime.observability import metrics
 

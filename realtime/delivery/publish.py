@@ -15,7 +15,8 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
-from realtime import protocol, store
+from realtime import protocol
+from realtime.state import store
 from realtime.observability import metrics
 from realtime.observability.logs import TRACE
 

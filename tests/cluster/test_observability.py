@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from realtime import heartbeat
+from realtime.state import heartbeat
 from tests.cluster.conftest import login, open_socket
 
 pytestmark = [pytest.mark.cluster, pytest.mark.asyncio]
@@ -65,7 +65,7 @@ async def test_each_worker_serves_readyz_and_metrics_but_the_balancer_hides_metr
 async def test_a_killed_workers_users_leave_presence_within_the_bound(cluster):
     """bob follows #general on worker b, carol on worker a; b is killed with -9 and
     does nothing more. Worker a's sweep announces bob's leave within presence.BOUND."""
-    from realtime import presence
+    from realtime.state import presence
 
     if cluster.balancer_kind != "nginx":
         pytest.skip("talks to the workers directly; run once")

@@ -298,7 +298,9 @@ async def test_a_consumer_that_fails_gives_back_its_leases_and_timers(cookies, d
     socket's lease, presence and place in the housekeeper go all the same."""
     import asyncio
 
-    from realtime import connections, consumers, housekeeper
+    from realtime import consumers
+    from realtime.state import leases as connections
+    from realtime.state import housekeeper
 
     settings.REALTIME = {**settings.REALTIME, "SESSION_RECHECK": 0.2}
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from django.test import override_settings
 
-from realtime import connections
+from realtime.state import leases as connections
 from tests.conftest import call, communicator, socket
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]

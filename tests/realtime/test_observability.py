@@ -14,7 +14,7 @@ from channels.layers import get_channel_layer
 from channels.testing import HttpCommunicator
 
 import project.asgi  # noqa: F401  (its django.setup() reconfigures logging: done before caplog starts)
-from realtime import heartbeat
+from realtime.state import heartbeat
 from realtime.delivery import publish as broadcast
 from realtime.observability.logs import ContextFilter
 from tests.conftest import call, socket, subscribe
@@ -133,7 +133,7 @@ async def test_a_worker_that_stops_heartbeating_leaves_the_cluster_view(settings
     await heartbeat.publish_once()
     me = heartbeat.worker_id()
     assert me in [r["worker"] for r in await heartbeat.view()]
-    from realtime import store
+    from realtime.state import store
 
     client = store.client(redis_server.url)
     ghost = {**(await heartbeat.view())[0], "worker": "ghost", "t": 0}

@@ -135,7 +135,7 @@ def test_the_dashboard_is_for_staff(demo):
 def test_the_console_needs_its_permission_and_operates(demo, settings):
     from django.contrib.auth.models import Permission
 
-    from realtime import heartbeat
+    from realtime.state import heartbeat
 
     settings.REDIS_URL = ""
     url = "/admin/realtime/room/console/"

@@ -9,7 +9,7 @@ import contextlib
 import pytest
 from django.test import Client
 
-from realtime import presence
+from realtime.state import presence
 from realtime.models import Membership, ReadState
 from tests.conftest import call, socket
 
@@ -235,7 +235,7 @@ async def test_a_live_sockets_leases_outlive_their_ttl(cookies, shared, demo, mo
     """The housekeeper renews every local socket's connection lease and presence
     (in one round trip each): a socket that stays is neither dropped from the
     room nor from its user's socket count, however long it stays."""
-    from realtime import connections
+    from realtime.state import leases as connections
 
     monkeypatch.setattr(presence, "TTL", 0.6)
     monkeypatch.setattr(presence, "RENEW", 0.2)

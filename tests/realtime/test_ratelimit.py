@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.test import Client
 
-from realtime import ratelimit
+from realtime.state import ratelimit
 from realtime.models import Message
 from tests.conftest import call, socket
 

@@ -3,7 +3,7 @@
 Each open socket holds a lease: an entry (its connection id) with an expiry time in
 a per-user sorted set in Redis (a dict in process memory without REDIS_URL). A
 socket's lease is renewed every LEASE_RENEW seconds (all of a worker's in one round
-trip, by realtime/housekeeper.py) and given back when it closes; a worker
+trip, by realtime/state/housekeeper.py) and given back when it closes; a worker
 that dies (kill -9) gives nothing back, and its leases run out after LEASE_TTL.
 
 `acquire` is one Lua script, so two workers can never both hand out the last place.
@@ -19,7 +19,7 @@ import time
 
 from django.conf import settings
 
-from realtime import store
+from realtime.state import store
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from realtime import store
+from realtime.state import store
 
 # Both scripts: the bucket KEYS[1] refilled at ARGV[1] a second up to ARGV[2], as of
 # ARGV[3] (now); ARGV[4] is what is asked of it.

@@ -16,7 +16,7 @@ import socket
 import time
 from collections import Counter
 
-from realtime import store
+from realtime.state import store
 from realtime.observability import metrics
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,10 @@ import random
 
 from django.conf import settings
 
-from realtime import authsweep, connections, presence, store
+from realtime import authsweep
+from realtime.state import leases as connections
+from realtime.state import presence
+from realtime.state import store
 from realtime.delivery import publish as broadcast
 
 log = logging.getLogger(__name__)

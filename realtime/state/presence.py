@@ -3,7 +3,7 @@
 Each subscribed socket holds a lease in its room's sorted set in Redis
 (`rt:pres:<room>`: member `<user id>:<username>:<conn id>`, score = expiry). A live
 socket's leases are renewed every RENEW seconds (all of a worker's at once, by
-realtime/housekeeper.py); a socket that closes removes its own;
+realtime/state/housekeeper.py); a socket that closes removes its own;
 a worker killed with -9 removes nothing and its leases run out after TTL seconds.
 
 A user is present while any of their sockets holds a lease, so several tabs or
@@ -25,7 +25,7 @@ import logging
 import time
 from collections import Counter
 
-from realtime import store
+from realtime.state import store
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ async def leave(room: str, user_id: int, username: str, conn_id: str) -> None:
 
 async def renew_all(held: list[tuple[str, int, str, str]]) -> None:
     """Renew the leases (room, user id, username, conn id) of this process's sockets,
-    in one round trip (realtime/housekeeper.py)."""
+    in one round trip (realtime/state/housekeeper.py)."""
     await backend().renew([(room, _member(user_id, username, conn_id)) for room, user_id, username, conn_id in held])
 
 
