@@ -16,7 +16,7 @@ from realtime.longpoll import LongPollRouter  # noqa: E402
 from realtime.ops import OpsRouter  # noqa: E402
 from realtime.proxies import ProxyHeadersMiddleware  # noqa: E402
 from realtime.routing import SocketRouter, no_such_socket  # noqa: E402
-from realtime.consumers import RealtimeConsumer  # noqa: E402
+from realtime.ws.consumer import RealtimeConsumer  # noqa: E402
 
 # The sockets there are: /ws/v1/, the full Origin checked before anything else
 # (realtime/origins.py), then the session (or a ticket) fills scope["user"], both in

@@ -69,7 +69,7 @@ from twisted.internet import tcp
 from twisted.web import http as twisted_http
 
 from realtime.proxies import peer_trusted, rate_subject
-from realtime.queues import AppQueue
+from realtime.ws.queues import AppQueue
 
 log = logging.getLogger("realtime.server")
 

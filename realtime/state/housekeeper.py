@@ -7,7 +7,7 @@ Each open socket needs four things done now and then:
 - its connection lease renewed every connections.LEASE_RENEW s;
 - its presence in the rooms it follows renewed every presence.RENEW s;
 - its user, session and rooms' access compared with the database every
-  REALTIME_AUTH_SWEEP s, for changes no signal announced (realtime/authsweep.py).
+  REALTIME_AUTH_SWEEP s, for changes no signal announced (realtime/ws/authsweep.py).
 
 One task per worker does them all: the leases and the presence of every local
 socket are renewed in one Redis round trip each, where a task per socket sent one
@@ -27,7 +27,7 @@ import random
 
 from django.conf import settings
 
-from realtime import authsweep
+from realtime.ws import authsweep
 from realtime.state import leases as connections
 from realtime.state import presence
 from realtime.state import store

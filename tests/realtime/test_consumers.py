@@ -298,7 +298,7 @@ async def test_a_consumer_that_fails_gives_back_its_leases_and_timers(cookies, d
     socket's lease, presence and place in the housekeeper go all the same."""
     import asyncio
 
-    from realtime import consumers
+    from realtime.ws import consumer as consumers
     from realtime.state import leases as connections
     from realtime.state import housekeeper
 

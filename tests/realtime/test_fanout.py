@@ -13,9 +13,9 @@ from redis import asyncio as aioredis
 
 from realtime.delivery import publish as broadcast
 from realtime.domain import actions
-from realtime.consumers import RealtimeConsumer
+from realtime.ws.consumer import RealtimeConsumer
 from realtime.delivery.fanout import fanout
-from realtime.queues import AppQueue
+from realtime.ws.queues import AppQueue
 from tests.conftest import HOST, ORIGIN, socket, subscribe
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
@@ -123,7 +123,7 @@ async def test_the_copy_that_comes_back_is_dropped_once_for_the_worker(cookies, 
 
 
 async def test_a_senders_own_messages_follow_its_acks_before_later_frames(cookies, settings, redis_server, monkeypatch):
-    """Served as our daphne launcher serves a socket (an AppQueue, realtime/queues.py):
+    """Served as our daphne launcher serves a socket (an AppQueue, realtime/ws/queues.py):
     a burst of sends, and a frame that arrives while the burst is in the database.
     The sender's own messages, held while its frames were handled, go out right
     after the acks, not one per turn of the socket's queues behind later frames

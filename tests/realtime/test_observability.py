@@ -217,7 +217,7 @@ async def test_logs_are_json_events_with_trace_ids_and_no_secrets(cookies, demo,
         add_context.filter(record)
         lines.append(formatter.format(record))
     ours = [json.loads(line) for line in lines if "realtime." in line]
-    assert ours and all("event" in entry for entry in ours if entry["name"].startswith("realtime.consumers"))
+    assert ours and all("event" in entry for entry in ours if entry["name"].startswith("realtime.ws.consumer"))
     delivery = [e for e in ours if e.get("event") == "ws.deliver"]
     assert delivery and delivery[0]["trace_id"] == "trace-abc-123" and delivery[0]["seq"] >= 1
     handled = [e for e in ours if e.get("event") == "ws.frame" and e.get("frame") == "message.send"]

@@ -1,4 +1,4 @@
-"""The per-socket queues and the dispatch loop of realtime/queues.py, and the
+"""The per-socket queues and the dispatch loop of realtime/ws/queues.py, and the
 WebSocket router of realtime/routing.py."""
 
 import asyncio
@@ -7,7 +7,7 @@ import pytest
 from channels.exceptions import StopConsumer
 
 from realtime.delivery.fanout import LocalQueue
-from realtime.queues import AppQueue, serve
+from realtime.ws.queues import AppQueue, serve
 from realtime.routing import SocketRouter
 
 pytestmark = pytest.mark.asyncio

@@ -109,7 +109,7 @@ async def test_a_room_made_private_drops_non_members(cookies):
         assert await bob.receive_nothing(timeout=0.3), "members keep the stream"
 
 
-# -- changes no signal announces: the worker's sweep (realtime/authsweep.py) ----------
+# -- changes no signal announces: the worker's sweep (realtime/ws/authsweep.py) ----------
 @pytest.fixture
 def swept(settings):
     """A sweep every 0.2 s, and no periodic session check to find things instead."""
@@ -191,7 +191,7 @@ async def test_a_sweep_that_hangs_holds_up_none_of_the_other_chores(cookies, set
     or the presence: the sweep runs beside them, not in their way."""
     import asyncio
 
-    from realtime import authsweep
+    from realtime.ws import authsweep
 
     hung = asyncio.Event()
 

@@ -35,7 +35,9 @@ from django.conf import settings
 from accounts.models import probation_until, send_bucket
 from accounts.sessions import session_is_valid, session_user
 
-from realtime import authsweep, protocol, queues
+from realtime import protocol
+from realtime.ws import authsweep
+from realtime.ws import queues
 from realtime.state import leases as connections
 from realtime.state import heartbeat
 from realtime.state import housekeeper
@@ -98,7 +100,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         groups) comes from this worker's fan-out (realtime/delivery/fanout.py), straight to
         deliver() or through local_queue. A layer failure is the fan-out's to
         survive: it rejoins and sends `layer.recovered`. Under the daphne launcher
-        this task alone serves both queues (realtime/queues.py: no task for each)."""
+        this task alone serves both queues (realtime/ws/queues.py: no task for each)."""
         self.scope = scope
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.channel_name = None
@@ -695,7 +697,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         await self.shut(CloseCode.FORBIDDEN, "session-ended")
 
     async def auth_changed(self, message: dict) -> None:
-        """The user's record changed behind the signals' back (realtime/authsweep.py):
+        """The user's record changed behind the signals' back (realtime/ws/authsweep.py):
         check the session as a request would (close with 4003 if it ended), then
         take the user as they are now (staff or not) and check every room again."""
         if self.revoked or not self.authenticated:
