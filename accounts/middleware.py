@@ -19,8 +19,8 @@ from django.contrib.auth.models import AnonymousUser
 from django.http.cookie import parse_cookie
 
 from realtime.state import ratelimit
-from realtime.origins import origin_allowed, origin_of, refuse_log
-from realtime.proxies import rate_subject, scope_address
+from realtime.web.origins import origin_allowed, origin_of, refuse_log
+from realtime.web.proxies import rate_subject, scope_address
 
 from accounts import tickets
 

@@ -4,7 +4,7 @@ Three counters of failed sign-ins, each a django-ratelimit window in the shared
 cache (Redis in production), each keyed so that an attacker fills only their own:
 
 - per client address (LOGIN_RATE_LIMIT): guessing from one address, at any
-  accounts, stops there. The address is the client's real one (realtime/proxies.py),
+  accounts, stops there. The address is the client's real one (realtime/web/proxies.py),
   never the load balancer's, so one address's failures never block another's.
 - per account, from browsers that never signed in to it (LOGIN_ACCOUNT_RATE_LIMIT):
   guessing one password from many addresses stops. This is the counter an
@@ -34,7 +34,7 @@ from django.http import HttpRequest, HttpResponse
 from django_ratelimit.core import get_usage
 
 from realtime.observability.logs import event
-from realtime.proxies import rate_subject
+from realtime.web.proxies import rate_subject
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _usage(request: HttpRequest, group: str, rate: str, value: str, increment: b
 
 
 def _address(request: HttpRequest) -> str:
-    """The client's address (realtime/proxies.py), IPv6 by its /64."""
+    """The client's address (realtime/web/proxies.py), IPv6 by its /64."""
     return rate_subject(request.META.get("REMOTE_ADDR", ""))
 
 

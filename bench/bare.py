@@ -37,7 +37,7 @@ def bare_socket():
     from django.urls import path
 
     from accounts.middleware import TicketAuthMiddleware
-    from realtime.origins import OriginValidator
+    from realtime.web.origins import OriginValidator
 
     return OriginValidator(AuthMiddlewareStack(TicketAuthMiddleware(
         URLRouter([path("ws/bench/bare/", BareChatConsumer.as_asgi())]))))

@@ -343,7 +343,7 @@ class Cluster:
                 # The balancer sets X-Forwarded-Proto itself (deploy/ templates).
                 "DJANGO_BEHIND_TLS_PROXY": "1",
                 # The balancer runs on this machine: its X-Forwarded-For names the
-                # client (realtime/proxies.py); anyone else's is ignored.
+                # client (realtime/web/proxies.py); anyone else's is ignored.
                 "REALTIME_TRUSTED_PROXIES": env.get("REALTIME_TRUSTED_PROXIES") or "127.0.0.1",
                 "DJANGO_ALLOWED_ORIGINS": env.get("DJANGO_ALLOWED_ORIGINS") or ",".join(self.origins()),
                 "PYTHONUNBUFFERED": "1",

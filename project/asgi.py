@@ -12,16 +12,16 @@ from channels.routing import ProtocolTypeRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from accounts.middleware import SocketAuthMiddleware  # noqa: E402
-from realtime.longpoll import LongPollRouter  # noqa: E402
-from realtime.ops import OpsRouter  # noqa: E402
-from realtime.proxies import ProxyHeadersMiddleware  # noqa: E402
-from realtime.routing import SocketRouter, no_such_socket  # noqa: E402
+from realtime.web.longpoll import LongPollRouter  # noqa: E402
+from realtime.web.ops import OpsRouter  # noqa: E402
+from realtime.web.proxies import ProxyHeadersMiddleware  # noqa: E402
+from realtime.web.routing import SocketRouter, no_such_socket  # noqa: E402
 from realtime.ws.consumer import RealtimeConsumer  # noqa: E402
 
 # The sockets there are: /ws/v1/, the full Origin checked before anything else
-# (realtime/origins.py), then the session (or a ticket) fills scope["user"], both in
+# (realtime/web/origins.py), then the session (or a ticket) fills scope["user"], both in
 # one middleware (accounts/middleware.py: a few KiB less a socket than channels'
-# stack). Any other path is refused (404, realtime/routing.py).
+# stack). Any other path is refused (404, realtime/web/routing.py).
 sockets = {"ws/v1/": SocketAuthMiddleware(RealtimeConsumer.as_asgi())}
 if settings.REALTIME_BENCH:
     # The baseline the benchmarks compare against (bench/bare.py): a tutorial
@@ -30,12 +30,12 @@ if settings.REALTIME_BENCH:
 
     sockets["ws/bench/bare/"] = bare_socket()
 
-# The client's real address first (realtime/proxies.py): every limit and log line
+# The client's real address first (realtime/web/proxies.py): every limit and log line
 # after this reads it from scope["client"].
 application = ProxyHeadersMiddleware(ProtocolTypeRouter(
     {
         # Long polls and the operations endpoints (/healthz, /readyz, /metrics) are
-        # answered on the event loop, before Django (realtime/longpoll.py, ops.py).
+        # answered on the event loop, before Django (realtime/web/longpoll.py, ops.py).
         "http": OpsRouter(LongPollRouter(django_asgi_app)),
         "websocket": SocketRouter(sockets, no_such_socket),
     }

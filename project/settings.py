@@ -81,7 +81,7 @@ else:
         )
 
 # Full origins (scheme://host[:port]) whose pages may open the socket; compared
-# exactly (scheme, host and port), see realtime/origins.py. Required with DEBUG off;
+# exactly (scheme, host and port), see realtime/web/origins.py. Required with DEBUG off;
 # with DEBUG on and no list, any http(s) origin on an ALLOWED_HOSTS name passes.
 REALTIME_ALLOWED_ORIGINS = env_list("DJANGO_ALLOWED_ORIGINS")
 
@@ -109,11 +109,11 @@ def _check_origins(origins: list[str]) -> None:
 _check_origins(REALTIME_ALLOWED_ORIGINS)
 
 # The load balancers' addresses (or networks): only their X-Forwarded-For is
-# believed when working out a client's address (realtime/proxies.py). Empty: the
+# believed when working out a client's address (realtime/web/proxies.py). Empty: the
 # TCP peer is the client, whatever the headers say.
 REALTIME_TRUSTED_PROXIES = env_list("REALTIME_TRUSTED_PROXIES")
 for _entry in REALTIME_TRUSTED_PROXIES:
-    if _entry == "unix":  # a balancer on a UNIX socket (realtime/proxies.py)
+    if _entry == "unix":  # a balancer on a UNIX socket (realtime/web/proxies.py)
         continue
     try:
         ipaddress.ip_network(_entry, strict=False)
@@ -142,7 +142,7 @@ SECURE_SSL_REDIRECT = env_bool("DJANGO_SSL_REDIRECT", False)
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
-# Content-Security-Policy (realtime.middleware.ContentSecurityPolicyMiddleware):
+# Content-Security-Policy (realtime.web.middleware.ContentSecurityPolicyMiddleware):
 # the app's own scripts, styles, images and socket only; on every response, in
 # development too, so the browser tests run under it.
 CONTENT_SECURITY_POLICY = (
@@ -174,9 +174,9 @@ LOCAL_APPS = [
 INSTALLED_APPS = DJANGO_APPS + THIRD_PARTY_APPS + LOCAL_APPS
 
 MIDDLEWARE = [
-    "realtime.middleware.WorkerHeaderMiddleware",  # first: static responses carry it too
-    "realtime.middleware.TraceMiddleware",
-    "realtime.middleware.ContentSecurityPolicyMiddleware",
+    "realtime.web.middleware.WorkerHeaderMiddleware",  # first: static responses carry it too
+    "realtime.web.middleware.TraceMiddleware",
+    "realtime.web.middleware.ContentSecurityPolicyMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -304,7 +304,7 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
     # DRF's parsers, with deep JSON answered 400 instead of a RecursionError's 500.
     "DEFAULT_PARSER_CLASSES": [
-        "realtime.api.parsers.JSONParser",
+        "realtime.web.api.parsers.JSONParser",
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],
@@ -408,7 +408,7 @@ LOGGING = {
 }
 
 # ------------------------------------------------------------------------------
-# Operations: /metrics, /healthz, /readyz (realtime/ops.py)
+# Operations: /metrics, /healthz, /readyz (realtime/web/ops.py)
 # ------------------------------------------------------------------------------
 # /metrics answers requests from this machine that did not come through a proxy,
 # or any request with "Authorization: Bearer <REALTIME_METRICS_TOKEN>".

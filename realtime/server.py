@@ -68,7 +68,7 @@ from twisted.internet import protocol as twisted_protocol
 from twisted.internet import tcp
 from twisted.web import http as twisted_http
 
-from realtime.proxies import peer_trusted, rate_subject
+from realtime.web.proxies import peer_trusted, rate_subject
 from realtime.ws.queues import AppQueue
 
 log = logging.getLogger("realtime.server")

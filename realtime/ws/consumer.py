@@ -50,7 +50,7 @@ from realtime.delivery.fanout import LocalQueue, fanout
 from realtime.domain.actions import ActionError
 from realtime.observability.logs import TRACE, clean_trace, event
 from realtime.domain.policy import Action
-from realtime.proxies import scope_address
+from realtime.web.proxies import scope_address
 from realtime.protocol import CloseCode, ErrorCode
 
 log = logging.getLogger(__name__)

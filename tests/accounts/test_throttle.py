@@ -9,7 +9,7 @@ from django.test import Client
 
 from accounts import names
 from accounts.models import Account
-from realtime.proxies import ProxyHeadersMiddleware, client_address, parse_networks
+from realtime.web.proxies import ProxyHeadersMiddleware, client_address, parse_networks
 
 pytestmark = pytest.mark.django_db
 
@@ -151,11 +151,11 @@ def test_a_forwarding_peer_that_is_not_trusted_is_reported_once(settings, caplog
     """An operator who forgot REALTIME_TRUSTED_PROXIES hears of it (once per peer)."""
     import logging
 
-    from realtime import proxies
+    from realtime.web import proxies
 
     settings.REALTIME_TRUSTED_PROXIES = []
     proxies._warned.clear()
-    caplog.set_level(logging.WARNING, logger="realtime.proxies")
+    caplog.set_level(logging.WARNING, logger="realtime.web.proxies")
     app = ProxyHeadersMiddleware(lambda scope, receive, send: None)
     for _ in range(3):
         app({"type": "http", "client": ["10.0.0.5", 1], "headers": [(b"x-forwarded-for", b"198.51.100.1")]}, None, None)

@@ -1,5 +1,5 @@
 """The per-socket queues and the dispatch loop of realtime/ws/queues.py, and the
-WebSocket router of realtime/routing.py."""
+WebSocket router of realtime/web/routing.py."""
 
 import asyncio
 
@@ -8,7 +8,7 @@ from channels.exceptions import StopConsumer
 
 from realtime.delivery.fanout import LocalQueue
 from realtime.ws.queues import AppQueue, serve
-from realtime.routing import SocketRouter
+from realtime.web.routing import SocketRouter
 
 pytestmark = pytest.mark.asyncio
 

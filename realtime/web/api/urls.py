@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from realtime.api import views
+from realtime.web.api import views
 
 urlpatterns = [
     path("rooms/", views.RoomList.as_view(), name="api-rooms"),

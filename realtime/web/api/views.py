@@ -21,7 +21,7 @@ from realtime.domain import actions
 from realtime.observability import metrics
 from realtime.state import ratelimit as buckets
 from realtime.domain.actions import ActionError
-from realtime.longpoll import events_page, int_arg
+from realtime.web.longpoll import events_page, int_arg
 from realtime.protocol import ErrorCode
 
 def error_response(code: ErrorCode, message: str, retry_after: float | None = None) -> Response:
@@ -67,7 +67,7 @@ def replayed(request: Request, read):
 
 class RoomEvents(ActionView):
     """The room's log after `since`: the same event shapes as the socket. With
-    `wait`, the request is a long poll, answered by realtime/longpoll.py before it
+    `wait`, the request is a long poll, answered by realtime/web/longpoll.py before it
     reaches Django."""
 
     def get(self, request: Request, slug: str) -> Response:

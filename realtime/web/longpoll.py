@@ -4,7 +4,7 @@
 With `wait` (1 to 30 seconds) the request is held until the room has an event
 after `since`, or the wait ends; the answer has the same shape as without it:
 `{"events": [...], "seq": head, "has_more": bool}`. Posting goes through
-`POST /api/v1/rooms/<slug>/messages/` (realtime/api/views.py).
+`POST /api/v1/rooms/<slug>/messages/` (realtime/web/api/views.py).
 
 It is an ASGI app of its own, in front of Django (project/asgi.py), because a held
 request must not hold a thread: Django would run a sync-only middleware (WhiteNoise)
@@ -36,7 +36,7 @@ from realtime.state import ratelimit
 from realtime.delivery import publish as broadcast
 from realtime.domain import actions
 from realtime.delivery.fanout import fanout
-from realtime.middleware import worker_header
+from realtime.web.middleware import worker_header
 from realtime.domain.actions import ActionError
 from realtime.protocol import HTTP_STATUS, ErrorCode
 

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from realtime import views
+from realtime.web import pages as views
 
 urlpatterns = [
     path("", views.home, name="home"),
