@@ -208,6 +208,6 @@ if __name__ == "__main__":
     signal.signal(signal.SIGUSR1, on_signal)
     signal.signal(signal.SIGUSR2, on_exec)
     sys.argv[0] = "daphne"
-    from realtime.server import main
+    from realtime.server.launcher import main
 
     main()

@@ -8,7 +8,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from realtime.server import GuardedHTTPChannel, PendingCounter
+from realtime.server.launcher import GuardedHTTPChannel, PendingCounter
 
 
 class Transport(StringTransport):

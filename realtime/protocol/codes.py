@@ -1,0 +1,53 @@
+"""The socket's address and subprotocols, and every error and close code: the one
+source (static/realtime/codes.js is generated from it, and a test holds them equal)."""
+
+from __future__ import annotations
+
+import enum
+
+PATH = "/ws/v1/"
+SUBPROTOCOL_JSON = "rt.v1.json"
+SUBPROTOCOL_MSGPACK = "rt.v1.msgpack"
+SUBPROTOCOLS = (SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK)
+
+
+class ErrorCode(enum.StrEnum):
+    """The `code` of an `error` frame (and of REST error bodies)."""
+
+    INVALID = "invalid"  # malformed frame, missing or wrongly typed field, bad value
+    UNKNOWN_TYPE = "unknown_type"  # `type` names no client frame
+    FORBIDDEN = "forbidden"  # the policy refuses this action, in a room the user can see
+    NOT_FOUND = "not_found"  # no such room or message (a room the user may not see is none)
+    RATE_LIMITED = "rate_limited"  # too many of this action, or the replay budget; retry after `retry_after` s
+    TOO_LARGE = "too_large"  # a body or frame over its limit
+    CONFLICT = "conflict"  # the request contradicts the state (e.g. client_id reused elsewhere)
+    RECOVERY_FAILED = "recovery_failed"  # `since` is outside the replay window: reload history
+    INTERNAL = "internal"  # a server fault; nothing was changed
+
+
+# How each error code answers over HTTP (REST, the long poll, docs/protocol.md).
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID: 400,
+    ErrorCode.UNKNOWN_TYPE: 400,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.RECOVERY_FAILED: 410,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+class CloseCode(enum.IntEnum):
+    """Close codes the app decides (daphne only lets an app send 1000 and 3000-4999)."""
+
+    NORMAL = 1000
+    NOT_AUTHENTICATED = 4001  # do not retry: log in
+    FORBIDDEN = 4003  # session revoked or forbidden: do not retry
+    POLICY = 4008  # bad origin after accept, abuse
+    INTERNAL = 4011  # internal error
+    SERVICE_RESTART = 4012  # reconnect now, with jitter
+    OVERLOADED = 4013  # reconnect with backoff
+    RATE_LIMITED = 4029  # a flood, or sockets opened too often: wait retry_after
+    PROTOCOL_VIOLATION = 4400  # the client broke the protocol

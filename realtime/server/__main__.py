@@ -1,0 +1,3 @@
+from realtime.server.launcher import main
+
+main()
