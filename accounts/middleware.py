@@ -18,7 +18,7 @@ from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.http.cookie import parse_cookie
 
-from realtime.state import ratelimit
+from realtime.state import degraded, ratelimit
 from realtime.web.origins import origin_allowed, origin_of, refuse_log
 from realtime.web.proxies import rate_subject, scope_address
 
@@ -37,8 +37,13 @@ class SessionRef:
 
 async def _ticket_identity(ticket: str) -> dict:
     """The scope keys of a socket opened with `ticket`. A bad, reused or expired
-    ticket is an anonymous socket: accepted, then 4001."""
-    user, session_key = await database_sync_to_async(tickets.redeem)(ticket)
+    ticket is an anonymous socket: accepted, then 4001. While the ticket store
+    (Redis) is down the socket is closed with 4013, to retry (state/degraded.py)."""
+    try:
+        user, session_key = await database_sync_to_async(tickets.redeem)(ticket)
+    except Exception as exc:
+        degraded.tolerate(degraded.TICKETS, exc)
+        return {"user": AnonymousUser(), "session": SessionRef(None), "ticket": True, "unavailable": True}
     return {"user": user or AnonymousUser(), "session": SessionRef(session_key), "ticket": True}
 
 

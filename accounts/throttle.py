@@ -34,6 +34,7 @@ from django.http import HttpRequest, HttpResponse
 from django_ratelimit.core import get_usage
 
 from realtime.observability.logs import event
+from realtime.state import degraded
 from realtime.web.proxies import rate_subject
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def _usage(request: HttpRequest, group: str, rate: str, value: str, increment: b
     try:
         return get_usage(request, group=group, key=lambda _group, _request: value, rate=rate, increment=increment)
     except Exception as exc:
-        event(log, logging.WARNING, "login.throttle_unavailable", reason=type(exc).__name__)
+        degraded.tolerate(degraded.SIGN_IN_COUNTERS, exc)
         return None
 
 

@@ -337,6 +337,8 @@ REALTIME = {
         "ping": env_rate("REALTIME_RATE_PING", (2, 10)),
         "typing": env_rate("REALTIME_RATE_TYPING", (2, 5)),
         "read": env_rate("REALTIME_RATE_READ", (5, 20)),
+        # Connection tickets (POST /api/v1/tickets/): 10 a minute, a burst of 10.
+        "ticket": env_rate("REALTIME_RATE_TICKET", (1 / 6, 10)),
         # Long polls (GET .../events/?wait=); a busy room answers them at once.
         "poll": env_rate("REALTIME_RATE_POLL", (5, 20)),
         # Frames that fail to decode or validate.

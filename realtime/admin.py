@@ -18,8 +18,8 @@ from django.urls import path
 
 from realtime.state import heartbeat
 from realtime.delivery import publish as broadcast
-from realtime.domain import actions
-from realtime.domain.actions import ActionError
+from realtime.domain import services
+from realtime.domain.errors import ActionError
 from realtime.models import Event, Membership, Message, Room
 
 
@@ -129,8 +129,8 @@ class MessageAdmin(admin.ModelAdmin):
         if message.is_deleted:
             return False
         try:
-            actions.perform_sync(
-                actions.message_delete, user=request.user, slug=message.room.slug, message_id=message.pk
+            services.perform_sync(
+                services.message_delete, user=request.user, slug=message.room.slug, message_id=message.pk
             )
         except ActionError as exc:
             self.message_user(request, f"Message {message.pk}: {exc.message}", messages.ERROR)

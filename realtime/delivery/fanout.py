@@ -6,18 +6,13 @@ member. Here each worker process subscribes to a group once, when its first
 socket needs it: a room's group (`room.<slug>`) for the sockets subscribed to the
 room, a user's (`user.<id>`) for that user's sockets (session checks, forced
 disconnects, read positions). Its receive loop hands each message to the group's
-local sockets (broadcast.send_group names the group in the message). A room event
+local sockets (publish.send_groups names the group in the message). A room event
 then costs one delivery per worker, and the frame, encoded once upstream
-(broadcast.layer_message), is written as is to every socket. A socket has no
+(publish.layer_message), is written as is to every socket. A socket has no
 channel of its own: nothing waits on the layer per socket.
 
-Two transports, chosen as broadcast.send_group chooses:
-- with REDIS_URL, Redis pub/sub (`PUBLISH rt:fan:<group>`): one round trip to
-  publish, pushed to each subscribed worker at once. channels_redis's group_send
-  takes four round trips (expire the group, read it, expire each channel, push),
-  and its receive waits on a blocking pop; pub/sub is what python-socketio's and
-  Centrifugo's Redis engines use;
-- without it, the channel layer (in-memory: one process).
+The messages travel by the transport configuration chooses (delivery/
+transport.py: Redis pub/sub with REDIS_URL, the channel layer without).
 
 A room event committed on this worker is handed to this worker's own sockets
 before it is published (`dispatch_own`), when it directly follows the last event
@@ -43,19 +38,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import weakref
 
-import msgspec
 from channels.layers import get_channel_layer
 
-from realtime.state import store
-from realtime.delivery import publish as broadcast
+from realtime.delivery import names
+from realtime.delivery.transport import chosen
 from realtime.observability import metrics
+from realtime.state import degraded, store
 
 log = logging.getLogger(__name__)
 
-GROUP_RENEW = 3600.0  # channel layer: renew memberships (channels_redis expires them after a day)
 RETRY_MAX = 2.0
 
 
@@ -68,7 +61,7 @@ class Fanout:
         # event at or below it has been handed out already (see dispatch_own).
         self.heads: dict[str, int] = {}
         self.joined: dict[str, asyncio.Future] = {}  # group -> done once subscribed
-        self.transport = PubSubTransport(self) if self.url else LayerTransport(self)
+        self.transport = chosen()(self)
 
     async def add(self, group: str, consumer) -> None:
         """Deliver the group's messages to `consumer` (deliver() or its local_queue),
@@ -115,11 +108,11 @@ class Fanout:
                 pass  # messages for it are dropped below (no local consumer)
 
     async def dispatch(self, message: dict) -> None:
-        group = message.get("group") or broadcast.room_group(message.get("room"))
+        group = message.get("group") or names.room_group(message.get("room"))
         local = self.groups.get(group)
         if not local:
             return
-        if message.get("type") == broadcast.ROOM_EVENT:
+        if message.get("type") == names.ROOM_EVENT:
             head = self.heads.get(group)
             if head is not None and message["seq"] <= head:
                 # Handed out already: this worker's own event coming back from
@@ -150,7 +143,7 @@ class Fanout:
         the transport, which keeps the group's order. The copy that comes back is
         dropped by seq (dispatch)."""
         for group, message in messages:
-            if message.get("type") != broadcast.ROOM_EVENT or group not in self.groups:
+            if message.get("type") != names.ROOM_EVENT or group not in self.groups:
                 continue
             head = self.heads.get(group)
             if head is not None and message["seq"] == head + 1:
@@ -159,203 +152,14 @@ class Fanout:
     def recovered(self) -> None:
         """After a transport failure: every local socket catches its rooms up."""
         for consumer in {c for local in self.groups.values() for c in local}:
-            consumer.local_queue.put_nowait({"type": "layer.recovered"})
+            consumer.local_queue.put_nowait({"type": names.LAYER_RECOVERED})
 
     async def failed(self, exc: Exception, delay: float) -> float:
         """A transport's receive failed: count it, wait `delay`, return the next delay."""
         metrics.LAYER_FAILURES.labels("fanout").inc()
-        log.warning("fan-out receive failed", extra={"event": "fanout.failed", "reason": type(exc).__name__})
+        degraded.tolerate(degraded.FANOUT, exc)
         await asyncio.sleep(delay)
         return min(delay * 2, RETRY_MAX)
-
-
-class LayerTransport:
-    """The channel layer: one channel of this process in each group."""
-
-    def __init__(self, fan: Fanout) -> None:
-        self.fan, self.layer = fan, fan.layer
-        self.channel: str | None = None
-        self.renewed = time.monotonic()
-
-    async def join(self, group: str) -> None:
-        if self.channel is None:
-            self.channel = await self.layer.new_channel()
-            asyncio.ensure_future(self._loop())
-        await self.layer.group_add(group, self.channel)
-
-    async def leave(self, group: str) -> None:
-        await self.layer.group_discard(group, self.channel)
-
-    async def _loop(self) -> None:
-        delay = 0.1
-        while True:
-            try:
-                message = await self.layer.receive(self.channel)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                delay = await self.fan.failed(exc, delay)
-                await self._rejoin(recovered=True)
-                continue
-            delay = 0.1
-            await self.fan.dispatch(message)
-            if time.monotonic() - self.renewed > GROUP_RENEW:
-                await self._rejoin(recovered=False)
-
-    async def _rejoin(self, recovered: bool) -> None:
-        try:
-            for group in list(self.fan.groups):
-                await self.layer.group_add(group, self.channel)
-        except Exception:
-            return  # still down: the loop tries again
-        self.renewed = time.monotonic()
-        if recovered:
-            self.fan.recovered()
-
-
-class PubSubTransport:
-    """Redis pub/sub on a connection of this process's own (no read timeout, no
-    silent retries: a failure must reach the loop, which then resubscribes and has
-    the sockets catch up)."""
-
-    def __init__(self, fan: Fanout) -> None:
-        self.fan = fan
-        self.pubsub = None
-        self.task: asyncio.Task | None = None
-        self.confirming: dict[str, list[asyncio.Future]] = {}  # channel -> waiting for its confirmation
-        # One command at a time: two first subscribes racing would each open a
-        # connection, and the first one's confirmation would never be read.
-        self.commands = asyncio.Lock()
-
-    def _connect(self):
-        from redis import asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        client = aioredis.from_url(self.fan.url, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0),
-                                   health_check_interval=10)
-        return client.pubsub()
-
-    async def join(self, group: str) -> None:
-        if self.pubsub is None:
-            self.pubsub = self._connect()
-        confirmed = self._expect(broadcast.fan_channel(group))
-        async with self.commands:
-            await self.pubsub.subscribe(broadcast.fan_channel(group))
-        if self.task is None or self.task.done():
-            self.task = asyncio.ensure_future(self._loop())
-        await asyncio.wait_for(confirmed, timeout=5)
-
-    async def leave(self, group: str) -> None:
-        if self.pubsub is not None:
-            async with self.commands:
-                await self.pubsub.unsubscribe(broadcast.fan_channel(group))
-
-    def _expect(self, channel: str) -> asyncio.Future:
-        future = asyncio.get_running_loop().create_future()
-        self.confirming.setdefault(channel, []).append(future)
-        return future
-
-    async def _loop(self) -> None:
-        delay = 0.1
-        while True:
-            try:
-                message = await self.pubsub.get_message(timeout=1.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                delay = await self.fan.failed(exc, delay)
-                await self._resubscribe()
-                if self.pubsub is None:
-                    return
-                continue
-            if message is None:
-                continue
-            delay = 0.1
-            kind = message["type"]
-            if kind == "message":
-                try:
-                    data = msgspec.msgpack.decode(message["data"])
-                except msgspec.DecodeError:
-                    log.warning("fan-out message undecodable", extra={"event": "fanout.undecodable"})
-                    continue
-                await self.fan.dispatch(data)
-            elif kind == "subscribe":
-                channel = message["channel"].decode() if isinstance(message["channel"], bytes) else message["channel"]
-                for future in self.confirming.pop(channel, ()):
-                    if not future.done():
-                        future.set_result(True)
-
-    async def _resubscribe(self) -> None:
-        """A fresh connection subscribed to every group; the sockets are told to
-        catch up once Redis has confirmed all of them (the loop reads those)."""
-        old, self.pubsub = self.pubsub, self._connect()
-        with contextlib.suppress(Exception):
-            await old.aclose()
-        channels = [broadcast.fan_channel(group) for group in self.fan.groups]
-        if not channels:
-            # Nothing to follow: no connection until the next join (which starts
-            # the loop again).
-            with contextlib.suppress(Exception):
-                await self.pubsub.aclose()
-            self.pubsub = None
-            return
-        confirmations = [self._expect(channel) for channel in channels]
-        try:
-            async with self.commands:
-                await self.pubsub.subscribe(*channels)
-        except Exception:
-            for future in confirmations:
-                future.cancel()
-            self.confirming.clear()
-            return  # still down: the next read fails and we come back here
-
-        async def tell_when_confirmed():
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.gather(*confirmations), timeout=10)
-                self.fan.recovered()
-
-        asyncio.ensure_future(tell_when_confirmed())
-
-
-LOCAL_QUEUE_MAX = 1000  # room events held for one busy socket before they are dropped
-
-
-class LocalQueue:
-    """A socket's queue of what the fan-out and the housekeeper hand it: the part
-    of asyncio.Queue used here (no size bound, one reader), at a fraction of its
-    memory (asyncio.Queue keeps four deques and an Event per instance). The items
-    are a list, not a deque: it is nearly always empty, and an empty deque holds
-    a 64-slot block (760 B a socket) where an empty list takes 56 B."""
-
-    __slots__ = ("items", "waiter")
-
-    def __init__(self) -> None:
-        self.items: list = []
-        self.waiter: asyncio.Future | None = None
-
-    def put_nowait(self, item) -> None:
-        if len(self.items) >= LOCAL_QUEUE_MAX and item.get("type") == broadcast.ROOM_EVENT:
-            # A socket this far behind drops room events: it repairs the gap from
-            # the log at the next event it takes (or at its next ping).
-            metrics.LAYER_FAILURES.labels("local-queue-full").inc()
-            return
-        self.items.append(item)
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def empty(self) -> bool:
-        return not self.items
-
-    async def get(self):
-        while not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        return self.items.pop(0)
 
 
 _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Fanout]" = weakref.WeakKeyDictionary()

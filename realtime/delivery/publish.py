@@ -1,7 +1,11 @@
-"""Fan-out of committed room events through the channel layer, encoded once per event.
+"""Publishing: every message a worker sends to a group goes through here, encoded
+once per event (both wire encodings, made here, written as is by every worker's
+fan-out), and carried by the configured transport (delivery/transport.py).
 
-Group names are built here and nowhere else (channels allows [a-zA-Z0-9-_.] under
-100 characters; room slugs and user ids fit).
+Who calls it: the domain's services publish room events after commit (the only
+publisher of room events); presence, typing and read positions push ephemeral
+frames; the signals send session and access checks; the admin console sends
+forced disconnects and drain requests.
 """
 
 from __future__ import annotations
@@ -9,81 +13,41 @@ from __future__ import annotations
 import logging
 import time
 
-import msgspec
-
 from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.db import transaction
 
 from realtime import protocol
-from realtime.state import store
+from realtime.delivery import names
+from realtime.delivery.fanout import running
+from realtime.delivery.names import (  # noqa: F401  (the names, as publish.X, for callers)
+    ACCESS_CHECK, CONTROL_GROUP, FORCE_DISCONNECT, PUSH, ROOM_EVENT, SESSION_CHECK, room_group, user_group,
+)
+from realtime.delivery.transport import chosen
 from realtime.observability import metrics
 from realtime.observability.logs import TRACE
+from realtime.state import degraded
 
 log = logging.getLogger(__name__)
 
-# The channel-layer message type that carries a room event to each subscriber.
-ROOM_EVENT = "room.event"
-# Control messages: a user's sockets re-check their session; a room's subscribers
-# re-check their access to it.
-SESSION_CHECK = "session.check"
-ACCESS_CHECK = "access.check"
-# From the admin console: close the user's sockets everywhere.
-FORCE_DISCONNECT = "force.disconnect"
-# Ephemeral frames (typing, presence, read markers): no seq, not stored.
-PUSH = "push"
-# The group every worker process listens on for control messages (server.py).
-CONTROL_GROUP = "realtime.workers"
-
-
-def room_group(slug: str) -> str:
-    return f"room.{slug}"
-
-
-def user_group(user_id: int) -> str:
-    return f"user.{user_id}"
-
-
-def fan_channel(group: str) -> str:
-    """The Redis pub/sub channel that carries a group's messages (with REDIS_URL)."""
-    return f"rt:fan:{group}"
-
 
 async def send_group(group: str, message: dict) -> None:
-    """group_send, with the group named in the message: each worker's fan-out
-    (realtime/delivery/fanout.py) receives every group's messages on one channel and hands
-    them to the sockets that follow that group."""
+    """Send `message` to every socket following `group`, on every worker."""
     await send_groups([(group, message)])
 
 
 async def send_groups(messages: list[tuple[str, dict]]) -> None:
-    """send_group for each (group, message), in order; with Redis in one round trip.
-    There, room events this worker's sockets follow are handed to them first,
-    without waiting for the round trip (fanout.Fanout.dispatch_own); the
-    in-process layer has none to save."""
-    from realtime.delivery.fanout import running
-
+    """send_group for each (group, message), in order, in one round trip where the
+    transport allows. Room events this worker's own sockets follow are handed to
+    them first, without waiting for the round trip (fanout.Fanout.dispatch_own)."""
     for group, message in messages:
         message["group"] = group
-    url = store.redis_url()
-    if not url:
-        for group, message in messages:
-            await get_channel_layer().group_send(group, message)
-        return
-    # Redis pub/sub (realtime/delivery/fanout.py says why). Encoded before the local
-    # sockets get the messages (the fan-out keeps their frames in them).
-    payloads = [(fan_channel(group), msgspec.msgpack.encode(message)) for group, message in messages]
-    fan = running()
-    if fan is not None:
-        await fan.dispatch_own(messages)
-    redis = store.client(url)
-    if len(payloads) == 1:
-        await redis.publish(*payloads[0])
-        return
-    pipe = redis.pipeline(transaction=False)
-    for channel, payload in payloads:
-        pipe.publish(channel, payload)
-    await pipe.execute()
+    transport = chosen()
+    packed = transport.pack(messages)
+    if transport.hands_own_events:
+        fan = running()
+        if fan is not None:
+            await fan.dispatch_own(messages)
+    await transport.send(packed)
 
 
 def layer_message(event: protocol.RoomEvent, trace: str | None = None) -> dict:
@@ -115,10 +79,9 @@ async def publish(events: list[protocol.RoomEvent], traces: list[str] | None = N
     try:
         await send_groups([(room_group(event.room), layer_message(event, traces[i] if traces else None))
                            for i, event in enumerate(events)])
-    except Exception:
+    except Exception as exc:
         metrics.LAYER_FAILURES.labels("broadcast").inc()
-        log.exception("broadcast failed", extra={"event": "broadcast.failed", "room": events[0].room,
-                                                 "seq": events[0].seq, "count": len(events)})
+        degraded.tolerate(degraded.PUBLISH, exc)
 
 
 def publish_on_commit(events: list[protocol.RoomEvent]) -> None:
@@ -132,12 +95,9 @@ def _send_on_commit(group: str, message: dict) -> None:
     def send():
         try:
             async_to_sync(send_group)(group, message)
-        except Exception:
-            # A lost session.check is caught by the periodic re-check
-            # (REALTIME_SESSION_RECHECK); a lost access.check by the cached
-            # access's age limit and the sockets' pings (consumers.py).
+        except Exception as exc:
             metrics.LAYER_FAILURES.labels("control").inc()
-            log.exception("control message failed", extra={"event": "control.failed", "frame": message["type"]})
+            degraded.tolerate(degraded.CONTROL, exc)
 
     transaction.on_commit(send)
 
@@ -159,7 +119,7 @@ async def force_disconnect(user_id: int) -> None:
 
 async def request_drain(worker: str) -> None:
     """Ask one worker (its REALTIME_WORKER_ID), or all ("*"), to drain."""
-    await get_channel_layer().group_send(CONTROL_GROUP, {"type": "worker.drain", "worker": worker})
+    await send_group(names.CONTROL_GROUP, {"type": names.WORKER_DRAIN, "worker": worker})
 
 
 def push_message(frame: protocol.Frame, *, room: str | None = None, skip_user: int | None = None,
@@ -184,9 +144,9 @@ async def publish_push(group: str, frame: protocol.Frame, *, room: str | None = 
     """Best effort: an ephemeral frame lost to a layer failure is not worth an error."""
     try:
         await send_group(group, push_message(frame, room=room, skip_user=skip_user, skip_conn=skip_conn))
-    except Exception:
+    except Exception as exc:
         metrics.LAYER_FAILURES.labels("push").inc()
-        log.warning("push failed", extra={"event": "push.failed", "room": room})
+        degraded.tolerate(degraded.PUSH, exc)
 
 
 async def publish_read(result, user, skip_conn: str | None = None) -> None:

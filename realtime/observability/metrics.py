@@ -39,6 +39,8 @@ LATENCY = Histogram(
 )
 REPLAYED = Counter("realtime_replayed_events_total", "Room events sent from the log (subscribe replay, catch-up)")
 LAYER_FAILURES = Counter("realtime_layer_send_failures_total", "Channel-layer sends that failed, by kind", ["kind"])
+DEGRADED = Counter("realtime_degraded_total", "Redis calls that failed and were tolerated as state/degraded.py's table "
+                   "says, by its row", ["feature"])
 GC_FROZEN = Gauge("realtime_gc_frozen_objects", "Objects made at start-up and kept out of the garbage collector's walks "
                   "(gc.freeze, realtime/server.py)")
 GC_FROZEN.set_function(gc.get_freeze_count)

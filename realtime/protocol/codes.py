@@ -51,3 +51,15 @@ class CloseCode(enum.IntEnum):
     OVERLOADED = 4013  # reconnect with backoff
     RATE_LIMITED = 4029  # a flood, or sockets opened too often: wait retry_after
     PROTOCOL_VIOLATION = 4400  # the client broke the protocol
+
+
+class TransportCode(enum.IntEnum):
+    """Close codes the server or a proxy sends by itself (RFC 6455), which a client
+    must understand as well."""
+
+    GOING_AWAY = 1001  # reconnect with backoff
+    ABNORMAL = 1006  # no close frame (a crash, a cut connection): reconnect with backoff
+    TOO_LARGE = 1009  # a frame over the size limit
+    SERVER_ERROR = 1011
+    SERVER_RESTART = 1012  # like 4012 (uvicorn sends it on SIGTERM)
+    TRY_AGAIN_LATER = 1013  # like 4013

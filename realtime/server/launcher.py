@@ -68,13 +68,17 @@ from twisted.internet import protocol as twisted_protocol
 from twisted.internet import tcp
 from twisted.web import http as twisted_http
 
+from realtime.protocol.codes import CloseCode
 from realtime.web.proxies import peer_trusted, rate_subject
 from realtime.ws.queues import AppQueue
 
 log = logging.getLogger("realtime.server")
 
-OVERLOADED = 4013
-RATE_LIMITED = 4029
+# The close codes this module sends, from the protocol's one list (exact ints:
+# autobahn's sendClose refuses an IntEnum's subclass checks on some versions).
+OVERLOADED = int(CloseCode.OVERLOADED)
+RATE_LIMITED = int(CloseCode.RATE_LIMITED)
+SERVICE_RESTART = int(CloseCode.SERVICE_RESTART)
 
 
 def unsent_bytes(transport) -> int:
@@ -484,14 +488,34 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
 for _name, _value in BoundedWebSocketProtocol._INITIAL.items():
     setattr(BoundedWebSocketProtocol, _name, _value)
 
-from realtime.delivery.publish import CONTROL_GROUP  # noqa: E402  (the group every worker listens on)
-SERVICE_RESTART = 4012
 
 
 def worker_id() -> str:
     from realtime.state.heartbeat import worker_id as heartbeat_worker_id
 
     return heartbeat_worker_id()
+
+
+class ControlListener:
+    """The worker itself as a member of the control group (delivery/fanout.py hands
+    it the group's messages, as it hands a socket its rooms')."""
+
+    def __init__(self, server: "DrainingServer", me: str) -> None:
+        self.server, self.me = server, me
+
+    async def deliver(self, message: dict) -> bool:
+        from realtime.delivery import names
+
+        if message.get("type") == names.WORKER_DRAIN and message.get("worker") in ("*", self.me):
+            self.server.drain("drain request", False)
+        return True
+
+    def put_nowait(self, message: dict) -> None:
+        """(a layer recovery: nothing to catch up)"""
+
+    @property
+    def local_queue(self) -> "ControlListener":
+        return self
 
 
 class DrainingServer(Server):
@@ -577,30 +601,22 @@ class DrainingServer(Server):
         heartbeat.ensure_started()  # the worker is in the cluster view from the start
 
     async def _control_loop(self):
-        """Listen for drain requests on the channel layer (manage.py drain)."""
-        from channels.layers import get_channel_layer
+        """Follow the workers' control group in this worker's fan-out, as a socket
+        follows a room: drain requests (manage.py drain, the admin console) arrive
+        by the same transport as everything else, and after a transport failure
+        the fan-out subscribes to it again with the rest."""
+        from realtime.delivery import names
+        from realtime.delivery.fanout import fanout
 
-        layer = get_channel_layer()
-        if layer is None:
-            return
-        me = worker_id()
-        channel = await layer.new_channel()
+        listener = ControlListener(self, worker_id())
         while True:
             try:
-                # Re-joined now and then: channels_redis expires group members.
-                await layer.group_add(CONTROL_GROUP, channel)
-                deadline = time.monotonic() + 600
-                while time.monotonic() < deadline:
-                    try:
-                        message = await asyncio.wait_for(layer.receive(channel), 60)
-                    except asyncio.TimeoutError:
-                        continue
-                    if message.get("type") == "worker.drain" and message.get("worker") in ("*", me):
-                        self.drain("drain request", False)
+                await fanout().add(names.CONTROL_GROUP, listener)
+                return
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("control channel failed; retrying")
+                log.exception("control group unavailable; retrying")
                 await asyncio.sleep(1)
 
     # -- the drain --------------------------------------------------------------

@@ -16,7 +16,7 @@ import socket
 import time
 from collections import Counter
 
-from realtime.state import store
+from realtime.state import degraded, store
 from realtime.observability import metrics
 
 log = logging.getLogger(__name__)
@@ -76,14 +76,19 @@ async def publish_once() -> None:
     await pipe.execute()
 
 
+async def beat() -> None:
+    """One heartbeat; while Redis is down the view misses this worker (state/degraded.py)."""
+    try:
+        await publish_once()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        degraded.tolerate(degraded.HEARTBEAT, exc)
+
+
 async def _loop() -> None:
     while True:
-        try:
-            await publish_once()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # Redis away: the view misses this worker meanwhile
-            log.warning("heartbeat failed: %s", type(exc).__name__)
+        await beat()
         await asyncio.sleep(EVERY)
 
 

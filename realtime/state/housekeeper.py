@@ -30,12 +30,13 @@ from django.conf import settings
 from realtime.ws import authsweep
 from realtime.state import leases as connections
 from realtime.state import presence
-from realtime.state import store
+from realtime.state import degraded, store
+from realtime.delivery import names
 from realtime.delivery import publish as broadcast
 
 log = logging.getLogger(__name__)
 
-IDLE = "housekeeping.idle"
+IDLE = names.IDLE
 SOCKETS: set = set()  # this process's open sockets (RealtimeConsumer)
 
 
@@ -73,7 +74,7 @@ async def _loop() -> None:
         if now >= next_renew:
             next_renew = now + connections.LEASE_RENEW
             # (Redis away: the leases hold for their TTL meanwhile)
-            await _step("leases", connections.renew(
+            await _step(degraded.LEASES, connections.renew(
                 [(c.user.pk, c.conn_id) for c in SOCKETS if c.authenticated and not c.revoked]))
         if now >= next_sweep and (sweeping is None or sweeping.done()):
             # A task of its own, bounded: a slow database must not hold up the
@@ -85,7 +86,7 @@ async def _loop() -> None:
                 authsweep.sweep(list(SOCKETS)), max(3 * period, 10))))
         if now >= next_presence:
             next_presence = now + presence.RENEW
-            await _step("presence", presence.renew_all(
+            await _step(degraded.PRESENCE, presence.renew_all(
                 [(slug, c.user.pk, c.user.get_username(), c.conn_id)
                  for c in SOCKETS if c.authenticated and not c.revoked
                  for slug, sub in c.subscriptions.items() if sub.presence]
@@ -93,14 +94,18 @@ async def _loop() -> None:
 
 
 async def _step(name: str, work) -> None:
-    """One of the loop's chores: a failure is logged and the others go on."""
+    """One of the loop's chores: a failure is logged and the others go on (a
+    Redis-backed chore's failure is its row of state/degraded.py)."""
     try:
         await work
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        log.warning("housekeeping failed: %s", type(exc).__name__, extra={"event": "housekeeping.failed",
-                                                                          "reason": name})
+        if name in degraded.ROWS:
+            degraded.tolerate(name, exc)
+        else:
+            log.warning("housekeeping failed: %s", type(exc).__name__, extra={"event": "housekeeping.failed",
+                                                                              "reason": name})
 
 
 def due(now: float) -> None:

@@ -19,7 +19,7 @@ import time
 
 from django.conf import settings
 
-from realtime.state import store
+from realtime.state import degraded, store
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class RedisLeases:
         try:
             return bool(await store.client(self.url).eval(_ACQUIRE, 1, _key(user_id), time.time(), LEASE_TTL, cap, conn_id))
         except Exception as exc:
-            log.warning("connection cap unavailable (fails open): %s", type(exc).__name__)
+            degraded.tolerate(degraded.LEASES, exc)  # fail open (state/degraded.py)
             return True
 
     async def renew(self, held: list[tuple[int, str]]) -> None:
@@ -91,8 +91,8 @@ class RedisLeases:
     async def release(self, user_id: int, conn_id: str) -> None:
         try:
             await store.client(self.url).zrem(_key(user_id), conn_id)
-        except Exception:
-            pass  # the lease runs out by itself
+        except Exception as exc:
+            degraded.tolerate(degraded.LEASES, exc)  # the lease runs out by itself
 
     async def count(self, user_id: int) -> int:
         client = store.client(self.url)

@@ -25,7 +25,7 @@ import logging
 import time
 from collections import Counter
 
-from realtime.state import store
+from realtime.state import degraded, store
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,12 @@ backend = store.Chooser(RedisPresence, MemoryPresence)
 
 # -- what the consumer calls ----------------------------------------------------------
 async def names(room: str) -> list[str]:
-    """The usernames present in the room now."""
-    return sorted({_name(user) for user in await backend().present(room)})
+    """The usernames present in the room now (none known while Redis is down)."""
+    try:
+        return sorted({_name(user) for user in await backend().present(room)})
+    except Exception as exc:
+        degraded.tolerate(degraded.PRESENCE, exc)
+        return []
 
 
 async def changes(room: str) -> tuple[list[str], list[str]] | None:
@@ -157,15 +161,24 @@ async def changes(room: str) -> tuple[list[str], list[str]] | None:
 
 
 async def join(room: str, user_id: int, username: str, conn_id: str) -> None:
+    """Present in the room from now (skipped while Redis is down: the housekeeper's
+    renewal makes it so once Redis is back, and the sweep announces it)."""
     LOCAL_ROOMS[room] += 1
-    await backend().join(room, _member(user_id, username, conn_id))
+    try:
+        await backend().join(room, _member(user_id, username, conn_id))
+    except Exception as exc:
+        degraded.tolerate(degraded.PRESENCE, exc)
 
 
 async def leave(room: str, user_id: int, username: str, conn_id: str) -> None:
+    """Gone from the room (skipped while Redis is down: the lease runs out by itself)."""
     LOCAL_ROOMS[room] -= 1
     if LOCAL_ROOMS[room] <= 0:
         del LOCAL_ROOMS[room]
-    await backend().leave(room, _member(user_id, username, conn_id))
+    try:
+        await backend().leave(room, _member(user_id, username, conn_id))
+    except Exception as exc:
+        degraded.tolerate(degraded.PRESENCE, exc)
 
 
 async def renew_all(held: list[tuple[str, int, str, str]]) -> None:
@@ -184,7 +197,7 @@ async def announce(room: str, skip_conn: str | None = None) -> None:
     try:
         diff = await changes(room)
     except Exception as exc:  # Redis away: the next sweep tells them
-        log.warning("presence reconcile failed", extra={"event": "presence.failed", "room": room, "reason": type(exc).__name__})
+        degraded.tolerate(degraded.PRESENCE, exc)
         return
     if diff is not None:
         joins, leaves = diff
@@ -224,8 +237,9 @@ async def typing_allowed(room: str, user_id: int) -> bool:
     if url:
         try:
             return bool(await store.client(url).set(f"rt:typing:{room}:{user_id}", 1, nx=True, px=int(TYPING_EVERY * 1000)))
-        except Exception:
-            return False  # Redis away: typing notices are the first thing to go
+        except Exception as exc:
+            degraded.tolerate(degraded.PUSH, exc)  # typing notices are the first thing to go
+            return False
     now = time.monotonic()
     if _typing.get((room, user_id), 0) > now:
         return False

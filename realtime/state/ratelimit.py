@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from realtime.state import store
+from realtime.state import degraded, store
 
 # Both scripts: the bucket KEYS[1] refilled at ARGV[1] a second up to ARGV[2], as of
 # ARGV[3] (now); ARGV[4] is what is asked of it.
@@ -108,9 +108,9 @@ class RedisBuckets:
     async def take(self, key: str, rate: float, burst: float, wanted: int) -> tuple[int, float]:
         try:
             granted, tokens = await store.client(self.url).eval(_SCRIPT, 1, f"rl:{key}", rate, burst, time.time(), wanted)
-        except Exception:
-            # Redis is down: fail open (the other limits still hold) rather than
-            # refuse every action while the layer recovers.
+        except Exception as exc:
+            # Redis is down: fail open (state/degraded.py).
+            degraded.tolerate(degraded.HANDSHAKE_LIMITS if key.startswith("handshake.") else degraded.RATE_LIMITS, exc)
             return wanted, 0.0
         return int(granted), float(tokens)
 
@@ -118,8 +118,9 @@ class RedisBuckets:
         try:
             taken, tokens = await store.client(self.url).eval(_DEBIT, 1, f"rl:{key}", rate, burst, time.time(), cost,
                                                                "1" if force else "0")
-        except Exception:
-            return True, burst  # fail open, as take() does
+        except Exception as exc:
+            degraded.tolerate(degraded.REPLAY_BUDGET, exc)  # fail open (state/degraded.py)
+            return True, burst
         return bool(taken), float(tokens)
 
 

@@ -32,12 +32,12 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
-from realtime.state import ratelimit
+from realtime.state import degraded, ratelimit
 from realtime.delivery import publish as broadcast
-from realtime.domain import actions
+from realtime.domain import roomlog
 from realtime.delivery.fanout import fanout
 from realtime.web.middleware import worker_header
-from realtime.domain.actions import ActionError
+from realtime.domain.errors import ActionError
 from realtime.protocol import HTTP_STATUS, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def int_arg(args, name: str, default: int | None, low: int, high: int | None = N
     return min(value, high) if high is not None else value
 
 
-def events_page(replay: actions.Replay, since: int) -> dict:
+def events_page(replay: roomlog.Replay, since: int) -> dict:
     """The answer of GET .../events/ (with or without wait)."""
     events = [msgspec.to_builtins(e) for e in replay.events]
     last = events[-1]["seq"] if events else since
@@ -85,7 +85,7 @@ async def wait_for_events(user, slug: str, since: int, wait: float, limit: int) 
     verdict = await ratelimit.take(user.pk, "poll")
     if not verdict.allowed:
         raise ActionError(ErrorCode.RATE_LIMITED, "polling too often; slow down", retry_after=verdict.retry_after)
-    read = database_sync_to_async(actions.room_replay)
+    read = database_sync_to_async(roomlog.room_replay)
     group = broadcast.room_group(slug)
     waiter = Waiter()
     loop = asyncio.get_running_loop()
@@ -93,8 +93,9 @@ async def wait_for_events(user, slug: str, since: int, wait: float, limit: int) 
     try:
         try:
             await fanout().add(group, waiter)
-        except Exception:
-            # No layer (Redis down): fall back to reading the log every second.
+        except Exception as exc:
+            # No transport (Redis down): read the log every second instead.
+            degraded.tolerate(degraded.LONG_POLL, exc)
             waiter = None
         while True:
             if waiter is not None:

@@ -7,20 +7,21 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from realtime import protocol
-from realtime.domain import actions
-from realtime.domain.actions import ActionError
+from realtime.domain.access import RoomAccess, room_access
+from realtime.domain import selectors
+from realtime.domain.errors import ActionError
 from realtime.domain.policy import Action, can
 
 
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
-    return render(request, "realtime/home.html", {"rooms": actions.visible_rooms(user=request.user)})
+    return render(request, "realtime/home.html", {"rooms": selectors.visible_rooms(user=request.user)})
 
 
 @login_required
 def room(request: HttpRequest, slug: str) -> HttpResponse:
     try:
-        access = actions.room_access(user=request.user, slug=slug, action=Action.VIEW)
+        access = room_access(user=request.user, slug=slug, action=Action.VIEW)
     except ActionError as exc:
         if exc.code == protocol.ErrorCode.NOT_FOUND:
             raise Http404(exc.message) from None
@@ -40,7 +41,7 @@ def room(request: HttpRequest, slug: str) -> HttpResponse:
     return render(
         request,
         "realtime/room.html",
-        {"room": access.room, "role": access.role, "rooms": actions.visible_rooms(user=request.user), "config": config},
+        {"room": access.room, "role": access.role, "rooms": selectors.visible_rooms(user=request.user), "config": config},
     )
 
 

@@ -37,13 +37,14 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
+from realtime.delivery import names
 from realtime.delivery import publish as broadcast
 from realtime.models import Membership, Room
 from realtime.domain.policy import Action, can
 
 log = logging.getLogger(__name__)
 
-AUTH_CHANGED = "auth.changed"
+AUTH_CHANGED = names.AUTH_CHANGED
 CHUNK = 500
 DB_SESSIONS = {"django.contrib.sessions.backends.db", "django.contrib.sessions.backends.cached_db"}
 

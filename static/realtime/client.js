@@ -1,6 +1,8 @@
 // Realtime client for protocol v1: transport, reconnection and resume. No DOM code,
 // so Node's test runner can drive it with a fake WebSocket and fake timers.
 
+import { Close as Codes, ErrorCode } from "./codes.js";
+
 export const State = Object.freeze({
   CONNECTING: "connecting", // first attempt, nothing open yet
   OPEN: "open", // socket open and accepted
@@ -10,24 +12,9 @@ export const State = Object.freeze({
   CLOSED: "closed", // stopped for good: signed out, forbidden, or close() called
 });
 
-// Close codes (DESIGN.md): what each tells the client to do.
-export const Close = Object.freeze({
-  NORMAL: 1000,
-  GOING_AWAY: 1001,
-  ABNORMAL: 1006,
-  TOO_LARGE: 1009,
-  SERVER_RESTART: 1012,
-  TRY_AGAIN_LATER: 1013,
-  NOT_AUTHENTICATED: 4001,
-  FORBIDDEN: 4003,
-  POLICY: 4008,
-  INTERNAL: 4011,
-  SERVICE_RESTART: 4012,
-  OVERLOADED: 4013,
-  RATE_LIMITED: 4029,
-  PROTOCOL_VIOLATION: 4400,
-  HEARTBEAT: 4000, // used by this client to drop a silent socket
-});
+// Close codes (generated from the protocol's declarations, ./codes.js), and the
+// one this client uses itself to drop a silent socket.
+export const Close = Object.freeze({ ...Codes, HEARTBEAT: 4000 });
 
 const STOP = { [Close.NOT_AUTHENTICATED]: "unauthenticated", [Close.FORBIDDEN]: "forbidden" };
 const RESTART = new Set([Close.SERVICE_RESTART, Close.SERVER_RESTART]);
@@ -36,12 +23,15 @@ const RESTART = new Set([Close.SERVICE_RESTART, Close.SERVER_RESTART]);
 const EPHEMERAL = new Set(["typing", "presence.state", "presence.diff", "read.state", "read.marker", "read.markers", "metrics.tick"]);
 
 // Errors after which resending the same request cannot succeed.
-const FINAL_ERRORS = new Set(["invalid", "unknown_type", "forbidden", "not_found", "too_large", "conflict"]);
+const FINAL_ERRORS = new Set([ErrorCode.INVALID, ErrorCode.UNKNOWN_TYPE, ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND,
+  ErrorCode.TOO_LARGE, ErrorCode.CONFLICT]);
 
-/** Full jitter: a uniform delay in [0, min(cap, base * 2^attempt)]. */
+/** Equal jitter: a uniform delay in [ceiling / 2, ceiling], ceiling = min(cap,
+ * base * 2^attempt). Never 0: after a mass drop, full jitter's [0, ceiling] sends
+ * a share of every client back at the same instant. */
 export function backoffDelay(attempt, { base = 500, cap = 30000 } = {}, random = Math.random) {
   const ceiling = Math.min(cap, base * 2 ** Math.min(attempt, 30));
-  return Math.floor(random() * ceiling);
+  return Math.floor(ceiling / 2 + random() * (ceiling / 2));
 }
 
 /** A random id for client_id (idempotent sends), without needing a secure context. */
@@ -299,7 +289,8 @@ export class RealtimeClient {
     let delay;
     if (RESTART.has(code)) {
       // The server is restarting on purpose: come back at once, spread out a little.
-      delay = Math.floor(this.random() * this.restartJitter);
+      // (a tenth of the window at least: never all in the same millisecond)
+      delay = Math.floor(this.restartJitter * (0.1 + 0.9 * this.random()));
     } else {
       delay = backoffDelay(this.attempts, this.backoff, this.random);
       this.attempts += 1;

@@ -53,10 +53,10 @@ function setup(extra = {}) {
   return { client, timers, sockets, states, events };
 }
 
-test("backoff delays stay within full-jitter bounds and the cap", () => {
+test("backoff delays stay within equal-jitter bounds and the cap, never 0", () => {
   for (let attempt = 0; attempt < 20; attempt++) {
     const ceiling = Math.min(30000, 500 * 2 ** attempt);
-    assert.equal(backoffDelay(attempt, { base: 500, cap: 30000 }, () => 0), 0);
+    assert.equal(backoffDelay(attempt, { base: 500, cap: 30000 }, () => 0), Math.floor(ceiling / 2));
     assert.ok(backoffDelay(attempt, { base: 500, cap: 30000 }, () => 0.999999) <= ceiling);
     assert.ok(backoffDelay(attempt, { base: 500, cap: 30000 }, () => 0.999999) >= ceiling - 1);
   }
@@ -100,13 +100,15 @@ test("an abnormal close backs off, attempts grow, and reset after a stable conne
   assert.ok(states.at(-1).delay <= 500);
 });
 
-test("4012 reconnects at once with small jitter", () => {
-  const { client, sockets, states } = setup();
-  client.attempts = 8;
-  client.connect();
-  sockets[0].open();
-  sockets[0].serverClose(4012);
-  assert.ok(states.at(-1).delay < 1000);
+test("4012 reconnects at once with small jitter, never in the same millisecond as everyone", () => {
+  for (const random of [() => 0, () => 0.5, () => 0.999]) {
+    const { client, sockets, states } = setup({ random });
+    client.attempts = 8;
+    client.connect();
+    sockets[0].open();
+    sockets[0].serverClose(4012);
+    assert.ok(states.at(-1).delay >= 100 && states.at(-1).delay < 1000, `${states.at(-1).delay}`);
+  }
 });
 
 test("resubscribes with the last applied seq, drops duplicates, orders by seq", () => {

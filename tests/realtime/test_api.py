@@ -6,7 +6,7 @@ from asgiref.sync import async_to_sync
 from django.test import Client
 
 from realtime.delivery import publish as broadcast
-from realtime.domain import actions
+from realtime.domain import services
 from realtime.models import Event, Message
 
 pytestmark = pytest.mark.django_db
@@ -107,7 +107,7 @@ def test_a_private_room_is_answered_as_if_it_did_not_exist(clients):
 
 def test_messages_history_pages_newest_last_without_deleted(clients, demo):
     ids = [post(clients["alice"], "general", body=f"m{i}", client_id=f"c{i}").json()["id"] for i in range(5)]
-    actions.perform_sync(actions.message_delete, user=demo["alice"], slug="general", message_id=ids[4])
+    services.perform_sync(services.message_delete, user=demo["alice"], slug="general", message_id=ids[4])
     data = clients["bob"].get("/api/v1/rooms/general/messages/?limit=2").json()
     assert data["seq"] == 6 and data["has_more"] is True
     assert [m["body"] for m in data["messages"]] == ["m2", "m3"]

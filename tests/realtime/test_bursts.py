@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from realtime.domain import actions
+from realtime.domain import services
 from realtime.models import Event, Message, Room
 from tests.conftest import socket, subscribe
 
@@ -19,13 +19,13 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 def batches(monkeypatch):
     """The sizes of the batches that reached the database thread."""
     sizes: list[int] = []
-    real = actions.message_send_many
+    real = services.message_send_many
 
     def counted(*, user, sends):
         sizes.append(len(sends))
         return real(user=user, sends=sends)
 
-    monkeypatch.setattr(actions, "message_send_many", counted)
+    monkeypatch.setattr(services, "message_send_many", counted)
     return sizes
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from asgiref.sync import sync_to_async
 
-from realtime.domain import actions
+from realtime.domain import services
 from realtime.models import Event, Message
 from tests.conftest import ORIGIN, call, communicator, socket, subscribe
 
@@ -144,7 +144,7 @@ async def test_a_live_gap_is_repaired_from_the_log_in_order(cookies, demo):
     async with socket(cookies["bob"]) as bob:
         await subscribe(bob, "general")
         # Written and committed, but its broadcast is lost.
-        await sync_to_async(actions.message_send)(user=demo["alice"], slug="general", body="lost", client_id="l1")
+        await sync_to_async(services.message_send)(user=demo["alice"], slug="general", body="lost", client_id="l1")
         async with socket(cookies["alice"]) as alice:
             await call(alice, send_frame(client_id="l2", body="after"))
         frames = [await bob.receive_json_from(timeout=5) for _ in range(2)]
@@ -428,7 +428,7 @@ async def test_ping_catches_up_a_quiet_room_whose_last_broadcast_was_lost(cookie
     async with socket(cookies["bob"]) as bob:
         await subscribe(bob, "general")
         # Committed, never broadcast, and nothing follows it.
-        await sync_to_async(actions.message_send)(user=demo["alice"], slug="general", body="quiet", client_id="q1")
+        await sync_to_async(services.message_send)(user=demo["alice"], slug="general", body="quiet", client_id="q1")
         assert await bob.receive_nothing(timeout=0.2)
         await bob.send_json_to({"type": "ping", "ref": "hb"})
         event = await bob.receive_json_from(timeout=5)
@@ -441,7 +441,7 @@ async def test_a_retried_send_republishes_a_lost_broadcast(cookies, demo):
     async with socket(cookies["bob"]) as bob, socket(cookies["alice"]) as alice:
         await subscribe(bob, "general")
         # The first attempt committed but its broadcast was lost (say, a crash).
-        await sync_to_async(actions.message_send)(user=demo["alice"], slug="general", body="once", client_id="r1")
+        await sync_to_async(services.message_send)(user=demo["alice"], slug="general", body="once", client_id="r1")
         ack = await call(alice, send_frame(client_id="r1", body="once"))
         assert ack["seq"] == 1
         got = await bob.receive_json_from(timeout=5)

@@ -12,7 +12,7 @@ import pytest
 from redis import asyncio as aioredis
 
 from realtime.delivery import publish as broadcast
-from realtime.domain import actions
+from realtime.domain import services
 from realtime.ws.consumer import RealtimeConsumer
 from realtime.delivery.fanout import fanout
 from realtime.ws.queues import AppQueue
@@ -146,7 +146,7 @@ async def test_a_senders_own_messages_follow_its_acks_before_later_frames(cookie
     def put(payload: dict) -> None:
         inbox.put_nowait({"type": "websocket.receive", "text": json.dumps(payload)})
 
-    real = actions.message_send_many
+    real = services.message_send_many
 
     def meanwhile(*, user, sends):
         # A frame that arrives while the burst is being written (one whose reply
@@ -162,7 +162,7 @@ async def test_a_senders_own_messages_follow_its_acks_before_later_frames(cookie
             pass
         put(send(0))  # the worker learns the room's head: what follows is handed over here
         assert [(f["type"], f["seq"]) for f in [await frame(), await frame()]] == [("ack", 1), ("message.new", 1)]
-        monkeypatch.setattr(actions, "message_send_many", meanwhile)
+        monkeypatch.setattr(services, "message_send_many", meanwhile)
         for i in range(1, 4):
             put(send(i))
         got = [await frame() for _ in range(7)]

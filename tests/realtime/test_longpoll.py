@@ -9,7 +9,7 @@ import json
 import pytest
 from channels.testing import HttpCommunicator
 
-from realtime.domain import actions
+from realtime.domain import services
 from realtime.models import Room
 from tests.conftest import HOST
 
@@ -32,7 +32,7 @@ async def head(slug: str = "general") -> int:
 
 
 async def post(user, body: str, client_id: str, slug: str = "general"):
-    return await actions.perform(actions.message_send, user=user, slug=slug, body=body, client_id=client_id)
+    return await services.perform(services.message_send, user=user, slug=slug, body=body, client_id=client_id)
 
 
 async def test_a_poll_is_held_until_an_event_arrives(cookies, demo):

@@ -6,7 +6,7 @@ from channels.layers import get_channel_layer
 from django.test import Client
 
 from realtime.delivery import publish as broadcast
-from realtime.domain import actions
+from realtime.domain import services
 from realtime.models import Event, Message
 
 pytestmark = pytest.mark.django_db
@@ -60,7 +60,7 @@ def test_room_titles_are_escaped(demo):
 
 @pytest.mark.django_db(transaction=True)
 def test_admin_delete_is_a_moderated_broadcast_delete(demo):
-    sent = actions.perform_sync(actions.message_send, user=demo["bob"], slug="general", body="spam", client_id="s")
+    sent = services.perform_sync(services.message_send, user=demo["bob"], slug="general", body="spam", client_id="s")
     layer = get_channel_layer()
     channel = async_to_sync(layer.new_channel)()
     async_to_sync(layer.group_add)(broadcast.room_group("general"), channel)
@@ -79,7 +79,7 @@ def test_admin_delete_is_a_moderated_broadcast_delete(demo):
 
 @pytest.mark.django_db(transaction=True)
 def test_admin_delete_view_also_broadcasts(demo):
-    sent = actions.perform_sync(actions.message_send, user=demo["bob"], slug="general", body="spam", client_id="s")
+    sent = services.perform_sync(services.message_send, user=demo["bob"], slug="general", body="spam", client_id="s")
     res = login(demo["admin"]).post(f"/admin/realtime/message/{sent.id}/delete/", {"post": "yes"})
     assert res.status_code == 302
     assert Message.objects.get().deleted_at is not None
@@ -87,7 +87,7 @@ def test_admin_delete_view_also_broadcasts(demo):
 
 
 def test_admin_search_and_filters_render(demo):
-    actions.perform_sync(actions.message_send, user=demo["bob"], slug="general", body="findme", client_id="s")
+    services.perform_sync(services.message_send, user=demo["bob"], slug="general", body="findme", client_id="s")
     admin = login(demo["admin"])
     assert b"findme" in admin.get("/admin/realtime/message/?q=findme").content
     assert admin.get("/admin/realtime/message/?room__id__exact=1").status_code == 200
@@ -160,4 +160,4 @@ def test_the_console_needs_its_permission_and_operates(demo, settings):
     assert login(staff).post(url, {"action": "disconnect", "user_id": demo["carol"].pk}).status_code == 302
     assert async_to_sync(layer.receive)(watch_user) == {"type": "force.disconnect", "group": f"user.{demo['carol'].pk}"}
     assert login(staff).post(url, {"action": "drain", "worker": "b"}).status_code == 302
-    assert async_to_sync(layer.receive)(watch_workers) == {"type": "worker.drain", "worker": "b"}
+    assert async_to_sync(layer.receive)(watch_workers) == {"type": "worker.drain", "worker": "b", "group": "realtime.workers"}

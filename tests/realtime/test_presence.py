@@ -197,13 +197,13 @@ async def test_rooms_without_read_markers_keep_reads_private(cookies, shared, de
 
 
 def test_rooms_list_counts_unread_messages_by_others(demo):
-    from realtime.domain import actions
+    from realtime.domain import services
 
     for i in range(3):
-        actions.perform_sync(actions.message_send, user=demo["alice"], slug="general", body=f"m{i}", client_id=f"u{i}")
-    actions.perform_sync(actions.message_send, user=demo["bob"], slug="general", body="mine", client_id="u-bob")
-    ops = actions.perform_sync(actions.message_send, user=demo["alice"], slug="ops", body="o", client_id="u-ops")
-    actions.perform_sync(actions.message_delete, user=demo["alice"], slug="ops", message_id=ops.id)
+        services.perform_sync(services.message_send, user=demo["alice"], slug="general", body=f"m{i}", client_id=f"u{i}")
+    services.perform_sync(services.message_send, user=demo["bob"], slug="general", body="mine", client_id="u-bob")
+    ops = services.perform_sync(services.message_send, user=demo["alice"], slug="ops", body="o", client_id="u-ops")
+    services.perform_sync(services.message_delete, user=demo["alice"], slug="ops", message_id=ops.id)
     bob = Client()
     bob.force_login(demo["bob"])
 
@@ -211,7 +211,7 @@ def test_rooms_list_counts_unread_messages_by_others(demo):
         return {r["slug"]: (r["read"], r["unread"]) for r in bob.get("/api/v1/rooms/").json()["rooms"]}
 
     assert rooms() == {"general": (0, 3), "ops": (0, 0)}  # own and deleted messages do not count
-    actions.mark_read(user=demo["bob"], slug="general", seq=2)
+    services.mark_read(user=demo["bob"], slug="general", seq=2)
     assert rooms()["general"] == (2, 1)
     assert Membership.objects.filter(user=demo["bob"]).count() == 2  # reading changed no membership
 

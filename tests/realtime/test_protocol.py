@@ -68,3 +68,14 @@ def test_msgspec_rejects_bool_as_int():
     with pytest.raises(protocol.ProtocolError):
         protocol.JSON.decode(b'{"type": "subscribe", "room": "general", "since": true}')
     assert msgspec.json.decode(b"1") == 1
+
+
+def test_the_browser_codes_are_the_protocols():
+    """static/realtime/codes.js is generated from realtime/protocol/codes.py (make docs)."""
+    from pathlib import Path
+
+    from realtime.management.commands.protocol_docs import render_js
+
+    codes = Path(__file__).resolve().parents[2] / "static" / "realtime" / "codes.js"
+    assert codes.read_text() == render_js(), "static/realtime/codes.js is stale: run `python manage.py protocol_docs`"
+    assert "RATE_LIMITED: 4029," in codes.read_text() and 'NOT_FOUND: "not_found",' in codes.read_text()

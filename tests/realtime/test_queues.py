@@ -6,7 +6,7 @@ import asyncio
 import pytest
 from channels.exceptions import StopConsumer
 
-from realtime.delivery.fanout import LocalQueue
+from realtime.ws.queues import LocalQueue
 from realtime.ws.queues import AppQueue, serve
 from realtime.web.routing import SocketRouter
 
@@ -95,3 +95,13 @@ async def test_socket_router_matches_as_url_router_does():
     await router({"path": "/ws/v1/x"}, None, None)
     await router({"path": "/ws/bench/bare/"}, None, None)
     assert calls == ["realtime", "realtime", "other", "other"]
+
+
+async def test_the_application_is_asgi_3_to_servers_that_inspect_it():
+    """uvicorn (and hypercorn) take an app whose __call__ is not a coroutine function
+    for ASGI 2 and call it with the scope alone: a 500 on every request."""
+    import inspect
+
+    from project.asgi import application
+
+    assert inspect.iscoroutinefunction(type(application).__call__)

@@ -1,4 +1,5 @@
-"""Write docs/protocol.md from the declarations in realtime/protocol.py."""
+"""Write docs/protocol.md and static/realtime/codes.js from the declarations in
+realtime/protocol/ (the one source of frames, error codes and close codes)."""
 
 import json
 from pathlib import Path
@@ -156,7 +157,8 @@ def render() -> str:
     out.append(
         "| 1001, 1006, 1009, 1011 | sent by the server or a proxy itself: going away, no close frame, "
         "frame too large, server error. Reconnect with backoff |\n"
-        "| 1012, 1013 | treat like 4012 and 4013 |\n"
+        "| 1012, 1013 | treat like 4012 and 4013 |\n\n"
+        "Browser code imports every code from `static/realtime/codes.js`, generated from the same declarations.\n"
     )
     out.append(REST.format())
     for title, classes in sections:
@@ -171,10 +173,30 @@ def render() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def render_js() -> str:
+    """static/realtime/codes.js: the close and error codes for the browser client."""
+    def block(name: str, pairs: list[tuple[str, object]]) -> str:
+        rows = "\n".join(f"  {key}: {json.dumps(value)}," for key, value in pairs)
+        return f"export const {name} = Object.freeze({{\n{rows}\n}});\n"
+
+    close = [(c.name, int(c)) for c in protocol.CloseCode] + [(c.name, int(c)) for c in protocol.TransportCode]
+    errors = [(c.name, str(c)) for c in protocol.ErrorCode]
+    return (
+        "// Generated from realtime/protocol/codes.py by `python manage.py protocol_docs`; do not edit.\n"
+        "// A test fails when it differs from what the protocol declares.\n\n"
+        "// Close codes: the app's (4000s) and those the server or a proxy sends by itself.\n"
+        + block("Close", close) + "\n// The `code` of an `error` frame.\n" + block("ErrorCode", errors)
+    )
+
+
+DOCS = ("docs/protocol.md", render), ("static/realtime/codes.js", render_js)
+
+
 class Command(BaseCommand):
-    help = "Write docs/protocol.md from realtime/protocol.py."
+    help = "Write docs/protocol.md and static/realtime/codes.js from realtime/protocol/."
 
     def handle(self, *args, **options):
-        target = Path(settings.BASE_DIR) / "docs" / "protocol.md"
-        target.write_text(render())
-        self.stdout.write(f"wrote {target.relative_to(settings.BASE_DIR)}")
+        for path, make in DOCS:
+            target = Path(settings.BASE_DIR) / path
+            target.write_text(make())
+            self.stdout.write(f"wrote {path}")

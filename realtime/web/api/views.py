@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import msgspec
 from asgiref.sync import async_to_sync
-from django.utils.decorators import method_decorator
-from django_ratelimit.decorators import ratelimit
 from rest_framework import status
 from rest_framework.exceptions import ParseError
 from rest_framework.request import Request
@@ -17,10 +15,13 @@ from accounts.models import probation_until, send_bucket
 
 from realtime import protocol
 from realtime.delivery import publish as broadcast
-from realtime.domain import actions
+from realtime.domain import roomlog
+from realtime.domain import selectors
+from realtime.domain import services
 from realtime.observability import metrics
+from realtime.state import degraded
 from realtime.state import ratelimit as buckets
-from realtime.domain.actions import ActionError
+from realtime.domain.errors import ActionError
 from realtime.web.longpoll import events_page, int_arg
 from realtime.protocol import ErrorCode
 
@@ -48,7 +49,7 @@ class ActionView(APIView):
 
 class RoomList(ActionView):
     def get(self, request: Request) -> Response:
-        return Response({"rooms": actions.visible_rooms(user=request.user)})
+        return Response({"rooms": selectors.visible_rooms(user=request.user)})
 
 
 def replayed(request: Request, read):
@@ -74,7 +75,7 @@ class RoomEvents(ActionView):
         since = int_param(request, "since", 0)
         limit = int_param(request, "limit", 500, minimum=1)
         return replayed(request, lambda: events_page(
-            actions.room_replay(user=request.user, slug=slug, since=since, limit=limit), since))
+            roomlog.room_replay(user=request.user, slug=slug, since=since, limit=limit), since))
 
 
 class RoomMessages(ActionView):
@@ -84,13 +85,13 @@ class RoomMessages(ActionView):
     def get(self, request: Request, slug: str) -> Response:
         before = int_param(request, "before", None, minimum=1)
         limit = int_param(request, "limit", 50, minimum=1)
-        return replayed(request, lambda: actions.room_messages(user=request.user, slug=slug, before=before, limit=limit))
+        return replayed(request, lambda: selectors.room_messages(user=request.user, slug=slug, before=before, limit=limit))
 
     def post(self, request: Request, slug: str) -> Response:
         data = parse_body(request, protocol.MessagePost)
         take_token(request, send_bucket(probation_until(request.user.pk)))
-        result = actions.perform_sync(
-            actions.message_send, user=request.user, slug=slug, body=data.body, client_id=data.client_id
+        result = services.perform_sync(
+            services.message_send, user=request.user, slug=slug, body=data.body, client_id=data.client_id
         )
         metrics.WINDOW.message_in(result.room)
         return ack(result)
@@ -103,14 +104,14 @@ class RoomMessage(ActionView):
     def patch(self, request: Request, slug: str, message_id: int) -> Response:
         data = parse_body(request, protocol.MessagePatch)
         take_token(request, "message.edit")
-        result = actions.perform_sync(
-            actions.message_edit, user=request.user, slug=slug, message_id=message_id, body=data.body
+        result = services.perform_sync(
+            services.message_edit, user=request.user, slug=slug, message_id=message_id, body=data.body
         )
         return ack(result)
 
     def delete(self, request: Request, slug: str, message_id: int) -> Response:
         take_token(request, "message.delete")
-        result = actions.perform_sync(actions.message_delete, user=request.user, slug=slug, message_id=message_id)
+        result = services.perform_sync(services.message_delete, user=request.user, slug=slug, message_id=message_id)
         return ack(result)
 
 
@@ -120,7 +121,7 @@ class RoomRead(ActionView):
     def post(self, request: Request, slug: str) -> Response:
         data = parse_body(request, protocol.ReadPost)
         take_token(request, "read")
-        result = actions.mark_read(user=request.user, slug=slug, seq=data.seq)
+        result = services.mark_read(user=request.user, slug=slug, seq=data.seq)
         async_to_sync(broadcast.publish_read)(result, request.user)
         return Response({"room": result.room, "seq": result.seq})
 
@@ -144,11 +145,17 @@ def ack(result) -> Response:
     return Response({"room": result.room, "id": result.id, "seq": result.seq})
 
 
-@method_decorator(ratelimit(key="user", rate="10/m", method="POST", block=True), name="post")
 class Tickets(ActionView):
     """A single-use ticket, valid for 30 s, to open /ws/v1/?ticket=... without the
     session cookie. It stands for the session that asked for it."""
 
     def post(self, request: Request) -> Response:
-        ticket = tickets.issue(user_id=request.user.pk, session_key=request.session.session_key)
+        take_token(request, "ticket")
+        try:
+            ticket = tickets.issue(user_id=request.user.pk, session_key=request.session.session_key)
+        except Exception as exc:
+            # The ticket store (Redis) is down (state/degraded.py): try again shortly.
+            degraded.tolerate(degraded.TICKETS, exc)
+            return Response({"code": str(ErrorCode.INTERNAL), "message": "tickets are unavailable; try again shortly",
+                             "retry_after": 5}, status=503, headers={"Retry-After": "5"})
         return Response({"ticket": ticket, "expires_in": tickets.TICKET_TTL}, status=status.HTTP_201_CREATED)

@@ -1,0 +1,53 @@
+"""A user's access to a room, loaded once and checked against the policy
+(domain/policy.py decides; this loads what it decides on).
+
+Who may do what is the policy's: a private room the user may not see does not
+exist for them (`not_found`, "no such room"), and `forbidden` is the answer only
+for an action refused in a room the user can see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db.models import OuterRef, Subquery
+
+from realtime.domain.errors import NO_SUCH_ROOM, ActionError
+from realtime.domain.policy import Action, can
+from realtime.models import Membership, Room
+from realtime.protocol import ErrorCode
+
+
+@dataclass(frozen=True, slots=True)
+class RoomAccess:
+    room: Room
+    role: str | None
+
+
+def room_access(*, user, slug: str, action: Action) -> RoomAccess:
+    """Load the room and the user's role, and check `action`; raise if refused."""
+    if not (user.is_authenticated and user.is_active):
+        raise ActionError(ErrorCode.FORBIDDEN, "not signed in")
+    # One query: the room with the user's role in it.
+    role_of = Membership.objects.filter(room=OuterRef("pk"), user_id=user.pk).values("role")[:1]
+    room = Room.objects.filter(slug=slug).annotate(member_role=Subquery(role_of)).first()
+    if room is None:
+        raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
+    access = RoomAccess(room=room, role=room.member_role)
+    check(user, access, action)
+    return access
+
+
+def check(user, access: RoomAccess, action: Action) -> None:
+    """Check `action` against an access already loaded; raise if refused.
+
+    A room the user may not see does not exist for them: the refusal is the one a
+    room that does not exist gets (not_found, "no such room"), so that a private
+    room's name cannot be confirmed by asking. Only in a room they can see is a
+    refused action `forbidden`."""
+    if not can(user, Action.VIEW, is_public=access.room.is_public, role=access.role):
+        raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
+    if action is not Action.VIEW:
+        decision = can(user, action, is_public=access.room.is_public, role=access.role)
+        if not decision:
+            raise ActionError(ErrorCode.FORBIDDEN, decision.reason)

@@ -1,0 +1,221 @@
+"""The room's log: the ordered events every delivery guarantee rests on.
+
+Every room event (a message posted, edited or deleted) is appended here with the
+room's next seq, inside the transaction that makes the change, and only then
+published (domain/services.py). Seqs are gap-free per room: the next one is taken
+by an UPDATE of the room's row, which locks it until commit, so concurrent writers
+queue and their seqs commit in order (an auto-increment could commit out of order
+and make a resume skip an event).
+
+Reading it back: `room_replay` (a subscribe's `since`, REST event pages, the long
+poll) and `room_events_between` (gap repair of a live stream), each bounded by the
+replay window, and answering `recovery_failed` when what was asked for is no longer
+kept. An event's stored payload is what its frame holds beyond the columns of its
+row (type, room, seq), built one way (`stored_payload`) for every event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import msgspec
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from realtime import protocol
+from realtime.domain.access import RoomAccess, room_access
+from realtime.domain.errors import NO_SUCH_ROOM, ActionError
+from realtime.domain.policy import Action
+from realtime.models import Event, Message, Room
+from realtime.protocol import ErrorCode
+
+ROOM_TABLE = Room._meta.db_table
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    room: str
+    head: int
+    events: list[protocol.RoomEvent]
+    access: RoomAccess | None = None
+    held_back: bool = False  # head_only: there were events after since, not read
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+def next_seq(room_id: int) -> int:
+    """Take the room's next seq (module doc: the row's lock orders the writers)."""
+    with connection.cursor() as cursor:
+        # One round trip (PostgreSQL and SQLite 3.35+ both have RETURNING).
+        cursor.execute(f"UPDATE {ROOM_TABLE} SET last_seq = last_seq + 1 WHERE id = %s RETURNING last_seq", [room_id])
+        row = cursor.fetchone()
+    if row is None:  # deleted since its access was read
+        raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
+    return row[0]
+
+
+def stored_payload(event: protocol.RoomEvent, *, without: tuple[str, ...] = ()) -> dict:
+    """What an event's row keeps in `payload`: its frame without the columns the row
+    has (type, room, seq), and without `without` (a field the writer adds itself)."""
+    payload = protocol.event_to_dict(event)
+    for key in ("type", "room", "seq", *without):
+        payload.pop(key, None)
+    return payload
+
+
+def append(room: Room, event: protocol.RoomEvent, message: Message | int | None = None) -> protocol.RoomEvent:
+    """Add `event` (already given its seq) to the room's log."""
+    insert(Event, room=room.pk, seq=event.seq, type=event.__struct_config__.tag, payload=stored_payload(event),
+           message=getattr(message, "pk", message), created_at=timezone.now())
+    return event
+
+
+def insert(model, returning: str | None = None, **values):
+    """INSERT one row, each value prepared by its model field for this database (the
+    same SQL the ORM writes, without building a model instance: the path every
+    posted message takes, twice, on SQLite). Returns the `returning` column's value."""
+    meta = model._meta
+    quote = connection.ops.quote_name
+    fields = [meta.get_field(name) for name in values]
+    sql = (f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+           f"VALUES ({', '.join(['%s'] * len(fields))})")
+    if returning:
+        sql += f" RETURNING {quote(meta.get_field(returning).column)}"
+    params = [field.get_db_prep_save(value, connection) for field, value in zip(fields, values.values())]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()[0] if returning else None
+
+
+def new_message(slug: str, seq: int, message_id: int, author: str, body: str, client_id: str, now) -> protocol.MessageNew:
+    return protocol.MessageNew(room=slug, seq=seq, id=message_id, author=author, body=body, client_id=client_id, ts=now)
+
+
+# PostgreSQL: n messages to one room in one statement. The room row's UPDATE takes
+# n consecutive seqs under its lock; each message's row and its message.new event
+# are inserted in input order; the event's payload gets the new row's id.
+POST_SQL = f"""
+WITH taken AS (
+    UPDATE {ROOM_TABLE} SET last_seq = last_seq + %(n)s WHERE id = %(room)s
+    RETURNING last_seq - %(n)s AS base
+), input AS (
+    SELECT * FROM unnest(%(bodies)s::text[], %(client_ids)s::text[], %(payloads)s::text[])
+        WITH ORDINALITY AS t(body, client_id, payload, i)
+), posted AS (
+    INSERT INTO {Message._meta.db_table} (room_id, author_id, body, client_id, seq, created_at)
+    SELECT %(room)s, %(author)s, input.body, input.client_id, taken.base + input.i, %(now)s
+    FROM taken CROSS JOIN input ORDER BY input.i
+    RETURNING id, seq
+)
+INSERT INTO {Event._meta.db_table} (room_id, seq, type, message_id, payload, created_at)
+SELECT %(room)s, posted.seq, 'message.new', posted.id, input.payload::jsonb || jsonb_build_object('id', posted.id),
+       %(now)s
+FROM posted CROSS JOIN taken JOIN input ON posted.seq = taken.base + input.i
+RETURNING message_id, seq
+"""
+
+
+def write_messages(room: Room, author, items: list[tuple[str, str]], now) -> list[tuple[int, int]]:
+    """Post `items` ((body, client_id), already checked) to one room, in order: for
+    each its seq, its row and its message.new event. (message id, seq) of each.
+
+    PostgreSQL: one statement, committed on its own (autocommit): one round trip
+    where the portable path takes 2 + 3n (BEGIN, UPDATE, INSERT, INSERT each,
+    COMMIT), the larger part of a message's time in the database. Elsewhere (or
+    inside a caller's transaction): one transaction. Either way all or nothing: a
+    repeated client_id fails the unique constraint (IntegrityError) and nothing is
+    written; a room deleted meanwhile is not_found."""
+    name = author.get_username()
+    if connection.vendor == "postgresql" and not connection.in_atomic_block:
+        payloads = [msgspec.json.encode(stored_payload(new_message("", 0, 0, name, body, client_id, now),
+                                                       without=("id",))).decode()
+                    for body, client_id in items]
+        with connection.cursor() as cursor:
+            cursor.execute(POST_SQL, {
+                "n": len(items), "room": room.pk, "author": author.pk,
+                "bodies": [body for body, _ in items], "client_ids": [client_id for _, client_id in items],
+                "payloads": payloads, "now": Message._meta.get_field("created_at").get_db_prep_save(now, connection),
+            })
+            rows = cursor.fetchall()
+        if len(rows) != len(items):
+            raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
+        return sorted(rows, key=lambda row: row[1])
+    written = []
+    with transaction.atomic():
+        for body, client_id in items:
+            seq = next_seq(room.pk)
+            message_id = insert(Message, returning="id", room=room.pk, author=author.pk, body=body,
+                                client_id=client_id, seq=seq, created_at=now)
+            append(room, new_message(room.slug, seq, message_id, name, body, client_id, now), message=message_id)
+            written.append((message_id, seq))
+    return written
+
+
+# ---------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------
+def event_frame(room_slug: str, event: Event) -> protocol.RoomEvent:
+    """A stored event as the frame every client gets."""
+    return protocol.event_from_dict({"type": event.type, "room": room_slug, "seq": event.seq, **event.payload})
+
+
+def room_heads(*, slugs: list[str]) -> dict[str, int]:
+    """The head seq of each named room (one query)."""
+    return dict(Room.objects.filter(slug__in=slugs).values_list("slug", "last_seq"))
+
+
+def room_replay(*, user, slug: str, since: int | None, limit: int | None = None, head_only: bool = False) -> Replay:
+    """The room's events after `since`, checked against the replay window.
+
+    With since=None nothing is replayed and the head is returned: the caller
+    goes live from there. A `since` ahead of the head, or further back than the
+    window (REPLAY_MAX events, or pruned from the log), raises recovery_failed.
+    With `limit`, at most that many events are returned (REST paging) and a longer
+    backlog is not an error. With `head_only` (the user's replay budget is in
+    debt) no event is read: `held_back` says whether there were any to read.
+    """
+    access = room_access(user=user, slug=slug, action=Action.VIEW)
+    return dataclasses.replace(_replay(access.room, since, limit, head_only), access=access)
+
+
+def _replay(room: Room, since: int | None, limit: int | None, head_only: bool = False) -> Replay:
+    head = Room.objects.filter(pk=room.pk).values_list("last_seq", flat=True).get()
+    if since is None or since == head:
+        return Replay(room=room.slug, head=head, events=[])
+    if head_only and since < head:
+        return Replay(room=room.slug, head=head, events=[], held_back=True)
+    if since > head:
+        raise ActionError(ErrorCode.RECOVERY_FAILED, f"since={since} is ahead of the room's log (head {head})")
+    window = settings.REALTIME["REPLAY_MAX"]
+    if limit is None and head - since > window:
+        raise ActionError(
+            ErrorCode.RECOVERY_FAILED, f"{head - since} events missed, more than the replay window of {window}"
+        )
+    take = min(limit or window, window)
+    rows = list(Event.objects.filter(room=room, seq__gt=since).order_by("seq")[:take])
+    if not rows or rows[0].seq != since + 1:
+        raise ActionError(ErrorCode.RECOVERY_FAILED, f"events after seq {since} are no longer kept")
+    return Replay(room=room.slug, head=max(head, rows[-1].seq), events=[event_frame(room.slug, e) for e in rows])
+
+
+def room_events_between(*, slug: str, after: int, upto: int) -> list[protocol.RoomEvent]:
+    """Events after..upto of a room the caller is already subscribed to (gap repair)."""
+    room = Room.objects.filter(slug=slug).first()
+    if room is None:
+        raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
+    if upto - after > settings.REALTIME["REPLAY_MAX"]:
+        raise ActionError(ErrorCode.RECOVERY_FAILED, "too many events missed")
+    rows = Event.objects.filter(room=room, seq__gt=after, seq__lte=upto).order_by("seq")
+    events = [event_frame(slug, e) for e in rows]
+    if len(events) != upto - after:
+        raise ActionError(ErrorCode.RECOVERY_FAILED, f"events after seq {after} are no longer kept")
+    return events
+
+
+def event_at(room: Room, seq: int) -> list[protocol.RoomEvent]:
+    """The room's event at `seq`, as a list (empty if it is no longer kept)."""
+    event = Event.objects.filter(room=room, seq=seq).first()
+    return [event_frame(room.slug, event)] if event is not None else []

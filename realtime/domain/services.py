@@ -1,0 +1,266 @@
+"""Writes: what each action does, and the only code that publishes room events.
+
+The socket, the REST API and the admin call these same functions, so a rule is
+written once. Each write runs in its own transaction (in a worker thread when
+called from async code) and appends its events to the room's log (domain/roomlog.py);
+they are published once committed: `perform` and `send_messages` from async code,
+`perform_sync` (on commit) from sync code. Nothing here imports the socket or the
+web layer.
+
+Who may do what: domain/policy.py. A message.send is idempotent by its
+`client_id`: a repeat is answered with the original's ack (and the original event
+published again: the first publication may never have left).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from realtime import protocol
+from realtime.delivery import publish
+from realtime.domain import roomlog
+from realtime.domain.access import RoomAccess, check, room_access
+from realtime.domain.errors import ActionError
+from realtime.domain.policy import Action, can
+from realtime.models import Event, Message, ReadState, Room
+from realtime.protocol import ErrorCode
+
+
+@dataclass(frozen=True, slots=True)
+class MessageResult:
+    room: str
+    id: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    room: str
+    seq: int  # what is stored now
+    moved: bool  # whether this call moved it forward
+    markers: bool  # whether the room shows read markers to its members
+
+
+# ---------------------------------------------------------------------------
+# Running writes: a transaction (in a thread from async code), publish after commit
+# ---------------------------------------------------------------------------
+async def perform(fn: Callable[..., tuple[Any, list[protocol.RoomEvent]]], **kwargs) -> Any:
+    """Run a write in a worker thread (its own transaction), then publish its events."""
+    result, events = await database_sync_to_async(fn)(**kwargs)
+    await publish.publish(events)
+    return result
+
+
+def perform_sync(fn: Callable[..., tuple[Any, list[protocol.RoomEvent]]], **kwargs) -> Any:
+    """Run a write from sync code; publish its events when the transaction commits."""
+    result, events = fn(**kwargs)
+    publish.publish_on_commit(events)
+    return result
+
+
+async def send_messages(*, user, sends: list[dict], traces: list[str]) -> list[MessageResult | Exception]:
+    """message.send for each of `sends` (message_send's keyword arguments), in order,
+    in one trip to the database thread, then one publication of every event they
+    appended, each with its frame's trace id. Each send's outcome, in order: its
+    result, or the exception that refused it."""
+    outcomes = await database_sync_to_async(message_send_many)(user=user, sends=sends)
+    published = [(event, trace) for (_, events), trace in zip(outcomes, traces) for event in events]
+    await publish.publish([event for event, _ in published], [trace for _, trace in published])
+    return [result for result, _ in outcomes]
+
+
+# ---------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------
+_ALLOWED_CONTROL = {"\n", "\t"}
+
+
+def clean_body(body: str) -> str:
+    """Check a message body: not blank, within the length limit, no control characters."""
+    if not isinstance(body, str) or not body.strip():
+        raise ActionError(ErrorCode.INVALID, "the message body is empty")
+    maximum = settings.REALTIME["MAX_BODY_LENGTH"]
+    if len(body) > maximum:
+        raise ActionError(ErrorCode.TOO_LARGE, f"the message body is longer than {maximum} characters")
+    for ch in body:
+        if ch not in _ALLOWED_CONTROL and unicodedata.category(ch) in ("Cc", "Cs"):
+            raise ActionError(ErrorCode.INVALID, "the message body contains control characters")
+    return body
+
+
+def _posting_access(user, slug: str, access: RoomAccess | None) -> RoomAccess:
+    """The room's access for a message.send: the caller's (a socket's subscription,
+    renewed whenever the room's memberships or visibility change), checked again
+    for VIEW, or loaded."""
+    if access is None:
+        return room_access(user=user, slug=slug, action=Action.VIEW)
+    check(user, access, Action.VIEW)
+    return access
+
+
+def message_send(*, user, slug: str, body: str, client_id: str, access: RoomAccess | None = None) -> tuple[MessageResult, list]:
+    """Post a message. A repeat of (user, client_id) returns the original result and
+    writes nothing; the same client_id in another room is a conflict."""
+    body = clean_body(body)
+    access = _posting_access(user, slug, access)
+    room = access.room
+    try:
+        check(user, access, Action.POST)
+    except ActionError:
+        # A repeat is answered before the policy: the message exists whatever has
+        # changed since, and the client only needs its ack.
+        return _repeat(user, client_id, room)
+    # A first send (the usual case) is written straight away; a repeat of its
+    # client_id fails the unique constraint and is answered with the original.
+    now = timezone.now()
+    try:
+        [(message_id, seq)] = roomlog.write_messages(room, user, [(body, client_id)], now)
+    except IntegrityError:
+        # A repeat (a retry after a lost ack, or a concurrent one that won the race).
+        return _repeat(user, client_id, room)
+    event = roomlog.new_message(room.slug, seq, message_id, user.get_username(), body, client_id, now)
+    return MessageResult(room=room.slug, id=message_id, seq=seq), [event]
+
+
+def message_send_many(*, user, sends: list[dict]) -> list[tuple[MessageResult | Exception, list]]:
+    """message_send for each of `sends` (its keyword arguments), in order, in one
+    call. Each has its own checks, seq and outcome: an ActionError (or any other
+    failure) is returned in that send's place and the others go on. Consecutive
+    first sends to one room are written together (roomlog.write_messages: one
+    statement on PostgreSQL); whatever that cannot settle (a refusal, a repeat)
+    takes message_send's own path."""
+    outcomes: list[tuple[MessageResult | Exception, list] | None] = [None] * len(sends)
+    start = 0
+    while start < len(sends):
+        end = start + 1
+        while end < len(sends) and sends[end]["slug"] == sends[start]["slug"]:
+            end += 1
+        if end - start > 1:
+            _send_run(user, sends, start, end, outcomes)
+        # Before the next run: seqs follow the order the sends came in.
+        for i in range(start, end):
+            if outcomes[i] is None:
+                try:
+                    outcomes[i] = message_send(user=user, **sends[i])
+                except Exception as exc:
+                    outcomes[i] = (exc, [])
+        start = end
+    return outcomes  # type: ignore[return-value]
+
+
+def _send_run(user, sends: list[dict], start: int, end: int, outcomes: list) -> None:
+    """Write sends[start:end] (one room) together. Fills `outcomes` for the sends it
+    wrote; leaves the rest (and all of them, when a repeat fails the write's unique
+    constraint) to message_send, one by one."""
+    first = sends[start]
+    try:
+        access = _posting_access(user, first["slug"], first.get("access"))
+        check(user, access, Action.POST)
+    except ActionError:
+        return  # each send is refused (or found to be a repeat) on its own
+    run: list[tuple[int, str, str]] = []
+    for i in range(start, end):
+        try:
+            run.append((i, clean_body(sends[i]["body"]), sends[i]["client_id"]))
+        except ActionError:
+            continue  # refused on its own
+    if len(run) < 2:
+        return
+    room, author, now = access.room, user.get_username(), timezone.now()
+    try:
+        written = roomlog.write_messages(room, user, [(body, client_id) for _, body, client_id in run], now)
+    except (IntegrityError, ActionError):
+        return  # a repeat among them, or the room is gone: nothing was written
+    for (i, body, client_id), (message_id, seq) in zip(run, written):
+        outcomes[i] = (MessageResult(room=room.slug, id=message_id, seq=seq),
+                       [roomlog.new_message(room.slug, seq, message_id, author, body, client_id, now)])
+
+
+def _repeat(user, client_id: str, room: Room) -> tuple[MessageResult, list]:
+    """A client_id already used: the original's result, and its event to publish
+    again (a client retries when it saw no ack, which may mean the first
+    publication never left: a crash between commit and publish; subscribers that
+    have it drop it by seq). Not a repeat: the refusal that brought us here."""
+    found = Message.objects.filter(author=user, client_id=client_id).values_list("id", "seq", "room_id").first()
+    if found is None:
+        raise
+    message_id, seq, room_id = found
+    if room_id != room.pk:
+        raise ActionError(ErrorCode.CONFLICT, "this client_id was already used for a message in another room")
+    return MessageResult(room=room.slug, id=message_id, seq=seq), roomlog.event_at(room, seq)
+
+
+def _locked_message(room: Room, message_id: int) -> Message:
+    message = Message.objects.select_for_update().filter(pk=message_id, room=room, deleted_at__isnull=True).first()
+    if message is None:
+        raise ActionError(ErrorCode.NOT_FOUND, "no such message in this room")
+    return message
+
+
+def message_edit(*, user, slug: str, message_id: int, body: str) -> tuple[MessageResult, list]:
+    """Replace the body of one's own message; the event carries only what changed."""
+    body = clean_body(body)
+    access = room_access(user=user, slug=slug, action=Action.VIEW)
+    room = access.room
+    with transaction.atomic():
+        # Check first, under the message's lock, so a refusal takes no seq.
+        message = _locked_message(room, message_id)
+        decision = can(user, Action.EDIT, is_public=room.is_public, role=access.role, author_id=message.author_id)
+        if not decision:
+            raise ActionError(ErrorCode.FORBIDDEN, decision.reason)
+        seq = roomlog.next_seq(room.pk)
+        message.body = body
+        message.edited_at = timezone.now()
+        message.save(update_fields=["body", "edited_at"])
+        event = roomlog.append(
+            room,
+            protocol.MessageEdited(room=room.slug, seq=seq, id=message.pk, body=body, edited_at=message.edited_at),
+            message,
+        )
+    return MessageResult(room=room.slug, id=message.pk, seq=seq), [event]
+
+
+def message_delete(*, user, slug: str, message_id: int) -> tuple[MessageResult, list]:
+    """Delete a message: its author (while allowed to post), a moderator or owner, or staff."""
+    access = room_access(user=user, slug=slug, action=Action.VIEW)
+    room = access.room
+    with transaction.atomic():
+        message = _locked_message(room, message_id)
+        decision = can(user, Action.DELETE, is_public=room.is_public, role=access.role, author_id=message.author_id)
+        if not decision:
+            raise ActionError(ErrorCode.FORBIDDEN, decision.reason)
+        seq = roomlog.next_seq(room.pk)
+        message.body = ""
+        message.deleted_at = timezone.now()
+        message.save(update_fields=["body", "deleted_at"])
+        # The text goes from the log too: a replay must not bring it back.
+        for earlier in Event.objects.filter(message=message).exclude(payload__body=""):
+            if "body" in earlier.payload:
+                earlier.payload = {**earlier.payload, "body": ""}
+                earlier.save(update_fields=["payload"])
+        event = roomlog.append(room, protocol.MessageDeleted(room=room.slug, seq=seq, id=message.pk), message)
+    return MessageResult(room=room.slug, id=message.pk, seq=seq), [event]
+
+
+# ---------------------------------------------------------------------------
+# Read positions
+# ---------------------------------------------------------------------------
+def mark_read(*, user, slug: str, seq: int) -> ReadResult:
+    """Move the user's read position forward to `seq` (clamped to the room's head;
+    never backwards). Anyone who may see the room may mark it read."""
+    access = room_access(user=user, slug=slug, action=Action.VIEW)
+    room = access.room
+    target = min(seq, Room.objects.filter(pk=room.pk).values_list("last_seq", flat=True).get())
+    with transaction.atomic():
+        state, _ = ReadState.objects.get_or_create(room=room, user=user)
+        # A conditional UPDATE: two tabs marking at once can only move it forward.
+        moved = ReadState.objects.filter(pk=state.pk, seq__lt=target).update(seq=target) == 1
+    stored = ReadState.objects.filter(pk=state.pk).values_list("seq", flat=True).get()
+    return ReadResult(room=room.slug, seq=stored, moved=moved, markers=room.read_markers)

@@ -1,0 +1,321 @@
+"""The delivery guarantee for one socket, in one place: how a socket subscribes
+(join the room's stream first, read the log after `since`, send it, then go live),
+how every room event reaches it once and in seq order (dedupe, gap repair from the
+log, catch-up after a transport failure), and the room's access as the socket holds
+it. A part of RealtimeConsumer (ws/consumer.py).
+
+Ordering: a socket handles one message at a time, so while `subscribe` replays the
+log, room events for that room wait in the socket's local queue (the worker's
+fan-out fills it, delivery/fanout.py). They are delivered afterwards and dropped
+when their seq was already sent: the "join first, buffer, read the log, flush
+without duplicates" order of DESIGN.md. A live event whose seq skips ahead (the
+transport dropped one, or two workers' publications crossed) makes the socket read
+the missing range from the log before sending it.
+
+A reconnecting client resumes by sending `since` (its last seq) with subscribe:
+`_subscribe` below is the whole of what happens then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import msgspec
+from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
+from channels.consumer import get_handler_name
+from django.conf import settings
+
+from accounts.models import probation_until, send_bucket
+from accounts.sessions import session_is_valid, session_user
+
+from realtime import protocol
+from realtime.delivery import publish as broadcast
+from realtime.delivery.fanout import fanout
+from realtime.domain.access import RoomAccess, room_access
+from realtime.domain import roomlog
+from realtime.domain import selectors
+from realtime.domain.errors import ActionError
+from realtime.domain.policy import Action
+from realtime.observability import metrics
+from realtime.observability.logs import TRACE, clean_trace, event
+from realtime.protocol import CloseCode, ErrorCode
+from realtime.state import heartbeat, housekeeper, presence, ratelimit
+from realtime.state import leases as connections
+from realtime.web.proxies import scope_address
+from realtime.ws import authsweep, queues
+from realtime.ws.queues import LocalQueue
+
+log = logging.getLogger(__name__)
+INFO, DEBUG, WARNING = logging.INFO, logging.DEBUG, logging.WARNING
+
+
+@dataclass(slots=True)
+class Subscription:
+    last_seq: int
+    presence: bool = True
+    # The room and this user's role in it, as read at subscribe and re-read on
+    # every access.check (membership or visibility change): message.send checks
+    # against it instead of reading them again for every message.
+    access: RoomAccess | None = None
+    access_at: float = 0.0  # loop time it was read
+
+
+ACCESS_MAX_AGE = 30.0  # seconds a cached access is trusted without an access.check
+
+
+class Stream:
+    """Subscriptions and room events (a part of RealtimeConsumer)."""
+
+    replaying = 0  # > 0 while a subscribe or a catch-up sends from the log
+
+    async def on_subscribe(self, frame: protocol.Subscribe) -> protocol.Frame:
+        self.replaying += 1
+        try:
+            return await self._subscribe(frame)
+        finally:
+            self.replaying -= 1
+
+    async def _subscribe(self, frame: protocol.Subscribe) -> protocol.Frame:
+        slug = frame.room
+        if slug not in self.subscriptions and len(self.subscriptions) >= settings.REALTIME["MAX_ROOMS_PER_CONNECTION"]:
+            raise ActionError(ErrorCode.TOO_LARGE, "subscribed to too many rooms on this connection")
+        since = frame.since
+        current = self.subscriptions.get(slug)
+        if since is None and current is not None:
+            # Already live here: "from now" means from what this socket was sent.
+            since = current.last_seq
+        # The replay budget (ratelimit.py): while this worker knows the user in
+        # debt, the log read stops at the head, and a replay that would send
+        # anything is refused; one that sends nothing goes ahead.
+        budget = ratelimit.replay_check(self.user.pk) if since is not None else ratelimit.ALLOWED
+        # Join the stream before reading the log: nothing committed in between is lost.
+        await fanout().add(broadcast.room_group(slug), self)
+        changes = self.access_changes.get(slug, 0)
+        try:
+            replay = await database_sync_to_async(roomlog.room_replay)(
+                user=self.user, slug=slug, since=since, head_only=not budget.allowed)
+        except BaseException:
+            # Refused (or failed): no stream for this room on this socket any more.
+            if current is not None:
+                await self.drop_subscription(slug)
+            else:
+                await fanout().discard(broadcast.room_group(slug), self)
+            raise
+        encoded = self.encode_all(replay.events)
+        if replay.held_back or encoded:
+            verdict = budget if replay.held_back else await ratelimit.replay_take(self.user.pk, sum(map(len, encoded)))
+            if not verdict.allowed:
+                # Replaying more than the budget (a reconnect loop): wait. A stream
+                # already live here stays live (this was its repair); a new one is
+                # not joined. The client subscribes again after retry_after.
+                if current is None:
+                    await fanout().discard(broadcast.room_group(slug), self)
+                metrics.RATE_LIMITED.labels("replay").inc()
+                raise ActionError(ErrorCode.RATE_LIMITED, "replaying too much; wait and subscribe again",
+                                  retry_after=verdict.retry_after)
+        await self.send_all(encoded, replay.events)
+        metrics.REPLAYED.inc(len(replay.events))
+        # A re-subscribe (the client asking to repair a gap) restarts from its since.
+        unchanged = self.access_changes.get(slug, 0) == changes
+        self.subscriptions[slug] = Subscription(
+            last_seq=replay.head, presence=current.presence if current else frame.presence,
+            access=replay.access if unchanged else None, access_at=asyncio.get_running_loop().time(),
+        )
+        if current is None and frame.presence:
+            # Present in the room from now: announce a join (if this is the user's
+            # first socket there), then tell this socket who is here.
+            await presence.join(slug, self.user.pk, self.user.get_username(), self.conn_id)
+            await presence.announce(slug, skip_conn=self.conn_id)
+            await self.send_frame(protocol.PresenceState(room=slug, users=await presence.names(slug)))
+        if current is None:
+            markers = await database_sync_to_async(selectors.read_markers)(slug=slug)
+            if markers:
+                await self.send_frame(protocol.ReadMarkers(room=slug, markers=markers))
+        return protocol.SubscribeAck(ref=frame.ref, room=slug, seq=replay.head, replayed=len(replay.events))
+
+    async def drop_subscription(self, slug: str) -> None:
+        """Leave a room's stream and its presence (unsubscribe, access lost, broken stream)."""
+        sub = self.subscriptions.pop(slug, None)
+        if sub is None:
+            return
+        await fanout().discard(broadcast.room_group(slug), self)
+        if sub.presence:
+            await self.leave_presence(slug)
+
+    async def leave_presence(self, slug: str) -> None:
+        await presence.leave(slug, self.user.pk, self.user.get_username(), self.conn_id)
+        presence.announce_later(slug)
+
+    def cached_access(self, slug: str) -> RoomAccess | None:
+        """The room's access as this socket's subscription holds it, if it is young
+        enough to trust (None: message_send reads it)."""
+        sub = self.subscriptions.get(slug)
+        if sub is None or asyncio.get_running_loop().time() - sub.access_at >= ACCESS_MAX_AGE:
+            return None
+        return sub.access
+
+    async def deliver(self, message: dict) -> bool:
+        """The fan-out's fast path: send the room's next event straight away when
+        nothing is ahead of it for this socket (no queued message, no replay, no
+        frame of its own being answered, so a sender gets its ack before its own
+        message; the seq right after the last one sent). False: queue it, and
+        room_event takes it in order with everything else."""
+        kind = message.get("type")
+        if kind == broadcast.ACCESS_CHECK:
+            # Forget the room's access at once, not when access_check gets its
+            # turn: a message.send handled before that reads it afresh. A read
+            # begun before this (a subscribe, an earlier check) is not kept.
+            self.access_changes[message["room"]] = self.access_changes.get(message["room"], 0) + 1
+            if message["room"] in self.subscriptions:
+                self.subscriptions[message["room"]].access = None
+        if kind != broadcast.ROOM_EVENT or self.replaying or self.handling or not self.local_queue.empty():
+            return False
+        sub = self.subscriptions.get(message["room"])
+        if sub is None or self.revoked or message["seq"] != sub.last_seq + 1:
+            return False
+        await self.write_event(message, sub)  # the fan-out counts it (metrics.delivered)
+        return True
+
+    async def room_event(self, message: dict) -> None:
+        """A committed event of a room: send it once, in seq order."""
+        slug = message["room"]
+        sub = self.subscriptions.get(slug)
+        if sub is None or self.revoked:
+            return
+        seq = message["seq"]
+        if seq <= sub.last_seq:
+            return
+        if seq > sub.last_seq + 1 and not await self.catch_up(slug, sub, seq - 1):
+            return
+        await self.write_event(message, sub)
+        metrics.delivered(message)
+
+    async def write_event(self, message: dict, sub: Subscription) -> None:
+        await self.send_encoded(message)
+        sub.last_seq = message["seq"]
+        if log.isEnabledFor(DEBUG):
+            log.debug("ws.deliver", extra={"event": "ws.deliver", "conn_id": self.conn_id, "user_id": self.user.pk,
+                                           "room": message["room"], "seq": message["seq"],
+                                           "trace_id": message.get("trace")})
+
+    async def push(self, message: dict) -> None:
+        """An ephemeral frame (typing, presence, read markers), encoded once upstream."""
+        room = message.get("room")
+        sub = self.subscriptions.get(room) if room is not None else None
+        if self.revoked or (room is not None and sub is None):
+            return
+        if message.get("skip_user") == self.user.pk or message.get("skip_conn") == self.conn_id:
+            return
+        if message.get("presence") and not sub.presence:
+            return
+        await self.send_encoded(message)
+
+    async def send_encoded(self, message: dict) -> None:
+        """Send a layer message's payload as encoded upstream for this socket's codec:
+        framed once per worker and written as is where the server allows it
+        (realtime/server.py), through ASGI otherwise."""
+        if self.write_frame is not None and self.write_frame(protocol.framed(message, self.codec)):
+            return
+        payload = message[self.codec.name]
+        if self.codec.binary:
+            await self.send(bytes_data=payload)
+        else:
+            await self.send(text_data=payload)
+
+    async def send_held(self) -> None:
+        """The room events that waited while this socket's frames were handled (a
+        sender's own messages among them, which wait for its acks), sent right
+        after the replies rather than one per turn of the socket's queues: a
+        client with sends in flight would otherwise get its own messages one per
+        frame it sends."""
+        held = self.local_queue.items
+        while held and held[0]["type"] == broadcast.ROOM_EVENT:
+            await self.room_event(held.pop(0))
+
+    def encode_all(self, events: list[protocol.RoomEvent]) -> list[bytes]:
+        """Events from the log, encoded for this socket (their size is what a
+        replay costs the user's budget)."""
+        return [self.codec.encode(room_event) for room_event in events]
+
+    async def send_all(self, encoded: list[bytes], events: list[protocol.RoomEvent]) -> None:
+        for data, room_event in zip(encoded, events):
+            metrics.FRAMES_OUT.labels(room_event.__struct_config__.tag).inc()
+            if self.codec.binary:
+                await self.send(bytes_data=data)
+            else:
+                await self.send(text_data=data.decode())
+
+    async def layer_recovered(self, message: dict) -> None:
+        """The layer is back (or a ping asks): send each room what was committed
+        but not delivered, e.g. while the layer was down."""
+        if not self.subscriptions:
+            return
+        # An access.check may have been lost with the rest: read access afresh.
+        for sub in self.subscriptions.values():
+            sub.access = None
+        heads = await database_sync_to_async(roomlog.room_heads)(slugs=list(self.subscriptions))
+        for slug, head in heads.items():
+            sub = self.subscriptions.get(slug)
+            if sub is not None and head > sub.last_seq:
+                await self.catch_up(slug, sub, head)
+
+    async def access_check(self, message: dict) -> None:
+        """A room's memberships or visibility changed: leave it if no longer allowed."""
+        slug = message["room"]
+        if slug not in self.subscriptions or self.revoked:
+            return
+        sub = self.subscriptions[slug]
+        sub.access = None  # until read again: message.send reads it itself
+        changes = self.access_changes.get(slug, 0)
+        try:
+            access = await database_sync_to_async(room_access)(user=self.user, slug=slug, action=Action.VIEW)
+        except ActionError as exc:
+            await self.drop_subscription(slug)
+            await self.send_frame(protocol.Error(code=exc.code, message=exc.message, room=slug))
+            return
+        if self.subscriptions.get(slug) is sub and self.access_changes.get(slug, 0) == changes:
+            sub.access, sub.access_at = access, asyncio.get_running_loop().time()
+
+    async def catch_up(self, slug: str, sub: Subscription, upto: int) -> bool:
+        """Send the room's events after sub.last_seq up to `upto` from the log.
+        On failure the subscription ends and the client is told to reload the room."""
+        self.replaying += 1
+        try:
+            return await self._catch_up(slug, sub, upto)
+        finally:
+            self.replaying -= 1
+
+    async def _catch_up(self, slug: str, sub: Subscription, upto: int) -> bool:
+        try:
+            missing = await database_sync_to_async(roomlog.room_events_between)(slug=slug, after=sub.last_seq, upto=upto)
+        except Exception as exc:
+            if not isinstance(exc, ActionError):
+                log.exception("ws catch-up failed", extra={"event": "ws.catchup_failed", "conn_id": self.conn_id, "room": slug})
+            await self.drop_subscription(slug)
+            await self.send_frame(
+                protocol.Error(
+                    code=ErrorCode.RECOVERY_FAILED,
+                    message="this room's stream broke off; reload it and subscribe again",
+                    room=slug,
+                )
+            )
+            return False
+        # Gap repair: counted against the replay budget, never refused (the gap
+        # is the server's doing, not the client's).
+        encoded = self.encode_all(missing)
+        if encoded:
+            await ratelimit.replay_take(self.user.pk, sum(map(len, encoded)), force=True)
+        await self.send_all(encoded, missing)
+        metrics.REPLAYED.inc(len(missing))
+        if missing:
+            sub.last_seq = missing[-1].seq
+        return True

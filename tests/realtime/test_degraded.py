@@ -1,0 +1,175 @@
+"""Every row of the degraded-mode table (realtime/state/degraded.py), with Redis
+down: each feature does what its row says, and counts it under its row exactly."""
+
+from __future__ import annotations
+
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.test import Client
+from prometheus_client import REGISTRY
+
+from realtime.domain import services
+from realtime.models import Message
+from realtime.state import degraded, heartbeat, presence, ratelimit
+from realtime.state import leases as connections
+from tests.conftest import call, communicator, socket, subscribe
+from tests.services import RedisServer, free_port
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
+
+
+def tolerated(row: str) -> float:
+    return REGISTRY.get_sample_value("realtime_degraded_total", {"feature": row}) or 0.0
+
+
+class Counts:
+    """How many times each row was tolerated since the block began."""
+
+    def __enter__(self):
+        self.start = {row: tolerated(row) for row in degraded.ROWS}
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def moved(self) -> dict[str, float]:
+        return {row: tolerated(row) - self.start[row] for row in degraded.ROWS if tolerated(row) != self.start[row]}
+
+
+@pytest.fixture
+def redis_gone(settings):
+    """REDIS_URL and the cache point at a port where nothing listens (name it after
+    the fixtures that write demo data, which use the cache)."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    settings.REDIS_URL = url
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": url}}
+    ratelimit.reset()
+    connections.leases.reset()
+    presence.backend.reset()
+    return url
+
+
+async def test_rate_limits_handshakes_and_the_replay_budget_fail_open(redis_gone):
+    with Counts() as counts:
+        assert (await ratelimit.take(1, "message.send")).allowed
+        assert (await ratelimit.take("198.51.100.1", "handshake.address")).allowed
+        assert (await ratelimit.replay_take(1, 10**12)).allowed
+    assert counts.moved() == {degraded.RATE_LIMITS: 1, degraded.HANDSHAKE_LIMITS: 1, degraded.REPLAY_BUDGET: 1}
+
+
+async def test_the_socket_cap_fails_open(redis_gone, settings):
+    settings.REALTIME = {**settings.REALTIME, "MAX_CONNECTIONS_PER_USER": 0}  # would refuse anyone
+    with Counts() as counts:
+        assert await connections.acquire(1, "c1") is True
+        await connections.release(1, "c1")
+    assert counts.moved() == {degraded.LEASES: 2}
+
+
+async def test_sign_in_counters_fail_open(demo, redis_gone):
+    with Counts() as counts:
+        res = await sync_to_async(Client().post)("/accounts/login/", {"username": "alice", "password": "demo-password"})
+    assert res.status_code == 302
+    # Read before the password is checked: per address and per account (no device cookie).
+    assert counts.moved() == {degraded.SIGN_IN_COUNTERS: 2}
+
+
+async def test_a_new_socket_is_closed_with_4013_while_its_user_group_cannot_be_joined(cookies, redis_gone):
+    comm = communicator(cookies["bob"])
+    with Counts() as counts:
+        connected, _ = await comm.connect(timeout=5)
+        assert connected
+        assert (await comm.receive_output(timeout=5))["code"] == 4013
+    await comm.disconnect()
+    assert counts.moved()[degraded.NEW_SOCKETS] == 1
+
+
+async def test_presence_and_pushes_are_skipped(redis_gone):
+    with Counts() as counts:
+        await presence.join("general", 1, "alice", "c1")
+        assert await presence.names("general") == []
+        await presence.leave("general", 1, "alice", "c1")
+        assert await presence.typing_allowed("general", 1) is False
+    assert counts.moved() == {degraded.PRESENCE: 3, degraded.PUSH: 1}
+
+
+async def test_the_heartbeat_skips_a_beat(redis_gone):
+    with Counts() as counts:
+        await heartbeat.beat()
+    assert counts.moved() == {degraded.HEARTBEAT: 1}
+
+
+async def test_a_long_poll_reads_the_log_instead_of_waiting_on_the_fan_out(demo, redis_gone):
+    from realtime.web.longpoll import wait_for_events
+
+    await sync_to_async(services.perform_sync)(services.message_send, user=demo["alice"], slug="general", body="x",
+                                               client_id="lp")
+    with Counts() as counts:
+        page = await wait_for_events(demo["bob"], "general", since=0, wait=1, limit=10)
+    assert [e["seq"] for e in page["events"]] == [1]
+    assert counts.moved()[degraded.LONG_POLL] == 1
+
+
+async def test_tickets_answer_503_while_their_store_is_down(demo, redis_gone):
+    client = Client()
+    await sync_to_async(client.force_login)(demo["bob"])
+    with Counts() as counts:
+        res = await sync_to_async(client.post)("/api/v1/tickets/")
+    assert res.status_code == 503 and res["Retry-After"] == "5"
+    assert counts.moved() == {degraded.RATE_LIMITS: 1, degraded.TICKETS: 1}
+    comm = communicator(None, path="/ws/v1/?ticket=" + "t" * 43)
+    with Counts() as counts:
+        connected, _ = await comm.connect(timeout=5)
+        assert (await comm.receive_output(timeout=5))["code"] == 4013
+    await comm.disconnect()
+    assert counts.moved()[degraded.TICKETS] == 1
+
+
+async def test_a_control_message_lost_is_counted(demo, redis_gone):
+    from realtime.delivery import publish
+
+    with Counts() as counts:
+        await sync_to_async(publish.session_check_on_commit)(demo["bob"].pk)
+    assert counts.moved() == {degraded.CONTROL: 1}
+
+
+async def test_the_fan_out_rides_out_an_outage_and_loses_nothing(settings, tmp_path, cookies, demo):
+    """Sockets stay open while Redis is down; what is written meanwhile (its
+    publication fails: PUBLISH) reaches them, in order and once, when it is back."""
+    redis = RedisServer(tmp_path).start()
+    settings.REDIS_URL = redis.url
+    ratelimit.reset()
+    try:
+        async with socket(cookies["bob"]) as bob:
+            await subscribe(bob, "general")
+            with Counts() as counts:
+                redis.stop()
+                for i in range(3):
+                    await sync_to_async(services.perform_sync)(
+                        services.message_send, user=demo["alice"], slug="general", body=f"while down {i}",
+                        client_id=f"down{i}")
+                redis.start()
+                got = []
+                while len(got) < 3:
+                    frame = await bob.receive_json_from(timeout=15)
+                    if frame["type"] == "message.new":
+                        got.append(frame["seq"])
+            assert got == [1, 2, 3]
+            moved = counts.moved()
+            assert moved[degraded.PUBLISH] == 3 and moved[degraded.FANOUT] >= 1
+            assert await call(bob, {"type": "ping", "ref": 1}) == {"type": "pong", "ref": 1}
+    finally:
+        redis.stop()
+    assert await Message.objects.acount() == 3
+
+
+async def test_every_row_is_in_the_table_and_tested():
+    """The table (the module's doc) and the rows agree, and each row has a test here."""
+    import inspect
+
+    table = degraded.__doc__
+    source = inspect.getsource(inspect.getmodule(test_every_row_is_in_the_table_and_tested))
+    for row in degraded.ROWS:
+        name = next(k for k, v in vars(degraded).items() if v == row and k.isupper())
+        assert f"| {name} |" in table, name
+        assert f"degraded.{name}" in source, f"no test names the row {name}"
