@@ -203,7 +203,7 @@ class Worker:
         return self
 
     def terminate(self) -> None:
-        """SIGTERM: the graceful drain (realtime/server.py)."""
+        """SIGTERM: the graceful drain (realtime/server/drain.py)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 

@@ -379,6 +379,14 @@ REALTIME = {
     # and connections per peer address that are not sockets yet (trusted proxies
     # excepted: the balancer limits those, deploy/).
     "HANDSHAKE_TIMEOUT": float(os.environ.get("REALTIME_HANDSHAKE_TIMEOUT") or 10),
+    # Under realtime.server: unsent bytes a socket may hold before it is closed with
+    # 4013; frames and bytes received and not yet handled before 4029.
+    "MAX_SEND_BUFFER": env_int("REALTIME_MAX_SEND_BUFFER", 1024 * 1024),
+    "MAX_RECEIVE_FRAMES": env_int("REALTIME_MAX_RECEIVE_FRAMES", 256),
+    "MAX_RECEIVE_BUFFER": env_int("REALTIME_MAX_RECEIVE_BUFFER", 1024 * 1024),
+    # The drain: seconds over which sockets are closed, and waited for.
+    "DRAIN_SPREAD": float(os.environ.get("REALTIME_DRAIN_SPREAD") or 1),
+    "DRAIN_TIMEOUT": float(os.environ.get("REALTIME_DRAIN_TIMEOUT") or 10),
     "MAX_PENDING_PER_ADDRESS": env_int("REALTIME_MAX_PENDING_PER_ADDRESS", 32),
 }
 
@@ -415,6 +423,8 @@ LOGGING = {
 # /metrics answers requests from this machine that did not come through a proxy,
 # or any request with "Authorization: Bearer <REALTIME_METRICS_TOKEN>".
 REALTIME_METRICS_TOKEN = os.environ.get("REALTIME_METRICS_TOKEN", "")
+# This worker's name (the dashboard, `manage.py drain --worker`, X-Realtime-Worker).
+REALTIME_WORKER_ID = os.environ.get("REALTIME_WORKER_ID") or f"{__import__('socket').gethostname()}-{os.getpid()}"
 # `make bench` only: mount the baseline consumer (bench/bare.py) at /ws/bench/bare/.
 REALTIME_BENCH = env_bool("REALTIME_BENCH", False)
 # Whether responses name the worker that answered (X-Realtime-Worker), and /healthz

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import os
 import re
 import uuid
 
@@ -53,11 +52,15 @@ def event(logger: logging.Logger, level: int, name: str, **fields) -> None:
 class ContextFilter(logging.Filter):
     """Puts the current trace id and the worker's name on every record."""
 
-    worker = os.environ.get("REALTIME_WORKER_ID", "")
+    worker: str | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "trace_id"):
             record.trace_id = TRACE.get()
+        if self.worker is None:
+            from django.conf import settings
+
+            ContextFilter.worker = getattr(settings, "REALTIME_WORKER_ID", "")
         record.worker = self.worker
         return True
 

@@ -42,7 +42,7 @@ LAYER_FAILURES = Counter("realtime_layer_send_failures_total", "Channel-layer se
 DEGRADED = Counter("realtime_degraded_total", "Redis calls that failed and were tolerated as state/degraded.py's table "
                    "says, by its row", ["feature"])
 GC_FROZEN = Gauge("realtime_gc_frozen_objects", "Objects made at start-up and kept out of the garbage collector's walks "
-                  "(gc.freeze, realtime/server.py)")
+                  "(gc.freeze, realtime/server/launcher.py)")
 GC_FROZEN.set_function(gc.get_freeze_count)
 
 _KNOWN_TYPES = set(protocol.CLIENT_TYPES)

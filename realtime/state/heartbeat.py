@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import time
 from collections import Counter
 
@@ -32,7 +31,9 @@ draining = False
 
 
 def worker_id() -> str:
-    return os.environ.get("REALTIME_WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}"
+    from django.conf import settings
+
+    return settings.REALTIME_WORKER_ID
 
 
 def record() -> dict:

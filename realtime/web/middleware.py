@@ -1,6 +1,5 @@
 """HTTP middleware of the realtime app."""
 
-import os
 
 
 def worker_header() -> str:
@@ -8,7 +7,7 @@ def worker_header() -> str:
     (REALTIME_EXPOSE_WORKER: off by default with DEBUG off)."""
     from django.conf import settings
 
-    return os.environ.get("REALTIME_WORKER_ID", "") if settings.REALTIME_EXPOSE_WORKER else ""
+    return settings.REALTIME_WORKER_ID if settings.REALTIME_EXPOSE_WORKER else ""
 
 
 class WorkerHeaderMiddleware:

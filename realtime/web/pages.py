@@ -7,7 +7,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from realtime import protocol
-from realtime.domain.access import RoomAccess, room_access
+from realtime.domain.access import room_access
 from realtime.domain import selectors
 from realtime.domain.errors import ActionError
 from realtime.domain.policy import Action, can

@@ -2,7 +2,7 @@
 
 An unknown path is refused before the handshake completes, with one warning
 line: HTTP 404 where the server offers the ASGI WebSocket denial response
-extension (`websocket.http.response`: our daphne launcher, realtime/server.py),
+extension (`websocket.http.response`: our daphne launcher, realtime/server/bounded.py),
 else the close-before-accept every ASGI server answers with 403. Never a
 traceback (channels' URLRouter raises for an unknown path: a 500 and an ERROR
 log line per request).

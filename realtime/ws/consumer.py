@@ -19,27 +19,20 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Awaitable, Callable
 
-import msgspec
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from channels.consumer import get_handler_name
-from django.conf import settings
 
-from accounts.models import probation_until, send_bucket
 from accounts.sessions import session_is_valid, session_user
 
 from realtime import protocol
 from realtime.delivery import publish as broadcast
 from realtime.delivery.fanout import fanout
-from realtime.domain.errors import ActionError
-from realtime.domain.policy import Action
 from realtime.observability import metrics
-from realtime.observability.logs import TRACE, clean_trace, event
+from realtime.observability.logs import event
 from realtime.protocol import CloseCode, ErrorCode
 from realtime.state import degraded, heartbeat, housekeeper, presence, ratelimit
 from realtime.state import leases as connections
@@ -77,7 +70,7 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.channel_name = None
         self.base_send = send
-        # The server's prebuilt-frame write (realtime/server.py), when it has one.
+        # The server's prebuilt-frame write (realtime/server/bounded.py), when it has one.
         self.write_frame = ((scope.get("extensions") or {}).get("realtime.frames") or {}).get("write")
         self.local_queue = LocalQueue()
         # The server's queue of this socket's received messages, when `receive` is

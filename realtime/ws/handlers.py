@@ -8,39 +8,23 @@ ws/intake.py (alone or in a batch), subscribe in ws/stream.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-import uuid
-from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import msgspec
 from channels.db import database_sync_to_async
-from channels.exceptions import StopConsumer
-from channels.generic.websocket import AsyncWebsocketConsumer
-from channels.layers import get_channel_layer
-from channels.consumer import get_handler_name
-from django.conf import settings
 
-from accounts.models import probation_until, send_bucket
-from accounts.sessions import session_is_valid, session_user
 
 from realtime import protocol
 from realtime.delivery import publish as broadcast
-from realtime.delivery.fanout import fanout
-from realtime.domain.access import RoomAccess, room_access
+from realtime.domain.access import room_access
 from realtime.domain import services
 from realtime.domain.errors import ActionError
 from realtime.domain.policy import Action
-from realtime.observability import metrics
-from realtime.observability.logs import TRACE, clean_trace, event
-from realtime.protocol import CloseCode, ErrorCode
-from realtime.state import heartbeat, housekeeper, presence, ratelimit
-from realtime.state import leases as connections
-from realtime.web.proxies import scope_address
-from realtime.ws import authsweep, queues
-from realtime.ws.queues import LocalQueue
+from realtime.observability.logs import event
+from realtime.protocol import ErrorCode
+from realtime.state import heartbeat, presence
 
 log = logging.getLogger(__name__)
 INFO, DEBUG, WARNING = logging.INFO, logging.DEBUG, logging.WARNING

@@ -73,7 +73,7 @@ class AppQueue:
 async def serve(receive, local_queue, dispatch) -> None:
     """await_many_dispatch([receive, local_queue.get], dispatch), in this task.
 
-    When `receive` is an AppQueue's get (the daphne launcher, realtime/server.py),
+    When `receive` is an AppQueue's get (the daphne launcher, realtime/server/bounded.py),
     both queues wake one future of this task instead of each having a task of its
     own. The two take turns as with await_many_dispatch: one message from each that
     has one, the socket's own first. Anything else: await_many_dispatch as is."""

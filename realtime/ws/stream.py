@@ -19,23 +19,12 @@ A reconnecting client resumes by sending `since` (its last seq) with subscribe:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-import uuid
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
-import msgspec
 from channels.db import database_sync_to_async
-from channels.exceptions import StopConsumer
-from channels.generic.websocket import AsyncWebsocketConsumer
-from channels.layers import get_channel_layer
-from channels.consumer import get_handler_name
 from django.conf import settings
 
-from accounts.models import probation_until, send_bucket
-from accounts.sessions import session_is_valid, session_user
 
 from realtime import protocol
 from realtime.delivery import publish as broadcast
@@ -46,13 +35,8 @@ from realtime.domain import selectors
 from realtime.domain.errors import ActionError
 from realtime.domain.policy import Action
 from realtime.observability import metrics
-from realtime.observability.logs import TRACE, clean_trace, event
-from realtime.protocol import CloseCode, ErrorCode
-from realtime.state import heartbeat, housekeeper, presence, ratelimit
-from realtime.state import leases as connections
-from realtime.web.proxies import scope_address
-from realtime.ws import authsweep, queues
-from realtime.ws.queues import LocalQueue
+from realtime.protocol import ErrorCode
+from realtime.state import presence, ratelimit
 
 log = logging.getLogger(__name__)
 INFO, DEBUG, WARNING = logging.INFO, logging.DEBUG, logging.WARNING
@@ -222,7 +206,7 @@ class Stream:
     async def send_encoded(self, message: dict) -> None:
         """Send a layer message's payload as encoded upstream for this socket's codec:
         framed once per worker and written as is where the server allows it
-        (realtime/server.py), through ASGI otherwise."""
+        (realtime/server/bounded.py), through ASGI otherwise."""
         if self.write_frame is not None and self.write_frame(protocol.framed(message, self.codec)):
             return
         payload = message[self.codec.name]

@@ -1,7 +1,7 @@
 """Hostile input against a real worker: malformed frames at the byte level, floods,
 memory pressure. The worker must stay up, answer each case with its documented
 error or close code, store nothing, broadcast nothing, and keep its memory bounded
-(realtime/server.py: at most 1 MiB or 256 frames waiting per socket on the way in,
+(realtime/server/bounded.py: at most 1 MiB or 256 frames waiting per socket on the way in,
 1 MiB on the way out)."""
 
 from __future__ import annotations

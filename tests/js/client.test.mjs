@@ -431,7 +431,11 @@ test("4013 backs off; 4029 waits at least retry_after", () => {
   sockets[0].open();
   sockets[0].serverClose(4013);
   assert.equal(client.state, State.RECONNECTING);
-  // full jitter with random()=0 reconnects at once; the attempt counter still grows
+  // equal jitter with random()=0 waits half the first ceiling (250 ms), never 0
+  const backoff = states.at(-1).delay;
+  assert.equal(backoff, 250);
+  timers.advance(249);
+  assert.equal(sockets.length, 1);
   timers.advance(1);
   assert.equal(sockets.length, 2);
   sockets[1].open();

@@ -59,7 +59,7 @@ class Transport:
 def open_socket(**attributes):
     from types import SimpleNamespace
 
-    from realtime.server.launcher import BoundedWebSocketProtocol
+    from realtime.server.bounded import BoundedWebSocketProtocol
 
     socket = BoundedWebSocketProtocol.__new__(BoundedWebSocketProtocol)
     socket.__dict__.update(state=socket.STATE_OPEN, transport=Transport(), _perMessageCompress=None,

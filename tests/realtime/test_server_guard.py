@@ -1,4 +1,4 @@
-"""The worker's guard on HTTP connections (realtime/server.py), driven with a
+"""The worker's guard on HTTP connections (realtime/server/guard.py), driven with a
 fake clock: a deadline per request, graceful for an idle kept-alive connection,
 abrupt for a request that trickles; the per-address count given back."""
 
@@ -8,7 +8,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from realtime.server.launcher import GuardedHTTPChannel, PendingCounter
+from realtime.server.guard import GuardedHTTPChannel, PendingCounter
 
 
 class Transport(StringTransport):

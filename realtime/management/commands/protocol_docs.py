@@ -81,9 +81,10 @@ current head with no replay.
 
 Every subscribed connection receives the room's events, the sender's own included.
 
-`message.send` is idempotent per user and `client_id`: a repeat returns the original
-ack and writes and broadcasts nothing (the same `client_id` in another room is
-`conflict`).
+`message.send` is idempotent per user and `client_id`: a repeat writes nothing and
+returns the original ack, and the original event is published again (the first
+publication may never have left; subscribers that have it drop it by seq). The same
+`client_id` in another room is `conflict`.
 """
 
 REST = """\

@@ -1,0 +1,107 @@
+"""Every private attribute of daphne, autobahn and Twisted this server touches, in
+one place: what each is for, and the accessors the rest of server/ uses.
+tests/realtime/test_server_adapter.py checks that each is still where this module
+expects it, so that an upgrade that moves one fails loudly there, not quietly in
+production (requirements.txt pins all three).
+"""
+
+from __future__ import annotations
+
+from twisted.internet import tcp
+from twisted.web import http as twisted_http
+
+# (where, attribute): what this package reads or writes that is not public API.
+PRIVATE = (
+    # Twisted's TCP transport: unsent bytes (back-pressure), and whether a write can
+    # go out at once (write_now).
+    ("twisted.internet.tcp.Connection", "dataBuffer"),
+    ("twisted.internet.tcp.Connection", "offset"),
+    ("twisted.internet.tcp.Connection", "_tempDataLen"),
+    ("twisted.internet.tcp.Connection", "_writeDisconnected"),
+    ("twisted.internet.tcp.Connection", "writeSomeData"),
+    # Twisted's HTTP channel: a request being handled; the channel left registered
+    # as a producer after daphne's upgrade (let go, server/guard.py).
+    ("twisted.web.http.HTTPChannel", "_handlingRequest"),
+    ("twisted.web.http.HTTPChannel", "_requestProducer"),
+    ("twisted.web.http", "_GenericHTTPChannelProtocol"),
+    # TLS wraps the producer in a membrane.
+    ("twisted.protocols.tls.TLSMemoryBIOProtocol", "_producer"),
+    # The application's queue of received messages (asyncio.Queue's, and ours).
+    ("asyncio.Queue", "_queue"),
+    # autobahn's WebSocket protocol: what a prebuilt frame may bypass; the instance
+    # dict an open socket sheds (server/bounded.py).
+    ("autobahn.websocket.protocol.WebSocketProtocol", "send_state"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "SEND_STATE_GROUND"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "send_queue"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "_perMessageCompress"),
+    ("autobahn.websocket.protocol.WebSocketProtocol", "CONFIG_ATTRS"),
+    # daphne's Server: its connections, the factories, making an application.
+    ("daphne.server.Server", "connections"),
+    ("daphne.server.Server", "http_factory"),
+    ("daphne.server.Server", "ws_factory"),
+    ("daphne.server.Server", "create_application"),
+    ("daphne.server.Server", "handle_reply"),
+    ("daphne.server.Server", "listen_success"),
+    # daphne's WebSocket protocol: the handshake's deferred (a denial response).
+    ("daphne.ws_protocol.WebSocketProtocol", "handshake_deferred"),
+    ("daphne.ws_protocol.WebSocketProtocol", "application_queue"),
+)
+
+
+def unsent_bytes(transport) -> int:
+    """Bytes a Twisted transport holds that the peer has not taken yet (looking
+    through a TLS wrapper to the TCP transport)."""
+    for _ in range(4):
+        if transport is None or hasattr(transport, "dataBuffer"):
+            break
+        transport = getattr(transport, "transport", None)
+    if transport is None:
+        return 0
+    return len(transport.dataBuffer) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+
+
+def write_now(transport, data: bytes) -> None:
+    """transport.write(data), but sent at once when nothing is queued ahead of it on
+    a plain TCP socket: Twisted would queue it and register the socket with the
+    poller for one send() on the next turn, two poller changes per frame, which
+    was most of a fan-out's cost. What the kernel does not take is queued as usual."""
+    if (
+        isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
+        and not transport.disconnecting and not transport._writeDisconnected
+        and not transport._tempDataLen and len(transport.dataBuffer) == transport.offset
+    ):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int):
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)
+
+
+def waiting(queue) -> list:
+    """The messages an application queue holds (asyncio.Queue's and AppQueue's deque)."""
+    return queue._queue
+
+
+def handling_request(channel) -> bool:
+    """Whether a Twisted HTTP channel has a whole request in hand."""
+    return channel._handlingRequest
+
+
+def http_channel_protocol(channel):
+    """Twisted's protocol wrapper around an HTTP channel (what its factory builds)."""
+    return twisted_http._GenericHTTPChannelProtocol(channel)
+
+
+def http_producer(transport):
+    """The HTTP channel left registered as `transport`'s producer after daphne's
+    upgrade, if any: a TCP transport keeps it as `producer`, TLS inside a membrane;
+    with whether it is idle for good (handling its one request, no request
+    producer: its producer methods do nothing any more)."""
+    producer = getattr(transport, "producer", None)
+    if producer is None:
+        membrane = getattr(transport, "_producer", None)
+        producer = getattr(membrane, "_producer", None)
+    if not isinstance(producer, twisted_http.HTTPChannel):
+        return None, False
+    return producer, getattr(producer, "_handlingRequest", False) and getattr(producer, "_requestProducer", None) is None

@@ -1,0 +1,268 @@
+"""The WebSocket protocol of our worker: bounded buffers each way, prebuilt frames
+written as is (corked: one send() per socket and turn of the loop), a handshake
+refused with any HTTP status, and an open socket's memory shed.
+
+A message larger than daphne's --websocket-max-message-size is closed with 1009
+(not dropped). It also bounds what a worker buffers for one socket, each way:
+- out: a socket whose unsent bytes pass REALTIME_MAX_SEND_BUFFER (default 1 MiB) is
+  closed with 4013 (overloaded: reconnect with backoff, then resume by seq) instead
+  of growing the worker's memory; messages for it beyond that are not buffered;
+- in: a socket with more than REALTIME_MAX_RECEIVE_FRAMES (256) frames, or
+  REALTIME_MAX_RECEIVE_BUFFER bytes (1 MiB), received and not yet handled is closed
+  with 4029 (a flood); what it sends after that is dropped.
+
+Each socket's scope carries the ASGI extension `realtime.frames`: `write(frame)`
+puts a complete, already framed WebSocket message (protocol.websocket_frame()) on
+the socket as is, at the end of the loop's current turn, in one send() with
+whatever else the socket got in that turn (anything sent through ASGI goes after
+it). The fan-out frames a room event once and writes those bytes to every local
+member, instead of daphne encoding, framing and accounting it per member. The same
+send-buffer bound applies. Under another server the extension is absent and the app
+sends through ASGI as usual.
+
+What an open socket sheds to stay small (about 15 KiB an idle socket):
+docs/decisions.md. The private attributes it touches: server/adapter.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from daphne.ws_protocol import WebSocketProtocol
+
+from realtime.protocol.codes import CloseCode
+from realtime.server import adapter
+from realtime.server.adapter import unsent_bytes, write_now
+from realtime.server.guard import release_http_channel
+
+log = logging.getLogger("realtime.server")
+
+# The close codes this module sends, from the protocol's one list (exact ints).
+OVERLOADED = int(CloseCode.OVERLOADED)
+RATE_LIMITED = int(CloseCode.RATE_LIMITED)
+
+
+# The prebuilt frames each socket got in this turn of the loop
+# (BoundedWebSocketProtocol.write_frame), written when the turn ends. Kept here,
+# not on the socket: an open socket's dict is kept small (_shed), and two more
+# keys would double it.
+_corked: dict["BoundedWebSocketProtocol", list[bytes]] = {}
+
+
+def flush_corked() -> None:
+    """Write what each socket gathered in this turn of the loop, in one send() per
+    socket: a burst of room events (a batch of sends, several rooms' events)
+    costs a system call per socket instead of one per socket and event."""
+    gathered = list(_corked.items())
+    _corked.clear()
+    for socket, frames in gathered:
+        socket.write_gathered(frames)
+
+
+class SendQueue(list):
+    """autobahn's send_queue (len, append, popleft) as a list: it is empty but for
+    chopped or synchronous sends, and an empty deque holds a 64-slot block (760 B
+    a socket), an empty list 56 B."""
+
+    __slots__ = ()
+
+    def popleft(self):
+        return self.pop(0)
+
+
+class OpenedRequest:
+    """What daphne reads of the handshake request once a socket is open."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str):
+        self.path = path
+
+
+DENIAL_REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 429: "Too Many Requests"}
+
+
+class BoundedWebSocketProtocol(WebSocketProtocol):
+    """daphne's WebSocket protocol with a ceiling on unsent bytes, and one on
+    received frames the application has not taken yet (daphne queues those
+    without bound: a client can send far faster than frames are handled)."""
+
+    # Instance attributes that autobahn sets to these values when a connection is
+    # made and that an open socket rarely changes: onOpen leaves them to the class
+    # (same values), and the instance dict shrinks (see _shed()).
+    _INITIAL = {
+        "closedByMe": False, "failedByMe": False, "droppedByMe": False, "wasClean": False,
+        "wasNotCleanReason": None, "wasServerConnectionDropTimeout": False, "wasOpenHandshakeTimeout": False,
+        "wasCloseHandshakeTimeout": False, "wasServingFlashSocketPolicyFile": False,
+        "localCloseCode": None, "localCloseReason": None, "remoteCloseCode": None, "remoteCloseReason": None,
+        "openHandshakeTimeoutCall": None, "closeHandshakeTimeoutCall": None, "autoPingTimeoutCall": None,
+        "autoPingPending": None, "autoPingPendingCall": None, "autoPingPendingSent": None,
+        "trackedTimings": None, "_perMessageCompress": None, "protocol_to_accept": None,
+        "wasMaxFramePayloadSizeExceeded": False, "wasMaxMessagePayloadSizeExceeded": False,
+        "root_path": "",
+        # Read by the handshake only (daphne's onConnect, autobahn's processHandshake):
+        # dropped whatever they hold, these are what the class answers after that.
+        "http_headers": {}, "http_request_data": b"", "http_response_data": b"", "_raw_query_string": b"",
+        "clean_headers": (), "application_deferred": None, "_wskey": None, "http_status_line": None,
+        "http_request_uri": None, "http_request_path": None, "http_request_params": None, "http_request_host": None,
+        "websocket_protocols": (), "websocket_extensions": (), "websocket_origin": None,
+        "_transport_details": None,
+    }
+    _HANDSHAKE_ONLY = frozenset({
+        "http_headers", "http_request_data", "http_response_data", "_raw_query_string", "clean_headers",
+        "application_deferred", "_wskey", "http_status_line", "http_request_uri", "http_request_path",
+        "http_request_params", "http_request_host", "websocket_protocols", "websocket_extensions",
+        "websocket_origin",
+        # autobahn's TLS details, for WAMP (its own onOpen has read them)
+        "_transport_details",
+    })
+
+    # Set from settings.REALTIME at start-up (server/launcher.py).
+    max_send_buffer = 1024 * 1024
+    max_receive_frames = 256
+    max_receive_buffer = 1024 * 1024
+    overflowed = False
+    flooded = False
+
+    def onMessage(self, payload, isBinary):
+        if self.flooded:
+            return
+        queue = getattr(self, "application_queue", None)
+        if queue is not None and self.state == self.STATE_OPEN:
+            waiting = adapter.waiting(queue)
+            if len(waiting) >= self.max_receive_frames or len(payload) + sum(
+                len(m.get("text") or m.get("bytes") or "") for m in waiting
+            ) > self.max_receive_buffer:
+                self.flooded = True
+                log.warning("closing a socket that floods: %d frames waiting", len(waiting))
+                # What waits will never be answered (the socket is closing): drop it
+                # now rather than handle it, and free its memory at once.
+                kept = [m for m in waiting if m.get("type") != "websocket.receive"]
+                waiting.clear()
+                waiting.extend(kept)
+                self.sendClose(code=RATE_LIMITED)
+                return
+        super().onMessage(payload, isBinary)
+
+    def handle_reply(self, message):
+        """daphne's, plus the ASGI WebSocket denial response (extension
+        `websocket.http.response`): a handshake refused with an HTTP status of the
+        app's choosing (404 for a path with no socket), where daphne alone answers
+        every refusal with 403. The body is not sent (autobahn writes its own)."""
+        kind = message.get("type")
+        if kind == "websocket.http.response.start" and self.state == self.STATE_CONNECTING:
+            self.__dict__["denial_status"] = int(message.get("status", 403))
+            return
+        if kind == "websocket.http.response.body" and "denial_status" in self.__dict__:
+            if not message.get("more_body") and hasattr(self, "handshake_deferred"):
+                from autobahn.websocket.types import ConnectionDeny
+
+                status = self.__dict__.pop("denial_status")
+                self.handshake_deferred.errback(ConnectionDeny(code=status, reason=DENIAL_REASONS.get(status, "Refused")))
+                del self.handshake_deferred
+                self.server.protocol_disconnected(self)
+            return
+        super().handle_reply(message)
+
+    def serverSend(self, content, binary=False):
+        if self.overflowed or self.state in (self.STATE_CLOSING, self.STATE_CLOSED) or self._over_bound():
+            return  # a send racing a close is dropped (autobahn would raise and kill the app)
+        super().serverSend(content, binary)
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Write a complete WebSocket frame (protocol.websocket_frame()) at the end of
+        this turn of the loop; False when this socket cannot take it as is (not
+        open, compressing, mid-message), and the caller sends through ASGI instead."""
+        gathered = _corked.get(self)
+        if gathered is not None:
+            # Checked at this turn's first frame; anything that could have changed
+            # since (a close, a reply) went through sendData, which writes them.
+            gathered.append(frame)
+            return True
+        if self.overflowed or self.state in (self.STATE_CLOSING, self.STATE_CLOSED):
+            return True  # closing: dropped, as serverSend drops it
+        if (self.state != self.STATE_OPEN or self._perMessageCompress is not None
+                or self.send_state != self.SEND_STATE_GROUND or self.send_queue):
+            return False
+        # Gathered until the loop's current turn ends, then written with whatever
+        # else this socket gets in the meantime (flush_corked).
+        if not _corked:
+            asyncio.get_running_loop().call_soon(flush_corked)
+        _corked[self] = [frame]
+        return True
+
+    def write_gathered(self, frames: list[bytes]) -> None:
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        if self.state != self.STATE_OPEN or self._over_bound(len(data)):
+            return  # closed meanwhile, or over the send bound (closing with 4013): dropped
+        write_now(self.transport, data)
+
+    def sendData(self, data, sync=False, chopsize=None):
+        # Whatever autobahn writes (replies through ASGI, pings, the close frame)
+        # goes after the frames gathered before it.
+        if _corked:
+            gathered = _corked.pop(self, None)
+            if gathered:
+                self.write_gathered(gathered)
+        super().sendData(data, sync, chopsize)
+
+    def onOpen(self):
+        super().onOpen()
+        # The handshake is over: let go of what only it needed (the request's
+        # headers, twice, and the raw request and response), a few KiB a socket.
+        # daphne still names the path in its log lines.
+        self.request = OpenedRequest(self.request.path)
+        self._shed()
+
+    def _shed(self) -> None:
+        """Rebuild the instance dict without the handshake's leftovers and the
+        attributes that still hold their initial values (the class has the same
+        ones): some 110 keys become 36 (0.8 KiB instead of 3.3), and a dict never
+        shrinks by itself. A keepalive ping and its pong add 5 back: 41, still the
+        same table (a 43rd key would double it)."""
+        initial, d = self._INITIAL, self.__dict__
+        drop = self._HANDSHAKE_ONLY
+        if d.get("_listeners") is None and d.get("_valid_events") == ["message"] and d.get("_results") == {"message": None}:
+            # txaio's event bookkeeping, unused while nothing listens (fire() returns
+            # at once): the class's ("message",) and None stand in until on().
+            drop = drop | {"_valid_events", "_results"}
+        if not d.get("send_queue", True):
+            d["send_queue"] = SendQueue()
+        # (built anew: a deleted key would still take its slot)
+        self.__dict__ = {k: v for k, v in d.items() if k not in drop and not (k in initial and v is initial[k])}
+
+    _valid_events = ("message",)
+    _results = None
+
+    def on(self, event, handler):
+        if "_results" not in self.__dict__:
+            self.set_valid_events(["message"])
+        super().on(event, handler)
+
+    def connectionMade(self):
+        super().connectionMade()
+        # Frames go out as they are written (as asyncio's own transports do): a
+        # small room event must not wait on the peer's delayed ACK (Nagle).
+        with contextlib.suppress(Exception):
+            self.transport.setTcpNoDelay(True)
+        release_http_channel(self.transport)
+
+    def _over_bound(self, pending: int | None = None) -> bool:
+        """Whether the unsent bytes, with `pending` more (the gathered frames by
+        default), pass the send bound; if so, close with 4013."""
+        if pending is None:
+            pending = sum(map(len, _corked.get(self, ())))
+        if self.state == self.STATE_OPEN and unsent_bytes(self.transport) + pending > self.max_send_buffer:
+            self.overflowed = True
+            log.warning("closing a socket that stopped reading: %d bytes unsent", unsent_bytes(self.transport))
+            # The close frame queues behind the backlog; autobahn drops the TCP
+            # connection when the peer does not answer it in time.
+            self.sendClose(code=OVERLOADED)
+            return True
+        return False
+
+
+for _name, _value in BoundedWebSocketProtocol._INITIAL.items():
+    setattr(BoundedWebSocketProtocol, _name, _value)

@@ -1,0 +1,64 @@
+"""Every private attribute of daphne, autobahn and Twisted that our server touches
+(realtime/server/adapter.py names them) is still there: on a class, or assigned to
+instances by the class's own code. An upgrade that moves one fails here."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+
+import pytest
+
+from realtime.server import adapter
+
+
+def resolve(where: str):
+    module, _, name = where.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return importlib.import_module(where)
+
+
+def assigned_by(owner, attribute: str) -> bool:
+    """Whether `owner` (a class: any in its MRO) or module assigns self.<attribute>."""
+    classes = inspect.getmro(owner) if inspect.isclass(owner) else (owner,)
+    pattern = re.compile(rf"self\.{re.escape(attribute)}\s*(?:\[.*?\])?\s*[:=]")
+    for cls in classes:
+        try:
+            source = inspect.getsource(inspect.getmodule(cls))
+        except (TypeError, OSError):
+            continue
+        if pattern.search(source):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("where, attribute", adapter.PRIVATE, ids=[f"{w}.{a}" for w, a in adapter.PRIVATE])
+def test_each_private_attribute_is_where_the_adapter_expects_it(where, attribute):
+    owner = resolve(where)
+    assert hasattr(owner, attribute) or assigned_by(owner, attribute), (
+        f"{where}.{attribute} is gone: realtime/server/adapter.py and what uses it need a look")
+
+
+def test_the_accessors_read_real_objects():
+    import asyncio
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.web import http
+
+    left, right = socket.socketpair()
+    try:
+        connection = tcp.Connection(left, None)
+        assert adapter.unsent_bytes(connection) == 0
+    finally:
+        left.close()
+        right.close()
+    queue = asyncio.Queue()
+    queue.put_nowait({"type": "websocket.receive", "text": "x"})
+    assert list(adapter.waiting(queue)) == [{"type": "websocket.receive", "text": "x"}]
+    channel = http.HTTPChannel()
+    assert adapter.handling_request(channel) is False
+    assert adapter.http_channel_protocol(channel)._channel is channel
