@@ -30,13 +30,15 @@ if settings.REALTIME_BENCH:
 
     sockets["ws/bench/bare/"] = bare_socket()
 
-# The client's real address first (realtime/proxies.py): every limit and log line
-# after this reads it from scope["client"].
-application = ProxyHeadersMiddleware(ProtocolTypeRouter(
+# The client's real address first (realtime/proxies.py), inside the protocol
+# router: every limit and log line after it reads it from scope["client"]. (The
+# router is the top-level app because servers that inspect the app, uvicorn among
+# them, take anything but a coroutine function for ASGI 2.)
+application = ProtocolTypeRouter(
     {
         # Long polls and the operations endpoints (/healthz, /readyz, /metrics) are
-        # answered on the event loop, before Django (realtime/longpoll.py, ops.py).
-        "http": OpsRouter(LongPollRouter(django_asgi_app)),
-        "websocket": SocketRouter(sockets, no_such_socket),
+        # answered on the event loop, before Django (long polling, ops).
+        "http": ProxyHeadersMiddleware(OpsRouter(LongPollRouter(django_asgi_app))),
+        "websocket": ProxyHeadersMiddleware(SocketRouter(sockets, no_such_socket)),
     }
-))
+)

@@ -95,3 +95,13 @@ async def test_socket_router_matches_as_url_router_does():
     await router({"path": "/ws/v1/x"}, None, None)
     await router({"path": "/ws/bench/bare/"}, None, None)
     assert calls == ["realtime", "realtime", "other", "other"]
+
+
+def test_the_application_is_asgi_3_to_servers_that_inspect_it():
+    """uvicorn (and hypercorn) take an app whose __call__ is not a coroutine function
+    for ASGI 2 and call it with the scope alone: a 500 on every request."""
+    import inspect
+
+    from project.asgi import application
+
+    assert inspect.iscoroutinefunction(type(application).__call__)
