@@ -44,6 +44,16 @@ def fresh_rate_limits():
     ratelimit.reset()
 
 
+def missing(what: str) -> None:
+    """A program the tests need is not installed: skip, or, where it must be there
+    (REALTIME_TEST_STRICT=1: `make test` and CI set it), fail."""
+    import os
+
+    if os.environ.get("REALTIME_TEST_STRICT") == "1":
+        pytest.fail(f"{what} (REALTIME_TEST_STRICT=1: make test installs it; run `make system-deps`)")
+    pytest.skip(what)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A private redis-server for the whole session (skipped, with the reason, when
@@ -51,7 +61,7 @@ def redis_server(tmp_path_factory):
     try:
         server = RedisServer(tmp_path_factory.mktemp("redis"))
     except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+        missing(str(exc))
     server.start()
     yield server
     server.stop()
@@ -158,3 +168,13 @@ async def subscribe(comm, room: str, since: int | None = 0, presence: bool = Fal
         if reply["type"] in ("presence.state", "read.markers"):
             continue
         events.append(reply)
+
+
+async def assert_quiet(comm, ref: str = "quiet") -> None:
+    """Nothing is on its way to `comm`: a ping sent now is answered before anything
+    else arrives. (The socket answers in order, and the ping first catches up any
+    room whose head is past what the socket was sent, so a frame still owed to it
+    comes first and fails this; waiting a while for nothing lets a late one slip
+    through.)"""
+    await comm.send_json_to({"type": "ping", "ref": ref})
+    assert await comm.receive_json_from(timeout=5) == {"type": "pong", "ref": ref}

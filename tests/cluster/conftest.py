@@ -19,9 +19,15 @@ from pathlib import Path
 import pytest
 import websockets
 
+from tests.conftest import missing
 from tests.services import Cluster
 
 pytestmark = pytest.mark.cluster
+
+
+# For a test that talks to the workers directly (the balancer makes no difference)
+# or brings both balancers of its own: the cluster behind nginx only, once.
+ONCE = pytest.mark.parametrize("cluster", ["nginx"], indirect=True)
 
 
 @pytest.fixture(scope="session", params=["nginx", "haproxy"])
@@ -50,7 +56,7 @@ def cluster(request):
         })
         c.start()
     except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+        missing(str(exc))
     yield c
     c.stop()
     # Keep the workers' logs as test artifacts (what a failure needs to be read).
@@ -94,8 +100,6 @@ def hardened(cluster):
     HAProxy both in front of them; every limit the security tests attack lowered to
     a size a test can reach, everything else as in production (no X-Realtime-Worker
     header, no Server header)."""
-    if cluster.balancer_kind != "nginx":
-        pytest.skip("has both balancers of its own; run once")
     from tests.services import HAProxy, Nginx, RedisServer, Worker, free_port
 
     workdir = cluster.workdir / "hardened"
@@ -343,7 +347,11 @@ async def followers(base: str, placements: list[tuple[str, str]], **options):
             c.stopped = True
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # A client's own failure (a gap, a server error) must fail the test, not
+        # vanish with the cancellation.
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, Exception) and not isinstance(outcome, asyncio.CancelledError):
+                raise outcome
 
 
 async def assert_all_caught_up(clients, head: int, timeout: float = 30) -> None:
@@ -356,7 +364,7 @@ async def assert_all_caught_up(clients, head: int, timeout: float = 30) -> None:
     await asyncio.wait_for(caught_up(), timeout)
     for c in clients:
         assert c.applied == list(range(c.start + 1, head + 1))
-        assert c.duplicates == 0
+        assert (c.duplicates, c.gaps) == (0, 0)
 
 
 async def run_clients(cluster, sources, victim_name, action, messages=300, act_at=100):

@@ -18,9 +18,10 @@ import urllib.request
 import pytest
 import websockets
 
-from tests.cluster.conftest import _LoopbackCookiePolicy, _SourceAddressHandler, login, open_socket, ws_url
+from tests.cluster.conftest import ONCE, _LoopbackCookiePolicy, _SourceAddressHandler, login, open_socket, ws_url
 
-pytestmark = [pytest.mark.cluster, pytest.mark.asyncio]
+# The hardened workers bring both balancers of their own: once.
+pytestmark = [pytest.mark.cluster, pytest.mark.asyncio, ONCE]
 
 BALANCERS = ("nginx", "haproxy")
 

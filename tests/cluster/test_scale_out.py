@@ -13,7 +13,7 @@ import websockets
 
 import pytest
 
-from tests.cluster.conftest import login, open_socket, room_head, run_clients, send_messages, split_sources
+from tests.cluster.conftest import ONCE, login, open_socket, room_head, run_clients, send_messages, split_sources
 
 pytestmark = [pytest.mark.cluster, pytest.mark.asyncio]
 
@@ -58,6 +58,7 @@ async def test_the_balancer_forwards_the_upgrade_and_static_files(cluster):
     await ws.close()
 
 
+@ONCE
 async def test_wss_through_the_balancer(cluster):
     """TLS ends at the balancer (a self-signed certificate made locally): sign in
     over https, post over https (CSRF sees a secure origin) and chat over wss."""
@@ -138,8 +139,6 @@ def burst_in_one_write(port: int, cookie: str, origin: str, frames: list[dict]) 
 async def test_a_burst_of_sends_on_postgresql_keeps_every_outcome_and_seq(cluster):
     """Queued sends take the batch path (tests/realtime/test_bursts.py), where a run
     of first sends to one room is one statement on PostgreSQL."""
-    if cluster.balancer_kind != "nginx":
-        pytest.skip("talks to a worker directly; run once")
     a, _ = cluster.workers
     cookie = login(a.url, "alice")
     before = room_head(a.url, cookie)

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 import websockets
 
-from tests.cluster.conftest import login, open_socket
+from tests.cluster.conftest import ONCE, login, open_socket
 from tests.services import Worker, free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.asyncio]
@@ -56,10 +56,9 @@ async def test_https_responses_are_hardened(cluster):
     assert "Strict-Transport-Security" not in plain.headers
 
 
+@ONCE
 async def test_wss_straight_to_daphnes_tls_endpoint(cluster):
     """No proxy in between: the worker's own `ssl:` endpoint, a self-signed certificate."""
-    if cluster.balancer_kind != "nginx":
-        pytest.skip("no balancer involved; run once")
     worker = cluster.workers[0]
     base = worker.tls_url
     context = ssl.create_default_context(cafile=str(worker.cert))
@@ -79,9 +78,8 @@ async def test_wss_straight_to_daphnes_tls_endpoint(cluster):
     assert refused.value.response.status_code == 403
 
 
+@ONCE
 async def test_a_connection_that_never_finishes_its_handshake_is_dropped(cluster):
-    if cluster.balancer_kind != "nginx":
-        pytest.skip("no balancer involved; run once")
     worker = Worker("slow-handshake", {**cluster.env(), "REALTIME_HANDSHAKE_TIMEOUT": "1"}, cluster.workdir).start()
     try:
         def half_a_request() -> float:
@@ -101,12 +99,11 @@ async def test_a_connection_that_never_finishes_its_handshake_is_dropped(cluster
         worker.stop()
 
 
+@ONCE
 async def test_connections_per_user_are_capped_across_workers(cluster):
     """Two workers of their own (the shared cluster lifts the cap), on the cluster's
     Redis and database, with a cap of 6: 6 sockets split over both, then one more
     anywhere is closed with 4008; closing one on worker a frees a place on worker b."""
-    if cluster.balancer_kind != "nginx":
-        pytest.skip("talks to the workers directly; run once")
     ports = [(free_port(), free_port()) for _ in range(2)]
     origins = ",".join(f"http://127.0.0.1:{port}" for port, _ in ports)
     env = {**cluster.env(), "REALTIME_MAX_CONNECTIONS_PER_USER": "6", "DJANGO_ALLOWED_ORIGINS": origins}

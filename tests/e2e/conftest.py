@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import missing
+
 from tests.services import AppServer
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -35,7 +37,7 @@ def app_server(tmp_path_factory):
 def browser():
     path = chromium_path()
     if path is None:
-        pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
+        missing("Chromium is not installed (Debian: apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     # Context-managed (not pytest-playwright's session fixture) so that its event

@@ -104,16 +104,17 @@ async def test_subscribers_without_presence_are_neither_counted_nor_told(cookies
 @pytest.mark.asyncio
 async def test_a_crashed_sockets_presence_runs_out(cookies, shared, demo, monkeypatch):
     """What a worker killed with -9 leaves behind: leases nobody renews. The sweep of
-    any worker with subscribers in the room announces the leave once they expire."""
+    any worker with subscribers in the room announces the leave once they expire:
+    the sweep runs by itself (every 0.2 s here), nothing calls it."""
+    monkeypatch.setattr(presence, "SWEEP", 0.2)
     async with socket(cookies["bob"]) as bob:
         await join(bob)
         monkeypatch.setattr(presence, "TTL", 0.5)  # the dead socket's lease only
         await presence.join("general", demo["alice"].pk, "alice", "dead-conn")
-        await presence.announce("general")
-        assert (await pushes(bob))[0]["joins"] == ["alice"]
-        await asyncio.sleep(0.6)
-        await presence.announce("general")  # what the periodic sweep does
-        assert await pushes(bob) == [{"type": "presence.diff", "room": "general", "joins": [], "leaves": ["alice"]}]
+        assert await bob.receive_json_from(timeout=3) == {
+            "type": "presence.diff", "room": "general", "joins": ["alice"], "leaves": []}
+        assert await bob.receive_json_from(timeout=3) == {
+            "type": "presence.diff", "room": "general", "joins": [], "leaves": ["alice"]}
 
 
 @pytest.mark.asyncio
@@ -239,6 +240,7 @@ async def test_a_live_sockets_leases_outlive_their_ttl(cookies, shared, demo, mo
 
     monkeypatch.setattr(presence, "TTL", 0.6)
     monkeypatch.setattr(presence, "RENEW", 0.2)
+    monkeypatch.setattr(presence, "SWEEP", 0.2)  # it runs by itself, many times meanwhile
     monkeypatch.setattr(connections, "LEASE_TTL", 0.6)
     monkeypatch.setattr(connections, "LEASE_RENEW", 0.2)
     connections.leases.reset()
@@ -246,9 +248,8 @@ async def test_a_live_sockets_leases_outlive_their_ttl(cookies, shared, demo, mo
         await join(bob)
         await join(alice)
         await pushes(bob, wait=0.2)
-        await asyncio.sleep(1.5)  # more than twice either TTL
-        await presence.announce("general")  # what the periodic sweep does
-        assert await pushes(bob, wait=0.2) == [], "nobody left"
+        await asyncio.sleep(1.5)  # more than twice either TTL, and seven sweeps
+        assert await pushes(bob, wait=0.3) == [], "nobody left"
         assert await presence.names("general") == ["alice", "bob"]
         assert await connections.leases().count(demo["bob"].pk) == 1
     # Closed: the leases are given back at once.
