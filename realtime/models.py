@@ -1,10 +1,19 @@
 """Rooms, memberships, messages, and each room's ordered event log."""
 
+import secrets
+
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
 
 from realtime.protocol import ROOM_SLUG_PATTERN
+
+
+def new_epoch() -> str:
+    """A room log's epoch: random, so that a log started again (a room deleted and
+    made anew, a database restored from a backup, `manage.py reset_epoch`) never
+    has the epoch of the history a client resumes from."""
+    return secrets.token_hex(4)
 
 
 class Room(models.Model):
@@ -23,6 +32,10 @@ class Room(models.Model):
     # The seq of the room's newest event. Incremented with an UPDATE inside the
     # transaction that writes the event, so seqs are gap-free and commit in order.
     last_seq = models.PositiveBigIntegerField(default=0, editable=False)
+    # Which history the seqs belong to (centrifuge's offset + epoch): a client
+    # resumes with (since, epoch) and a different epoch is recovery_failed, so it
+    # reloads instead of resuming silently into another history.
+    epoch = models.CharField(max_length=16, default=new_epoch, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

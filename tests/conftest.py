@@ -69,7 +69,12 @@ def redis_server(tmp_path_factory):
 
 @pytest.fixture(params=["memory", "redis"])
 def layer(request, settings):
-    """Run the test on the in-memory layer and on a real Redis channel layer."""
+    """Run the test on the embedded default (the in-memory layer, everything in this
+    process) and on the production transport: a real Redis channel layer, REDIS_URL
+    set, so the fan-out rides Redis pub/sub and rate limits, leases and presence
+    live in Redis."""
+    from realtime.state import ratelimit
+
     if request.param == "redis":
         server = request.getfixturevalue("redis_server")
         settings.CHANNEL_LAYERS = {
@@ -78,9 +83,18 @@ def layer(request, settings):
                 "CONFIG": {"hosts": [{"address": server.url, "socket_timeout": None}]},
             }
         }
+        settings.REDIS_URL = server.url
+        import redis
+
+        # Nothing of an earlier test's buckets, leases or presence.
+        with redis.Redis.from_url(server.url) as client:
+            client.flushall()
     else:
         settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+        settings.REDIS_URL = ""
+    ratelimit.reset()
     yield request.param
+    ratelimit.reset()
     layer = get_channel_layer()
     if request.param == "redis":
         async_to_sync(layer.flush)()
@@ -168,6 +182,13 @@ async def subscribe(comm, room: str, since: int | None = 0, presence: bool = Fal
         if reply["type"] in ("presence.state", "read.markers"):
             continue
         events.append(reply)
+
+
+async def epoch(slug: str = "general") -> str:
+    """The room's log epoch (what a subscribe ack and a page of events carry)."""
+    from realtime.models import Room
+
+    return (await Room.objects.aget(slug=slug)).epoch
 
 
 async def assert_quiet(comm, ref: str = "quiet") -> None:

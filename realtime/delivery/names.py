@@ -14,6 +14,9 @@ PUSH = "push"
 SESSION_CHECK = "session.check"
 # A room's subscribers re-check that they may still see it.
 ACCESS_CHECK = "access.check"
+# A room's log was started on a new epoch (services.reset_epoch): its
+# subscribers are told to reload it (recovery_failed).
+LOG_RESET = "log.reset"
 # The admin console: close the user's sockets everywhere (4003).
 FORCE_DISCONNECT = "force.disconnect"
 # The worker's sweep found the user changed without a signal (ws/authsweep.py).

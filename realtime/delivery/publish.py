@@ -20,7 +20,7 @@ from realtime import protocol
 from realtime.delivery import names
 from realtime.delivery.fanout import running
 from realtime.delivery.names import (  # noqa: F401  (the names, as publish.X, for callers)
-    ACCESS_CHECK, CONTROL_GROUP, FORCE_DISCONNECT, PUSH, ROOM_EVENT, SESSION_CHECK, room_group, user_group,
+    ACCESS_CHECK, CONTROL_GROUP, FORCE_DISCONNECT, LOG_RESET, PUSH, ROOM_EVENT, SESSION_CHECK, room_group, user_group,
 )
 from realtime.delivery.transport import chosen
 from realtime.observability import metrics
@@ -110,6 +110,11 @@ def session_check_on_commit(user_id: int, revoked: list[str] | None = None) -> N
 def access_check_on_commit(slug: str) -> None:
     """Ask the room's subscribers to re-check that they may still see it."""
     _send_on_commit(room_group(slug), {"type": ACCESS_CHECK, "room": slug})
+
+
+def log_reset_on_commit(slug: str, epoch: str) -> None:
+    """Tell the room's subscribers that its log was started again (a new epoch)."""
+    _send_on_commit(room_group(slug), {"type": LOG_RESET, "room": slug, "epoch": epoch})
 
 
 async def force_disconnect(user_id: int) -> None:

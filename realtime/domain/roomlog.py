@@ -7,6 +7,11 @@ by an UPDATE of the room's row, which locks it until commit, so concurrent write
 queue and their seqs commit in order (an auto-increment could commit out of order
 and make a resume skip an event).
 
+Each room's log has an epoch beside its seqs (Room.epoch): a client resumes with
+both, and a log that was started again (`reset_epoch` below, after a database is
+restored from a backup; a room deleted and made anew) answers recovery_failed
+instead of replaying another history from the same seq.
+
 Reading it back: `room_replay` (a subscribe's `since`, REST event pages, the long
 poll) and `room_events_between` (gap repair of a live stream), each bounded by the
 replay window, and answering `recovery_failed` when what was asked for is no longer
@@ -38,6 +43,7 @@ ROOM_TABLE = Room._meta.db_table
 class Replay:
     room: str
     head: int
+    epoch: str
     events: list[protocol.RoomEvent]
     access: RoomAccess | None = None
     held_back: bool = False  # head_only: there were events after since, not read
@@ -167,7 +173,8 @@ def room_heads(*, slugs: list[str]) -> dict[str, int]:
     return dict(Room.objects.filter(slug__in=slugs).values_list("slug", "last_seq"))
 
 
-def room_replay(*, user, slug: str, since: int | None, limit: int | None = None, head_only: bool = False) -> Replay:
+def room_replay(*, user, slug: str, since: int | None, limit: int | None = None, head_only: bool = False,
+                epoch: str | None = None) -> Replay:
     """The room's events after `since`, checked against the replay window.
 
     With since=None nothing is replayed and the head is returned: the caller
@@ -176,17 +183,22 @@ def room_replay(*, user, slug: str, since: int | None, limit: int | None = None,
     With `limit`, at most that many events are returned (REST paging) and a longer
     backlog is not an error. With `head_only` (the user's replay budget is in
     debt) no event is read: `held_back` says whether there were any to read.
+    With `epoch` (the one `since` belongs to), a log of another epoch raises
+    recovery_failed: `since` counts in a history that is gone.
     """
     access = room_access(user=user, slug=slug, action=Action.VIEW)
-    return dataclasses.replace(_replay(access.room, since, limit, head_only), access=access)
+    return dataclasses.replace(_replay(access.room, since, limit, head_only, epoch), access=access)
 
 
-def _replay(room: Room, since: int | None, limit: int | None, head_only: bool = False) -> Replay:
-    head = Room.objects.filter(pk=room.pk).values_list("last_seq", flat=True).get()
+def _replay(room: Room, since: int | None, limit: int | None, head_only: bool = False,
+            epoch: str | None = None) -> Replay:
+    head, current = Room.objects.filter(pk=room.pk).values_list("last_seq", "epoch").get()
+    if since is not None and epoch is not None and epoch != current:
+        raise ActionError(ErrorCode.RECOVERY_FAILED, f"the room's log was started again (epoch {current}, not {epoch})")
     if since is None or since == head:
-        return Replay(room=room.slug, head=head, events=[])
+        return Replay(room=room.slug, head=head, epoch=current, events=[])
     if head_only and since < head:
-        return Replay(room=room.slug, head=head, events=[], held_back=True)
+        return Replay(room=room.slug, head=head, epoch=current, events=[], held_back=True)
     if since > head:
         raise ActionError(ErrorCode.RECOVERY_FAILED, f"since={since} is ahead of the room's log (head {head})")
     window = settings.REALTIME["REPLAY_MAX"]
@@ -198,7 +210,8 @@ def _replay(room: Room, since: int | None, limit: int | None, head_only: bool = 
     rows = list(Event.objects.filter(room=room, seq__gt=since).order_by("seq")[:take])
     if not rows or rows[0].seq != since + 1:
         raise ActionError(ErrorCode.RECOVERY_FAILED, f"events after seq {since} are no longer kept")
-    return Replay(room=room.slug, head=max(head, rows[-1].seq), events=[event_frame(room.slug, e) for e in rows])
+    return Replay(room=room.slug, head=max(head, rows[-1].seq), epoch=current,
+                  events=[event_frame(room.slug, e) for e in rows])
 
 
 def room_events_between(*, slug: str, after: int, upto: int) -> list[protocol.RoomEvent]:

@@ -54,7 +54,7 @@ def room_messages(*, user, slug: str, before: int | None = None, limit: int = 50
     """
     access = room_access(user=user, slug=slug, action=Action.VIEW)
     room = access.room
-    head = Room.objects.filter(pk=room.pk).values_list("last_seq", flat=True).get()
+    head, epoch = Room.objects.filter(pk=room.pk).values_list("last_seq", "epoch").get()
     limit = max(1, min(limit, settings.REALTIME["HISTORY_PAGE_MAX"]))
     rows = Message.objects.filter(room=room, deleted_at__isnull=True).select_related("author")
     if before is not None:
@@ -65,6 +65,7 @@ def room_messages(*, user, slug: str, before: int | None = None, limit: int = 50
     return {
         "room": room.slug,
         "seq": head,
+        "epoch": epoch,
         "has_more": has_more,
         "messages": [
             {

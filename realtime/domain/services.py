@@ -29,7 +29,7 @@ from realtime.domain import roomlog
 from realtime.domain.access import RoomAccess, check, room_access
 from realtime.domain.errors import ActionError
 from realtime.domain.policy import Action, can
-from realtime.models import Event, Message, ReadState, Room
+from realtime.models import Event, Message, ReadState, Room, new_epoch
 from realtime.protocol import ErrorCode
 
 
@@ -197,11 +197,18 @@ def _repeat(user, client_id: str, room: Room) -> tuple[MessageResult, list]:
     return MessageResult(room=room.slug, id=message_id, seq=seq), roomlog.event_at(room, seq)
 
 
-def _locked_message(room: Room, message_id: int) -> Message:
+def _change(user, access: RoomAccess, message_id: int, action: Action) -> tuple[Message, int]:
+    """Lock a live message of the room, check that `user` may `action` it, and take
+    the room's next seq for the change (inside the caller's transaction). Checked
+    under the lock and before the seq, so a refusal takes no seq."""
+    room = access.room
     message = Message.objects.select_for_update().filter(pk=message_id, room=room, deleted_at__isnull=True).first()
     if message is None:
         raise ActionError(ErrorCode.NOT_FOUND, "no such message in this room")
-    return message
+    decision = can(user, action, is_public=room.is_public, role=access.role, author_id=message.author_id)
+    if not decision:
+        raise ActionError(ErrorCode.FORBIDDEN, decision.reason)
+    return message, roomlog.next_seq(room.pk)
 
 
 def message_edit(*, user, slug: str, message_id: int, body: str) -> tuple[MessageResult, list]:
@@ -210,12 +217,7 @@ def message_edit(*, user, slug: str, message_id: int, body: str) -> tuple[Messag
     access = room_access(user=user, slug=slug, action=Action.VIEW)
     room = access.room
     with transaction.atomic():
-        # Check first, under the message's lock, so a refusal takes no seq.
-        message = _locked_message(room, message_id)
-        decision = can(user, Action.EDIT, is_public=room.is_public, role=access.role, author_id=message.author_id)
-        if not decision:
-            raise ActionError(ErrorCode.FORBIDDEN, decision.reason)
-        seq = roomlog.next_seq(room.pk)
+        message, seq = _change(user, access, message_id, Action.EDIT)
         message.body = body
         message.edited_at = timezone.now()
         message.save(update_fields=["body", "edited_at"])
@@ -232,11 +234,7 @@ def message_delete(*, user, slug: str, message_id: int) -> tuple[MessageResult, 
     access = room_access(user=user, slug=slug, action=Action.VIEW)
     room = access.room
     with transaction.atomic():
-        message = _locked_message(room, message_id)
-        decision = can(user, Action.DELETE, is_public=room.is_public, role=access.role, author_id=message.author_id)
-        if not decision:
-            raise ActionError(ErrorCode.FORBIDDEN, decision.reason)
-        seq = roomlog.next_seq(room.pk)
+        message, seq = _change(user, access, message_id, Action.DELETE)
         message.body = ""
         message.deleted_at = timezone.now()
         message.save(update_fields=["body", "deleted_at"])
@@ -247,6 +245,28 @@ def message_delete(*, user, slug: str, message_id: int) -> tuple[MessageResult, 
                 earlier.save(update_fields=["payload"])
         event = roomlog.append(room, protocol.MessageDeleted(room=room.slug, seq=seq, id=message.pk), message)
     return MessageResult(room=room.slug, id=message.pk, seq=seq), [event]
+
+
+# ---------------------------------------------------------------------------
+# The log's epoch
+# ---------------------------------------------------------------------------
+def reset_epoch(*, slugs: list[str] | None = None) -> dict[str, tuple[str, str]]:
+    """Start the logs of these rooms (every room when None) on a new epoch: after a
+    database is restored from a backup, the seqs clients hold count in a history
+    that is gone. A client resuming with the old epoch gets recovery_failed and
+    reloads; sockets following the room now are told the same once this commits.
+    Returns {slug: (old epoch, new epoch)}."""
+    changed = {}
+    with transaction.atomic():
+        rooms = Room.objects.select_for_update().order_by("pk")
+        if slugs is not None:
+            rooms = rooms.filter(slug__in=slugs)
+        for room in rooms:
+            epoch = new_epoch()
+            Room.objects.filter(pk=room.pk).update(epoch=epoch)
+            changed[room.slug] = (room.epoch, epoch)
+            publish.log_reset_on_commit(room.slug, epoch)
+    return changed
 
 
 # ---------------------------------------------------------------------------

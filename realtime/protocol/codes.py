@@ -21,7 +21,7 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "rate_limited"  # too many of this action, or the replay budget; retry after `retry_after` s
     TOO_LARGE = "too_large"  # a body or frame over its limit
     CONFLICT = "conflict"  # the request contradicts the state (e.g. client_id reused elsewhere)
-    RECOVERY_FAILED = "recovery_failed"  # `since` is outside the replay window: reload history
+    RECOVERY_FAILED = "recovery_failed"  # `since` is outside the replay window, or of another epoch: reload history
     INTERNAL = "internal"  # a server fault; nothing was changed
 
 

@@ -19,6 +19,8 @@ Ref = Union[Annotated[str, Meta(max_length=64)], Annotated[int, Meta(ge=-(2**53)
 ROOM_SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 RoomSlug = Annotated[str, Meta(min_length=1, max_length=50, pattern=ROOM_SLUG_PATTERN)]
 Seq = Annotated[int, Meta(ge=0, le=2**53)]
+# Which history a room's seqs belong to (Room.epoch): a log started again has another.
+Epoch = Annotated[str, Meta(min_length=1, max_length=16, pattern=r"^[A-Za-z0-9]+$")]
 MessageId = Annotated[int, Meta(ge=1, le=2**53)]
 ClientId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 # The schema only bounds the body by the frame size; its configured limit is a
@@ -51,6 +53,11 @@ class Subscribe(Request, tag="subscribe", kw_only=True):
 
     room: RoomSlug
     since: Seq | None = None
+    # The epoch `since` belongs to (from the ack or the snapshot that gave it). When
+    # the room's log has another (it was started again: reset, restored, the room
+    # made anew), the answer is recovery_failed: reload the room. Without it, `since`
+    # is taken as it is.
+    epoch: Epoch | None = None
     # Count this socket as present in the room, and send it presence.state and
     # presence.diff. Off for clients that show no presence (bots, tools).
     presence: bool = True
@@ -132,11 +139,13 @@ class Reply(Frame, kw_only=True):
 
 
 class SubscribeAck(Reply, tag="ack", kw_only=True):
-    """Reply to `subscribe`, sent after the replay: `seq` is the last seq sent."""
+    """Reply to `subscribe`, sent after the replay: `seq` is the last seq sent, of
+    the log `epoch` (send both back to resume)."""
 
     ref: Ref = None
     room: RoomSlug
     seq: Seq
+    epoch: Epoch
     replayed: int
 
 

@@ -73,15 +73,29 @@ def int_arg(args, name: str, default: int | None, low: int, high: int | None = N
     return min(value, high) if high is not None else value
 
 
+EPOCH = re.compile(r"^[A-Za-z0-9]{1,16}$")
+
+
+def epoch_arg(args) -> str | None:
+    """The `epoch` query parameter (the one `since` counts in), or None."""
+    raw = args.get("epoch", "")
+    if raw == "":
+        return None
+    if not EPOCH.match(raw):
+        raise ActionError(ErrorCode.INVALID, "epoch must be 1 to 16 letters and digits")
+    return raw
+
+
 def events_page(replay: roomlog.Replay, since: int) -> dict:
     """The answer of GET .../events/ (with or without wait)."""
     events = [msgspec.to_builtins(e) for e in replay.events]
     last = events[-1]["seq"] if events else since
-    # `seq` is the room's head; when has_more, ask again with since=<last event's seq>.
-    return {"events": events, "seq": replay.head, "has_more": last < replay.head}
+    # `seq` is the room's head in the log `epoch`; when has_more, ask again with
+    # since=<last event's seq> (and the epoch).
+    return {"events": events, "seq": replay.head, "epoch": replay.epoch, "has_more": last < replay.head}
 
 
-async def wait_for_events(user, slug: str, since: int, wait: float, limit: int) -> dict:
+async def wait_for_events(user, slug: str, since: int, wait: float, limit: int, epoch: str | None = None) -> dict:
     verdict = await ratelimit.take(user.pk, "poll")
     if not verdict.allowed:
         raise ActionError(ErrorCode.RATE_LIMITED, "polling too often; slow down", retry_after=verdict.retry_after)
@@ -103,7 +117,8 @@ async def wait_for_events(user, slug: str, since: int, wait: float, limit: int) 
             # The replay budget: in debt, the head alone is read, and a poll that
             # would bring events is refused (one that waits for them may wait).
             budget = ratelimit.replay_check(user.pk)
-            replay = await read(user=user, slug=slug, since=since, limit=limit, head_only=not budget.allowed)
+            replay = await read(user=user, slug=slug, since=since, limit=limit, head_only=not budget.allowed,
+                                epoch=epoch)
             if replay.held_back:
                 raise ActionError(ErrorCode.RATE_LIMITED, "reading history too fast; wait",
                                   retry_after=budget.retry_after)
@@ -205,7 +220,7 @@ class LongPoll:
             since = int_arg(args, "since", 0, 0)
             wait = int_arg(args, "wait", 0, 0, MAX_WAIT)
             limit = int_arg(args, "limit", PAGE_MAX, 1, PAGE_MAX)
-            return 200, await wait_for_events(user, slug, since, wait, limit), []
+            return 200, await wait_for_events(user, slug, since, wait, limit, epoch_arg(args)), []
         except ActionError as exc:
             body = {"code": exc.code, "message": exc.message}
             extra = []

@@ -86,7 +86,8 @@ class Stream:
         changes = self.access_changes.get(slug, 0)
         try:
             replay = await database_sync_to_async(roomlog.room_replay)(
-                user=self.user, slug=slug, since=since, head_only=not budget.allowed)
+                user=self.user, slug=slug, since=since, head_only=not budget.allowed,
+                epoch=frame.epoch if frame.since is not None else None)
         except BaseException:
             # Refused (or failed): no stream for this room on this socket any more.
             if current is not None:
@@ -124,7 +125,8 @@ class Stream:
             markers = await database_sync_to_async(selectors.read_markers)(slug=slug)
             if markers:
                 await self.send_frame(protocol.ReadMarkers(room=slug, markers=markers))
-        return protocol.SubscribeAck(ref=frame.ref, room=slug, seq=replay.head, replayed=len(replay.events))
+        return protocol.SubscribeAck(ref=frame.ref, room=slug, seq=replay.head, epoch=replay.epoch,
+                                     replayed=len(replay.events))
 
     async def drop_subscription(self, slug: str) -> None:
         """Leave a room's stream and its presence (unsubscribe, access lost, broken stream)."""
@@ -268,6 +270,18 @@ class Stream:
             return
         if self.subscriptions.get(slug) is sub and self.access_changes.get(slug, 0) == changes:
             sub.access, sub.access_at = access, asyncio.get_running_loop().time()
+
+    async def log_reset(self, message: dict) -> None:
+        """The room's log was started on a new epoch (services.reset_epoch): what
+        this socket was sent counts in a history that is gone. The subscription
+        ends and the client reloads the room (as after any recovery_failed)."""
+        slug = message["room"]
+        if slug not in self.subscriptions or self.revoked:
+            return
+        await self.drop_subscription(slug)
+        await self.send_frame(protocol.Error(
+            code=ErrorCode.RECOVERY_FAILED, room=slug,
+            message=f"the room's log was started again (epoch {message['epoch']}); reload it and subscribe again"))
 
     async def catch_up(self, slug: str, sub: Subscription, upto: int) -> bool:
         """Send the room's events after sub.last_seq up to `upto` from the log.

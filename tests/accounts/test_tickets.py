@@ -10,7 +10,7 @@ from asgiref.sync import sync_to_async
 from django.test import Client
 
 from accounts import tickets
-from tests.conftest import call, communicator
+from tests.conftest import call, communicator, epoch
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -47,7 +47,7 @@ async def test_a_ticket_opens_one_socket_once(bob_client, caplog):
     ticket = await sync_to_async(new_ticket)(bob_client)
     first = await open_with(ticket)
     assert await call(first, {"type": "subscribe", "room": "general", "ref": 1, "presence": False}) == {
-        "type": "ack", "ref": 1, "room": "general", "seq": 0, "replayed": 0,
+        "type": "ack", "ref": 1, "room": "general", "seq": 0, "epoch": await epoch(), "replayed": 0,
     }
     again = await open_with(ticket)
     assert await again.receive_output(timeout=5) == {"type": "websocket.close", "code": 4001}

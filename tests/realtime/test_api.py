@@ -7,7 +7,7 @@ from django.test import Client
 
 from realtime.delivery import publish as broadcast
 from realtime.domain import services
-from realtime.models import Event, Message
+from realtime.models import Event, Message, Room
 
 pytestmark = pytest.mark.django_db
 
@@ -85,7 +85,8 @@ def test_events_since_returns_the_socket_shapes(clients):
     assert data["seq"] == 3
     assert [(e["type"], e["seq"], e["body"]) for e in data["events"]] == [("message.new", 2, "m1"), ("message.new", 3, "m2")]
     assert set(data["events"][0]) == {"type", "room", "seq", "id", "author", "body", "client_id", "ts"}
-    assert clients["bob"].get("/api/v1/rooms/general/events/?since=3").json() == {"events": [], "seq": 3, "has_more": False}
+    assert clients["bob"].get("/api/v1/rooms/general/events/?since=3").json() == {
+        "events": [], "seq": 3, "epoch": Room.objects.get(slug="general").epoch, "has_more": False}
     paged = clients["bob"].get("/api/v1/rooms/general/events/?since=0&limit=2").json()
     assert [e["seq"] for e in paged["events"]] == [1, 2] and paged["has_more"] is True
     rest = clients["bob"].get("/api/v1/rooms/general/events/?since=2&limit=2").json()

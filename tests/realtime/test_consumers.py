@@ -8,7 +8,7 @@ from asgiref.sync import sync_to_async
 
 from realtime.domain import services
 from realtime.models import Event, Message
-from tests.conftest import ORIGIN, call, communicator, socket, subscribe, assert_quiet
+from tests.conftest import ORIGIN, call, communicator, epoch, socket, subscribe, assert_quiet
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("layer")]
 
@@ -118,7 +118,7 @@ async def test_subscribe_without_since_goes_live_from_the_head(cookies):
         async with socket(cookies["bob"]) as bob:
             await bob.send_json_to({"type": "subscribe", "room": "general", "ref": 1, "presence": False})
             assert await bob.receive_json_from(timeout=5) == {
-                "type": "ack", "ref": 1, "room": "general", "seq": 1, "replayed": 0,
+                "type": "ack", "ref": 1, "room": "general", "seq": 1, "epoch": await epoch(), "replayed": 0,
             }
 
 
@@ -402,7 +402,7 @@ async def test_msgpack_subprotocol_speaks_the_same_schemas(cookies):
     async with socket(cookies["alice"], subprotocols=("rt.v1.msgpack",)) as alice:
         await alice.send_to(bytes_data=msgpack.packb({"type": "subscribe", "room": "general", "since": 0, "ref": 1, "presence": False}))
         ack = msgpack.unpackb(await alice.receive_from(timeout=5))
-        assert ack == {"type": "ack", "ref": 1, "room": "general", "seq": 0, "replayed": 0}
+        assert ack == {"type": "ack", "ref": 1, "room": "general", "seq": 0, "epoch": await epoch(), "replayed": 0}
         await alice.send_to(bytes_data=msgpack.packb(send_frame()))
         ack = msgpack.unpackb(await alice.receive_from(timeout=5))
         assert ack["seq"] == 1

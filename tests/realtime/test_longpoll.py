@@ -11,7 +11,7 @@ from channels.testing import HttpCommunicator
 
 from realtime.domain import services
 from realtime.models import Room
-from tests.conftest import HOST
+from tests.conftest import HOST, epoch
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("layer")]
 
@@ -62,7 +62,7 @@ async def test_a_poll_behind_the_head_answers_at_once_in_pages(cookies, demo):
 async def test_a_quiet_room_answers_empty_when_the_wait_ends(cookies):
     seq = await head()
     status, body, _ = await get(cookies["bob"], f"/api/v1/rooms/general/events/?since={seq}&wait=1", timeout=4)
-    assert (status, body) == (200, {"events": [], "seq": seq, "has_more": False})
+    assert (status, body) == (200, {"events": [], "seq": seq, "epoch": await epoch(), "has_more": False})
 
 
 async def test_a_poll_obeys_the_same_rules_as_the_socket(cookies, demo):
@@ -103,4 +103,4 @@ async def test_polls_are_rate_limited(cookies, demo, settings):
 async def test_without_wait_it_is_the_plain_rest_endpoint(cookies):
     seq = await head()
     status, body, _ = await get(cookies["bob"], f"/api/v1/rooms/general/events/?since={seq}", timeout=2)
-    assert (status, body) == (200, {"events": [], "seq": seq, "has_more": False})
+    assert (status, body) == (200, {"events": [], "seq": seq, "epoch": await epoch(), "has_more": False})

@@ -79,6 +79,14 @@ is `recovery_failed`: reload the room through `GET /api/v1/rooms/<slug>/messages
 and subscribe with the `seq` it returns. Subscribing without `since` goes live from the
 current head with no replay.
 
+Seqs count within the room log's `epoch` (the `ack`, history and event pages carry
+it). Resume with both, `since` and `epoch`: if the log was started again since (the
+database restored from a backup and `manage.py reset_epoch` run, or the room deleted
+and made anew), the answer is `recovery_failed` and you reload, instead of resuming
+into another history from the same number. A socket following a room whose log is
+started again gets an `error` `recovery_failed` with the room, and is no longer
+subscribed to it. Without `epoch`, `since` is taken as it is.
+
 Every subscribed connection receives the room's events, the sender's own included.
 
 `message.send` is idempotent per user and `client_id`: a repeat writes nothing and
@@ -93,9 +101,9 @@ REST = """\
 | Method and path | Answer |
 | --- | --- |
 | `GET rooms/` | `{{"rooms": [{{"slug", "title", "is_public", "role", "seq", "read", "unread"}}]}}`: the rooms the user may see (`role` null when not a member; `seq` the room's head; `read` how far the user has read; `unread` messages by others after that) |
-| `GET rooms/<slug>/events/?since=N[&limit=L]` | `{{"events": [...], "seq": head, "has_more": bool}}`: the room's events after N (at most L, default 500), the same shapes as the socket's room events; when `has_more`, ask again with `since` = the last event's seq |
-| `GET rooms/<slug>/events/?since=N&wait=S` | the long poll (the fallback when WebSockets are blocked): the same answer, but held until the room has an event after N or S seconds pass (at most 30; then `events` is empty). Rate-limited per user (`poll`, 5/s, burst 20: 429); anonymous: 401 |
-| `GET rooms/<slug>/messages/?[before=SEQ][&limit=L]` | `{{"room", "seq", "has_more", "messages": [{{"id", "seq", "author", "body", "client_id", "ts", "edited_at"}}]}}`: a page of messages, newest last (L at most REALTIME_HISTORY_PAGE_MAX, default 200); `seq` is the head the page is current to |
+| `GET rooms/<slug>/events/?since=N[&epoch=E][&limit=L]` | `{{"events": [...], "seq": head, "epoch": E, "has_more": bool}}`: the room's events after N (at most L, default 500), the same shapes as the socket's room events; when `has_more`, ask again with `since` = the last event's seq. With `epoch` (the one N counts in), a log started again is 410 `recovery_failed` |
+| `GET rooms/<slug>/events/?since=N&wait=S` | the long poll (the fallback when WebSockets are blocked): the same answer (and `epoch` checked the same way), but held until the room has an event after N, its log is started again (410), or S seconds pass (at most 30; then `events` is empty). Rate-limited per user (`poll`, 5/s, burst 20: 429); anonymous: 401 |
+| `GET rooms/<slug>/messages/?[before=SEQ][&limit=L]` | `{{"room", "seq", "epoch", "has_more", "messages": [{{"id", "seq", "author", "body", "client_id", "ts", "edited_at"}}]}}`: a page of messages, newest last (L at most REALTIME_HISTORY_PAGE_MAX, default 200); `seq` is the head the page is current to |
 | `POST rooms/<slug>/messages/` `{{"body", "client_id"}}` | `{{"room", "id", "seq"}}`: the same as `message.send`'s ack, with the same idempotency and rate limit (429 with `Retry-After`) |
 | `PATCH rooms/<slug>/messages/<id>/` `{{"body"}}` | `{{"room", "id", "seq"}}`: `message.edit` over HTTP, same rules, rate limit and ack |
 | `DELETE rooms/<slug>/messages/<id>/` | `{{"room", "id", "seq"}}`: `message.delete` over HTTP |

@@ -22,7 +22,7 @@ from realtime.observability import metrics
 from realtime.state import degraded
 from realtime.state import ratelimit as buckets
 from realtime.domain.errors import ActionError
-from realtime.web.longpoll import events_page, int_arg
+from realtime.web.longpoll import epoch_arg, events_page, int_arg
 from realtime.protocol import ErrorCode
 
 def error_response(code: ErrorCode, message: str, retry_after: float | None = None) -> Response:
@@ -74,8 +74,9 @@ class RoomEvents(ActionView):
     def get(self, request: Request, slug: str) -> Response:
         since = int_param(request, "since", 0)
         limit = int_param(request, "limit", 500, minimum=1)
+        epoch = epoch_arg(request.query_params)
         return replayed(request, lambda: events_page(
-            roomlog.room_replay(user=request.user, slug=slug, since=since, limit=limit), since))
+            roomlog.room_replay(user=request.user, slug=slug, since=since, limit=limit, epoch=epoch), since))
 
 
 class RoomMessages(ActionView):

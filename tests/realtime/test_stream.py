@@ -1,0 +1,117 @@
+"""The delivery guarantee's edges (realtime/ws/stream.py), each forced to happen:
+a commit between joining the room's stream and reading its log, a socket whose
+local queue overflows, and the age limit of the access a subscription caches.
+On both transports."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from prometheus_client import REGISTRY
+
+from realtime.delivery import publish
+from realtime.delivery.fanout import fanout
+from realtime.domain import roomlog, services
+from realtime.ws import queues, stream
+from tests.conftest import assert_quiet, call, socket, subscribe
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("layer")]
+
+
+def committed(user, body: str, client_id: str) -> list:
+    """A message committed (not yet published): its events."""
+    _, events = services.message_send(user=user, slug="general", body=body, client_id=client_id)
+    return events
+
+
+def consumer_of(slug: str):
+    (consumer,) = fanout().groups[f"room.{slug}"]
+    return consumer
+
+
+def queue_full_drops() -> float:
+    return REGISTRY.get_sample_value("realtime_layer_send_failures_total", {"kind": "local-queue-full"}) or 0.0
+
+
+async def test_a_commit_between_joining_and_reading_arrives_once(cookies, demo, monkeypatch):
+    """Committed and published after the socket joined the stream, before it read
+    the log: the replay has it, and so does the stream. Sent once."""
+    read = roomlog.room_replay
+
+    def commit_then_read(**kwargs):
+        async_to_sync(publish.publish)(committed(demo["alice"], "in between", "between"))
+        return read(**kwargs)
+
+    monkeypatch.setattr(roomlog, "room_replay", commit_then_read)
+    async with socket(cookies["bob"]) as bob:
+        replayed = await subscribe(bob, "general", since=0)
+        assert [(e["seq"], e["body"]) for e in replayed] == [(1, "in between")]
+        monkeypatch.setattr(roomlog, "room_replay", read)
+        await assert_quiet(bob)  # the stream's copy was dropped, not sent again
+
+
+async def test_a_commit_after_reading_arrives_live(cookies, demo, monkeypatch):
+    """Committed and published after the log was read, before the ack: only the
+    stream has it, and the socket (joined before it read) gets it without asking."""
+    read = roomlog.room_replay
+
+    def read_then_commit(**kwargs):
+        replay = read(**kwargs)
+        async_to_sync(publish.publish)(committed(demo["alice"], "just after", "after"))
+        return replay
+
+    monkeypatch.setattr(roomlog, "room_replay", read_then_commit)
+    async with socket(cookies["bob"]) as bob:
+        assert await subscribe(bob, "general", since=0) == []
+        monkeypatch.setattr(roomlog, "room_replay", read)
+        # Before any ping (whose catch-up would repair a loss and hide it).
+        live = await bob.receive_json_from(timeout=5)
+        assert (live["type"], live["seq"], live["body"]) == ("message.new", 1, "just after")
+        await assert_quiet(bob)
+
+
+async def test_a_local_queue_that_overflows_drops_events_and_repairs_them_from_the_log(cookies, demo, monkeypatch):
+    monkeypatch.setattr(queues, "LOCAL_QUEUE_MAX", 20)
+    async with socket(cookies["bob"]) as bob:
+        await subscribe(bob, "general", since=0)
+        consumer = consumer_of("general")
+        events = []
+        for i in range(25):
+            events += await sync_to_async(committed)(demo["alice"], f"m{i}", f"q{i}")
+        before = queue_full_drops()
+        # All at once, before the socket takes any: 20 are held, 5 dropped.
+        for event in events:
+            consumer.local_queue.put_nowait(publish.layer_message(event))
+        assert len(consumer.local_queue.items) == 20
+        assert queue_full_drops() - before == 5
+        got = [await bob.receive_json_from(timeout=5) for _ in range(20)]
+        assert [f["seq"] for f in got] == list(range(1, 21))
+        # The dropped tail is repaired from the log when the socket next looks (a ping).
+        await bob.send_json_to({"type": "ping", "ref": "p"})
+        repaired = [await bob.receive_json_from(timeout=5) for _ in range(5)]
+        assert [(f["seq"], f["body"]) for f in repaired] == [(21 + i, f"m{20 + i}") for i in range(5)]
+        assert await bob.receive_json_from(timeout=5) == {"type": "pong", "ref": "p"}
+        await assert_quiet(bob)
+
+
+async def test_a_cached_access_is_trusted_only_while_young(cookies, demo):
+    """message.send trusts the access its subscription read for ACCESS_MAX_AGE;
+    older, it reads it again (a change that sent no access.check is seen)."""
+    from realtime.models import Membership, Role
+
+    async with socket(cookies["bob"]) as bob:
+        await subscribe(bob, "general")
+        consumer = consumer_of("general")
+        # Demoted without a signal (a queryset update sends no access.check).
+        await Membership.objects.filter(user=demo["bob"], room__slug="general").aupdate(role=Role.READER)
+        reply = await call(bob, {"type": "message.send", "room": "general", "body": "x", "client_id": "young", "ref": 1})
+        assert reply["type"] == "ack"  # the young cache's role
+        await bob.receive_json_from(timeout=5)  # its own message.new
+        sub = consumer.subscriptions["general"]
+        assert sub.access is not None
+        # The clock moves past the age limit (the loop's time, which the cache reads).
+        sub.access_at = asyncio.get_running_loop().time() - stream.ACCESS_MAX_AGE
+        reply = await call(bob, {"type": "message.send", "room": "general", "body": "x", "client_id": "old", "ref": 2})
+        assert (reply["type"], reply["code"], reply["ref"]) == ("error", "forbidden", 2)
