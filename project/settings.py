@@ -4,6 +4,10 @@ With no environment at all the app runs on its embedded default: DEBUG on, SQLit
 the in-memory channel layer, one process. DATABASE_URL (PostgreSQL) and REDIS_URL
 (channels_redis) switch to the production parts. With DEBUG off, a missing
 DJANGO_SECRET_KEY or DJANGO_ALLOWED_HOSTS stops start-up with a clear message.
+
+Longer than the rule of about 400 lines on purpose: it is the one module that reads
+the environment, so every knob (README's configuration table) is found here, each
+beside its default and its reason.
 """
 
 import ipaddress
