@@ -3,41 +3,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { RealtimeClient, State, backoffDelay } from "../../static/realtime/client.js";
-
-class FakeTimers {
-  constructor() { this.now = 0; this.queue = []; this.nextId = 1; }
-  setTimeout = (fn, ms) => { const id = this.nextId++; this.queue.push({ id, at: this.now + ms, fn }); return id; };
-  clearTimeout = (id) => { this.queue = this.queue.filter((t) => t.id !== id); };
-  advance(ms) {
-    const until = this.now + ms;
-    for (;;) {
-      this.queue.sort((a, b) => a.at - b.at);
-      const t = this.queue[0];
-      if (!t || t.at > until) break;
-      this.queue.shift();
-      this.now = t.at;
-      t.fn();
-    }
-    this.now = until;
-  }
-}
-
-function fakeSocketClass() {
-  const sockets = [];
-  class FakeSocket {
-    constructor(url, protocols) { this.url = url; this.protocols = protocols; this.sent = []; sockets.push(this); }
-    send(data) { this.sent.push(JSON.parse(data)); }
-    close(code, reason) { this.closedWith = { code, reason }; }
-    // helpers for the test
-    // A live server: the socket opens and answers the client's first ping.
-    open() { this.openSilently(); this.receive({ type: "pong" }); }
-    // A proxy that passes the upgrade and then nothing.
-    openSilently() { this.onopen && this.onopen(); }
-    receive(frame) { this.onmessage && this.onmessage({ data: JSON.stringify(frame) }); }
-    serverClose(code) { this.onclose && this.onclose({ code, reason: "" }); }
-  }
-  return { FakeSocket, sockets };
-}
+import { FakeTimers, fakeSocketClass, flush } from "./fakes.mjs";
 
 function setup(extra = {}) {
   const timers = new FakeTimers();
@@ -272,10 +238,6 @@ function fakeRest() {
   const rest = { polls, posts, poll, post, checks, reachable: true };
   return rest;
 }
-
-const flush = async () => {
-  for (let i = 0; i < 10; i++) await new Promise((r) => setImmediate(r));
-};
 
 /** The first `n` WebSocket attempts close without opening (blocked, or the server down). */
 function failOpens(ctx, n = 3) {
