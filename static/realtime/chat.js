@@ -56,9 +56,10 @@ async function restError(res) {
 }
 
 // The long-polling fallback (when WebSockets are blocked): GET events with wait.
-async function poll(slug, since, wait, signal, limit) {
+async function poll(slug, since, wait, signal, limit, epoch) {
   const params = new URLSearchParams({ since: String(since), wait: String(wait) });
   if (limit) params.set("limit", String(limit));
+  if (epoch) params.set("epoch", epoch);
   const res = await fetch(`${config.apiBase}rooms/${encodeURIComponent(slug)}/events/?${params}`, {
     credentials: "same-origin",
     headers: { Accept: "application/json" },

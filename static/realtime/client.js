@@ -22,7 +22,8 @@ export class RealtimeClient extends Emitter {
    * @param {string} options.url               ws:// or wss:// URL of /ws/v1/
    * @param {Function} [options.loadSnapshot]  async (room) => {seq, messages}: the room's
    *   history from REST, used on first subscribe and when recovery fails
-   * @param {Function} [options.poll]  async (room, since, wait, signal) => {events, seq, has_more}:
+   * @param {Function} [options.poll]  async (room, since, wait, signal, limit, epoch) =>
+   *   {events, seq, epoch, has_more}:
    *   a long poll of the room's events (REST); throws {status, code, retryAfter}
    * @param {Function} [options.post]  async (room, body, clientId) => {id, seq, room}: post
    *   a message over REST; throws {status, code, retryAfter}. With poll, enables the fallback.
@@ -171,12 +172,12 @@ export class RealtimeClient extends Emitter {
   // -- rooms ----------------------------------------------------------------
   /**
    * Follow a room: load its snapshot (if no seq is known), then subscribe with since.
-   * Options: `since` (a seq already seen: replay from there, no snapshot) and
-   * `background` (no snapshot: with no since, live from the head; not long-polled
+   * Options: `since` (a seq already seen: replay from there, no snapshot), `epoch`
+   * (the log's epoch that seq counts in, from client.epoch(room)) and `background` (no snapshot: with no since, live from the head; not long-polled
    * in the fallback, where browsers allow only a few requests per host at once).
    */
-  subscribe(room, { since = null, background = false } = {}) {
-    this.rooms.follow(room, { since, background });
+  subscribe(room, { since = null, epoch = null, background = false } = {}) {
+    this.rooms.follow(room, { since, epoch, background });
     if (this.socket.opened) this.rooms.sync(room);
     if (this.poll.active && !background) this.poll.startPolling(room);
   }
@@ -189,6 +190,11 @@ export class RealtimeClient extends Emitter {
 
   lastSeq(room) {
     return this.rooms.lastSeq(room);
+  }
+
+  /** The epoch of the log the room's lastSeq counts in (resume with both). */
+  epoch(room) {
+    return this.rooms.epoch(room);
   }
 
   // -- sending --------------------------------------------------------------

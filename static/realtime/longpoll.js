@@ -151,13 +151,13 @@ export class LongPoll {
 
   /** One poll with a deadline of its own: a request that hangs (a connection
    * that died silently) fails after wait + 10 s instead of stalling the room. */
-  async _timedPoll(room, since, wait, signal, limit) {
+  async _timedPoll(room, since, wait, signal, limit, epoch = null) {
     const request = new AbortController();
     const onAbort = () => request.abort();
     signal.addEventListener("abort", onAbort, { once: true });
     const timer = this.host.timers.setTimeout(() => request.abort(), (wait + 10) * 1000);
     try {
-      return await this.pollFn(room, since, wait, request.signal, limit);
+      return await this.pollFn(room, since, wait, request.signal, limit, epoch);
     } finally {
       this.host.timers.clearTimeout(timer);
       signal.removeEventListener("abort", onAbort);
@@ -182,13 +182,14 @@ export class LongPoll {
             // No history wanted: go live from the head.
             const head = await this._timedPoll(room, 0, 0, signal, 1);
             if (signal.aborted || rooms.get(room) !== r) return;
-            if (r.lastSeq === null) r.lastSeq = head.seq;
+            rooms.startAt(r, head.seq, head.epoch);
           }
           this._polled();
           host.emit("subscribed", { room, seq: r.lastSeq, replayed: 0 });
         }
-        const page = await this._timedPoll(room, r.lastSeq, this.pollWait, signal);
+        const page = await this._timedPoll(room, r.lastSeq, this.pollWait, signal, undefined, r.epoch);
         if (signal.aborted || rooms.get(room) !== r) return;
+        if (!r.epoch && page.epoch) r.epoch = page.epoch; // (a seq given to subscribe without one)
         failures = 0;
         this._polled();
         // The same path as socket events: each seq once, in order.

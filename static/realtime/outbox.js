@@ -98,6 +98,7 @@ export class Outbox {
   /** Settle every queued send as failed: nothing will send them any more. */
   failAll(code, message) {
     for (const [clientId, item] of this.items) {
+      if (item.retryTimer) this.host.timers.clearTimeout(item.retryTimer);
       item.reject(Object.assign(new Error(message), { code }));
       this.host.emit("failed", { clientId, room: item.room, code, message });
     }

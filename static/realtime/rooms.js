@@ -1,5 +1,6 @@
 // The rooms this client follows, and the delivery guarantee on its side: each
-// room's last applied seq; events applied exactly once and in seq order (later
+// room's last applied seq and the epoch of the log it counts in (a resume sends
+// both: a log started again answers recovery_failed, never another history); events applied exactly once and in seq order (later
 // ones held until the gap fills); a gap asks for a replay (subscribe with since);
 // recovery_failed (too far behind) resets the room and loads its snapshot again;
 // a snapshot that fails to load is retried with backoff. No DOM code.
@@ -35,8 +36,8 @@ export class Rooms {
   constructor(host, { loadSnapshot = null } = {}) {
     this.host = host;
     this.loadSnapshot = loadSnapshot;
-    // room -> {lastSeq, pending: Map(seq -> frame), subscribed, resyncing, loading,
-    //          background, retryTimer, snapshotAttempts, subscribeAttempts}
+    // room -> {lastSeq, epoch, pending: Map(seq -> frame), subscribed, resyncing,
+    //          loading, background, retryTimer, snapshotAttempts, subscribeAttempts}
     this.map = new Map();
   }
 
@@ -60,11 +61,12 @@ export class Rooms {
     return this.map.entries();
   }
 
-  /** Start following a room (once); `since`: a seq already seen. */
-  follow(room, { since = null, background = false } = {}) {
+  /** Start following a room (once); `since`: a seq already seen, of the log `epoch`. */
+  follow(room, { since = null, epoch = null, background = false } = {}) {
     if (this.map.has(room)) return;
+    const known = Number.isInteger(since);
     this.map.set(room, {
-      lastSeq: Number.isInteger(since) ? since : null,
+      lastSeq: known ? since : null, epoch: known ? epoch : null,
       pending: new Map(), subscribed: false, resyncing: false, loading: null, background,
     });
   }
@@ -76,9 +78,21 @@ export class Rooms {
     this.map.delete(room);
   }
 
-  /** Access to a followed room was taken away: stop following it. */
+  /** Access to a followed room was taken away: stop following it (its retry too). */
   revoke(room) {
-    this.map.delete(room);
+    this.unfollow(room);
+  }
+
+  epoch(room) {
+    const r = this.map.get(room);
+    return r ? r.epoch : null;
+  }
+
+  /** Go live from `seq` of the log `epoch` (a head read without history). */
+  startAt(r, seq, epoch) {
+    if (r.lastSeq !== null) return;
+    r.lastSeq = seq;
+    r.epoch = epoch ?? null;
   }
 
   lastSeq(room) {
@@ -106,13 +120,17 @@ export class Rooms {
   loaded(room, r, snap) {
     if (r.lastSeq !== null) return;
     r.lastSeq = snap.seq;
+    r.epoch = snap.epoch ?? null;
     r.pending.clear();
     this.host.emit("snapshot", { room, ...snap });
   }
 
-  /** Too far behind to replay: forget the seq and what was held. */
+  /** Too far behind to replay, or the log was started again: forget the seq, its
+   * epoch and what was held. */
   reset(room, r) {
     r.lastSeq = null;
+    r.epoch = null;
+    r.resyncing = false;
     r.pending.clear();
     this.host.emit("reset", { room });
   }
@@ -147,9 +165,16 @@ export class Rooms {
     if (this.map.get(room) !== r || !this.host.socket.opened) return;
     r.resyncing = true;
     // Without a snapshot loader and no seq yet, go live from the head (the ack says which).
+    this.host.socket.write(this._subscribeFrame(room, r));
+  }
+
+  _subscribeFrame(room, r) {
     const frame = { type: "subscribe", ref: `sub:${room}`, room };
-    if (r.lastSeq !== null) frame.since = r.lastSeq;
-    this.host.socket.write(frame);
+    if (r.lastSeq !== null) {
+      frame.since = r.lastSeq;
+      if (r.epoch) frame.epoch = r.epoch;
+    }
+    return frame;
   }
 
   _retry(room, r, wait) {
@@ -168,6 +193,7 @@ export class Rooms {
       r.resyncing = false;
       r.subscribeAttempts = 0;
       if (r.lastSeq === null) r.lastSeq = frame.seq;
+      if (frame.epoch) r.epoch = frame.epoch;
       this.host.emit("subscribed", { room: frame.room, seq: frame.seq, replayed: frame.replayed });
     }
     return true;
@@ -178,10 +204,10 @@ export class Rooms {
   onError(frame) {
     const room = roomOf(frame);
     if (frame.code === ErrorCode.RECOVERY_FAILED && room && this.map.has(room)) {
-      // Too far behind to replay: reload the room's history (or, without a
-      // loader, go live from the head), then subscribe again.
+      // Too far behind to replay, or the log was started again: reload the
+      // room's history (or, without a loader, go live from the head), then
+      // subscribe again.
       const r = this.map.get(room);
-      r.resyncing = false;
       this.reset(room, r);
       this.sync(room);
       return true;
@@ -210,10 +236,11 @@ export class Rooms {
     if (frame.seq <= r.lastSeq) return; // already applied
     if (frame.seq > r.lastSeq + 1) {
       r.pending.set(frame.seq, frame);
-      if (!r.resyncing) {
-        // A gap: the server replays everything after what we have.
+      // A gap: the server replays everything after what we have. (While polling,
+      // the next page starts after what we have anyway.)
+      if (!r.resyncing && this.host.socket.opened) {
         r.resyncing = true;
-        this.host.socket.write({ type: "subscribe", ref: `sub:${frame.room}`, room: frame.room, since: r.lastSeq });
+        this.host.socket.write(this._subscribeFrame(frame.room, r));
       }
       return;
     }

@@ -226,11 +226,11 @@ function fakeRest() {
   const polls = [];
   const posts = [];
   const checks = [];
-  const poll = (room, since, wait, signal, limit) =>
+  const poll = (room, since, wait, signal, limit, epoch) =>
     wait === 0 ? (checks.push(room), rest.hangCheck ? new Promise((resolve, reject) => signal.addEventListener("abort", () => reject(new Error("aborted")))) :
       rest.reachable ? Promise.resolve({ events: [], seq: 5, has_more: true }) : Promise.reject(new TypeError("fetch failed"))) :
     new Promise((resolve, reject) => {
-      const call = { room, since, wait, limit, signal, resolve, reject };
+      const call = { room, since, wait, limit, epoch, signal, resolve, reject };
       polls.push(call);
       signal.addEventListener("abort", () => reject(Object.assign(new Error("aborted"), { aborted: true })));
     });
@@ -251,7 +251,7 @@ async function inFallback(reachable = true, hangCheck = false) {
   const rest = fakeRest();
   rest.reachable = reachable;
   rest.hangCheck = hangCheck;
-  const ctx = setup({ poll: rest.poll, post: rest.post, loadSnapshot: async () => ({ seq: 5, messages: [] }) });
+  const ctx = setup({ poll: rest.poll, post: rest.post, loadSnapshot: async () => ({ seq: 5, epoch: "e5", messages: [] }) });
   ctx.client.subscribe("general");
   ctx.client.connect();
   failOpens(ctx); // never opened: blocked
@@ -270,7 +270,7 @@ test("after three attempts that never open it falls back to long polling, each s
   assert.equal(client.state, State.FALLBACK);
   assert.ok(states.some((s) => s.state === State.FALLBACK));
   assert.equal(polls.length, 1);
-  assert.deepEqual([polls[0].room, polls[0].since, polls[0].wait], ["general", 5, 25]);
+  assert.deepEqual([polls[0].room, polls[0].since, polls[0].wait, polls[0].epoch], ["general", 5, 25, "e5"]);
   polls[0].resolve({ events: [{ type: "message.new", room: "general", seq: 6 }, { type: "message.new", room: "general", seq: 7 }], seq: 7 });
   await flush();
   assert.equal(polls[1].since, 7);
@@ -324,7 +324,7 @@ test("it keeps probing for a WebSocket and switches back without losing or repea
   assert.equal(client.state, State.OPEN);
   assert.ok(polls[1].signal.aborted, "the running poll was cancelled");
   const frames = sockets[5].sent;
-  assert.deepEqual(frames.find((f) => f.type === "subscribe"), { type: "subscribe", ref: "sub:general", room: "general", since: 6 });
+  assert.deepEqual(frames.find((f) => f.type === "subscribe"), { type: "subscribe", ref: "sub:general", room: "general", since: 6, epoch: "e5" });
   assert.equal(frames.find((f) => f.type === "message.send").client_id, clientId);
   // The REST answer and the socket's ack both arrive: the message is sent once.
   posts[0].resolve({ room: "general", id: 4, seq: 7 });

@@ -103,3 +103,15 @@ test("a body over the limit is refused and never goes out", async () => {
   outbox.send("general", "12345", "c2");
   assert.equal(frames.length, 1, "the limit itself is allowed");
 });
+
+test("failAll cancels the rate-limited resends it fails", () => {
+  const { outbox, timers, frames } = setup();
+  const { done } = outbox.send("general", "slow", "c1");
+  done.catch(() => {});
+  outbox.onError({ type: "error", ref: "m:c1", code: "rate_limited", retry_after: 2, message: "slow down" });
+  assert.equal(timers.queue.length, 1);
+  outbox.failAll("closed", "the client was closed");
+  assert.equal(timers.queue.length, 0);
+  timers.advance(10000);
+  assert.equal(frames.length, 1);
+});

@@ -166,3 +166,78 @@ test("typing, presence, read markers and metrics are not room events, even with 
   }
   assert.equal(isRoomEvent({ type: "message.new", seq: 4 }), false, "no room");
 });
+
+// -- the log's epoch ------------------------------------------------------------
+test("the epoch from the snapshot goes with since on every resubscribe and gap repair", async () => {
+  const { rooms, written } = setup({ loadSnapshot: async () => ({ seq: 10, epoch: "e1", messages: [] }) });
+  rooms.follow("general");
+  rooms.sync("general");
+  await flush();
+  assert.deepEqual(written.at(-1), { type: "subscribe", ref: "sub:general", room: "general", since: 10, epoch: "e1" });
+  rooms.onAck({ type: "ack", ref: "sub:general", room: "general", seq: 10, epoch: "e1", replayed: 0 });
+  rooms.onEvent(ev(12)); // a gap
+  assert.deepEqual(written.at(-1), { type: "subscribe", ref: "sub:general", room: "general", since: 10, epoch: "e1" });
+  assert.equal(rooms.epoch("general"), "e1");
+});
+
+test("a room live from the head takes the ack's epoch, and resumes with it", () => {
+  const { rooms, written } = setup();
+  rooms.follow("general");
+  rooms.sync("general");
+  rooms.onAck({ type: "ack", ref: "sub:general", room: "general", seq: 4, epoch: "abc", replayed: 0 });
+  rooms.lost();
+  rooms.sync("general"); // the socket came back
+  assert.deepEqual(written.at(-1), { type: "subscribe", ref: "sub:general", room: "general", since: 4, epoch: "abc" });
+});
+
+test("a log started again (recovery_failed) forgets the epoch and reloads into the new one", async () => {
+  let loads = 0;
+  const snaps = [{ seq: 10, epoch: "old" }, { seq: 3, epoch: "new" }];
+  const { rooms, written, applied } = setup({ loadSnapshot: async () => ({ ...snaps[loads++], messages: [] }) });
+  rooms.follow("general");
+  rooms.sync("general");
+  await flush();
+  rooms.onAck({ type: "ack", ref: "sub:general", room: "general", seq: 10, epoch: "old", replayed: 0 });
+  rooms.onEvent(ev(11));
+  // The server ends the subscription: the log was started again.
+  rooms.onError({ type: "error", code: "recovery_failed", room: "general", message: "started again" });
+  assert.equal(rooms.epoch("general"), null);
+  await flush();
+  assert.deepEqual(written.at(-1), { type: "subscribe", ref: "sub:general", room: "general", since: 3, epoch: "new" });
+  rooms.onEvent(ev(4));
+  assert.deepEqual(applied(), [11, 4], "seqs of the new log apply from its snapshot's seq");
+});
+
+test("following with a seq and its epoch resumes with both; a seq alone resumes without", () => {
+  const { rooms, written } = setup();
+  rooms.follow("general", { since: 7, epoch: "e7" });
+  rooms.follow("ops", { since: 2 });
+  rooms.sync("general");
+  rooms.sync("ops");
+  assert.deepEqual(written, [
+    { type: "subscribe", ref: "sub:general", room: "general", since: 7, epoch: "e7" },
+    { type: "subscribe", ref: "sub:ops", room: "ops", since: 2 },
+  ]);
+});
+
+test("a gap while no socket is open holds the event and writes nothing (the next poll page fills it)", () => {
+  const { rooms, host, written, applied } = setup();
+  host.socket.opened = false;
+  rooms.follow("general", { since: 1 });
+  rooms.onEvent(ev(3));
+  assert.deepEqual(written, []);
+  assert.equal(rooms.get("general").resyncing, false);
+  rooms.onEvent(ev(2));
+  assert.deepEqual(applied(), [2, 3]);
+});
+
+test("a revoked room's pending retry is cancelled", () => {
+  const { rooms, timers, written } = setup();
+  rooms.follow("general", { since: 2 });
+  rooms.onError({ type: "error", ref: "sub:general", code: "internal", message: "oops" });
+  rooms.revoke("general");
+  assert.equal(timers.queue.length, 0);
+  rooms.follow("general", { since: 2 });
+  timers.advance(60000);
+  assert.deepEqual(written, []);
+});
