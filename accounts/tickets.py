@@ -14,7 +14,9 @@ Only a hash of the ticket is stored; the ticket itself is never logged.
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
+import time
 
 from django.contrib.auth import get_user_model
 from django.core.cache import cache
@@ -22,6 +24,10 @@ from django.core.cache import cache
 from accounts.sessions import session_is_valid
 
 TICKET_TTL = 30  # seconds
+
+# The clock a ticket's age is read by (tests put one they move in its place): wall
+# time, as tickets are shared by every worker through the cache.
+wall_clock = time.time
 
 
 def _key(ticket: str) -> str:
@@ -36,7 +42,8 @@ def _index(user_id: int) -> str:
 def issue(*, user_id: int, session_key: str) -> str:
     ticket = secrets.token_urlsafe(32)
     key = _key(ticket)
-    cache.set(key, {"user": user_id, "session": session_key}, TICKET_TTL)
+    # It expires by its own timestamp (the cache's timeout clears it away as well).
+    cache.set(key, {"user": user_id, "session": session_key, "expires": wall_clock() + TICKET_TTL}, TICKET_TTL)
     index = cache.get(_index(user_id)) or {}
     index = {k: s for k, s in index.items() if cache.has_key(k)}  # redeemed or expired ones go
     index[key] = session_key
@@ -53,6 +60,8 @@ def redeem(ticket: str) -> tuple[object | None, str | None]:
     key = _key(ticket)
     data = cache.get(key)
     if not data or not cache.delete(key):
+        return None, None
+    if wall_clock() >= data.get("expires", math.inf):  # (one issued before "expires": the cache's timeout)
         return None, None
     if not session_is_valid(data["session"], data["user"]):
         return None, None

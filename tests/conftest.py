@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
+import time
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -52,6 +55,52 @@ def missing(what: str) -> None:
     if os.environ.get("REALTIME_TEST_STRICT") == "1":
         pytest.fail(f"{what} (REALTIME_TEST_STRICT=1: make test installs it; run `make system-deps`)")
     pytest.skip(what)
+
+
+class Clock:
+    """A clock that stands still until the test moves it."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    """One clock the test moves (clock.advance(seconds)) in place of the ones that
+    time the connection leases, the presence leases and the tickets (each module's
+    wall_clock and local_clock), so that a TTL runs out without waiting for it."""
+    from accounts import tickets
+    from realtime.state import leases, presence
+
+    fake = Clock(time.time())
+    for module in (leases, presence, tickets):
+        for name in ("wall_clock", "local_clock"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, fake)
+    return fake
+
+
+async def until(predicate, timeout: float = 5, what: str = "the condition"):
+    """Wait until predicate() (awaited if it returns an awaitable) is true, and
+    return it; fail after `timeout` seconds. For a change that comes by itself
+    (from another task, the channel layer or a worker's timer)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if loop.time() >= deadline:
+            pytest.fail(f"{what}: not within {timeout} s")
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture(scope="session")

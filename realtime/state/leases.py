@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 LEASE_TTL = 30.0  # seconds a lease lives without renewal
 LEASE_RENEW = 10.0  # seconds between renewals by a live socket
 
+# The clocks leases are timed by (tests put one they move in their place): wall time
+# in Redis, where every worker compares the scores; this process's monotonic clock
+# for its own.
+wall_clock = time.time
+local_clock = time.monotonic
+
 _ACQUIRE = """
 local now, ttl, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -47,7 +53,7 @@ class MemoryLeases:
         self.leases: dict[int, dict[str, float]] = {}
 
     async def acquire(self, user_id: int, conn_id: str, cap: int) -> bool:
-        now = time.monotonic()
+        now = local_clock()
         mine = {c: t for c, t in self.leases.get(user_id, {}).items() if t > now}
         if conn_id not in mine and len(mine) >= cap:
             self.leases[user_id] = mine
@@ -57,7 +63,7 @@ class MemoryLeases:
         return True
 
     async def renew(self, held: list[tuple[int, str]]) -> None:
-        expiry = time.monotonic() + LEASE_TTL
+        expiry = local_clock() + LEASE_TTL
         for user_id, conn_id in held:
             self.leases.setdefault(user_id, {})[conn_id] = expiry
 
@@ -69,7 +75,7 @@ class MemoryLeases:
                 del self.leases[user_id]
 
     async def count(self, user_id: int) -> int:
-        now = time.monotonic()
+        now = local_clock()
         return sum(1 for t in self.leases.get(user_id, {}).values() if t > now)
 
 
@@ -79,14 +85,14 @@ class RedisLeases:
 
     async def acquire(self, user_id: int, conn_id: str, cap: int) -> bool:
         try:
-            return bool(await store.client(self.url).eval(_ACQUIRE, 1, _key(user_id), time.time(), LEASE_TTL, cap, conn_id))
+            return bool(await store.client(self.url).eval(_ACQUIRE, 1, _key(user_id), wall_clock(), LEASE_TTL, cap, conn_id))
         except Exception as exc:
             degraded.tolerate(degraded.LEASES, exc)  # fail open (state/degraded.py)
             return True
 
     async def renew(self, held: list[tuple[int, str]]) -> None:
         await store.renew_scores(self.url, [(_key(user_id), conn_id) for user_id, conn_id in held], LEASE_TTL,
-                                 key_ttl=math.ceil(LEASE_TTL) + 1)
+                                 now=wall_clock(), key_ttl=math.ceil(LEASE_TTL) + 1)
 
     async def release(self, user_id: int, conn_id: str) -> None:
         try:
@@ -96,7 +102,7 @@ class RedisLeases:
 
     async def count(self, user_id: int) -> int:
         client = store.client(self.url)
-        return int(await client.zcount(_key(user_id), time.time(), "+inf"))
+        return int(await client.zcount(_key(user_id), wall_clock(), "+inf"))
 
 
 # The leases in use: shared through Redis, or this process's own.

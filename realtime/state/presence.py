@@ -35,6 +35,12 @@ GRACE = 2.5
 SWEEP = 5.0
 BOUND = TTL + SWEEP  # the longest a crashed worker's users stay present
 
+# The clocks the presence leases are timed by (tests put one they move in their place): wall time
+# in Redis, where every worker compares the scores; this process's monotonic clock
+# for its own.
+wall_clock = time.time
+local_clock = time.monotonic
+
 # Rooms followed by this process's sockets (room -> number of sockets), for the sweep.
 LOCAL_ROOMS: Counter[str] = Counter()
 
@@ -81,18 +87,18 @@ class MemoryPresence:
         self.announced: dict[str, set[str]] = {}
 
     async def join(self, room: str, member: str) -> None:
-        self.leases.setdefault(room, {})[member] = time.monotonic() + TTL
+        self.leases.setdefault(room, {})[member] = local_clock() + TTL
 
     async def renew(self, pairs: list[tuple[str, str]]) -> None:
         for room, member in pairs:
             if member in self.leases.get(room, {}):
-                self.leases[room][member] = time.monotonic() + TTL
+                self.leases[room][member] = local_clock() + TTL
 
     async def leave(self, room: str, member: str) -> None:
         self.leases.get(room, {}).pop(member, None)
 
     def _present(self, room: str) -> set[str]:
-        now = time.monotonic()
+        now = local_clock()
         live = {m: t for m, t in self.leases.get(room, {}).items() if t > now}
         self.leases[room] = live
         return {m.rsplit(":", 1)[0] for m in live}
@@ -117,23 +123,24 @@ class RedisPresence:
         key, _ = _keys(room)
         client = store.client(self.url)
         pipe = client.pipeline(transaction=False)
-        pipe.zadd(key, {member: time.time() + TTL})
+        pipe.zadd(key, {member: wall_clock() + TTL})
         pipe.expire(key, 86400)
         await pipe.execute()
 
     async def renew(self, pairs: list[tuple[str, str]]) -> None:
         # Only leases still held: one given back by a closing socket stays gone.
-        await store.renew_scores(self.url, [(_keys(room)[0], member) for room, member in pairs], TTL, only_existing=True)
+        await store.renew_scores(self.url, [(_keys(room)[0], member) for room, member in pairs], TTL,
+                                 now=wall_clock(), only_existing=True)
 
     async def leave(self, room: str, member: str) -> None:
         await store.client(self.url).zrem(_keys(room)[0], member)
 
     async def present(self, room: str) -> set[str]:
-        members = await store.client(self.url).zrangebyscore(_keys(room)[0], time.time(), "+inf")
+        members = await store.client(self.url).zrangebyscore(_keys(room)[0], wall_clock(), "+inf")
         return {(m.decode() if isinstance(m, bytes) else m).rsplit(":", 1)[0] for m in members}
 
     async def reconcile(self, room: str) -> tuple[list[str], list[str]]:
-        joins, leaves = await store.client(self.url).eval(_RECONCILE, 2, *_keys(room), time.time())
+        joins, leaves = await store.client(self.url).eval(_RECONCILE, 2, *_keys(room), wall_clock())
         decode = lambda items: sorted(i.decode() if isinstance(i, bytes) else i for i in items)  # noqa: E731
         return decode(joins), decode(leaves)
 

@@ -30,16 +30,17 @@ def client(url: str):
     return found
 
 
-async def renew_scores(url: str, entries: list[tuple[str, str]], ttl: float, *, only_existing: bool = False,
-                       key_ttl: float | None = None) -> None:
-    """Set each (sorted-set key, member) to expire `ttl` seconds from now, all in
-    one round trip (the leases kept as sorted sets scored by expiry). With
+async def renew_scores(url: str, entries: list[tuple[str, str]], ttl: float, *, now: float | None = None,
+                       only_existing: bool = False, key_ttl: float | None = None) -> None:
+    """Set each (sorted-set key, member) to expire `ttl` seconds from `now` (the
+    caller's clock; time.time() by default), all in one round trip (the leases kept
+    as sorted sets scored by expiry). With
     `only_existing`, a member that is gone stays gone; with `key_ttl`, each key
     is kept that long."""
     if not entries:
         return
     pipe = client(url).pipeline(transaction=False)
-    expiry = time.time() + ttl
+    expiry = (time.time() if now is None else now) + ttl
     for key, member in entries:
         pipe.zadd(key, {member: expiry}, xx=only_existing)
     if key_ttl is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import pytest
@@ -57,14 +56,17 @@ async def test_a_ticket_opens_one_socket_once(bob_client, caplog):
 
 
 @pytest.mark.asyncio
-async def test_forged_and_expired_tickets_are_refused(bob_client, monkeypatch):
+async def test_forged_and_expired_tickets_are_refused(bob_client, clock):
     forged = await open_with("not-a-ticket-at-all-0123456789abcdef")
     assert await forged.receive_output(timeout=5) == {"type": "websocket.close", "code": 4001}
     await forged.disconnect()
-    monkeypatch.setattr(tickets, "TICKET_TTL", 1)
-    ticket = await sync_to_async(lambda: bob_client.post("/api/v1/tickets/").json()["ticket"])()
-    await asyncio.sleep(1.2)
-    expired = await open_with(ticket)
+    early, late = [await sync_to_async(new_ticket)(bob_client) for _ in range(2)]
+    clock.advance(tickets.TICKET_TTL - 1)
+    fresh = await open_with(early)  # a second before it expires
+    assert await call(fresh, {"type": "ping", "ref": 1}) == {"type": "pong", "ref": 1}
+    await fresh.disconnect()
+    clock.advance(1)
+    expired = await open_with(late)
     assert await expired.receive_output(timeout=5) == {"type": "websocket.close", "code": 4001}
     await expired.disconnect()
 

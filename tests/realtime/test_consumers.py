@@ -8,7 +8,7 @@ from asgiref.sync import sync_to_async
 
 from realtime.domain import services
 from realtime.models import Event, Message
-from tests.conftest import ORIGIN, call, communicator, epoch, socket, subscribe, assert_quiet
+from tests.conftest import ORIGIN, call, communicator, epoch, socket, subscribe, assert_quiet, until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("layer")]
 
@@ -296,8 +296,6 @@ async def test_a_ping_makes_a_socket_read_its_access_again(cookies, demo):
 async def test_a_consumer_that_fails_gives_back_its_leases_and_timers(cookies, demo, monkeypatch, settings):
     """A handler that raises ends the app without a websocket.disconnect: the
     socket's lease, presence and place in the housekeeper go all the same."""
-    import asyncio
-
     from realtime.ws import consumer as consumers
     from realtime.state import leases as connections
     from realtime.state import housekeeper
@@ -313,8 +311,11 @@ async def test_a_consumer_that_fails_gives_back_its_leases_and_timers(cookies, d
     assert await connections.leases().count(demo["bob"].pk) == 1
     with pytest.raises(RuntimeError):
         await comm.receive_output(timeout=3)  # the session check raised in the app
-    await asyncio.sleep(0.1)
-    assert await connections.leases().count(demo["bob"].pk) == 0
+
+    async def released() -> bool:
+        return await connections.leases().count(demo["bob"].pk) == 0
+
+    await until(released, what="the failed socket's lease given back")  # the last of its cleanup
     assert not [c for c in housekeeper.SOCKETS if c.user.pk == demo["bob"].pk]
 
 

@@ -15,7 +15,7 @@ from django.core.management import CommandError, call_command
 from realtime.delivery.fanout import fanout
 from realtime.domain import services
 from realtime.models import Room
-from tests.conftest import HOST, assert_quiet, call, epoch, socket, subscribe
+from tests.conftest import HOST, assert_quiet, call, epoch, socket, subscribe, until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("layer")]
 
@@ -171,10 +171,8 @@ async def test_history_and_event_pages_carry_the_epoch(cookies, demo):
 async def test_a_held_long_poll_ends_with_recovery_failed_when_the_log_is_reset(cookies, demo):
     current = await epoch()
     poll = asyncio.ensure_future(get(cookies["bob"], f"/api/v1/rooms/general/events/?since=0&epoch={current}&wait=25"))
-    deadline = asyncio.get_running_loop().time() + 5
-    while subscriber_count("general") == 0:  # the poll is held: its waiter joined the room
-        assert asyncio.get_running_loop().time() < deadline, "the poll never waited"
-        await asyncio.sleep(0.01)
+    # The poll is held: its waiter joined the room.
+    await until(lambda: subscriber_count("general") > 0 or poll.done(), what="the poll waiting")
     assert not poll.done()
     await reset("general")
     status, body = await poll

@@ -130,16 +130,18 @@ async def alice_id(cookies) -> int:
     return (await get_user_model().objects.aget(username="alice")).pk
 
 
-async def test_a_dead_workers_leases_run_out(cookies, leases, monkeypatch):
+async def test_a_dead_workers_leases_run_out(cookies, leases, clock):
     """A worker killed with -9 never releases its sockets' leases: they expire."""
     uid = await alice_id(cookies)
-    monkeypatch.setattr(connections, "LEASE_TTL", 0.3)
     for i in range(3):
         assert await connections.acquire(uid, f"dead-{i}")
+    clock.advance(connections.LEASE_TTL - 1)
     comm, code = await opened(cookies["alice"])
     await comm.disconnect()
-    assert code == 4008
-    await asyncio.sleep(0.5)
+    assert code == 4008, "a second before their expiry the leases still hold"
+    assert await connections.leases().count(uid) == 3
+    clock.advance(2)
+    assert await connections.leases().count(uid) == 0
     comm, code = await opened(cookies["alice"])
     await comm.disconnect()
     assert code is None

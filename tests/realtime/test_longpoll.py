@@ -9,9 +9,11 @@ import json
 import pytest
 from channels.testing import HttpCommunicator
 
+from realtime.delivery.fanout import fanout
 from realtime.domain import services
 from realtime.models import Room
-from tests.conftest import HOST, epoch
+from realtime.web.longpoll import Waiter
+from tests.conftest import HOST, epoch, until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("layer")]
 
@@ -31,14 +33,21 @@ async def head(slug: str = "general") -> int:
     return (await Room.objects.aget(slug=slug)).last_seq
 
 
+def held(slug: str) -> bool:
+    """A poll of the room is held: its waiter has joined the room's group in this
+    worker's fan-out."""
+    return any(isinstance(c, Waiter) for c in fanout().groups.get(f"room.{slug}", ()))
+
+
 async def post(user, body: str, client_id: str, slug: str = "general"):
     return await services.perform(services.message_send, user=user, slug=slug, body=body, client_id=client_id)
 
 
 async def test_a_poll_is_held_until_an_event_arrives(cookies, demo):
     seq = await head()
+    assert not held("general")
     poll = asyncio.ensure_future(get(cookies["bob"], f"/api/v1/rooms/general/events/?since={seq}&wait=25", timeout=4))
-    await asyncio.sleep(0.3)
+    await until(lambda: held("general") or poll.done(), what="the poll waiting")
     assert not poll.done(), "nothing new: the request is held"
     await post(demo["alice"], "wake up", "lp1")
     status, body, headers = await poll  # long before the 25 s wait ends
@@ -80,8 +89,10 @@ async def test_a_held_poll_ends_with_not_found_when_access_goes(cookies, demo):
     from realtime.models import Membership
 
     seq = await head("ops")
+    assert not held("ops")
     poll = asyncio.ensure_future(get(cookies["bob"], f"/api/v1/rooms/ops/events/?since={seq}&wait=25", timeout=4))
-    await asyncio.sleep(0.3)
+    await until(lambda: held("ops") or poll.done(), what="the poll waiting")
+    assert not poll.done(), "nothing new: the request is held"
     await Membership.objects.filter(room__slug="ops", user=demo["bob"]).adelete()
     await post(demo["alice"], "after bob left", "lp-ops")
     status, body, _ = await poll

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import time
 
 import pytest
 from channels.layers import get_channel_layer
@@ -17,7 +18,7 @@ import project.asgi  # noqa: F401  (its django.setup() reconfigures logging: don
 from realtime.state import heartbeat
 from realtime.delivery import publish as broadcast
 from realtime.observability.logs import ContextFilter
-from tests.conftest import call, socket, subscribe
+from tests.conftest import assert_quiet, call, socket, subscribe, until
 from tests.services import RedisServer
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -118,11 +119,10 @@ async def test_readyz_fails_while_redis_is_down_or_hangs_and_recovers(settings, 
             assert json.loads(body)["checks"]["channel_layer"].startswith("timeout")
         finally:
             os.kill(redis.proc.pid, signal.SIGCONT)
-        for _ in range(20):  # the client reconnects
-            if (await http("/readyz"))[0] == 200:
-                break
-            await asyncio.sleep(0.1)
-        assert (await http("/readyz"))[0] == 200
+        async def ready() -> bool:
+            return (await http("/readyz"))[0] == 200
+
+        await until(ready, what="ready again once the client reconnects")
     finally:
         redis.stop()
 
@@ -142,26 +142,41 @@ async def test_a_worker_that_stops_heartbeating_leaves_the_cluster_view(settings
     assert "ghost" not in [r["worker"] for r in await heartbeat.view()]
 
 
+async def ticks_after(comm, t: float, n: int) -> None:
+    """Read `comm`'s ticks until `n` of them were made after time `t`."""
+    while n:
+        tick = await comm.receive_json_from(timeout=5)
+        assert tick["type"] == "metrics.tick", tick
+        n -= tick["t"] > t
+
+
 @pytest.mark.asyncio
-async def test_metrics_subscribe_is_for_staff_and_ticks(cookies, settings):
+async def test_metrics_subscribe_is_for_staff_and_ticks(cookies, settings, monkeypatch):
+    """Ticks go to staff who asked, until they stop asking. That none come is shown
+    by another staff socket's ticker, which ticks as often: in the time it ticks
+    three times, a ticker left running would have ticked too."""
     settings.REDIS_URL = ""
-    async with socket(cookies["bob"]) as bob:
+    monkeypatch.setattr(heartbeat, "EVERY", 0.05)  # a tick (and a heartbeat) every 50 ms, not every second
+    async with socket(cookies["bob"]) as bob, socket(cookies["admin"]) as admin, \
+            socket(cookies["admin"]) as watcher, socket(cookies["alice"]) as alice:
         reply = await call(bob, {"type": "metrics.subscribe", "ref": "m"})
         assert (reply["type"], reply["code"]) == ("error", "forbidden")
-        assert await bob.receive_nothing(timeout=1.5), "no ticks for non-staff"
-    async with socket(cookies["admin"]) as admin, socket(cookies["alice"]) as alice:
         assert await call(admin, {"type": "metrics.subscribe", "ref": "m"}) == {"type": "ack", "ref": "m", "metrics": True}
         await call(alice, {"type": "message.send", "room": "general", "body": "x", "client_id": "t1", "ref": 1})
-        ticks = [await admin.receive_json_from(timeout=5) for _ in range(2)]
+        ticks = [await admin.receive_json_from(timeout=5) for _ in range(3)]
         assert all(t["type"] == "metrics.tick" for t in ticks)
         workers = ticks[-1]["workers"]
         assert [w["worker"] for w in workers] == [heartbeat.worker_id()]
         assert workers[0]["connections"] >= 2 and set(workers[0]) >= {"p50_ms", "p99_ms", "messages_in", "delivered", "errors", "rooms"}
-        assert await call(admin, {"type": "metrics.unsubscribe", "ref": "u"}) == {"type": "ack", "ref": "u", "metrics": False}
-        await asyncio.sleep(1.2)
-        while not await admin.receive_nothing(timeout=0.1):
-            await admin.receive_json_from()  # a tick already on its way
-        assert await admin.receive_nothing(timeout=1.5)
+        await assert_quiet(bob)  # no ticks for non-staff, while staff had three
+
+        assert await call(watcher, {"type": "metrics.subscribe", "ref": "w"}) == {"type": "ack", "ref": "w", "metrics": True}
+        await admin.send_json_to({"type": "metrics.unsubscribe", "ref": "u"})
+        while (frame := await admin.receive_json_from(timeout=5))["type"] == "metrics.tick":
+            pass  # made before the unsubscribe
+        assert frame == {"type": "ack", "ref": "u", "metrics": False}
+        await ticks_after(watcher, time.time(), 3)
+        await assert_quiet(admin)
 
 
 @pytest.mark.asyncio

@@ -3,7 +3,6 @@ state is shared by every worker, as two sockets of this process show)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 import pytest
@@ -11,7 +10,7 @@ from django.test import Client
 
 from realtime.state import presence
 from realtime.models import Membership, ReadState
-from tests.conftest import call, socket
+from tests.conftest import assert_quiet, call, socket, until
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -232,24 +231,40 @@ async def test_a_read_over_rest_reaches_own_sockets_and_the_room(cookies, shared
 
 
 @pytest.mark.asyncio
-async def test_a_live_sockets_leases_outlive_their_ttl(cookies, shared, demo, monkeypatch):
+async def test_a_live_sockets_leases_outlive_their_ttl(cookies, shared, demo, monkeypatch, clock):
     """The housekeeper renews every local socket's connection lease and presence
     (in one round trip each): a socket that stays is neither dropped from the
-    room nor from its user's socket count, however long it stays."""
+    room nor from its user's socket count, however long it stays (here, more than
+    twice either TTL of a clock the test moves)."""
     from realtime.state import leases as connections
 
-    monkeypatch.setattr(presence, "TTL", 0.6)
-    monkeypatch.setattr(presence, "RENEW", 0.2)
-    monkeypatch.setattr(presence, "SWEEP", 0.2)  # it runs by itself, many times meanwhile
-    monkeypatch.setattr(connections, "LEASE_TTL", 0.6)
-    monkeypatch.setattr(connections, "LEASE_RENEW", 0.2)
+    monkeypatch.setattr(presence, "RENEW", 0.05)
+    monkeypatch.setattr(connections, "LEASE_RENEW", 0.05)  # the housekeeper renews every 50 ms
+    renewed: dict[str, list[float]] = {"presence": [], "leases": []}  # the clock's time at each renewal
+
+    def recorded(name, renew):
+        async def recording(held):
+            now = clock()
+            await renew(held)
+            if held:
+                renewed[name].append(now)
+        return recording
+
+    monkeypatch.setattr(presence, "renew_all", recorded("presence", presence.renew_all))
+    monkeypatch.setattr(connections, "renew", recorded("leases", connections.renew))
     connections.leases.reset()
     async with socket(cookies["bob"]) as bob, socket(cookies["alice"]) as alice:
         await join(bob)
         await join(alice)
-        await pushes(bob, wait=0.2)
-        await asyncio.sleep(1.5)  # more than twice either TTL, and seven sweeps
-        assert await pushes(bob, wait=0.3) == [], "nobody left"
+        assert await bob.receive_json_from(timeout=5) == {"type": "presence.diff", "room": "general", "joins": ["alice"],
+                                                          "leaves": []}
+        start, step = clock(), 0.9 * min(presence.TTL, connections.LEASE_TTL)  # less than either TTL
+        while clock() - start <= 2 * max(presence.TTL, connections.LEASE_TTL):
+            clock.advance(step)
+            await until(lambda: all(times and times[-1] == clock() for times in renewed.values()),
+                        what="the housekeeper renewing the leases")
+            await presence.announce("general")  # what a sweep does: anyone gone would be announced
+        await assert_quiet(bob)  # nobody left
         assert await presence.names("general") == ["alice", "bob"]
         assert await connections.leases().count(demo["bob"].pk) == 1
     # Closed: the leases are given back at once.

@@ -12,7 +12,7 @@ from django.test import Client
 from django.utils import timezone
 
 from realtime.models import Membership, Room
-from tests.conftest import call, socket, subscribe, assert_quiet
+from tests.conftest import call, socket, subscribe, assert_quiet, until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("layer")]
 
@@ -145,17 +145,27 @@ def alice_cookie(demo) -> str:
     return client.cookies["sessionid"].value
 
 
-async def test_a_role_lowered_without_a_signal_is_seen_within_the_sweep(bob_browser, demo, swept):
+async def test_a_role_lowered_without_a_signal_is_seen_within_the_sweep(bob_browser, demo, swept, monkeypatch):
+    from realtime.ws import authsweep
+
+    queued = []  # what each sweep queued on the sockets it compared
+    real = authsweep.sweep
+
+    async def sweep(sockets) -> int:
+        queued.append(await real(sockets))
+        return queued[-1]
+
+    monkeypatch.setattr(authsweep, "sweep", sweep)
     _, cookie = bob_browser
     async with socket(cookie) as bob:
         await subscribe(bob, "general")
         send = {"type": "message.send", "room": "general", "body": "hi", "ref": 1}
         assert (await call(bob, {**send, "client_id": "before"}))["type"] == "ack"  # access cached now
         await bob.receive_json_from(timeout=2)  # its own message
+        before = len(queued)
         await Membership.objects.filter(user=demo["bob"], room__slug="general").aupdate(role="reader")
-        import asyncio
-
-        await asyncio.sleep(0.8)  # a few sweeps; no ping, no resubscribe
+        # No ping, no resubscribe: a sweep finds the change and queues the socket's access check.
+        await until(lambda: any(queued[before:]), what="a sweep finding the lowered role")
         reply = await call(bob, {**send, "client_id": "after"})
         assert (reply["type"], reply["code"]) == ("error", "forbidden")
 
