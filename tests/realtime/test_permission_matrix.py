@@ -55,7 +55,7 @@ from realtime import protocol
 from realtime.domain import roomlog
 from realtime.models import Event, Membership, Message, ReadState, Role, Room
 from realtime.state import presence, ratelimit
-from tests.conftest import HOST, assert_quiet, communicator, socket
+from tests.conftest import HOST, assert_quiet, communicator, epoch, socket
 
 # ---------------------------------------------------------------------------
 # The matrix
@@ -333,10 +333,12 @@ async def test_room_action_over_the_socket(world, kind, action, role, outcome):
             assert_refused(reply, outcome)
             assert earlier == []
         elif action == "view":
-            assert reply == {"type": "ack", "ref": REF, "room": kind, "seq": head, "replayed": head}
+            assert reply == {"type": "ack", "ref": REF, "room": kind, "seq": head, "epoch": await epoch(kind),
+                             "replayed": head}
             assert [(e["type"], e["seq"]) for e in earlier] == [("message.new", s) for s in range(1, head + 1)]
         elif action == "presence":
-            assert reply == {"type": "ack", "ref": REF, "room": kind, "seq": head, "replayed": 0}
+            assert reply == {"type": "ack", "ref": REF, "room": kind, "seq": head, "epoch": await epoch(kind),
+                             "replayed": 0}
             assert earlier == [{"type": "presence.state", "room": kind, "users": [role]}]
         elif action == "post":
             new_id = reply.get("id")
