@@ -431,6 +431,12 @@ REALTIME_METRICS_TOKEN = os.environ.get("REALTIME_METRICS_TOKEN", "")
 REALTIME_WORKER_ID = os.environ.get("REALTIME_WORKER_ID") or f"{__import__('socket').gethostname()}-{os.getpid()}"
 # `make bench` only: mount the baseline consumer (bench/bare.py) at /ws/bench/bare/.
 REALTIME_BENCH = env_bool("REALTIME_BENCH", False)
+# TESTS ONLY, never set in production (empty, the default: off). A fault point: a
+# worker that has just committed a message.send whose body contains this text
+# kills itself with SIGKILL before publishing it, the crash between commit and
+# publish that the delivery guarantee must survive (realtime/domain/services.py,
+# tests/cluster/test_gaps.py).
+REALTIME_TEST_CRASH_AFTER_COMMIT = os.environ.get("REALTIME_TEST_CRASH_AFTER_COMMIT", "")
 # Whether responses name the worker that answered (X-Realtime-Worker), and /healthz
 # and /readyz name it to anyone. Off by default with DEBUG off: what a worker is
 # called is for operators (/readyz from this machine or with the metrics token

@@ -14,6 +14,8 @@ published again: the first publication may never have left).
 
 from __future__ import annotations
 
+import os
+import signal
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -71,9 +73,19 @@ async def send_messages(*, user, sends: list[dict], traces: list[str]) -> list[M
     appended, each with its frame's trace id. Each send's outcome, in order: its
     result, or the exception that refused it."""
     outcomes = await database_sync_to_async(message_send_many)(user=user, sends=sends)
+    _crash_point(sends)
     published = [(event, trace) for (_, events), trace in zip(outcomes, traces) for event in events]
     await publish.publish([event for event, _ in published], [trace for _, trace in published])
     return [result for result, _ in outcomes]
+
+
+def _crash_point(sends: list[dict]) -> None:
+    """Tests only (settings.REALTIME_TEST_CRASH_AFTER_COMMIT, off unless set): die
+    here, committed and not yet published, with SIGKILL as a crashed worker would,
+    when a send's body contains the marker."""
+    marker = settings.REALTIME_TEST_CRASH_AFTER_COMMIT
+    if marker and any(marker in send["body"] for send in sends):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------

@@ -6,7 +6,8 @@ the workers' control group, by the same transport as everything else), a worker:
 1. stops listening, so the load balancer sends new connections to other workers;
 2. closes its WebSockets with 4012 (service restart: reconnect now) in shuffled
    batches spread over REALTIME_DRAIN_SPREAD seconds, so clients do not all come
-   back in the same millisecond;
+   back in the same millisecond, and answers its held long polls at once (with
+   the page they have; web/longpoll.py), so their clients poll again elsewhere;
 3. waits for the application instances to finish (at most REALTIME_DRAIN_TIMEOUT s),
    then stops the reactor (only after a signal: a drain request leaves the process
    idle for its process manager to stop).
@@ -98,6 +99,9 @@ class Drain:
         from realtime.state import heartbeat
 
         heartbeat.draining = True  # /readyz answers 503, the dashboard shows it
+        from realtime.web import longpoll
+
+        longpoll.end_held_polls()  # answered now; their clients poll again elsewhere
         started = time.monotonic()
         for port in self.ports:
             port.stopListening()

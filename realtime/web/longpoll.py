@@ -16,6 +16,11 @@ The order is the socket's: join the room's group first, then read the log, then
 wait for a broadcast and read the log again. An event committed in between is in
 the second read; a broadcast lost on the way is found by the re-read every
 RECHECK seconds. Every read checks the user's access to the room again.
+
+A draining worker (server/drain.py) answers its held polls at once with what they
+have (200, the usual page, usually empty), as it closes its sockets with 4012: the
+client polls again with its since, and the balancer sends that to a worker that
+stays. A poll that reaches a draining worker is not held either.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
-from realtime.state import degraded, ratelimit
+from realtime.state import degraded, heartbeat, ratelimit
 from realtime.delivery import publish as broadcast
 from realtime.domain import roomlog
 from realtime.delivery.fanout import fanout
@@ -101,7 +106,8 @@ async def wait_for_events(user, slug: str, since: int, wait: float, limit: int, 
         raise ActionError(ErrorCode.RATE_LIMITED, "polling too often; slow down", retry_after=verdict.retry_after)
     read = database_sync_to_async(roomlog.room_replay)
     group = broadcast.room_group(slug)
-    waiter = Waiter()
+    waiter = held = Waiter()
+    HELD.add(held)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     try:
@@ -123,7 +129,7 @@ async def wait_for_events(user, slug: str, since: int, wait: float, limit: int, 
                 raise ActionError(ErrorCode.RATE_LIMITED, "reading history too fast; wait",
                                   retry_after=budget.retry_after)
             remaining = deadline - loop.time()
-            if replay.events or remaining <= 0:
+            if replay.events or remaining <= 0 or heartbeat.draining:
                 return events_page(replay, since)
             if waiter is None:
                 await asyncio.sleep(min(remaining, 1.0))
@@ -131,9 +137,21 @@ async def wait_for_events(user, slug: str, since: int, wait: float, limit: int, 
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(waiter.woken.wait(), min(remaining, RECHECK))
     finally:
+        HELD.discard(held)
         if waiter is not None:
             with contextlib.suppress(Exception):
                 await fanout().discard(group, waiter)
+
+
+def end_held_polls() -> None:
+    """The worker drains (heartbeat.draining is set): wake every held poll, which
+    then answers with what it has instead of waiting on."""
+    for waiter in list(HELD):
+        waiter.woken.set()
+
+
+# The polls this worker holds (end_held_polls wakes them).
+HELD: set["Waiter"] = set()
 
 
 class Waiter:

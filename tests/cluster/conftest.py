@@ -398,3 +398,107 @@ async def run_clients(cluster, sources, victim_name, action, messages=300, act_a
             await asyncio.sleep(0.05)
         await assert_all_caught_up(clients, acks[-1]["seq"])
         return victim, moved, stayed
+
+
+# -- long polls, REST posts and the fan-out's subscriptions (tests/cluster/test_gaps.py) --
+def manage_shell(env: dict, code: str) -> None:
+    """Run Python in `manage.py shell` with these settings (a cluster's env())."""
+    import subprocess
+    import sys
+
+    from tests.services import ROOT
+
+    subprocess.run([sys.executable, "manage.py", "shell", "-c", code], cwd=ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def create_rooms(env: dict, *slugs: str) -> None:
+    """Public rooms of a test's own (nobody else follows or writes to them)."""
+    manage_shell(env, "from realtime.models import Room\n"
+                      f"for slug in {list(slugs)!r}:\n"
+                      "    Room.objects.get_or_create(slug=slug, defaults={'title': slug, 'is_public': True})")
+
+
+@dataclass
+class Poll:
+    """A long poll's answer, and when it was asked and answered (time.monotonic())."""
+
+    status: int
+    body: object
+    headers: object  # case-insensitive .get()
+    started: float
+    ended: float
+
+    @property
+    def worker(self) -> str | None:
+        return self.headers.get("X-Realtime-Worker")
+
+
+def long_poll(base: str, cookie: str, room: str, since: int, wait: int, source: str = "127.0.0.1",
+              timeout: float | None = None) -> Poll:
+    """GET .../events/?since=&wait= (blocking: run it in a thread), from this source
+    address (which the balancer hashes); an error status is an answer too."""
+    import urllib.error
+
+    opener = urllib.request.build_opener(_SourceAddressHandler(source))
+    request = urllib.request.Request(f"{base}/api/v1/rooms/{room}/events/?since={since}&wait={wait}",
+                                     headers={"Cookie": cookie})
+    started = time.monotonic()
+    try:
+        with opener.open(request, timeout=timeout or wait + 10) as res:
+            return Poll(res.status, json.loads(res.read()), res.headers, started, time.monotonic())
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = raw.decode(errors="replace")
+        return Poll(exc.code, body, exc.headers, started, time.monotonic())
+
+
+def post_message(base: str, cookie: str, room: str, body: str, client_id: str) -> tuple[int, dict]:
+    """POST .../messages/ (the REST send): (status, JSON body), an error status included."""
+    import urllib.error
+
+    csrf = dict(part.split("=", 1) for part in cookie.split("; "))["csrftoken"]
+    request = urllib.request.Request(
+        f"{base}/api/v1/rooms/{room}/messages/",
+        data=json.dumps({"body": body, "client_id": client_id}).encode(),
+        headers={"Cookie": cookie, "Content-Type": "application/json", "X-CSRFToken": csrf, "Referer": base + "/"},
+    )
+    try:
+        with urllib.request.urlopen(request) as res:
+            return res.status, json.loads(res.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def room_events(base: str, cookie: str, room: str, since: int) -> list[dict]:
+    """The room's log after `since` (GET .../events/ without wait)."""
+    request = urllib.request.Request(f"{base}/api/v1/rooms/{room}/events/?since={since}&limit=500",
+                                     headers={"Cookie": cookie})
+    return json.loads(urllib.request.urlopen(request).read())["events"]
+
+
+def fan_subscribers(redis_url: str, room: str) -> int:
+    """How many workers' fan-outs follow the room's Redis channel (one subscription
+    per worker while anything there, a socket or a held poll, follows the room)."""
+    import redis
+
+    from realtime.delivery import names
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        [(_, count)] = client.pubsub_numsub(names.fan_channel(names.room_group(room)))
+        return count
+    finally:
+        client.close()
+
+
+async def wait_until(condition, timeout: float, what: str) -> None:
+    """Wait for a condition (checked every 20 ms); fail saying what never happened."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
