@@ -196,6 +196,12 @@ def room_head(base: str, cookie: str, room: str = "general") -> int:
     return next(r["seq"] for r in rooms if r["slug"] == room)
 
 
+def room_epoch(base: str, cookie: str, room: str = "general") -> str:
+    """The epoch of the room's log (what a history page carries)."""
+    request = urllib.request.Request(f"{base}/api/v1/rooms/{room}/messages/?limit=1", headers={"Cookie": cookie})
+    return json.loads(urllib.request.urlopen(request).read())["epoch"]
+
+
 def ws_url(base: str) -> str:
     return base.replace("http://", "ws://") + "/ws/v1/"
 

@@ -25,6 +25,7 @@ from tests.cluster.conftest import (
     long_poll,
     open_socket,
     post_message,
+    room_epoch,
     room_events,
     room_head,
     split_sources,
@@ -206,7 +207,8 @@ async def test_a_long_poll_is_held_its_whole_wait_through_the_balancer(cluster, 
     head = room_head(base, cookie, room)
     wait = 4
     answer = await asyncio.to_thread(long_poll, base, cookie, room, head, wait)
-    assert (answer.status, answer.body) == (200, {"events": [], "seq": head, "has_more": False})
+    assert (answer.status, answer.body) == (200, {"events": [], "seq": head, "epoch": room_epoch(base, cookie, room),
+                                                  "has_more": False})
     assert wait <= answer.ended - answer.started < wait + 1.5, answer.ended - answer.started
     # The browser client asks for 25 s, the worker grants up to MAX_WAIT: every
     # timeout on the way must be longer (a cut poll is a 504 and a retry).
@@ -340,7 +342,8 @@ async def test_a_long_poll_on_a_worker_asked_to_drain_is_answered_at_once(cluste
         requested = time.monotonic()
         answer = await asyncio.wait_for(poll, 30)
         assert (answer.status, answer.body, answer.worker) == (
-            200, {"events": [], "seq": head, "has_more": False}, victim.name)
+            200, {"events": [], "seq": head, "epoch": room_epoch(survivor.url, alice, room), "has_more": False},
+            victim.name)
         assert answer.ended - requested < 2.0, answer.ended - requested
         assert victim.proc.poll() is None, "a drain request leaves the process to its manager"
         posted = [await asyncio.to_thread(post_message, survivor.url, alice, room, f"drained {i}", f"dr-{i}")
@@ -379,7 +382,8 @@ async def test_a_long_poll_through_the_balancer_on_a_worker_stopped_with_sigterm
         signalled = time.monotonic()
         answer = await asyncio.wait_for(poll, 40)
         assert (answer.status, answer.body, answer.worker) == (
-            200, {"events": [], "seq": head, "has_more": False}, victim.name)
+            200, {"events": [], "seq": head, "epoch": room_epoch(survivor.url, alice, room), "has_more": False},
+            victim.name)
         assert answer.ended - signalled < 2.0, answer.ended - signalled
         # Written while the victim finishes its drain.
         posted = [await asyncio.to_thread(post_message, survivor.url, alice, room, f"after {i}", f"sig-{i}")
