@@ -29,7 +29,7 @@ $(VENV)/.requirements-bench: $(VENV)/.requirements-dev requirements-bench.txt
 run: $(VENV)/.requirements
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo
-	@echo "Open http://$(HOST):$(PORT)/ and log in as alice, bob or carol (password: demo-password)."
+	@echo "Open http://$(HOST):$(PORT)/ and log in as alice, bob or carol, or admin (staff) - password: demo-password."
 	$(PY) manage.py runserver $(HOST):$(PORT)
 
 # The production topology on this machine: PostgreSQL and Redis (private, unless

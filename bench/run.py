@@ -11,6 +11,10 @@ second; hundreds of members share one user), but every frame still goes through
 them, and through the schema, the permission check, the database write with its seq
 and the presence bookkeeping.
 
+A section of its own (bench/search.py, in its own process on its own PostgreSQL):
+the server time of a search over 100,000 messages and of a page of older history
+in a room of 100,000 messages.
+
 Writes bench/RESULTS.md and prints the same table.
 """
 
@@ -51,6 +55,19 @@ QUICK = {
     "cross-worker, 100 msg/s into 100 members on 2 workers, p99": (["--scenario", "rate", "--members", "50", "--rate", "50", "--seconds", "3"], "p99_ms", False, 2),
     "idle sockets, memory each": (["--scenario", "idle", "--members", "300"], "kib_per_connection", False, 1),
 }
+
+
+# Its own section (bench/search.py, in its own process on its own PostgreSQL):
+# server time of a search and of a page of older history at size.
+SEARCH_SECTION = "search and history, 100,000 messages (PostgreSQL)"
+SEARCH_TARGETS = {"search": ("p95_ms", 100), "history_page": ("p95_ms", 50), "history_oldest_page": ("p95_ms", 50)}
+
+
+def search_section(quick: bool) -> dict:
+    size = ["--messages", "5000", "--queries", "50"] if quick else ["--messages", "100000", "--queries", "300"]
+    run = subprocess.run([*pinned(1), sys.executable, "-m", "bench.search", *size], cwd=ROOT, check=True,
+                         capture_output=True, text=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def pinned(core: int) -> list[str]:
@@ -250,7 +267,10 @@ def main() -> None:
                 bare, full = medians["bare"], medians["full"]
                 ratio = (full / bare if higher else bare / full) if bare and full else None
                 rows.append((name, metric, higher, bare, full, ratio, details))
-    write(tables, args, runs)
+    searched = search_section(args.quick) if not args.only or args.only in SEARCH_SECTION else None
+    if searched:
+        print(f"{SEARCH_SECTION}: {json.dumps(searched)}", flush=True)
+    write(tables, args, runs, searched)
 
 
 def profile(name: str) -> None:
@@ -290,7 +310,7 @@ def met(name: str, full, ratio) -> str:
     return f"{target}: {'met' if ok else 'not met'}"
 
 
-def write(tables: dict, args, runs: int) -> None:
+def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
     from bench import codecs
 
     command = " ".join(["python", "bench/run.py"] + (["--quick"] if args.quick else []) + ([f"--runs {args.runs}"] if args.runs != 3 else [])
@@ -327,6 +347,19 @@ def write(tables: dict, args, runs: int) -> None:
         for (name, metric, higher, _, d, _, _), (_, _, _, _, u, _, _) in zip(tables["daphne"], tables["uvicorn"]):
             if d and u:
                 lines.append(f"| {name} | {metric} | {d} | {u} | {(u / d if higher else d / u):.2f}x |")
+        lines.append("")
+    if searched:
+        lines += [f"## Search and history ({searched['messages']:,} messages, PostgreSQL; `python -m bench.search`)", "",
+                  "Server time of the selector (query, rows, snippets) on a warm connection; a public room of "
+                  "all the messages and a private one of a tenth as many that the searching user may not read.", "",
+                  "| Call | n | p50 ms | p95 ms | max ms | Target |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+        for key, label in (("search", "search (mixed queries, first page)"), ("search_next_page", "search, next page"),
+                           ("history_page", "history page (`before`, 50 messages)"),
+                           ("history_oldest_page", "history page at the room's start")):
+            row = searched[key]
+            target = SEARCH_TARGETS.get(key)
+            verdict = (f"p95 < {target[1]} ms: {'met' if row[target[0]] < target[1] else 'not met'}" if target else "–")
+            lines.append(f"| {label} | {row['n']} | {row['p50_ms']} | {row['p95_ms']} | {row['max_ms']} | {verdict} |")
         lines.append("")
     lines += ["## rt.v1.json against rt.v1.msgpack (`python -m bench.codecs`)", "",
               "Encoding happens once per event and worker (both encodings are made when the event is published), "

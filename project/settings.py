@@ -170,6 +170,8 @@ DJANGO_APPS = [
 THIRD_PARTY_APPS = [
     "channels",
     "rest_framework",
+    "drf_spectacular",  # the OpenAPI schema of the REST API (/api/v1/schema/)
+    "drf_spectacular_sidecar",  # Swagger UI's files, served from here (no CDN)
 ]
 LOCAL_APPS = [
     "accounts",
@@ -312,6 +314,32 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],
+    # OpenAPI 3 from the views' own @extend_schema (realtime/web/api/schema.py).
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Realtime REST API",
+    "DESCRIPTION": (
+        "The REST API v1: the same actions as the WebSocket protocol (docs/protocol.md), over "
+        "session-authenticated HTTP. Unsafe methods need the CSRF token in X-CSRFToken. Every "
+        'error is {"code", "message", "retry_after"?}.'
+    ),
+    "VERSION": "1",
+    # 3.1: the request bodies and events are msgspec's JSON Schema (2020-12) as they are.
+    "OAS_VERSION": "3.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    # Adds the protocol's request bodies and events (msgspec) as components.
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "realtime.web.api.schema.add_protocol_components",
+    ],
 }
 
 # ------------------------------------------------------------------------------
@@ -341,10 +369,21 @@ REALTIME = {
         "ping": env_rate("REALTIME_RATE_PING", (2, 10)),
         "typing": env_rate("REALTIME_RATE_TYPING", (2, 5)),
         "read": env_rate("REALTIME_RATE_READ", (5, 20)),
+        # reaction.add and reaction.remove (socket and REST), a bucket each.
+        "reaction.add": env_rate("REALTIME_RATE_REACTION", (5, 20)),
+        "reaction.remove": env_rate("REALTIME_RATE_REACTION", (5, 20)),
         # Connection tickets (POST /api/v1/tickets/): 10 a minute, a burst of 10.
         "ticket": env_rate("REALTIME_RATE_TICKET", (1 / 6, 10)),
+        # Rooms made (POST /api/v1/rooms/): one a minute, a burst of 10.
+        "room.create": env_rate("REALTIME_RATE_ROOM_CREATE", (1 / 60, 10)),
+        # DMs opened or found (POST /api/v1/dms/): one every 2 s, a burst of 20.
+        "dm.open": env_rate("REALTIME_RATE_DM_OPEN", (0.5, 20)),
+        # Membership changes: join, leave, add, change a role, remove.
+        "member.change": env_rate("REALTIME_RATE_MEMBER_CHANGE", (1, 30)),
         # Long polls (GET .../events/?wait=); a busy room answers them at once.
         "poll": env_rate("REALTIME_RATE_POLL", (5, 20)),
+        # Searches (GET /api/v1/search/): each one a full-text query.
+        "search": env_rate("REALTIME_RATE_SEARCH", (1, 10)),
         # Frames that fail to decode or validate.
         "invalid": env_rate("REALTIME_RATE_INVALID", (5, 20)),
         # message.send (socket and REST) for an account still on probation.

@@ -9,6 +9,7 @@ from the cluster view, disconnects a user everywhere, and drains a worker.
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
@@ -32,8 +33,8 @@ class MembershipInline(admin.TabularInline):
 
 @admin.register(Room)
 class RoomAdmin(admin.ModelAdmin):
-    list_display = ["slug", "title", "is_public", "read_markers", "last_seq", "created_at"]
-    list_filter = ["is_public"]
+    list_display = ["slug", "title", "kind", "is_public", "read_markers", "last_seq", "created_at"]
+    list_filter = ["kind", "is_public"]
     search_fields = ["slug", "title"]
     readonly_fields = ["last_seq", "created_at"]
     inlines = [MembershipInline]
@@ -44,9 +45,10 @@ class RoomAdmin(admin.ModelAdmin):
         return False
 
     def get_readonly_fields(self, request, obj=None):
-        # The slug names the room's stream and its events: fixed once created.
+        # The slug names the room's stream and its events: fixed once created; so is
+        # its kind (a DM's people are fixed, and its dm_key says who they are).
         fields = list(super().get_readonly_fields(request, obj))
-        return fields + ["slug"] if obj is not None else fields
+        return fields + ["slug", "kind"] if obj is not None else fields
 
     def get_urls(self):
         console = path("console/", self.admin_site.admin_view(self.console), name="realtime_console")
@@ -69,6 +71,8 @@ class RoomAdmin(admin.ModelAdmin):
             "title": "Realtime console",
             "workers": workers,
             "users": sorted(users.values(), key=lambda row: (-row["total"], row["name"])),
+            # The embedded default (no REDIS_URL): one process, in-memory layer. Not an
+            # error: the console explains what it covers instead of warning in red.
             "shared_layer": "InMemory" not in type(get_channel_layer()).__name__,
         }
         return TemplateResponse(request, "admin/realtime/console.html", context)
@@ -80,8 +84,16 @@ class RoomAdmin(admin.ModelAdmin):
                 user_id = int(request.POST.get("user_id", ""))
             except ValueError:
                 raise PermissionDenied("bad user id") from None
+            user = get_user_model().objects.filter(pk=user_id).first()
+            if user is None:
+                self.message_user(request, f"There is no user with id {user_id}; nothing was closed.", messages.ERROR)
+                return redirect(request.path)
             async_to_sync(broadcast.force_disconnect)(user_id)
-            self.message_user(request, f"Closed every socket of user {user_id} (4003).", messages.SUCCESS)
+            self.message_user(
+                request,
+                f"Closed every socket of {user.get_username()} (user {user_id}) on every worker (close code 4003).",
+                messages.SUCCESS,
+            )
         elif action == "drain":
             worker = request.POST.get("worker", "")
             async_to_sync(broadcast.request_drain)(worker)

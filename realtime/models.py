@@ -16,6 +16,16 @@ def new_epoch() -> str:
     return secrets.token_hex(4)
 
 
+class RoomKind(models.TextChoices):
+    ROOM = "room", "Room"
+    DM = "dm", "Direct message"
+
+
+# Bounds of what people type when they make a room (domain/rooms.py checks them).
+ROOM_NAME_MAX = 80
+ROOM_TOPIC_MAX = 250
+
+
 class Room(models.Model):
     slug = models.SlugField(
         max_length=50,
@@ -26,6 +36,13 @@ class Room(models.Model):
     is_public = models.BooleanField(
         default=True, help_text="Public rooms are visible to every signed-in user; private ones to members only."
     )
+    # A room people join and leave, or a direct message: the one private room of a
+    # fixed set of people (domain/rooms.py), whose membership nobody changes.
+    kind = models.CharField(max_length=8, choices=RoomKind.choices, default=RoomKind.ROOM)
+    topic = models.CharField(max_length=ROOM_TOPIC_MAX, blank=True, default="")
+    # DMs only: the sorted ids of its people ("3.7.12"). Unique, so asking twice,
+    # even at once, gives the one room.
+    dm_key = models.CharField(max_length=200, null=True, blank=True, unique=True, editable=False)
     read_markers = models.BooleanField(
         default=True, help_text="Members see how far the others have read (read markers)."
     )
@@ -128,3 +145,39 @@ class Event(models.Model):
 
     def __str__(self) -> str:
         return f"{self.room_id}#{self.seq} {self.type}"
+
+
+class Reaction(models.Model):
+    """One user's reaction to a message with one emoji (domain/services.py: the
+    rules; docs/decisions.md: why a short string and not a fixed set)."""
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="reactions")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    emoji = models.CharField(max_length=32)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["message", "user", "emoji"], name="reaction_unique_message_user_emoji"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.emoji} by {self.user_id} on #{self.message_id}"
+
+
+class Mention(models.Model):
+    """A user named with @ in a message they may see (not its author). `room` and
+    `seq` (the message's) are copied from the message so that a user's unread
+    mentions in a room, those after their read position, are one index range."""
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="mentions")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="+")
+    seq = models.PositiveBigIntegerField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["message", "user"], name="mention_unique_message_user")]
+        indexes = [models.Index(fields=["user", "room", "seq"], name="mention_user_room_seq")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} in #{self.message_id}"

@@ -54,7 +54,7 @@ def layer_message(event: protocol.RoomEvent, trace: str | None = None) -> dict:
     """The channel-layer message for one event: both wire encodings, made once,
     with the event's type, its publication time (for the latency histogram) and
     the trace id of the action that caused it."""
-    return {
+    message = {
         "type": ROOM_EVENT,
         "room": event.room,
         "seq": event.seq,
@@ -64,6 +64,11 @@ def layer_message(event: protocol.RoomEvent, trace: str | None = None) -> dict:
         protocol.JSON.name: protocol.JSON.encode(event).decode(),
         protocol.MSGPACK.name: protocol.MSGPACK.encode(event),
     }
+    if isinstance(event, (protocol.MemberLeft, protocol.MemberRole)):
+        # A membership that ended or changed: that member's sockets read their
+        # access again before anything more of the room (ws/stream.room_event).
+        message["member"] = event.user
+    return message
 
 
 async def publish(events: list[protocol.RoomEvent], traces: list[str] | None = None) -> None:

@@ -38,16 +38,18 @@ def room_access(*, user, slug: str, action: Action) -> RoomAccess:
     return access
 
 
-def check(user, access: RoomAccess, action: Action) -> None:
+def check(user, access: RoomAccess, action: Action, **details) -> None:
     """Check `action` against an access already loaded; raise if refused.
 
     A room the user may not see does not exist for them: the refusal is the one a
     room that does not exist gets (not_found, "no such room"), so that a private
     room's name cannot be confirmed by asking. Only in a room they can see is a
-    refused action `forbidden`."""
-    if not can(user, Action.VIEW, is_public=access.room.is_public, role=access.role):
+    refused action `forbidden`. `details`: the policy's other arguments
+    (target_role, new_role for MANAGE_MEMBERS)."""
+    room = access.room
+    if not can(user, Action.VIEW, is_public=room.is_public, role=access.role, kind=room.kind):
         raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
     if action is not Action.VIEW:
-        decision = can(user, action, is_public=access.room.is_public, role=access.role)
+        decision = can(user, action, is_public=room.is_public, role=access.role, kind=room.kind, **details)
         if not decision:
             raise ActionError(ErrorCode.FORBIDDEN, decision.reason)

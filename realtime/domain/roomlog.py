@@ -32,8 +32,9 @@ from django.utils import timezone
 from realtime import protocol
 from realtime.domain.access import RoomAccess, room_access
 from realtime.domain.errors import NO_SUCH_ROOM, ActionError
+from realtime.domain.mentions import Mentioned
 from realtime.domain.policy import Action
-from realtime.models import Event, Message, Room
+from realtime.models import Event, Mention, Message, Room
 from realtime.protocol import ErrorCode
 
 ROOM_TABLE = Room._meta.db_table
@@ -96,13 +97,16 @@ def insert(model, returning: str | None = None, **values):
         return cursor.fetchone()[0] if returning else None
 
 
-def new_message(slug: str, seq: int, message_id: int, author: str, body: str, client_id: str, now) -> protocol.MessageNew:
-    return protocol.MessageNew(room=slug, seq=seq, id=message_id, author=author, body=body, client_id=client_id, ts=now)
+def new_message(slug: str, seq: int, message_id: int, author: str, body: str, client_id: str, now,
+                mentions: list[Mentioned] = ()) -> protocol.MessageNew:
+    return protocol.MessageNew(room=slug, seq=seq, id=message_id, author=author, body=body, client_id=client_id, ts=now,
+                               mentions=[name for _, name in mentions])
 
 
 # PostgreSQL: n messages to one room in one statement. The room row's UPDATE takes
 # n consecutive seqs under its lock; each message's row and its message.new event
-# are inserted in input order; the event's payload gets the new row's id.
+# are inserted in input order; the event's payload gets the new row's id. When a
+# message mentions anyone, MENTIONS_CTE adds their Mention rows in the same statement.
 POST_SQL = f"""
 WITH taken AS (
     UPDATE {ROOM_TABLE} SET last_seq = last_seq + %(n)s WHERE id = %(room)s
@@ -115,18 +119,28 @@ WITH taken AS (
     SELECT %(room)s, %(author)s, input.body, input.client_id, taken.base + input.i, %(now)s
     FROM taken CROSS JOIN input ORDER BY input.i
     RETURNING id, seq
-)
+){{mentions}}
 INSERT INTO {Event._meta.db_table} (room_id, seq, type, message_id, payload, created_at)
 SELECT %(room)s, posted.seq, 'message.new', posted.id, input.payload::jsonb || jsonb_build_object('id', posted.id),
        %(now)s
 FROM posted CROSS JOIN taken JOIN input ON posted.seq = taken.base + input.i
 RETURNING message_id, seq
 """
+MENTIONS_CTE = f""", mentioned AS (
+    INSERT INTO {Mention._meta.db_table} (message_id, user_id, room_id, seq)
+    SELECT posted.id, m.user_id, %(room)s, posted.seq
+    FROM unnest(%(mention_i)s::bigint[], %(mention_user)s::bigint[]) WITH ORDINALITY AS m(i, user_id, k)
+    CROSS JOIN taken JOIN posted ON posted.seq = taken.base + m.i
+    ORDER BY m.k
+)"""
+POST_PLAIN, POST_MENTIONING = POST_SQL.replace("{mentions}", ""), POST_SQL.replace("{mentions}", MENTIONS_CTE)
 
 
-def write_messages(room: Room, author, items: list[tuple[str, str]], now) -> list[tuple[int, int]]:
+def write_messages(room: Room, author, items: list[tuple[str, str]], now,
+                   mentions: list[list[Mentioned]] | None = None) -> list[tuple[int, int]]:
     """Post `items` ((body, client_id), already checked) to one room, in order: for
-    each its seq, its row and its message.new event. (message id, seq) of each.
+    each its seq, its row and its message.new event, and a Mention row for each
+    user in its `mentions` (domain/mentions.resolve). (message id, seq) of each.
 
     PostgreSQL: one statement, committed on its own (autocommit): one round trip
     where the portable path takes 2 + 3n (BEGIN, UPDATE, INSERT, INSERT each,
@@ -135,27 +149,35 @@ def write_messages(room: Room, author, items: list[tuple[str, str]], now) -> lis
     repeated client_id fails the unique constraint (IntegrityError) and nothing is
     written; a room deleted meanwhile is not_found."""
     name = author.get_username()
+    mentions = mentions or [()] * len(items)
     if connection.vendor == "postgresql" and not connection.in_atomic_block:
-        payloads = [msgspec.json.encode(stored_payload(new_message("", 0, 0, name, body, client_id, now),
+        payloads = [msgspec.json.encode(stored_payload(new_message("", 0, 0, name, body, client_id, now, mentioned),
                                                        without=("id",))).decode()
-                    for body, client_id in items]
+                    for (body, client_id), mentioned in zip(items, mentions)]
+        params = {
+            "n": len(items), "room": room.pk, "author": author.pk,
+            "bodies": [body for body, _ in items], "client_ids": [client_id for _, client_id in items],
+            "payloads": payloads, "now": Message._meta.get_field("created_at").get_db_prep_save(now, connection),
+        }
+        if any(mentions):
+            pairs = [(i, user_id) for i, mentioned in enumerate(mentions, 1) for user_id, _ in mentioned]
+            params["mention_i"], params["mention_user"] = [i for i, _ in pairs], [user_id for _, user_id in pairs]
         with connection.cursor() as cursor:
-            cursor.execute(POST_SQL, {
-                "n": len(items), "room": room.pk, "author": author.pk,
-                "bodies": [body for body, _ in items], "client_ids": [client_id for _, client_id in items],
-                "payloads": payloads, "now": Message._meta.get_field("created_at").get_db_prep_save(now, connection),
-            })
+            cursor.execute(POST_MENTIONING if any(mentions) else POST_PLAIN, params)
             rows = cursor.fetchall()
         if len(rows) != len(items):
             raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
         return sorted(rows, key=lambda row: row[1])
     written = []
     with transaction.atomic():
-        for body, client_id in items:
+        for (body, client_id), mentioned in zip(items, mentions):
             seq = next_seq(room.pk)
             message_id = insert(Message, returning="id", room=room.pk, author=author.pk, body=body,
                                 client_id=client_id, seq=seq, created_at=now)
-            append(room, new_message(room.slug, seq, message_id, name, body, client_id, now), message=message_id)
+            append(room, new_message(room.slug, seq, message_id, name, body, client_id, now, mentioned),
+                   message=message_id)
+            for user_id, _ in mentioned:
+                insert(Mention, message=message_id, user=user_id, room=room.pk, seq=seq)
             written.append((message_id, seq))
     return written
 

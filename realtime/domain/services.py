@@ -7,6 +7,10 @@ they are published once committed: `perform` and `send_messages` from async code
 `perform_sync` (on commit) from sync code. Nothing here imports the socket or the
 web layer.
 
+Rooms themselves (making one, joining, leaving, members, direct messages) are
+written by domain/rooms.py in the same shape, (result, events), and published
+through `perform` / `perform_sync` here like the rest.
+
 Who may do what: domain/policy.py. A message.send is idempotent by its
 `client_id`: a repeat is answered with the original's ack (and the original event
 published again: the first publication may never have left).
@@ -27,11 +31,11 @@ from django.utils import timezone
 
 from realtime import protocol
 from realtime.delivery import publish
-from realtime.domain import roomlog
+from realtime.domain import mentions, roomlog
 from realtime.domain.access import RoomAccess, check, room_access
 from realtime.domain.errors import ActionError
 from realtime.domain.policy import Action, can
-from realtime.models import Event, Message, ReadState, Room, new_epoch
+from realtime.models import Event, Mention, Message, Reaction, ReadState, Room, new_epoch
 from realtime.protocol import ErrorCode
 
 
@@ -40,6 +44,14 @@ class MessageResult:
     room: str
     id: int
     seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReactionResult:
+    room: str
+    id: int
+    emoji: str
+    seq: int | None  # the event's; None: nothing changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,12 +144,13 @@ def message_send(*, user, slug: str, body: str, client_id: str, access: RoomAcce
     # A first send (the usual case) is written straight away; a repeat of its
     # client_id fails the unique constraint and is answered with the original.
     now = timezone.now()
+    [mentioned] = mentions.resolve(room, user, [body])
     try:
-        [(message_id, seq)] = roomlog.write_messages(room, user, [(body, client_id)], now)
+        [(message_id, seq)] = roomlog.write_messages(room, user, [(body, client_id)], now, [mentioned])
     except IntegrityError:
         # A repeat (a retry after a lost ack, or a concurrent one that won the race).
         return _repeat(user, client_id, room)
-    event = roomlog.new_message(room.slug, seq, message_id, user.get_username(), body, client_id, now)
+    event = roomlog.new_message(room.slug, seq, message_id, user.get_username(), body, client_id, now, mentioned)
     return MessageResult(room=room.slug, id=message_id, seq=seq), [event]
 
 
@@ -186,13 +199,14 @@ def _send_run(user, sends: list[dict], start: int, end: int, outcomes: list) -> 
     if len(run) < 2:
         return
     room, author, now = access.room, user.get_username(), timezone.now()
+    mentioned = mentions.resolve(room, user, [body for _, body, _ in run])  # one query for the run, if any
     try:
-        written = roomlog.write_messages(room, user, [(body, client_id) for _, body, client_id in run], now)
+        written = roomlog.write_messages(room, user, [(body, client_id) for _, body, client_id in run], now, mentioned)
     except (IntegrityError, ActionError):
         return  # a repeat among them, or the room is gone: nothing was written
-    for (i, body, client_id), (message_id, seq) in zip(run, written):
+    for (i, body, client_id), (message_id, seq), named in zip(run, written, mentioned):
         outcomes[i] = (MessageResult(room=room.slug, id=message_id, seq=seq),
-                       [roomlog.new_message(room.slug, seq, message_id, author, body, client_id, now)])
+                       [roomlog.new_message(room.slug, seq, message_id, author, body, client_id, now, named)])
 
 
 def _repeat(user, client_id: str, room: Room) -> tuple[MessageResult, list]:
@@ -217,32 +231,42 @@ def _change(user, access: RoomAccess, message_id: int, action: Action) -> tuple[
     message = Message.objects.select_for_update().filter(pk=message_id, room=room, deleted_at__isnull=True).first()
     if message is None:
         raise ActionError(ErrorCode.NOT_FOUND, "no such message in this room")
-    decision = can(user, action, is_public=room.is_public, role=access.role, author_id=message.author_id)
+    decision = can(user, action, is_public=room.is_public, role=access.role, author_id=message.author_id,
+                   kind=room.kind)
     if not decision:
         raise ActionError(ErrorCode.FORBIDDEN, decision.reason)
     return message, roomlog.next_seq(room.pk)
 
 
 def message_edit(*, user, slug: str, message_id: int, body: str) -> tuple[MessageResult, list]:
-    """Replace the body of one's own message; the event carries only what changed."""
+    """Replace the body of one's own message; the event carries only what changed,
+    and the new body's mentions (which replace the old ones: a mention keeps the
+    message's seq, so one added to a message the user has read does not count)."""
     body = clean_body(body)
     access = room_access(user=user, slug=slug, action=Action.VIEW)
     room = access.room
+    [mentioned] = mentions.resolve(room, user, [body])
     with transaction.atomic():
         message, seq = _change(user, access, message_id, Action.EDIT)
         message.body = body
         message.edited_at = timezone.now()
         message.save(update_fields=["body", "edited_at"])
+        Mention.objects.filter(message=message).delete()
+        Mention.objects.bulk_create(
+            Mention(message=message, user_id=user_id, room=room, seq=message.seq) for user_id, _ in mentioned)
         event = roomlog.append(
             room,
-            protocol.MessageEdited(room=room.slug, seq=seq, id=message.pk, body=body, edited_at=message.edited_at),
+            protocol.MessageEdited(room=room.slug, seq=seq, id=message.pk, body=body, edited_at=message.edited_at,
+                                   mentions=[name for _, name in mentioned]),
             message,
         )
     return MessageResult(room=room.slug, id=message.pk, seq=seq), [event]
 
 
 def message_delete(*, user, slug: str, message_id: int) -> tuple[MessageResult, list]:
-    """Delete a message: its author (while allowed to post), a moderator or owner, or staff."""
+    """Delete a message: its author (while allowed to post), a moderator or owner, or
+    staff. Its reactions and mentions go with it; `message.deleted` says so (no
+    `reaction.removed` each: a client drops the message and all it held)."""
     access = room_access(user=user, slug=slug, action=Action.VIEW)
     room = access.room
     with transaction.atomic():
@@ -250,13 +274,86 @@ def message_delete(*, user, slug: str, message_id: int) -> tuple[MessageResult, 
         message.body = ""
         message.deleted_at = timezone.now()
         message.save(update_fields=["body", "deleted_at"])
-        # The text goes from the log too: a replay must not bring it back.
+        Reaction.objects.filter(message=message).delete()
+        Mention.objects.filter(message=message).delete()
+        # The text goes from the log too (and whom it named): a replay must not bring it back.
         for earlier in Event.objects.filter(message=message).exclude(payload__body=""):
             if "body" in earlier.payload:
-                earlier.payload = {**earlier.payload, "body": ""}
+                earlier.payload = {key: value for key, value in earlier.payload.items() if key != "mentions"}
+                earlier.payload["body"] = ""
                 earlier.save(update_fields=["payload"])
         event = roomlog.append(room, protocol.MessageDeleted(room=room.slug, seq=seq, id=message.pk), message)
     return MessageResult(room=room.slug, id=message.pk, seq=seq), [event]
+
+
+# ---------------------------------------------------------------------------
+# Reactions
+# ---------------------------------------------------------------------------
+MAX_EMOJI_PER_MESSAGE = 20
+# Invisible formatting characters allowed in an emoji: the zero-width joiner (family
+# and profession emoji) and the tag characters of subdivision flags (Scotland's).
+# Every other one (bidi overrides, zero-width spaces) would let two reactions look
+# alike, or turn the text around them.
+_EMOJI_FORMAT = {"\u200d", *map(chr, range(0xE0020, 0xE0080))}
+
+
+def clean_emoji(emoji: str) -> str:
+    """Check a reaction: 1 to 32 characters (after NFC), no whitespace or separators,
+    no control, surrogate or invisible formatting characters (but those emoji use)."""
+    emoji = unicodedata.normalize("NFC", emoji) if isinstance(emoji, str) else ""
+    if not 1 <= len(emoji) <= 32:
+        raise ActionError(ErrorCode.INVALID, "an emoji is 1 to 32 characters")
+    for ch in emoji:
+        category = unicodedata.category(ch)
+        if category[0] == "Z" or category in ("Cc", "Cs") or (category == "Cf" and ch not in _EMOJI_FORMAT):
+            raise ActionError(ErrorCode.INVALID, "an emoji may not contain spaces, control or invisible characters")
+    return emoji
+
+
+def _reacted_message(room: Room, message_id: int) -> Message:
+    """Lock a live message of the room (inside the caller's transaction): the
+    reactions to one message are decided one at a time, so the check for a
+    duplicate and the cap on different emoji hold under concurrent requests."""
+    message = Message.objects.select_for_update().filter(pk=message_id, room=room, deleted_at__isnull=True).first()
+    if message is None:
+        raise ActionError(ErrorCode.NOT_FOUND, "no such message in this room")
+    return message
+
+
+def reaction_add(*, user, slug: str, message_id: int, emoji: str) -> tuple[ReactionResult, list]:
+    """React to a live message (REACT: those who may post). Idempotent: a reaction
+    the user has already is acknowledged with no seq and no event."""
+    emoji = clean_emoji(emoji)
+    room = room_access(user=user, slug=slug, action=Action.REACT).room
+    with transaction.atomic():
+        message = _reacted_message(room, message_id)
+        reactions = Reaction.objects.filter(message=message)
+        if reactions.filter(user=user, emoji=emoji).exists():
+            return ReactionResult(room=room.slug, id=message.pk, emoji=emoji, seq=None), []
+        present = set(reactions.values_list("emoji", flat=True).distinct())
+        if emoji not in present and len(present) >= MAX_EMOJI_PER_MESSAGE:
+            raise ActionError(ErrorCode.CONFLICT,
+                              f"this message has {MAX_EMOJI_PER_MESSAGE} different reactions already")
+        seq = roomlog.next_seq(room.pk)
+        Reaction.objects.create(message=message, user=user, emoji=emoji)
+        event = roomlog.append(room, protocol.ReactionAdded(room=room.slug, seq=seq, id=message.pk, emoji=emoji,
+                                                            user=user.get_username()), message)
+    return ReactionResult(room=room.slug, id=message.pk, emoji=emoji, seq=seq), [event]
+
+
+def reaction_remove(*, user, slug: str, message_id: int, emoji: str) -> tuple[ReactionResult, list]:
+    """Take back one's own reaction (REACT). Idempotent: one the user does not
+    have is acknowledged with no seq and no event."""
+    emoji = clean_emoji(emoji)
+    room = room_access(user=user, slug=slug, action=Action.REACT).room
+    with transaction.atomic():
+        message = _reacted_message(room, message_id)
+        if not Reaction.objects.filter(message=message, user=user, emoji=emoji).delete()[0]:
+            return ReactionResult(room=room.slug, id=message.pk, emoji=emoji, seq=None), []
+        seq = roomlog.next_seq(room.pk)
+        event = roomlog.append(room, protocol.ReactionRemoved(room=room.slug, seq=seq, id=message.pk, emoji=emoji,
+                                                              user=user.get_username()), message)
+    return ReactionResult(room=room.slug, id=message.pk, emoji=emoji, seq=seq), [event]
 
 
 # ---------------------------------------------------------------------------

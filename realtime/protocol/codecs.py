@@ -11,7 +11,7 @@ import msgspec
 from realtime.protocol.codes import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, ErrorCode
 from realtime.protocol.frames import (
     CLIENT_FRAMES, CLIENT_TYPES, PUSHES, REPLIES, ROOM_EVENTS, ClientFrame, Error, Frame, MessagePatch, MessagePost,
-    ReadPost, Ref, Request, RoomEvent, ServerEvent, WorkerFigures,
+    ReactionPost, ReadPost, Ref, Request, REST_BODIES, RoomEvent, ServerEvent, WorkerFigures,
 )
 
 # ---------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def event_to_dict(event: RoomEvent) -> dict:
 # ---------------------------------------------------------------------------
 def json_schemas() -> dict[str, dict]:
     """One JSON Schema per frame class, keyed by class name."""
-    classes = CLIENT_FRAMES + REPLIES + ROOM_EVENTS + PUSHES + (WorkerFigures, MessagePost, MessagePatch, ReadPost)
+    classes = CLIENT_FRAMES + REPLIES + ROOM_EVENTS + PUSHES + (WorkerFigures,) + REST_BODIES
     _, components = msgspec.json.schema_components(classes, ref_template="#/$defs/{name}")
     return {cls.__name__: components[cls.__name__] for cls in classes}
 

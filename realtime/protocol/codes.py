@@ -43,8 +43,8 @@ class CloseCode(enum.IntEnum):
     """Close codes the app decides (daphne only lets an app send 1000 and 3000-4999)."""
 
     NORMAL = 1000
-    NOT_AUTHENTICATED = 4001  # do not retry: log in
-    FORBIDDEN = 4003  # session revoked or forbidden: do not retry
+    NOT_AUTHENTICATED = 4001  # not signed in, or the session ended (logout, password change, deactivation, expiry): log in
+    FORBIDDEN = 4003  # disconnected by an operator (the realtime console): do not retry by itself
     POLICY = 4008  # bad origin after accept, abuse
     INTERNAL = 4011  # internal error
     SERVICE_RESTART = 4012  # reconnect now, with jitter

@@ -1,11 +1,12 @@
 """Every frame type of protocol v1, declared once (msgspec Structs): validation
 (unknown fields refused), and from the same declarations the codecs (codecs.py) and
-the JSON Schema that docs/protocol.md is generated from."""
+the JSON Schema that docs/protocol.md is generated from. One file past 400 lines
+on purpose: the whole wire protocol reads top to bottom in one place."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, ClassVar, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from msgspec import Meta, Struct
 
@@ -26,6 +27,10 @@ ClientId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-
 # The schema only bounds the body by the frame size; its configured limit is a
 # policy checked by the action, answered with `too_large`.
 Body = Annotated[str, Meta(min_length=1)]
+# A reaction: a short string (an emoji, or a name like ":+1:"). What it may contain
+# beyond the length (no spaces, no control or invisible formatting characters) is
+# the action's rule (services.clean_emoji), answered with `invalid` as well.
+Emoji = Annotated[str, Meta(min_length=1, max_length=32)]
 # A client's trace id (e.g. the trace-id of a W3C traceparent); the server makes one
 # when a frame has none.
 TraceId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
@@ -120,14 +125,36 @@ class MetricsUnsubscribe(Request, tag="metrics.unsubscribe", kw_only=True):
     """Stop the `metrics.tick` frames."""
 
 
+# --- Reactions (issue 17) ---------------------------------------------------
+class ReactionAdd(Request, tag="reaction.add", kw_only=True):
+    """React to a message with `emoji` (members who may post). Once per user,
+    message and emoji: adding one you have already is acknowledged without `seq`
+    and changes nothing. At most 20 different emoji on one message (`conflict`)."""
+
+    room: RoomSlug
+    id: MessageId
+    emoji: Emoji
+
+
+class ReactionRemove(Request, tag="reaction.remove", kw_only=True):
+    """Take back one's own reaction; removing one you do not have is acknowledged
+    without `seq` and changes nothing."""
+
+    room: RoomSlug
+    id: MessageId
+    emoji: Emoji
+
+
 CLIENT_FRAMES: tuple[type[Request], ...] = (
     Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Typing, Read, Ping, MetricsSubscribe,
     MetricsUnsubscribe,
+    ReactionAdd, ReactionRemove,
 )
 CLIENT_TYPES: dict[str, type[Request]] = {cls.__struct_config__.tag: cls for cls in CLIENT_FRAMES}
 ClientFrame = Union[
     Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Typing, Read, Ping, MetricsSubscribe,
     MetricsUnsubscribe,
+    ReactionAdd, ReactionRemove,
 ]
 
 
@@ -196,6 +223,18 @@ class MetricsAck(Reply, tag="ack", kw_only=True):
     metrics: bool
 
 
+class ReactionAck(Reply, tag="ack", kw_only=True):
+    """Reply to `reaction.add` and `reaction.remove`: `seq` is the seq of the
+    `reaction.added` / `reaction.removed` event it caused; absent when nothing
+    changed (the reaction was already there, or not there)."""
+
+    ref: Ref = None
+    room: RoomSlug
+    id: MessageId
+    emoji: str
+    seq: Seq | None = None
+
+
 class Error(Reply, tag="error", kw_only=True):
     """A refused or failed request (or a connection-level problem when `ref` is absent)."""
 
@@ -218,29 +257,96 @@ class RoomEvent(Frame, kw_only=True):
 
 
 class MessageNew(RoomEvent, tag="message.new", kw_only=True):
+    """`mentions`: the users the body names with @ who may see the room (never its
+    author; at most 20), by username; absent when none."""
+
     id: MessageId
     author: str
     body: str
     client_id: str
     ts: datetime
+    mentions: list[str] = []
 
 
 class MessageEdited(RoomEvent, tag="message.edited", kw_only=True):
-    """A delta: only what changed."""
+    """A delta: only what changed. `mentions` are the new body's (absent: none)."""
 
     id: MessageId
     body: str
     edited_at: datetime
+    mentions: list[str] = []
 
 
 class MessageDeleted(RoomEvent, tag="message.deleted", kw_only=True):
     id: MessageId
 
 
-ROOM_EVENTS: tuple[type[RoomEvent], ...] = (MessageNew, MessageEdited, MessageDeleted)
+# Membership changes: in the log like messages, so an open page updates live and a
+# resume replays them. `by` names who made the change when it was not the user.
+MemberRoleName = Literal["owner", "moderator", "member", "reader"]
+Username = Annotated[str, Meta(min_length=1, max_length=150)]
+
+
+class MemberJoined(RoomEvent, tag="member.joined", kw_only=True):
+    """Someone became a member: joined (no `by`), was added by `by`, or came with
+    the room (its creator, a direct message's people)."""
+
+    user: Username
+    role: MemberRoleName
+    by: Username | None = None
+
+
+class MemberLeft(RoomEvent, tag="member.left", kw_only=True):
+    """Someone is a member no more: left (no `by`) or was removed by `by`. A
+    removed member of a private room gets `error` not_found for the room instead,
+    and their stream of it ends."""
+
+    user: Username
+    by: Username | None = None
+
+
+class MemberRole(RoomEvent, tag="member.role", kw_only=True):
+    """A member's role changed (by `by`)."""
+
+    user: Username
+    role: MemberRoleName
+    by: Username | None = None
+
+
+
+# --- Reactions (issue 17) ---------------------------------------------------
+class ReactionAdded(RoomEvent, tag="reaction.added", kw_only=True):
+    """`user` reacted to message `id` with `emoji` (a delta: add one to its count)."""
+
+    id: MessageId
+    emoji: str
+    user: str
+
+
+class ReactionRemoved(RoomEvent, tag="reaction.removed", kw_only=True):
+    """`user` took back their `emoji` on message `id` (a delta). A deleted message's
+    reactions go with it: `message.deleted` implies them, with no event each."""
+
+    id: MessageId
+    emoji: str
+    user: str
+
+
+ROOM_EVENTS: tuple[type[RoomEvent], ...] = (
+    MessageNew, MessageEdited, MessageDeleted,
+    MemberJoined, MemberLeft, MemberRole,
+    ReactionAdded, ReactionRemoved,
+)
 ROOM_EVENT_TYPES: dict[str, type[RoomEvent]] = {cls.__struct_config__.tag: cls for cls in ROOM_EVENTS}
-ServerEvent = Union[MessageNew, MessageEdited, MessageDeleted]
-REPLIES: tuple[type[Reply], ...] = (SubscribeAck, UnsubscribeAck, MessageAck, TypingAck, ReadAck, MetricsAck, Pong, Error)
+ServerEvent = Union[
+    MessageNew, MessageEdited, MessageDeleted,
+    MemberJoined, MemberLeft, MemberRole,
+    ReactionAdded, ReactionRemoved,
+]
+REPLIES: tuple[type[Reply], ...] = (
+    SubscribeAck, UnsubscribeAck, MessageAck, TypingAck, ReadAck, MetricsAck, Pong, Error,
+    ReactionAck,
+)
 
 
 # ---------------------------------------------------------------------------
@@ -348,3 +454,42 @@ class ReadPost(Struct, forbid_unknown_fields=True, kw_only=True):
     """Body of `POST /api/v1/rooms/<slug>/read/`: the socket's read frame."""
 
     seq: Seq
+
+
+class ReactionPost(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of `POST` and `DELETE /api/v1/rooms/<slug>/messages/<id>/reactions/`: the
+    socket's reaction.add / reaction.remove fields."""
+
+    emoji: Emoji
+
+
+class RoomCreate(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of `POST /api/v1/rooms/`. The name's and topic's bounds (80 and 250
+    characters, plain text) are checked by the action, answered invalid or too_large."""
+
+    name: str
+    visibility: Literal["public", "private"]
+    topic: str = ""
+
+
+class MemberAdd(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of `POST /api/v1/rooms/<slug>/members/`."""
+
+    username: Username
+    role: MemberRoleName = "member"
+
+
+class MemberPatch(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of `PATCH /api/v1/rooms/<slug>/members/<username>/`."""
+
+    role: MemberRoleName
+
+
+class DmOpen(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of `POST /api/v1/dms/`: the other people (usernames), 1 to 7 of them."""
+
+    users: list[Username]
+
+
+REST_BODIES: tuple[type[Struct], ...] = (MessagePost, MessagePatch, ReadPost, ReactionPost, RoomCreate, MemberAdd,
+                                         MemberPatch, DmOpen)

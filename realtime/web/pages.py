@@ -11,6 +11,7 @@ from realtime.domain.access import room_access
 from realtime.domain import selectors
 from realtime.domain.errors import ActionError
 from realtime.domain.policy import Action, can
+from realtime.models import RoomKind
 
 
 @login_required
@@ -26,22 +27,38 @@ def room(request: HttpRequest, slug: str) -> HttpResponse:
         if exc.code == protocol.ErrorCode.NOT_FOUND:
             raise Http404(exc.message) from None
         raise PermissionDenied(exc.message) from None
+    room = access.room
+    if room.kind == RoomKind.DM:
+        # Its title as this person sees it: the others' names (shown, never saved).
+        room.title = selectors.dm_title(user=request.user, room=room)
+    rooms = selectors.visible_rooms(user=request.user)
     config = {
-        "room": access.room.slug,
+        "room": room.slug,
+        # A DM ("dm") lists apart from rooms and has no join, leave or invite.
+        "kind": room.kind,
+        "title": room.title,
+        "topic": room.topic,
         "user": request.user.get_username(),
-        "canPost": bool(can(request.user, Action.POST, is_public=access.room.is_public, role=access.role)),
+        "canPost": bool(can(request.user, Action.POST, is_public=room.is_public, role=access.role, kind=room.kind)),
         "canModerate": bool(
-            can(request.user, Action.DELETE, is_public=access.room.is_public, role=access.role, author_id=None)
+            can(request.user, Action.DELETE, is_public=room.is_public, role=access.role, author_id=None, kind=room.kind)
         ),
+        # Whether to offer adding members (and changing the member and reader roles).
+        "canManageMembers": bool(
+            can(request.user, Action.MANAGE_MEMBERS, is_public=room.is_public, role=access.role, kind=room.kind)
+        ),
+        "role": access.role,
         "wsPath": protocol.PATH,
         "maxBodyLength": settings.REALTIME["MAX_BODY_LENGTH"],
         "apiBase": "/api/v1/",
         "loginUrl": "/accounts/login/",
+        # How far this user has read the room: the page opens at the first unread message.
+        "read": next((r["read"] for r in rooms if r["slug"] == access.room.slug), 0),
     }
     return render(
         request,
         "realtime/room.html",
-        {"room": access.room, "role": access.role, "rooms": selectors.visible_rooms(user=request.user), "config": config},
+        {"room": access.room, "role": access.role, "rooms": rooms, "config": config},
     )
 
 

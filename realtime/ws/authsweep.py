@@ -14,7 +14,7 @@ holds, and compares:
 - each user's auth stamp (a hash of the password hash, is_active, is_staff,
   is_superuser and the username) with the one the socket took when it opened:
   a difference sends the socket `auth.changed`, which checks its session again
-  (closing with 4003 if it ended) and reloads the user and its rooms' access;
+  (closing with 4001 if it ended) and reloads the user and its rooms' access;
 - each socket's session (database-backed sessions: present and not expired):
   gone sends `session.check`;
 - each subscription's room visibility and the user's role in it with what the
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -39,7 +39,7 @@ from django.utils import timezone
 
 from realtime.delivery import names
 from realtime.delivery import publish as broadcast
-from realtime.models import Membership, Room
+from realtime.models import Membership, Room, RoomKind
 from realtime.domain.policy import Action, can
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class Found:
     swept: set[str]  # the rooms asked about
     public: dict[str, bool]  # room slug -> is_public (rooms that exist)
     roles: dict[tuple[str, int], str]  # (room slug, user id) -> role
+    kinds: dict[str, str] = field(default_factory=dict)  # room slug -> kind (a DM is for its people only)
 
 
 def read(user_ids: list[int], session_keys: list[str], slugs: list[str]) -> Found:
@@ -92,10 +93,11 @@ def read(user_ids: list[int], session_keys: list[str], slugs: list[str]) -> Foun
         for chunk in _chunks(session_keys):
             live.update(Session.objects.filter(session_key__in=chunk, expire_date__gt=now)
                         .values_list("session_key", flat=True))
-    public, ids = {}, {}
+    public, ids, kinds = {}, {}, {}
     for chunk in _chunks(slugs):
-        for pk, slug, is_public in Room.objects.filter(slug__in=chunk).values_list("pk", "slug", "is_public"):
-            public[slug], ids[pk] = is_public, slug
+        for pk, slug, is_public, kind in Room.objects.filter(slug__in=chunk).values_list("pk", "slug", "is_public",
+                                                                                          "kind"):
+            public[slug], ids[pk], kinds[slug] = is_public, slug, kind
     roles = {}
     for rooms in _chunks(list(ids)):
         for users in _chunks(user_ids):
@@ -103,7 +105,7 @@ def read(user_ids: list[int], session_keys: list[str], slugs: list[str]) -> Foun
                 "room_id", "user_id", "role"
             ):
                 roles[(ids[room_id], user_id)] = role
-    return Found(stamps, staff, live, set(slugs), public, roles)
+    return Found(stamps, staff, live, set(slugs), public, roles, kinds)
 
 
 class _Viewer:
@@ -137,7 +139,8 @@ def compare(sockets, found: Found) -> int:
             if slug not in found.swept:
                 continue  # subscribed since the read began
             is_public, role = found.public.get(slug), found.roles.get((slug, uid))
-            visible = is_public is not None and can(viewer, Action.VIEW, is_public=is_public, role=role)
+            visible = is_public is not None and can(viewer, Action.VIEW, is_public=is_public, role=role,
+                                                     kind=found.kinds.get(slug, RoomKind.ROOM))
             cached = sub.access
             if not visible or (cached is not None and (cached.room.is_public, cached.role) != (is_public, role)):
                 consumer.local_queue.put_nowait({"type": broadcast.ACCESS_CHECK, "room": slug})

@@ -117,6 +117,7 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
         self.user = self.scope.get("user")
         self.subscriptions: dict[str, Subscription] = {}
         self.access_changes: dict[str, int] = {}  # room -> access.checks seen (deliver())
+        self.checking: dict[str, int] = {}  # room -> access.checks being read now (no fast path meanwhile)
         self.authenticated = False
         offered = self.scope.get("subprotocols") or []
         chosen = next((name for name in offered if name in protocol.CODECS), None)
@@ -223,24 +224,25 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
 
     async def session_check(self, message: dict) -> None:
         """The user's session may have ended (logout, password change, deactivation,
-        deletion, expiry): if it has, close with 4003 and deliver nothing more."""
+        deletion, expiry): if it has, close with 4001 (signed out: the page offers the
+        login) and deliver nothing more."""
         if self.revoked or not self.authenticated:
             return
         if self.session_key not in message.get("revoked", ()) and await database_sync_to_async(session_is_valid)(
             self.session_key, self.user.pk
         ):
             return
-        await self.shut(CloseCode.FORBIDDEN, "session-ended")
+        await self.shut(CloseCode.NOT_AUTHENTICATED, "session-ended")
 
     async def auth_changed(self, message: dict) -> None:
         """The user's record changed behind the signals' back (realtime/ws/authsweep.py):
-        check the session as a request would (close with 4003 if it ended), then
+        check the session as a request would (close with 4001 if it ended), then
         take the user as they are now (staff or not) and check every room again."""
         if self.revoked or not self.authenticated:
             return
         user = await database_sync_to_async(session_user)(self.session_key, self.user.pk)
         if user is None:
-            await self.shut(CloseCode.FORBIDDEN, "session-ended")
+            await self.shut(CloseCode.NOT_AUTHENTICATED, "session-ended")
             return
         self.user, self.auth_stamp = user, authsweep.stamp_of(user)
         heartbeat.SOCKETS[self.conn_id] = (user.pk, user.get_username())
@@ -251,7 +253,8 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
             await self.access_check({"type": broadcast.ACCESS_CHECK, "room": slug})
 
     async def force_disconnect(self, message: dict) -> None:
-        """An operator closed this user's sockets (the admin's realtime console)."""
+        """An operator closed this user's sockets (the admin's realtime console): 4003,
+        which the page tells apart from a session that ended (4001)."""
         if self.revoked or not self.authenticated:
             return
         await self.shut(CloseCode.FORBIDDEN, "forced")

@@ -35,6 +35,10 @@ def message_ack(frame: protocol.Request, result: services.MessageResult) -> prot
     return protocol.MessageAck(ref=frame.ref, room=result.room, id=result.id, seq=result.seq)
 
 
+def reaction_ack(frame: protocol.Request, result: services.ReactionResult) -> protocol.ReactionAck:
+    return protocol.ReactionAck(ref=frame.ref, room=result.room, id=result.id, emoji=result.emoji, seq=result.seq)
+
+
 class Handlers:
     """The handlers (a part of RealtimeConsumer)."""
 
@@ -73,6 +77,18 @@ class Handlers:
     async def on_message_delete(self, frame: protocol.MessageDelete) -> protocol.Frame:
         result = await services.perform(services.message_delete, user=self.user, slug=frame.room, message_id=frame.id)
         return message_ack(frame, result)
+
+    async def on_reaction_add(self, frame: protocol.ReactionAdd) -> protocol.Frame:
+        result = await services.perform(
+            services.reaction_add, user=self.user, slug=frame.room, message_id=frame.id, emoji=frame.emoji
+        )
+        return reaction_ack(frame, result)
+
+    async def on_reaction_remove(self, frame: protocol.ReactionRemove) -> protocol.Frame:
+        result = await services.perform(
+            services.reaction_remove, user=self.user, slug=frame.room, message_id=frame.id, emoji=frame.emoji
+        )
+        return reaction_ack(frame, result)
 
     async def on_ping(self, frame: protocol.Ping) -> protocol.Frame:
         """Answer, and first catch up any subscribed room whose newest events never
@@ -120,6 +136,8 @@ HANDLERS: dict[type[protocol.Request], Handler] = {
     protocol.Ping: Handlers.on_ping,
     protocol.MetricsSubscribe: Handlers.on_metrics_subscribe,
     protocol.MetricsUnsubscribe: Handlers.on_metrics_unsubscribe,
+    protocol.ReactionAdd: Handlers.on_reaction_add,
+    protocol.ReactionRemove: Handlers.on_reaction_remove,
 }
 
 

@@ -165,6 +165,10 @@ class Stream:
                 self.subscriptions[message["room"]].access = None
         if kind != broadcast.ROOM_EVENT or self.replaying or self.handling or not self.local_queue.empty():
             return False
+        if self.checking.get(message["room"]) or message.get("member") == self.user.get_username():
+            # The room's access is being read again (a member removed?): its
+            # events wait their turn behind the check, which may end the stream.
+            return False
         sub = self.subscriptions.get(message["room"])
         if sub is None or self.revoked or message["seq"] != sub.last_seq + 1:
             return False
@@ -180,6 +184,14 @@ class Stream:
         seq = message["seq"]
         if seq <= sub.last_seq:
             return
+        if message.get("member") == self.user.get_username():
+            # This user's own membership ended or changed: whether they may still
+            # follow the room is settled before this event or any later one is
+            # sent, whether or not the access.check sent with it came first.
+            await self.access_check({"type": broadcast.ACCESS_CHECK, "room": slug})
+            sub = self.subscriptions.get(slug)
+            if sub is None:
+                return
         if seq > sub.last_seq + 1 and not await self.catch_up(slug, sub, seq - 1):
             return
         await self.write_event(message, sub)
@@ -262,12 +274,17 @@ class Stream:
         sub = self.subscriptions[slug]
         sub.access = None  # until read again: message.send reads it itself
         changes = self.access_changes.get(slug, 0)
+        self.checking[slug] = self.checking.get(slug, 0) + 1
         try:
             access = await database_sync_to_async(room_access)(user=self.user, slug=slug, action=Action.VIEW)
         except ActionError as exc:
             await self.drop_subscription(slug)
             await self.send_frame(protocol.Error(code=exc.code, message=exc.message, room=slug))
             return
+        finally:
+            self.checking[slug] -= 1
+            if not self.checking[slug]:
+                del self.checking[slug]
         if self.subscriptions.get(slug) is sub and self.access_changes.get(slug, 0) == changes:
             sub.access, sub.access_at = access, asyncio.get_running_loop().time()
 

@@ -360,7 +360,7 @@ async def test_a_deactivation_without_a_signal_closes_sockets_within_10_s(harden
     with pytest.raises(websockets.ConnectionClosed) as closed:
         while True:
             await asyncio.wait_for(gone.recv(), 10)
-    assert closed.value.rcvd.code == 4003 and time.monotonic() - started < 10
+    assert closed.value.rcvd.code == 4001 and time.monotonic() - started < 10
     # The demoted member may no longer post, within the same bound, with no ping
     # or resubscribe of its own to find out.
     while True:

@@ -108,11 +108,13 @@ def test_a_socket_answers_every_frame_once_and_stores_only_what_it_acknowledged(
                     reply = await alice.receive_json_from(timeout=5)
                     if reply["type"] in ("ack", "pong", "error"):
                         break
-                    assert reply["type"] in ("message.new", "message.edited", "message.deleted", "presence.state",
+                    assert reply["type"] in ("message.new", "message.edited", "message.deleted", "reaction.added",
+                                             "reaction.removed", "presence.state",
                                              "presence.diff", "read.markers", "read.marker", "read.state", "typing")
                 if reply["type"] == "error":
                     assert reply["code"] in REPLY_CODES, reply
-                elif reply["type"] == "ack" and value.get("type") in ("message.send", "message.edit", "message.delete"):
+                elif reply["type"] == "ack" and value.get("type") in ("message.send", "message.edit", "message.delete",
+                                                                       "reaction.add", "reaction.remove"):
                     acked_new += 1
                 while not await alice.receive_nothing(timeout=0.01):
                     extra = await alice.receive_json_from()
@@ -125,7 +127,7 @@ def test_a_socket_answers_every_frame_once_and_stores_only_what_it_acknowledged(
             seen = []
             while not await bob.receive_nothing(timeout=0.05):
                 frame = await bob.receive_json_from()
-                if "seq" in frame and frame["type"].startswith("message."):
+                if "seq" in frame and frame["type"].startswith(("message.", "reaction.")):
                     seen.append(frame)
             new_events = await Event.objects.acount() - before_events
             assert len(seen) == new_events <= acked_new

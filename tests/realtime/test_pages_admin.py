@@ -161,3 +161,85 @@ def test_the_console_needs_its_permission_and_operates(demo, settings):
     assert async_to_sync(layer.receive)(watch_user) == {"type": "force.disconnect", "group": f"user.{demo['carol'].pk}"}
     assert login(staff).post(url, {"action": "drain", "worker": "b"}).status_code == 302
     assert async_to_sync(layer.receive)(watch_workers) == {"type": "worker.drain", "worker": "b", "group": "realtime.workers"}
+
+
+def test_a_non_staff_reader_of_the_dashboard_gets_the_apps_styled_403(demo):
+    res = login(demo["bob"]).get("/dashboard/")
+    html = res.content.decode()
+    assert res.status_code == 403
+    assert "<h1>Not allowed</h1>" in html and "Back to your rooms" in html
+    assert 'href="/static/realtime/app.css"' in html and "bob" in html  # the app's page, signed in
+
+
+def test_the_dashboard_tables_have_captions_and_column_headers(demo):
+    import re
+
+    html = login(demo["admin"]).get("/dashboard/").content.decode()
+    tables = re.findall(r"<table>(.*?)</table>", html, re.S)
+    assert len(tables) == 3
+    for table in tables:
+        assert re.search(r"<caption>[^<]{20,}</caption>", table)
+        assert "<th>" not in table and '<th scope="col">' in table
+    # Nothing that changes every second sits in a live region; only the badge and the error line are.
+    assert html.count("aria-live=") == 1 and 'id="status"' in html
+    assert re.findall(r'role="(?:status|alert|log|timer)"', html) == ['role="status"', 'role="alert"']
+
+
+def test_favicon_is_served_from_static_and_named_by_every_page(demo):
+    res = Client().get("/favicon.ico")
+    assert res.status_code == 301 and res["Location"] == "/static/realtime/favicon.svg"
+    icon = Client().get(res["Location"])
+    assert icon.status_code == 200 and icon["Content-Type"] == "image/svg+xml"
+    assert b"<svg" in b"".join(icon.streaming_content)
+    for page in (Client().get("/accounts/login/"), login(demo["bob"]).get("/")):
+        assert '<link rel="icon" href="/static/realtime/favicon.svg" type="image/svg+xml">' in page.content.decode()
+
+
+CONSOLE = "/admin/realtime/room/console/"
+
+
+def test_the_console_is_linked_from_the_admin_for_those_who_may_operate(demo):
+    from django.contrib.auth.models import Permission
+
+    admin = login(demo["admin"])  # a superuser: every permission
+    for url in ("/admin/", "/admin/realtime/room/"):
+        html = admin.get(url).content.decode()
+        assert f'<a href="{CONSOLE}" id="console-link">Realtime console</a>' in html, url
+    # Staff who may see rooms but not operate get no link (the console would answer 403).
+    staff = demo["bob"]
+    staff.is_staff = True
+    staff.save()
+    staff.user_permissions.add(Permission.objects.get(codename="view_room"))
+    for url in ("/admin/", "/admin/realtime/room/"):
+        res = login(staff).get(url)
+        assert res.status_code == 200 and CONSOLE not in res.content.decode(), url
+    staff.user_permissions.add(Permission.objects.get(codename="operate_realtime"))
+    staff = type(staff).objects.get(pk=staff.pk)  # (permissions are cached on the instance)
+    assert CONSOLE in login(staff).get("/admin/realtime/room/").content.decode()
+
+
+def test_the_console_explains_the_embedded_default_calmly(demo, settings):
+    settings.REDIS_URL = ""
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    html = login(demo["admin"]).get(CONSOLE).content.decode()
+    assert "errornote" not in html and "REDIS_URL" in html
+    assert '<div class="help" id="console-mode">' in html
+    assert "one process with the in-memory channel layer" in html
+
+
+def test_disconnecting_a_user_names_them_and_an_unknown_id_closes_nothing(demo, monkeypatch):
+    calls = []
+
+    async def record(user_id):
+        calls.append(user_id)
+
+    monkeypatch.setattr(broadcast, "force_disconnect", record)
+    admin = login(demo["admin"])
+    carol = demo["carol"]
+    res = admin.post(CONSOLE, {"action": "disconnect", "user_id": carol.pk}, follow=True)
+    assert calls == [carol.pk]
+    assert (f"Closed every socket of carol (user {carol.pk}) on every worker (close code 4003)."
+            in res.content.decode())
+    res = admin.post(CONSOLE, {"action": "disconnect", "user_id": 987654}, follow=True)
+    assert calls == [carol.pk]  # nothing sent for a user who does not exist
+    assert "There is no user with id 987654; nothing was closed." in res.content.decode()

@@ -18,13 +18,15 @@ Roles (a column each; each test makes the acting role's user in the `world` fixt
   op_no_staff  realtime.operate_realtime without is_staff, no membership
 
 Room kinds: a Room is public or private (`is_public`); that is the only room
-property the policy reads (`read_markers` changes what members are shown, not who
+property the policy reads for rooms of kind `room` (a DM, kind `dm`, is the private
+room of a fixed set of people, seen by them only: its table is in test_dms.py) (`read_markers` changes what members are shown, not who
 may do what). There is no read-only or announcement kind: a room is made
 read-only for someone by giving them the reader role.
 
 Every signed-in user has one message of their own in each room (for readers, staff
 and outsiders: written while they were members, before their role changed or they
-left), and `poster`, a member of both rooms, has one ("someone else's message").
+left), and `poster`, a member of both rooms, has one ("someone else's message"),
+on which each signed-in user has reacted with a thumbs up (likewise).
 Not a column: a deactivated user, whose session no longer names anyone (Django's
 backend refuses inactive users), so they are `anonymous` here; see
 test_session_revocation.py for what happens to their open sockets.
@@ -53,7 +55,8 @@ from django.utils import timezone
 from accounts import tickets
 from realtime import protocol
 from realtime.domain import roomlog
-from realtime.models import Event, Membership, Message, ReadState, Role, Room
+from realtime.domain.policy import Action
+from realtime.models import Event, Membership, Message, Reaction, ReadState, Role, Room, RoomKind
 from realtime.state import presence, ratelimit
 from tests.conftest import HOST, assert_quiet, communicator, epoch, socket
 
@@ -65,6 +68,7 @@ FORBID = "forbidden"  # a room they can see, an action they may not do: socket e
 HIDDEN = "not_found"  # the room does not exist for them: socket error "not_found", REST 404, "no such room"
 LOGIN = "login"  # not signed in: the socket is accepted then closed with 4001, the API answers 403, a page
 #                  redirects (302) to sign in
+CONFLICT = "conflict"  # allowed, but the room's state forbids it (the last owner leaving): REST 409, nothing changed
 
 ROLES = ("anonymous", "outsider", "reader", "member", "moderator", "owner", "staff", "operator", "op_no_staff")
 KINDS = ("public", "private")
@@ -79,9 +83,19 @@ ROOM_ACTIONS = {
     "edit_other":   ("message.edit of poster's message",        "PATCH messages/<poster's>/"),
     "delete_own":   ("message.delete of their own message",     "DELETE messages/<own>/"),
     "delete_other": ("message.delete of poster's message",      "DELETE messages/<poster's>/"),
+    "react":        ("reaction.add on poster's message",        "POST messages/<poster's>/reactions/"),
+    "unreact":      ("reaction.remove of their own reaction",   "DELETE messages/<poster's>/reactions/"),
     "typing":       ("typing",                                  None),
     "mark_read":    ("read seq=head",                           "POST read/"),
     "unsubscribe":  ("unsubscribe",                             None),
+    # Membership (REST only). The acting owner is the room's only owner.
+    "members":      (None,                                      "GET members/"),
+    "join":         (None,                                      "POST join/ (a member already: 200, nothing changes)"),
+    "leave":        (None,                                      "POST leave/ (not a member: 200, nothing changes)"),
+    "add_member":   (None,                                      "POST members/ {newbie}"),
+    "add_moderator": (None,                                     "POST members/ {newbie, role moderator}"),
+    "set_role":     (None,                                      "PATCH members/poster/ {role reader} (poster is a member)"),
+    "remove_member": (None,                                     "DELETE members/poster/"),
 }
 
 ROOM_MATRIX = {
@@ -97,9 +111,22 @@ ROOM_MATRIX = {
         # A reader may not delete even their own message: deleting your own needs the right to post.
         "delete_own":   (LOGIN,    OK,       FORBID,   OK,       OK,       OK,       OK,       OK,       OK),
         "delete_other": (LOGIN,    FORBID,   FORBID,   FORBID,   OK,       OK,       OK,       OK,       FORBID),
+        # Reacting is posting's right: not readers (they may not take a reaction back either).
+        "react":        (LOGIN,    OK,       FORBID,   OK,       OK,       OK,       OK,       OK,       OK),
+        "unreact":      (LOGIN,    OK,       FORBID,   OK,       OK,       OK,       OK,       OK,       OK),
         "typing":       (LOGIN,    OK,       FORBID,   OK,       OK,       OK,       OK,       OK,       OK),
         "mark_read":    (LOGIN,    OK,       OK,       OK,       OK,       OK,       OK,       OK,       OK),
         "unsubscribe":  (LOGIN,    OK,       OK,       OK,       OK,       OK,       OK,       OK,       OK),
+        "members":      (LOGIN,    OK,       OK,       OK,       OK,       OK,       OK,       OK,       OK),
+        "join":         (LOGIN,    OK,       OK,       OK,       OK,       OK,       OK,       OK,       OK),
+        # The last owner may not go: make someone else an owner first.
+        "leave":        (LOGIN,    OK,       OK,       OK,       OK,       CONFLICT, OK,       OK,       OK),
+        # Owners and moderators manage members; staff have no say beyond their role (they use the admin).
+        "add_member":   (LOGIN,    FORBID,   FORBID,   FORBID,   OK,       OK,       FORBID,   FORBID,   FORBID),
+        # Only owners give (take, or act on) the owner and moderator roles.
+        "add_moderator": (LOGIN,   FORBID,   FORBID,   FORBID,   FORBID,   OK,       FORBID,   FORBID,   FORBID),
+        "set_role":     (LOGIN,    FORBID,   FORBID,   FORBID,   OK,       OK,       FORBID,   FORBID,   FORBID),
+        "remove_member": (LOGIN,   FORBID,   FORBID,   FORBID,   OK,       OK,       FORBID,   FORBID,   FORBID),
     },
     "private": {
         #                anonymous outsider  reader    member    moderator owner     staff     operator  op_no_staff
@@ -112,11 +139,22 @@ ROOM_MATRIX = {
         # Staff moderate everywhere: they may delete any message, their own included.
         "delete_own":   (LOGIN,    HIDDEN,   FORBID,   OK,       OK,       OK,       OK,       OK,       HIDDEN),
         "delete_other": (LOGIN,    HIDDEN,   FORBID,   FORBID,   OK,       OK,       OK,       OK,       HIDDEN),
+        # Staff react where they may post: not here, without a membership.
+        "react":        (LOGIN,    HIDDEN,   FORBID,   OK,       OK,       OK,       FORBID,   FORBID,   HIDDEN),
+        "unreact":      (LOGIN,    HIDDEN,   FORBID,   OK,       OK,       OK,       FORBID,   FORBID,   HIDDEN),
         "typing":       (LOGIN,    HIDDEN,   FORBID,   OK,       OK,       OK,       FORBID,   FORBID,   HIDDEN),
         "mark_read":    (LOGIN,    HIDDEN,   OK,       OK,       OK,       OK,       OK,       OK,       HIDDEN),
         # unsubscribe checks nothing: leaving a room you cannot see (or one that does
         # not exist) is acknowledged like any other, so it tells nothing either.
         "unsubscribe":  (LOGIN,    OK,       OK,       OK,       OK,       OK,       OK,       OK,       OK),
+        "members":      (LOGIN,    HIDDEN,   OK,       OK,       OK,       OK,       OK,       OK,       HIDDEN),
+        # A private room is joined by invitation: staff, who see it, may not walk in.
+        "join":         (LOGIN,    HIDDEN,   OK,       OK,       OK,       OK,       FORBID,   FORBID,   HIDDEN),
+        "leave":        (LOGIN,    HIDDEN,   OK,       OK,       OK,       CONFLICT, OK,       OK,       HIDDEN),
+        "add_member":   (LOGIN,    HIDDEN,   FORBID,   FORBID,   OK,       OK,       FORBID,   FORBID,   HIDDEN),
+        "add_moderator": (LOGIN,   HIDDEN,   FORBID,   FORBID,   FORBID,   OK,       FORBID,   FORBID,   HIDDEN),
+        "set_role":     (LOGIN,    HIDDEN,   FORBID,   FORBID,   OK,       OK,       FORBID,   FORBID,   HIDDEN),
+        "remove_member": (LOGIN,   HIDDEN,   FORBID,   FORBID,   OK,       OK,       FORBID,   FORBID,   HIDDEN),
     },
 }
 
@@ -128,6 +166,8 @@ ACCOUNT_ACTIONS = {
     "ticket":              ("http", "POST /api/v1/tickets/ (a single-use socket ticket)"),
     "dashboard":           ("http", "GET /dashboard/"),
     "console":             ("http", "GET /admin/realtime/room/console/"),
+    "create_room":         ("http", "POST /api/v1/rooms/ (a public room named after the role)"),
+    "open_dm":             ("http", "POST /api/v1/dms/ with poster (who may and may not be in a DM: test_dms.py)"),
 }
 
 ACCOUNT_MATRIX = {
@@ -142,12 +182,15 @@ ACCOUNT_MATRIX = {
     # a signed-in user who is not staff is sent to the admin's sign-in page (302),
     # the operate permission notwithstanding; staff without it get 403.
     "console":             (LOGIN,    LOGIN,    LOGIN,    LOGIN,    LOGIN,    LOGIN,    FORBID,   OK,       LOGIN),
+    "create_room":         (LOGIN,    OK,       OK,       OK,       OK,       OK,       OK,       OK,       OK),
+    "open_dm":             (LOGIN,    OK,       OK,       OK,       OK,       OK,       OK,       OK,       OK),
 }
 
 MEMBERSHIP = {"reader": Role.READER, "member": Role.MEMBER, "moderator": Role.MODERATOR, "owner": Role.OWNER}
 SOCKET_ROOM_ACTIONS = [a for a, (frame, _) in ROOM_ACTIONS.items() if frame]
 REST_ROOM_ACTIONS = [a for a, (_, request) in ROOM_ACTIONS.items() if request]
 POSTED, EDITED = "posted by the matrix", "edited by the matrix"
+HAD, REACTED = "\N{THUMBS UP SIGN}", "\N{PARTY POPPER}"  # the reaction each user has; the one they add
 REF = "act"
 
 
@@ -207,6 +250,7 @@ def world(role) -> World:
     user, with their membership in both rooms and a message of each in each room."""
     now = timezone.now()
     poster = make_user("poster")
+    make_user("newbie")  # in no room: the one added by add_member
     user = None if role == "anonymous" else make_user(role)
     own, other = {}, {}
     for kind in KINDS:
@@ -219,6 +263,7 @@ def world(role) -> World:
         if role in MEMBERSHIP:
             Membership.objects.create(room=room, user=user, role=MEMBERSHIP[role])
         [(own[kind], _)] = roomlog.write_messages(room, user, [(f"{role}'s words", f"own-{kind}")], now)
+        Reaction.objects.create(message_id=other[kind], user=user, emoji=HAD)
     cookie = None
     if user is not None:
         client = Client()
@@ -240,11 +285,35 @@ def snapshot() -> dict:
         "heads": dict(Room.objects.values_list("slug", "last_seq")),
         "reads": {(u, s): seq for u, s, seq in ReadState.objects.values_list("user__username", "room__slug", "seq")},
         "members": sorted(Membership.objects.values_list("user__username", "room__slug", "role")),
+        "reactions": sorted(Reaction.objects.values_list("user__username", "message__room__slug", "message_id",
+                                                         "emoji")),
     }
 
 
+MEMBER_CHANGES = ("join", "leave", "add_member", "add_moderator", "set_role", "remove_member")
+
+
+def member_change(world: World, kind: str, action: str):
+    """What an allowed membership action does: (the membership row before, after,
+    the event it logs), or None when it changes nothing."""
+    mine = MEMBERSHIP.get(world.role)
+    if action == "join":
+        return None if mine else (None, (world.role, kind, "member"), "member.joined")
+    if action == "leave":
+        return ((world.role, kind, mine), None, "member.left") if mine else None
+    if action == "add_member":
+        return None, ("newbie", kind, "member"), "member.joined"
+    if action == "add_moderator":
+        return None, ("newbie", kind, "moderator"), "member.joined"
+    if action == "set_role":
+        return ("poster", kind, "member"), ("poster", kind, "reader"), "member.role"
+    if action == "remove_member":
+        return ("poster", kind, "member"), None, "member.left"
+    raise AssertionError(action)
+
+
 def target(world: World, kind: str, action: str) -> int:
-    return world.other[kind] if action.endswith("_other") else world.own[kind]
+    return world.other[kind] if action.endswith("_other") or action in ("react", "unreact") else world.own[kind]
 
 
 def after_allowed(before: dict, world: World, kind: str, action: str, new_id: int | None) -> dict:
@@ -262,9 +331,27 @@ def after_allowed(before: dict, world: World, kind: str, action: str, new_id: in
         slug, author, *_ = before["messages"][target(world, kind, action)]
         after["messages"][target(world, kind, action)] = (slug, author, "", False, True)
         after["events"][kind].append((head + 1, "message.deleted"))
+        # Its reactions go with it.
+        after["reactions"] = [r for r in after["reactions"] if r[2] != target(world, kind, action)]
+    elif action == "react":
+        after["reactions"] = sorted([*after["reactions"], (world.role, kind, world.other[kind], REACTED)])
+        after["events"][kind].append((head + 1, "reaction.added"))
+    elif action == "unreact":
+        after["reactions"].remove((world.role, kind, world.other[kind], HAD))
+        after["events"][kind].append((head + 1, "reaction.removed"))
     elif action == "mark_read":
         after["reads"][(world.role, kind)] = head  # the read position moves; the log does not
         return after
+    elif action in MEMBER_CHANGES:
+        change = member_change(world, kind, action)
+        if change is None:
+            return after  # joining when a member, leaving when not: nothing changes
+        before_row, after_row, event = change
+        if before_row:
+            after["members"].remove(before_row)
+        if after_row:
+            after["members"] = sorted(after["members"] + [after_row])
+        after["events"][kind].append((head + 1, event))
     else:
         return after  # view, presence, typing, unsubscribe: nothing stored
     after["heads"][kind] = head + 1
@@ -283,6 +370,8 @@ def room_frame(world: World, kind: str, action: str, head: int) -> dict:
         "edit_other": {"type": "message.edit", "id": world.other[kind], "body": EDITED},
         "delete_own": {"type": "message.delete", "id": world.own[kind]},
         "delete_other": {"type": "message.delete", "id": world.other[kind]},
+        "react": {"type": "reaction.add", "id": world.other[kind], "emoji": REACTED},
+        "unreact": {"type": "reaction.remove", "id": world.other[kind], "emoji": HAD},
         "typing": {"type": "typing"},
         "mark_read": {"type": "read", "seq": head},
         "unsubscribe": {"type": "unsubscribe"},
@@ -346,6 +435,9 @@ async def test_room_action_over_the_socket(world, kind, action, role, outcome):
         elif action.startswith(("edit", "delete")):
             assert reply == {"type": "ack", "ref": REF, "room": kind, "id": target(world, kind, action),
                              "seq": head + 1}
+        elif action in ("react", "unreact"):
+            assert reply == {"type": "ack", "ref": REF, "room": kind, "id": world.other[kind],
+                             "emoji": REACTED if action == "react" else HAD, "seq": head + 1}
         elif action == "typing":
             assert reply == {"type": "ack", "ref": REF, "room": kind, "sent": True}
         elif action == "mark_read":
@@ -366,7 +458,7 @@ async def test_room_action_over_the_socket(world, kind, action, role, outcome):
 # ---------------------------------------------------------------------------
 # Through REST (and the room page)
 # ---------------------------------------------------------------------------
-NOT_SIGNED_IN = {"detail": "Authentication credentials were not provided."}
+NOT_SIGNED_IN = {"code": "forbidden", "message": "Authentication credentials were not provided."}
 
 
 def page_config(res) -> dict:
@@ -445,6 +537,23 @@ def rest_request(client: Client, world: World, kind: str, action: str, head: int
         return client.delete(base + f"messages/{target(world, kind, action)}/")
     if action == "mark_read":
         return client.post(base + "read/", {"seq": head}, content_type="application/json")
+    if action == "react":
+        return client.post(base + f"messages/{world.other[kind]}/reactions/", {"emoji": REACTED},
+                           content_type="application/json")
+    if action == "unreact":
+        return client.delete(base + f"messages/{world.other[kind]}/reactions/", {"emoji": HAD},
+                             content_type="application/json")
+    if action == "members":
+        return client.get(base + "members/")
+    if action in ("join", "leave"):
+        return client.post(base + f"{action}/")
+    if action in ("add_member", "add_moderator"):
+        role = "moderator" if action == "add_moderator" else "member"
+        return client.post(base + "members/", {"username": "newbie", "role": role}, content_type="application/json")
+    if action == "set_role":
+        return client.patch(base + "members/poster/", {"role": "reader"}, content_type="application/json")
+    if action == "remove_member":
+        return client.delete(base + "members/poster/")
     raise AssertionError(f"no request for {action}")
 
 
@@ -464,11 +573,27 @@ def test_room_action_over_rest(world, kind, action, role, outcome):
         assert res.status_code == 403 and res.json()["code"] == "forbidden"
     elif outcome == HIDDEN:
         assert res.status_code == 404 and res.json() == {"code": "not_found", "message": "no such room"}
+    elif outcome == CONFLICT:
+        assert res.status_code == 409 and res.json()["code"] == "conflict"
     else:
         assert outcome == OK
-        assert res.status_code == 200
+        assert res.status_code == (201 if action.startswith("add_") else 200)
         if action == "mark_read":
             assert res.json() == {"room": kind, "seq": head}
+        elif action in ("react", "unreact"):
+            assert res.json() == {"room": kind, "id": world.other[kind], "emoji": REACTED if action == "react" else HAD,
+                                  "seq": head + 1}
+        elif action == "members":
+            listed = [(m["user"], m["role"]) for m in res.json()["members"]]
+            assert listed == sorted((u, r) for u, s, r in before["members"] if s == kind)
+        elif action in MEMBER_CHANGES:
+            change = member_change(world, kind, action)
+            if change is None:
+                user, role, seq = world.role, MEMBERSHIP.get(world.role), None
+            else:
+                before_row, after_row, _ = change
+                user, role, seq = (after_row or before_row)[0], after_row and after_row[2], head + 1
+            assert res.json() == {"room": kind, "user": user, "role": role, "seq": seq}
         else:
             new_id = res.json()["id"] if action == "post" else target(world, kind, action)
             assert res.json() == {"room": kind, "id": new_id, "seq": head + 1}
@@ -509,6 +634,21 @@ def test_account_action_over_http(world, action, role, outcome):
     client = Client()
     if world.user is not None:
         client.force_login(world.user)
+    if action in ("create_room", "open_dm"):
+        before = snapshot()
+        if action == "create_room":
+            res = client.post("/api/v1/rooms/", {"name": f"{role} made this", "visibility": "public"},
+                              content_type="application/json")
+        else:
+            res = client.post("/api/v1/dms/", {"users": ["poster"]}, content_type="application/json")
+        if outcome == LOGIN:
+            assert res.status_code == 403 and res.json() == NOT_SIGNED_IN
+            assert snapshot() == before
+        else:
+            assert outcome == OK and res.status_code == 201
+            assert res.json()["kind"] == ("room" if action == "create_room" else "dm")
+            assert (role, res.json()["slug"], "owner" if action == "create_room" else "member") in snapshot()["members"]
+        return
     if action == "ticket":
         res = client.post("/api/v1/tickets/")
         if outcome == LOGIN:
@@ -540,16 +680,39 @@ def test_the_matrix_covers_every_role_frame_route_and_room_kind():
         assert all(len(row) == len(ROLES) for row in ROOM_MATRIX[kind].values())
     assert list(ACCOUNT_MATRIX) == list(ACCOUNT_ACTIONS)
     assert all(len(row) == len(ROLES) for row in ACCOUNT_MATRIX.values())
+    # Every action the policy knows is some row's (a new Action needs its rows here).
+    policy_action = {"view": Action.VIEW, "presence": Action.VIEW, "post": Action.POST, "edit_own": Action.EDIT,
+                     "edit_other": Action.EDIT, "delete_own": Action.DELETE, "delete_other": Action.DELETE,
+                     "react": Action.REACT, "unreact": Action.REACT, "typing": Action.POST,
+                     "mark_read": Action.VIEW, "unsubscribe": None, "members": Action.VIEW, "join": Action.JOIN,
+                     "leave": Action.LEAVE, "add_member": Action.MANAGE_MEMBERS,
+                     "add_moderator": Action.MANAGE_MEMBERS, "set_role": Action.MANAGE_MEMBERS,
+                     "remove_member": Action.MANAGE_MEMBERS}
+    assert list(policy_action) == list(ROOM_ACTIONS)
+    assert set(policy_action.values()) - {None} == set(Action)
     # Every membership role has its column.
     assert set(MEMBERSHIP.values()) == set(Role)
     # Every client frame type is exercised by some action.
     exercised = {"subscribe", "message.send", "message.edit", "message.delete", "typing", "read", "unsubscribe",
+                 "reaction.add", "reaction.remove",
                  *(a for a, (where, _) in ACCOUNT_ACTIONS.items() if where == "socket")}
     assert exercised == set(protocol.CLIENT_TYPES)
     # Every REST route is exercised (rooms/, messages/, events/: view; message/: edit and delete; ...).
     api = {p.name for p in get_resolver("realtime.web.api.urls").url_patterns}
     assert api == {"api-rooms", "api-tickets", "api-room-events", "api-room-messages", "api-room-message",
-                   "api-room-read"}
+                   "api-room-read", "api-room-reactions", "api-room-join", "api-room-leave", "api-room-members",
+                   "api-room-member", "api-dms",
+                   # Search's visibility rule has its own tests (tests/realtime/test_search.py: what the
+                   # asker may read now); the schema and its docs page are for anyone signed in.
+                   "api-search", "api-schema", "api-docs", "api-not-found"}
+    # Every action of the policy has its rows.
+    rows = {Action.VIEW: "view", Action.POST: "post", Action.EDIT: "edit_own", Action.DELETE: "delete_own",
+            Action.REACT: "react", Action.JOIN: "join", Action.LEAVE: "leave", Action.MANAGE_MEMBERS: "add_member"}
+    assert set(rows) == set(Action) and all(row in ROOM_ACTIONS for row in rows.values())
     # A new room property that could change who may do what needs a kind here.
     flags = {f.name for f in Room._meta.concrete_fields if f.get_internal_type() == "BooleanField"}
     assert flags == {"is_public", "read_markers"}
+    # Room.kind: "room" is the two columns above; "dm" (fixed membership, its people
+    # only, staff included) has its own table in test_dms.py
+    # (test_a_dm_is_its_peoples_only_and_nobody_changes_who_is_in_it).
+    assert set(RoomKind.values) == {"room", "dm"}

@@ -40,6 +40,13 @@ OWN, OTHER = 1, 5
         (STAFF, False, None, Action.VIEW, None, True),
         (STAFF, False, None, Action.DELETE, OTHER, True),
         (STAFF, False, None, Action.POST, None, False),
+        # reacting is posting's right
+        (ALICE, True, None, Action.REACT, None, True),
+        (ALICE, True, "reader", Action.REACT, None, False),
+        (ALICE, False, None, Action.REACT, None, False),
+        (ALICE, False, "member", Action.REACT, None, True),
+        (STAFF, True, None, Action.REACT, None, True),
+        (STAFF, False, None, Action.REACT, None, False),
         # nobody who is not signed in, or deactivated
         (ANON, True, None, Action.VIEW, None, False),
         (INACTIVE, True, "owner", Action.VIEW, None, False),

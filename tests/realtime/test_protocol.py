@@ -14,7 +14,8 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 def test_every_client_frame_has_a_unique_type():
     assert len(protocol.CLIENT_TYPES) == len(protocol.CLIENT_FRAMES)
     assert set(protocol.CLIENT_TYPES) == {"subscribe", "unsubscribe", "message.send", "message.edit", "message.delete", "ping",
-                                          "typing", "read", "metrics.subscribe", "metrics.unsubscribe"}
+                                          "typing", "read", "metrics.subscribe", "metrics.unsubscribe",
+                                          "reaction.add", "reaction.remove"}
 
 
 @pytest.mark.parametrize("codec", [protocol.JSON, protocol.MSGPACK])

@@ -1,5 +1,6 @@
-"""Sockets obey the Django session: when it ends, they close with 4003; when a
-membership goes, the room's stream goes with it."""
+"""Sockets obey the Django session: when it ends, they close with 4001 (signed
+out; an operator's disconnect is 4003, test_observability.py); when a membership
+goes, the room's stream goes with it."""
 
 from __future__ import annotations
 
@@ -41,12 +42,12 @@ async def test_logout_closes_that_sessions_sockets_and_no_others(bob_browser, de
     async with socket(cookie) as comm, socket(other_cookie) as elsewhere:
         await subscribe(comm, "general")
         await sync_to_async(client.post)("/accounts/logout/")
-        assert await closed_with(comm) == 4003
+        assert await closed_with(comm) == 4001
         assert await call(elsewhere, {"type": "ping", "ref": 1}) == {"type": "pong", "ref": 1}
 
 
 @pytest.mark.parametrize("change", ["deactivate", "password", "delete_session"])
-async def test_the_session_ending_closes_the_socket_with_4003(bob_browser, demo, change):
+async def test_the_session_ending_closes_the_socket_with_4001(bob_browser, demo, change):
     client, cookie = bob_browser
     async with socket(cookie) as comm:
         await subscribe(comm, "general")
@@ -59,7 +60,7 @@ async def test_the_session_ending_closes_the_socket_with_4003(bob_browser, demo,
             await bob.asave()
         else:
             await Session.objects.filter(session_key=client.session.session_key).adelete()
-        assert await closed_with(comm) == 4003
+        assert await closed_with(comm) == 4001
 
 
 async def test_nothing_is_delivered_after_revocation(bob_browser, demo, cookies):
@@ -67,7 +68,7 @@ async def test_nothing_is_delivered_after_revocation(bob_browser, demo, cookies)
     async with socket(cookie) as bob, socket(cookies["alice"]) as alice:
         await subscribe(bob, "general")
         await sync_to_async(client.post)("/accounts/logout/")
-        assert await closed_with(bob) == 4003
+        assert await closed_with(bob) == 4001
         await call(alice, {"type": "message.send", "room": "general", "body": "after", "client_id": "a1", "ref": 1})
         assert await bob.receive_nothing(timeout=0.3)  # (closed: no ping to end it with)
 
@@ -81,7 +82,7 @@ async def test_an_expired_session_is_caught_by_the_periodic_recheck(bob_browser,
         await Session.objects.filter(session_key=client.session.session_key).aupdate(
             expire_date=timezone.now() - timedelta(seconds=1)
         )
-        assert await closed_with(comm, timeout=3) == 4003
+        assert await closed_with(comm, timeout=3) == 4001
 
 
 async def test_removed_membership_ends_the_rooms_stream_with_not_found(cookies, demo):
@@ -134,7 +135,7 @@ async def test_a_revocation_without_a_signal_closes_the_socket_within_the_sweep(
         else:
             await Session.objects.filter(session_key=client.session.session_key).aupdate(
                 expire_date=timezone.now() - timedelta(seconds=1))
-        assert await closed_with(bob, timeout=2) == 4003
+        assert await closed_with(bob, timeout=2) == 4001
         # Nothing more reaches it, and other users are untouched.
         assert await call(alice, {"type": "ping", "ref": 1}) == {"type": "pong", "ref": 1}
 

@@ -11,8 +11,8 @@ from realtime import protocol
 
 CLOSE_MEANING = {
     protocol.CloseCode.NORMAL: "normal close",
-    protocol.CloseCode.NOT_AUTHENTICATED: "not authenticated: do not retry, log in",
-    protocol.CloseCode.FORBIDDEN: "session revoked or forbidden: do not retry",
+    protocol.CloseCode.NOT_AUTHENTICATED: "not signed in, or the session ended (logout in another tab, password change, deactivation, expiry): do not retry, log in",
+    protocol.CloseCode.FORBIDDEN: "disconnected by an operator (the realtime console): do not retry by itself; offer the person a reconnect",
     protocol.CloseCode.POLICY: "policy: too many sockets for this user (REALTIME_MAX_CONNECTIONS_PER_USER), or silent past REALTIME_IDLE_TIMEOUT. Reconnect with backoff",
     protocol.CloseCode.INTERNAL: "internal error: reconnect with backoff",
     protocol.CloseCode.SERVICE_RESTART: "service restart: reconnect now, with jitter",
@@ -27,8 +27,8 @@ ERROR_MEANING = {  # the HTTP status of each comes from protocol.HTTP_STATUS
     protocol.ErrorCode.FORBIDDEN: "the policy refuses this action, in a room the user can see; nothing changed",
     protocol.ErrorCode.NOT_FOUND: "no such room or message. A room the user may not see gets exactly this answer (`no such room`), so a private room cannot be told from a missing one; a deleted message is not found",
     protocol.ErrorCode.RATE_LIMITED: "too many of this action (a bucket per user and action), or, on `subscribe` and REST history and event pages, the user's replay budget is in debt; retry after `retry_after` seconds. Also the `error` before a 4029 close of a socket opened too often",
-    protocol.ErrorCode.TOO_LARGE: "a body over the length limit, or too many rooms on one connection",
-    protocol.ErrorCode.CONFLICT: "the client_id was already used for a message in another room",
+    protocol.ErrorCode.TOO_LARGE: "a body, room name or topic over its length limit, too many rooms on one connection, or too many people for a direct message",
+    protocol.ErrorCode.CONFLICT: "the request contradicts the state: the client_id was already used for a message in another room; a room you can see has that name; the person is a member already; the room's last owner would leave or stop being an owner; a `reaction.add` of a new emoji to a message that has 20 different ones already",
     protocol.ErrorCode.RECOVERY_FAILED: "`since` is ahead of the log or outside the replay window: reload history",
     protocol.ErrorCode.INTERNAL: "a server fault; nothing was changed",
 }
@@ -93,6 +93,35 @@ Every subscribed connection receives the room's events, the sender's own include
 returns the original ack, and the original event is published again (the first
 publication may never have left; subscribers that have it drop it by seq). The same
 `client_id` in another room is `conflict`.
+
+## Reactions and mentions
+
+`reaction.add` / `reaction.remove` `{{"room", "id", "emoji"}}` react to a live message
+(those who may post: not readers; staff where they may post), or take one's own
+reaction back. One reaction per user, message and emoji: adding one you have, or
+removing one you do not, is acknowledged without `seq` and changes nothing (no
+event). An emoji is 1 to 32 characters (after NFC normalisation) with no whitespace,
+control or invisible formatting characters (the zero-width joiner and the tag
+characters of flags excepted): `invalid` otherwise. A message holds at most 20
+different emoji (`conflict` for a 21st). A deleted message, or one in another room,
+is `not_found`; in a room the user may only read, `forbidden`; in a room they cannot
+see, `not_found` ("no such room"). Each change is a room event with a seq,
+`reaction.added` / `reaction.removed` `{{"id", "emoji", "user"}}`: a delta, one person's
+reaction; history pages give each message's `reactions` whole, `{{emoji: [usernames]}}`.
+A deleted message's reactions go with it: `message.deleted` implies them, with no
+`reaction.removed` each, and a client ignores reaction events for a message it does
+not hold (a replay may bring them for one deleted since).
+
+`@name` in a body is resolved by the server when the message is sent or edited:
+`@` at the start or after a character that is not a letter, digit, `_` or `@`
+(`bob@example.com` names no one), then a username (letters, digits, `_`, and `.`,
+`+`, `-` inside it: `@bob.` names bob), compared without case; the first 20 names
+are looked up. It names an active user who may see the room, never the author;
+anyone else is left out and learns nothing. `message.new` and `message.edited`
+carry `mentions` (their usernames, in the order the body names them; absent when
+none, and an edit's list replaces the message's). `GET rooms/` counts, per room, the
+messages after the user's read position that mention them (`mentions`); reading
+(`read`, `POST rooms/<slug>/read/`) clears them.
 """
 
 REST = """\
@@ -100,17 +129,42 @@ REST = """\
 
 | Method and path | Answer |
 | --- | --- |
-| `GET rooms/` | `{{"rooms": [{{"slug", "title", "is_public", "role", "seq", "read", "unread"}}]}}`: the rooms the user may see (`role` null when not a member; `seq` the room's head; `read` how far the user has read; `unread` messages by others after that) |
+| `GET rooms/` | `{{"rooms": [{{"slug", "title", "kind", "topic", "is_public", "role", "seq", "read", "unread", "mentions"}}]}}`: the rooms the user may see (`kind` `room` or `dm`: list DMs apart; a DM's `title` is the other people's names, as the asker sees it; `role` null when not a member; `seq` the room's head; `read` how far the user has read; `unread` messages by others after that; `mentions` those of them that mention the user). DMs are listed to their people only, staff included |
+| `GET rooms/?browse=public` | the same shape: the public rooms (kind `room`) the user is not a member of, the ones to offer for joining. Any other `browse` is 400 `invalid` |
+| `POST rooms/` `{{"name", "visibility": "public"\\|"private", "topic"?}}` | 201 with the room as `GET rooms/` lists it (`role` `owner`): the maker is its owner, and its log starts with `member.joined`. `slug` is made from the name ("Team Alpha!" -> `team-alpha`; taken: `team-alpha-2`, ...; no Latin letter or digit: `room`). The name is plain text, 1 to 80 characters once spaces are collapsed, with a letter or digit, no `<` or `>`, no control or invisible format characters (400 `invalid`; over 80: 413 `too_large`); the same name (any case) as a room the user can see is 409 `conflict` (rooms they cannot see do not count); the topic at most 250 (413). Rate-limited per user (`room.create`, one a minute, burst 10: 429 with `Retry-After`) |
+| `POST rooms/<slug>/join/` | `{{"room", "user", "role", "seq"}}`: join a public room as a member (`seq` the `member.joined` event's). Already a member: 200, nothing changes, `seq` null. A private room one can see: 403; one one cannot: 404 as a missing room; a DM: 403 |
+| `POST rooms/<slug>/leave/` | `{{"room", "user", "role": null, "seq"}}`: leave (`member.left`). Not a member: 200, `seq` null. The last owner: 409 `conflict` (make someone else an owner first). A DM: 403 |
+| `GET rooms/<slug>/members/` | `{{"room", "kind", "members": [{{"user", "role", "joined_at"}}]}}`, by name: for anyone who may see the room |
+| `POST rooms/<slug>/members/` `{{"username", "role"?}}` | 201 `{{"room", "user", "role", "seq"}}`: add someone (`member.joined` with `by`). Owners and moderators add members and readers; only owners add owners and moderators (else 403). Unknown or deactivated user: 404 `no such user: NAME`; a member already: 409. A DM: 403 |
+| `PATCH rooms/<slug>/members/<username>/` `{{"role"}}` | `{{"room", "user", "role", "seq"}}` (`member.role`): owners and moderators switch members and readers; only owners give, take or change the owner and moderator roles. The same role: 200, `seq` null. Not a member: 404; the last owner's own demotion: 409 |
+| `DELETE rooms/<slug>/members/<username>/` | `{{"room", "user", "role": null, "seq"}}` (`member.left` with `by`): the same who-may as PATCH (moderators remove members and readers, owners anyone). One's own name: leave. Not a member: 404. The removed person's sockets and long polls lose a private room at once (`error` `not_found`) |
+| `POST dms/` `{{"users": ["bob", ...]}}` | the one direct message (a private room of kind `dm`) of exactly these people and the asker, as `GET rooms/` lists it: 201 when made now (its log starts with a `member.joined` for each), 200 when it existed (any order of names gives the same room). Everyone in it is a member; nobody joins, leaves or is added (403). At most 8 people, the asker included (413 `too_large`); a name twice, or nobody but oneself: 400 `invalid`; an unknown or deactivated user: 404 `no such user: NAME`; nothing is made on any error. Rate-limited (`dm.open`, one every 2 s, burst 20) |
 | `GET rooms/<slug>/events/?since=N[&epoch=E][&limit=L]` | `{{"events": [...], "seq": head, "epoch": E, "has_more": bool}}`: the room's events after N (at most L, default 500), the same shapes as the socket's room events; when `has_more`, ask again with `since` = the last event's seq. With `epoch` (the one N counts in), a log started again is 410 `recovery_failed` |
 | `GET rooms/<slug>/events/?since=N&wait=S` | the long poll (the fallback when WebSockets are blocked): the same answer (and `epoch` checked the same way), but held until the room has an event after N, its log is started again (410), or S seconds pass (at most 30; then `events` is empty). Rate-limited per user (`poll`, 5/s, burst 20: 429); anonymous: 401 |
-| `GET rooms/<slug>/messages/?[before=SEQ][&limit=L]` | `{{"room", "seq", "epoch", "has_more", "messages": [{{"id", "seq", "author", "body", "client_id", "ts", "edited_at"}}]}}`: a page of messages, newest last (L at most REALTIME_HISTORY_PAGE_MAX, default 200); `seq` is the head the page is current to |
+| `GET rooms/<slug>/messages/?[before=SEQ][&limit=L]` | `{{"room", "seq", "epoch", "has_more", "messages": [{{"id", "seq", "author", "body", "client_id", "ts", "edited_at", "reactions", "mentions"}}]}}`: a page of messages, newest last (L at most REALTIME_HISTORY_PAGE_MAX, default 200); `seq` is the head the page is current to; `reactions` is `{{emoji: [usernames]}}` (emoji in the order first used, people in the order they reacted; `{{}}` when none), `mentions` the usernames the body names (`[]` when none) |
 | `POST rooms/<slug>/messages/` `{{"body", "client_id"}}` | `{{"room", "id", "seq"}}`: the same as `message.send`'s ack, with the same idempotency and rate limit (429 with `Retry-After`) |
 | `PATCH rooms/<slug>/messages/<id>/` `{{"body"}}` | `{{"room", "id", "seq"}}`: `message.edit` over HTTP, same rules, rate limit and ack |
 | `DELETE rooms/<slug>/messages/<id>/` | `{{"room", "id", "seq"}}`: `message.delete` over HTTP |
+| `POST rooms/<slug>/messages/<id>/reactions/` `{{"emoji"}}` | `{{"room", "id", "emoji"[, "seq"]}}`: `reaction.add` over HTTP, same rules, rate limit and ack (`seq` absent when the reaction was there already) |
+| `DELETE rooms/<slug>/messages/<id>/reactions/` `{{"emoji"}}` | `{{"room", "id", "emoji"[, "seq"]}}`: `reaction.remove` over HTTP (the emoji in a JSON body, as for POST; `seq` absent when there was none to remove) |
 | `POST rooms/<slug>/read/` `{{"seq"}}` | `{{"room", "seq"}}`: `read` over HTTP (forward only, clamped to the head) |
+| `GET search/?q=Q[&room=SLUG][&before=ID][&limit=L]` | `{{"results": [{{"room", "id", "seq", "author", "ts", "snippet": [{{"text", "match"}}]}}], "next": ID or null}}`: messages matching Q in the rooms the user may read now (public rooms, their memberships; every room for staff), newest first, deleted ones never; L at most 50 (default 20); the next page is `before` = `next`. `snippet` is the body around its first match in parts, `match` true on a word of the query (text, never markup). Q is words, `"a phrase"`, `-word`, `or` (PostgreSQL's websearch syntax; other punctuation is ignored); empty, without a word, with control characters or over 200 characters: 400 `invalid`. A `room` the user may not see: 404. Rate-limited per user (`search`, 1/s, burst 10: 429 with `Retry-After`) |
+| `GET schema/`, `GET docs/` | the OpenAPI 3.1 schema of these endpoints (drf-spectacular; open to anyone), and Swagger UI over it |
 | `POST tickets/` | 201 `{{"ticket", "expires_in": 30}}`: a single-use ticket for `/ws/v1/?ticket=...` (for clients that cannot send the session cookie; they must still send an allowed `Origin`) |
 
-Errors answer `{{"code", "message"[, "retry_after"]}}` with the status in the error table.
+Errors answer `{{"code", "message"[, "retry_after"]}}` with the status in the error table; so do DRF's own
+refusals (not signed in or CSRF: 403 `forbidden`; a method not allowed: 405 `invalid`) and any other path
+under `/api/v1/` (404 `not_found`).
+
+Rooms and membership: every change of who is in a room is a room event with a seq
+(`member.joined`, `member.left`, `member.role`; `by` names who made it when it was
+not the member), so subscribers see it live and a resume or an event page replays it.
+A member removed from a private room (or who left it) gets, on every socket following
+it, `error` `not_found` with the room before anything more of it, and that
+subscription ends; their held long poll answers 404. Join, leave and the members
+writes share one bucket per user (`member.change`, 1/s, burst 30). Room kinds: `room`
+(made with `POST rooms/`) and `dm` (`POST dms/`): a DM is seen by its people only,
+staff included, and its people are fixed.
 """
 
 
@@ -153,7 +207,7 @@ def render() -> str:
     out.append("")
     out.append("Which `ack` answers which request: `subscribe` -> `SubscribeAck`; `unsubscribe` -> "
                "`UnsubscribeAck`; `message.send`, `message.edit`, `message.delete` -> `MessageAck`; "
-               "`ping` -> `Pong`; `metrics.subscribe`, `metrics.unsubscribe` -> `MetricsAck`. Every client frame "
+               "`reaction.add`, `reaction.remove` -> `ReactionAck`; `ping` -> `Pong`; `metrics.subscribe`, `metrics.unsubscribe` -> `MetricsAck`. Every client frame "
                "may carry `trace` (letters, digits, dashes; at most 64): the action's trace id, which the "
                "events it causes carry to every delivery and log line.\n")
     out.append("## Error codes\n\n| code | HTTP | meaning |\n| --- | --- | --- |")
@@ -176,9 +230,8 @@ def render() -> str:
             out.append(_schema_block(cls.__name__, schemas[cls.__name__]))
     out.append(_schema_block("WorkerFigures", schemas["WorkerFigures"]))
     out.append("## REST bodies\n")
-    out.append(_schema_block("MessagePost", schemas["MessagePost"]))
-    out.append(_schema_block("MessagePatch", schemas["MessagePatch"]))
-    out.append(_schema_block("ReadPost", schemas["ReadPost"]))
+    for cls in protocol.REST_BODIES:
+        out.append(_schema_block(cls.__name__, schemas[cls.__name__]))
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -22,6 +22,7 @@ ROOMS = [
     ("general", "General", True, {"alice": Role.OWNER, "bob": Role.MEMBER, "carol": Role.READER}),
     ("ops", "Operations", False, {"alice": Role.OWNER, "bob": Role.MEMBER}),
 ]
+TOPICS = {"general": "Anything goes; say hello", "ops": "Deploys, incidents and on-call"}
 
 
 class Command(BaseCommand):
@@ -49,7 +50,8 @@ class Command(BaseCommand):
             users[username] = user
             self.stdout.write(f"user {username}: {'created' if created else 'exists'}")
         for slug, title, is_public, roles in ROOMS:
-            room, created = Room.objects.get_or_create(slug=slug, defaults={"title": title, "is_public": is_public})
+            room, created = Room.objects.get_or_create(
+                slug=slug, defaults={"title": title, "is_public": is_public, "topic": TOPICS.get(slug, "")})
             self.stdout.write(f"room {slug}: {'created' if created else 'exists'}")
             for username, role in roles.items():
                 Membership.objects.get_or_create(room=room, user=users[username], defaults={"role": role})
