@@ -42,7 +42,9 @@ export class RealtimeClient extends Emitter {
     this.timers = options.timers || { setTimeout: (f, ms) => setTimeout(f, ms), clearTimeout: (t) => clearTimeout(t) };
     this.now = options.now || (() => Date.now());
     this.random = options.random || Math.random;
-    this.backoff = { base: 500, cap: 30000, ...(options.backoff || {}) };
+    // A 10 s cap: a server that comes back is found within 10 s (and "Retry now"
+    // in the page tries at once); the equal jitter still spreads a mass reconnect.
+    this.backoff = { base: 500, cap: 10000, ...(options.backoff || {}) };
     this.env = options.env === undefined ? globalThis : options.env; // for online/offline, visibility
     this.editFn = options.edit || null; // async (room, id, body) => ack, over REST
     this.removeFn = options.remove || null; // async (room, id) => ack, over REST
@@ -72,6 +74,17 @@ export class RealtimeClient extends Emitter {
   // -- lifecycle ----------------------------------------------------------
   connect() {
     this.socket.connect();
+  }
+
+  /** Try now instead of waiting for the backoff's next attempt (the page's "Retry
+   * now"), or connect again after a stop (the page's "Reconnect"). The backoff's
+   * exponent stays: a failure now waits as long as the next attempt would have. */
+  retryNow() {
+    if (this.state === State.OPEN || this.socket.ws) return;
+    this.socket.clearRetry();
+    if (this.state === State.CLOSED) this.setState(State.CONNECTING);
+    if (this.state === State.OFFLINE) this.setState(State.RECONNECTING, { delay: 0, at: this.now() });
+    this.connect();
   }
 
   /** Stop for good (until connect() is called again). */

@@ -1,7 +1,9 @@
 // The live operations dashboard: metrics.tick frames over the same socket as the
 // chat, drawn as SVG line charts and tables. At most one DOM update per animation
 // frame, and each update rewrites a few `d` attributes and text nodes in boxes of
-// fixed size, so ticks cause no layout storms however busy the cluster is.
+// fixed size, so ticks cause no layout storms however busy the cluster is. Text
+// only ever goes in through textContent; nothing here is a live region, so a
+// screen reader reads the figures when asked instead of every second.
 import { bindBadge } from "./badge.js";
 import { RealtimeClient, State } from "./client.js";
 
@@ -69,8 +71,12 @@ client.on("ephemeral", (frame) => {
 // Subscribe on every (re)connection: the subscription lives with the socket.
 client.on("state", ({ state }) => {
   if (state !== State.OPEN) return;
-  client.request({ type: "metrics.subscribe" }).catch((err) => {
-    document.getElementById("updated").textContent = `metrics unavailable: ${err.message}`;
+  const problem = document.getElementById("metrics-error");
+  client.request({ type: "metrics.subscribe" }).then(() => {
+    problem.hidden = true;
+  }, (err) => {
+    problem.textContent = `Metrics unavailable: ${err.message}`;
+    problem.hidden = false;
   });
 });
 
@@ -101,15 +107,46 @@ function path(values, max) {
   return d;
 }
 
-function chart(name, ...lists) {
-  const figure = document.querySelector(`.chart[data-series="${name}"]`);
-  const max = Math.max(1, ...lists.flat().filter((v) => typeof v === "number")) * 1.1;
-  figure.querySelectorAll("path.line").forEach((el, i) => el.setAttribute("d", path(lists[i] || [], max)));
-  figure.dataset.max = max.toFixed(1);
+// The y axis's top: the first of 1, 2, 4, 10 times a power of ten at or above the
+// peak, so the three tick labels (top, half, 0) are round numbers.
+function niceTop(peak) {
+  if (!(peak > 0)) return 1;
+  const magnitude = 10 ** Math.floor(Math.log10(peak));
+  for (const m of [1, 2, 4, 10]) if (m * magnitude >= peak * (1 - 1e-9)) return m * magnitude;
+  return 10 * magnitude;
 }
 
-function rows(id, cells) {
+function tickLabel(value) {
+  if (value >= 1e6) return `${+(value / 1e6).toFixed(1)}M`;
+  if (value >= 1e3) return `${+(value / 1e3).toFixed(1)}k`;
+  return String(+value.toFixed(3));
+}
+
+function chart(name, ...lists) {
+  const figure = document.querySelector(`.chart[data-series="${name}"]`);
+  const top = niceTop(Math.max(0, ...lists.flat().filter((v) => typeof v === "number")));
+  figure.querySelectorAll("path.line").forEach((el, i) => el.setAttribute("d", path(lists[i] || [], top)));
+  // The tick labels sit at fixed heights (CSS) matching the grid lines at 4 and 41 of 80.
+  const ticks = figure.querySelector(".y-ticks");
+  const topLabel = tickLabel(top);
+  if (ticks.querySelector(".top").textContent !== topLabel) {
+    ticks.querySelector(".top").textContent = topLabel;
+    ticks.querySelector(".mid").textContent = tickLabel(top / 2);
+  }
+  figure.dataset.max = String(top);
+}
+
+function rows(id, cells, empty) {
   const body = document.getElementById(id);
+  if (!cells.length) {
+    const td = Object.assign(document.createElement("td"), { textContent: empty });
+    td.colSpan = body.closest("table").querySelectorAll("thead th").length;
+    const tr = document.createElement("tr");
+    tr.className = "empty";
+    tr.append(td);
+    body.replaceChildren(tr);
+    return;
+  }
   body.replaceChildren(
     ...cells.map((values) => {
       const tr = document.createElement("tr");
@@ -144,12 +181,18 @@ function render() {
     "workers",
     latest.workers.map((w) => [w.worker, w.draining ? "draining" : "alive", String(w.connections), fmt(w.messages_in),
       fmt(w.delivered), fmt(w.p99_ms), uptime(w.uptime)]),
+    "No worker has sent its figures in the last 5 seconds.",
   );
   rows(
     "rooms",
     Object.entries(latest.rooms).sort((a, b) => b[1] - a[1]).slice(0, 10).map(([room, n]) => [`#${room}`, String(n)]),
+    "No messages in the last interval.",
   );
-  rows("errors", Object.entries(latest.errors).sort((a, b) => b[1] - a[1]).map(([code, n]) => [code, String(n)]));
+  rows(
+    "errors",
+    Object.entries(latest.errors).sort((a, b) => b[1] - a[1]).map(([code, n]) => [code, String(n)]),
+    "No errors in the last interval.",
+  );
 }
 
 client.connect();

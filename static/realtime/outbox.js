@@ -1,8 +1,14 @@
-// Queued sends, keyed by client_id: a message stays queued until an ack (over the
-// socket or REST), or the message itself coming back, settles it, or a final error
-// fails it. Every resend carries the same client_id, so the server applies it once.
-// A rate-limited send is retried after retry_after; when the client stops, every
-// queued send fails. No DOM code.
+// Queued sends, keyed by client_id, in the order they were written: a message
+// stays queued until an ack (over the socket or REST), or the message itself coming
+// back, settles it, or a final error fails it. Every resend carries the same
+// client_id, so the server applies it once.
+//
+// Order: the order a person typed is the order everyone sees. So only the oldest
+// queued message is ever on the wire (one in flight, like the REST fallback): a
+// later one could otherwise be stored before an earlier one that was refused
+// (rate_limited) or lost. A rate limit holds the whole outbox for retry_after, then
+// the same oldest message goes again; when the client stops, every queued send
+// fails. No DOM code.
 //
 // Its host (the client) provides emit, timers, and _deliver(frame): put a
 // message.send on the wire (the socket, and REST while polling).
@@ -21,6 +27,9 @@ export function randomId(cryptoImpl = globalThis.crypto) {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+// ms before a send the server failed on (internal) goes again.
+export const INTERNAL_RETRY = 2000;
+
 export class Outbox {
   /**
    * @param {object} host  emit, timers, _deliver(frame)
@@ -32,7 +41,14 @@ export class Outbox {
     this.host = host;
     this.maxBodyLength = maxBodyLength;
     this.user = user;
-    this.items = new Map(); // client_id -> {room, body, resolve, reject, ref, retryTimer}
+    this.items = new Map(); // client_id -> {room, body, resolve, reject, ref}, oldest first
+    this.inFlight = null; // the client_id on the wire, waiting for its answer
+    this.holdTimer = null; // a rate limit: nothing goes out until it fires
+  }
+
+  /** Held by a rate limit: nothing is sent until retry_after has passed. */
+  get held() {
+    return this.holdTimer !== null;
   }
 
   /** Number of messages waiting for an ack. */
@@ -54,15 +70,42 @@ export class Outbox {
       this.host.emit("failed", { clientId, room, code: err.code, message: err.message });
       return { clientId, done: Promise.reject(err) };
     }
-    const item = { room, body, resolve, reject, ref: null };
+    const item = { room, body, resolve, reject, ref: `m:${clientId}` };
     this.items.set(clientId, item);
-    this._send(clientId, item);
+    this.pump();
     return { clientId, done };
   }
 
-  /** A socket has opened: everything still queued goes again, same client_ids. */
+  /** A socket has opened: the oldest queued message goes (again, same client_id),
+   * and the rest after it, one at a time. A rate limit's hold still stands. */
   resendAll() {
-    for (const [clientId, item] of this.items) this._send(clientId, item);
+    this.inFlight = null;
+    this.pump();
+  }
+
+  /** Put the oldest queued message on the wire, unless one is already waiting
+   * for its answer or a rate limit holds the outbox. */
+  pump() {
+    if (this.inFlight !== null || this.held || !this.items.size) return;
+    const [clientId, item] = this.first();
+    this.inFlight = clientId;
+    this._send(clientId, item);
+  }
+
+  /** The answer to clientId came (or it left the queue): the next one may go. */
+  _answered(clientId) {
+    if (this.inFlight === clientId) this.inFlight = null;
+    this.pump();
+  }
+
+  /** Hold every send for `ms` (a rate limit), then resend the oldest first. */
+  hold(ms) {
+    this.inFlight = null;
+    if (this.holdTimer) return; // the same window
+    this.holdTimer = this.host.timers.setTimeout(() => {
+      this.holdTimer = null;
+      this.pump();
+    }, ms);
   }
 
   _send(clientId, item) {
@@ -86,6 +129,7 @@ export class Outbox {
     this.items.delete(clientId);
     item.resolve({ clientId, id, seq, room });
     this.host.emit("sent", { clientId, id, seq, room });
+    this._answered(clientId);
   }
 
   /** Failed for good. */
@@ -93,16 +137,20 @@ export class Outbox {
     this.items.delete(clientId);
     item.reject(Object.assign(new Error(message), { code }));
     this.host.emit("failed", { clientId, room: item.room, code, message });
+    this._answered(clientId);
   }
 
   /** Settle every queued send as failed: nothing will send them any more. */
   failAll(code, message) {
-    for (const [clientId, item] of this.items) {
-      if (item.retryTimer) this.host.timers.clearTimeout(item.retryTimer);
+    if (this.holdTimer) this.host.timers.clearTimeout(this.holdTimer);
+    this.holdTimer = null;
+    this.inFlight = null;
+    const items = [...this.items];
+    this.items.clear();
+    for (const [clientId, item] of items) {
       item.reject(Object.assign(new Error(message), { code }));
       this.host.emit("failed", { clientId, room: item.room, code, message });
     }
-    this.items.clear();
   }
 
   _byRef(ref) {
@@ -124,17 +172,14 @@ export class Outbox {
     if (!entry) return false;
     const [clientId, item] = entry;
     if (frame.code === ErrorCode.RATE_LIMITED) {
-      const wait = Math.max(1, frame.retry_after || 1) * 1000;
-      if (!item.retryTimer) {
-        item.retryTimer = this.host.timers.setTimeout(() => {
-          item.retryTimer = null;
-          if (this.holds(clientId, item)) this._send(clientId, item);
-        }, wait);
-      }
+      // Nothing overtakes it: the whole outbox waits, then it goes first.
+      this.hold(Math.max(0.1, frame.retry_after || 1) * 1000);
     } else if (FINAL_ERRORS.has(frame.code)) {
       this.fail(clientId, item, frame.code, frame.message);
+    } else {
+      // internal: stays queued, first in line, and goes again shortly.
+      this.hold(INTERNAL_RETRY);
     }
-    // internal: stays queued and is resent on the next connection.
     return true;
   }
 

@@ -170,6 +170,9 @@ export class Rooms {
 
   _subscribeFrame(room, r) {
     const frame = { type: "subscribe", ref: `sub:${room}`, room };
+    // A room followed in the background (unread counts) is not one the person is
+    // in: it must not list them under "Here now" there.
+    if (r.background) frame.presence = false;
     if (r.lastSeq !== null) {
       frame.since = r.lastSeq;
       if (r.epoch) frame.epoch = r.epoch;

@@ -11,8 +11,11 @@
 
 import { Close, State, backoffDelay } from "./state.js";
 
-// Closes after which trying again cannot help: stop, and say why.
-const STOP = { [Close.NOT_AUTHENTICATED]: "unauthenticated", [Close.FORBIDDEN]: "forbidden" };
+// Closes after which trying again by itself cannot help: stop, and say why. 4001:
+// not signed in, or the session ended (a logout in another tab): the page offers
+// the login. 4003: an operator disconnected this user: the page offers a reconnect.
+export const STOP = { [Close.NOT_AUTHENTICATED]: "unauthenticated", [Close.FORBIDDEN]: "operator" };
+const STOP_MESSAGE = { unauthenticated: "signed out", operator: "disconnected by an administrator" };
 const RESTART = new Set([Close.SERVICE_RESTART, Close.SERVER_RESTART]);
 
 const disconnected = () => Object.assign(new Error("connection lost"), { code: "disconnected" });
@@ -127,7 +130,7 @@ export class SocketTransport {
     if (!ws.live) this.failedOpens += 1;
     this._lost();
     if (STOP[code]) {
-      this.host._stop(STOP[code], code, code === Close.NOT_AUTHENTICATED ? "signed out" : "access revoked");
+      this.host._stop(STOP[code], code, STOP_MESSAGE[STOP[code]]);
       return;
     }
     if (this.host.state === State.CLOSED) return;
@@ -180,7 +183,8 @@ export class SocketTransport {
       this.retryAfter = 0;
     }
     this.clearRetry();
-    host.setState(State.RECONNECTING, { delay, code, at: host.now() + delay });
+    // attempts: failed attempts in a row, so the page can say "server unreachable".
+    host.setState(State.RECONNECTING, { delay, code, at: host.now() + delay, attempts: this.attempts });
     this.retryIn(delay);
   }
 

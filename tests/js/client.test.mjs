@@ -559,3 +559,61 @@ test("a server coming back after a restart is not mistaken for blocked WebSocket
   assert.ok(!states.some((s) => s.state === State.FALLBACK));
   assert.equal(rest.polls.length, 0, "no long poll was started");
 });
+
+// -- issue 17: the page's defects, at the client's level ------------------------------
+test("4001 means signed out, 4003 an operator's disconnect: told apart, queued sends fail with the reason", async () => {
+  for (const [code, reason] of [[4001, "unauthenticated"], [4003, "operator"]]) {
+    const { client, sockets, states } = setup();
+    client.connect();
+    sockets[0].open();
+    const { done } = client.send("general", "hello");
+    sockets[0].serverClose(code);
+    assert.equal(states.at(-1).state, State.CLOSED);
+    assert.equal(states.at(-1).reason, reason);
+    await assert.rejects(done, (err) => err.code === reason);
+  }
+});
+
+test("after an operator's disconnect, retryNow connects again and resubscribes from where it was", () => {
+  const { client, sockets } = setup();
+  client.subscribe("general", { since: 5, epoch: "e1" });
+  client.connect();
+  sockets[0].open();
+  sockets[0].serverClose(4003);
+  client.retryNow();
+  assert.equal(sockets.length, 2);
+  sockets[1].open();
+  assert.equal(client.state, State.OPEN);
+  assert.deepEqual(sockets[1].sent.find((f) => f.type === "subscribe"), { type: "subscribe", ref: "sub:general", room: "general", since: 5, epoch: "e1" });
+});
+
+test("retryNow tries at once instead of waiting for the backoff; the wait is capped at 10 s", () => {
+  const { client, sockets, timers, states } = setup({ random: () => 0.999 });
+  client.connect();
+  for (let i = 0; i < 8; i++) {
+    sockets.at(-1).serverClose(1006);
+    assert.ok(states.at(-1).delay <= 10000, `attempt ${i}: ${states.at(-1).delay}`);
+    assert.equal(states.at(-1).attempts, i + 1, "the page counts failed attempts");
+    timers.advance(states.at(-1).delay);
+  }
+  sockets.at(-1).serverClose(1006);
+  const before = sockets.length;
+  client.retryNow();
+  assert.equal(sockets.length, before + 1, "at once");
+  sockets.at(-1).open();
+  timers.advance(20000);
+  assert.equal(sockets.length, before + 1, "the scheduled attempt was cancelled");
+});
+
+test("a room followed in the background subscribes without presence", () => {
+  const { client, sockets } = setup();
+  client.subscribe("general", { since: 1 });
+  client.subscribe("ops", { background: true });
+  client.connect();
+  sockets[0].open();
+  const subs = sockets[0].sent.filter((f) => f.type === "subscribe");
+  assert.deepEqual(subs, [
+    { type: "subscribe", ref: "sub:general", room: "general", since: 1 },
+    { type: "subscribe", ref: "sub:ops", room: "ops", presence: false },
+  ]);
+});

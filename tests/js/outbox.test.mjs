@@ -27,20 +27,57 @@ test("a send goes out with its client_id, and its ack settles it once", async ()
   assert.equal(emitted.length, 1);
 });
 
-test("every resend carries the same client_id and ref", () => {
+test("one send is on the wire at a time, oldest first; a resend carries the same client_id and ref", () => {
   const { outbox, frames } = setup();
   outbox.send("general", "one", "c1");
   outbox.send("general", "two", "c2");
-  outbox.resendAll();
-  assert.deepEqual(frames.map((f) => [f.client_id, f.ref]), [["c1", "m:c1"], ["c2", "m:c2"], ["c1", "m:c1"], ["c2", "m:c2"]]);
+  assert.deepEqual(frames.map((f) => f.client_id), ["c1"], "two waits for one's answer");
+  outbox.resendAll(); // a new socket: the oldest goes again
+  assert.deepEqual(frames.map((f) => [f.client_id, f.ref]), [["c1", "m:c1"], ["c1", "m:c1"]]);
+  outbox.onAck({ type: "ack", ref: "m:c1", room: "general", id: 1, seq: 1 });
+  assert.deepEqual(frames.map((f) => f.client_id), ["c1", "c1", "c2"]);
+});
+
+test("a rate limit holds the whole outbox: nothing overtakes the refused message", () => {
+  // The defect: each refused message retried on its own timer, and later ones
+  // were stored before earlier ones (n39, n43, n40...).
+  const { outbox, frames, timers } = setup();
+  for (let i = 1; i <= 5; i++) outbox.send("general", `n${i}`, `c${i}`);
+  outbox.onAck({ type: "ack", ref: "m:c1", room: "general", id: 1, seq: 1 });
+  outbox.onError({ type: "error", ref: "m:c2", code: "rate_limited", retry_after: 0.5 });
+  timers.advance(499);
+  assert.deepEqual(frames.map((f) => f.client_id), ["c1", "c2"], "held: nothing goes, c3 included");
+  timers.advance(1);
+  assert.deepEqual(frames.map((f) => f.client_id), ["c1", "c2", "c2"], "the refused one goes first again");
+  outbox.onAck({ type: "ack", ref: "m:c2", room: "general", id: 2, seq: 2 });
+  outbox.onError({ type: "error", ref: "m:c3", code: "rate_limited", retry_after: 0.2 });
+  timers.advance(200);
+  outbox.onAck({ type: "ack", ref: "m:c3", room: "general", id: 3, seq: 3 });
+  outbox.onAck({ type: "ack", ref: "m:c4", room: "general", id: 4, seq: 4 });
+  outbox.onAck({ type: "ack", ref: "m:c5", room: "general", id: 5, seq: 5 });
+  assert.deepEqual(frames.map((f) => f.client_id), ["c1", "c2", "c2", "c3", "c3", "c4", "c5"]);
+  assert.equal(outbox.size, 0);
+});
+
+test("a send made during a hold waits for it too", () => {
+  const { outbox, frames, timers } = setup();
+  outbox.send("general", "a", "c1");
+  outbox.onError({ type: "error", ref: "m:c1", code: "rate_limited", retry_after: 1 });
+  outbox.resendAll(); // even a new socket does not lift the hold
+  outbox.send("general", "b", "c2");
+  assert.deepEqual(frames.map((f) => f.client_id), ["c1"]);
+  timers.advance(1000);
+  assert.deepEqual(frames.map((f) => f.client_id), ["c1", "c1"]);
 });
 
 test("a final error rejects the send and drops it; internal keeps it queued", async () => {
-  const { outbox, emitted } = setup();
+  const { outbox, emitted, frames, timers } = setup();
   const kept = outbox.send("general", "kept", "c1");
   const refused = outbox.send("general", "refused", "c2");
   assert.equal(outbox.onError({ type: "error", ref: "m:c1", code: "internal", message: "oops" }), true);
   assert.equal(outbox.size, 2, "internal: still queued");
+  timers.advance(2000);
+  assert.deepEqual(frames.map((f) => f.client_id), ["c1", "c1"], "internal: the same one again, still first");
   assert.equal(outbox.onError({ type: "error", ref: "m:c2", code: "forbidden", message: "no" }), true);
   await assert.rejects(refused.done, (err) => err.code === "forbidden" && err.message === "no");
   assert.equal(outbox.size, 1);

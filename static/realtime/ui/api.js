@@ -1,0 +1,69 @@
+// The REST calls the chat page makes: history pages, the long-polling fallback's
+// polls and writes, the room list's counts, and presence and typing while polling.
+// Errors come as {status, code, message, retryAfter}, as the client expects them.
+
+export function makeApi(apiBase) {
+  const roomPath = (slug) => `${apiBase}rooms/${encodeURIComponent(slug)}/`;
+
+  function csrfToken() {
+    const match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
+    return match ? decodeURIComponent(match[1]) : "";
+  }
+
+  async function restError(res) {
+    let body = {};
+    try {
+      body = await res.json();
+    } catch (err) {
+      /* not JSON (a proxy's error page) */
+    }
+    return Object.assign(new Error(body.message || body.detail || `HTTP ${res.status}`), {
+      status: res.status,
+      code: res.status === 401 || (res.status === 403 && !body.code) ? "unauthenticated" : body.code,
+      retryAfter: body.retry_after || Number(res.headers.get("Retry-After")) || 0,
+    });
+  }
+
+  async function get(url, signal) {
+    const res = await fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" }, signal });
+    if (!res.ok) throw await restError(res);
+    return res.json();
+  }
+
+  async function write(method, url, payload) {
+    const res = await fetch(url, {
+      method,
+      credentials: "same-origin",
+      headers: { Accept: "application/json", "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
+      body: payload === undefined ? undefined : JSON.stringify(payload),
+    });
+    if (!res.ok) throw await restError(res);
+    return res.status === 204 ? null : res.json();
+  }
+
+  return {
+    /** A page of history, newest last: {seq, epoch, has_more, messages}. */
+    messages(slug, { before = null, limit = 100 } = {}) {
+      const params = new URLSearchParams({ limit: String(limit) });
+      if (before !== null) params.set("before", String(before));
+      return get(`${roomPath(slug)}messages/?${params}`);
+    },
+    /** The fallback's long poll of a room's events. */
+    poll(slug, since, wait, signal, limit, epoch) {
+      const params = new URLSearchParams({ since: String(since), wait: String(wait) });
+      if (limit) params.set("limit", String(limit));
+      if (epoch) params.set("epoch", epoch);
+      return get(`${roomPath(slug)}events/?${params}`, signal);
+    },
+    post: (slug, body, clientId) => write("POST", `${roomPath(slug)}messages/`, { body, client_id: clientId }),
+    edit: (slug, id, body) => write("PATCH", `${roomPath(slug)}messages/${id}/`, { body }),
+    remove: (slug, id) => write("DELETE", `${roomPath(slug)}messages/${id}/`),
+    read: (slug, seq) => write("POST", `${roomPath(slug)}read/`, { seq }),
+    /** Every visible room with {slug, seq, read, unread}. */
+    rooms: () => get(`${apiBase}rooms/`),
+    /** Who is here (while polling): {users}. */
+    presence: (slug) => get(`${roomPath(slug)}presence/`),
+    /** Say we are here and typing (while polling). */
+    typing: (slug) => write("POST", `${roomPath(slug)}typing/`, {}),
+  };
+}

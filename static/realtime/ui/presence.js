@@ -1,0 +1,111 @@
+// Who is here, who is typing, and how far the others have read (pushes: no seq,
+// not stored). Over the socket they come as presence/typing/read frames; while
+// long polling, "Here now" is asked of the REST API every few seconds and our own
+// typing goes over REST. A typing notice ends when that person's message arrives
+// (or after TYPING_SHOWN ms without a new one).
+
+const TYPING_SHOWN = 4000; // ms a notice stays without a new one
+export const TYPING_EVERY = 2000; // ms between our own typing notices
+const POLL_PRESENCE = 5000; // ms between "Here now" asks while long polling
+
+export function bindPresence(client, { room, user, api, presenceLine, typingLine, schedule, onMarkers }) {
+  let present = new Set();
+  const typers = new Map(); // username -> time the notice expires
+  const markers = new Map(); // username -> seq they have read to (not ours)
+  let typingTimer = null;
+
+  function changed() {
+    schedule(draw);
+  }
+
+  function expireSoon() {
+    clearTimeout(typingTimer);
+    if (!typers.size) return;
+    const next = Math.min(...typers.values()) - Date.now();
+    typingTimer = setTimeout(changed, Math.max(0, next) + 20);
+  }
+
+  client.on("ephemeral", (frame) => {
+    if (frame.room !== room) return;
+    if (frame.type === "presence.state") present = new Set(frame.users);
+    else if (frame.type === "presence.diff") {
+      for (const u of frame.joins) present.add(u);
+      for (const u of frame.leaves) {
+        present.delete(u);
+        typers.delete(u);
+      }
+    } else if (frame.type === "typing") {
+      typers.set(frame.user, Date.now() + TYPING_SHOWN);
+      expireSoon();
+    } else if (frame.type === "read.markers") {
+      for (const [u, seq] of Object.entries(frame.markers)) if (u !== user) markers.set(u, seq);
+      return onMarkers();
+    } else if (frame.type === "read.marker") {
+      if (frame.user !== user) markers.set(frame.user, Math.max(frame.seq, markers.get(frame.user) || 0));
+      return onMarkers();
+    } else return;
+    changed();
+  });
+
+  // Their message is what they were typing: the notice ends with it.
+  client.on("event", (ev) => {
+    if (ev.room === room && ev.type === "message.new" && typers.delete(ev.author)) changed();
+  });
+
+  // While long polling there are no pushes: ask who is here.
+  let presenceTimer = null;
+  async function pollPresence() {
+    presenceTimer = null;
+    if (client.transport !== "poll") return;
+    try {
+      const answer = await api.presence(room);
+      present = new Set(answer.users);
+      for (const [u, until] of Object.entries(answer.typing || {})) if (u !== user) typers.set(u, Date.now() + Math.min(until * 1000, TYPING_SHOWN));
+      expireSoon();
+      changed();
+    } catch (err) {
+      /* the next ask tries again */
+    }
+    if (client.transport === "poll") presenceTimer = setTimeout(pollPresence, POLL_PRESENCE);
+  }
+  client.on("state", () => {
+    if (client.transport === "poll" && !presenceTimer) pollPresence();
+  });
+
+  function draw() {
+    const others = [...present].filter((u) => u !== user);
+    presenceLine.textContent = present.size ? `Here now: ${[...present].sort().join(", ")}` : "";
+    presenceLine.dataset.count = String(others.length);
+    const now = Date.now();
+    for (const [u, until] of typers) if (until <= now) typers.delete(u);
+    const names = [...typers.keys()].sort();
+    typingLine.textContent =
+      names.length === 0 ? "" : names.length === 1 ? `${names[0]} is typing…` : `${names.slice(0, -1).join(", ")} and ${names.at(-1)} are typing…`;
+  }
+
+  /** Read markers: each reader's name under the newest rendered message they have read. */
+  function drawReaders(list, { attached = true } = {}) {
+    for (const el of list.querySelectorAll(".readers")) el.remove();
+    if (!markers.size) return;
+    const rendered = [...list.querySelectorAll('li[data-state="sent"]')];
+    const byMessage = new Map();
+    const last = rendered.length ? Number(rendered.at(-1).dataset.seq) : 0;
+    for (const [u, seq] of markers) {
+      if (seq > last && !attached) continue; // read past what is rendered here
+      let best = null;
+      for (const li of rendered) if (Number(li.dataset.seq) <= seq) best = li; // in seq order
+      if (best) byMessage.set(best, [...(byMessage.get(best) || []), u]);
+    }
+    for (const [li, users] of byMessage) {
+      li.append(Object.assign(document.createElement("div"), { className: "readers muted", textContent: `Seen by ${users.sort().join(", ")}` }));
+    }
+  }
+
+  /** Tell the room we are typing: over the socket, or REST while polling. */
+  function typing() {
+    if (client.transport === "poll") api.typing(room).catch(() => {});
+    else client.typing(room);
+  }
+
+  return { drawReaders, typing, hasMarkers: () => markers.size > 0 };
+}
