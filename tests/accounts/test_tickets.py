@@ -77,7 +77,7 @@ async def test_a_ticket_socket_closes_when_its_session_logs_out(bob_client):
     comm = await open_with(ticket)
     assert await call(comm, {"type": "ping", "ref": 1}) == {"type": "pong", "ref": 1}
     await sync_to_async(bob_client.post)("/accounts/logout/")
-    assert await comm.receive_output(timeout=2) == {"type": "websocket.close", "code": 4003}
+    assert await comm.receive_output(timeout=2) == {"type": "websocket.close", "code": 4001}
     await comm.disconnect()
 
 
