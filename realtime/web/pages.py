@@ -3,7 +3,7 @@
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from realtime import protocol
@@ -24,9 +24,12 @@ def room(request: HttpRequest, slug: str) -> HttpResponse:
     try:
         access = room_access(user=request.user, slug=slug, action=Action.VIEW)
     except ActionError as exc:
+        # The site's own page with the way back, whatever DEBUG says: a person
+        # following a link to a room they cannot open is not a developer. A private
+        # room looks exactly like a missing one.
         if exc.code == protocol.ErrorCode.NOT_FOUND:
-            raise Http404(exc.message) from None
-        raise PermissionDenied(exc.message) from None
+            return render(request, "404.html", status=404)
+        return render(request, "403.html", status=403)
     room = access.room
     if room.kind == RoomKind.DM:
         # Its title as this person sees it: the others' names (shown, never saved).
