@@ -37,6 +37,7 @@ LATENCY = Histogram(
     "for the sockets it was written to together (the last of them)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+LONG_POLLS_HELD = Gauge("realtime_long_polls_held", "Long polls (GET .../events/?wait=) this worker holds open now")
 REPLAYED = Counter("realtime_replayed_events_total", "Room events sent from the log (subscribe replay, catch-up)")
 LAYER_FAILURES = Counter("realtime_layer_send_failures_total", "Channel-layer sends that failed, by kind", ["kind"])
 DEGRADED = Counter("realtime_degraded_total", "Redis calls that failed and were tolerated as state/degraded.py's table "

@@ -43,6 +43,7 @@ from realtime.domain import roomlog
 from realtime.delivery.fanout import fanout
 from realtime.web.middleware import worker_header
 from realtime.domain.errors import ActionError
+from realtime.observability import metrics
 from realtime.protocol import HTTP_STATUS, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def end_held_polls() -> None:
 
 # The polls this worker holds (end_held_polls wakes them).
 HELD: set["Waiter"] = set()
+metrics.LONG_POLLS_HELD.set_function(lambda: len(HELD))
 
 
 class Waiter:

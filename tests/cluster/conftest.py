@@ -486,6 +486,12 @@ def room_events(base: str, cookie: str, room: str, since: int) -> list[dict]:
     return json.loads(urllib.request.urlopen(request).read())["events"]
 
 
+def held_polls(worker) -> int:
+    """How many long polls the worker holds now (its realtime_long_polls_held gauge)."""
+    text = urllib.request.urlopen(f"{worker.url}/metrics", timeout=5).read().decode()
+    return int(float(re.search(r"^realtime_long_polls_held (\S+)$", text, re.M).group(1)))
+
+
 def fan_subscribers(redis_url: str, room: str) -> int:
     """How many workers' fan-outs follow the room's Redis channel (one subscription
     per worker while anything there, a socket or a held poll, follows the room)."""
