@@ -2,7 +2,11 @@
 // page loaded to the live head, and whether older ones exist. It merges history
 // pages (older ones prepended as the person scrolls up) with live events, so that
 // neither overwrites the other with something older: an event that a page in
-// flight did not see yet (an edit, a delete) wins over that page. No DOM code.
+// flight did not see yet (an edit, a delete) wins over that page. Reactions
+// (reaction.added/removed: deltas on a page's whole {emoji: [users]}) and mentions
+// (replaced by an edit's list) live on each item. No DOM code.
+
+import { applyReaction } from "./reactions.js";
 
 /** The first index in `items` (sorted by seq) whose seq is >= seq. */
 export function lowerBound(items, seq) {
@@ -76,7 +80,7 @@ export class Timeline {
     if (deletedAt !== undefined && deletedAt > version) return null;
     const item = { ...m, version };
     const edit = this.edits.get(m.id);
-    if (edit && edit.seq > version) Object.assign(item, { body: edit.body, edited_at: edit.edited_at, version: edit.seq });
+    if (edit && edit.seq > version) Object.assign(item, { body: edit.body, edited_at: edit.edited_at, mentions: edit.mentions || [], version: edit.seq });
     return item;
   }
 
@@ -110,7 +114,13 @@ export class Timeline {
         return null;
       }
       if (item.version > ev.seq) return null;
-      Object.assign(item, { body: ev.body, edited_at: ev.edited_at, version: ev.seq });
+      Object.assign(item, { body: ev.body, edited_at: ev.edited_at, mentions: ev.mentions || [], version: ev.seq });
+      return ev.id;
+    }
+    if (ev.type === "reaction.added" || ev.type === "reaction.removed") {
+      // A page current to a later seq has it already; a message not held is ignored.
+      if (!item || item.version >= ev.seq) return null;
+      item.reactions = applyReaction(item.reactions, ev);
       return ev.id;
     }
     if (ev.type === "message.deleted") {
