@@ -18,7 +18,10 @@ export function openDialog(dialog, focus = null) {
   const first = focus || dialog.querySelector("input:not([type=hidden]):not([type=radio]), select, textarea, button:not([data-close])");
   if (first) first.focus();
   dialog.addEventListener("close", () => {
-    if (opener && opener.isConnected && typeof opener.focus === "function") opener.focus();
+    // Back to the button that opened it (or, when that is hidden now, the list's toggle at phone width).
+    const visible = (el) => el && el.isConnected && el.getClientRects().length > 0;
+    const back = visible(opener) ? opener : document.getElementById("sidebar-toggle");
+    if (visible(back)) back.focus();
   }, { once: true });
 }
 

@@ -62,8 +62,8 @@ export function bindSidebar(client, { room, user, api, schedule, rooms: initial,
     $("room-list").replaceChildren(...groups.rooms.map(link));
     $("dm-list").replaceChildren(...(groups.dms.length ? groups.dms.map(link)
       : [Object.assign(document.createElement("li"), { className: "muted empty", textContent: "None yet" })]));
-    let total = 0;
-    for (const r of all) if (r.slug !== room) total += r.unread || 0;
+    let total = 0; // over the listed rooms only (not public ones we are not in)
+    for (const r of [...groups.rooms, ...groups.dms]) if (r.slug !== room) total += r.unread || 0;
     const toggleCount = $("toggle-count");
     toggleCount.hidden = total === 0;
     toggleCount.textContent = total ? ` (${countText(total)} unread)` : "";
@@ -132,6 +132,19 @@ export function bindSidebar(client, { room, user, api, schedule, rooms: initial,
     if (open) (sidebar.querySelector("a[aria-current]") || sidebar.querySelector("a, button, input")).focus();
   }
   toggle.addEventListener("click", () => setOpen(!sidebar.classList.contains("open")));
+  // A dialog opened from the list (new room, browse, new message, search) takes its
+  // place; a click beside it closes it.
+  const hide = () => {
+    sidebar.classList.remove("open");
+    toggle.setAttribute("aria-expanded", "false");
+  };
+  sidebar.addEventListener("click", (e) => {
+    if (e.target.closest("[aria-haspopup]")) hide();
+  });
+  $("search-form").addEventListener("submit", hide);
+  document.addEventListener("click", (e) => {
+    if (sidebar.classList.contains("open") && !sidebar.contains(e.target) && !toggle.contains(e.target) && !e.target.closest("dialog")) hide();
+  });
   sidebar.addEventListener("keydown", (e) => {
     if (e.key === "Escape" && sidebar.classList.contains("open")) {
       setOpen(false);

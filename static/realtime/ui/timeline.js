@@ -102,7 +102,13 @@ export class Timeline {
   apply(ev) {
     if (ev.seq > this.head) this.head = ev.seq;
     if (ev.type === "message.new") {
-      if (this.byId.has(ev.id)) return null;
+      const held = this.byId.get(ev.id);
+      if (held) {
+        // Our own message, shown from its ack: the event adds what the server resolved.
+        if (held.mentions !== undefined) return null;
+        held.mentions = ev.mentions || [];
+        return ev.id;
+      }
       const { type, room, ...m } = ev;
       this._insert(m, ev.seq);
       return ev.id;
