@@ -132,3 +132,13 @@ test("a DM's people typed as text; notifications for DMs and mentions only", () 
   assert.equal(worthNotifying(msg({ room: "dm-1" }), "alice", kindOf), true);
   assert.equal(worthNotifying(msg({ room: "dm-1", author: "alice" }), "alice", kindOf), false);
 });
+
+test("our own message, shown from its ack, gets its mentions from its event, once", () => {
+  const t = new Timeline();
+  t.load({ seq: 0, has_more: false, messages: [] });
+  assert.equal(t.acked({ id: 5, seq: 1, author: "alice", body: "hi @bob", ts: "2024-01-01T00:00:00Z" }), true);
+  const ev = { type: "message.new", room: "r", seq: 1, id: 5, author: "alice", body: "hi @bob", client_id: "c", ts: "2024-01-01T00:00:00Z", mentions: ["bob"] };
+  assert.equal(t.apply(ev), 5);
+  assert.deepEqual(t.items[0].mentions, ["bob"]);
+  assert.equal(t.apply(ev), null);
+});

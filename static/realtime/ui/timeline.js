@@ -110,7 +110,7 @@ export class Timeline {
         return ev.id;
       }
       const { type, room, ...m } = ev;
-      this._insert(m, ev.seq);
+      this._insert({ mentions: [], ...m }, ev.seq);
       return ev.id;
     }
     const item = this.byId.get(ev.id);
