@@ -51,6 +51,10 @@ def room(request: HttpRequest, slug: str) -> HttpResponse:
             can(request.user, Action.MANAGE_MEMBERS, is_public=room.is_public, role=access.role, kind=room.kind)
         ),
         "role": access.role,
+        "isPublic": room.is_public,
+        # The room list (rooms and DMs, with unread and mention counts): the sidebar
+        # draws it, and asks GET rooms/ again as it goes.
+        "rooms": rooms,
         "wsPath": protocol.PATH,
         "maxBodyLength": settings.REALTIME["MAX_BODY_LENGTH"],
         "apiBase": "/api/v1/",

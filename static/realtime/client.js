@@ -49,6 +49,7 @@ export class RealtimeClient extends Emitter {
     this.editFn = options.edit || null; // async (room, id, body) => ack, over REST
     this.removeFn = options.remove || null; // async (room, id) => ack, over REST
     this.readFn = options.read || null; // async (room, seq) => {room, seq}, over REST
+    this.reactFn = options.react || null; // async (room, id, emoji, add) => ack, over REST
 
     this.socket = new SocketTransport(this, options);
     this.poll = new LongPoll(this, options);
@@ -245,6 +246,12 @@ export class RealtimeClient extends Emitter {
     // Over REST while polling (the same rules and ack), over the socket otherwise.
     if (this.poll.active && this.editFn) return this.editFn(room, id, body);
     return this.request({ type: "message.edit", room, id, body });
+  }
+
+  /** Add (add = true) or take back one's reaction to message `id`. */
+  react(room, id, emoji, add) {
+    if (this.poll.active && this.reactFn) return this.reactFn(room, id, emoji, add);
+    return this.request({ type: add ? "reaction.add" : "reaction.remove", room, id, emoji });
   }
 
   remove(room, id) {

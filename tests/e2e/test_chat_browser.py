@@ -107,9 +107,13 @@ def test_unread_counts_in_the_room_list_at_phone_width(app_server, browser, arti
     send(alice, "ops one")
     send(alice, "ops two")
     expect(ops.locator(".unread")).to_have_text("2, 2 unread", timeout=10_000)
+    # At phone width the room list hides behind the ☰ button, which counts the unread.
+    assert not ops.is_visible() and bob.locator("#composer").is_visible()
+    expect(bob.locator("#sidebar-toggle")).to_have_text("☰ Rooms (2 unread)")
+    bob.locator("#sidebar-toggle").click()
+    expect(bob.locator("#sidebar-toggle")).to_have_attribute("aria-expanded", "true")
+    assert ops.is_visible()
     expect(ops).to_have_accessible_name(re.compile(r"^#ops\s*,\s*2 unread\s*$"))
-    # The room list is still there at phone width, above the messages.
-    assert ops.is_visible() and bob.locator("#composer").is_visible()
     bob.screenshot(path=str(artifacts / "phone.png"))
 
     # Reading the room clears it (the server keeps the position: alice sees bob's
@@ -117,6 +121,7 @@ def test_unread_counts_in_the_room_list_at_phone_width(app_server, browser, arti
     ops.click()
     expect(bob.locator("#messages .body").last).to_have_text("ops two", timeout=10_000)
     expect(alice.locator("#messages li", has_text="ops two").locator(".readers")).to_have_text("Seen by bob", timeout=10_000)
+    bob.locator("#sidebar-toggle").click()
     bob.locator('.rooms a[data-room="general"]').click()
     expect(bob.locator("#status")).to_have_text("connected", timeout=10_000)
     expect(bob.locator('.rooms a[data-room="ops"] .unread')).to_be_hidden()

@@ -59,8 +59,25 @@ export function makeApi(apiBase) {
     edit: (slug, id, body) => write("PATCH", `${roomPath(slug)}messages/${id}/`, { body }),
     remove: (slug, id) => write("DELETE", `${roomPath(slug)}messages/${id}/`),
     read: (slug, seq) => write("POST", `${roomPath(slug)}read/`, { seq }),
-    /** Every visible room with {slug, seq, read, unread}. */
+    react: (slug, id, emoji, add) => write(add ? "POST" : "DELETE", `${roomPath(slug)}messages/${id}/reactions/`, { emoji }),
+    /** Every visible room with {slug, title, kind, topic, is_public, role, seq, read, unread, mentions}. */
     rooms: () => get(`${apiBase}rooms/`),
+    /** The public rooms this user is not in (to join). */
+    browse: () => get(`${apiBase}rooms/?browse=public`),
+    createRoom: (name, visibility, topic) => write("POST", `${apiBase}rooms/`, { name, visibility, topic }),
+    join: (slug) => write("POST", `${roomPath(slug)}join/`),
+    leave: (slug) => write("POST", `${roomPath(slug)}leave/`),
+    members: (slug) => get(`${roomPath(slug)}members/`),
+    addMember: (slug, username, role) => write("POST", `${roomPath(slug)}members/`, { username, role }),
+    setRole: (slug, username, role) => write("PATCH", `${roomPath(slug)}members/${encodeURIComponent(username)}/`, { role }),
+    removeMember: (slug, username) => write("DELETE", `${roomPath(slug)}members/${encodeURIComponent(username)}/`),
+    openDm: (users) => write("POST", `${apiBase}dms/`, { users }),
+    search(q, { room = null, before = null } = {}) {
+      const params = new URLSearchParams({ q });
+      if (room) params.set("room", room);
+      if (before) params.set("before", String(before));
+      return get(`${apiBase}search/?${params}`);
+    },
     /** Who is here (while polling): {users}. */
     presence: (slug) => get(`${roomPath(slug)}presence/`),
     /** Say we are here and typing (while polling). */

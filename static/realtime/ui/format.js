@@ -1,7 +1,9 @@
 // Message formatting: a small tokenizer turns a body into tokens, and render()
 // builds DOM nodes from them with createElement and text nodes, never innerHTML.
-// Owns: ``` code blocks ```, `inline code`, **bold**, *italic*, and links (http and
-// https only; anything else, javascript: and data: included, stays text).
+// Owns: ``` code blocks ```, `inline code`, **bold**, *italic*, links (http and
+// https only; anything else, javascript: and data: included, stays text), and
+// @mentions: an @name the server resolved (the message's `mentions`), found by the
+// server's own rule (protocol.md), never one it did not.
 
 const MAX_DEPTH = 3; // bold inside italic inside bold, and no deeper
 const MAX_FORMATTED = 20000; // longer text is shown as plain text (and links)
@@ -137,7 +139,41 @@ export function tokenize(body) {
   return out;
 }
 
-function build(tokens, doc, parent) {
+// "@" at the start or after a character that is not a letter, digit, "_" or "@";
+// then a username: letters, digits, "_", with ".", "+", "-" inside it.
+const MENTION_RE = /(?<![\p{L}\p{N}_@])@([\p{L}\p{N}_](?:[\p{L}\p{N}_.+-]*[\p{L}\p{N}_])?)/gu;
+
+/** Text split around the @names in `names` (lowercased usernames). */
+export function splitMentions(text, names) {
+  if (!names.size || !text.includes("@")) return [{ type: "text", text }];
+  const out = [];
+  let last = 0;
+  MENTION_RE.lastIndex = 0;
+  let match;
+  while ((match = MENTION_RE.exec(text))) {
+    const user = match[1].toLowerCase();
+    if (!names.has(user)) continue;
+    if (match.index > last) out.push({ type: "text", text: text.slice(last, match.index) });
+    out.push({ type: "mention", user, text: match[0] });
+    last = match.index + match[0].length;
+  }
+  if (last < text.length) out.push({ type: "text", text: text.slice(last) });
+  return out;
+}
+
+/** The tokens with the resolved @mentions of their text (not in code or links). */
+export function withMentions(tokens, mentions) {
+  const names = new Set((mentions || []).map((u) => String(u).toLowerCase()));
+  if (!names.size) return tokens;
+  const walk = (list) => list.flatMap((t) => {
+    if (t.type === "text") return splitMentions(t.text, names);
+    if (t.type === "strong" || t.type === "em") return [{ ...t, children: walk(t.children) }];
+    return [t];
+  });
+  return walk(tokens);
+}
+
+function build(tokens, doc, parent, me) {
   for (const token of tokens) {
     if (token.type === "text") {
       parent.appendChild(doc.createTextNode(token.text));
@@ -158,16 +194,22 @@ function build(tokens, doc, parent) {
       code.textContent = token.text;
       pre.appendChild(code);
       parent.appendChild(pre);
+    } else if (token.type === "mention") {
+      const span = doc.createElement("span");
+      span.className = me && token.user === me.toLowerCase() ? "mention me" : "mention";
+      span.textContent = token.text;
+      parent.appendChild(span);
     } else {
       const el = doc.createElement(token.type === "strong" ? "strong" : "em");
-      build(token.children, doc, el);
+      build(token.children, doc, el, me);
       parent.appendChild(el);
     }
   }
   return parent;
 }
 
-/** A body as a DocumentFragment of formatted nodes. */
-export function render(body, doc = globalThis.document) {
-  return build(tokenize(body), doc, doc.createDocumentFragment());
+/** A body as a DocumentFragment of formatted nodes; `mentions` (the usernames
+ * the server resolved) are highlighted, `me`'s own the more. */
+export function render(body, doc = globalThis.document, { mentions = null, me = null } = {}) {
+  return build(withMentions(tokenize(body), mentions), doc, doc.createDocumentFragment(), me);
 }

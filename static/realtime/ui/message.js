@@ -7,6 +7,7 @@
 
 import { fullStamp, shortStamp } from "./dates.js";
 import { render as formatBody } from "./format.js";
+import { chipLabel, chips } from "./reactions.js";
 
 function button(label, onClick, { className = "link", ariaLabel = null } = {}) {
   const b = document.createElement("button");
@@ -37,7 +38,11 @@ export function drawMessage(key, m, ctx) {
   li.dataset.state = m.state;
   if (m.id) li.dataset.id = m.id;
   if (m.seq) li.dataset.seq = m.seq;
+  if (m.id) li.id = `m${m.id}`;
   if (m.author === ctx.me) li.classList.add("own");
+  const mentionsMe = (m.mentions || []).some((u) => u.toLowerCase() === String(ctx.me).toLowerCase());
+  if (mentionsMe) li.classList.add("mentions-me");
+  if (ctx.target) li.classList.add("target");
 
   const meta = document.createElement("div");
   meta.className = "meta";
@@ -65,8 +70,13 @@ export function drawMessage(key, m, ctx) {
   } else {
     const body = document.createElement("div");
     body.className = "body";
-    body.append(formatBody(m.body));
+    body.append(formatBody(m.body, document, { mentions: m.mentions, me: ctx.me }));
     li.append(body);
+    if (mentionsMe) body.prepend(Object.assign(document.createElement("span"), { className: "visually-hidden", textContent: "Mentions you: " }));
+  }
+  if (m.state === "sent" && m.id) {
+    const row = reactionRow(m, ctx, label);
+    if (row) li.append(row);
   }
 
   if (m.state === "sent" && m.id && ctx.editing === undefined) {
@@ -83,6 +93,11 @@ export function drawMessage(key, m, ctx) {
         button("Cancel", ctx.on.cancelRemove, { className: "link cancel", ariaLabel: `Keep ${label}` }),
       );
     } else {
+      if (ctx.canReact) {
+        const react = button("☺ React", () => ctx.on.pick(react, label), { className: "link react", ariaLabel: `Add a reaction to ${label}` });
+        react.setAttribute("aria-haspopup", "dialog");
+        actions.append(react);
+      }
       if (mine && ctx.canPost) actions.append(button("Edit", ctx.on.edit, { ariaLabel: `Edit ${label}` }));
       if ((mine && ctx.canPost) || ctx.canModerate) actions.append(button("Delete", ctx.on.remove, { ariaLabel: `Delete ${label}` }));
     }
@@ -98,6 +113,32 @@ export function drawMessage(key, m, ctx) {
     if (ctx.on.retry) li.append(button("Retry", ctx.on.retry, { ariaLabel: `Retry sending ${label}` }));
   }
   return li;
+}
+
+/** The chips under a message: emoji and count, pressed when one of them is ours;
+ * a click takes ours back or adds it. */
+function reactionRow(m, ctx, label) {
+  const list = chips(m.reactions, ctx.me);
+  if (!list.length) return null;
+  const row = document.createElement("div");
+  row.className = "reactions";
+  row.setAttribute("role", "group");
+  row.setAttribute("aria-label", `Reactions to ${label}`);
+  for (const chip of list) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "chip";
+    b.dataset.emoji = chip.emoji;
+    b.setAttribute("aria-pressed", String(chip.mine));
+    b.title = chipLabel(chip, ctx.me);
+    b.setAttribute("aria-label", chipLabel(chip, ctx.me));
+    b.append(Object.assign(document.createElement("span"), { className: "emoji", textContent: chip.emoji }), " ",
+      Object.assign(document.createElement("span"), { className: "count", textContent: String(chip.count) }));
+    if (ctx.canReact) b.addEventListener("click", () => ctx.on.toggle(chip.emoji, chip.mine));
+    else b.disabled = true;
+    row.append(b);
+  }
+  return row;
 }
 
 function editForm(m, ctx, label) {

@@ -17,7 +17,7 @@ const LEAP = 250; // the same, when the list is scrolled right to its end (less 
 const PAGE = 200; // messages per history page (REALTIME_HISTORY_PAGE_MAX)
 const EDGE = 800; // px from an end of the list at which the window moves
 
-export function createMessageView({ list, room, me, canPost, canModerate, api, client, schedule, afterRender }) {
+export function createMessageView({ list, room, me, canPost, canModerate, canReact = canPost, api, client, schedule, afterRender, react, pick }) {
   const timeline = new Timeline();
   const pending = new Map(); // client_id -> {client_id, author, body, ts, state, error, hint}
   const nodes = new Map(); // key -> rendered node
@@ -27,6 +27,7 @@ export function createMessageView({ list, room, me, canPost, canModerate, api, c
   const problems = new Map(); // message id -> what went wrong (an edit, a delete)
   let win = { from: 0, to: Infinity }; // seqs of the first and last rendered message (Infinity: the live end)
   let divider = null; // seq of the first unread message at opening
+  let target = null; // seq of the message a search result opened the room at
   let opened = false;
   let loading = false;
   let stick = "bottom"; // after the next render: "bottom", "divider", or null (keep the anchor)
@@ -77,7 +78,8 @@ export function createMessageView({ list, room, me, canPost, canModerate, api, c
     if (nodes.has(key) && !dirty.has(key)) return nodes.get(key);
     const id = m.id;
     const li = drawMessage(key, m, {
-      me, canPost, canModerate,
+      me, canPost, canModerate, canReact: canReact && !!react,
+      target: target !== null && m.seq === target,
       editing: id ? editing.get(id) : undefined,
       confirming: id ? confirming.has(id) : false,
       problem: id ? problems.get(id) : null,
@@ -90,6 +92,8 @@ export function createMessageView({ list, room, me, canPost, canModerate, api, c
         cancelRemove: () => { confirming.delete(id); focusAfter = `li[data-key="${key}"] .actions button`; redraw(key); },
         confirmRemove: () => remove(key, m),
         retry: m.state === "failed" && m.retry ? () => m.retry() : null,
+        toggle: (emoji, mine) => react(m, emoji, !mine, (err) => { problems.set(id, `Could not react: ${err.message}`); redraw(key); }),
+        pick: (anchor, label) => pick(anchor, label, (emoji) => react(m, emoji, true, (err) => { problems.set(id, `Could not react: ${err.message}`); redraw(key); })),
       },
     });
     const old = nodes.get(key);
@@ -168,7 +172,14 @@ export function createMessageView({ list, room, me, canPost, canModerate, api, c
       else list.insertBefore(node, cursor);
     }
     dirty.clear();
-    if (stick === "divider" && nodes.get("new")) nodes.get("new").scrollIntoView({ block: "start" });
+    if (stick === "target" && target !== null) {
+      const el = list.querySelector(`li.message[data-seq="${target}"]`);
+      if (el) {
+        el.scrollIntoView({ block: "center" });
+        el.tabIndex = -1;
+        el.focus({ preventScroll: true });
+      }
+    } else if (stick === "divider" && nodes.get("new")) nodes.get("new").scrollIntoView({ block: "start" });
     else if (stickBottom) list.scrollTop = list.scrollHeight;
     else if (anchor && anchor.isConnected) list.scrollTop += anchor.getBoundingClientRect().top - anchorTop;
     stick = null;
@@ -260,11 +271,18 @@ export function createMessageView({ list, room, me, canPost, canModerate, api, c
   return {
     timeline,
     /** The room's history arrived (on opening, or again after a reset). */
-    snapshot(snap, readAt) {
+    snapshot(snap, readAt, at = null) {
       timeline.load(snap);
       const items = timeline.items;
       const len = items.length;
-      if (!opened && readAt !== null) {
+      const found = !opened && at !== null ? items.findIndex((m) => m.seq === at) : -1;
+      if (found !== -1) {
+        // Opened from a search result: the window around that message, in view.
+        target = at;
+        const lo = Math.max(0, found - 50);
+        setWindow(lo, Math.min(len, lo + WINDOW));
+        stick = "target";
+      } else if (!opened && readAt !== null) {
         const first = items.findIndex((m) => m.seq > readAt && m.author !== me);
         if (first > 0 || (first === 0 && readAt > 0)) {
           divider = items[first].seq;
@@ -273,7 +291,7 @@ export function createMessageView({ list, room, me, canPost, canModerate, api, c
           stick = "divider";
         }
       }
-      if (stick !== "divider") {
+      if (stick !== "divider" && stick !== "target") {
         setWindow(Math.max(0, len - WINDOW), len);
         stick = "bottom";
       }

@@ -2,7 +2,11 @@
 // page loaded to the live head, and whether older ones exist. It merges history
 // pages (older ones prepended as the person scrolls up) with live events, so that
 // neither overwrites the other with something older: an event that a page in
-// flight did not see yet (an edit, a delete) wins over that page. No DOM code.
+// flight did not see yet (an edit, a delete) wins over that page. Reactions
+// (reaction.added/removed: deltas on a page's whole {emoji: [users]}) and mentions
+// (replaced by an edit's list) live on each item. No DOM code.
+
+import { applyReaction } from "./reactions.js";
 
 /** The first index in `items` (sorted by seq) whose seq is >= seq. */
 export function lowerBound(items, seq) {
@@ -76,7 +80,7 @@ export class Timeline {
     if (deletedAt !== undefined && deletedAt > version) return null;
     const item = { ...m, version };
     const edit = this.edits.get(m.id);
-    if (edit && edit.seq > version) Object.assign(item, { body: edit.body, edited_at: edit.edited_at, version: edit.seq });
+    if (edit && edit.seq > version) Object.assign(item, { body: edit.body, edited_at: edit.edited_at, mentions: edit.mentions || [], version: edit.seq });
     return item;
   }
 
@@ -98,9 +102,15 @@ export class Timeline {
   apply(ev) {
     if (ev.seq > this.head) this.head = ev.seq;
     if (ev.type === "message.new") {
-      if (this.byId.has(ev.id)) return null;
+      const held = this.byId.get(ev.id);
+      if (held) {
+        // Our own message, shown from its ack: the event adds what the server resolved.
+        if (held.mentions !== undefined) return null;
+        held.mentions = ev.mentions || [];
+        return ev.id;
+      }
       const { type, room, ...m } = ev;
-      this._insert(m, ev.seq);
+      this._insert({ mentions: [], ...m }, ev.seq);
       return ev.id;
     }
     const item = this.byId.get(ev.id);
@@ -110,7 +120,13 @@ export class Timeline {
         return null;
       }
       if (item.version > ev.seq) return null;
-      Object.assign(item, { body: ev.body, edited_at: ev.edited_at, version: ev.seq });
+      Object.assign(item, { body: ev.body, edited_at: ev.edited_at, mentions: ev.mentions || [], version: ev.seq });
+      return ev.id;
+    }
+    if (ev.type === "reaction.added" || ev.type === "reaction.removed") {
+      // A page current to a later seq has it already; a message not held is ignored.
+      if (!item || item.version >= ev.seq) return null;
+      item.reactions = applyReaction(item.reactions, ev);
       return ev.id;
     }
     if (ev.type === "message.deleted") {
