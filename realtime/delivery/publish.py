@@ -122,6 +122,12 @@ def log_reset_on_commit(slug: str, epoch: str) -> None:
     _send_on_commit(room_group(slug), {"type": LOG_RESET, "room": slug, "epoch": epoch})
 
 
+def rooms_changed_on_commit(user_id: int, room: str, change: str) -> None:
+    """Tell the user's sockets that they were added to or removed from a room
+    (rooms.changed), so that their pages list it or drop it at once."""
+    _send_on_commit(user_group(user_id), push_message(protocol.RoomsChanged(room=room, change=change)))
+
+
 async def force_disconnect(user_id: int) -> None:
     """Close every socket of this user, on every worker (4003)."""
     await send_group(user_group(user_id), {"type": FORCE_DISCONNECT})

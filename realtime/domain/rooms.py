@@ -27,6 +27,7 @@ from django.db.models import Q
 from django.utils.text import slugify
 
 from realtime import protocol
+from realtime.delivery import publish
 from realtime.domain import roomlog
 from realtime.domain.access import RoomAccess, check, room_access
 from realtime.domain.errors import ActionError
@@ -325,6 +326,8 @@ def dm_open(*, user, usernames: list[str]) -> tuple[tuple[Room, bool], list]:
                 room = Room.objects.create(slug=f"dm-{secrets.token_hex(5)}", kind=RoomKind.DM, is_public=False,
                                            title=", ".join(u.username for u in everyone), dm_key=key)
                 Membership.objects.bulk_create([Membership(room=room, user=u, role=Role.MEMBER) for u in everyone])
+                for u in everyone:  # (bulk_create sends no post_save: realtime/signals.py)
+                    publish.rooms_changed_on_commit(u.pk, room.slug, "added")
                 events = [_log(room, protocol.MemberJoined, user=u.username, role=Role.MEMBER) for u in everyone]
             return (room, True), events
         except IntegrityError:

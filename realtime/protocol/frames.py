@@ -429,8 +429,18 @@ class ReadMarkers(Push, tag="read.markers", kw_only=True):
     markers: dict[str, int]
 
 
+class RoomsChanged(Push, tag="rooms.changed", kw_only=True):
+    """To the user's own sockets: their list of rooms changed. `added`: someone
+    added them to a room or opened a direct message with them, or they made or
+    joined one in another tab; `removed`: they left or were removed, or the room
+    was deleted. A page asks for its list again (GET rooms/)."""
+
+    room: RoomSlug
+    change: Literal["added", "removed"]
+
+
 PUSHES: tuple[type[Frame], ...] = (
-    TypingNotice, PresenceState, PresenceDiff, ReadPosition, ReadMarker, ReadMarkers, MetricsTick,
+    TypingNotice, PresenceState, PresenceDiff, ReadPosition, ReadMarker, ReadMarkers, RoomsChanged, MetricsTick,
 )
 
 

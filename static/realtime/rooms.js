@@ -12,7 +12,7 @@ import { ErrorCode } from "./codes.js";
 import { State, backoffDelay } from "./state.js";
 
 // Frames without a place in a room's log.
-const EPHEMERAL = new Set(["typing", "presence.state", "presence.diff", "read.state", "read.marker", "read.markers", "metrics.tick"]);
+const EPHEMERAL = new Set(["typing", "presence.state", "presence.diff", "read.state", "read.marker", "read.markers", "rooms.changed", "metrics.tick"]);
 
 /** Room events carry the room's seq; pushes (typing, presence, read markers,
  * metrics) are ephemeral, even those that carry a seq of their own. */

@@ -101,7 +101,8 @@ def test_private_room_invite_mention_reactions_dm_and_removal(app_server, browse
     expect(members).to_be_hidden()
 
     launch = bob.locator('#room-list a[data-room="launch-plan"]')
-    expect(launch).to_be_visible(timeout=20_000)
+    # Pushed to bob's page (rooms.changed) at once, not found by a timed re-ask.
+    expect(launch).to_be_visible(timeout=3_000)
     expect(launch).to_have_accessible_name(re.compile(r"^#launch-plan\s*$"))
 
     # -- a mention: bob's badges, then the highlight ------------------------------------

@@ -41,6 +41,19 @@ async def next_event(comm) -> dict:
     return await comm.receive_json_from(timeout=5)
 
 
+NOT_FOUND = {"type": "error", "code": "not_found", "message": "no such room", "room": "ops"}
+
+
+def changed(change: str, room: str = "ops") -> dict:
+    return {"type": "rooms.changed", "room": room, "change": change}
+
+
+async def next_frames(comm, n: int) -> list[dict]:
+    """The next n frames, by type: a stream's end (after a read of access) and the
+    rooms.changed push (sent at once) may come in either order."""
+    return sorted([await next_event(comm) for _ in range(n)], key=lambda f: f["type"])
+
+
 async def test_member_events_reach_the_rooms_subscribers_live(cookies, rest):
     async with socket(cookies["bob"]) as bob:
         await subscribe(bob, "general")
@@ -79,8 +92,7 @@ async def test_a_removed_member_loses_the_private_rooms_stream_at_once(cookies, 
         await subscribe(alice, "ops")
         res = await do(rest["alice"], "delete", "/api/v1/rooms/ops/members/bob/")
         assert res.json() == {"room": "ops", "user": "bob", "role": None, "seq": 1}
-        assert await next_event(bob) == {"type": "error", "code": "not_found", "message": "no such room",
-                                         "room": "ops"}
+        assert await next_frames(bob, 2) == [NOT_FOUND, changed("removed")]
         # The others see the change; bob, no longer following, does not.
         assert await next_event(alice) == {"type": "member.left", "room": "ops", "seq": 1, "user": "bob",
                                            "by": "alice"}
@@ -98,8 +110,7 @@ async def test_leaving_a_private_room_ends_ones_own_stream(cookies, rest):
         await subscribe(bob, "ops")
         res = await do(rest["bob"], "post", "/api/v1/rooms/ops/leave/")
         assert res.status_code == 200
-        assert await next_event(bob) == {"type": "error", "code": "not_found", "message": "no such room",
-                                         "room": "ops"}
+        assert await next_frames(bob, 2) == [NOT_FOUND, changed("removed")]
         await assert_quiet(bob)
 
 
@@ -108,6 +119,8 @@ async def test_a_member_added_to_a_private_room_may_follow_it(cookies, rest):
         refused = await call(carol, {"type": "subscribe", "room": "ops", "ref": 1})
         assert refused["code"] == "not_found"
         await do(rest["alice"], "post", "/api/v1/rooms/ops/members/", {"username": "carol"})
+        # Her pages hear of it at once (they ask for their room list again).
+        assert await next_event(carol) == changed("added")
         replayed = await subscribe(carol, "ops", since=0)
         assert replayed == [{"type": "member.joined", "room": "ops", "seq": 1, "user": "carol", "role": "member",
                              "by": "alice"}]
@@ -150,8 +163,7 @@ async def test_the_member_event_alone_ends_the_stream_when_the_access_check_is_l
         await subscribe(bob, "ops")
         await subscribe(alice, "ops")
         await do(rest["alice"], "delete", "/api/v1/rooms/ops/members/bob/")
-        assert await next_event(bob) == {"type": "error", "code": "not_found", "message": "no such room",
-                                         "room": "ops"}
+        assert await next_frames(bob, 2) == [NOT_FOUND, changed("removed")]
         assert (await next_event(alice))["type"] == "member.left"
         await call(alice, {"type": "message.send", "room": "ops", "body": "secret", "client_id": "s2", "ref": 1})
         await assert_quiet(bob)
@@ -192,7 +204,38 @@ async def test_nothing_of_the_room_overtakes_a_pending_access_check(cookies, dem
         await subscribe(bob, "ops")
         monkeypatch.setattr(stream, "room_access", access_with_a_post_meanwhile)
         await Membership.objects.filter(room__slug="ops", user=demo["bob"]).adelete()
-        assert await next_event(bob) == {"type": "error", "code": "not_found", "message": "no such room",
-                                         "room": "ops"}
+        assert await next_frames(bob, 2) == [NOT_FOUND, changed("removed")]
         assert posted == [1]
         await assert_quiet(bob)
+
+
+async def test_a_persons_pages_hear_at_once_that_their_room_list_changed(cookies, rest):
+    """rooms.changed to the person's own sockets (every tab, subscribed to the room
+    or not): added by someone, a DM opened with them, a room made or joined in
+    another tab, removed; nothing to anyone else, nothing for a refused change or
+    a role change."""
+    async with socket(cookies["carol"]) as carol, socket(cookies["carol"]) as other_tab, \
+            socket(cookies["bob"]) as bob:
+        res = await do(rest["alice"], "post", "/api/v1/rooms/ops/members/", {"username": "carol"})
+        assert res.status_code == 201
+        assert await next_event(carol) == changed("added")
+        assert await next_event(other_tab) == changed("added")
+        await do(rest["alice"], "patch", "/api/v1/rooms/ops/members/carol/", {"role": "reader"})
+        res = await do(rest["carol"], "delete", "/api/v1/rooms/ops/members/alice/")
+        assert res.status_code == 403
+        res = await do(rest["alice"], "delete", "/api/v1/rooms/ops/members/carol/")
+        assert res.status_code == 200
+        assert await next_event(carol) == changed("removed")
+        res = await do(rest["bob"], "post", "/api/v1/dms/", {"users": ["carol"]})
+        dm = res.json()["slug"]
+        assert [await next_event(carol), await next_event(bob)] == [changed("added", dm)] * 2
+        # Asking for the same DM again changes nothing.
+        await do(rest["bob"], "post", "/api/v1/dms/", {"users": ["carol"]})
+        res = await do(rest["carol"], "post", "/api/v1/rooms/", {"name": "Carol's corner", "visibility": "public"})
+        corner = res.json()["slug"]
+        assert await next_event(carol) == changed("added", corner)
+        assert [await next_event(other_tab) for _ in range(3)] == [
+            changed("removed"), changed("added", dm), changed("added", corner)]
+        # (Published after anything the second DM ask could have sent bob.)
+        await assert_quiet(bob)
+        await assert_quiet(other_tab)

@@ -3,14 +3,15 @@
 // each other room, and at phone width the toggle that shows and hides it. It
 // starts from the server's counts (the read position it keeps per user), counts
 // messages by others seen live (the other rooms are followed in the background),
-// and asks the server again (GET rooms/) every POLL_ROOMS ms while the tab is
-// visible, when it comes back, when this user reads a room elsewhere (read.state)
-// and when a room was reset: a room someone added us to, or a DM someone opened
-// with us, appears then (the server pushes nothing to a person outside a room).
+// and asks the server again (GET rooms/) when the server says the list changed
+// (rooms.changed: someone added us to a room or opened a DM with us, or we were
+// removed), when the socket opens again (a push may have been missed meanwhile),
+// when the tab comes back, when this user reads a room elsewhere (read.state), when
+// a room was reset, and every POLL_ROOMS ms while long polling (no pushes then).
 
 import { badges, countText, roomLabel, sidebarGroups } from "./roomlist.js";
 
-const POLL_ROOMS = 8000; // ms between asks for the room list while visible
+const POLL_ROOMS = 8000; // ms between asks for the room list while long polling and visible
 
 export function bindSidebar(client, { room, user, api, schedule, rooms: initial, onRooms, onCounts }) {
   const $ = (id) => document.getElementById(id);
@@ -93,8 +94,9 @@ export function bindSidebar(client, { room, user, api, schedule, rooms: initial,
   function recountSoon(wait = 300) {
     clearTimeout(recountTimer);
     recountTimer = setTimeout(() => {
+      recountTimer = null;
       recount().catch(() => {}).finally(() => {
-        if (document.visibilityState === "visible") recountSoon(POLL_ROOMS);
+        if (document.visibilityState === "visible" && client.transport !== "ws") recountSoon(POLL_ROOMS);
       });
     }, wait);
   }
@@ -113,7 +115,13 @@ export function bindSidebar(client, { room, user, api, schedule, rooms: initial,
     schedule(draw);
   });
   client.on("ephemeral", (frame) => {
-    if (frame.type === "read.state" && frame.room !== room) recountSoon();
+    if (frame.type === "rooms.changed") recountSoon(0);
+    else if (frame.type === "read.state" && frame.room !== room) recountSoon();
+  });
+  let opens = 0; // (the first open is the page's: it came with the server's list)
+  client.on("state", ({ state }) => {
+    if (state === "open" && opens++ > 0) recountSoon(0);
+    else if (client.transport !== "ws" && recountTimer === null) recountSoon(POLL_ROOMS);
   });
   client.on("reset", ({ room: slug }) => {
     if (slug !== room) recountSoon();
@@ -153,6 +161,5 @@ export function bindSidebar(client, { room, user, api, schedule, rooms: initial,
   });
 
   schedule(draw);
-  recountSoon(POLL_ROOMS);
   return { recount, close: () => setOpen(false), room: (slug) => byslug.get(slug) || null };
 }
