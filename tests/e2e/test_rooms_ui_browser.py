@@ -166,7 +166,7 @@ def test_private_room_invite_mention_reactions_dm_and_removal(app_server, browse
     send(bob, "psst, a secret")
     expect(message(bob, "psst")).to_have_count(1, timeout=10_000)
     dm = alice.locator("#dm-list a[data-kind=dm]")
-    expect(dm).to_have_count(1, timeout=20_000)
+    expect(dm).to_have_count(1, timeout=3_000)  # pushed (rooms.changed)
     expect(dm.locator(".name")).to_have_text("bob")
     expect(dm.locator(".unread")).to_have_text("1, 1 unread", timeout=10_000)
     expect(bob.locator("#dm-list a[aria-current=page] .name")).to_have_text("alice")
@@ -189,6 +189,92 @@ def test_private_room_invite_mention_reactions_dm_and_removal(app_server, browse
     bob.screenshot(path=str(artifacts / "rooms-removed-1280.png"))
     expect(bob.locator('#room-list a[data-room="launch-plan"]')).to_have_count(1)  # the open room stays listed
     assert alice.errors == [] and bob.errors == []
+
+
+def sign_up(browser, server, username, viewport=WIDE):
+    """A new person: the sign-up form, then the #general page."""
+    context = browser.new_context(viewport=viewport)
+    OPEN_CONTEXTS.append(context)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{server.url}/accounts/signup/")
+    page.fill("#id_username", username)
+    page.fill("#id_password1", "a-long-passphrase-42")
+    page.fill("#id_password2", "a-long-passphrase-42")
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{server.url}/")
+    page.goto(f"{server.url}/rooms/general/")
+    connected(page)
+    page.errors = errors
+    return page
+
+
+def test_two_people_who_just_signed_up_share_a_private_room_a_dm_mentions_reactions_and_search(
+        app_server, browser, artifacts):
+    """The issue's "done when", from the sign-up form on: dana and erin sign up, dana
+    makes a private room and adds erin (it appears for her at once), a mention, a
+    reaction each way, a DM, and erin finds dana's message by a word in it."""
+    dana = sign_up(browser, app_server, "dana")
+    erin = sign_up(browser, app_server, "erin")
+
+    dana.get_by_role("button", name="New room").click()
+    dialog = dana.get_by_role("dialog", name="New room")
+    dana.locator("#new-room-name").fill("Kiwi Project")
+    dialog.get_by_label("Private: only people who are added").check()
+    dialog.get_by_role("button", name="Create room").click()
+    dana.wait_for_url(f"{app_server.url}/rooms/kiwi-project/")
+    connected(dana)
+    dana.locator("#members-button").click()
+    members = dana.get_by_role("dialog", name="Members of #kiwi-project")
+    members.get_by_label("Add someone").fill("erin")
+    members.get_by_role("button", name="Add").click()
+    expect(dana.locator("#member-list li")).to_have_count(2, timeout=10_000)
+    dana.keyboard.press("Escape")
+
+    kiwi = erin.locator('#room-list a[data-room="kiwi-project"]')
+    expect(kiwi).to_be_visible(timeout=3_000)
+    send(dana, "@erin the kiwi harvest starts Monday")
+    expect(kiwi.locator(".mentions")).to_have_text("@1, 1 mention", timeout=10_000)
+    kiwi.click()
+    erin.wait_for_url(f"{app_server.url}/rooms/kiwi-project/")
+    connected(erin)
+    harvest = message(erin, "kiwi harvest")
+    expect(harvest).to_have_class(re.compile(r"\bmentions-me\b"))
+    harvest.get_by_role("button", name=re.compile(r"^Add a reaction to dana's message")).click()
+    erin.get_by_role("dialog", name=re.compile(r"^React to dana's message")).get_by_role(
+        "button", name="React with 👍").click()
+    expect(message(dana, "kiwi harvest").locator(".chip")).to_have_accessible_name("👍 1: erin", timeout=10_000)
+    send(erin, "great, thanks @dana")
+    reply = message(dana, "great, thanks")
+    expect(reply.locator(".mention.me")).to_have_text("@dana", timeout=10_000)
+    reply.get_by_role("button", name=re.compile(r"^Add a reaction to erin's message")).click()
+    dana.get_by_role("dialog", name=re.compile(r"^React to erin's message")).get_by_role(
+        "button", name="React with 🎉").click()
+    expect(message(erin, "great, thanks").locator(".chip")).to_have_accessible_name("🎉 1: dana", timeout=10_000)
+
+    erin.get_by_role("button", name="New message").click()
+    erin.get_by_label("To", exact=True).fill("dana")
+    erin.get_by_role("dialog", name="New message").get_by_role("button", name="Open").click()
+    erin.wait_for_url(re.compile(r"/rooms/dm-[a-z0-9-]+/$"))
+    connected(erin)
+    send(erin, "a word in private")
+    dm = dana.locator("#dm-list a[data-kind=dm]")
+    expect(dm.locator(".name")).to_have_text("erin", timeout=3_000)
+    expect(dm.locator(".unread")).to_have_text("1, 1 unread", timeout=10_000)
+
+    erin.get_by_role("searchbox", name="Search messages").first.fill("harvest")
+    erin.get_by_role("searchbox", name="Search messages").first.press("Enter")
+    result = erin.locator("#search-results a.result")
+    expect(result).to_have_count(1, timeout=10_000)
+    expect(result.locator(".result-meta strong")).to_have_text("#kiwi-project")
+    expect(result.locator(".snippet mark")).to_have_text("harvest")
+    erin.screenshot(path=str(artifacts / "journey-search-1280.png"))
+    result.click()
+    erin.wait_for_url(re.compile(r"/rooms/kiwi-project/\?at=3#m\d+$"))  # seq 3: after two member.joined
+    expect(message(erin, "kiwi harvest")).to_be_focused(timeout=10_000)
+    dana.screenshot(path=str(artifacts / "journey-dm-1280.png"))
+    assert dana.errors == [] and erin.errors == []
 
 
 def test_search_finds_an_old_message_and_opens_its_room_there(app_server, browser, artifacts):
