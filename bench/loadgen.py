@@ -51,7 +51,9 @@ def rss_kib(pid: int) -> int:
 class Target:
     """One or more workers: the sender on the first, members in turn on each."""
 
-    def __init__(self, kind: str, ports: list[int], cookie: str, sender_cookie: str, room: str, codec: str = "json"):
+    def __init__(self, kind: str, ports: list[int], cookie: str, sender_cookie: str, room: str, codec: str = "json",
+                 mention: str | None = None):
+        self.mention = mention  # a username every body @mentions (the server resolves and records it)
         self.kind, self.ports, self.cookie, self.sender_cookie, self.room = kind, ports, cookie, sender_cookie, room
         self.opened = 0
         # rt.v1.json or rt.v1.msgpack (the full pipeline; the bare consumer speaks JSON).
@@ -80,7 +82,8 @@ class Target:
 
     def frame(self, text: str, n: int) -> str:
         if self.kind == "full":
-            return self.encode({"type": "message.send", "room": self.room, "body": text, "client_id": f"b{uuid.uuid4().hex[:16]}"})
+            body = f"{text} @{self.mention}" if self.mention else text
+            return self.encode({"type": "message.send", "room": self.room, "body": body, "client_id": f"b{uuid.uuid4().hex[:16]}"})
         return json.dumps({"message": text})
 
 
@@ -296,8 +299,9 @@ def main() -> None:
     parser.add_argument("--worker-pid", type=int, default=0)
     parser.add_argument("--room", default="bench")
     parser.add_argument("--codec", choices=["json", "msgpack"], default="json")
+    parser.add_argument("--mention", metavar="USERNAME", help="every message @mentions this user (the full pipeline only)")
     args = parser.parse_args()
-    target = Target(args.target, [int(p) for p in args.port.split(",")], os.environ.get("BENCH_COOKIE", ""), os.environ.get("BENCH_SENDER_COOKIE", ""), args.room, args.codec)
+    target = Target(args.target, [int(p) for p in args.port.split(",")], os.environ.get("BENCH_COOKIE", ""), os.environ.get("BENCH_SENDER_COOKIE", ""), args.room, args.codec, args.mention)
     wall = time.monotonic()
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     # uvloop when installed (requirements-bench.txt): a frame is timed when its

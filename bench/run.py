@@ -43,6 +43,8 @@ SCENARIOS = {
     # name: (loadgen arguments, metric, higher is better, workers)
     "fan-out, 100 members": (["--scenario", "fanout", "--members", "100", "--messages", "200", "--window", "16"], "deliveries_per_s", True, 1),
     "fan-out, 500 members": (["--scenario", "fanout", "--members", "500", "--messages", "60", "--window", "16"], "deliveries_per_s", True, 1),
+    # The same as the first, each body naming a person (resolved, recorded, carried in `mentions`).
+    "fan-out, 100 members, each message @mentions one": (["--scenario", "fanout", "--members", "100", "--messages", "200", "--window", "16", "--mention", "bench-member"], "deliveries_per_s", True, 1),
     "100 msg/s into 100 members, p99": (["--scenario", "rate", "--members", "100", "--rate", "100", "--seconds", "10"], "p99_ms", False, 1),
     "fan-out, 500 members, MessagePack": (["--scenario", "fanout", "--members", "500", "--messages", "60", "--window", "16", "--codec", "msgpack"], "deliveries_per_s", True, 1),
     "cross-worker fan-out, 500 members on 2 workers": (["--scenario", "fanout", "--members", "500", "--messages", "60", "--window", "16"], "deliveries_per_s", True, 2),
@@ -51,6 +53,7 @@ SCENARIOS = {
 }
 QUICK = {
     "fan-out, 100 members": (["--scenario", "fanout", "--members", "50", "--messages", "50", "--window", "16"], "deliveries_per_s", True, 1),
+    "fan-out, 100 members, each message @mentions one": (["--scenario", "fanout", "--members", "50", "--messages", "50", "--window", "16", "--mention", "bench-member"], "deliveries_per_s", True, 1),
     "100 msg/s into 100 members, p99": (["--scenario", "rate", "--members", "50", "--rate", "50", "--seconds", "3"], "p99_ms", False, 1),
     "cross-worker, 100 msg/s into 100 members on 2 workers, p99": (["--scenario", "rate", "--members", "50", "--rate", "50", "--seconds", "3"], "p99_ms", False, 2),
     "idle sockets, memory each": (["--scenario", "idle", "--members", "300"], "kib_per_connection", False, 1),
