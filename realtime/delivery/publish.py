@@ -165,6 +165,20 @@ async def publish_push(group: str, frame: protocol.Frame, *, room: str | None = 
         degraded.tolerate(degraded.PUSH, exc)
 
 
+async def publish_typing(user, room: str) -> bool:
+    """`user` is typing in `room` (access already checked: they may post there): tell
+    the room's other subscribers and pollers, at most once per user and room every
+    presence.TYPING_EVERY seconds. True if a notice went out. The socket's `typing`
+    frame and `POST rooms/<slug>/typing/` both come here."""
+    from realtime.state import presence
+
+    sent = await presence.typing_allowed(room, user.pk)
+    if sent:
+        await publish_push(room_group(room), protocol.TypingNotice(room=room, user=user.get_username()),
+                           room=room, skip_user=user.pk)
+    return sent
+
+
 async def publish_read(result, user, skip_conn: str | None = None) -> None:
     """A read position moved (actions.mark_read): tell the user's other sockets
     (read.state; not the socket `skip_conn`, which has its ack) and, where the room shows

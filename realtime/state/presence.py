@@ -21,6 +21,7 @@ Without REDIS_URL the same happens in this process's memory.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -86,8 +87,8 @@ class MemoryPresence:
         self.leases: dict[str, dict[str, float]] = {}
         self.announced: dict[str, set[str]] = {}
 
-    async def join(self, room: str, member: str) -> None:
-        self.leases.setdefault(room, {})[member] = local_clock() + TTL
+    async def join(self, room: str, member: str, ttl: float | None = None) -> None:
+        self.leases.setdefault(room, {})[member] = local_clock() + (ttl or TTL)
 
     async def renew(self, pairs: list[tuple[str, str]]) -> None:
         for room, member in pairs:
@@ -119,11 +120,11 @@ class RedisPresence:
     def __init__(self, url: str) -> None:
         self.url = url
 
-    async def join(self, room: str, member: str) -> None:
+    async def join(self, room: str, member: str, ttl: float | None = None) -> None:
         key, _ = _keys(room)
         client = store.client(self.url)
         pipe = client.pipeline(transaction=False)
-        pipe.zadd(key, {member: wall_clock() + TTL})
+        pipe.zadd(key, {member: wall_clock() + (ttl or TTL)})
         pipe.expire(key, 86400)
         await pipe.execute()
 
@@ -188,6 +189,30 @@ async def leave(room: str, user_id: int, username: str, conn_id: str) -> None:
         degraded.tolerate(degraded.PRESENCE, exc)
 
 
+async def poll_join(room: str, user_id: int, username: str, conn_id: str, ttl: float) -> None:
+    """A long poll's page is present in the room for `ttl` seconds (its wait plus a
+    grace): each poll renews it, a page that stops polling runs out. Not counted in
+    LOCAL_ROOMS: realtime/web/longpoll.py names the rooms its polls follow to the sweep."""
+    try:
+        await backend().join(room, _member(user_id, username, conn_id), ttl=ttl)
+    except Exception as exc:
+        degraded.tolerate(degraded.PRESENCE, exc)
+
+
+async def poll_leave(room: str, user_id: int, username: str, conn_id: str) -> None:
+    """A polling page is gone (it hung up a held poll, or lost the room)."""
+    try:
+        await backend().leave(room, _member(user_id, username, conn_id))
+    except Exception as exc:
+        degraded.tolerate(degraded.PRESENCE, exc)
+
+
+def tag(users: list[str]) -> str:
+    """A short digest of who is present (sorted usernames): a poller sends back the one
+    it has, and gets presence.state again only when it no longer matches."""
+    return hashlib.blake2s("\n".join(users).encode(), digest_size=6).hexdigest()
+
+
 async def renew_all(held: list[tuple[str, int, str, str]]) -> None:
     """Renew the leases (room, user id, username, conn id) of this process's sockets,
     in one round trip (realtime/state/housekeeper.py)."""
@@ -221,9 +246,11 @@ def announce_later(room: str) -> None:
 
 
 async def _sweep() -> None:
+    from realtime.web import longpoll  # (which imports this module)
+
     while True:
         await asyncio.sleep(SWEEP)
-        for room in list(LOCAL_ROOMS):
+        for room in sorted(set(LOCAL_ROOMS) | longpoll.polled_rooms()):
             await announce(room)
 
 

@@ -17,6 +17,15 @@ wait for a broadcast and read the log again. An event committed in between is in
 the second read; a broadcast lost on the way is found by the re-read every
 RECHECK seconds. Every read checks the user's access to the room again.
 
+With `client=<page id>` the poll is also the page's presence and its ear for the
+room's pushes: the page is present (presence.poll_join: a lease of the wait plus
+POLL_GRACE, renewed by each poll; it leaves at once when it hangs up a held poll or
+loses the room), and the answer adds `ephemeral` (presence.state when the page's
+`presence_tag` is stale, read.markers on its first poll, then the typing and
+read.marker pushes its Waiter collected) and `presence_tag`. Pushes wake a held
+poll only COALESCE s after the first of them; an answered poll's Waiter stays in
+the group LINGER s (PARKED) so that what comes before the page's next poll is in it.
+
 A draining worker (server/drain.py) answers its held polls at once with what they
 have (200, the usual page, usually empty), as it closes its sockets with 4012: the
 client polls again with its since, and the balancer sends that to a worker that
@@ -37,10 +46,11 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
-from realtime.state import degraded, heartbeat, ratelimit
+from realtime import protocol
+from realtime.state import degraded, heartbeat, presence, ratelimit
 from realtime.delivery import publish as broadcast
-from realtime.domain import roomlog
-from realtime.delivery.fanout import fanout
+from realtime.domain import roomlog, selectors
+from realtime.delivery.fanout import fanout, running
 from realtime.web.middleware import worker_header
 from realtime.domain.errors import ActionError
 from realtime.observability import metrics
@@ -52,6 +62,15 @@ EVENTS_PATH = re.compile(r"^/api/v1/rooms/(?P<slug>[-a-zA-Z0-9_]+)/events/$")
 MAX_WAIT = 30  # seconds; proxies in deploy/ allow 60 for /api/
 RECHECK = 5.0  # seconds between log reads while waiting (a lost broadcast costs this)
 PAGE_MAX = 500
+# A page's poll id (`client`): the page is present in the room while it polls, and
+# hears the room's ephemeral frames (typing, presence, read markers).
+CLIENT = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+PRESENCE_TAG = re.compile(r"^[0-9a-f]{1,32}$")
+POLL_GRACE = 10.0  # s a polling page stays present past its poll's wait (the next poll renews it)
+COALESCE = 0.5  # s the first ephemeral frame waits for others before it wakes a held poll
+LINGER = 5.0  # s an answered poll's waiter keeps collecting for the page's next poll
+MAX_EPHEMERAL = 50  # frames one answer carries at most (the newest per kind and user)
+MAX_PARKED = 10_000  # parked waiters per worker at most (memory is bounded)
 
 def query(scope) -> dict[str, str]:
     return {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
@@ -92,6 +111,16 @@ def epoch_arg(args) -> str | None:
     return raw
 
 
+def client_args(args) -> tuple[str | None, str | None]:
+    """`client` (the page's poll id) and `presence_tag` (the presence it has), or error invalid."""
+    client, known = args.get("client") or None, args.get("presence_tag") or None
+    if client is not None and not CLIENT.match(client):
+        raise ActionError(ErrorCode.INVALID, "client must be 8 to 64 letters, digits, - or _")
+    if known is not None and not PRESENCE_TAG.match(known):
+        raise ActionError(ErrorCode.INVALID, "presence_tag must be the tag of an earlier answer")
+    return client, known
+
+
 def events_page(replay: roomlog.Replay, since: int) -> dict:
     """The answer of GET .../events/ (with or without wait)."""
     events = [msgspec.to_builtins(e) for e in replay.events]
@@ -101,47 +130,111 @@ def events_page(replay: roomlog.Replay, since: int) -> dict:
     return {"events": events, "seq": replay.head, "epoch": replay.epoch, "has_more": last < replay.head}
 
 
-async def wait_for_events(user, slug: str, since: int, wait: float, limit: int, epoch: str | None = None) -> dict:
+async def wait_for_events(user, slug: str, since: int, wait: float, limit: int, epoch: str | None = None,
+                          client: str | None = None, known: str | None = None) -> dict:
+    """The answer of a long poll. With `client` (the page's poll id) the page is also
+    present in the room and hears its ephemeral frames (see Waiter); `known` is the
+    presence tag of the presence.state it has (None: it has none yet)."""
     verdict = await ratelimit.take(user.pk, "poll")
     if not verdict.allowed:
         raise ActionError(ErrorCode.RATE_LIMITED, "polling too often; slow down", retry_after=verdict.retry_after)
     read = database_sync_to_async(roomlog.room_replay)
     group = broadcast.room_group(slug)
-    waiter = held = Waiter()
+    conn_id = f"poll-{client}" if client else None
+    key = (user.pk, client, slug) if client else None
+    waiter = adopt(key) if key else None  # the page's previous poll's, with what came since
+    subscribed = waiter is not None
+    if waiter is None:
+        waiter = Waiter(user.pk, conn_id, slug)
+    held = waiter
     HELD.add(held)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
+    present = gone = lost = False
     try:
-        try:
-            await fanout().add(group, waiter)
-        except Exception as exc:
-            # No transport (Redis down): read the log every second instead.
-            degraded.tolerate(degraded.LONG_POLL, exc)
-            waiter = None
+        if not subscribed:
+            try:
+                await fanout().add(group, waiter)
+                subscribed = True
+                waiter.fan = fanout()
+            except Exception as exc:
+                # No transport (Redis down): read the log every second instead.
+                degraded.tolerate(degraded.LONG_POLL, exc)
+        users: list[str] | None = None
         while True:
-            if waiter is not None:
-                waiter.woken.clear()  # what arrives during the read wakes the next wait
+            waiter.woken.clear()  # what arrives during the read wakes the next wait
             # The replay budget: in debt, the head alone is read, and a poll that
             # would bring events is refused (one that waits for them may wait).
             budget = ratelimit.replay_check(user.pk)
-            replay = await read(user=user, slug=slug, since=since, limit=limit, head_only=not budget.allowed,
-                                epoch=epoch)
+            try:
+                replay = await read(user=user, slug=slug, since=since, limit=limit, head_only=not budget.allowed,
+                                    epoch=epoch)
+            except ActionError as exc:
+                lost = exc.code in (ErrorCode.NOT_FOUND, ErrorCode.FORBIDDEN)
+                raise
             if replay.held_back:
                 raise ActionError(ErrorCode.RATE_LIMITED, "reading history too fast; wait",
                                   retry_after=budget.retry_after)
+            if client and not present:
+                # Access checked by the read: present from now, for the wait and a grace.
+                present = True
+                presence.ensure_started()
+                await presence.poll_join(slug, user.pk, user.get_username(), conn_id, wait + POLL_GRACE)
+                await presence.announce(slug, skip_conn=conn_id)
+                users = await presence.names(slug)
+            elif client and waiter.ripe and waiter.presence_changed:
+                users = await presence.names(slug)
             remaining = deadline - loop.time()
             if replay.events or remaining <= 0 or heartbeat.draining:
-                return events_page(replay, since)
-            if waiter is None:
+                return await answer_page(replay, since, waiter, slug, known, bool(client))
+            if client:
+                if users is not None and presence.tag(users) != known:
+                    return await answer_page(replay, since, waiter, slug, known, True)
+                if waiter.ripe:
+                    if waiter.frames:
+                        return await answer_page(replay, since, waiter, slug, known, True)
+                    waiter.settle()  # (presence moved and came back: nothing to say)
+            if not subscribed:
                 await asyncio.sleep(min(remaining, 1.0))
                 continue
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(waiter.woken.wait(), min(remaining, RECHECK))
+    except asyncio.CancelledError:
+        gone = True  # the client hung up (closed the page, or stopped polling the room)
+        raise
     finally:
         HELD.discard(held)
-        if waiter is not None:
+        if key is not None and subscribed and not (gone or lost):
+            park(key, waiter)
+        elif subscribed:
             with contextlib.suppress(Exception):
                 await fanout().discard(group, waiter)
+        if client and (gone or lost):
+            await presence.poll_leave(slug, user.pk, user.get_username(), conn_id)
+            presence.announce_later(slug)
+
+
+async def answer_page(replay: roomlog.Replay, since: int, waiter: "Waiter", slug: str, known: str | None,
+                      ephemeral: bool) -> dict:
+    """The page, and for a poll with `client`: `ephemeral` (presence.state when it is
+    not the one the page has, read.markers on its first poll, then the typing and
+    read.marker frames collected while held) and `presence_tag`."""
+    page = events_page(replay, since)
+    if not ephemeral:
+        return page
+    users = await presence.names(slug)
+    tag = presence.tag(users)
+    frames = []
+    if tag != known:
+        frames.append({"type": "presence.state", "room": slug, "users": users})
+    if known is None:
+        markers = await database_sync_to_async(selectors.read_markers)(slug=slug)
+        if markers:
+            frames.append({"type": "read.markers", "room": slug, "markers": markers})
+    frames.extend(waiter.take())
+    page["ephemeral"] = frames
+    page["presence_tag"] = tag
+    return page
 
 
 def end_held_polls() -> None:
@@ -155,23 +248,131 @@ def end_held_polls() -> None:
 HELD: set["Waiter"] = set()
 metrics.LONG_POLLS_HELD.set_function(lambda: len(HELD))
 
+# Answered polls' waiters, kept LINGER seconds for the page's next poll of the room:
+# (user id, client, room) -> Waiter. What arrives between two polls is not lost.
+PARKED: dict[tuple[int, str, str], "Waiter"] = {}
+
+
+def park(key: tuple[int, str, str], waiter: "Waiter") -> None:
+    """Keep the answered poll's waiter in the room's group for the page's next poll."""
+    old = PARKED.pop(key, None)
+    if old is not None and old is not waiter:
+        old.release()
+    if len(PARKED) >= MAX_PARKED:
+        waiter.release()
+        return
+    PARKED[key] = waiter
+    waiter.expiry = asyncio.get_running_loop().call_later(LINGER, _expire, key, waiter)
+
+
+def _expire(key, waiter: "Waiter") -> None:
+    if PARKED.get(key) is waiter:
+        del PARKED[key]
+        waiter.release()
+
+
+def adopt(key: tuple[int, str, str]) -> "Waiter | None":
+    """The page's parked waiter for the room, if it is still there (on this worker,
+    this event loop)."""
+    waiter = PARKED.pop(key, None)
+    if waiter is None:
+        return None
+    if waiter.expiry is not None:
+        waiter.expiry.cancel()
+        waiter.expiry = None
+    if waiter.fan is not running():
+        return None  # another loop's (tests run one loop each)
+    return waiter
+
+
+def polled_rooms() -> set[str]:
+    """The rooms this worker's polling pages follow (presence's sweep reconciles them)."""
+    return {w.room for w in (*HELD, *PARKED.values()) if w.conn_id is not None and w.fan is running()}
+
 
 class Waiter:
-    """A held poll as the worker's fan-out sees it: anything for the room (an
-    event, an access check, a catch-up after a layer failure) wakes it, and it
-    reads the log again."""
+    """A held poll as the worker's fan-out sees it: a room event, an access check, a
+    catch-up after a layer failure wakes it, and it reads the log again.
 
-    __slots__ = ("woken",)
+    A poll with `client` also collects the room's ephemeral pushes (not its own
+    user's, nor those addressed past it): typing and read.marker frames (the newest
+    per kind and user, at most MAX_EPHEMERAL), and whether presence moved. They wake
+    the poll only COALESCE seconds after the first of them (`ripe`), so a typing storm
+    costs a page one answer per COALESCE, not one per notice."""
 
-    def __init__(self) -> None:
+    __slots__ = ("woken", "user_id", "conn_id", "room", "frames", "presence_changed", "ripe", "timer", "expiry",
+                 "fan")
+
+    def __init__(self, user_id: int | None = None, conn_id: str | None = None, room: str | None = None) -> None:
         self.woken = asyncio.Event()
+        self.user_id = user_id
+        self.conn_id = conn_id
+        self.room = room
+        self.frames: dict[tuple[str, str], dict] = {}
+        self.presence_changed = False
+        self.ripe = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.expiry: asyncio.TimerHandle | None = None
+        self.fan = None
 
     async def deliver(self, message: dict) -> bool:
-        self.woken.set()
+        self.put_nowait(message)
         return True
 
     def put_nowait(self, message: dict) -> None:
+        if message.get("type") != broadcast.PUSH:
+            self.woken.set()
+        elif self.conn_id is not None:
+            self.collect(message)
+
+    def collect(self, message: dict) -> None:
+        if (message.get("room") != self.room or message.get("skip_user") == self.user_id
+                or message.get("skip_conn") == self.conn_id):
+            return
+        frame = message.get("_frame")
+        if frame is None:
+            frame = message["_frame"] = msgspec.json.decode(message[protocol.JSON.name])
+        kind = frame.get("type")
+        if kind in ("presence.diff", "presence.state"):
+            self.presence_changed = True
+        elif kind in ("typing", "read.marker"):
+            key = (kind, frame.get("user"))
+            self.frames.pop(key, None)
+            self.frames[key] = frame
+            while len(self.frames) > MAX_EPHEMERAL:
+                del self.frames[next(iter(self.frames))]
+        else:
+            return
+        if self.timer is None and not self.ripe:
+            self.timer = asyncio.get_running_loop().call_later(COALESCE, self._ripen)
+
+    def _ripen(self) -> None:
+        self.timer = None
+        self.ripe = True
         self.woken.set()
+
+    def settle(self) -> None:
+        """Start collecting afresh (what was collected has been answered, or was nothing)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.ripe = self.presence_changed = False
+
+    def take(self) -> list[dict]:
+        frames = list(self.frames.values())
+        self.frames.clear()
+        self.settle()
+        return frames
+
+    def release(self) -> None:
+        """Leave the room's group (a parked waiter nobody adopted)."""
+        self.settle()
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        fan = self.fan
+        if fan is not None and fan is running():
+            asyncio.ensure_future(fan.discard(broadcast.room_group(self.room), self))
 
     @property
     def local_queue(self) -> "Waiter":
@@ -240,7 +441,8 @@ class LongPoll:
             since = int_arg(args, "since", 0, 0)
             wait = int_arg(args, "wait", 0, 0, MAX_WAIT)
             limit = int_arg(args, "limit", PAGE_MAX, 1, PAGE_MAX)
-            return 200, await wait_for_events(user, slug, since, wait, limit, epoch_arg(args)), []
+            client, known = client_args(args)
+            return 200, await wait_for_events(user, slug, since, wait, limit, epoch_arg(args), client, known), []
         except ActionError as exc:
             body = {"code": exc.code, "message": exc.message}
             extra = []

@@ -24,7 +24,7 @@ from realtime.domain.errors import ActionError
 from realtime.domain.policy import Action
 from realtime.observability.logs import event
 from realtime.protocol import ErrorCode
-from realtime.state import heartbeat, presence
+from realtime.state import heartbeat
 
 log = logging.getLogger(__name__)
 INFO, DEBUG, WARNING = logging.INFO, logging.DEBUG, logging.WARNING
@@ -51,14 +51,7 @@ class Handlers:
     async def on_typing(self, frame: protocol.Typing) -> protocol.Frame:
         """Shown to the room's other subscribers; only those who may post may type."""
         await database_sync_to_async(room_access)(user=self.user, slug=frame.room, action=Action.POST)
-        sent = await presence.typing_allowed(frame.room, self.user.pk)
-        if sent:
-            await broadcast.publish_push(
-                broadcast.room_group(frame.room),
-                protocol.TypingNotice(room=frame.room, user=self.user.get_username()),
-                room=frame.room,
-                skip_user=self.user.pk,
-            )
+        sent = await broadcast.publish_typing(self.user, frame.room)
         return protocol.TypingAck(ref=frame.ref, room=frame.room, sent=sent)
 
     async def on_read(self, frame: protocol.Read) -> protocol.Frame:

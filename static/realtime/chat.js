@@ -73,12 +73,13 @@ const client = new RealtimeClient({
   remove: api.remove,
   read: api.read,
   react: api.react,
+  typing: api.typing,
   user: me,
   maxBodyLength: config.maxBodyLength,
 });
 
 const presence = bindPresence(client, {
-  room, user: me, api, presenceLine: $("presence"), typingLine: $("typing"), schedule,
+  room, user: me, presenceLine: $("presence"), typingLine: $("typing"), schedule,
   onMarkers: () => schedule(() => view.decorate()),
 });
 const pick = bindPicker();

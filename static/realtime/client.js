@@ -22,14 +22,17 @@ export class RealtimeClient extends Emitter {
    * @param {string} options.url               ws:// or wss:// URL of /ws/v1/
    * @param {Function} [options.loadSnapshot]  async (room) => {seq, messages}: the room's
    *   history from REST, used on first subscribe and when recovery fails
-   * @param {Function} [options.poll]  async (room, since, wait, signal, limit, epoch) =>
-   *   {events, seq, epoch, has_more}:
-   *   a long poll of the room's events (REST); throws {status, code, retryAfter}
+   * @param {Function} [options.poll]  async (room, since, wait, signal, limit, epoch, extra) =>
+   *   {events, seq, epoch, has_more, ephemeral?, presence_tag?}:
+   *   a long poll of the room's events (REST); throws {status, code, retryAfter}. extra
+   *   {client, presenceTag} (the fallback's polls): the page's poll id and the presence it
+   *   has; the answer's `ephemeral` frames are emitted as "ephemeral", like the socket's pushes
    * @param {Function} [options.post]  async (room, body, clientId) => {id, seq, room}: post
    *   a message over REST; throws {status, code, retryAfter}. With poll, enables the fallback.
    * @param {Function} [options.edit]    async (room, id, body) => ack: edit over REST while polling
    * @param {Function} [options.remove]  async (room, id) => ack: delete over REST while polling
    * @param {Function} [options.read]    async (room, seq) => {room, seq}: mark read over REST while polling
+   * @param {Function} [options.typing]  async (room) => {room, sent}: say we are typing over REST while polling
    * @param {string} [options.user]  our username, to recognise our own messages
    * @param {number} [options.maxBodyLength]  REALTIME_MAX_BODY_LENGTH
    * Timing (ms unless said): backoff {base, cap}, stableAfter, pingInterval, pingTimeout,
@@ -49,6 +52,7 @@ export class RealtimeClient extends Emitter {
     this.editFn = options.edit || null; // async (room, id, body) => ack, over REST
     this.removeFn = options.remove || null; // async (room, id) => ack, over REST
     this.readFn = options.read || null; // async (room, seq) => {room, seq}, over REST
+    this.typingFn = options.typing || null; // async (room) => {room, sent}, over REST
     this.reactFn = options.react || null; // async (room, id, emoji, add) => ack, over REST
 
     this.socket = new SocketTransport(this, options);
@@ -231,8 +235,12 @@ export class RealtimeClient extends Emitter {
     return this.outbox.size;
   }
 
-  /** Tell the room this user is typing (ephemeral: not queued, not sent while polling). */
+  /** Tell the room this user is typing (ephemeral: never queued; over REST while polling). */
   typing(room) {
+    if (this.poll.active) {
+      if (this.typingFn) this.typingFn(room).catch(() => {}); // best effort, like the frame
+      return;
+    }
     this.socket.write({ type: "typing", room });
   }
 

@@ -11,7 +11,7 @@
 // backoffReconnect(code), retryIn(delay, when), clearRetry()), rooms and outbox.
 
 import { Close, State, backoffDelay } from "./state.js";
-import { FINAL_ERRORS } from "./outbox.js";
+import { FINAL_ERRORS, randomId } from "./outbox.js";
 
 export class LongPoll {
   /**
@@ -33,6 +33,10 @@ export class LongPoll {
     this._polls = new Map(); // room -> AbortController of its running poll loop
     this._check = null; // the HTTP check in flight: {controller, timer}
     this._posting = false;
+    // This page's poll id: while it polls a room it is present there, and each answer
+    // carries the room's pushes (presence, typing, read markers) as `ephemeral`.
+    this.clientId = options.pollClientId || randomId();
+    this._presenceTags = new Map(); // room -> presence_tag of the presence.state we have
   }
 
   /** A socket attempt failed: true if the fallback takes it from here (keeps
@@ -151,13 +155,13 @@ export class LongPoll {
 
   /** One poll with a deadline of its own: a request that hangs (a connection
    * that died silently) fails after wait + 10 s instead of stalling the room. */
-  async _timedPoll(room, since, wait, signal, limit, epoch = null) {
+  async _timedPoll(room, since, wait, signal, limit, epoch = null, extra = undefined) {
     const request = new AbortController();
     const onAbort = () => request.abort();
     signal.addEventListener("abort", onAbort, { once: true });
     const timer = this.host.timers.setTimeout(() => request.abort(), (wait + 10) * 1000);
     try {
-      return await this.pollFn(room, since, wait, request.signal, limit, epoch);
+      return await this.pollFn(room, since, wait, request.signal, limit, epoch, extra);
     } finally {
       this.host.timers.clearTimeout(timer);
       signal.removeEventListener("abort", onAbort);
@@ -169,6 +173,7 @@ export class LongPoll {
     const rooms = host.rooms;
     const signal = controller.signal;
     let failures = 0;
+    this._presenceTags.delete(room); // a new loop asks for the room's presence afresh
     while (!signal.aborted && this.active) {
       const r = rooms.get(room);
       if (!r) return;
@@ -187,11 +192,16 @@ export class LongPoll {
           this._polled();
           host.emit("subscribed", { room, seq: r.lastSeq, replayed: 0 });
         }
-        const page = await this._timedPoll(room, r.lastSeq, this.pollWait, signal, undefined, r.epoch);
+        const extra = { client: this.clientId, presenceTag: this._presenceTags.get(room) || null };
+        const page = await this._timedPoll(room, r.lastSeq, this.pollWait, signal, undefined, r.epoch, extra);
         if (signal.aborted || rooms.get(room) !== r) return;
         if (!r.epoch && page.epoch) r.epoch = page.epoch; // (a seq given to subscribe without one)
         failures = 0;
         this._polled();
+        if (page.presence_tag) this._presenceTags.set(room, page.presence_tag);
+        // The room's pushes, as the socket would have sent them (before the events:
+        // someone's message ends their typing notice).
+        for (const frame of page.ephemeral || []) if (frame && frame.room === room) host.emit("ephemeral", frame);
         // The same path as socket events: each seq once, in order.
         for (const event of page.events || []) rooms.onEvent(event);
       } catch (err) {

@@ -226,11 +226,11 @@ function fakeRest() {
   const polls = [];
   const posts = [];
   const checks = [];
-  const poll = (room, since, wait, signal, limit, epoch) =>
+  const poll = (room, since, wait, signal, limit, epoch, extra) =>
     wait === 0 ? (checks.push(room), rest.hangCheck ? new Promise((resolve, reject) => signal.addEventListener("abort", () => reject(new Error("aborted")))) :
       rest.reachable ? Promise.resolve({ events: [], seq: 5, has_more: true }) : Promise.reject(new TypeError("fetch failed"))) :
     new Promise((resolve, reject) => {
-      const call = { room, since, wait, limit, epoch, signal, resolve, reject };
+      const call = { room, since, wait, limit, epoch, extra, signal, resolve, reject };
       polls.push(call);
       signal.addEventListener("abort", () => reject(Object.assign(new Error("aborted"), { aborted: true })));
     });
@@ -247,11 +247,11 @@ function failOpens(ctx, n = 3) {
   }
 }
 
-async function inFallback(reachable = true, hangCheck = false) {
+async function inFallback(reachable = true, hangCheck = false, options = {}) {
   const rest = fakeRest();
   rest.reachable = reachable;
   rest.hangCheck = hangCheck;
-  const ctx = setup({ poll: rest.poll, post: rest.post, loadSnapshot: async () => ({ seq: 5, epoch: "e5", messages: [] }) });
+  const ctx = setup({ poll: rest.poll, post: rest.post, loadSnapshot: async () => ({ seq: 5, epoch: "e5", messages: [] }), ...options });
   ctx.client.subscribe("general");
   ctx.client.connect();
   failOpens(ctx); // never opened: blocked
@@ -278,6 +278,49 @@ test("after three attempts that never open it falls back to long polling, each s
   await flush();
   assert.deepEqual(events.map((e) => e.seq), [6, 7, 8]);
   assert.equal(polls[2].since, 8);
+});
+
+test("while polling, each poll names the page and the presence it has; the answer's pushes come before its events", async () => {
+  const { client, polls } = await inFallback();
+  const heard = [];
+  client.on("ephemeral", (f) => heard.push(["ephemeral", f.type, f.user || f.users]));
+  client.on("event", (e) => heard.push(["event", e.type, e.seq]));
+  const page = client.poll.clientId;
+  assert.match(page, /^[A-Za-z0-9_-]{8,64}$/);
+  assert.deepEqual(polls[0].extra, { client: page, presenceTag: null }, "the first poll asks for the room's presence");
+  polls[0].resolve({
+    events: [{ type: "message.new", room: "general", seq: 6, author: "bob" }], seq: 6, presence_tag: "a1b2",
+    ephemeral: [
+      { type: "presence.state", room: "general", users: ["alice", "bob"] },
+      { type: "typing", room: "general", user: "bob" },
+      { type: "typing", room: "ops", user: "eve" }, // not this room's: dropped
+    ],
+  });
+  await flush();
+  assert.deepEqual(heard, [
+    ["ephemeral", "presence.state", ["alice", "bob"]], ["ephemeral", "typing", "bob"], ["event", "message.new", 6]]);
+  assert.deepEqual(polls[1].extra, { client: page, presenceTag: "a1b2" }, "then it says which presence it has");
+  polls[1].resolve({ events: [], seq: 6, presence_tag: "a1b2", ephemeral: [{ type: "read.marker", room: "general", user: "bob", seq: 6 }] });
+  await flush();
+  assert.deepEqual(heard.at(-1), ["ephemeral", "read.marker", "bob"]);
+  assert.deepEqual(polls[2].extra, { client: page, presenceTag: "a1b2" });
+});
+
+test("typing goes over REST while polling (best effort), over the socket otherwise", async () => {
+  const typed = [];
+  const typing = (room) => (typed.push(room), Promise.reject(new Error("a network error is no error here")));
+  const live = setup({ typing });
+  live.client.connect();
+  live.sockets[0].open();
+  live.client.typing("general");
+  assert.deepEqual(live.sockets[0].sent.filter((f) => f.type !== "ping"), [{ type: "typing", room: "general" }]);
+  assert.deepEqual(typed, []);
+  const { client, sockets } = await inFallback(true, false, { typing });
+  assert.equal(client.transport, "poll");
+  client.typing("general");
+  await flush();
+  assert.deepEqual(typed, ["general"]);
+  assert.ok(sockets.every((ws) => !ws.sent.some((f) => f.type === "typing")), "nothing written to a socket");
 });
 
 test("while polling, sends go over REST with one client_id, retried after a rate limit", async () => {

@@ -85,7 +85,7 @@ ROOM_ACTIONS = {
     "delete_other": ("message.delete of poster's message",      "DELETE messages/<poster's>/"),
     "react":        ("reaction.add on poster's message",        "POST messages/<poster's>/reactions/"),
     "unreact":      ("reaction.remove of their own reaction",   "DELETE messages/<poster's>/reactions/"),
-    "typing":       ("typing",                                  None),
+    "typing":       ("typing",                                  "POST typing/"),
     "mark_read":    ("read seq=head",                           "POST read/"),
     "unsubscribe":  ("unsubscribe",                             None),
     # Membership (REST only). The acting owner is the room's only owner.
@@ -537,6 +537,9 @@ def rest_request(client: Client, world: World, kind: str, action: str, head: int
         return client.delete(base + f"messages/{target(world, kind, action)}/")
     if action == "mark_read":
         return client.post(base + "read/", {"seq": head}, content_type="application/json")
+    if action == "typing":
+        presence._typing.clear()  # (the 2 s throttle of an earlier cell's user of the same id)
+        return client.post(base + "typing/")
     if action == "react":
         return client.post(base + f"messages/{world.other[kind]}/reactions/", {"emoji": REACTED},
                            content_type="application/json")
@@ -580,6 +583,8 @@ def test_room_action_over_rest(world, kind, action, role, outcome):
         assert res.status_code == (201 if action.startswith("add_") else 200)
         if action == "mark_read":
             assert res.json() == {"room": kind, "seq": head}
+        elif action == "typing":
+            assert res.json() == {"room": kind, "sent": True}
         elif action in ("react", "unreact"):
             assert res.json() == {"room": kind, "id": world.other[kind], "emoji": REACTED if action == "react" else HAD,
                                   "seq": head + 1}
@@ -700,7 +705,7 @@ def test_the_matrix_covers_every_role_frame_route_and_room_kind():
     # Every REST route is exercised (rooms/, messages/, events/: view; message/: edit and delete; ...).
     api = {p.name for p in get_resolver("realtime.web.api.urls").url_patterns}
     assert api == {"api-rooms", "api-tickets", "api-room-events", "api-room-messages", "api-room-message",
-                   "api-room-read", "api-room-reactions", "api-room-join", "api-room-leave", "api-room-members",
+                   "api-room-read", "api-room-typing", "api-room-reactions", "api-room-join", "api-room-leave", "api-room-members",
                    "api-room-member", "api-dms",
                    # Search's visibility rule has its own tests (tests/realtime/test_search.py: what the
                    # asker may read now); the schema and its docs page are for anyone signed in.

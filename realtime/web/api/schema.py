@@ -123,6 +123,13 @@ EVENT_PAGE = {
         "seq": {"type": "integer", "description": "the room's head in the log `epoch`"},
         "epoch": {"type": "string"},
         "has_more": {"type": "boolean", "description": "ask again with since=<last event's seq>"},
+        "ephemeral": {"type": "array", "description": "a long poll with `client` only: the room's pushes, as the "
+                      "socket gets them (presence.state when `presence_tag` is not the room's, read.markers on a "
+                      "first poll, then typing and read.marker frames)",
+                      "items": {"type": "object", "properties": {"type": {"type": "string"}, "room": {"type": "string"}},
+                                "required": ["type", "room"]}},
+        "presence_tag": {"type": "string", "description": "a long poll with `client` only: send it back as "
+                         "`presence_tag` in the next poll"},
     },
     "required": ["events", "seq", "epoch", "has_more"],
 }
@@ -165,6 +172,11 @@ class ReadAck(serializers.Serializer):
     seq = serializers.IntegerField()
 
 
+class TypingAck(serializers.Serializer):
+    room = serializers.CharField()
+    sent = serializers.BooleanField(help_text="false: a notice of yours went out less than 2 s ago (nothing sent)")
+
+
 class Ticket(serializers.Serializer):
     ticket = serializers.CharField()
     expires_in = serializers.IntegerField(help_text="seconds")
@@ -203,6 +215,13 @@ USERNAME = OpenApiParameter("username", {"type": "string"}, OpenApiParameter.PAT
 BROWSE = OpenApiParameter("browse", {"type": "string", "enum": ["public"]}, OpenApiParameter.QUERY,
                           description="public: the public rooms the user is not in")
 MESSAGE_ID = OpenApiParameter("message_id", {"type": "integer", "minimum": 0}, OpenApiParameter.PATH)
+CLIENT = OpenApiParameter("client", {"type": "string", "pattern": "^[A-Za-z0-9_-]{8,64}$"}, OpenApiParameter.QUERY,
+                          description="with wait: the page's poll id; the page is present in the room while it "
+                                      "polls, and the answer carries `ephemeral` and `presence_tag`")
+PRESENCE_TAG = OpenApiParameter("presence_tag", {"type": "string", "pattern": "^[0-9a-f]{1,32}$"},
+                                OpenApiParameter.QUERY,
+                                description="with client: the `presence_tag` of the previous answer (absent: the "
+                                            "first poll, answered at once with the room's presence and read markers)")
 EPOCH = OpenApiParameter("epoch", {"type": "string", "pattern": "^[A-Za-z0-9]{1,16}$"}, OpenApiParameter.QUERY,
                          description="the epoch `since` counts in (a different one: 410)")
 SEARCH = [

@@ -20,6 +20,8 @@ from accounts.models import probation_until, send_bucket
 from realtime import protocol
 from realtime.delivery import publish as broadcast
 from realtime.domain import roomlog
+from realtime.domain.access import room_access
+from realtime.domain.policy import Action
 from realtime.domain import rooms
 from realtime.domain import search
 from realtime.domain import selectors
@@ -193,7 +195,8 @@ class RoomEvents(ActionView):
         parameters=[doc.SLUG, doc.integer("since", "the last seq the client has (default 0)"),
                     doc.integer("limit", "events a page (default 500)", minimum=1),
                     doc.EPOCH, doc.integer("wait", "hold the request up to this many seconds (1 to 30) until the "
-                                           "room has an event after since: a long poll", maximum=30)],
+                                           "room has an event after since: a long poll", maximum=30),
+                    doc.CLIENT, doc.PRESENCE_TAG],
         responses={200: doc.EVENT_PAGE, **doc.errors(401, 404, 410, 429)},
     )
     def get(self, request: Request, slug: str) -> Response:
@@ -302,6 +305,22 @@ class RoomRead(ActionView):
         result = services.mark_read(user=request.user, slug=slug, seq=data.seq)
         async_to_sync(broadcast.publish_read)(result, request.user)
         return Response({"room": result.room, "seq": result.seq})
+
+
+class RoomTyping(ActionView):
+    """POST: the socket's `typing` over HTTP (the long-polling fallback): the same
+    rule (only those who may post may type), bucket and throttle."""
+
+    @extend_schema(
+        summary="Tell the room you are typing",
+        parameters=[doc.SLUG], request=None,
+        responses={200: doc.TypingAck, **doc.errors(404, 429)},
+    )
+    def post(self, request: Request, slug: str) -> Response:
+        take_token(request, "typing")
+        room_access(user=request.user, slug=slug, action=Action.POST)
+        sent = async_to_sync(broadcast.publish_typing)(request.user, slug)
+        return Response({"room": slug, "sent": sent})
 
 
 def parse_body(request: Request, shape):

@@ -1,5 +1,5 @@
 // The REST calls the chat page makes: history pages, the long-polling fallback's
-// polls and writes, the room list's counts, and presence and typing while polling.
+// polls and writes, the room list's counts, and typing while polling.
 // Errors come as {status, code, message, retryAfter}, as the client expects them.
 
 export function makeApi(apiBase) {
@@ -49,10 +49,12 @@ export function makeApi(apiBase) {
       return get(`${roomPath(slug)}messages/?${params}`);
     },
     /** The fallback's long poll of a room's events. */
-    poll(slug, since, wait, signal, limit, epoch) {
+    poll(slug, since, wait, signal, limit, epoch, extra) {
       const params = new URLSearchParams({ since: String(since), wait: String(wait) });
       if (limit) params.set("limit", String(limit));
       if (epoch) params.set("epoch", epoch);
+      if (extra && extra.client) params.set("client", extra.client);
+      if (extra && extra.presenceTag) params.set("presence_tag", extra.presenceTag);
       return get(`${roomPath(slug)}events/?${params}`, signal);
     },
     post: (slug, body, clientId) => write("POST", `${roomPath(slug)}messages/`, { body, client_id: clientId }),
@@ -78,9 +80,7 @@ export function makeApi(apiBase) {
       if (before) params.set("before", String(before));
       return get(`${apiBase}search/?${params}`);
     },
-    /** Who is here (while polling): {users}. */
-    presence: (slug) => get(`${roomPath(slug)}presence/`),
-    /** Say we are here and typing (while polling). */
-    typing: (slug) => write("POST", `${roomPath(slug)}typing/`, {}),
+    /** Say we are typing (while polling): {room, sent}. */
+    typing: (slug) => write("POST", `${roomPath(slug)}typing/`),
   };
 }

@@ -1,14 +1,13 @@
 // Who is here, who is typing, and how far the others have read (pushes: no seq,
-// not stored). Over the socket they come as presence/typing/read frames; while
-// long polling, "Here now" is asked of the REST API every few seconds and our own
-// typing goes over REST. A typing notice ends when that person's message arrives
-// (or after TYPING_SHOWN ms without a new one).
+// not stored). They come as the client's "ephemeral" frames: over the socket, or in
+// the long polls' answers while falling back (the same frames; our own typing then
+// goes over REST, see client.typing). A typing notice ends when that person's
+// message arrives (or after TYPING_SHOWN ms without a new one).
 
 const TYPING_SHOWN = 4000; // ms a notice stays without a new one
 export const TYPING_EVERY = 2000; // ms between our own typing notices
-const POLL_PRESENCE = 5000; // ms between "Here now" asks while long polling
 
-export function bindPresence(client, { room, user, api, presenceLine, typingLine, schedule, onMarkers }) {
+export function bindPresence(client, { room, user, presenceLine, typingLine, schedule, onMarkers }) {
   let present = new Set();
   const typers = new Map(); // username -> time the notice expires
   const markers = new Map(); // username -> seq they have read to (not ours)
@@ -52,26 +51,6 @@ export function bindPresence(client, { room, user, api, presenceLine, typingLine
     if (ev.room === room && ev.type === "message.new" && typers.delete(ev.author)) changed();
   });
 
-  // While long polling there are no pushes: ask who is here.
-  let presenceTimer = null;
-  async function pollPresence() {
-    presenceTimer = null;
-    if (client.transport !== "poll") return;
-    try {
-      const answer = await api.presence(room);
-      present = new Set(answer.users);
-      for (const [u, until] of Object.entries(answer.typing || {})) if (u !== user) typers.set(u, Date.now() + Math.min(until * 1000, TYPING_SHOWN));
-      expireSoon();
-      changed();
-    } catch (err) {
-      /* the next ask tries again */
-    }
-    if (client.transport === "poll") presenceTimer = setTimeout(pollPresence, POLL_PRESENCE);
-  }
-  client.on("state", () => {
-    if (client.transport === "poll" && !presenceTimer) pollPresence();
-  });
-
   function draw() {
     const others = [...present].filter((u) => u !== user);
     presenceLine.textContent = present.size ? `Here now: ${[...present].sort().join(", ")}` : "";
@@ -101,10 +80,9 @@ export function bindPresence(client, { room, user, api, presenceLine, typingLine
     }
   }
 
-  /** Tell the room we are typing: over the socket, or REST while polling. */
+  /** Tell the room we are typing (the client picks the socket, or REST while polling). */
   function typing() {
-    if (client.transport === "poll") api.typing(room).catch(() => {});
-    else client.typing(room);
+    client.typing(room);
   }
 
   return { drawReaders, typing, hasMarkers: () => markers.size > 0 };
