@@ -31,7 +31,8 @@ import re
 from dataclasses import dataclass
 
 from django.db import connection
-from django.db.models import BooleanField, F, Func, Q, TextField, Value
+from django.db.models import Q
+from django.db.models.expressions import RawSQL
 
 from realtime.domain.access import room_access
 from realtime.domain.errors import ActionError
@@ -53,28 +54,6 @@ INDEX_NAME = "message_body_search"
 WORD = re.compile(r"\w+")
 # A word of the query and whether it is negated (`-word`); websearch syntax.
 QUERY_WORD = re.compile(r"(-?)(\w+)")
-
-
-class BodyVector(Func):
-    """to_tsvector('simple', body): exactly the indexed expression."""
-
-    template = f"to_tsvector('{TS_CONFIG}'::regconfig, %(expressions)s)"
-    output_field = TextField()
-
-
-class WebQuery(Func):
-    """websearch_to_tsquery('simple', q): user input, operators safe."""
-
-    template = f"websearch_to_tsquery('{TS_CONFIG}'::regconfig, %(expressions)s)"
-    output_field = TextField()
-
-
-class Matches(Func):
-    """vector @@ query."""
-
-    template = "%(expressions)s"
-    arg_joiner = " @@ "
-    output_field = BooleanField()
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +99,17 @@ def word_regex(word: str) -> str:
 
 def matching(rows, q: str, terms: Terms):
     if connection.vendor == "postgresql":
-        return rows.filter(Matches(BodyVector(F("body")), WebQuery(Value(q))))
+        # The matching ids come from the GIN index first, as a set the newest-first
+        # walk checks each row against. "OFFSET 0" keeps the planner from folding
+        # the subquery into the outer query, where for a rare word it would rather
+        # walk the ids backwards computing to_tsvector(body) on every row until a
+        # page is full: the whole table for a word in a handful of messages
+        # (bench/search.py: p95 895 ms over 100,000 messages before this).
+        hits = RawSQL(
+            f"SELECT id FROM {Message._meta.db_table} WHERE deleted_at IS NULL AND "
+            f"to_tsvector('{TS_CONFIG}'::regconfig, body) @@ websearch_to_tsquery('{TS_CONFIG}'::regconfig, %s) "
+            "OFFSET 0", [q])
+        return rows.filter(id__in=hits)
     for word in terms.wanted:
         rows = rows.filter(body__iregex=word_regex(word))
     for word in terms.excluded:
