@@ -1,5 +1,7 @@
 """Long polling, for clients whose WebSockets are blocked:
-`GET /api/v1/rooms/<slug>/events/?since=N&wait=S`.
+`GET /api/v1/rooms/<slug>/events/?since=N&wait=S`. (Past the rule of about 400
+lines on purpose: the held request, its Waiter in the fan-out and the parking
+between a page's polls are one mechanism, and each part's timing is the others'.)
 
 With `wait` (1 to 30 seconds) the request is held until the room has an event
 after `since`, or the wait ends; the answer has the same shape as without it:
