@@ -174,6 +174,18 @@ def demo(db):
 
 
 @pytest.fixture
+def clients(demo):
+    """A signed-in Django test client per demo user (REST calls, sync)."""
+    from django.test import Client
+
+    result = {}
+    for name, user in demo.items():
+        result[name] = Client()
+        result[name].force_login(user)
+    return result
+
+
+@pytest.fixture
 def cookies(demo):
     """A session cookie header for each demo user."""
     result = {}

@@ -12,15 +12,6 @@ from realtime.models import Event, Message, Room
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def clients(demo):
-    result = {}
-    for name, user in demo.items():
-        c = Client()
-        c.force_login(user)
-        result[name] = c
-    return result
-
 
 def post(client, room, body="hi", client_id="c1"):
     return client.post(f"/api/v1/rooms/{room}/messages/", {"body": body, "client_id": client_id}, content_type="application/json")

@@ -15,15 +15,6 @@ pytestmark = pytest.mark.django_db
 JSON = "application/json"
 
 
-@pytest.fixture
-def clients(demo):
-    result = {}
-    for name, user in demo.items():
-        c = Client()
-        c.force_login(user)
-        result[name] = c
-    return result
-
 
 def dm(client, users):
     return client.post("/api/v1/dms/", {"users": users}, content_type=JSON)

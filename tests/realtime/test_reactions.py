@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
-from django.test import Client
 
 from realtime.domain import services
 from realtime.models import Event, Message, Reaction, Room
@@ -253,16 +252,6 @@ def test_staff_react_where_they_may_post(demo):
 # ---------------------------------------------------------------------------
 # REST (the long-polling fallback)
 # ---------------------------------------------------------------------------
-@pytest.fixture
-def clients(demo):
-    result = {}
-    for name, user in demo.items():
-        client = Client()
-        client.force_login(user)
-        result[name] = client
-    return result
-
-
 def url(message_id: int, room: str = "general") -> str:
     return f"/api/v1/rooms/{room}/messages/{message_id}/reactions/"
 

@@ -21,15 +21,6 @@ pytestmark = pytest.mark.django_db
 JSON = "application/json"
 
 
-@pytest.fixture
-def clients(demo):
-    result = {}
-    for name, user in demo.items():
-        c = Client()
-        c.force_login(user)
-        result[name] = c
-    return result
-
 
 def create(client, name="Team Alpha!", visibility="public", **extra):
     return client.post("/api/v1/rooms/", {"name": name, "visibility": visibility, **extra}, content_type=JSON)

@@ -27,15 +27,6 @@ pytestmark = pytest.mark.django_db
 ON_POSTGRESQL = connection.vendor == "postgresql"
 
 
-@pytest.fixture
-def clients(demo):
-    result = {}
-    for name, user in demo.items():
-        c = Client()
-        c.force_login(user)
-        result[name] = c
-    return result
-
 
 @pytest.fixture
 def lift_search_limit(settings):
