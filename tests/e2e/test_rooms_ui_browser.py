@@ -12,6 +12,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.e2e.conftest import OPEN_CONTEXTS
+from tests.e2e.test_chat_browser import sign_in as shared_sign_in
 from tests.services import AppServer
 
 pytestmark = pytest.mark.e2e
@@ -33,19 +34,9 @@ def app_server(tmp_path_factory):
 
 
 def sign_in(browser, server, username, viewport=WIDE):
-    context = browser.new_context(viewport=viewport)
-    OPEN_CONTEXTS.append(context)
-    page = context.new_page()
-    errors = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
-    page.goto(f"{server.url}/accounts/login/?next=/rooms/general/")
-    page.fill("#id_username", username)
-    page.fill("#id_password", "demo-password")
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{server.url}/rooms/general/")
+    """test_chat_browser's sign-in, at this module's widths, waiting for the socket."""
+    page = shared_sign_in(browser, server, username, viewport=viewport)
     connected(page)
-    page.errors = errors
     return page
 
 
