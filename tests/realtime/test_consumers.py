@@ -305,10 +305,12 @@ async def test_a_consumer_that_fails_gives_back_its_leases_and_timers(cookies, d
     def broken(*args, **kwargs):
         raise RuntimeError("database away")
 
-    monkeypatch.setattr(consumers, "session_is_valid", broken)
     comm = communicator(cookies["bob"])
     await comm.connect()
     assert await connections.leases().count(demo["bob"].pk) == 1
+    # Broken only now: a recheck due before the count above (0.2 s, on a slow
+    # machine) would have ended the socket first.
+    monkeypatch.setattr(consumers, "session_is_valid", broken)
     with pytest.raises(RuntimeError):
         await comm.receive_output(timeout=3)  # the session check raised in the app
 
