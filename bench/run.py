@@ -313,6 +313,13 @@ def met(name: str, full, ratio) -> str:
     return f"{target}: {'met' if ok else 'not met'}"
 
 
+def comparisons() -> str:
+    """bench/comparisons.md (hand-written figures across commits), its headings one
+    level down, to sit in RESULTS.md under the generated tables."""
+    text = (ROOT / "bench" / "comparisons.md").read_text()
+    return "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines()).strip()
+
+
 def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
     from bench import codecs
 
@@ -367,6 +374,7 @@ def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
     lines += ["## rt.v1.json against rt.v1.msgpack (`python -m bench.codecs`)", "",
               "Encoding happens once per event and worker (both encodings are made when the event is published), "
               "decoding once per client frame.", "", codecs.table(), ""]
+    lines += [comparisons(), ""]
     lines += ["## Raw results (every run)", "", "```json",
               json.dumps({server: {name: details for name, *_, details in rows} for server, rows in tables.items()}, indent=1),
               "```", ""]

@@ -384,6 +384,8 @@ REALTIME = {
         "poll": env_rate("REALTIME_RATE_POLL", (5, 20)),
         # Searches (GET /api/v1/search/): each one a full-text query.
         "search": env_rate("REALTIME_RATE_SEARCH", (1, 10)),
+        # People looked up by the start of their name (GET /api/v1/people/), as one types.
+        "people": env_rate("REALTIME_RATE_PEOPLE", (5, 30)),
         # Frames that fail to decode or validate.
         "invalid": env_rate("REALTIME_RATE_INVALID", (5, 20)),
         # message.send (socket and REST) for an account still on probation.

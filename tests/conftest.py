@@ -57,6 +57,37 @@ def missing(what: str) -> None:
     pytest.skip(what)
 
 
+def run_module_on_postgresql(path: str, must_pass: tuple[str, ...] = ()) -> None:
+    """Run the test module at `path` again, whole, on a private PostgreSQL with every
+    migration applied (the module's tests run on the embedded SQLite otherwise):
+    all of it passes, nothing is skipped, and each test named in `must_pass` (one
+    the module defines on PostgreSQL only) passed there."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.services import ROOT, PostgresServer
+
+    try:
+        server = PostgresServer()
+    except FileNotFoundError as exc:
+        missing(str(exc))
+    server.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DJANGO_ALLOW_ASYNC_UNSAFE")}
+        env["DATABASE_URL"] = server.url
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", path, "-v", "-p", "no:randomly", "-p", "no:cacheprovider"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )
+    finally:
+        server.stop()
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    for name in must_pass:
+        assert f"{name} PASSED" in run.stdout, run.stdout
+    assert "skipped" not in run.stdout.splitlines()[-1], run.stdout
+
+
 class Clock:
     """A clock that stands still until the test moves it."""
 

@@ -12,21 +12,25 @@ is not the author. Anyone else (a non-member of a private room, a deactivated or
 unknown name) is left out: they are not in the event's `mentions`, get no Mention
 row, and so learn nothing and count nothing.
 
-The common case costs nothing: a body without `@` is not even scanned, and a batch
-of sends looks its names up in one query.
+The common case costs nothing: a body without `@` is not even scanned. A batch of
+sends looks its names up in one query (`resolve`), or, on PostgreSQL's one-statement
+write (domain/roomlog.py), inside that statement: there the policy's answer comes
+from `may_view`, a table of the (role, staff) pairs that may see the room, asked of
+`can` itself, so the SQL holds no second copy of the rule.
 """
 
 from __future__ import annotations
 
 import re
-from functools import reduce
+from functools import cache, reduce
 from operator import or_
+from types import SimpleNamespace
 
 from django.contrib.auth import get_user_model
 from django.db.models import OuterRef, Q, Subquery
 
 from realtime.domain.policy import Action, can
-from realtime.models import Membership, Room
+from realtime.models import Membership, Role, Room
 
 MAX_PER_MESSAGE = 20
 MENTION = re.compile(r"(?<![\w@])@(\w(?:[\w.+-]*\w)?)")
@@ -62,7 +66,7 @@ def resolve(room: Room, author, bodies: list[str]) -> list[list[Mentioned]]:
              .exclude(pk=author.pk).annotate(room_role=Subquery(role)).order_by("username"))
     by_name: dict[str, list[Mentioned]] = {}
     for user in users:
-        if can(user, Action.VIEW, is_public=room.is_public, role=user.room_role):
+        if can(user, Action.VIEW, is_public=room.is_public, role=user.room_role, kind=room.kind):
             by_name.setdefault(user.get_username().lower(), []).append((user.pk, user.get_username()))
     result = []
     for found in wanted:
@@ -73,3 +77,17 @@ def resolve(room: Room, author, bodies: list[str]) -> list[list[Mentioned]]:
                     mentioned.append(pair)
         result.append(mentioned)
     return result
+
+
+@cache
+def may_view(*, is_public: bool, kind: str) -> tuple[str, ...]:
+    """Who may see a room of this visibility and kind, as `role:staff` keys (`role`
+    empty for no membership, `staff` t or f) for every active user: the policy's
+    own answers (`can`), tabulated once, for SQL to compare a candidate's key with."""
+    keys = []
+    for role in (None, *Role.values):
+        for staff in (False, True):
+            someone = SimpleNamespace(is_authenticated=True, is_active=True, is_staff=staff, pk=None)
+            if can(someone, Action.VIEW, is_public=is_public, role=role, kind=kind):
+                keys.append(f"{role or ''}:{'t' if staff else 'f'}")
+    return tuple(keys)

@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import msgspec
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import connection, transaction
 from django.utils import timezone
 
 from realtime import protocol
+from realtime.domain import mentions
 from realtime.domain.access import RoomAccess, room_access
 from realtime.domain.errors import NO_SUCH_ROOM, ActionError
-from realtime.domain.mentions import Mentioned
 from realtime.domain.policy import Action
-from realtime.models import Event, Mention, Message, Room
+from realtime.models import Event, Membership, Mention, Message, Room
 from realtime.protocol import ErrorCode
 
 ROOM_TABLE = Room._meta.db_table
@@ -98,15 +100,27 @@ def insert(model, returning: str | None = None, **values):
 
 
 def new_message(slug: str, seq: int, message_id: int, author: str, body: str, client_id: str, now,
-                mentions: list[Mentioned] = ()) -> protocol.MessageNew:
+                mentions: list[str] = ()) -> protocol.MessageNew:
     return protocol.MessageNew(room=slug, seq=seq, id=message_id, author=author, body=body, client_id=client_id, ts=now,
-                               mentions=[name for _, name in mentions])
+                               mentions=list(mentions))
 
+
+class Written(NamedTuple):
+    message_id: int
+    seq: int
+    mentions: list[str]  # the usernames the message names (domain/mentions.py)
+
+
+USER = get_user_model()
+USERNAME_COLUMN = USER._meta.get_field(USER.USERNAME_FIELD).column
 
 # PostgreSQL: n messages to one room in one statement. The room row's UPDATE takes
 # n consecutive seqs under its lock; each message's row and its message.new event
 # are inserted in input order; the event's payload gets the new row's id. When a
-# message mentions anyone, MENTIONS_CTE adds their Mention rows in the same statement.
+# message has @names, MENTIONS_CTE resolves them (domain/mentions.py: an active
+# user other than the author who may see the room, the policy's answer for them
+# read from %(may_view)s), adds their Mention rows and their usernames to the
+# event's payload, all in the same statement.
 POST_SQL = f"""
 WITH taken AS (
     UPDATE {ROOM_TABLE} SET last_seq = last_seq + %(n)s WHERE id = %(room)s
@@ -121,64 +135,77 @@ WITH taken AS (
     RETURNING id, seq
 ){{mentions}}
 INSERT INTO {Event._meta.db_table} (room_id, seq, type, message_id, payload, created_at)
-SELECT %(room)s, posted.seq, 'message.new', posted.id, input.payload::jsonb || jsonb_build_object('id', posted.id),
-       %(now)s
+SELECT %(room)s, posted.seq, 'message.new', posted.id,
+       input.payload::jsonb || jsonb_build_object('id', posted.id){{named}}, %(now)s
 FROM posted CROSS JOIN taken JOIN input ON posted.seq = taken.base + input.i
-RETURNING message_id, seq
+RETURNING message_id, seq{{returning}}
 """
-MENTIONS_CTE = f""", mentioned AS (
+MENTIONS_CTE = f""", named AS (
+    SELECT m.i, m.k, u.id AS user_id, u.{USERNAME_COLUMN} AS username
+    FROM unnest(%(mention_i)s::bigint[], %(mention_name)s::text[]) WITH ORDINALITY AS m(i, name, k)
+    JOIN {USER._meta.db_table} u ON UPPER(u.{USERNAME_COLUMN}::text) = UPPER(m.name)
+    LEFT JOIN {Membership._meta.db_table} ms ON ms.room_id = %(room)s AND ms.user_id = u.id
+    WHERE u.is_active AND u.id <> %(author)s
+      AND COALESCE(ms.role, '') || ':' || CASE WHEN u.is_staff THEN 't' ELSE 'f' END = ANY(%(may_view)s)
+), mentioned AS (
     INSERT INTO {Mention._meta.db_table} (message_id, user_id, room_id, seq)
-    SELECT posted.id, m.user_id, %(room)s, posted.seq
-    FROM unnest(%(mention_i)s::bigint[], %(mention_user)s::bigint[]) WITH ORDINALITY AS m(i, user_id, k)
-    CROSS JOIN taken JOIN posted ON posted.seq = taken.base + m.i
-    ORDER BY m.k
+    SELECT posted.id, named.user_id, %(room)s, posted.seq
+    FROM named CROSS JOIN taken JOIN posted ON posted.seq = taken.base + named.i
+    ORDER BY named.k, named.username
 )"""
-POST_PLAIN, POST_MENTIONING = POST_SQL.replace("{mentions}", ""), POST_SQL.replace("{mentions}", MENTIONS_CTE)
+NAMED_PAYLOAD = """ || COALESCE((SELECT jsonb_build_object('mentions', jsonb_agg(named.username ORDER BY named.k, named.username))
+                  FROM named WHERE named.i = input.i HAVING count(*) > 0), '{}'::jsonb)"""
+POST_PLAIN = POST_SQL.format(mentions="", named="", returning="")
+POST_MENTIONING = POST_SQL.format(mentions=MENTIONS_CTE, named=NAMED_PAYLOAD, returning=", payload -> 'mentions'")
 
 
-def write_messages(room: Room, author, items: list[tuple[str, str]], now,
-                   mentions: list[list[Mentioned]] | None = None) -> list[tuple[int, int]]:
+def write_messages(room: Room, author, items: list[tuple[str, str]], now) -> list[Written]:
     """Post `items` ((body, client_id), already checked) to one room, in order: for
-    each its seq, its row and its message.new event, and a Mention row for each
-    user in its `mentions` (domain/mentions.resolve). (message id, seq) of each.
+    each its seq, its row, its message.new event, and the users its @names mention
+    (domain/mentions.py) with a Mention row each. Returns what was written, in order.
 
-    PostgreSQL: one statement, committed on its own (autocommit): one round trip
-    where the portable path takes 2 + 3n (BEGIN, UPDATE, INSERT, INSERT each,
-    COMMIT), the larger part of a message's time in the database. Elsewhere (or
-    inside a caller's transaction): one transaction. Either way all or nothing: a
-    repeated client_id fails the unique constraint (IntegrityError) and nothing is
-    written; a room deleted meanwhile is not_found."""
+    PostgreSQL: one statement, committed on its own (autocommit), names resolved
+    inside it: one round trip where the portable path takes 2 + 3n (BEGIN, UPDATE,
+    INSERT, INSERT each, COMMIT) and a query for the names, the larger part of a
+    message's time in the database. Elsewhere (or inside a caller's transaction):
+    one transaction. Either way all or nothing: a repeated client_id fails the
+    unique constraint (IntegrityError) and nothing is written; a room deleted
+    meanwhile is not_found."""
     name = author.get_username()
-    mentions = mentions or [()] * len(items)
     if connection.vendor == "postgresql" and not connection.in_atomic_block:
-        payloads = [msgspec.json.encode(stored_payload(new_message("", 0, 0, name, body, client_id, now, mentioned),
+        payloads = [msgspec.json.encode(stored_payload(new_message("", 0, 0, name, body, client_id, now),
                                                        without=("id",))).decode()
-                    for (body, client_id), mentioned in zip(items, mentions)]
+                    for body, client_id in items]
         params = {
             "n": len(items), "room": room.pk, "author": author.pk,
             "bodies": [body for body, _ in items], "client_ids": [client_id for _, client_id in items],
             "payloads": payloads, "now": Message._meta.get_field("created_at").get_db_prep_save(now, connection),
         }
-        if any(mentions):
-            pairs = [(i, user_id) for i, mentioned in enumerate(mentions, 1) for user_id, _ in mentioned]
-            params["mention_i"], params["mention_user"] = [i for i, _ in pairs], [user_id for _, user_id in pairs]
+        wanted = [(i, found) for i, (body, _) in enumerate(items, 1) for found in mentions.names_in(body)]
+        if wanted:
+            params["mention_i"], params["mention_name"] = [i for i, _ in wanted], [found for _, found in wanted]
+            params["may_view"] = list(mentions.may_view(is_public=room.is_public, kind=room.kind))
         with connection.cursor() as cursor:
-            cursor.execute(POST_MENTIONING if any(mentions) else POST_PLAIN, params)
+            cursor.execute(POST_MENTIONING if wanted else POST_PLAIN, params)
             rows = cursor.fetchall()
         if len(rows) != len(items):
             raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
-        return sorted(rows, key=lambda row: row[1])
+        # Django reads jsonb as text (its JSONField decodes it): so do we.
+        return sorted((Written(row[0], row[1], msgspec.json.decode(row[2]) if wanted and row[2] else [])
+                       for row in rows), key=lambda written: written.seq)
     written = []
     with transaction.atomic():
-        for (body, client_id), mentioned in zip(items, mentions):
+        resolved = mentions.resolve(room, author, [body for body, _ in items])
+        for (body, client_id), mentioned in zip(items, resolved):
             seq = next_seq(room.pk)
             message_id = insert(Message, returning="id", room=room.pk, author=author.pk, body=body,
                                 client_id=client_id, seq=seq, created_at=now)
-            append(room, new_message(room.slug, seq, message_id, name, body, client_id, now, mentioned),
+            names = [username for _, username in mentioned]
+            append(room, new_message(room.slug, seq, message_id, name, body, client_id, now, names),
                    message=message_id)
             for user_id, _ in mentioned:
                 insert(Mention, message=message_id, user=user_id, room=room.pk, seq=seq)
-            written.append((message_id, seq))
+            written.append(Written(message_id, seq, names))
     return written
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db.models import Count, F, OuterRef, Q, Subquery, Value
 from django.db.models.functions import Coalesce
 
 from realtime.domain.access import room_access
+from realtime.domain.errors import ActionError
 from realtime.domain.policy import Action
 from realtime.models import Membership, Mention, Message, Reaction, ReadState, Room, RoomKind
+from realtime.protocol import ErrorCode
 
 
 def visible_rooms(*, user, browse: bool = False, slug: str | None = None) -> list[dict]:
@@ -147,3 +150,26 @@ def _reactions_and_mentions(ids: list[int]) -> tuple[dict[int, dict[str, list[st
                              .values_list("message_id", "user__username")):
         mentioned.setdefault(message_id, []).append(name)
     return reactions, mentioned
+
+
+PEOPLE_MAX = 8  # names a people lookup answers with
+PEOPLE_PREFIX_MAX = 150  # a username's longest (Django's)
+
+
+def people_prefix(q: str) -> str:
+    """A people lookup's `q`, checked: the start of a username (a leading @ dropped)."""
+    prefix = q.strip().lstrip("@")
+    if not prefix or len(prefix) > PEOPLE_PREFIX_MAX or not prefix.isprintable():
+        raise ActionError(ErrorCode.INVALID, f"q: the start of a username, 1 to {PEOPLE_PREFIX_MAX} characters")
+    return prefix
+
+
+def people(*, user, prefix: str, limit: int = PEOPLE_MAX) -> list[str]:
+    """The usernames of active people (not `user`) that start with `prefix`, without
+    regard to case, in name order: who a DM or an invitation may name. Usernames
+    are no secret between signed-in people (every message carries its author's),
+    and this says nothing more about anyone."""
+    prefix = people_prefix(prefix)
+    User = get_user_model()
+    return list(User.objects.filter(**{f"{User.USERNAME_FIELD}__istartswith": prefix}, is_active=True)
+                .exclude(pk=user.pk).order_by(User.USERNAME_FIELD).values_list(User.USERNAME_FIELD, flat=True)[:limit])

@@ -144,13 +144,12 @@ def message_send(*, user, slug: str, body: str, client_id: str, access: RoomAcce
     # A first send (the usual case) is written straight away; a repeat of its
     # client_id fails the unique constraint and is answered with the original.
     now = timezone.now()
-    [mentioned] = mentions.resolve(room, user, [body])
     try:
-        [(message_id, seq)] = roomlog.write_messages(room, user, [(body, client_id)], now, [mentioned])
+        [(message_id, seq, named)] = roomlog.write_messages(room, user, [(body, client_id)], now)
     except IntegrityError:
         # A repeat (a retry after a lost ack, or a concurrent one that won the race).
         return _repeat(user, client_id, room)
-    event = roomlog.new_message(room.slug, seq, message_id, user.get_username(), body, client_id, now, mentioned)
+    event = roomlog.new_message(room.slug, seq, message_id, user.get_username(), body, client_id, now, named)
     return MessageResult(room=room.slug, id=message_id, seq=seq), [event]
 
 
@@ -199,12 +198,11 @@ def _send_run(user, sends: list[dict], start: int, end: int, outcomes: list) -> 
     if len(run) < 2:
         return
     room, author, now = access.room, user.get_username(), timezone.now()
-    mentioned = mentions.resolve(room, user, [body for _, body, _ in run])  # one query for the run, if any
     try:
-        written = roomlog.write_messages(room, user, [(body, client_id) for _, body, client_id in run], now, mentioned)
+        written = roomlog.write_messages(room, user, [(body, client_id) for _, body, client_id in run], now)
     except (IntegrityError, ActionError):
         return  # a repeat among them, or the room is gone: nothing was written
-    for (i, body, client_id), (message_id, seq), named in zip(run, written, mentioned):
+    for (i, body, client_id), (message_id, seq, named) in zip(run, written):
         outcomes[i] = (MessageResult(room=room.slug, id=message_id, seq=seq),
                        [roomlog.new_message(room.slug, seq, message_id, author, body, client_id, now, named)])
 

@@ -179,7 +179,13 @@ function removedState(text) {
     form.setAttribute("aria-describedby", p.id);
     form.before(p);
   } else list.after(p);
+  readOnly();
+}
+// The page after losing the room or the session: messages stay readable, nothing
+// on them or the room can be acted on.
+function readOnly() {
   list.classList.add("removed");
+  view.readOnly();
   for (const id of ["leave-button", "members-button"]) if ($(id)) $(id).disabled = true;
 }
 client.on("error", (err) => {
@@ -197,6 +203,10 @@ bindStatus(client, {
       const p = notice("signed-out", "You were signed out (in another tab or window).", { href: loginHref(config.loginUrl), text: "Sign in again" });
       if ($("composer")) composer.signedOut(p);
       else list.after(p);
+      readOnly();
+      // There is no session left to end: the header offers signing in instead.
+      const logout = $("logout-form");
+      if (logout) logout.replaceWith(Object.assign(document.createElement("a"), { href: loginHref(config.loginUrl), textContent: "Sign in", id: "signin-link" }));
     }
   },
 });

@@ -55,6 +55,9 @@ def until(predicate, timeout=10.0):
 def test_logout_in_another_tab_shows_signed_out_and_keeps_what_was_unsent(app_server, browser, artifacts):
     bob = sign_in(browser, app_server, "bob", init_script=HOLD)
     connected(bob)
+    send(bob, "said before the logout")
+    expect(bob.locator('#messages li[data-state="sent"] .actions button')).to_have_text(
+        ["☺ React", "Edit", "Delete"], timeout=10_000)
     bob.evaluate("window.__holdSends = true")
     send(bob, "typed just before the logout")
     expect(bob.locator('#messages li[data-state="pending"]')).to_have_count(1)
@@ -75,6 +78,12 @@ def test_logout_in_another_tab_shows_signed_out_and_keeps_what_was_unsent(app_se
     expect(failed.locator(".state")).to_have_text("not sent: signed out")
     expect(failed.locator(".hint")).to_contain_text("Sign in again, then press Retry")
     assert bob.locator('#messages li[data-state="pending"]').count() == 0
+    # Nothing left to act on: no React, Edit or Delete, no Members or Leave, and the
+    # header offers signing in, not a logout of a session that is gone.
+    expect(bob.locator("#messages .actions button")).to_have_count(0)
+    expect(bob.locator("#members-button")).to_be_disabled()
+    expect(bob.get_by_role("button", name="Log out")).to_have_count(0)
+    assert bob.locator("#signin-link").get_attribute("href") == "/accounts/login/?next=%2Frooms%2Fgeneral%2F"
     bob.screenshot(path=str(artifacts / "signed-out.png"))
 
     # Signing in again brings the unsent message back, and Retry sends it.

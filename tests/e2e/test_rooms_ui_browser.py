@@ -177,6 +177,10 @@ def test_private_room_invite_mention_reactions_dm_and_removal(app_server, browse
     expect(bob.locator("#access-notice")).to_have_text("You were removed from this room. Back to your rooms", timeout=10_000)
     expect(bob.locator("#body")).to_be_disabled()
     expect(bob.locator("#send")).to_be_disabled()
+    # The messages stay readable; nothing on them can be acted on any more.
+    expect(message(bob, "Welcome")).to_have_count(1)
+    expect(bob.locator("#messages .actions button")).to_have_count(0)
+    expect(bob.locator("#leave-button")).to_be_disabled()
     bob.screenshot(path=str(artifacts / "rooms-removed-1280.png"))
     expect(bob.locator('#room-list a[data-room="launch-plan"]')).to_have_count(1)  # the open room stays listed
     assert alice.errors == [] and bob.errors == []
@@ -218,7 +222,12 @@ def test_two_people_who_just_signed_up_share_a_private_room_a_dm_mentions_reacti
     connected(dana)
     dana.locator("#members-button").click()
     members = dana.get_by_role("dialog", name="Members of #kiwi-project")
-    members.get_by_label("Add someone").fill("erin")
+    # The people picker: the start of a name offers the people it fits.
+    members.get_by_label("Add someone").fill("er")
+    suggestions = members.get_by_role("listbox", name="People")
+    expect(suggestions.get_by_role("option")).to_have_text(["erin"])
+    suggestions.get_by_role("option", name="erin").click()
+    expect(members.get_by_label("Add someone")).to_have_value("erin")
     members.get_by_role("button", name="Add").click()
     expect(dana.locator("#member-list li")).to_have_count(2, timeout=10_000)
     dana.keyboard.press("Escape")
@@ -245,7 +254,11 @@ def test_two_people_who_just_signed_up_share_a_private_room_a_dm_mentions_reacti
     expect(message(erin, "great, thanks").locator(".chip")).to_have_accessible_name("🎉 1: dana", timeout=10_000)
 
     erin.get_by_role("button", name="New message").click()
-    erin.get_by_label("To", exact=True).fill("dana")
+    to = erin.get_by_label("To", exact=True)
+    to.fill("da")
+    expect(erin.get_by_role("dialog", name="New message").get_by_role("option")).to_have_text(["dana"])
+    to.press("Enter")  # takes the suggestion, does not submit
+    expect(to).to_have_value("dana, ")
     erin.get_by_role("dialog", name="New message").get_by_role("button", name="Open").click()
     erin.wait_for_url(re.compile(r"/rooms/dm-[a-z0-9-]+/$"))
     connected(erin)
@@ -265,6 +278,22 @@ def test_two_people_who_just_signed_up_share_a_private_room_a_dm_mentions_reacti
     erin.wait_for_url(re.compile(r"/rooms/kiwi-project/\?at=3#m\d+$"))  # seq 3: after two member.joined
     expect(message(erin, "kiwi harvest")).to_be_focused(timeout=10_000)
     dana.screenshot(path=str(artifacts / "journey-dm-1280.png"))
+
+    # dana, the room's only owner, leaves it: she names erin the owner on the way out.
+    dana.locator('#room-list a[data-room="kiwi-project"]').click()
+    dana.wait_for_url(f"{app_server.url}/rooms/kiwi-project/")
+    connected(dana)
+    dana.locator("#leave-button").click()
+    confirm = dana.get_by_role("alertdialog")
+    expect(confirm).to_have_accessible_name("You are the last owner of #kiwi-project. Leave it and make someone "
+                                            "else its owner?")
+    expect(confirm.get_by_label("New owner")).to_have_value("erin")
+    dana.screenshot(path=str(artifacts / "journey-hand-over-1280.png"))
+    confirm.get_by_role("button", name="Hand over and leave").click()
+    dana.wait_for_url(f"{app_server.url}/")
+    expect(erin.locator("#room-title")).to_have_text("Kiwi Project #kiwi-project · private · owner", timeout=10_000)
+    roles = dana.request.get(f"{app_server.url}/api/v1/rooms/kiwi-project/members/")
+    assert roles.status == 404  # dana is no member of the private room any more
     assert dana.errors == [] and erin.errors == []
 
 

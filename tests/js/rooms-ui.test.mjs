@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { badges, countText, dmName, pageTitle, roomLabel, sidebarGroups, totalUnread } from "../../static/realtime/ui/roomlist.js";
 import { applyReaction, chipLabel, chips, cleanEmoji } from "../../static/realtime/ui/reactions.js";
 import { resultHref, snippetNodes, snippetText } from "../../static/realtime/ui/snippet.js";
-import { mentionQuery, suggest } from "../../static/realtime/ui/mentionbox.js";
+import { mentionQuery, personQuery, suggest } from "../../static/realtime/ui/mentionbox.js";
 import { assignableRoles } from "../../static/realtime/ui/members.js";
 import { parseUsernames } from "../../static/realtime/ui/roomdialogs.js";
 import { worthNotifying } from "../../static/realtime/ui/notify.js";
@@ -114,6 +114,15 @@ test("@-autocomplete: the prefix at the caret, and members who match", () => {
   assert.equal(mentionQuery("hello bob", 9), null);
   assert.deepEqual(suggest(["carol", "Bob", "alice", "bobby"], "bo", "alice"), ["Bob", "bobby"]);
   assert.deepEqual(suggest(["carol", "alice"], "", "alice"), ["carol"]);
+});
+
+test("people picker: the last name being typed in a list of usernames", () => {
+  assert.deepEqual(personQuery("bo", 2), { start: 0, prefix: "bo", length: 2 });
+  assert.deepEqual(personQuery("bob, ca", 7), { start: 5, prefix: "ca", length: 2 });
+  assert.deepEqual(personQuery("bob carol; @da", 14), { start: 11, prefix: "da", length: 3 });
+  assert.deepEqual(personQuery("bob, carol", 3), { start: 0, prefix: "bob", length: 3 }); // the caret decides
+  assert.equal(personQuery("bob, ", 5), null);
+  assert.equal(personQuery("", 0), null);
 });
 
 test("who may give which role: owners any, moderators members and readers only", () => {

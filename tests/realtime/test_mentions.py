@@ -2,19 +2,14 @@
 and message.edited as `mentions`, counted per user and room after their read
 position (GET /api/v1/rooms/), cleared by reading; nothing for someone who cannot
 see the room. The send fast path stays as it was for a body without `@`, resolves
-a batch's names in one query, and on PostgreSQL writes the mentions in its one
-statement.
+a batch's names in one query, and on PostgreSQL resolves and writes them inside
+its one statement (the module runs again there: test_the_same_tests_pass_on_postgresql).
 
 Demo data (tests/conftest.py): general is public (alice owner, bob member, carol
 reader); ops is private (alice owner, bob member); admin is staff.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -23,9 +18,9 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from realtime.domain import mentions, selectors, services
+from realtime.domain import mentions, rooms, selectors, services
 from realtime.models import Event, Membership, Mention, Message, Role, Room
-from tests.conftest import assert_quiet, call, missing, socket, subscribe
+from tests.conftest import assert_quiet, call, run_module_on_postgresql, socket, subscribe
 
 
 def send(user, body: str, room: str = "general", client_id: str = "m1") -> int:
@@ -248,55 +243,47 @@ def test_a_batch_looks_its_names_up_in_one_query(demo):
 
 
 # ---------------------------------------------------------------------------
-# PostgreSQL: the one-statement path (roomlog.POST_MENTIONING)
+# Who is named, in every kind of room, on both write paths
 # ---------------------------------------------------------------------------
-PG_SCRIPT = """
-import json
-from django.contrib.auth import get_user_model
-from realtime.domain import selectors, services
-from realtime.models import Membership, Mention, Room, Event
-User = get_user_model()
-alice, bob, carol = (User.objects.create_user(n) for n in ("alice", "bob", "carol"))
-User.objects.create_user("dave", is_staff=True)
-room = Room.objects.create(slug="ops", title="Ops", is_public=False)
-for u in (alice, bob):
-    Membership.objects.create(room=room, user=u, role="member")
-sends = [{"slug": "ops", "body": b, "client_id": f"c{i}"}
-         for i, b in enumerate(["plain", "@bob hi", "@carol @dave @bob @alice", "also plain"])]
-outcomes = services.message_send_many(user=alice, sends=sends)
-alone = services.message_send(user=alice, slug="ops", body="just @bob", client_id="solo")
-plain = services.message_send_many(user=alice, sends=[{"slug": "ops", "body": f"p{i}", "client_id": f"p{i}"}
-                                                      for i in range(2)])  # POST_PLAIN
-print(json.dumps({
-    "seqs": [r.seq for r, _ in outcomes] + [alone[0].seq] + [r.seq for r, _ in plain],
-    "events": [[e.seq, e.type, e.payload.get("mentions")] for e in Event.objects.order_by("seq")],
-    "rows": list(Mention.objects.order_by("id").values_list("message__seq", "user__username", "seq")),
-    "rooms": [(r["slug"], r["unread"], r["mentions"]) for r in selectors.visible_rooms(user=bob)],
-}))
-"""
+@pytest.mark.django_db(transaction=True)  # autocommit: on PostgreSQL the one-statement write (roomlog.POST_MENTIONING)
+def test_who_is_named_in_each_kind_of_room(demo):
+    """The same answers from PostgreSQL's one statement (names resolved inside it,
+    the policy read from mentions.may_view) and from the portable path
+    (mentions.resolve), which this module's run on SQLite takes."""
+    User = get_user_model()
+    alice = demo["alice"]
+    User.objects.create_user("dave", is_active=False)
+    eves = [User.objects.create_user(name) for name in ("eve", "Eve")]  # two users, one name without case
+    club = Room.objects.create(slug="club", title="Club", is_public=False)
+    for user, role in ((alice, Role.OWNER), (demo["carol"], Role.READER), *((eve, Role.MEMBER) for eve in eves)):
+        Membership.objects.create(room=club, user=user, role=role)
+    (dm, _), _ = rooms.dm_open(user=alice, usernames=["bob"])
+    body = "@carol @admin @bob @dave @nobody @ALICE @EVE"
+    # Public: anyone active but the author. Private: members (a reader too) and staff.
+    # A DM: its people only (staff are no exception).
+    expected = {"general": ["carol", "admin", "bob", "Eve", "eve"], "ops": ["admin", "bob"],
+                "club": ["carol", "admin", "Eve", "eve"], dm.slug: ["bob"]}
+    for slug, names in expected.items():
+        sends = [{"slug": slug, "body": b, "client_id": f"{slug}-{i}"} for i, b in enumerate([body, "plain", body])]
+        with CaptureQueriesContext(connection) as batch:
+            outcomes = services.message_send_many(user=alice, sends=sends)
+        assert [events[0].mentions for _, events in outcomes] == [names, [], names], slug
+        _, [single] = services.message_send(user=alice, slug=slug, body=f"again {body}", client_id=f"{slug}-s")
+        assert single.mentions == names, slug
+        lookups = [q for q in user_queries(batch) if q.lstrip().upper().startswith("SELECT")]
+        # PostgreSQL resolves the batch's names inside its write; elsewhere one query does.
+        assert len(lookups) == (0 if connection.vendor == "postgresql" else 1), lookups
+        seqs = [result.seq for result, _ in outcomes]
+        stored = Event.objects.filter(room__slug=slug, seq__in=seqs).order_by("seq")
+        assert [e.payload.get("mentions") for e in stored] == [names, None, names], slug
+        assert list(Mention.objects.filter(room__slug=slug, seq__in=seqs).order_by("seq", "id")
+                    .values_list("seq", "user__username")) == [(seqs[0], n) for n in names] + [(seqs[2], n) for n in names]
 
 
-def test_on_postgresql_the_one_statement_path_writes_the_mentions():
-    from tests.services import ROOT, PostgresServer
-
-    try:
-        server = PostgresServer().start()
-    except FileNotFoundError as exc:
-        missing(str(exc))
-    try:
-        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DJANGO_SETTINGS_MODULE")}
-        env["DATABASE_URL"] = server.url
-        run = [sys.executable, "manage.py"]
-        subprocess.run([*run, "migrate", "-v0"], cwd=ROOT, env=env, check=True)
-        out = subprocess.run([*run, "shell", "-c", PG_SCRIPT], cwd=ROOT, env=env, check=True, capture_output=True,
-                             text=True).stdout
-    finally:
-        server.stop()
-    result = json.loads(out.strip().splitlines()[-1])
-    assert result["seqs"] == [1, 2, 3, 4, 5, 6, 7]
-    assert result["events"] == [[1, "message.new", None], [2, "message.new", ["bob"]],
-                                [3, "message.new", ["dave", "bob"]], [4, "message.new", None],
-                                [5, "message.new", ["bob"]], [6, "message.new", None], [7, "message.new", None]]
-    # carol is no member of the private room (dave is staff); alice is the author.
-    assert result["rows"] == [[2, "bob", 2], [3, "dave", 3], [3, "bob", 3], [5, "bob", 5]]
-    assert result["rooms"] == [["ops", 7, 3]]
+# On SQLite only (the run it starts is the PostgreSQL one).
+if connection.vendor != "postgresql":
+    @pytest.mark.timeout(300)
+    def test_the_same_tests_pass_on_postgresql():
+        """This module again, on a private PostgreSQL: the socket tests and the one
+        above take the one-statement write there."""
+        run_module_on_postgresql(__file__)

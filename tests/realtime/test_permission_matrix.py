@@ -256,13 +256,13 @@ def world(role) -> World:
     for kind in KINDS:
         room = Room.objects.create(slug=kind, title=kind.title(), is_public=kind == "public")
         Membership.objects.create(room=room, user=poster, role=Role.MEMBER)
-        [(other[kind], _)] = roomlog.write_messages(room, poster, [("poster's words", f"poster-{kind}")], now)
+        [(other[kind], _, _)] = roomlog.write_messages(room, poster, [("poster's words", f"poster-{kind}")], now)
         if user is None:
             own[kind] = other[kind]
             continue
         if role in MEMBERSHIP:
             Membership.objects.create(room=room, user=user, role=MEMBERSHIP[role])
-        [(own[kind], _)] = roomlog.write_messages(room, user, [(f"{role}'s words", f"own-{kind}")], now)
+        [(own[kind], _, _)] = roomlog.write_messages(room, user, [(f"{role}'s words", f"own-{kind}")], now)
         Reaction.objects.create(message_id=other[kind], user=user, emoji=HAD)
     cookie = None
     if user is not None:

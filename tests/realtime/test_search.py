@@ -9,18 +9,13 @@ runs too.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 from django.db import connection
 from django.test import Client
 
 from realtime.domain import search, services
 from realtime.models import Membership, Message, Room
-from tests.conftest import missing
-from tests.services import ROOT, PostgresServer
+from tests.conftest import run_module_on_postgresql
 
 pytestmark = pytest.mark.django_db
 
@@ -231,22 +226,5 @@ if ON_POSTGRESQL:
 if not ON_POSTGRESQL:
     @pytest.mark.timeout(300)
     def test_the_same_tests_pass_on_postgresql():
-        """This module again, on a private PostgreSQL with every migration applied."""
-        try:
-            server = PostgresServer()
-        except FileNotFoundError as exc:
-            missing(str(exc))
-        server.start()
-        try:
-            env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DJANGO_ALLOW_ASYNC_UNSAFE")}
-            env["DATABASE_URL"] = server.url
-            run = subprocess.run(
-                [sys.executable, "-m", "pytest", __file__, "-v", "-p", "no:randomly", "-p", "no:cacheprovider"],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-            )
-        finally:
-            server.stop()
-        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-        # The index test ran there, and nothing was skipped.
-        assert "test_postgresql_answers_from_the_gin_index PASSED" in run.stdout, run.stdout
-        assert "skipped" not in run.stdout.splitlines()[-1], run.stdout
+        """This module again, on a private PostgreSQL, where the index test runs too."""
+        run_module_on_postgresql(__file__, must_pass=("test_postgresql_answers_from_the_gin_index",))

@@ -21,7 +21,7 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
 from rest_framework import serializers
 
 from realtime import protocol
-from realtime.domain import search
+from realtime.domain import search, selectors
 from realtime.protocol import ErrorCode
 
 
@@ -201,6 +201,11 @@ class SearchPage(serializers.Serializer):
     next = serializers.IntegerField(allow_null=True, help_text="the `before` of the next page; null on the last")
 
 
+class PeoplePage(serializers.Serializer):
+    people = serializers.ListField(child=serializers.CharField(), help_text=(
+        f"usernames in name order, at most {selectors.PEOPLE_MAX}, never the asker's"))
+
+
 # ---------------------------------------------------------------------------
 # Parameters
 # ---------------------------------------------------------------------------
@@ -224,6 +229,11 @@ PRESENCE_TAG = OpenApiParameter("presence_tag", {"type": "string", "pattern": "^
                                             "first poll, answered at once with the room's presence and read markers)")
 EPOCH = OpenApiParameter("epoch", {"type": "string", "pattern": "^[A-Za-z0-9]{1,16}$"}, OpenApiParameter.QUERY,
                          description="the epoch `since` counts in (a different one: 410)")
+PEOPLE = [
+    OpenApiParameter("q", {"type": "string", "minLength": 1, "maxLength": selectors.PEOPLE_PREFIX_MAX},
+                     OpenApiParameter.QUERY, required=True,
+                     description="the start of a username, any case (a leading @ is ignored)"),
+]
 SEARCH = [
     OpenApiParameter("q", {"type": "string", "minLength": 1, "maxLength": search.MAX_QUERY_LENGTH},
                      OpenApiParameter.QUERY, required=True,

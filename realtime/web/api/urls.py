@@ -8,6 +8,7 @@ from realtime.web.api import views
 urlpatterns = [
     path("rooms/", views.RoomList.as_view(), name="api-rooms"),
     path("search/", views.Search.as_view(), name="api-search"),
+    path("people/", views.People.as_view(), name="api-people"),
     # The OpenAPI 3 schema of this API, and Swagger UI over it (its script a file:
     # the page runs under the app's Content-Security-Policy).
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),

@@ -363,6 +363,19 @@ class Search(ActionView):
             user=request.user, q=params.get("q", ""), room=room, before=before, limit=limit))
 
 
+class People(ActionView):
+    """GET ?q=<the start of a username>: the people a DM or an invitation may name
+    (selectors.people), for the page's pickers."""
+
+    @extend_schema(summary="People whose username starts so", parameters=doc.PEOPLE,
+                   responses={200: doc.PeoplePage, **doc.errors(429)})
+    def get(self, request: Request) -> Response:
+        q = request.query_params.get("q", "")
+        selectors.people_prefix(q)  # a bad prefix costs no token
+        take_token(request, "people")
+        return Response({"people": selectors.people(user=request.user, prefix=q)})
+
+
 class Tickets(ActionView):
     """A single-use ticket, valid for 30 s, to open /ws/v1/?ticket=... without the
     session cookie. It stands for the session that asked for it."""

@@ -74,6 +74,8 @@ export function makeApi(apiBase) {
     setRole: (slug, username, role) => write("PATCH", `${roomPath(slug)}members/${encodeURIComponent(username)}/`, { role }),
     removeMember: (slug, username) => write("DELETE", `${roomPath(slug)}members/${encodeURIComponent(username)}/`),
     openDm: (users) => write("POST", `${apiBase}dms/`, { users }),
+    /** Usernames that start with `q` (the pickers): a list, never our own. */
+    people: (q) => get(`${apiBase}people/?${new URLSearchParams({ q })}`).then((answer) => answer.people),
     search(q, { room = null, before = null } = {}) {
       const params = new URLSearchParams({ q });
       if (room) params.set("room", room);

@@ -44,21 +44,32 @@ export function showError(el, err) {
 }
 
 /** Ask; resolves true when the person confirms. `run` (async) is done before the
- * dialog closes, and its error is shown in it (the person may cancel then). */
-export function confirmDialog(text, okLabel, run = null) {
+ * dialog closes, and its error is shown in it (the person may cancel then). With
+ * `choice` ({label, options}) the dialog also asks to pick one of `options`, and
+ * `run` is given the one picked. */
+export function confirmDialog(text, okLabel, run = null, choice = null) {
   const dialog = document.getElementById("confirm-dialog");
   const ok = document.getElementById("confirm-ok");
   const problem = document.getElementById("confirm-error");
+  const slot = document.getElementById("confirm-choice");
   document.getElementById("confirm-text").textContent = text;
   ok.textContent = okLabel;
   showError(problem, null);
+  let select = null;
+  slot.replaceChildren();
+  slot.hidden = !choice;
+  if (choice) {
+    select = Object.assign(document.createElement("select"), { id: "confirm-select" });
+    for (const option of choice.options) select.append(Object.assign(document.createElement("option"), { value: option, textContent: option }));
+    slot.append(Object.assign(document.createElement("label"), { htmlFor: select.id, textContent: choice.label }), select);
+  }
   return new Promise((resolve) => {
     const onClick = async (e) => {
       e.preventDefault();
       if (!run) return dialog.close("ok");
       ok.disabled = true;
       try {
-        await run();
+        await run(select ? select.value : undefined);
         dialog.close("ok");
       } catch (err) {
         showError(problem, err);
@@ -72,6 +83,6 @@ export function confirmDialog(text, okLabel, run = null) {
       resolve(dialog.returnValue === "ok");
     }, { once: true });
     dialog.returnValue = "";
-    openDialog(dialog, document.getElementById("confirm-cancel"));
+    openDialog(dialog, select || document.getElementById("confirm-cancel"));
   });
 }

@@ -1,11 +1,12 @@
 // The open room's members: the count on the header's Members button and the
 // panel (a dialog) that lists them with their roles. Owners and moderators add
-// someone by username, change roles and remove people (owners alone give, take or
+// someone by username (suggested as they type), change roles and remove people (owners alone give, take or
 // act on the owner and moderator roles, as the server's policy says); anyone may
-// Leave (after a confirm). member.joined / member.left / member.role events keep
+// Leave (after a confirm; the last owner names the next one there). member.joined / member.left / member.role events keep
 // it current; our own removal is told to the page (onRemoved).
 
 import { bindDialog, confirmDialog, openDialog, showError } from "./dialog.js";
+import { bindPeoplePicker } from "./mentionbox.js";
 
 const ROLES = ["owner", "moderator", "member", "reader"];
 const OWNER_ONLY = new Set(["owner", "moderator"]);
@@ -93,6 +94,7 @@ export function bindMembers(client, { room, me, kind, role, api, onRemoved, onCh
     load().catch((err) => showError($("members-error"), err));
   });
 
+  bindPeoplePicker({ input: $("add-member-name"), list: $("add-member-suggest"), lookup: api.people });
   $("add-member-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     const input = $("add-member-name");
@@ -111,7 +113,21 @@ export function bindMembers(client, { room, me, kind, role, api, onRemoved, onCh
   const leave = $("leave-button");
   if (leave) {
     leave.addEventListener("click", async () => {
-      const left = await confirmDialog(`Leave #${room}? ${members.size && myRole === "owner" ? "If you are its last owner, make someone else an owner first." : ""}`.trim(), "Leave", () => api.leave(room));
+      if (!loaded) await load().catch(() => {});
+      const owners = [...members].filter(([, r]) => r === "owner").map(([u]) => u);
+      const others = [...members.keys()].filter((u) => u !== me).sort((a, b) => a.localeCompare(b));
+      let left;
+      if (myRole === "owner" && owners.length === 1 && others.length) {
+        // The last owner hands the room over on the way out (the server refuses
+        // the last owner's leave: someone must be able to manage the room).
+        left = await confirmDialog(`You are the last owner of #${room}. Leave it and make someone else its owner?`,
+          "Hand over and leave", async (heir) => {
+            await api.setRole(room, heir, "owner");
+            await api.leave(room);
+          }, { label: "New owner", options: others });
+      } else {
+        left = await confirmDialog(`Leave #${room}?`, "Leave", () => api.leave(room));
+      }
       if (left) location.assign("/");
     });
   }

@@ -319,6 +319,15 @@ export function createMessageView({ list, room, me, canPost, canModerate, canRea
     },
     pending,
     jumpToLatest,
+    /** No more acting on messages (removed from the room, signed out): no React,
+     * Edit or Delete, no reacting by a chip, and any open edit or "delete?" closed. */
+    readOnly() {
+      canPost = canModerate = canReact = false;
+      editing.clear();
+      confirming.clear();
+      for (const key of nodes.keys()) if (key.startsWith("m")) dirty.add(key);
+      schedule(render);
+    },
     /** Draw what goes on rendered messages from elsewhere again (read markers). */
     decorate: () => afterRender(list, { attached: attached() }),
   };

@@ -1,9 +1,11 @@
 // The sidebar's dialogs: "New room" (name, public or private, topic; the API's
 // errors shown in the dialog), "Browse rooms" (public rooms one is not in, each
 // with Join) and "New message" (a DM with one or more people). Each ends by
-// opening the room it made, joined or found.
+// opening the room it made, joined or found. The DM's "To" suggests people as
+// one types (mentionbox.js).
 
 import { bindDialog, openDialog, showError } from "./dialog.js";
+import { bindPeoplePicker } from "./mentionbox.js";
 
 const roomUrl = (slug) => `/rooms/${encodeURIComponent(slug)}/`;
 
@@ -93,6 +95,7 @@ export function bindRoomDialogs({ api, me, go = (url) => location.assign(url) })
   // -- new direct message ------------------------------------------------------------
   const dm = bindDialog($("dm-dialog"));
   const dmForm = $("dm-form");
+  bindPeoplePicker({ input: $("dm-users"), list: $("dm-suggest"), lookup: api.people, multiple: true });
   $("new-dm").addEventListener("click", () => {
     dmForm.reset();
     showError($("dm-error"), null);
