@@ -369,6 +369,8 @@ REALTIME = {
         "ping": env_rate("REALTIME_RATE_PING", (2, 10)),
         "typing": env_rate("REALTIME_RATE_TYPING", (2, 5)),
         "read": env_rate("REALTIME_RATE_READ", (5, 20)),
+        # Pages of who is in a room (presence.list), as one scrolls the list.
+        "presence.list": env_rate("REALTIME_RATE_PRESENCE_LIST", (5, 20)),
         # reaction.add and reaction.remove (socket and REST), a bucket each.
         "reaction.add": env_rate("REALTIME_RATE_REACTION", (5, 20)),
         "reaction.remove": env_rate("REALTIME_RATE_REACTION", (5, 20)),

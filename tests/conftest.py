@@ -117,6 +117,14 @@ def clock(monkeypatch) -> Clock:
     return fake
 
 
+async def presence_settled(room: str = "general") -> None:
+    """Nothing of the room's presence waits in this process's coalescer to be told
+    (so the next arrival makes a diff of its own)."""
+    from realtime.state import presence
+
+    await until(lambda: room not in presence.coalescer().pending, what="the room's presence diff sent")
+
+
 async def until(predicate, timeout: float = 5, what: str = "the condition"):
     """Wait until predicate() (awaited if it returns an awaitable) is true, and
     return it; fail after `timeout` seconds. For a change that comes by itself

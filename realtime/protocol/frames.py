@@ -117,6 +117,15 @@ class Read(Request, tag="read", kw_only=True):
     seq: Seq
 
 
+class PresenceList(Request, tag="presence.list", kw_only=True):
+    """The next page of who is in a room this socket follows with presence: the page
+    after the user named `after` (a presence.state's or presence.page's `next`), or
+    the first without it. Answered by presence.page."""
+
+    room: RoomSlug
+    after: Annotated[str, Meta(min_length=1, max_length=150)] | None = None
+
+
 class MetricsSubscribe(Request, tag="metrics.subscribe", kw_only=True):
     """Staff only: receive `metrics.tick` about once a second (others: `forbidden`)."""
 
@@ -148,13 +157,13 @@ class ReactionRemove(Request, tag="reaction.remove", kw_only=True):
 CLIENT_FRAMES: tuple[type[Request], ...] = (
     Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Typing, Read, Ping, MetricsSubscribe,
     MetricsUnsubscribe,
-    ReactionAdd, ReactionRemove,
+    ReactionAdd, ReactionRemove, PresenceList,
 )
 CLIENT_TYPES: dict[str, type[Request]] = {cls.__struct_config__.tag: cls for cls in CLIENT_FRAMES}
 ClientFrame = Union[
     Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Typing, Read, Ping, MetricsSubscribe,
     MetricsUnsubscribe,
-    ReactionAdd, ReactionRemove,
+    ReactionAdd, ReactionRemove, PresenceList,
 ]
 
 
@@ -233,6 +242,17 @@ class ReactionAck(Reply, tag="ack", kw_only=True):
     id: MessageId
     emoji: str
     seq: Seq | None = None
+
+
+class PresencePage(Reply, tag="presence.page", kw_only=True):
+    """A page of who is in the room, in name order; `next` for the one after it
+    (absent on the last); `count` how many are here in all."""
+
+    ref: Ref = None
+    room: RoomSlug
+    users: list[str]
+    count: Annotated[int, Meta(ge=0)]
+    next: str | None = None
 
 
 class Error(Reply, tag="error", kw_only=True):
@@ -345,7 +365,7 @@ ServerEvent = Union[
 ]
 REPLIES: tuple[type[Reply], ...] = (
     SubscribeAck, UnsubscribeAck, MessageAck, TypingAck, ReadAck, MetricsAck, Pong, Error,
-    ReactionAck,
+    ReactionAck, PresencePage,
 )
 
 
@@ -391,19 +411,27 @@ class TypingNotice(Push, tag="typing", kw_only=True):
 
 
 class PresenceState(Push, tag="presence.state", kw_only=True):
-    """Who is in the room, sent on subscribe (each user once, however many tabs)."""
+    """Who is in the room, sent on subscribe: how many (each user once, however many
+    tabs) and the first page of their names in name order; `next`, when there are
+    more, is the cursor for presence.list."""
 
     room: RoomSlug
     users: list[str]
+    count: Annotated[int, Meta(ge=0)]
+    next: str | None = None
 
 
 class PresenceDiff(Push, tag="presence.diff", kw_only=True):
-    """Who came and went since the last state or diff (coalesced: a reload within a
-    couple of seconds is neither)."""
+    """Who came and went since the last state or diff, and how many are here now.
+    Coalesced: about one a second at most per room and worker, and a reload within a
+    couple of seconds is neither a leave nor a join. `partial`: more came or went
+    than the names listed (a page that shows names asks for them again)."""
 
     room: RoomSlug
     joins: list[str]
     leaves: list[str]
+    count: Annotated[int, Meta(ge=0)]
+    partial: bool = False
 
 
 class ReadPosition(Push, tag="read.state", kw_only=True):

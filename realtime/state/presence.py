@@ -1,19 +1,37 @@
-"""Who is in each room, across every worker, and right after a worker crashes.
+"""Who is in each room, across every worker, and right after a worker crashes;
+what a join costs does not grow with the room.
 
-Each subscribed socket holds a lease in its room's sorted set in Redis
-(`rt:pres:<room>`: member `<user id>:<username>:<conn id>`, score = expiry). A live
-socket's leases are renewed every RENEW seconds (all of a worker's at once, by
-realtime/state/housekeeper.py); a socket that closes removes its own;
-a worker killed with -9 removes nothing and its leases run out after TTL seconds.
+Each subscribed socket holds a lease (`<username>:<user id>:<conn id>`, scored by
+its expiry) in its room's sorted set in Redis; a live socket's leases are renewed
+every RENEW seconds (all of a worker's at once, by realtime/state/housekeeper.py), a
+socket that closes gives its own back, and a worker killed with -9 gives back
+nothing: its leases run out after TTL seconds. Beside the leases, per room (keys
+`rt:pres:{<room>}:...`, one hash slot for Redis Cluster):
 
-A user is present while any of their sockets holds a lease, so several tabs or
-devices count once. What the room has been told is the set `rt:pres:ann:<room>`;
-`reconcile` compares it with who is present now and returns the difference as
-joins and leaves (one Lua script, so two workers reconciling at once cannot both
-announce the same change). Joins are reconciled at once; leaves after GRACE seconds,
-so a tab that reloads (leave, then join within a second or two) announces nothing.
-Every worker also reconciles the rooms its own sockets follow every SWEEP seconds,
-which is how a dead worker's users leave: within TTL + SWEEP = 25 s of its death.
+- `:c`, a hash user -> how many leases they hold (several tabs count once);
+- `:a`, the users the room has been told are here (a sorted set with one score,
+  so it reads in name order): its size is the count, and a page of it is one
+  ZRANGEBYLEX, whatever the room's size;
+- `:d`, users whose last lease went, scored by when: their leave is announced after
+  GRACE seconds, unless they are back by then (a reload is neither a leave nor a join).
+
+A join is one script (one round trip): the lease, the user's count, and when it is
+their first lease and they were not announced, the announcement; it answers the
+room's count and first page for the joiner's presence.state. A leave is one script
+too. `reconcile` gives back the leases that ran out and settles the due leaves: its
+work is the number of changes, not the room's size. Every worker reconciles the
+rooms its own sockets follow every SWEEP seconds (how a dead worker's users leave:
+within TTL + SWEEP = 25 s of its death).
+
+The room hears of joins and leaves in presence.diff frames, coalesced per room on
+each worker: the first change after a quiet spell waits FIRST seconds for company,
+then at most one diff every EVERY seconds, with up to DIFF_NAMES names each way and
+the count (`partial` when there were more names: a page that shows names asks for
+the first page again). A diff that only tells of one socket's arrival skips that
+socket (its presence.state says so already); one that tells more may name the
+recipient too, which a client takes as no news. So people arriving by the thousand cost each subscriber a
+diff a second, not one per arrival, and a joiner gets PAGE names and the count, not
+the whole room; the rest it pages with presence.list.
 
 Without REDIS_URL the same happens in this process's memory.
 """
@@ -24,7 +42,9 @@ import asyncio
 import hashlib
 import logging
 import time
+import weakref
 from collections import Counter
+from dataclasses import dataclass, field
 
 from realtime.state import degraded, store
 
@@ -35,6 +55,12 @@ RENEW = 8.0
 GRACE = 2.5
 SWEEP = 5.0
 BOUND = TTL + SWEEP  # the longest a crashed worker's users stay present
+PAGE = 100  # names in a presence.state or a presence.page
+DIFF_NAMES = 50  # names a presence.diff carries each way; more: partial
+FIRST = 0.2  # s a room's first change waits for others before its diff goes
+EVERY = 1.0  # s between a room's diffs from one worker, at least
+BATCH = 1000  # leases run out and leaves settled per reconcile (the rest next time)
+KEY_TTL = 86400
 
 # The clocks the presence leases are timed by (tests put one they move in their place): wall time
 # in Redis, where every worker compares the scores; this process's monotonic clock
@@ -45,105 +71,209 @@ local_clock = time.monotonic
 # Rooms followed by this process's sockets (room -> number of sockets), for the sweep.
 LOCAL_ROOMS: Counter[str] = Counter()
 
-_RECONCILE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-local present = {}
-for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  present[string.match(member, '^(.*):[^:]*$')] = true
-end
-local joins, leaves = {}, {}
-for user, _ in pairs(present) do
-  if redis.call('SISMEMBER', KEYS[2], user) == 0 then
-    table.insert(joins, user)
-    redis.call('SADD', KEYS[2], user)
-  end
-end
-for _, user in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if not present[user] then
-    table.insert(leaves, user)
-    redis.call('SREM', KEYS[2], user)
-  end
-end
-redis.call('EXPIRE', KEYS[2], 86400)
-return {joins, leaves}
-"""
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of who is here: `users` in name order, how many there are in all, and
+    the cursor of the next page (None: this was the last)."""
+
+    users: list[str]
+    count: int
+    next: str | None = None
 
 
-def _keys(room: str) -> tuple[str, str]:
-    return f"rt:pres:{room}", f"rt:pres:ann:{room}"
+def _keys(room: str) -> tuple[str, str, str, str]:
+    """Leases, counts, announced, due to leave (one hash slot: `{room}`)."""
+    base = f"rt:pres:{{{room}}}"
+    return f"{base}:l", f"{base}:c", f"{base}:a", f"{base}:d"
+
+
+def _user(user_id: int, username: str) -> str:
+    return f"{username}:{user_id}"
 
 
 def _member(user_id: int, username: str, conn_id: str) -> str:
-    return f"{user_id}:{username}:{conn_id}"
+    return f"{_user(user_id, username)}:{conn_id}"
 
 
 def _name(user: str) -> str:
-    """The username of a `<id>:<username>` entry."""
-    return user.split(":", 1)[1]
+    """The username of a `<username>:<id>` entry (usernames hold no `:`)."""
+    return user.rsplit(":", 1)[0]
+
+
+def _after(cursor: str | None) -> str:
+    """The ZRANGEBYLEX start of the page after the user named `cursor`: past every
+    `<cursor>:<id>` entry (\xff sorts after any digit)."""
+    return "-" if cursor is None else f"({cursor}:\xff"
+
+
+def _page(entries: list[str], count: int, limit: int) -> Page:
+    names = [_name(e) for e in entries[:limit]]
+    return Page(names, count, names[-1] if len(entries) > limit else None)
+
+
+_JOIN = """
+local joined = 0
+if redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) == 1 then
+  if redis.call('HINCRBY', KEYS[2], ARGV[2], 1) == 1 and not redis.call('ZSCORE', KEYS[3], ARGV[2]) then
+    redis.call('ZADD', KEYS[3], 0, ARGV[2])
+    joined = 1
+  end
+end
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+return {joined, redis.call('ZCARD', KEYS[3]), redis.call('ZRANGEBYLEX', KEYS[3], '-', '+', 'LIMIT', 0, ARGV[5])}
+"""
+_LEAVE = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then
+    redis.call('HDEL', KEYS[2], ARGV[2])
+    redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+    redis.call('EXPIRE', KEYS[4], ARGV[4])
+  end
+end
+"""
+_RECONCILE = """
+local now, due = tonumber(ARGV[1]), tonumber(ARGV[1]) - tonumber(ARGV[2])
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[3])) do
+  redis.call('ZREM', KEYS[1], member)
+  local user = string.match(member, '^(.*):[^:]*$')
+  if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
+    redis.call('HDEL', KEYS[2], user)
+    redis.call('ZADD', KEYS[4], due, user)
+  end
+end
+local joins, leaves = {}, {}
+local dirty = redis.call('ZRANGE', KEYS[4], 0, tonumber(ARGV[3]) - 1, 'WITHSCORES')
+for i = 1, #dirty, 2 do
+  local user, since = dirty[i], tonumber(dirty[i + 1])
+  local announced = redis.call('ZSCORE', KEYS[3], user)
+  if redis.call('HEXISTS', KEYS[2], user) == 1 then
+    if not announced then
+      redis.call('ZADD', KEYS[3], 0, user)
+      table.insert(joins, user)
+    end
+    redis.call('ZREM', KEYS[4], user)
+  elseif since <= due then
+    if announced then
+      redis.call('ZREM', KEYS[3], user)
+      table.insert(leaves, user)
+    end
+    redis.call('ZREM', KEYS[4], user)
+  end
+end
+return {joins, leaves, redis.call('ZCARD', KEYS[3])}
+"""
+
+
+def _text(items) -> list[str]:
+    return [i.decode() if isinstance(i, bytes) else i for i in items]
 
 
 class MemoryPresence:
+    """The same bookkeeping in this process's memory (no REDIS_URL)."""
+
     def __init__(self) -> None:
         self.leases: dict[str, dict[str, float]] = {}
+        self.counts: dict[str, Counter[str]] = {}
         self.announced: dict[str, set[str]] = {}
+        self.due: dict[str, dict[str, float]] = {}
 
-    async def join(self, room: str, member: str, ttl: float | None = None) -> None:
-        self.leases.setdefault(room, {})[member] = local_clock() + (ttl or TTL)
+    def _gone(self, room: str, user: str, at: float) -> None:
+        counts = self.counts.setdefault(room, Counter())
+        counts[user] -= 1
+        if counts[user] <= 0:
+            del counts[user]
+            self.due.setdefault(room, {})[user] = at
+
+    def _first(self, room: str, after: str | None, limit: int) -> Page:
+        ordered = sorted(self.announced.get(room, ()))
+        if after is not None:
+            ordered = [u for u in ordered if u > f"{after}:\xff"]
+        return _page(ordered[: limit + 1], len(self.announced.get(room, ())), limit)
+
+    async def join(self, room: str, member: str, user: str, ttl: float | None = None) -> tuple[bool, Page]:
+        leases = self.leases.setdefault(room, {})
+        joined = False
+        if member not in leases:
+            counts = self.counts.setdefault(room, Counter())
+            counts[user] += 1
+            announced = self.announced.setdefault(room, set())
+            if counts[user] == 1 and user not in announced:
+                announced.add(user)
+                joined = True
+        leases[member] = local_clock() + (ttl or TTL)
+        return joined, self._first(room, None, PAGE)
 
     async def renew(self, pairs: list[tuple[str, str]]) -> None:
         for room, member in pairs:
             if member in self.leases.get(room, {}):
                 self.leases[room][member] = local_clock() + TTL
 
-    async def leave(self, room: str, member: str) -> None:
-        self.leases.get(room, {}).pop(member, None)
+    async def leave(self, room: str, member: str, user: str) -> None:
+        if self.leases.get(room, {}).pop(member, None) is not None:
+            self._gone(room, user, local_clock())
 
-    def _present(self, room: str) -> set[str]:
+    async def reconcile(self, room: str) -> tuple[list[str], list[str], int]:
         now = local_clock()
-        live = {m: t for m, t in self.leases.get(room, {}).items() if t > now}
-        self.leases[room] = live
-        return {m.rsplit(":", 1)[0] for m in live}
+        leases = self.leases.get(room, {})
+        for member in [m for m, t in leases.items() if t <= now]:
+            del leases[member]
+            self._gone(room, member.rsplit(":", 1)[0], now - GRACE)
+        counts, announced = self.counts.get(room, Counter()), self.announced.setdefault(room, set())
+        joins, leaves = [], []
+        due = self.due.get(room, {})
+        for user, since in sorted(due.items(), key=lambda item: item[1]):
+            if counts[user] > 0:
+                if user not in announced:
+                    announced.add(user)
+                    joins.append(user)
+                del due[user]
+            elif since <= now - GRACE:
+                if user in announced:
+                    announced.discard(user)
+                    leaves.append(user)
+                del due[user]
+        return joins, leaves, len(announced)
 
-    async def present(self, room: str) -> set[str]:
-        return self._present(room)
+    async def page(self, room: str, after: str | None, limit: int) -> Page:
+        return self._first(room, after, limit)
 
-    async def reconcile(self, room: str) -> tuple[list[str], list[str]]:
-        present = self._present(room)
-        announced = self.announced.setdefault(room, set())
-        joins, leaves = sorted(present - announced), sorted(announced - present)
-        announced.update(joins)
-        announced.difference_update(leaves)
-        return joins, leaves
+    async def count(self, room: str) -> int:
+        return len(self.announced.get(room, ()))
 
 
 class RedisPresence:
     def __init__(self, url: str) -> None:
         self.url = url
 
-    async def join(self, room: str, member: str, ttl: float | None = None) -> None:
-        key, _ = _keys(room)
-        client = store.client(self.url)
-        pipe = client.pipeline(transaction=False)
-        pipe.zadd(key, {member: wall_clock() + (ttl or TTL)})
-        pipe.expire(key, 86400)
-        await pipe.execute()
+    async def join(self, room: str, member: str, user: str, ttl: float | None = None) -> tuple[bool, Page]:
+        joined, count, first = await store.client(self.url).eval(
+            _JOIN, 3, *_keys(room)[:3], member, user, wall_clock() + (ttl or TTL), KEY_TTL, PAGE + 1)
+        return bool(joined), _page(_text(first), count, PAGE)
 
     async def renew(self, pairs: list[tuple[str, str]]) -> None:
         # Only leases still held: one given back by a closing socket stays gone.
         await store.renew_scores(self.url, [(_keys(room)[0], member) for room, member in pairs], TTL,
                                  now=wall_clock(), only_existing=True)
 
-    async def leave(self, room: str, member: str) -> None:
-        await store.client(self.url).zrem(_keys(room)[0], member)
+    async def leave(self, room: str, member: str, user: str) -> None:
+        await store.client(self.url).eval(_LEAVE, 4, *_keys(room), member, user, wall_clock(), KEY_TTL)
 
-    async def present(self, room: str) -> set[str]:
-        members = await store.client(self.url).zrangebyscore(_keys(room)[0], wall_clock(), "+inf")
-        return {(m.decode() if isinstance(m, bytes) else m).rsplit(":", 1)[0] for m in members}
+    async def reconcile(self, room: str) -> tuple[list[str], list[str], int]:
+        joins, leaves, count = await store.client(self.url).eval(_RECONCILE, 4, *_keys(room), wall_clock(), GRACE,
+                                                                   BATCH)
+        return _text(joins), _text(leaves), count
 
-    async def reconcile(self, room: str) -> tuple[list[str], list[str]]:
-        joins, leaves = await store.client(self.url).eval(_RECONCILE, 2, *_keys(room), wall_clock())
-        decode = lambda items: sorted(i.decode() if isinstance(i, bytes) else i for i in items)  # noqa: E731
-        return decode(joins), decode(leaves)
+    async def page(self, room: str, after: str | None, limit: int) -> Page:
+        pipe = store.client(self.url).pipeline(transaction=False)
+        key = _keys(room)[2]
+        pipe.zrangebylex(key, _after(after), "+", start=0, num=limit + 1)
+        pipe.zcard(key)
+        entries, count = await pipe.execute()
+        return _page(_text(entries), count, limit)
+
+    async def count(self, room: str) -> int:
+        return await store.client(self.url).zcard(_keys(room)[2])
 
 
 # The presence store in use: shared through Redis, or this process's own.
@@ -151,66 +281,75 @@ backend = store.Chooser(RedisPresence, MemoryPresence)
 
 
 # -- what the consumer calls ----------------------------------------------------------
-async def names(room: str) -> list[str]:
-    """The usernames present in the room now (none known while Redis is down)."""
-    try:
-        return sorted({_name(user) for user in await backend().present(room)})
-    except Exception as exc:
-        degraded.tolerate(degraded.PRESENCE, exc)
-        return []
-
-
-async def changes(room: str) -> tuple[list[str], list[str]] | None:
-    """Reconcile the room; the (joins, leaves) usernames to announce, if any."""
-    joins, leaves = await backend().reconcile(room)
-    if not joins and not leaves:
-        return None
-    return [_name(u) for u in joins], [_name(u) for u in leaves]
-
-
-async def join(room: str, user_id: int, username: str, conn_id: str) -> None:
-    """Present in the room from now (skipped while Redis is down: the housekeeper's
-    renewal makes it so once Redis is back, and the sweep announces it)."""
+async def join(room: str, user_id: int, username: str, conn_id: str) -> Page:
+    """Present in the room from now; the room's first page and count, for this
+    socket's presence.state (with it in them). The room hears of a first arrival
+    in its next diff. Redis down: an empty page (the housekeeper's renewal cannot
+    bring back a lease never taken; the next subscribe does)."""
     LOCAL_ROOMS[room] += 1
     try:
-        await backend().join(room, _member(user_id, username, conn_id))
+        joined, first = await backend().join(room, _member(user_id, username, conn_id), _user(user_id, username))
     except Exception as exc:
         degraded.tolerate(degraded.PRESENCE, exc)
+        return Page([], 0)
+    if joined:
+        coalescer().add(room, joins=[username], by_conn=conn_id)
+    return first
 
 
 async def leave(room: str, user_id: int, username: str, conn_id: str) -> None:
-    """Gone from the room (skipped while Redis is down: the lease runs out by itself)."""
+    """Gone from the room; the room hears of it after GRACE seconds unless the user
+    is back (skipped while Redis is down: the lease runs out by itself)."""
     LOCAL_ROOMS[room] -= 1
     if LOCAL_ROOMS[room] <= 0:
         del LOCAL_ROOMS[room]
+    await _give_back(room, user_id, username, conn_id)
+
+
+async def _give_back(room: str, user_id: int, username: str, conn_id: str) -> None:
     try:
-        await backend().leave(room, _member(user_id, username, conn_id))
+        await backend().leave(room, _member(user_id, username, conn_id), _user(user_id, username))
     except Exception as exc:
         degraded.tolerate(degraded.PRESENCE, exc)
+        return
+    announce_later(room)
 
 
-async def poll_join(room: str, user_id: int, username: str, conn_id: str, ttl: float) -> None:
+async def poll_join(room: str, user_id: int, username: str, conn_id: str, ttl: float) -> Page:
     """A long poll's page is present in the room for `ttl` seconds (its wait plus a
     grace): each poll renews it, a page that stops polling runs out. Not counted in
-    LOCAL_ROOMS: realtime/web/longpoll.py names the rooms its polls follow to the sweep."""
+    LOCAL_ROOMS: realtime/web/longpoll.py names the rooms its polls follow to the sweep.
+    The room's first page and count, as `join`."""
     try:
-        await backend().join(room, _member(user_id, username, conn_id), ttl=ttl)
+        joined, first = await backend().join(room, _member(user_id, username, conn_id), _user(user_id, username),
+                                             ttl=ttl)
     except Exception as exc:
         degraded.tolerate(degraded.PRESENCE, exc)
+        return Page([], 0)
+    if joined:
+        coalescer().add(room, joins=[username], by_conn=conn_id)
+    return first
 
 
 async def poll_leave(room: str, user_id: int, username: str, conn_id: str) -> None:
     """A polling page is gone (it hung up a held poll, or lost the room)."""
+    await _give_back(room, user_id, username, conn_id)
+
+
+async def page(room: str, after: str | None = None, limit: int | None = None) -> Page:
+    """Who is here, a page (PAGE names) in name order after `after` (none known while
+    Redis is down)."""
     try:
-        await backend().leave(room, _member(user_id, username, conn_id))
+        return await backend().page(room, after, limit or PAGE)
     except Exception as exc:
         degraded.tolerate(degraded.PRESENCE, exc)
+        return Page([], 0)
 
 
-def tag(users: list[str]) -> str:
-    """A short digest of who is present (sorted usernames): a poller sends back the one
-    it has, and gets presence.state again only when it no longer matches."""
-    return hashlib.blake2s("\n".join(users).encode(), digest_size=6).hexdigest()
+def tag(first: Page) -> str:
+    """A short digest of who is here (the first page and the count): a poller sends
+    back the one it has, and gets presence.state again only when it no longer matches."""
+    return hashlib.blake2s(f"{first.count}\n".encode() + "\n".join(first.users).encode(), digest_size=6).hexdigest()
 
 
 async def renew_all(held: list[tuple[str, int, str, str]]) -> None:
@@ -220,29 +359,96 @@ async def renew_all(held: list[tuple[str, int, str, str]]) -> None:
 
 
 # -- announcing -------------------------------------------------------------------
-async def announce(room: str, skip_conn: str | None = None) -> None:
-    """Tell the room's subscribers who came and went, if anyone did (not the socket
-    `skip_conn`, which is about to get the whole presence.state)."""
-    from realtime import protocol
-    from realtime.delivery import publish as broadcast
-
+async def announce(room: str) -> None:
+    """Settle the room's due changes (leases run out, leaves past their grace) and
+    queue them for the room's next diff."""
     try:
-        diff = await changes(room)
+        joins, leaves, _ = await backend().reconcile(room)
     except Exception as exc:  # Redis away: the next sweep tells them
         degraded.tolerate(degraded.PRESENCE, exc)
         return
-    if diff is not None:
-        joins, leaves = diff
-        await broadcast.publish_push(
-            broadcast.room_group(room), protocol.PresenceDiff(room=room, joins=joins, leaves=leaves),
-            room=room, skip_conn=skip_conn,
-        )
+    if joins or leaves:
+        coalescer().add(room, joins=[_name(u) for u in joins], leaves=[_name(u) for u in leaves])
 
 
 def announce_later(room: str) -> None:
-    """A leave is announced after GRACE seconds, unless the user is back by then."""
+    """A leave is settled after GRACE seconds, unless the user is back by then."""
     loop = asyncio.get_running_loop()
-    loop.call_later(GRACE, lambda: asyncio.ensure_future(announce(room)))
+    loop.call_later(GRACE + 0.05, lambda: asyncio.ensure_future(announce(room)))
+
+
+@dataclass
+class _Pending:
+    joins: dict[str, None] = field(default_factory=dict)  # ordered sets
+    leaves: dict[str, None] = field(default_factory=dict)
+    timer: asyncio.TimerHandle | None = None
+    # The socket whose join is all the diff says, if so: it has it in its presence.state.
+    skip_conn: str | None = None
+
+
+class Coalescer:
+    """This worker's presence diffs, per room: changes gathered, then sent as one
+    presence.diff FIRST seconds after the first, and at most one every EVERY seconds."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, _Pending] = {}
+        self.last: dict[str, float] = {}  # room -> when its last diff went (loop time)
+
+    def add(self, room: str, joins: list[str] = (), leaves: list[str] = (), by_conn: str | None = None) -> None:
+        pending = self.pending.get(room)
+        if pending is None:
+            pending = self.pending[room] = _Pending(skip_conn=by_conn)
+        else:
+            pending.skip_conn = None
+        for name in joins:
+            if name in pending.leaves:
+                del pending.leaves[name]  # back before the room heard they left: nothing to tell
+            else:
+                pending.joins[name] = None
+        for name in leaves:
+            if name in pending.joins:
+                del pending.joins[name]  # came and went before the room heard of it
+            else:
+                pending.leaves[name] = None
+        if pending.timer is None:
+            loop = asyncio.get_running_loop()
+            at = max(loop.time() + FIRST, self.last.get(room, float("-inf")) + EVERY)
+            pending.timer = loop.call_at(at, lambda: asyncio.ensure_future(self.flush(room)))
+
+    async def flush(self, room: str) -> None:
+        from realtime import protocol
+        from realtime.delivery import publish as broadcast
+
+        pending = self.pending.pop(room, None)
+        self.last[room] = asyncio.get_running_loop().time()
+        if len(self.last) > 10_000:
+            self.last = {r: t for r, t in self.last.items() if r in self.pending or r in LOCAL_ROOMS}
+        if pending is None or not (pending.joins or pending.leaves):
+            return
+        joins, leaves = sorted(pending.joins), sorted(pending.leaves)
+        try:
+            count = await backend().count(room)
+        except Exception as exc:
+            degraded.tolerate(degraded.PRESENCE, exc)
+            return
+        await broadcast.publish_push(
+            broadcast.room_group(room),
+            protocol.PresenceDiff(room=room, joins=joins[:DIFF_NAMES], leaves=leaves[:DIFF_NAMES], count=count,
+                                  partial=len(joins) > DIFF_NAMES or len(leaves) > DIFF_NAMES),
+            room=room, skip_conn=pending.skip_conn,
+        )
+
+
+_coalescers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Coalescer]" = weakref.WeakKeyDictionary()
+
+
+def coalescer() -> Coalescer:
+    """The running loop's coalescer (its timers belong to that loop; tests run a loop per test)."""
+    loop = asyncio.get_running_loop()
+    found = _coalescers.get(loop)
+    if found is None:
+        found = _coalescers[loop] = Coalescer()
+    return found
 
 
 async def _sweep() -> None:

@@ -162,7 +162,7 @@ async def wait_for_events(user, slug: str, since: int, wait: float, limit: int, 
             except Exception as exc:
                 # No transport (Redis down): read the log every second instead.
                 degraded.tolerate(degraded.LONG_POLL, exc)
-        users: list[str] | None = None
+        users: presence.Page | None = None
         while True:
             waiter.woken.clear()  # what arrives during the read wakes the next wait
             # The replay budget: in debt, the head alone is read, and a poll that
@@ -181,11 +181,9 @@ async def wait_for_events(user, slug: str, since: int, wait: float, limit: int, 
                 # Access checked by the read: present from now, for the wait and a grace.
                 present = True
                 presence.ensure_started()
-                await presence.poll_join(slug, user.pk, user.get_username(), conn_id, wait + POLL_GRACE)
-                await presence.announce(slug, skip_conn=conn_id)
-                users = await presence.names(slug)
+                users = await presence.poll_join(slug, user.pk, user.get_username(), conn_id, wait + POLL_GRACE)
             elif client and waiter.ripe and waiter.presence_changed:
-                users = await presence.names(slug)
+                users = await presence.page(slug)
             remaining = deadline - loop.time()
             if replay.events or remaining <= 0 or heartbeat.draining:
                 return await answer_page(replay, since, waiter, slug, known, bool(client))
@@ -213,7 +211,6 @@ async def wait_for_events(user, slug: str, since: int, wait: float, limit: int, 
                 await fanout().discard(group, waiter)
         if client and (gone or lost):
             await presence.poll_leave(slug, user.pk, user.get_username(), conn_id)
-            presence.announce_later(slug)
 
 
 async def answer_page(replay: roomlog.Replay, since: int, waiter: "Waiter", slug: str, known: str | None,
@@ -224,11 +221,12 @@ async def answer_page(replay: roomlog.Replay, since: int, waiter: "Waiter", slug
     page = events_page(replay, since)
     if not ephemeral:
         return page
-    users = await presence.names(slug)
-    tag = presence.tag(users)
+    first = await presence.page(slug)
+    tag = presence.tag(first)
     frames = []
     if tag != known:
-        frames.append({"type": "presence.state", "room": slug, "users": users})
+        frames.append({"type": "presence.state", "room": slug, "users": first.users, "count": first.count,
+                       **({"next": first.next} if first.next else {})})
     if known is None:
         markers = await database_sync_to_async(selectors.read_markers)(slug=slug)
         if markers:

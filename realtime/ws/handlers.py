@@ -131,6 +131,7 @@ HANDLERS: dict[type[protocol.Request], Handler] = {
     protocol.MetricsUnsubscribe: Handlers.on_metrics_unsubscribe,
     protocol.ReactionAdd: Handlers.on_reaction_add,
     protocol.ReactionRemove: Handlers.on_reaction_remove,
+    protocol.PresenceList: Stream.on_presence_list,
 }
 
 

@@ -116,11 +116,11 @@ class Stream:
             access=replay.access if unchanged else None, access_at=asyncio.get_running_loop().time(),
         )
         if current is None and frame.presence:
-            # Present in the room from now: announce a join (if this is the user's
-            # first socket there), then tell this socket who is here.
-            await presence.join(slug, self.user.pk, self.user.get_username(), self.conn_id)
-            await presence.announce(slug, skip_conn=self.conn_id)
-            await self.send_frame(protocol.PresenceState(room=slug, users=await presence.names(slug)))
+            # Present in the room from now (the room hears of a first arrival in
+            # its next diff); this socket gets the count and the first page.
+            first = await presence.join(slug, self.user.pk, self.user.get_username(), self.conn_id)
+            await self.send_frame(protocol.PresenceState(room=slug, users=first.users, count=first.count,
+                                                         next=first.next))
         if current is None:
             markers = await database_sync_to_async(selectors.read_markers)(slug=slug)
             if markers:
@@ -139,7 +139,17 @@ class Stream:
 
     async def leave_presence(self, slug: str) -> None:
         await presence.leave(slug, self.user.pk, self.user.get_username(), self.conn_id)
-        presence.announce_later(slug)
+
+    async def on_presence_list(self, frame: protocol.PresenceList) -> protocol.Frame:
+        """A page of who is here, for a room this socket follows with presence (the
+        subscription's access stands for the check: a socket that loses the room
+        loses the subscription)."""
+        sub = self.subscriptions.get(frame.room)
+        if sub is None or not sub.presence:
+            raise ActionError(ErrorCode.NOT_FOUND, "not subscribed to this room with presence")
+        found = await presence.page(frame.room, after=frame.after)
+        return protocol.PresencePage(ref=frame.ref, room=frame.room, users=found.users, count=found.count,
+                                     next=found.next)
 
     def cached_access(self, slug: str) -> RoomAccess | None:
         """The room's access as this socket's subscription holds it, if it is young

@@ -262,6 +262,13 @@ export class RealtimeClient extends Emitter {
     return this.request({ type: add ? "reaction.add" : "reaction.remove", room, id, emoji });
   }
 
+  /** A page of who is in `room` (after the user named `after`): {users, count, next}.
+   * Over the socket only (while polling, each answer brings presence.state anyway). */
+  presencePage(room, after = null) {
+    if (this.poll.active) return Promise.resolve(null);
+    return this.request({ type: "presence.list", room, ...(after ? { after } : {}) });
+  }
+
   remove(room, id) {
     if (this.poll.active && this.removeFn) return this.removeFn(room, id);
     return this.request({ type: "message.delete", room, id });

@@ -151,3 +151,13 @@ test("our own message, shown from its ack, gets its mentions from its event, onc
   assert.deepEqual(t.items[0].mentions, ["bob"]);
   assert.equal(t.apply(ev), null);
 });
+
+test("Here now: names in order, at most eight, and the count's rest as others", async () => {
+  const { hereNow } = await import("../../static/realtime/ui/presence.js");
+  assert.equal(hereNow([], 0), "");
+  assert.equal(hereNow(["bob", "alice"], 2), "Here now: alice, bob");
+  assert.equal(hereNow(["bob", "alice"], 3), "Here now: alice, bob and 1 other");
+  const many = Array.from({ length: 100 }, (_, i) => `u${String(i).padStart(3, "0")}`);
+  assert.equal(hereNow(many, 5000), "Here now: u000, u001, u002, u003, u004, u005, u006, u007 and 4,992 others");
+  assert.equal(hereNow(["a", "b"], 1), "Here now: a, b", "names we hold count, whatever a stale count says");
+});

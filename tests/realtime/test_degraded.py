@@ -87,7 +87,7 @@ async def test_a_new_socket_is_closed_with_4013_while_its_user_group_cannot_be_j
 async def test_presence_and_pushes_are_skipped(redis_gone):
     with Counts() as counts:
         await presence.join("general", 1, "alice", "c1")
-        assert await presence.names("general") == []
+        assert (await presence.page("general")).users == []
         await presence.leave("general", 1, "alice", "c1")
         assert await presence.typing_allowed("general", 1) is False
     assert counts.moved() == {degraded.PRESENCE: 3, degraded.PUSH: 1}

@@ -24,7 +24,7 @@ from realtime.protocol import TypingNotice
 from realtime.state import presence
 from realtime.web import longpoll
 from realtime.web.longpoll import Waiter
-from tests.conftest import HOST, call, socket, until
+from tests.conftest import HOST, call, presence_settled, socket, until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("layer")]
 
@@ -35,6 +35,8 @@ OTHER = "page-admin-0001"
 @pytest.fixture(autouse=True)
 def fresh(monkeypatch):
     monkeypatch.setattr(presence, "GRACE", 0.2)
+    monkeypatch.setattr(presence, "FIRST", 0.05)
+    monkeypatch.setattr(presence, "EVERY", 0.2)
     presence.backend.reset()
     presence._typing.clear()
     longpoll.PARKED.clear()
@@ -103,6 +105,7 @@ async def join(comm, room: str = "general") -> list[str]:
             users = frame["users"]
         if frame.get("ref") == "s":
             assert frame["type"] == "ack", frame
+            await presence_settled(room)
             return users
 
 
@@ -123,10 +126,12 @@ async def test_a_poller_and_a_socket_user_see_each_other_here(cookies, demo):
     async with socket(cookies["bob"]) as bob:
         assert await join(bob) == ["bob"]
         body = await first(cookies["alice"])
-        tag = presence.tag(["alice", "bob"])
+        tag = presence.tag(presence.Page(["alice", "bob"], 2))
         assert body == {"events": [], "seq": seq, "epoch": body["epoch"], "has_more": False, "presence_tag": tag,
-                        "ephemeral": [{"type": "presence.state", "room": "general", "users": ["alice", "bob"]}]}
-        assert await pushes(bob) == [{"type": "presence.diff", "room": "general", "joins": ["alice"], "leaves": []}]
+                        "ephemeral": [{"type": "presence.state", "room": "general", "users": ["alice", "bob"],
+                                       "count": 2}]}
+        assert await pushes(bob) == [{"type": "presence.diff", "room": "general", "joins": ["alice"], "leaves": [],
+                                      "count": 2}]
         # The next poll says what it has: no news is held, not answered.
         poll = await start(cookies["alice"], "general", seq, PAGE, tag)
         assert not poll.done()
@@ -136,8 +141,8 @@ async def test_a_poller_and_a_socket_user_see_each_other_here(cookies, demo):
             status, body = await poll
             assert status == 200 and body["events"] == []
             assert body["ephemeral"] == [{"type": "presence.state", "room": "general",
-                                          "users": ["alice", "bob", "carol"]}]
-            assert body["presence_tag"] == presence.tag(["alice", "bob", "carol"])
+                                          "users": ["alice", "bob", "carol"], "count": 3}]
+            assert body["presence_tag"] == presence.tag(presence.Page(["alice", "bob", "carol"], 3))
 
 
 async def test_a_poller_leaves_when_its_ttl_runs_out_or_at_once_when_it_hangs_up(cookies, demo, clock, monkeypatch):
@@ -145,15 +150,15 @@ async def test_a_poller_leaves_when_its_ttl_runs_out_or_at_once_when_it_hangs_up
     async with socket(cookies["bob"]) as bob:
         await join(bob)
         await get(cookies["alice"], events_path("general", 0, 2, PAGE), timeout=3)  # and no poll after it
-        assert await pushes(bob) == [{"type": "presence.diff", "room": "general", "joins": ["alice"], "leaves": []}]
+        assert await pushes(bob) == [{"type": "presence.diff", "room": "general", "joins": ["alice"], "leaves": [], "count": 2}]
         clock.advance(2 + longpoll.POLL_GRACE - 1)
-        assert await presence.names("general") == ["alice", "bob"], "still within the wait and the grace"
+        assert (await presence.page("general")).users == ["alice", "bob"], "still within the wait and the grace"
         clock.advance(2)
         assert await bob.receive_json_from(timeout=3) == {
-            "type": "presence.diff", "room": "general", "joins": [], "leaves": ["alice"]}
+            "type": "presence.diff", "room": "general", "joins": [], "leaves": ["alice"], "count": 1}
         # A page that hangs up its held poll (closed, or back on a socket) leaves at once.
         body = await first(cookies["alice"])
-        assert await pushes(bob) == [{"type": "presence.diff", "room": "general", "joins": ["alice"], "leaves": []}]
+        assert await pushes(bob) == [{"type": "presence.diff", "room": "general", "joins": ["alice"], "leaves": [], "count": 2}]
         from project.asgi import application
 
         comm = ApplicationCommunicator(application, {
@@ -164,8 +169,9 @@ async def test_a_poller_leaves_when_its_ttl_runs_out_or_at_once_when_it_hangs_up
         await until(lambda: holding("general", PAGE), what="the poll held")
         await comm.send_input({"type": "http.disconnect"})
         await comm.wait(timeout=3)
+        clock.advance(presence.GRACE)  # (the leave's grace runs on the presence clock)
         assert await bob.receive_json_from(timeout=3) == {
-            "type": "presence.diff", "room": "general", "joins": [], "leaves": ["alice"]}
+            "type": "presence.diff", "room": "general", "joins": [], "leaves": ["alice"], "count": 1}
         assert not held("general", f"poll-{PAGE}"), "its waiter left the room's group"
 
 
@@ -175,7 +181,7 @@ async def test_typing_reaches_pollers_from_sockets_and_sockets_and_pollers_from_
         await join(bob)
         await first(cookies["alice"])
         tag = (await first(cookies["admin"], client=OTHER))["presence_tag"]
-        assert tag == presence.tag(["admin", "alice", "bob"])
+        assert tag == presence.tag(presence.Page(["admin", "alice", "bob"], 3))
         await pushes(bob)
         # A socket user types: the held poll answers with it.
         poll = await start(cookies["alice"], "general", seq, PAGE, tag)
@@ -285,14 +291,17 @@ async def test_a_removed_member_gets_nothing_ephemeral(cookies, demo):
     async with socket(cookies["alice"]) as alice:
         await join(alice, "ops")
         tag = (await first(cookies["bob"], "ops"))["presence_tag"]
-        assert tag == presence.tag(["alice", "bob"])
+        assert tag == presence.tag(presence.Page(["alice", "bob"], 2))
         await pushes(alice)
         # Bob is removed while between polls; alice types and reads meanwhile.
         await Membership.objects.filter(room__slug="ops", user=demo["bob"]).adelete()
         await call(alice, {"type": "typing", "room": "ops", "ref": "t"})
         status, body = await get(cookies["bob"], events_path("ops", seq, 25, PAGE, tag), timeout=3)
         assert (status, body) == (404, {"code": "not_found", "message": "no such room"})
-        assert await presence.names("ops") == ["alice"], "and he is no longer here"
+        async def alice_alone():
+            return (await presence.page("ops")).users == ["alice"]
+
+        await until(alice_alone, what="bob no longer here (after the leave's grace)")
         assert not held("ops", f"poll-{PAGE}")
 
 
@@ -302,4 +311,4 @@ async def test_a_bad_client_or_tag_is_invalid_and_a_poll_without_client_is_as_be
         assert (status, body["code"]) == (400, "invalid"), query
     status, body = await get(cookies["alice"], events_path("general", await head(), 1))
     assert "ephemeral" not in body and "presence_tag" not in body
-    assert await presence.names("general") == [], "a poll without client is nobody"
+    assert (await presence.page("general")).users == [], "a poll without client is nobody"

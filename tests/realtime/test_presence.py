@@ -10,7 +10,7 @@ from django.test import Client
 
 from realtime.state import presence
 from realtime.models import Membership, ReadState
-from tests.conftest import assert_quiet, call, socket, until
+from tests.conftest import assert_quiet, call, presence_settled, socket, until
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -27,6 +27,8 @@ def shared(request, settings, monkeypatch):
         settings.REDIS_URL = ""
         settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     monkeypatch.setattr(presence, "GRACE", 0.3)
+    monkeypatch.setattr(presence, "FIRST", 0.05)  # the coalescing's own test keeps the real timing
+    monkeypatch.setattr(presence, "EVERY", 0.2)
     presence.backend.reset()
     presence._typing.clear()
     yield request.param
@@ -42,7 +44,8 @@ def shared(request, settings, monkeypatch):
 
 
 async def join(comm, room="general") -> dict:
-    """Subscribe with presence; returns the presence.state."""
+    """Subscribe with presence; returns the presence.state once the room's diff
+    about this arrival has gone (so the next arrival makes a diff of its own)."""
     await comm.send_json_to({"type": "subscribe", "room": room, "ref": "s"})
     state = None
     while True:
@@ -51,6 +54,7 @@ async def join(comm, room="general") -> dict:
             state = frame
         if frame.get("ref") == "s":
             assert frame["type"] == "ack", frame
+            await presence_settled(room)
             return state
 
 
@@ -64,16 +68,19 @@ async def pushes(comm, wait: float = 0.5) -> list[dict]:
 @pytest.mark.asyncio
 async def test_presence_state_then_diffs_and_several_tabs_count_once(cookies, shared):
     async with socket(cookies["bob"]) as bob:
-        assert (await join(bob))["users"] == ["bob"]
+        assert await join(bob) == {"type": "presence.state", "room": "general", "users": ["bob"], "count": 1}
         async with socket(cookies["alice"]) as tab1:
-            assert (await join(tab1))["users"] == ["alice", "bob"]
-            assert await pushes(bob) == [{"type": "presence.diff", "room": "general", "joins": ["alice"], "leaves": []}]
+            assert await join(tab1) == {"type": "presence.state", "room": "general", "users": ["alice", "bob"],
+                                        "count": 2}
+            assert await pushes(bob) == [{"type": "presence.diff", "room": "general", "joins": ["alice"], "leaves": [],
+                                          "count": 2}]
             async with socket(cookies["alice"]) as tab2:
                 assert (await join(tab2))["users"] == ["alice", "bob"]
                 assert await pushes(bob) == [], "a second tab is no news"
             assert await pushes(bob) == [], "nor is closing one of two"
         # The last tab is gone: alice leaves, once, after the grace period.
-        assert await pushes(bob, wait=1.5) == [{"type": "presence.diff", "room": "general", "joins": [], "leaves": ["alice"]}]
+        assert await pushes(bob, wait=1.5) == [{"type": "presence.diff", "room": "general", "joins": [], "leaves": ["alice"],
+                                                "count": 1}]
 
 
 @pytest.mark.asyncio
@@ -111,9 +118,65 @@ async def test_a_crashed_sockets_presence_runs_out(cookies, shared, demo, monkey
         monkeypatch.setattr(presence, "TTL", 0.5)  # the dead socket's lease only
         await presence.join("general", demo["alice"].pk, "alice", "dead-conn")
         assert await bob.receive_json_from(timeout=3) == {
-            "type": "presence.diff", "room": "general", "joins": ["alice"], "leaves": []}
+            "type": "presence.diff", "room": "general", "joins": ["alice"], "leaves": [], "count": 2}
         assert await bob.receive_json_from(timeout=3) == {
-            "type": "presence.diff", "room": "general", "joins": [], "leaves": ["alice"]}
+            "type": "presence.diff", "room": "general", "joins": [], "leaves": ["alice"], "count": 1}
+
+
+@pytest.mark.asyncio
+async def test_a_joiner_gets_the_count_and_a_first_page_and_pages_the_rest(cookies, shared, monkeypatch):
+    """However big the room, a joiner is sent PAGE names and the count; presence.list
+    pages the rest in name order, for a room the socket follows with presence only."""
+    monkeypatch.setattr(presence, "PAGE", 2)
+    for i, name in enumerate(["dan", "eve", "fay", "gus", "hal"]):
+        await presence.join("general", 100 + i, name, f"c{i}")
+    await presence_settled()
+    async with socket(cookies["bob"]) as bob, socket(cookies["alice"]) as bot:
+        assert await join(bob) == {"type": "presence.state", "room": "general", "users": ["bob", "dan"], "count": 6,
+                                   "next": "dan"}
+        await pushes(bob)  # (the five's diff, if it is still on its way)
+        ask = {"type": "presence.list", "room": "general", "ref": "p"}
+        assert await call(bob, {**ask, "after": "dan"}) == {
+            "type": "presence.page", "ref": "p", "room": "general", "users": ["eve", "fay"], "count": 6, "next": "fay"}
+        assert await call(bob, {**ask, "after": "fay"}) == {
+            "type": "presence.page", "ref": "p", "room": "general", "users": ["gus", "hal"], "count": 6}
+        assert await call(bob, ask) == {
+            "type": "presence.page", "ref": "p", "room": "general", "users": ["bob", "dan"], "count": 6, "next": "dan"}
+        # Not following the room with presence: nothing to page.
+        await call(bot, {"type": "subscribe", "room": "general", "ref": "s", "presence": False})
+        for who, room in ((bob, "ops"), (bot, "general")):
+            refused = await call(who, {**ask, "room": room})
+            assert (refused["type"], refused["code"]) == ("error", "not_found")
+        bad = await call(bob, {**ask, "after": ""})
+        assert (bad["type"], bad["code"]) == ("error", "invalid")
+
+
+@pytest.mark.asyncio
+async def test_a_burst_of_arrivals_is_one_diff_and_diffs_come_a_second_apart(cookies, shared, monkeypatch):
+    """Coalesced per room: the first change waits FIRST for company, then a diff at
+    most every EVERY seconds, with at most DIFF_NAMES names each way (partial: more
+    came) and the count."""
+    import asyncio
+
+    monkeypatch.setattr(presence, "FIRST", 0.2)
+    monkeypatch.setattr(presence, "EVERY", 1.0)
+    monkeypatch.setattr(presence, "DIFF_NAMES", 3)
+    async with socket(cookies["bob"]) as bob:
+        await join(bob)
+        for i in range(10):
+            await presence.join("general", 200 + i, f"p{i:02}", f"c{i}")
+        first = await bob.receive_json_from(timeout=3)
+        sent = asyncio.get_running_loop().time()
+        assert first == {"type": "presence.diff", "room": "general", "joins": ["p00", "p01", "p02"], "leaves": [],
+                         "count": 11, "partial": True}
+        for i in (10, 11):
+            await presence.join("general", 200 + i, f"p{i}", f"c{i}")
+        await presence.leave("general", 200, "p00", "c0")
+        # p00's leave waits out its grace (0.3 s here), within the second diff's wait.
+        assert await bob.receive_json_from(timeout=3) == {
+            "type": "presence.diff", "room": "general", "joins": ["p10", "p11"], "leaves": ["p00"], "count": 12}
+        assert asyncio.get_running_loop().time() - sent >= 0.9, "a second diff within EVERY of the first"
+        assert await pushes(bob) == []
 
 
 @pytest.mark.asyncio
@@ -121,8 +184,8 @@ async def test_typing_reaches_the_others_throttled_never_the_typist(cookies, sha
     async with socket(cookies["bob"]) as bob, socket(cookies["alice"]) as alice, socket(cookies["alice"]) as alice2:
         for comm in (bob, alice, alice2):
             await join(comm)
-        await pushes(bob)
-        await pushes(alice)
+        for comm in (bob, alice, alice2):
+            await pushes(comm)  # presence, which is not what this is about
         acks = [await call(alice, {"type": "typing", "room": "general", "ref": i}) for i in range(10)]
         # One broadcast per 2 s however many frames; past the typing bucket's burst
         # the frames are refused outright (rate_limited).
@@ -257,7 +320,7 @@ async def test_a_live_sockets_leases_outlive_their_ttl(cookies, shared, demo, mo
         await join(bob)
         await join(alice)
         assert await bob.receive_json_from(timeout=5) == {"type": "presence.diff", "room": "general", "joins": ["alice"],
-                                                          "leaves": []}
+                                                          "leaves": [], "count": 2}
         start, step = clock(), 0.9 * min(presence.TTL, connections.LEASE_TTL)  # less than either TTL
         while clock() - start <= 2 * max(presence.TTL, connections.LEASE_TTL):
             clock.advance(step)
@@ -265,7 +328,7 @@ async def test_a_live_sockets_leases_outlive_their_ttl(cookies, shared, demo, mo
                         what="the housekeeper renewing the leases")
             await presence.announce("general")  # what a sweep does: anyone gone would be announced
         await assert_quiet(bob)  # nobody left
-        assert await presence.names("general") == ["alice", "bob"]
+        assert (await presence.page("general")).users == ["alice", "bob"]
         assert await connections.leases().count(demo["bob"].pk) == 1
     # Closed: the leases are given back at once.
     assert await connections.leases().count(demo["bob"].pk) == 0

@@ -2,13 +2,18 @@
 // not stored). They come as the client's "ephemeral" frames: over the socket, or in
 // the long polls' answers while falling back (the same frames; our own typing then
 // goes over REST, see client.typing). A typing notice ends when that person's
-// message arrives (or after TYPING_SHOWN ms without a new one).
+// message arrives (or after TYPING_SHOWN ms without a new one). Who is here is a
+// count and the names the server gave (a first page and the diffs since): a big
+// room shows SHOWN of them "and N others"; a diff that could not name everyone
+// (partial) has the first page asked for again.
 
 const TYPING_SHOWN = 4000; // ms a notice stays without a new one
+const SHOWN = 8; // names on the "Here now" line, at most
 export const TYPING_EVERY = 2000; // ms between our own typing notices
 
 export function bindPresence(client, { room, user, presenceLine, typingLine, schedule, onMarkers }) {
   let present = new Set();
+  let count = 0; // how many are here (the server's count; names may be fewer)
   const typers = new Map(); // username -> time the notice expires
   const markers = new Map(); // username -> seq they have read to (not ours)
   let typingTimer = null;
@@ -26,13 +31,17 @@ export function bindPresence(client, { room, user, presenceLine, typingLine, sch
 
   client.on("ephemeral", (frame) => {
     if (frame.room !== room) return;
-    if (frame.type === "presence.state") present = new Set(frame.users);
-    else if (frame.type === "presence.diff") {
+    if (frame.type === "presence.state") {
+      present = new Set(frame.users);
+      count = frame.count ?? present.size;
+    } else if (frame.type === "presence.diff") {
       for (const u of frame.joins) present.add(u);
       for (const u of frame.leaves) {
         present.delete(u);
         typers.delete(u);
       }
+      count = frame.count ?? present.size;
+      if (frame.partial) refresh();
     } else if (frame.type === "typing") {
       typers.set(frame.user, Date.now() + TYPING_SHOWN);
       expireSoon();
@@ -51,10 +60,25 @@ export function bindPresence(client, { room, user, presenceLine, typingLine, sch
     if (ev.room === room && ev.type === "message.new" && typers.delete(ev.author)) changed();
   });
 
+  // Some came or went unnamed: the first page again (the names we show).
+  let refreshing = false;
+  function refresh() {
+    if (refreshing) return;
+    refreshing = true;
+    client.presencePage(room).then((page) => {
+      if (page) {
+        present = new Set(page.users);
+        count = page.count;
+        changed();
+      }
+    }, () => {}).finally(() => {
+      refreshing = false;
+    });
+  }
+
   function draw() {
-    const others = [...present].filter((u) => u !== user);
-    presenceLine.textContent = present.size ? `Here now: ${[...present].sort().join(", ")}` : "";
-    presenceLine.dataset.count = String(others.length);
+    presenceLine.textContent = hereNow([...present], count);
+    presenceLine.dataset.count = String(Math.max(0, count - (present.has(user) ? 1 : 0)));
     const now = Date.now();
     for (const [u, until] of typers) if (until <= now) typers.delete(u);
     const names = [...typers.keys()].sort();
@@ -86,4 +110,14 @@ export function bindPresence(client, { room, user, presenceLine, typingLine, sch
   }
 
   return { drawReaders, typing, hasMarkers: () => markers.size > 0 };
+}
+
+/** The "Here now" line: the people we know by name in name order, at most SHOWN
+ * of them, and "and N others" for the rest of `count`. */
+export function hereNow(names, count, shown = SHOWN) {
+  if (!count && !names.length) return "";
+  const listed = [...new Set(names)].sort().slice(0, shown);
+  const rest = Math.max(count, names.length) - listed.length;
+  if (rest <= 0) return `Here now: ${listed.join(", ")}`;
+  return `Here now: ${listed.join(", ")} and ${rest.toLocaleString("en")} ${rest === 1 ? "other" : "others"}`;
 }
