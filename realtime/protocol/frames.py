@@ -523,6 +523,12 @@ class MemberPatch(Struct, forbid_unknown_fields=True, kw_only=True):
     role: MemberRoleName
 
 
+class PresenceLeave(Struct, forbid_unknown_fields=True, kw_only=True):
+    """POST rooms/<slug>/presence/leave/: the polling page `client` is going."""
+
+    client: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
+
+
 class DmOpen(Struct, forbid_unknown_fields=True, kw_only=True):
     """Body of `POST /api/v1/dms/`: the other people (usernames), 1 to 7 of them."""
 
@@ -530,4 +536,4 @@ class DmOpen(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 REST_BODIES: tuple[type[Struct], ...] = (MessagePost, MessagePatch, ReadPost, ReactionPost, RoomCreate, MemberAdd,
-                                         MemberPatch, DmOpen)
+                                         MemberPatch, DmOpen, PresenceLeave)

@@ -113,6 +113,16 @@ def epoch_arg(args) -> str | None:
     return raw
 
 
+async def poll_goodbye(user, slug: str, client: str) -> None:
+    """A polling page is going (closed, or back on a socket): it leaves the room's
+    presence now, not when its lease runs out (its last poll may not be held at that
+    moment, so no hang-up tells us). Only the asker's own lease can be named: the
+    lease's key is built from the user. Leaving a room one was not in changes nothing."""
+    if not CLIENT.match(client):
+        raise ActionError(ErrorCode.INVALID, "client must be 8 to 64 letters, digits, - or _")
+    await presence.poll_leave(slug, user.pk, user.get_username(), f"poll-{client}")
+
+
 def client_args(args) -> tuple[str | None, str | None]:
     """`client` (the page's poll id) and `presence_tag` (the presence it has), or error invalid."""
     client, known = args.get("client") or None, args.get("presence_tag") or None

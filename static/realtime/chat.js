@@ -68,6 +68,7 @@ const client = new RealtimeClient({
   url: `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}${config.wsPath}`,
   loadSnapshot,
   poll: api.poll,
+  pollLeave: api.pollLeave,
   post: api.post,
   edit: api.edit,
   remove: api.remove,
@@ -233,7 +234,9 @@ client.on("event", (ev) => ev.room === room && markReadSoon());
 client.on("snapshot", (snap) => snap.room === room && markReadSoon());
 document.addEventListener("visibilitychange", markReadSoon);
 
-window.addEventListener("beforeunload", () => client.close());
+// Leaving the page closes the client: the socket, or the polls with their goodbye
+// (pagehide too: mobile browsers may skip beforeunload).
+for (const type of ["beforeunload", "pagehide"]) window.addEventListener(type, () => client.state !== "closed" && client.close());
 client.subscribe(room);
 // The other listed rooms, in the background (unread and mention counts).
 for (const r of config.rooms) {

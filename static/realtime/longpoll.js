@@ -22,6 +22,7 @@ export class LongPoll {
   constructor(host, options) {
     this.host = host;
     this.pollFn = options.poll || null;
+    this.pollLeaveFn = options.pollLeave || null; // (room, clientId): the page leaves its presence
     this.postFn = options.post || null;
     this.fallbackAfter = options.fallbackAfter ?? 3;
     this.pollWait = options.pollWait ?? 25;
@@ -113,8 +114,7 @@ export class LongPoll {
   /** Stop everything: the check, the polls; the transport is the socket again. */
   leave() {
     this.cancelCheck();
-    for (const controller of this._polls.values()) controller.abort();
-    this._polls.clear();
+    for (const room of [...this._polls.keys()]) this.stopPolling(room);
     this.active = false;
   }
 
@@ -136,6 +136,9 @@ export class LongPoll {
     const poll = this._polls.get(room);
     if (poll) poll.abort();
     this._polls.delete(room);
+    // Our presence there ends now: the aborted poll may not have been held (a
+    // page closing between two polls), and a lease would outlive us by its TTL.
+    if (poll && this.pollLeaveFn) Promise.resolve().then(() => this.pollLeaveFn(room, this.clientId)).catch(() => {});
   }
 
   _sleep(ms, signal) {

@@ -39,7 +39,8 @@ def test_presence_typing_and_read_markers_with_one_person_long_polling(app_serve
         "Seen by alice", timeout=10_000)
     alice.screenshot(path=str(artifacts / "fallback-read-marker.png"))
 
-    # The poller closes the page: it leaves at once (its held poll hung up).
-    alice.context.close()
+    # The poller closes the page as a person does (its unload handlers run): it says
+    # goodbye, and leaves at once, whether or not a poll was held at that moment.
+    alice.close(run_before_unload=True)
     expect(bob.locator("#presence")).to_have_text("Here now: bob", timeout=10_000)
     assert bob.errors == []

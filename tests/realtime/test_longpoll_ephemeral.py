@@ -312,3 +312,28 @@ async def test_a_bad_client_or_tag_is_invalid_and_a_poll_without_client_is_as_be
     status, body = await get(cookies["alice"], events_path("general", await head(), 1))
     assert "ephemeral" not in body and "presence_tag" not in body
     assert (await presence.page("general")).users == [], "a poll without client is nobody"
+
+
+async def test_a_page_that_says_goodbye_leaves_at_once_with_no_poll_held(cookies, demo):
+    """Closing between two polls, no hang-up tells the server: the page's goodbye
+    (sent as it unloads, or when it goes back to a socket) does."""
+    async with socket(cookies["bob"]) as bob:
+        await join(bob)
+        await first(cookies["alice"])  # present, and no poll after it
+        assert await pushes(bob) == [{"type": "presence.diff", "room": "general", "joins": ["alice"], "leaves": [],
+                                      "count": 2}]
+        alice = await rest(demo["alice"])
+        path = "/api/v1/rooms/general/presence/leave/"
+        bad = await alice.post(path, {"client": "no"}, content_type="application/json")
+        assert (bad.status_code, bad.json()["code"]) == (400, "invalid")
+        assert await pushes(bob) == []
+        goodbye = await alice.post(path, {"client": PAGE}, content_type="application/json")
+        assert goodbye.status_code == 204
+        assert await bob.receive_json_from(timeout=3) == {
+            "type": "presence.diff", "room": "general", "joins": [], "leaves": ["alice"], "count": 1}
+        # Again, or from someone who was never here: nothing changes.
+        assert (await alice.post(path, {"client": PAGE}, content_type="application/json")).status_code == 204
+        carol = await rest(demo["carol"])
+        assert (await carol.post(path, {"client": PAGE}, content_type="application/json")).status_code == 204
+        assert await pushes(bob, wait=0.6) == []
+        assert (await presence.page("general")).users == ["bob"]

@@ -43,7 +43,7 @@ def test_the_schema_generates_and_validates_without_warnings():
     assert set(schema["paths"]) == {
         "/api/v1/rooms/", "/api/v1/rooms/{slug}/events/", "/api/v1/rooms/{slug}/messages/",
         "/api/v1/rooms/{slug}/messages/{message_id}/", "/api/v1/rooms/{slug}/messages/{message_id}/reactions/",
-        "/api/v1/rooms/{slug}/read/", "/api/v1/rooms/{slug}/typing/", "/api/v1/rooms/{slug}/join/", "/api/v1/rooms/{slug}/leave/",
+        "/api/v1/rooms/{slug}/read/", "/api/v1/rooms/{slug}/typing/", "/api/v1/rooms/{slug}/presence/leave/", "/api/v1/rooms/{slug}/join/", "/api/v1/rooms/{slug}/leave/",
         "/api/v1/rooms/{slug}/members/", "/api/v1/rooms/{slug}/members/{username}/", "/api/v1/dms/",
         "/api/v1/search/", "/api/v1/people/", "/api/v1/tickets/",
     }

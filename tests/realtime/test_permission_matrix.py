@@ -714,7 +714,10 @@ def test_the_matrix_covers_every_role_frame_route_and_room_kind():
                    # asker may read now); the schema and its docs page are for anyone signed in.
                    "api-search", "api-schema", "api-docs", "api-not-found",
                    # Names of active people by prefix, for anyone signed in (tests/realtime/test_people.py).
-                   "api-people"}
+                   "api-people",
+                   # A polling page's goodbye: only ever the asker's own lease
+                   # (tests/realtime/test_longpoll_ephemeral.py).
+                   "api-room-presence-leave"}
     # Every action of the policy has its rows.
     rows = {Action.VIEW: "view", Action.POST: "post", Action.EDIT: "edit_own", Action.DELETE: "delete_own",
             Action.REACT: "react", Action.JOIN: "join", Action.LEAVE: "leave", Action.MANAGE_MEMBERS: "add_member"}

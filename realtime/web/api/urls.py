@@ -22,6 +22,7 @@ urlpatterns = [
          name="api-room-reactions"),
     path("rooms/<slug:slug>/read/", views.RoomRead.as_view(), name="api-room-read"),
     path("rooms/<slug:slug>/typing/", views.RoomTyping.as_view(), name="api-room-typing"),
+    path("rooms/<slug:slug>/presence/leave/", views.RoomPresenceLeave.as_view(), name="api-room-presence-leave"),
     path("rooms/<slug:slug>/join/", views.RoomJoin.as_view(), name="api-room-join"),
     path("rooms/<slug:slug>/leave/", views.RoomLeave.as_view(), name="api-room-leave"),
     path("rooms/<slug:slug>/members/", views.RoomMembers.as_view(), name="api-room-members"),

@@ -31,7 +31,7 @@ from realtime.state import degraded
 from realtime.state import ratelimit as buckets
 from realtime.domain.errors import NO_SUCH_ROOM, ActionError
 from realtime.web.api import schema as doc
-from realtime.web.longpoll import epoch_arg, events_page, int_arg
+from realtime.web.longpoll import epoch_arg, events_page, int_arg, poll_goodbye
 from realtime.protocol import ROOM_SLUG_PATTERN, ErrorCode
 
 # A room slug as the protocol declares it (anything else names no room).
@@ -321,6 +321,22 @@ class RoomTyping(ActionView):
         room_access(user=request.user, slug=slug, action=Action.POST)
         sent = async_to_sync(broadcast.publish_typing)(request.user, slug)
         return Response({"room": slug, "sent": sent})
+
+
+class RoomPresenceLeave(ActionView):
+    """POST {"client": the page's poll id}: a polling page is going; it leaves the
+    room's presence at once (longpoll.poll_goodbye). 204, whether or not it was there."""
+
+    @extend_schema(
+        summary="A polling page leaves the room's presence",
+        parameters=[doc.SLUG], request={"application/json": doc.ref("PresenceLeave")},
+        responses={204: None, **doc.errors(413, 415, 429)},
+    )
+    def post(self, request: Request, slug: str) -> Response:
+        data = parse_body(request, protocol.PresenceLeave)
+        take_token(request, "poll")
+        async_to_sync(poll_goodbye)(request.user, slug, data.client)
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 def parse_body(request: Request, shape):

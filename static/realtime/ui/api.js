@@ -82,6 +82,17 @@ export function makeApi(apiBase) {
       if (before) params.set("before", String(before));
       return get(`${apiBase}search/?${params}`);
     },
+    /** A polling page is going: leave the room's presence now. keepalive: it is sent
+     * even as the page unloads. */
+    pollLeave(slug, client) {
+      return fetch(`${roomPath(slug)}presence/leave/`, {
+        method: "POST",
+        keepalive: true,
+        credentials: "same-origin",
+        headers: { Accept: "application/json", "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
+        body: JSON.stringify({ client }),
+      });
+    },
     /** Say we are typing (while polling): {room, sent}. */
     typing: (slug) => write("POST", `${roomPath(slug)}typing/`),
   };

@@ -94,7 +94,7 @@ export function bindMembers(client, { room, me, kind, role, api, onRemoved, onCh
     load().catch((err) => showError($("members-error"), err));
   });
 
-  bindPeoplePicker({ input: $("add-member-name"), list: $("add-member-suggest"), lookup: api.people });
+  const picker = bindPeoplePicker({ input: $("add-member-name"), list: $("add-member-suggest"), lookup: api.people });
   $("add-member-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     const input = $("add-member-name");
@@ -104,6 +104,7 @@ export function bindMembers(client, { room, me, kind, role, api, onRemoved, onCh
     try {
       await api.addMember(room, username, $("add-member-role").value);
       input.value = "";
+      picker.reset();
       input.focus();
     } catch (err) {
       showError($("members-error"), err);

@@ -63,7 +63,7 @@ export function bindPeoplePicker({ input, list, lookup, multiple = false, delay 
  * after the typing moved on is dropped).
  */
 function bindSuggestBox({ input, list, idPrefix, query: findQuery, options: choices, label, insert, delay = 0 }) {
-  if (!input || !list) return;
+  if (!input || !list) return { reset() {} };
   let options = [];
   let active = 0;
   let query = null;
@@ -138,4 +138,14 @@ function bindSuggestBox({ input, list, idPrefix, query: findQuery, options: choi
     e.stopImmediatePropagation(); // not a send, not the dialog's Escape
   }, { capture: true });
   input.addEventListener("blur", () => setTimeout(close, 100));
+  // The field was set or cleared by code (a form sent, a dialog opened): no list,
+  // and no answer still on its way opens one.
+  return {
+    reset() {
+      asked += 1;
+      clearTimeout(timer);
+      query = null;
+      close();
+    },
+  };
 }

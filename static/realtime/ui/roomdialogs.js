@@ -95,9 +95,10 @@ export function bindRoomDialogs({ api, me, go = (url) => location.assign(url) })
   // -- new direct message ------------------------------------------------------------
   const dm = bindDialog($("dm-dialog"));
   const dmForm = $("dm-form");
-  bindPeoplePicker({ input: $("dm-users"), list: $("dm-suggest"), lookup: api.people, multiple: true });
+  const picker = bindPeoplePicker({ input: $("dm-users"), list: $("dm-suggest"), lookup: api.people, multiple: true });
   $("new-dm").addEventListener("click", () => {
     dmForm.reset();
+    picker.reset();
     showError($("dm-error"), null);
     openDialog(dm);
   });
