@@ -330,7 +330,7 @@ class RoomPresenceLeave(ActionView):
     @extend_schema(
         summary="A polling page leaves the room's presence",
         parameters=[doc.SLUG], request={"application/json": doc.ref("PresenceLeave")},
-        responses={204: None, **doc.errors(413, 415, 429)},
+        responses={204: None, **doc.errors(404, 413, 415, 429)},
     )
     def post(self, request: Request, slug: str) -> Response:
         data = parse_body(request, protocol.PresenceLeave)
