@@ -121,7 +121,8 @@ class Stream:
             first = await presence.join(slug, self.user.pk, self.user.get_username(), self.conn_id)
             await self.send_frame(protocol.PresenceState(room=slug, users=first.users, count=first.count,
                                                          next=first.next))
-        if current is None:
+        if current is None and replay.access is not None and replay.access.room.read_markers:
+            # (Most rooms show no read markers: no query for them.)
             markers = await database_sync_to_async(selectors.read_markers)(slug=slug)
             if markers:
                 await self.send_frame(protocol.ReadMarkers(room=slug, markers=markers))

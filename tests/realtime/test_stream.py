@@ -115,3 +115,30 @@ async def test_a_cached_access_is_trusted_only_while_young(cookies, demo):
         sub.access_at = asyncio.get_running_loop().time() - stream.ACCESS_MAX_AGE
         reply = await call(bob, {"type": "message.send", "room": "general", "body": "x", "client_id": "old", "ref": 2})
         assert (reply["type"], reply["code"], reply["ref"]) == ("error", "forbidden", 2)
+
+
+async def test_a_subscribe_costs_one_query_and_one_more_where_read_markers_show(cookies, demo, monkeypatch):
+    """What a join costs the database (issue 18: the connect storm): the room with
+    the user's role, whose row is also the head; the read markers only in a room
+    that shows them. Counted on every thread (the queries run on the database's)."""
+    from django.db.backends import utils
+
+    from realtime.models import Room
+
+    queries: list[str] = []
+    real = utils.CursorWrapper.execute
+
+    def counting(self, sql, params=None):
+        queries.append(sql)
+        return real(self, sql, params)
+
+    async with socket(cookies["bob"]) as bob:
+        await sync_to_async(Room.objects.filter(slug="general").update)(read_markers=False)
+        await sync_to_async(Room.objects.filter(slug="ops").update)(read_markers=True)
+        monkeypatch.setattr(utils.CursorWrapper, "execute", counting)
+        await subscribe(bob, "general")
+        assert len(queries) == 1, queries
+        queries.clear()
+        await subscribe(bob, "ops")
+        assert len(queries) == 2, queries
+        assert "read_markers" in queries[1] or "readstate" in queries[1].lower(), queries
