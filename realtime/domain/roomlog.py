@@ -50,6 +50,9 @@ class Replay:
     events: list[protocol.RoomEvent]
     access: RoomAccess | None = None
     held_back: bool = False  # head_only: there were events after since, not read
+    # With defer: the events are still to read, (room id, epoch, since, head): read_range
+    # reads them, and identical concurrent reads can be one (ws/replays.py).
+    pending: tuple[int, str, int, int] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -223,7 +226,7 @@ def room_heads(*, slugs: list[str]) -> dict[str, int]:
 
 
 def room_replay(*, user, slug: str, since: int | None, limit: int | None = None, head_only: bool = False,
-                epoch: str | None = None) -> Replay:
+                epoch: str | None = None, defer: bool = False) -> Replay:
     """The room's events after `since`, checked against the replay window.
 
     With since=None nothing is replayed and the head is returned: the caller
@@ -233,14 +236,17 @@ def room_replay(*, user, slug: str, since: int | None, limit: int | None = None,
     backlog is not an error. With `head_only` (the user's replay budget is in
     debt) no event is read: `held_back` says whether there were any to read.
     With `epoch` (the one `since` belongs to), a log of another epoch raises
-    recovery_failed: `since` counts in a history that is gone.
+    recovery_failed: `since` counts in a history that is gone. With `defer` (and no
+    `limit`), the checks are made but the events are not read: `pending` names the
+    range for read_range (up to the head read here: what a subscriber that joined
+    the stream first must be sent from the log).
     """
     access = room_access(user=user, slug=slug, action=Action.VIEW)
-    return dataclasses.replace(_replay(access.room, since, limit, head_only, epoch), access=access)
+    return dataclasses.replace(_replay(access.room, since, limit, head_only, epoch, defer), access=access)
 
 
 def _replay(room: Room, since: int | None, limit: int | None, head_only: bool = False,
-            epoch: str | None = None) -> Replay:
+            epoch: str | None = None, defer: bool = False) -> Replay:
     # The head is the room row room_access just read (in this call, after the
     # caller joined the stream): as fresh as a read of its own, one query fewer.
     head, current = room.last_seq, room.epoch
@@ -257,6 +263,8 @@ def _replay(room: Room, since: int | None, limit: int | None, head_only: bool = 
         raise ActionError(
             ErrorCode.RECOVERY_FAILED, f"{head - since} events missed, more than the replay window of {window}"
         )
+    if defer and limit is None:
+        return Replay(room=room.slug, head=head, epoch=current, events=[], pending=(room.pk, current, since, head))
     take = min(limit or window, window)
     rows = list(Event.objects.filter(room=room, seq__gt=since).order_by("seq")[:take])
     if not rows or rows[0].seq != since + 1:
@@ -267,12 +275,19 @@ def _replay(room: Room, since: int | None, limit: int | None, head_only: bool = 
 
 def room_events_between(*, slug: str, after: int, upto: int) -> list[protocol.RoomEvent]:
     """Events after..upto of a room the caller is already subscribed to (gap repair)."""
-    room = Room.objects.filter(slug=slug).first()
-    if room is None:
+    room_id = Room.objects.filter(slug=slug).values_list("pk", flat=True).first()
+    if room_id is None:
         raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
     if upto - after > settings.REALTIME["REPLAY_MAX"]:
         raise ActionError(ErrorCode.RECOVERY_FAILED, "too many events missed")
-    rows = Event.objects.filter(room=room, seq__gt=after, seq__lte=upto).order_by("seq")
+    return read_range(room_id=room_id, slug=slug, after=after, upto=upto)
+
+
+def read_range(*, room_id: int, slug: str, after: int, upto: int) -> list[protocol.RoomEvent]:
+    """The room's events after..upto, every one of them (the log is gap-free), or
+    recovery_failed when some are no longer kept. No access check: the caller has
+    made it (a subscribe's room_replay, a subscription's gap repair)."""
+    rows = Event.objects.filter(room_id=room_id, seq__gt=after, seq__lte=upto).order_by("seq")
     events = [event_frame(slug, e) for e in rows]
     if len(events) != upto - after:
         raise ActionError(ErrorCode.RECOVERY_FAILED, f"events after seq {after} are no longer kept")

@@ -39,6 +39,8 @@ LATENCY = Histogram(
 )
 LONG_POLLS_HELD = Gauge("realtime_long_polls_held", "Long polls (GET .../events/?wait=) this worker holds open now")
 REPLAYED = Counter("realtime_replayed_events_total", "Room events sent from the log (subscribe replay, catch-up)")
+REPLAY_READS_SHARED = Counter("realtime_replay_reads_shared_total",
+                              "Subscribe replays answered by an identical read already under way (ws/replays.py)")
 LAYER_FAILURES = Counter("realtime_layer_send_failures_total", "Channel-layer sends that failed, by kind", ["kind"])
 DEGRADED = Counter("realtime_degraded_total", "Redis calls that failed and were tolerated as state/degraded.py's table "
                    "says, by its row", ["feature"])

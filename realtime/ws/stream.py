@@ -19,6 +19,7 @@ A reconnecting client resumes by sending `since` (its last seq) with subscribe:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from realtime.domain.policy import Action
 from realtime.observability import metrics
 from realtime.protocol import ErrorCode
 from realtime.state import presence, ratelimit
+from realtime.ws import replays
 
 log = logging.getLogger(__name__)
 INFO, DEBUG, WARNING = logging.INFO, logging.DEBUG, logging.WARNING
@@ -87,7 +89,10 @@ class Stream:
         try:
             replay = await database_sync_to_async(roomlog.room_replay)(
                 user=self.user, slug=slug, since=since, head_only=not budget.allowed,
-                epoch=frame.epoch if frame.since is not None else None)
+                epoch=frame.epoch if frame.since is not None else None, defer=True)
+            if replay.pending is not None:
+                # Checked for this user; the rows are the same for anyone (ws/replays.py).
+                replay = dataclasses.replace(replay, events=await replays.read(replay.pending, slug), pending=None)
         except BaseException:
             # Refused (or failed): no stream for this room on this socket any more.
             if current is not None:

@@ -142,3 +142,51 @@ async def test_a_subscribe_costs_one_query_and_one_more_where_read_markers_show(
         await subscribe(bob, "ops")
         assert len(queries) == 2, queries
         assert "read_markers" in queries[1] or "readstate" in queries[1].lower(), queries
+
+
+async def test_identical_replays_at_the_same_time_read_the_log_once(cookies, demo, monkeypatch):
+    """A reconnect storm's replays (ws/replays.py): the same range asked for while a
+    read of it is under way is that read's answer, not another query; a range asked
+    for after it is read afresh; a different range is its own read."""
+    from realtime.models import Room
+    from realtime.ws import replays
+
+    for i in range(3):
+        await sync_to_async(committed)(demo["alice"], f"m{i}", f"c{i}")
+    room = await Room.objects.aget(slug="general")
+    reads = []
+    real = roomlog.read_range
+
+    def counted(**kwargs):
+        reads.append((kwargs["after"], kwargs["upto"]))
+        return real(**kwargs)
+
+    monkeypatch.setattr(roomlog, "read_range", counted)
+    key = (room.pk, room.epoch, 0, 3)
+    first, second, other = await asyncio.gather(replays.read(key, "general"), replays.read(key, "general"),
+                                                replays.read((room.pk, room.epoch, 1, 3), "general"))
+    assert [e.seq for e in first] == [e.seq for e in second] == [1, 2, 3]
+    assert first is not second  # each caller its own list
+    assert [e.seq for e in other] == [2, 3]
+    assert sorted(reads) == [(0, 3), (1, 3)]
+    assert replays.in_flight() == {}
+    assert [e.seq for e in await replays.read(key, "general")] == [1, 2, 3]
+    assert sorted(reads) == [(0, 3), (0, 3), (1, 3)]
+
+
+async def test_a_subscribe_replays_from_the_shared_read_up_to_its_head(cookies, demo):
+    for i in range(3):
+        await sync_to_async(committed)(demo["alice"], f"m{i}", f"c{i}")
+    async with socket(cookies["bob"]) as one, socket(cookies["carol"]) as two:
+        for comm in (one, two):
+            await comm.send_json_to({"type": "subscribe", "room": "general", "since": 0, "ref": "s"})
+        for comm in (one, two):
+            got = []
+            while True:
+                frame = await comm.receive_json_from(timeout=5)
+                if frame.get("ref") == "s":
+                    assert frame["replayed"] == 3 and frame["seq"] == 3, frame
+                    break
+                if frame["type"] == "message.new":
+                    got.append(frame["seq"])
+            assert got == [1, 2, 3]
