@@ -247,6 +247,7 @@ def check_fd_limit(pid: int, args: list[str]) -> None:
 
 
 ACCESS_LINE = re.compile(r'^\S+:\d+ - - \[[^]]*\] "')
+REPR = re.compile(r"<[^<>]*>")
 
 
 def report_log(worker: BenchWorker, offset: int, target: str, first: int = 5) -> None:
@@ -262,17 +263,23 @@ def report_log(worker: BenchWorker, offset: int, target: str, first: int = 5) ->
         if lines:
             shown = "\n    ".join(line[:300] for line in lines[:first])
             print(f"  worker {worker.name} [{target}] logged {len(lines)} lines; the first:\n    {shown}", file=sys.stderr, flush=True)
-            # And how many of each kind (JSON lines: level, logger, message, reason, code).
-            kinds: dict[str, int] = {}
+            # And how many of each kind (JSON lines: level, logger, message, reason,
+            # code; reprs such as <Task ...> made alike), from when to when.
+            kinds: dict[str, list] = {}
             for line in lines:
                 try:
                     entry = json.loads(line)
                     kind = " ".join(str(entry.get(k)) for k in ("level", "logger", "message", "reason", "code") if entry.get(k))
+                    at = str(entry.get("time", ""))[11:23]
                 except (ValueError, AttributeError):
-                    kind = "(not JSON) " + line[:80]
-                kinds[kind] = kinds.get(kind, 0) + 1
-            for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1])[:10]:
-                print(f"    {n} x {kind}", file=sys.stderr, flush=True)
+                    kind, at = "(not JSON) " + line, ""
+                while REPR.search(kind):
+                    kind = REPR.sub("‹…›", kind)
+                seen = kinds.setdefault(kind[:160], [0, at, at])
+                seen[0] += 1
+                seen[2] = at or seen[2]
+            for kind, (n, since, until) in sorted(kinds.items(), key=lambda kv: -kv[1][0])[:10]:
+                print(f"    {n} x {kind}" + (f" ({since} to {until})" if since else ""), file=sys.stderr, flush=True)
 
 
 def summarize_profile(raw: Path, out: Path, title: str, top: int = 25) -> None:
