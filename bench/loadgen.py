@@ -17,7 +17,14 @@ Scenarios print one JSON object:
   sender's chain: rate limit, database, publish) and how long until its last did
   (`spread_*`: the fan-out), so that a tail can be traced to one or the other;
 - `idle`: N sockets opened (and subscribed): the worker's memory per socket and the
-  connect rate.
+  connect rate;
+- `storm`: N sockets opened into one worker as fast as they go, at most C handshakes
+  in flight (--concurrency), each authenticated and subscribed to the room; a socket
+  is in when its subscribe is answered with an ack (the full pipeline) or its
+  handshake is accepted (the bare consumer, which has no subscribe): sockets in per
+  second (over the whole storm, and over the first and last tenth of sockets to be
+  in, by completion time), time to subscribed p50/p99, and the sockets refused,
+  closed or timed out (`failed`, 0 in a valid run; the first reasons to stderr).
 Times are taken on this machine's monotonic clock, on both ends (one process).
 """
 
@@ -31,6 +38,7 @@ import json
 import os
 import re
 import resource
+import sys
 import time
 import uuid
 
@@ -76,7 +84,10 @@ class Target:
             while True:
                 frame = self.decode(await ws.recv())
                 if frame.get("ref") == "s":
-                    assert frame["type"] == "ack", frame
+                    if frame.get("type") != "ack":
+                        # An error frame (rate_limited, forbidden, ...): not subscribed.
+                        await ws.close()
+                        raise SubscribeRefused(frame)
                     break
         return ws
 
@@ -85,6 +96,26 @@ class Target:
             body = f"{text} @{self.mention}" if self.mention else text
             return self.encode({"type": "message.send", "room": self.room, "body": body, "client_id": f"b{uuid.uuid4().hex[:16]}"})
         return json.dumps({"message": text})
+
+
+class SubscribeRefused(Exception):
+    """The subscribe was answered with something other than an ack."""
+
+    def __init__(self, frame: dict):
+        super().__init__(f"subscribe answered with {frame.get('type')}: {frame.get('code')} {frame.get('message', '')}".strip())
+        self.frame = frame
+
+
+def reason(exc: BaseException) -> str:
+    """One line on why a socket did not get in (for the failure counts)."""
+    if isinstance(exc, websockets.ConnectionClosed):
+        got = exc.rcvd
+        return f"closed by the server: {got.code} {got.reason}".strip() if got else "connection dropped (no close frame)"
+    if isinstance(exc, websockets.InvalidStatus):
+        return f"handshake refused: HTTP {exc.response.status_code}"
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class Member:
@@ -282,6 +313,107 @@ async def idle(target: Target, count: int, worker_pid: int) -> dict:
     return result
 
 
+async def storm(target: Target, count: int, concurrency: int, timeout: float) -> dict:
+    """`count` sockets at once into one worker, at most `concurrency` of them between
+    their connect's start and their subscribe's answer: how fast they get in, and
+    whether the rate holds as the worker fills (the first and last tenth)."""
+    await asyncio.sleep(0.5)
+    sockets: list = []
+    took: list[float] = []  # per socket: connect start to in
+    done: list[float] = []  # per socket: the time it was in
+    failures: dict[str, int] = {}
+    first_failures: list[str] = []
+    queue = iter(range(count))
+    overflows = listen_overflows()
+    # No collection of this process's garbage during the storm (thousands of
+    # connection objects made at once): a collection's pause here is not the
+    # server's. What is allocated meanwhile is freed by reference counting.
+    gc.collect()
+    gc.disable()
+
+    async def opener() -> None:
+        for _ in queue:
+            began = time.monotonic()
+            try:
+                ws = await asyncio.wait_for(target.connect(), timeout)
+            except Exception as exc:  # counted and reported, never dropped
+                why = reason(exc)
+                failures[why] = failures.get(why, 0) + 1
+                if len(first_failures) < 5:
+                    first_failures.append(why)
+                continue
+            at = time.monotonic()
+            sockets.append(ws)
+            took.append(at - began)
+            done.append(at)
+
+    started = time.monotonic()
+    await asyncio.gather(*(opener() for _ in range(min(concurrency, count))))
+    # Sockets that got in and were closed before the end (a cap, a sweep): failed too.
+    await asyncio.sleep(1)
+    closed = [ws for ws in sockets if ws.close_code is not None]
+    for ws in closed:
+        why = f"closed after subscribe: {ws.close_code} {ws.close_reason or ''}".strip()
+        failures[why] = failures.get(why, 0) + 1
+        if len(first_failures) < 5:
+            first_failures.append(why)
+    gc.enable()
+    n = len(done)
+    done.sort()
+    took.sort()
+    tenth = max(1, n // 10)
+    rate = lambda k, span: round(k / span, 1) if span > 0 else None  # noqa: E731
+    q = lambda p: round(took[min(n - 1, int(p * n))] * 1000, 1) if took else None  # noqa: E731
+    failed = sum(failures.values())
+    result = {
+        "sockets": count,
+        "in": n - len(closed),
+        "failed": failed,
+        # Sockets in a second, from the first connect's start to the last socket in.
+        "sockets_per_s": rate(n, done[-1] - started) if n else None,
+        # The first tenth to get in, counted from the start; the last tenth, from
+        # the time the socket before them got in.
+        "first_tenth_per_s": rate(tenth, done[tenth - 1] - started) if n else None,
+        "last_tenth_per_s": rate(tenth, done[-1] - (done[-tenth - 1] if n > tenth else started)) if n else None,
+        "p50_ms": q(0.50),
+        "p99_ms": q(0.99),
+        "max_ms": round(took[-1] * 1000, 1) if took else None,
+        "seconds": round(done[-1] - started, 2) if n else None,
+        "concurrency": concurrency,
+    }
+    if overflows is not None:
+        # The kernel's count of connections dropped for a full accept queue (on
+        # the whole machine, this storm's the only traffic): each is a connect
+        # retried a second or more later, seen in the p99.
+        result["listen_overflows"] = listen_overflows() - overflows
+    if failed:
+        result["failed_reasons"] = failures
+        print(f"storm: {failed} of {count} sockets failed; first reasons:", file=sys.stderr)
+        for why in first_failures:
+            print(f"  {why}", file=sys.stderr)
+        print(f"storm: by reason: {json.dumps(failures)}", file=sys.stderr)
+    await close_all(sockets)
+    return result
+
+
+def listen_overflows() -> int | None:
+    """TcpExt ListenOverflows from /proc/net/netstat (None where there is none)."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = [line.split() for line in f if line.startswith("TcpExt:")]
+        return int(dict(zip(lines[0][1:], lines[1][1:]))["ListenOverflows"])
+    except (OSError, IndexError, KeyError, ValueError):
+        return None
+
+
+def raise_fd_limit() -> None:
+    """As many open files as the hard limit allows: a storm holds thousands of sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def close_all(sockets) -> None:
     await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
 
@@ -290,17 +422,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", choices=sorted(PATHS), required=True)
     parser.add_argument("--port", required=True, help="the workers' ports, comma-separated")
-    parser.add_argument("--scenario", choices=["fanout", "rate", "idle"], required=True)
+    parser.add_argument("--scenario", choices=["fanout", "rate", "idle", "storm"], required=True)
     parser.add_argument("--members", type=int, default=100)
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--rate", type=float, default=100)
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--concurrency", type=int, default=200, help="storm: sockets between connect and subscribed at once")
+    parser.add_argument("--connect-timeout", type=float, default=60, help="storm: seconds a socket may take to get in")
     parser.add_argument("--worker-pid", type=int, default=0)
     parser.add_argument("--room", default="bench")
     parser.add_argument("--codec", choices=["json", "msgpack"], default="json")
     parser.add_argument("--mention", metavar="USERNAME", help="every message @mentions this user (the full pipeline only)")
     args = parser.parse_args()
+    raise_fd_limit()
     target = Target(args.target, [int(p) for p in args.port.split(",")], os.environ.get("BENCH_COOKIE", ""), os.environ.get("BENCH_SENDER_COOKIE", ""), args.room, args.codec, args.mention)
     wall = time.monotonic()
     cpu = resource.getrusage(resource.RUSAGE_SELF)
@@ -318,6 +453,8 @@ def main() -> None:
         result = run(publish(target, args.members, args.messages, window=args.window))
     elif args.scenario == "rate":
         result = run(publish(target, args.members, int(args.rate * args.seconds), rate=args.rate, drain=30))
+    elif args.scenario == "storm":
+        result = run(storm(target, args.members, args.concurrency, args.connect_timeout))
     else:
         result = run(idle(target, args.members, args.worker_pid))
     used = resource.getrusage(resource.RUSAGE_SELF)

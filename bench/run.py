@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -50,6 +51,10 @@ SCENARIOS = {
     "cross-worker fan-out, 500 members on 2 workers": (["--scenario", "fanout", "--members", "500", "--messages", "60", "--window", "16"], "deliveries_per_s", True, 2),
     "cross-worker, 100 msg/s into 100 members on 2 workers, p99": (["--scenario", "rate", "--members", "100", "--rate", "100", "--seconds", "10"], "p99_ms", False, 2),
     "idle sockets, memory each": (["--scenario", "idle", "--members", "2000"], "kib_per_connection", False, 1),
+    # Sockets opened all at once (200 handshakes in flight), each authenticated and
+    # subscribed to the one room: how fast a worker takes a reconnect wave.
+    "connect storm, 2,000 sockets into one room": (["--scenario", "storm", "--members", "2000", "--concurrency", "200"], "sockets_per_s", True, 1),
+    "connect storm, 5,000 sockets into one room": (["--scenario", "storm", "--members", "5000", "--concurrency", "200"], "sockets_per_s", True, 1),
 }
 QUICK = {
     "fan-out, 100 members": (["--scenario", "fanout", "--members", "50", "--messages", "50", "--window", "16"], "deliveries_per_s", True, 1),
@@ -57,6 +62,7 @@ QUICK = {
     "100 msg/s into 100 members, p99": (["--scenario", "rate", "--members", "50", "--rate", "50", "--seconds", "3"], "p99_ms", False, 1),
     "cross-worker, 100 msg/s into 100 members on 2 workers, p99": (["--scenario", "rate", "--members", "50", "--rate", "50", "--seconds", "3"], "p99_ms", False, 2),
     "idle sockets, memory each": (["--scenario", "idle", "--members", "300"], "kib_per_connection", False, 1),
+    "connect storm, 2,000 sockets into one room": (["--scenario", "storm", "--members", "300", "--concurrency", "200"], "sockets_per_s", True, 1),
 }
 
 
@@ -161,6 +167,7 @@ def services():
     for the length of the block."""
     workdir = Path(tempfile.mkdtemp(prefix="realtime-bench-"))
     workdir.chmod(0o755)
+    (workdir / "static").mkdir()  # DJANGO_STATIC_ROOT (else a warning at every start)
     ctx, member, sender = setup(workdir)
     try:
         yield workdir, ctx, member, sender
@@ -178,9 +185,13 @@ def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str,
     env = {**ctx["env"], "DJANGO_ALLOWED_ORIGINS": ",".join(f"http://127.0.0.1:{port}" for port, _ in ports)}
     started = []
     spy = None
+    log_offsets = []
     try:
         for n, (port, tls_port) in enumerate(ports):
-            started.append(BenchWorker(f"bench{n}", env, workdir, port=port, tls_port=tls_port).start())
+            worker = BenchWorker(f"bench{n}", env, workdir, port=port, tls_port=tls_port)
+            log_offsets.append(worker.log.stat().st_size if worker.log.exists() else 0)
+            started.append(worker.start())
+            check_fd_limit(worker.proc.pid, args)
         time.sleep(0.5)
         if profile is not None:
             # Sampled from outside (py-spy attaches to the pid): the worker runs as measured.
@@ -193,10 +204,13 @@ def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str,
                          "--port", ",".join(str(port) for port, _ in ports),
                          "--worker-pid", str(started[0].proc.pid), *args],
             cwd=ROOT, env={**os.environ, "BENCH_COOKIE": member, "BENCH_SENDER_COOKIE": sender},
-            capture_output=True, text=True, timeout=600,
+            capture_output=True, text=True, timeout=1800 if "storm" in args else 600,
         )
         if out.returncode != 0:
             raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
+        if out.stderr.strip():
+            # What the load generator had to say (a storm's failed sockets and why).
+            print(f"  loadgen [{target}]: {out.stderr.strip()[-2000:]}", file=sys.stderr, flush=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         if spy is not None:
@@ -204,6 +218,68 @@ def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str,
             spy.wait(timeout=60)
         for worker in started:
             worker.stop()
+        for worker, offset in zip(started, log_offsets):
+            report_log(worker, offset, target)
+
+
+def raise_fd_limit() -> None:
+    """Open files up to the hard limit, for this process and so for the workers it
+    starts (a storm holds thousands of sockets in one worker)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def check_fd_limit(pid: int, args: list[str]) -> None:
+    """A worker that cannot hold the scenario's sockets would refuse them (EMFILE):
+    say so before the run instead of measuring it."""
+    if "--members" not in args:
+        return
+    wanted = int(args[args.index("--members") + 1]) + 500  # and the worker's own files
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        line = next(line for line in Path(f"/proc/{pid}/limits").read_text().splitlines() if line.startswith("Max open files"))
+        soft = line.split()[3]
+        if soft != "unlimited" and int(soft) < wanted:
+            raise RuntimeError(f"the worker may open {soft} files, the scenario needs some {wanted}: raise `ulimit -n`")
+
+
+ACCESS_LINE = re.compile(r'^\S+:\d+ - - \[[^]]*\] "')
+REPR = re.compile(r"<[^<>]*>")
+
+
+def report_log(worker: BenchWorker, offset: int, target: str, first: int = 5) -> None:
+    """The worker's log of this run (warnings and errors: DJANGO_LOG_LEVEL=WARNING),
+    its first lines to stderr: a refusal or an exception in the connect path shows
+    here, not in the numbers."""
+    with contextlib.suppress(OSError):
+        with open(worker.log, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode(errors="replace").splitlines()
+        # Not daphne's access log (a line a handshake, connect and close each).
+        lines = [line for line in lines if line.strip() and not ACCESS_LINE.match(line)]
+        if lines:
+            shown = "\n    ".join(line[:300] for line in lines[:first])
+            print(f"  worker {worker.name} [{target}] logged {len(lines)} lines; the first:\n    {shown}", file=sys.stderr, flush=True)
+            # And how many of each kind (JSON lines: level, logger, message, reason,
+            # code; reprs such as <Task ...> made alike), from when to when.
+            kinds: dict[str, list] = {}
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                    kind = " ".join(str(entry.get(k)) for k in ("level", "logger", "message", "reason", "code") if entry.get(k))
+                    at = str(entry.get("time", ""))[11:23]
+                except (ValueError, AttributeError):
+                    kind, at = "(not JSON) " + line, ""
+                while REPR.search(kind):
+                    kind = REPR.sub("‹…›", kind)
+                seen = kinds.setdefault(kind[:160], [0, at, at])
+                seen[0] += 1
+                seen[2] = at or seen[2]
+            for kind, (n, since, until) in sorted(kinds.items(), key=lambda kv: -kv[1][0])[:10]:
+                print(f"    {n} x {kind}" + (f" ({since} to {until})" if since else ""), file=sys.stderr, flush=True)
 
 
 def summarize_profile(raw: Path, out: Path, title: str, top: int = 25) -> None:
@@ -242,6 +318,7 @@ def main() -> None:
     parser.add_argument("--servers", default="daphne,uvicorn",
                         help="the ASGI servers to run both targets on, comma-separated (deploy/ runs daphne)")
     args = parser.parse_args()
+    raise_fd_limit()
     if args.profile:
         return profile(args.profile)
     scenarios = QUICK if args.quick else SCENARIOS
@@ -264,8 +341,9 @@ def main() -> None:
                 for target, results in details.items():
                     values = [r[metric] for r in results if r.get(metric) is not None]
                     medians[target] = statistics.median(values) if values else None
+                    failed = f"failed {[r.get('failed') for r in results]}, " if any("failed" in r for r in results) else ""
                     print(f"{server}: {name} [{target}]: {[r[metric] for r in results]} (lost {[r.get('lost') for r in results]}, "
-                          f"duplicated {[r.get('duplicated') for r in results]}, loadgen cpu {[r['loadgen_cpu'] for r in results]})",
+                          f"duplicated {[r.get('duplicated') for r in results]}, {failed}loadgen cpu {[r['loadgen_cpu'] for r in results]})",
                           flush=True)
                 bare, full = medians["bare"], medians["full"]
                 ratio = (full / bare if higher else bare / full) if bare and full else None
@@ -297,14 +375,23 @@ TARGETS = {
     "100 msg/s into 100 members, p99": "p99 < 10 ms",
     "cross-worker, 100 msg/s into 100 members on 2 workers, p99": "p99 < 20 ms",
     "idle sockets, memory each": "<= 0.6 of bare (ratio >= 1.67x)",
+    # Absolute, the full pipeline's own rate (not a ratio to the bare consumer).
+    "connect storm, 2,000 sockets into one room": ">= 1,200 sockets/s",
+    "connect storm, 5,000 sockets into one room": ">= 1,200 sockets/s",
 }
 
 
-def met(name: str, full, ratio) -> str:
+def met(name: str, full, ratio, failed: int = 0) -> str:
     target = TARGETS.get(name)
-    if target is None or full is None or ratio is None:
+    if target is not None and failed:
+        return f"{target}: not met ({failed} sockets failed)"
+    if target is None or full is None:
         return "–"
-    if target.startswith("p99"):
+    if target.endswith("sockets/s"):
+        ok = full >= float(target.split()[1].replace(",", ""))
+    elif ratio is None:
+        return "–"
+    elif target.startswith("p99"):
         ok = full < float(target.split("<")[1].split()[0])
     elif target.startswith("<="):
         ok = ratio >= 1 / 0.6
@@ -348,8 +435,12 @@ def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
             dup = sum(r.get("duplicated") or 0 for r in details["full"])
             cpu = max(r["loadgen_cpu"] for rs in details.values() for r in rs)
             shown = f"{ratio:.2f}x" if ratio is not None else "–"
-            lines.append(f"| {name} | {metric} | {bare} | {full} | {shown} | {met(name, full, ratio) if server == 'daphne' else '–'} "
-                         f"| {lost} / {dup} | {cpu} |")
+            # Connect storms: sockets refused, closed or timed out (0 in a valid run).
+            failed = {t: sum(r.get("failed") or 0 for r in rs) for t, rs in details.items()}
+            storm = any("failed" in r for rs in details.values() for r in rs)
+            counts = f"{lost} / {dup}" + (f"; failed sockets {failed['full']} (bare {failed['bare']})" if storm else "")
+            lines.append(f"| {name} | {metric} | {bare} | {full} | {shown} | "
+                         f"{met(name, full, ratio, failed['full']) if server == 'daphne' else '–'} | {counts} | {cpu} |")
         lines.append("")
     if "daphne" in tables and "uvicorn" in tables:
         lines += ["## Full pipeline, uvicorn against daphne", "",
