@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the system programs the tests use, when missing: redis-server, Chromium
-# (with its driver), nginx, HAProxy, openssl, PostgreSQL and Node.js. As root on Debian/Ubuntu this uses apt-get;
+# (with its driver), nginx, HAProxy, openssl, PostgreSQL, Node.js and ss (iproute2). As root on Debian/Ubuntu this uses apt-get;
 # elsewhere it prints what to install and the tests that need it are skipped.
 set -u
 need=()
@@ -10,6 +10,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v ss >/dev/null 2>&1 || need+=(iproute2)  # the listen backlog's test reads it
 # Emoji in the browser tests' screenshots (reactions), instead of empty boxes.
 [ -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || need+=(fonts-noto-color-emoji)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need+=(postgresql)

@@ -426,6 +426,10 @@ REALTIME = {
     # and connections per peer address that are not sockets yet (trusted proxies
     # excepted: the balancer limits those, deploy/).
     "HANDSHAKE_TIMEOUT": float(os.environ.get("REALTIME_HANDSHAKE_TIMEOUT") or 10),
+    # Under realtime.server: connections the kernel queues for accept() (Twisted's
+    # default is 50: a reconnect storm overflows it and clients wait for SYN retries).
+    # The kernel caps it at net.core.somaxconn.
+    "LISTEN_BACKLOG": env_int("REALTIME_LISTEN_BACKLOG", 1024),
     # Under realtime.server: unsent bytes a socket may hold before it is closed with
     # 4013; frames and bytes received and not yet handled before 4029.
     "MAX_SEND_BUFFER": env_int("REALTIME_MAX_SEND_BUFFER", 1024 * 1024),
