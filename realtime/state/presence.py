@@ -371,10 +371,33 @@ async def announce(room: str) -> None:
         coalescer().add(room, joins=[_name(u) for u in joins], leaves=[_name(u) for u in leaves])
 
 
+# room -> when the latest leave there is due (loop time), for the running loop: one
+# timer per room however many leave at once (a drain closes thousands together).
+_due_at: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, float]]" = weakref.WeakKeyDictionary()
+
+
 def announce_later(room: str) -> None:
-    """A leave is settled after GRACE seconds, unless the user is back by then."""
+    """A leave is settled after GRACE seconds, unless the user is back by then. One
+    reconcile per room for a burst of leaves: a timer already set for the room is
+    moved on to the latest leave's time when it fires."""
     loop = asyncio.get_running_loop()
-    loop.call_later(GRACE + 0.05, lambda: asyncio.ensure_future(announce(room)))
+    due = _due_at.setdefault(loop, {})
+    at = loop.time() + GRACE + 0.05
+    waiting = room in due
+    due[room] = at
+    if not waiting:
+        loop.call_at(at, _settle, room)
+
+
+def _settle(room: str) -> None:
+    loop = asyncio.get_running_loop()
+    due = _due_at.setdefault(loop, {})
+    at = due.get(room)
+    if at is not None and at > loop.time() + 0.001:
+        loop.call_at(at, _settle, room)  # a leave came after this timer was set
+        return
+    due.pop(room, None)
+    asyncio.ensure_future(announce(room))
 
 
 @dataclass

@@ -333,3 +333,28 @@ async def test_a_live_sockets_leases_outlive_their_ttl(cookies, shared, demo, mo
     # Closed: the leases are given back at once.
     assert await connections.leases().count(demo["bob"].pk) == 0
     connections.leases.reset()
+
+
+@pytest.mark.asyncio
+async def test_a_burst_of_leaves_is_settled_by_one_reconcile_of_the_room(shared, monkeypatch):
+    """A drain closes thousands of sockets together: their leaves are settled by one
+    reconcile of the room after the grace, not one each."""
+    for i in range(20):
+        await presence.join("general", 300 + i, f"q{i:02}", f"c{i}")
+    store = presence.backend()
+    calls = []
+    real = store.reconcile
+
+    async def counted(room):
+        calls.append(room)
+        return await real(room)
+
+    monkeypatch.setattr(store, "reconcile", counted)
+    for i in range(20):
+        await presence.leave("general", 300 + i, f"q{i:02}", f"c{i}")
+
+    async def everyone_gone():
+        return (await presence.page("general")).count == 0
+
+    await until(everyone_gone, what="the leaves settled")
+    assert calls == ["general"]
