@@ -27,7 +27,7 @@ SERVER_FRAMES = {
     ),
     "message.edited (delta)": protocol.MessageEdited(room="ops-incidents", seq=184468, id=9_876_543, body=BODY[:40], edited_at=NOW),
     "ack": protocol.MessageAck(ref="r-1042", room="ops-incidents", id=9_876_543, seq=184467),
-    "presence.diff": protocol.PresenceDiff(room="ops-incidents", joins=["bob", "carol"], leaves=["dave"]),
+    "presence.diff": protocol.PresenceDiff(room="ops-incidents", joins=["bob", "carol"], leaves=["dave"], count=12),
     "metrics.tick (2 workers)": protocol.MetricsTick(t=1_795_000_000.25, workers=[
         protocol.WorkerFigures(worker=f"w{i}", pid=4000 + i, uptime=3600.5, connections=1200, users=900,
                                messages_in=85.5, delivered=9100.25, p50_ms=1.2, p99_ms=7.9, errors={}, rate_limited=0,
