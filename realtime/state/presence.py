@@ -252,9 +252,19 @@ class RedisPresence:
         return bool(joined), _page(_text(first), count, PAGE)
 
     async def renew(self, pairs: list[tuple[str, str]]) -> None:
-        # Only leases still held: one given back by a closing socket stays gone.
-        await store.renew_scores(self.url, [(_keys(room)[0], member) for room, member in pairs], TTL,
-                                 now=wall_clock(), only_existing=True)
+        """Only leases still held (one given back by a closing socket stays gone),
+        and each room's keys kept another KEY_TTL: a room whose sockets stay for
+        days with nobody joining keeps its presence."""
+        if not pairs:
+            return
+        pipe = store.client(self.url).pipeline(transaction=False)
+        expiry = wall_clock() + TTL
+        for room, member in pairs:
+            pipe.zadd(_keys(room)[0], {member: expiry}, xx=True)
+        for room in {room for room, _ in pairs}:
+            for key in _keys(room)[:3]:
+                pipe.expire(key, KEY_TTL)
+        await pipe.execute()
 
     async def leave(self, room: str, member: str, user: str) -> None:
         await store.client(self.url).eval(_LEAVE, 4, *_keys(room), member, user, wall_clock(), KEY_TTL)

@@ -358,3 +358,23 @@ async def test_a_burst_of_leaves_is_settled_by_one_reconcile_of_the_room(shared,
 
     await until(everyone_gone, what="the leaves settled")
     assert calls == ["general"]
+
+
+@pytest.mark.asyncio
+async def test_the_renewal_keeps_a_rooms_presence_keys_however_long_nobody_joins(redis_server, settings):
+    """The keys' one-day expiry is set on a join; the housekeeper's renewal sets it
+    again, so a room of sockets that stay for days keeps its presence (Redis: in
+    memory only leases expire)."""
+    import redis
+
+    settings.REDIS_URL = redis_server.url
+    presence.backend.reset()
+    await presence.join("general", 400, "ida", "c400")
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    keys = presence._keys("general")[:3]
+    for key in keys:
+        client.expire(key, 60)
+    await presence.renew_all([("general", 400, "ida", "c400")])
+    assert all(client.ttl(key) > presence.KEY_TTL - 60 for key in keys), [client.ttl(key) for key in keys]
+    client.flushall()
+    presence.backend.reset()
