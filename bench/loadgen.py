@@ -224,8 +224,8 @@ def summarize(sent: dict[int, float], members: list[Member], started: float) -> 
                 final[n] = max(final.get(n, at), at)
     firsts = sorted(first[n] - sent[n] for n in first)
     spreads = sorted(final[n] - first[n] for n in first)
-    qs = lambda values, p: round(values[min(len(values) - 1, int(p * len(values)))] * 1000, 2) if values else None  # noqa: E731
-    q = lambda p: round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2) if latencies else None  # noqa: E731
+    qs = quantile_ms
+    q = lambda p: quantile_ms(latencies, p)  # noqa: E731
     span = max(last - started, 1e-6)
     return {
         "deliveries": len(latencies),
@@ -331,16 +331,18 @@ async def storm(target: Target, count: int, concurrency: int, timeout: float) ->
     gc.collect()
     gc.disable()
 
+    def fail(why: str) -> None:
+        failures[why] = failures.get(why, 0) + 1
+        if len(first_failures) < 5:
+            first_failures.append(why)
+
     async def opener() -> None:
         for _ in queue:
             began = time.monotonic()
             try:
                 ws = await asyncio.wait_for(target.connect(), timeout)
             except Exception as exc:  # counted and reported, never dropped
-                why = reason(exc)
-                failures[why] = failures.get(why, 0) + 1
-                if len(first_failures) < 5:
-                    first_failures.append(why)
+                fail(reason(exc))
                 continue
             at = time.monotonic()
             sockets.append(ws)
@@ -353,17 +355,14 @@ async def storm(target: Target, count: int, concurrency: int, timeout: float) ->
     await asyncio.sleep(1)
     closed = [ws for ws in sockets if ws.close_code is not None]
     for ws in closed:
-        why = f"closed after subscribe: {ws.close_code} {ws.close_reason or ''}".strip()
-        failures[why] = failures.get(why, 0) + 1
-        if len(first_failures) < 5:
-            first_failures.append(why)
+        fail(f"closed after subscribe: {ws.close_code} {ws.close_reason or ''}".strip())
     gc.enable()
     n = len(done)
     done.sort()
     took.sort()
     tenth = max(1, n // 10)
     rate = lambda k, span: round(k / span, 1) if span > 0 else None  # noqa: E731
-    q = lambda p: round(took[min(n - 1, int(p * n))] * 1000, 1) if took else None  # noqa: E731
+    q = lambda p: quantile_ms(took, p, digits=1)  # noqa: E731
     failed = sum(failures.values())
     result = {
         "sockets": count,
@@ -394,6 +393,13 @@ async def storm(target: Target, count: int, concurrency: int, timeout: float) ->
         print(f"storm: by reason: {json.dumps(failures)}", file=sys.stderr)
     await close_all(sockets)
     return result
+
+
+def quantile_ms(values: list[float], p: float, digits: int = 2) -> float | None:
+    """The p-quantile of sorted seconds, in ms (None for none)."""
+    if not values:
+        return None
+    return round(values[min(len(values) - 1, int(p * len(values)))] * 1000, digits)
 
 
 def listen_overflows() -> int | None:

@@ -39,6 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deploy.cluster import PostgresServer, RedisServer, Worker, free_port  # noqa: E402
+# Open files up to the hard limit, for this process and so for the workers it starts
+# (a storm holds thousands of sockets in one worker): the load generator's own.
+from bench.loadgen import raise_fd_limit  # noqa: E402
 
 SCENARIOS = {
     # name: (loadgen arguments, metric, higher is better, workers)
@@ -220,17 +223,6 @@ def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str,
             worker.stop()
         for worker, offset in zip(started, log_offsets):
             report_log(worker, offset, target)
-
-
-def raise_fd_limit() -> None:
-    """Open files up to the hard limit, for this process and so for the workers it
-    starts (a storm holds thousands of sockets in one worker)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def check_fd_limit(pid: int, args: list[str]) -> None:

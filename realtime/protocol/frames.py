@@ -19,6 +19,8 @@ Ref = Union[Annotated[str, Meta(max_length=64)], Annotated[int, Meta(ge=-(2**53)
 # Room slugs: the model validates with the same pattern (realtime.models.Room.slug).
 ROOM_SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 RoomSlug = Annotated[str, Meta(min_length=1, max_length=50, pattern=ROOM_SLUG_PATTERN)]
+# A polling page's id (the long poll's `client`, the goodbye's body).
+POLL_CLIENT_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
 Seq = Annotated[int, Meta(ge=0, le=2**53)]
 # Which history a room's seqs belong to (Room.epoch): a log started again has another.
 Epoch = Annotated[str, Meta(min_length=1, max_length=16, pattern=r"^[A-Za-z0-9]+$")]
@@ -526,7 +528,7 @@ class MemberPatch(Struct, forbid_unknown_fields=True, kw_only=True):
 class PresenceLeave(Struct, forbid_unknown_fields=True, kw_only=True):
     """POST rooms/<slug>/presence/leave/: the polling page `client` is going."""
 
-    client: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
+    client: Annotated[str, Meta(pattern=POLL_CLIENT_PATTERN)]
 
 
 class DmOpen(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -42,7 +42,6 @@ import asyncio
 import hashlib
 import logging
 import time
-import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -161,7 +160,7 @@ for i = 1, #dirty, 2 do
     redis.call('ZREM', KEYS[4], user)
   end
 end
-return {joins, leaves, redis.call('ZCARD', KEYS[3])}
+return {joins, leaves}
 """
 
 
@@ -213,7 +212,7 @@ class MemoryPresence:
         if self.leases.get(room, {}).pop(member, None) is not None:
             self._gone(room, user, local_clock())
 
-    async def reconcile(self, room: str) -> tuple[list[str], list[str], int]:
+    async def reconcile(self, room: str) -> tuple[list[str], list[str]]:
         now = local_clock()
         leases = self.leases.get(room, {})
         for member in [m for m, t in leases.items() if t <= now]:
@@ -233,7 +232,7 @@ class MemoryPresence:
                     announced.discard(user)
                     leaves.append(user)
                 del due[user]
-        return joins, leaves, len(announced)
+        return joins, leaves
 
     async def page(self, room: str, after: str | None, limit: int) -> Page:
         return self._first(room, after, limit)
@@ -269,10 +268,9 @@ class RedisPresence:
     async def leave(self, room: str, member: str, user: str) -> None:
         await store.client(self.url).eval(_LEAVE, 4, *_keys(room), member, user, wall_clock(), KEY_TTL)
 
-    async def reconcile(self, room: str) -> tuple[list[str], list[str], int]:
-        joins, leaves, count = await store.client(self.url).eval(_RECONCILE, 4, *_keys(room), wall_clock(), GRACE,
-                                                                   BATCH)
-        return _text(joins), _text(leaves), count
+    async def reconcile(self, room: str) -> tuple[list[str], list[str]]:
+        joins, leaves = await store.client(self.url).eval(_RECONCILE, 4, *_keys(room), wall_clock(), GRACE, BATCH)
+        return _text(joins), _text(leaves)
 
     async def page(self, room: str, after: str | None, limit: int) -> Page:
         pipe = store.client(self.url).pipeline(transaction=False)
@@ -297,8 +295,13 @@ async def join(room: str, user_id: int, username: str, conn_id: str) -> Page:
     in its next diff. Redis down: an empty page (the housekeeper's renewal cannot
     bring back a lease never taken; the next subscribe does)."""
     LOCAL_ROOMS[room] += 1
+    return await _take(room, user_id, username, conn_id, None)
+
+
+async def _take(room: str, user_id: int, username: str, conn_id: str, ttl: float | None) -> Page:
     try:
-        joined, first = await backend().join(room, _member(user_id, username, conn_id), _user(user_id, username))
+        joined, first = await backend().join(room, _member(user_id, username, conn_id), _user(user_id, username),
+                                             ttl=ttl)
     except Exception as exc:
         degraded.tolerate(degraded.PRESENCE, exc)
         return Page([], 0)
@@ -330,15 +333,7 @@ async def poll_join(room: str, user_id: int, username: str, conn_id: str, ttl: f
     grace): each poll renews it, a page that stops polling runs out. Not counted in
     LOCAL_ROOMS: realtime/web/longpoll.py names the rooms its polls follow to the sweep.
     The room's first page and count, as `join`."""
-    try:
-        joined, first = await backend().join(room, _member(user_id, username, conn_id), _user(user_id, username),
-                                             ttl=ttl)
-    except Exception as exc:
-        degraded.tolerate(degraded.PRESENCE, exc)
-        return Page([], 0)
-    if joined:
-        coalescer().add(room, joins=[username], by_conn=conn_id)
-    return first
+    return await _take(room, user_id, username, conn_id, ttl)
 
 
 async def poll_leave(room: str, user_id: int, username: str, conn_id: str) -> None:
@@ -354,6 +349,13 @@ async def page(room: str, after: str | None = None, limit: int | None = None) ->
     except Exception as exc:
         degraded.tolerate(degraded.PRESENCE, exc)
         return Page([], 0)
+
+
+def state_frame(room: str, first: Page):
+    """The presence.state of `first` (a joiner's, a poll's)."""
+    from realtime import protocol
+
+    return protocol.PresenceState(room=room, users=first.users, count=first.count, next=first.next)
 
 
 def tag(first: Page) -> str:
@@ -373,7 +375,7 @@ async def announce(room: str) -> None:
     """Settle the room's due changes (leases run out, leaves past their grace) and
     queue them for the room's next diff."""
     try:
-        joins, leaves, _ = await backend().reconcile(room)
+        joins, leaves = await backend().reconcile(room)
     except Exception as exc:  # Redis away: the next sweep tells them
         degraded.tolerate(degraded.PRESENCE, exc)
         return
@@ -383,7 +385,7 @@ async def announce(room: str) -> None:
 
 # room -> when the latest leave there is due (loop time), for the running loop: one
 # timer per room however many leave at once (a drain closes thousands together).
-_due_at: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, float]]" = weakref.WeakKeyDictionary()
+_due_at = store.LoopLocal(dict)
 
 
 def announce_later(room: str) -> None:
@@ -391,7 +393,7 @@ def announce_later(room: str) -> None:
     reconcile per room for a burst of leaves: a timer already set for the room is
     moved on to the latest leave's time when it fires."""
     loop = asyncio.get_running_loop()
-    due = _due_at.setdefault(loop, {})
+    due = _due_at()
     at = loop.time() + GRACE + 0.05
     waiting = room in due
     due[room] = at
@@ -401,7 +403,7 @@ def announce_later(room: str) -> None:
 
 def _settle(room: str) -> None:
     loop = asyncio.get_running_loop()
-    due = _due_at.setdefault(loop, {})
+    due = _due_at()
     at = due.get(room)
     if at is not None and at > loop.time() + 0.001:
         loop.call_at(at, _settle, room)  # a leave came after this timer was set
@@ -472,16 +474,8 @@ class Coalescer:
         )
 
 
-_coalescers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Coalescer]" = weakref.WeakKeyDictionary()
-
-
-def coalescer() -> Coalescer:
-    """The running loop's coalescer (its timers belong to that loop; tests run a loop per test)."""
-    loop = asyncio.get_running_loop()
-    found = _coalescers.get(loop)
-    if found is None:
-        found = _coalescers[loop] = Coalescer()
-    return found
+# The running loop's coalescer (its timers belong to that loop; tests run a loop per test).
+coalescer = store.LoopLocal(Coalescer)
 
 
 async def _sweep() -> None:

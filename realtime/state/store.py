@@ -69,6 +69,23 @@ class Chooser:
         self.made = None
 
 
+class LoopLocal:
+    """One value per running event loop, made by `factory` on first use there: for
+    state whose timers and tasks belong to a loop (tests run a loop per test, and a
+    closed loop's value goes with it)."""
+
+    def __init__(self, factory) -> None:
+        self.factory = factory
+        self.values: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, object]" = weakref.WeakKeyDictionary()
+
+    def __call__(self):
+        loop = asyncio.get_running_loop()
+        found = self.values.get(loop)
+        if found is None:
+            found = self.values[loop] = self.factory()
+        return found
+
+
 _started: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[str]]" = weakref.WeakKeyDictionary()
 
 

@@ -66,7 +66,7 @@ RECHECK = 5.0  # seconds between log reads while waiting (a lost broadcast costs
 PAGE_MAX = 500
 # A page's poll id (`client`): the page is present in the room while it polls, and
 # hears the room's ephemeral frames (typing, presence, read markers).
-CLIENT = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+CLIENT = re.compile(protocol.POLL_CLIENT_PATTERN)
 PRESENCE_TAG = re.compile(r"^[0-9a-f]{1,32}$")
 POLL_GRACE = 10.0  # s a polling page stays present past its poll's wait (the next poll renews it)
 COALESCE = 0.5  # s the first ephemeral frame waits for others before it wakes a held poll
@@ -117,9 +117,8 @@ async def poll_goodbye(user, slug: str, client: str) -> None:
     """A polling page is going (closed, or back on a socket): it leaves the room's
     presence now, not when its lease runs out (its last poll may not be held at that
     moment, so no hang-up tells us). Only the asker's own lease can be named: the
-    lease's key is built from the user. Leaving a room one was not in changes nothing."""
-    if not CLIENT.match(client):
-        raise ActionError(ErrorCode.INVALID, "client must be 8 to 64 letters, digits, - or _")
+    lease's key is built from the user. Leaving a room one was not in changes nothing.
+    `client` is checked by the body's type (protocol.PresenceLeave)."""
     await presence.poll_leave(slug, user.pk, user.get_username(), f"poll-{client}")
 
 
@@ -235,8 +234,7 @@ async def answer_page(replay: roomlog.Replay, since: int, waiter: "Waiter", slug
     tag = presence.tag(first)
     frames = []
     if tag != known:
-        frames.append({"type": "presence.state", "room": slug, "users": first.users, "count": first.count,
-                       **({"next": first.next} if first.next else {})})
+        frames.append(msgspec.to_builtins(presence.state_frame(slug, first)))
     if known is None:
         markers = await database_sync_to_async(selectors.read_markers)(slug=slug)
         if markers:

@@ -143,10 +143,7 @@ def compare(sockets, found: Found) -> int:
                                                      kind=found.kinds.get(slug, RoomKind.ROOM))
             cached = sub.access
             if not visible or (cached is not None and (cached.room.is_public, cached.role) != (is_public, role)):
-                # Forget the cached access now, as a pushed check does (Stream.deliver):
-                # a message.send handled before the check's turn reads it afresh.
-                sub.access = None
-                consumer.access_changes[slug] = consumer.access_changes.get(slug, 0) + 1
+                consumer.forget_access(slug)
                 consumer.local_queue.put_nowait({"type": broadcast.ACCESS_CHECK, "room": slug})
                 queued += 1
     return queued

@@ -10,19 +10,15 @@ would return the same rows is shared."""
 from __future__ import annotations
 
 import asyncio
-import weakref
 
 from channels.db import database_sync_to_async
 
 from realtime.domain import roomlog
 from realtime.observability import metrics
+from realtime.state import store
 
-_flights: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
-
-
-def in_flight() -> dict[tuple, asyncio.Future]:
-    """The running loop's reads in progress (tests run a loop per test)."""
-    return _flights.setdefault(asyncio.get_running_loop(), {})
+# The running loop's reads in progress: key -> task (tests run a loop per test).
+in_flight = store.LoopLocal(dict)
 
 
 async def read(pending: tuple[int, str, int, int], slug: str) -> list:

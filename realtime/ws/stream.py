@@ -124,8 +124,7 @@ class Stream:
             # Present in the room from now (the room hears of a first arrival in
             # its next diff); this socket gets the count and the first page.
             first = await presence.join(slug, self.user.pk, self.user.get_username(), self.conn_id)
-            await self.send_frame(protocol.PresenceState(room=slug, users=first.users, count=first.count,
-                                                         next=first.next))
+            await self.send_frame(presence.state_frame(slug, first))
         if current is None and replay.access is not None and replay.access.room.read_markers:
             # (Most rooms show no read markers: no query for them.)
             markers = await database_sync_to_async(selectors.read_markers)(slug=slug)
@@ -165,6 +164,15 @@ class Stream:
             return None
         return sub.access
 
+    def forget_access(self, slug: str) -> None:
+        """An access check is on its way (pushed, or queued by the auth sweep): forget
+        the room's cached access at once, not when the check gets its turn, so a
+        message.send handled before that reads it afresh. A read begun before this
+        (a subscribe, an earlier check) is not kept."""
+        self.access_changes[slug] = self.access_changes.get(slug, 0) + 1
+        if slug in self.subscriptions:
+            self.subscriptions[slug].access = None
+
     async def deliver(self, message: dict) -> bool:
         """The fan-out's fast path: send the room's next event straight away when
         nothing is ahead of it for this socket (no queued message, no replay, no
@@ -173,12 +181,7 @@ class Stream:
         room_event takes it in order with everything else."""
         kind = message.get("type")
         if kind == broadcast.ACCESS_CHECK:
-            # Forget the room's access at once, not when access_check gets its
-            # turn: a message.send handled before that reads it afresh. A read
-            # begun before this (a subscribe, an earlier check) is not kept.
-            self.access_changes[message["room"]] = self.access_changes.get(message["room"], 0) + 1
-            if message["room"] in self.subscriptions:
-                self.subscriptions[message["room"]].access = None
+            self.forget_access(message["room"])
         if kind != broadcast.ROOM_EVENT or self.replaying or self.handling or not self.local_queue.empty():
             return False
         if self.checking.get(message["room"]) or message.get("member") == self.user.get_username():

@@ -236,7 +236,7 @@ document.addEventListener("visibilitychange", markReadSoon);
 
 // Leaving the page closes the client: the socket, or the polls with their goodbye
 // (pagehide too: mobile browsers may skip beforeunload).
-for (const type of ["beforeunload", "pagehide"]) window.addEventListener(type, () => client.state !== "closed" && client.close());
+for (const type of ["beforeunload", "pagehide"]) window.addEventListener(type, () => client.close());
 client.subscribe(room);
 // The other listed rooms, in the background (unread and mention counts).
 for (const r of config.rooms) {

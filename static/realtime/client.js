@@ -94,6 +94,7 @@ export class RealtimeClient extends Emitter {
 
   /** Stop for good (until connect() is called again). */
   close() {
+    if (this.state === State.CLOSED) return; // (a page's beforeunload and pagehide both close it)
     this._stop("closed", Close.NORMAL, "the client was closed");
     this.socket.attempts = this.socket.failedOpens = this.poll.probes = 0;
   }

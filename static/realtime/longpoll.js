@@ -138,7 +138,7 @@ export class LongPoll {
     this._polls.delete(room);
     // Our presence there ends now: the aborted poll may not have been held (a
     // page closing between two polls), and a lease would outlive us by its TTL.
-    if (poll && this.pollLeaveFn) Promise.resolve().then(() => this.pollLeaveFn(room, this.clientId)).catch(() => {});
+    if (poll && this.pollLeaveFn) this.pollLeaveFn(room, this.clientId).catch(() => {});
   }
 
   _sleep(ms, signal) {

@@ -220,7 +220,7 @@ USERNAME = OpenApiParameter("username", {"type": "string"}, OpenApiParameter.PAT
 BROWSE = OpenApiParameter("browse", {"type": "string", "enum": ["public"]}, OpenApiParameter.QUERY,
                           description="public: the public rooms the user is not in")
 MESSAGE_ID = OpenApiParameter("message_id", {"type": "integer", "minimum": 0}, OpenApiParameter.PATH)
-CLIENT = OpenApiParameter("client", {"type": "string", "pattern": "^[A-Za-z0-9_-]{8,64}$"}, OpenApiParameter.QUERY,
+CLIENT = OpenApiParameter("client", {"type": "string", "pattern": protocol.POLL_CLIENT_PATTERN}, OpenApiParameter.QUERY,
                           description="with wait: the page's poll id; the page is present in the room while it "
                                       "polls, and the answer carries `ephemeral` and `presence_tag`")
 PRESENCE_TAG = OpenApiParameter("presence_tag", {"type": "string", "pattern": "^[0-9a-f]{1,32}$"},

@@ -30,9 +30,10 @@ export function makeApi(apiBase) {
     return res.json();
   }
 
-  async function write(method, url, payload) {
+  async function write(method, url, payload, { keepalive = false } = {}) {
     const res = await fetch(url, {
       method,
+      keepalive,
       credentials: "same-origin",
       headers: { Accept: "application/json", "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
       body: payload === undefined ? undefined : JSON.stringify(payload),
@@ -84,15 +85,7 @@ export function makeApi(apiBase) {
     },
     /** A polling page is going: leave the room's presence now. keepalive: it is sent
      * even as the page unloads. */
-    pollLeave(slug, client) {
-      return fetch(`${roomPath(slug)}presence/leave/`, {
-        method: "POST",
-        keepalive: true,
-        credentials: "same-origin",
-        headers: { Accept: "application/json", "Content-Type": "application/json", "X-CSRFToken": csrfToken() },
-        body: JSON.stringify({ client }),
-      });
-    },
+    pollLeave: (slug, client) => write("POST", `${roomPath(slug)}presence/leave/`, { client }, { keepalive: true }),
     /** Say we are typing (while polling): {room, sent}. */
     typing: (slug) => write("POST", `${roomPath(slug)}typing/`),
   };
