@@ -187,6 +187,8 @@ function removedState(text) {
 function readOnly() {
   list.classList.add("removed");
   view.readOnly();
+  // Who is here and typing is no longer ours to know: no stale line.
+  for (const id of ["presence", "typing"]) if ($(id)) $(id).textContent = "";
   for (const id of ["leave-button", "members-button"]) if ($(id)) $(id).disabled = true;
 }
 client.on("error", (err) => {
@@ -205,9 +207,8 @@ bindStatus(client, {
       if ($("composer")) composer.signedOut(p);
       else list.after(p);
       readOnly();
-      // There is no session left to end: the header offers signing in instead.
-      const logout = $("logout-form");
-      if (logout) logout.replaceWith(Object.assign(document.createElement("a"), { href: loginHref(config.loginUrl), textContent: "Sign in", id: "signin-link" }));
+      // There is no session left to end (the status beside the badge offers signing in).
+      if ($("logout-form")) $("logout-form").remove();
     }
   },
 });

@@ -78,12 +78,13 @@ def test_logout_in_another_tab_shows_signed_out_and_keeps_what_was_unsent(app_se
     expect(failed.locator(".state")).to_have_text("not sent: signed out")
     expect(failed.locator(".hint")).to_contain_text("Sign in again, then press Retry")
     assert bob.locator('#messages li[data-state="pending"]').count() == 0
-    # Nothing left to act on: no React, Edit or Delete, no Members or Leave, and the
-    # header offers signing in, not a logout of a session that is gone.
+    # Nothing left to act on: no React, Edit or Delete, no Members or Leave, no stale
+    # "Here now", and no logout of a session that is gone (the status offers signing in).
     expect(bob.locator("#messages .actions button")).to_have_count(0)
     expect(bob.locator("#members-button")).to_be_disabled()
+    expect(bob.locator("#presence")).to_have_text("")
     expect(bob.get_by_role("button", name="Log out")).to_have_count(0)
-    assert bob.locator("#signin-link").get_attribute("href") == "/accounts/login/?next=%2Frooms%2Fgeneral%2F"
+    expect(bob.locator("#status-actions a")).to_have_text("Sign in again")
     bob.screenshot(path=str(artifacts / "signed-out.png"))
 
     # Signing in again brings the unsent message back, and Retry sends it.

@@ -181,6 +181,7 @@ def test_private_room_invite_mention_reactions_dm_and_removal(app_server, browse
     expect(message(bob, "Welcome")).to_have_count(1)
     expect(bob.locator("#messages .actions button")).to_have_count(0)
     expect(bob.locator("#leave-button")).to_be_disabled()
+    expect(bob.locator("#presence")).to_have_text("")  # the room's people are no longer his to see
     bob.screenshot(path=str(artifacts / "rooms-removed-1280.png"))
     expect(bob.locator('#room-list a[data-room="launch-plan"]')).to_have_count(1)  # the open room stays listed
     assert alice.errors == [] and bob.errors == []
@@ -226,6 +227,7 @@ def test_two_people_who_just_signed_up_share_a_private_room_a_dm_mentions_reacti
     members.get_by_label("Add someone").fill("er")
     suggestions = members.get_by_role("listbox", name="People")
     expect(suggestions.get_by_role("option")).to_have_text(["erin"])
+    dana.screenshot(path=str(artifacts / "journey-people-picker-1280.png"))
     suggestions.get_by_role("option", name="erin").click()
     expect(members.get_by_label("Add someone")).to_have_value("erin")
     members.get_by_role("button", name="Add").click()
