@@ -304,15 +304,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small scenarios, one run (a smoke test)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     parser.add_argument("--profile", metavar="NAME",
-                        help="instead: one run of the full pipeline in the hottest scenario under py-spy, "
-                             "summarized to bench/profiles/NAME.md")
+                        help="instead: one run of the full pipeline under py-spy (the first scenario --only "
+                             "names, else fan-out into 100 members), summarized to bench/profiles/NAME.md")
     parser.add_argument("--only", metavar="TEXT", help="only the scenarios whose name contains TEXT")
     parser.add_argument("--servers", default="daphne,uvicorn",
                         help="the ASGI servers to run both targets on, comma-separated (deploy/ runs daphne)")
     args = parser.parse_args()
     raise_fd_limit()
     if args.profile:
-        return profile(args.profile)
+        named = [name for name in SCENARIOS if args.only in name] if args.only else ["fan-out, 100 members"]
+        if not named:
+            parser.error(f"no scenario's name contains {args.only!r}")
+        return profile(args.profile, named[0])
     scenarios = QUICK if args.quick else SCENARIOS
     if args.only:
         scenarios = {name: s for name, s in scenarios.items() if args.only in name}
@@ -346,18 +349,19 @@ def main() -> None:
     write(tables, args, runs, searched)
 
 
-def profile(name: str) -> None:
-    scenario = "fan-out, 100 members"
+def profile(name: str, scenario: str) -> None:
     folder = ROOT / "bench" / "profiles"
     folder.mkdir(exist_ok=True)
     with services() as (workdir, ctx, member, sender):
         raw = Path(os.environ.get("BENCH_PROFILE_RAW", workdir / "profile.txt"))
-        # Five times the messages, so that the sockets' set-up is a small part of the profile.
-        args = [*SCENARIOS[scenario][0]]
-        args[args.index("--messages") + 1] = str(5 * int(args[args.index("--messages") + 1]))
-        result = one_run(ctx, workdir, "full", args, member, sender, profile=raw)
+        args, metric, _, workers = SCENARIOS[scenario]
+        args = [*args]
+        if "--messages" in args:
+            # Five times the messages, so that the sockets' set-up is a small part of the profile.
+            args[args.index("--messages") + 1] = str(5 * int(args[args.index("--messages") + 1]))
+        result = one_run(ctx, workdir, "full", args, member, sender, profile=raw, workers=workers)
         summarize_profile(raw, folder / f"{name}.md", f"Profile '{name}': {scenario}, full pipeline "
-                          f"({result['deliveries_per_s']} deliveries/s under the profiler)")
+                          f"({result[metric]} {metric.replace('_per_s', '/s')} under the profiler)")
     print((folder / f"{name}.md").read_text())
 
 
