@@ -59,6 +59,11 @@ def stamp_of(user) -> int:
     return auth_stamp(user.password, user.is_active, user.is_staff, user.is_superuser, user.get_username())
 
 
+def sweeps_sessions() -> bool:
+    """Whether the sweep reads sessions (the engine keeps them in the database)."""
+    return settings.SESSION_ENGINE in DB_SESSIONS
+
+
 def _chunks(items: list) -> list[list]:
     return [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
 
@@ -85,7 +90,7 @@ def read(user_ids: list[int], session_keys: list[str], slugs: list[str]) -> Foun
             stamps[pk] = auth_stamp(password, active, is_staff, superuser, username)
             staff[pk] = is_staff
     live = None
-    if settings.SESSION_ENGINE in DB_SESSIONS:
+    if sweeps_sessions():
         from django.contrib.sessions.models import Session
 
         live = set()

@@ -301,6 +301,8 @@ async def test_a_consumer_that_fails_gives_back_its_leases_and_timers(cookies, d
     from realtime.state import housekeeper
 
     settings.REALTIME = {**settings.REALTIME, "SESSION_RECHECK": 0.2}
+    # (the periodic session check per socket is what calls the broken read below)
+    monkeypatch.setattr(housekeeper, "rechecks_sessions", lambda: True)
 
     def broken(*args, **kwargs):
         raise RuntimeError("database away")

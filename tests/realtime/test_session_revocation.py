@@ -73,16 +73,52 @@ async def test_nothing_is_delivered_after_revocation(bob_browser, demo, cookies)
         assert await bob.receive_nothing(timeout=0.3)  # (closed: no ping to end it with)
 
 
-async def test_an_expired_session_is_caught_by_the_periodic_recheck(bob_browser, settings):
-    settings.REALTIME = {**settings.REALTIME, "SESSION_RECHECK": 0.3}
+@pytest.fixture
+def cache_sessions(settings):
+    """Sessions kept in the cache: where the sweep cannot read them."""
+    settings.SESSION_ENGINE = "django.contrib.sessions.backends.cache"
+
+
+async def test_a_session_the_sweep_cannot_read_is_rechecked_per_socket(cache_sessions, bob_browser, settings):
+    from importlib import import_module
+
+    settings.REALTIME = {**settings.REALTIME, "SESSION_RECHECK": 0.3, "AUTH_SWEEP": 600}
     client, cookie = bob_browser
     async with socket(cookie) as comm:
         await subscribe(comm, "general")
-        # Expired without any signal (as time passing does it).
+        # Gone from the cache without any signal (as its timeout does it).
+        store = import_module(settings.SESSION_ENGINE).SessionStore(client.session.session_key)
+        await sync_to_async(store.delete)()
+        assert await closed_with(comm, timeout=3) == 4001
+
+
+async def test_database_sessions_are_left_to_the_sweep_not_checked_per_socket(bob_browser, settings, monkeypatch):
+    """The sweep reads every socket's session in one query: no query per socket."""
+    from realtime.ws import authsweep
+    from realtime.ws import consumer as consumers
+
+    settings.REALTIME = {**settings.REALTIME, "SESSION_RECHECK": 0.1, "AUTH_SWEEP": 0.2}
+    checked, sweeps = [], []
+    real_check, real_sweep = consumers.session_is_valid, authsweep.sweep
+    monkeypatch.setattr(consumers, "session_is_valid", lambda *a: checked.append(a) or real_check(*a))
+
+    async def counted(sockets):
+        sweeps.append(len(sockets))
+        return await real_sweep(sockets)
+
+    monkeypatch.setattr(authsweep, "sweep", counted)
+    client, cookie = bob_browser
+    async with socket(cookie) as comm:
+        await subscribe(comm, "general")
+        # Three sweeps of this socket: three times its recheck period and more.
+        await until(lambda: sweeps.count(1) >= 3, what="three sweeps")
+        assert checked == []
+        # And an expiry is still found, by the sweep.
         await Session.objects.filter(session_key=client.session.session_key).aupdate(
             expire_date=timezone.now() - timedelta(seconds=1)
         )
         assert await closed_with(comm, timeout=3) == 4001
+        assert len(checked) == 1  # the sweep's session.check, answered by one read
 
 
 async def test_removed_membership_ends_the_rooms_stream_with_not_found(cookies, demo):
