@@ -35,6 +35,9 @@ PRIVATE = (
     ("autobahn.websocket.protocol.WebSocketProtocol", "send_queue"),
     ("autobahn.websocket.protocol.WebSocketProtocol", "_perMessageCompress"),
     ("autobahn.websocket.protocol.WebSocketProtocol", "CONFIG_ATTRS"),
+    # autobahn's module-level pformat: it pretty-prints some forty settings for a
+    # debug line at every connection, logged or not (defer_debug_formatting).
+    ("autobahn.websocket.protocol", "pformat"),
     # daphne's Server: its connections, the factories, making an application.
     ("daphne.server.Server", "connections"),
     ("daphne.server.Server", "http_factory"),
@@ -46,6 +49,31 @@ PRIVATE = (
     ("daphne.ws_protocol.WebSocketProtocol", "handshake_deferred"),
     ("daphne.ws_protocol.WebSocketProtocol", "application_queue"),
 )
+
+
+class _Formatted:
+    """pprint.pformat(value), made only when a log observer renders it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __str__(self) -> str:
+        import pprint
+
+        return pprint.pformat(self.value)
+
+    __repr__ = __str__
+
+
+def defer_debug_formatting() -> None:
+    """autobahn formats its settings for a debug line at every connection, whether
+    anything logs debug or not (4% of the event loop in a connect storm): format
+    them only when the line is rendered."""
+    from autobahn.websocket import protocol as autobahn_protocol
+
+    autobahn_protocol.pformat = _Formatted
 
 
 def unsent_bytes(transport) -> int:

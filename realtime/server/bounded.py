@@ -37,6 +37,8 @@ from realtime.server import adapter
 from realtime.server.adapter import unsent_bytes, write_now
 from realtime.server.guard import release_http_channel
 
+adapter.defer_debug_formatting()
+
 log = logging.getLogger("realtime.server")
 
 # The close codes this module sends, from the protocol's one list (exact ints).

@@ -62,3 +62,16 @@ def test_the_accessors_read_real_objects():
     channel = http.HTTPChannel()
     assert adapter.handling_request(channel) is False
     assert adapter.http_channel_protocol(channel)._channel is channel
+
+
+def test_autobahns_per_connection_debug_text_is_made_only_when_rendered():
+    import pprint
+
+    from autobahn.websocket import protocol as autobahn_protocol
+
+    import realtime.server.bounded  # noqa: F401  (what the worker imports)
+
+    settings = [("autoPingInterval", 0), ("maxMessagePayloadSize", 65536, "WebSocketServerFactory")]
+    deferred = autobahn_protocol.pformat(settings)
+    assert isinstance(deferred, adapter._Formatted)  # nothing formatted yet
+    assert f"{deferred}" == str(deferred) == pprint.pformat(settings)  # as before, once rendered
