@@ -22,7 +22,7 @@ from realtime.state import degraded, ratelimit
 from realtime.web.origins import origin_allowed, origin_of, refuse_log
 from realtime.web.proxies import rate_subject, scope_address
 
-from accounts import tickets
+from accounts import identities, tickets
 
 
 class SessionRef:
@@ -61,19 +61,6 @@ class TicketAuthMiddleware:
         if ticket is None:
             return await self.inner(scope, receive, send)
         return await self.inner({**scope, **await _ticket_identity(ticket)}, receive, send)
-
-
-async def _session_user(session_key: str | None):
-    """channels' SessionMiddleware and AuthMiddleware on their own: the session's
-    user when its auth hash still matches (else the session is flushed), else
-    anonymous; and the session's key after that (None when there is none)."""
-    from importlib import import_module
-
-    from channels.auth import get_user
-
-    store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
-    user = await get_user({"session": store})
-    return user, store.session_key
 
 
 class SocketAuthMiddleware:
@@ -115,5 +102,7 @@ class SocketAuthMiddleware:
             if name == b"cookie":
                 cookies = parse_cookie(value.decode("latin1"))
                 break
-        user, session_key = await _session_user(cookies.get(settings.SESSION_COOKIE_NAME))
+        # channels' SessionMiddleware and AuthMiddleware on their own, read together
+        # with the other handshakes waiting (accounts/identities.py).
+        user, session_key = await identities.session_user(cookies.get(settings.SESSION_COOKIE_NAME))
         return {"user": user, "session": SessionRef(session_key)}
