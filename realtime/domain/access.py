@@ -38,6 +38,39 @@ def room_access(*, user, slug: str, action: Action) -> RoomAccess:
     return access
 
 
+def room_accesses(asks: list[tuple]) -> list[RoomAccess | ActionError]:
+    """room_access for many (user, slug, action) at once, in their order: two
+    queries in all (the rooms, the roles of these users in them), each answer
+    decided for its own user object as room_access decides it; a refusal is the
+    answer's ActionError."""
+    slugs = {slug for _, slug, _ in asks}
+    user_ids = {user.pk for user, _, _ in asks if user.is_authenticated}
+    if len(user_ids) == 1:
+        # One user (a subscribe alone, or one person's tabs): one query, as room_access.
+        (user_id,) = user_ids
+        role_of = Membership.objects.filter(room=OuterRef("pk"), user_id=user_id).values("role")[:1]
+        rooms = {room.slug: room for room in Room.objects.filter(slug__in=slugs).annotate(member_role=Subquery(role_of))}
+        roles = {(room.pk, user_id): room.member_role for room in rooms.values()}
+    else:
+        rooms = {room.slug: room for room in Room.objects.filter(slug__in=slugs)}
+        roles = {(room_id, user_id): role for room_id, user_id, role in Membership.objects.filter(
+            room__in=list(rooms.values()), user_id__in=user_ids).values_list("room_id", "user_id", "role")} if rooms and user_ids else {}
+    found: list = []
+    for user, slug, action in asks:
+        try:
+            if not (user.is_authenticated and user.is_active):
+                raise ActionError(ErrorCode.FORBIDDEN, "not signed in")
+            room = rooms.get(slug)
+            if room is None:
+                raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
+            access = RoomAccess(room=room, role=roles.get((room.pk, user.pk)))
+            check(user, access, action)
+            found.append(access)
+        except ActionError as exc:
+            found.append(exc)
+    return found
+
+
 def check(user, access: RoomAccess, action: Action, **details) -> None:
     """Check `action` against an access already loaded; raise if refused.
 

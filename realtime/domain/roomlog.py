@@ -33,7 +33,7 @@ from django.utils import timezone
 
 from realtime import protocol
 from realtime.domain import mentions
-from realtime.domain.access import RoomAccess, room_access
+from realtime.domain.access import RoomAccess, room_access, room_accesses
 from realtime.domain.errors import NO_SUCH_ROOM, ActionError
 from realtime.domain.policy import Action
 from realtime.models import Event, Membership, Mention, Message, Room
@@ -243,6 +243,36 @@ def room_replay(*, user, slug: str, since: int | None, limit: int | None = None,
     """
     access = room_access(user=user, slug=slug, action=Action.VIEW)
     return dataclasses.replace(_replay(access.room, since, limit, head_only, epoch, defer), access=access)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ReplayAsk:
+    """One subscribe's room_replay, to be read with others (room_replays); each ask
+    is its own (compared by identity), whoever its user."""
+
+    user: object
+    slug: str
+    since: int | None
+    head_only: bool = False
+    epoch: str | None = None
+
+
+def room_replays(asks: list[ReplayAsk]) -> dict[ReplayAsk, Replay | ActionError]:
+    """room_replay(defer=True) for many subscribes at once: the rooms and roles in
+    two queries for all of them (access.room_accesses), the checks each its own. A
+    refusal is the answer's ActionError."""
+    accesses = room_accesses([(ask.user, ask.slug, Action.VIEW) for ask in asks])
+    found: dict = {}
+    for ask, access in zip(asks, accesses):
+        if isinstance(access, ActionError):
+            found[ask] = access
+            continue
+        try:
+            found[ask] = dataclasses.replace(
+                _replay(access.room, ask.since, None, ask.head_only, ask.epoch, defer=True), access=access)
+        except ActionError as exc:
+            found[ask] = exc
+    return found
 
 
 def _replay(room: Room, since: int | None, limit: int | None, head_only: bool = False,

@@ -89,10 +89,16 @@ def room_members(*, user, slug: str) -> dict:
 
 def read_markers(*, slug: str) -> dict[str, int]:
     """Everyone's read position in a room that shows read markers (username -> seq)."""
-    return dict(
-        ReadState.objects.filter(room__slug=slug, room__read_markers=True, seq__gt=0)
-        .values_list("user__username", "seq")
-    )
+    return rooms_read_markers([slug])[slug]
+
+
+def rooms_read_markers(slugs: list[str]) -> dict[str, dict[str, int]]:
+    """read_markers of several rooms in one query."""
+    found: dict = {slug: {} for slug in slugs}
+    for slug, name, seq in (ReadState.objects.filter(room__slug__in=slugs, room__read_markers=True, seq__gt=0)
+                            .values_list("room__slug", "user__username", "seq")):
+        found[slug][name] = seq
+    return found
 
 
 def room_messages(*, user, slug: str, before: int | None = None, limit: int = 50) -> dict:

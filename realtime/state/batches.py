@@ -9,7 +9,8 @@ function can manage for all of them (`resolve(keys) -> {key: answer}`). So a qui
 worker pays no wait, and a busy one pays one read per batch instead of one per
 socket: the batches grow with the load, by themselves.
 
-An answer is for everyone who asked for that key in that batch. A read that raises
+An answer is for everyone who asked for that key in that batch; an answer that is
+an exception (a refusal of that one key) is raised to them. A read that raises
 raises for every request of its batch (each caller handles it as it would its own
 read's); requests that arrive meanwhile are read next, afresh.
 """
@@ -68,8 +69,13 @@ class Batcher:
                             future.set_exception(exc)
                     continue
                 for key, future in batch:
-                    if not future.done():  # (a caller that went away has cancelled its own)
-                        future.set_result(found[key])
+                    if future.done():  # (a caller that went away has cancelled its own)
+                        continue
+                    answer = found[key]
+                    if isinstance(answer, Exception):
+                        future.set_exception(answer)
+                    else:
+                        future.set_result(answer)
         finally:
             queue.reader = None
             # Cancelled itself (the loop closing): nobody is left to answer these.

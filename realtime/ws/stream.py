@@ -32,7 +32,6 @@ from realtime.delivery import publish as broadcast
 from realtime.delivery.fanout import fanout
 from realtime.domain.access import RoomAccess, room_access
 from realtime.domain import roomlog
-from realtime.domain import selectors
 from realtime.domain.errors import ActionError
 from realtime.domain.policy import Action
 from realtime.observability import metrics
@@ -87,9 +86,10 @@ class Stream:
         await fanout().add(broadcast.room_group(slug), self)
         changes = self.access_changes.get(slug, 0)
         try:
-            replay = await database_sync_to_async(roomlog.room_replay)(
+            # (with the other subscribes waiting: ws/replays.py)
+            replay = await replays.checks.get(roomlog.ReplayAsk(
                 user=self.user, slug=slug, since=since, head_only=not budget.allowed,
-                epoch=frame.epoch if frame.since is not None else None, defer=True)
+                epoch=frame.epoch if frame.since is not None else None))
             if replay.pending is not None:
                 # Checked for this user; the rows are the same for anyone (ws/replays.py).
                 replay = dataclasses.replace(replay, events=await replays.read(replay.pending, slug), pending=None)
@@ -127,7 +127,7 @@ class Stream:
             await self.send_frame(presence.state_frame(slug, first))
         if current is None and replay.access is not None and replay.access.room.read_markers:
             # (Most rooms show no read markers: no query for them.)
-            markers = await database_sync_to_async(selectors.read_markers)(slug=slug)
+            markers = await replays.markers.get(slug)
             if markers:
                 await self.send_frame(protocol.ReadMarkers(room=slug, markers=markers))
         return protocol.SubscribeAck(ref=frame.ref, room=slug, seq=replay.head, epoch=replay.epoch,

@@ -38,34 +38,38 @@ def queue_full_drops() -> float:
 async def test_a_commit_between_joining_and_reading_arrives_once(cookies, demo, monkeypatch):
     """Committed and published after the socket joined the stream, before it read
     the log: the replay has it, and so does the stream. Sent once."""
-    read = roomlog.room_replay
+    from realtime.ws import replays
 
-    def commit_then_read(**kwargs):
+    read = replays.checks.resolve  # (the subscribe's head and access: ws/replays.py)
+
+    def commit_then_read(asks):
         async_to_sync(publish.publish)(committed(demo["alice"], "in between", "between"))
-        return read(**kwargs)
+        return read(asks)
 
-    monkeypatch.setattr(roomlog, "room_replay", commit_then_read)
+    monkeypatch.setattr(replays.checks, "resolve", commit_then_read)
     async with socket(cookies["bob"]) as bob:
         replayed = await subscribe(bob, "general", since=0)
         assert [(e["seq"], e["body"]) for e in replayed] == [(1, "in between")]
-        monkeypatch.setattr(roomlog, "room_replay", read)
+        monkeypatch.setattr(replays.checks, "resolve", read)
         await assert_quiet(bob)  # the stream's copy was dropped, not sent again
 
 
 async def test_a_commit_after_reading_arrives_live(cookies, demo, monkeypatch):
     """Committed and published after the log was read, before the ack: only the
     stream has it, and the socket (joined before it read) gets it without asking."""
-    read = roomlog.room_replay
+    from realtime.ws import replays
 
-    def read_then_commit(**kwargs):
-        replay = read(**kwargs)
+    read = replays.checks.resolve
+
+    def read_then_commit(asks):
+        answers = read(asks)
         async_to_sync(publish.publish)(committed(demo["alice"], "just after", "after"))
-        return replay
+        return answers
 
-    monkeypatch.setattr(roomlog, "room_replay", read_then_commit)
+    monkeypatch.setattr(replays.checks, "resolve", read_then_commit)
     async with socket(cookies["bob"]) as bob:
         assert await subscribe(bob, "general", since=0) == []
-        monkeypatch.setattr(roomlog, "room_replay", read)
+        monkeypatch.setattr(replays.checks, "resolve", read)
         # Before any ping (whose catch-up would repair a loss and hide it).
         live = await bob.receive_json_from(timeout=5)
         assert (live["type"], live["seq"], live["body"]) == ("message.new", 1, "just after")
@@ -142,6 +146,41 @@ async def test_a_subscribe_costs_one_query_and_one_more_where_read_markers_show(
         await subscribe(bob, "ops")
         assert len(queries) == 2, queries
         assert "read_markers" in queries[1] or "readstate" in queries[1].lower(), queries
+
+
+async def test_subscribes_waiting_together_are_checked_together_each_for_its_own_user(demo, monkeypatch):
+    """A storm's subscribes (ws/replays.py): one trip and two queries for a batch of
+    several users, and each answer the one room_access gives that user alone."""
+    from django.db.backends import utils
+
+    from realtime.domain.errors import ActionError
+    from realtime.ws import replays
+
+    queries: list[str] = []
+    real = utils.CursorWrapper.execute
+
+    def counting(self, sql, params=None):
+        queries.append(sql)
+        return real(self, sql, params)
+
+    monkeypatch.setattr(utils.CursorWrapper, "execute", counting)
+    asks = [roomlog.ReplayAsk(user=demo[name], slug=slug, since=since)
+            for name, slug, since in (("alice", "ops", None), ("bob", "ops", 0), ("carol", "ops", None),
+                                      ("carol", "general", None), ("bob", "nowhere", None))]
+    answers = await asyncio.gather(*(replays.checks.get(ask) for ask in asks), return_exceptions=True)
+    assert len(queries) == 2, queries  # the rooms; the roles of these users in them
+    shown = [(a.code, a.message) if isinstance(a, ActionError) else (a.room, a.head, a.access.role) for a in answers]
+    assert shown == [("ops", 0, "owner"), ("ops", 0, "member"), ("not_found", "no such room"),
+                     ("general", 0, "reader"),
+                     ("not_found", "no such room")]
+    for ask, answer in zip(asks, answers):  # the same as each alone
+        try:
+            alone = await sync_to_async(roomlog.room_replay)(user=ask.user, slug=ask.slug, since=ask.since, defer=True)
+        except ActionError as exc:
+            alone = exc
+        assert type(alone) is type(answer)
+        if not isinstance(alone, ActionError):
+            assert (alone.head, alone.epoch, alone.access.role) == (answer.head, answer.epoch, answer.access.role)
 
 
 async def test_identical_replays_at_the_same_time_read_the_log_once(cookies, demo, monkeypatch):
