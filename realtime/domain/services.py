@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -35,6 +36,7 @@ from realtime.domain import mentions, roomlog
 from realtime.domain.access import RoomAccess, check, room_access
 from realtime.domain.errors import ActionError
 from realtime.domain.policy import Action, can
+from realtime.observability import metrics
 from realtime.models import Event, Mention, Message, Reaction, ReadState, Room, new_epoch
 from realtime.protocol import ErrorCode
 
@@ -84,10 +86,14 @@ async def send_messages(*, user, sends: list[dict], traces: list[str]) -> list[M
     in one trip to the database thread, then one publication of every event they
     appended, each with its frame's trace id. Each send's outcome, in order: its
     result, or the exception that refused it."""
+    started = time.perf_counter()
     outcomes = await database_sync_to_async(message_send_many)(user=user, sends=sends)
+    written = time.perf_counter()
+    metrics.SEND_STEP.labels("write").observe(written - started)
     _crash_point(sends)
     published = [(event, trace) for (_, events), trace in zip(outcomes, traces) for event in events]
     await publish.publish([event for event, _ in published], [trace for _, trace in published])
+    metrics.SEND_STEP.labels("publish").observe(time.perf_counter() - written)
     return [result for result, _ in outcomes]
 
 

@@ -31,6 +31,14 @@ HANDLING = Histogram(
     "realtime_frame_handling_seconds", "Time from a frame's arrival to its reply, by type", ["type"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+# The sender's chain, step by step (ws/intake.py, domain/services.py): a batch of
+# message.sends from one socket is one observation of each step.
+SEND_STEP = Histogram(
+    "realtime_send_step_seconds", "The sender's chain, by step: the rate-limit call, the database write (the trip "
+    "to the database thread included), the publication (this worker's own sockets handed the events, then the "
+    "transport)", ["step"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.05, 0.25, 1),
+)
 LATENCY = Histogram(
     "realtime_broadcast_latency_seconds",
     "Time from a room event's publication (after commit) to its delivery; one observation per event and worker "

@@ -65,6 +65,10 @@ async def test_metrics_move_when_traffic_flows(cookies):
         ("realtime_frames_out_total", (("type", "message.new"),)): 1,
         ("realtime_errors_total", (("code", "unknown_type"),)): 1,
         ("realtime_frame_handling_seconds_count", (("type", "message.send"),)): 1,
+        # The sender's chain, each step once (the send was alone).
+        ("realtime_send_step_seconds_count", (("step", "rate_limit"),)): 1,
+        ("realtime_send_step_seconds_count", (("step", "write"),)): 1,
+        ("realtime_send_step_seconds_count", (("step", "publish"),)): 1,
         ("realtime_broadcast_latency_seconds_count", ()): 1,
         ("realtime_connections_closed_total", (("code", "1000"),)): 2,
     }
