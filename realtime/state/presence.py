@@ -39,6 +39,7 @@ Without REDIS_URL the same happens in this process's memory.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import logging
 import time
@@ -168,13 +169,42 @@ def _text(items) -> list[str]:
     return [i.decode() if isinstance(i, bytes) else i for i in items]
 
 
+class _Names:
+    """A room's announced names in name order (as the sorted set in Redis): a join
+    or a leave and a page cost a bisection, not a sort of the room."""
+
+    __slots__ = ("ordered",)
+
+    def __init__(self) -> None:
+        self.ordered: list[str] = []
+
+    def __contains__(self, name: str) -> bool:
+        i = bisect.bisect_left(self.ordered, name)
+        return i < len(self.ordered) and self.ordered[i] == name
+
+    def __len__(self) -> int:
+        return len(self.ordered)
+
+    def add(self, name: str) -> None:
+        if name not in self:
+            bisect.insort(self.ordered, name)
+
+    def discard(self, name: str) -> None:
+        if name in self:
+            del self.ordered[bisect.bisect_left(self.ordered, name)]
+
+    def after(self, key: str | None, limit: int) -> list[str]:
+        start = 0 if key is None else bisect.bisect_right(self.ordered, key)
+        return self.ordered[start:start + limit]
+
+
 class MemoryPresence:
     """The same bookkeeping in this process's memory (no REDIS_URL)."""
 
     def __init__(self) -> None:
         self.leases: dict[str, dict[str, float]] = {}
         self.counts: dict[str, Counter[str]] = {}
-        self.announced: dict[str, set[str]] = {}
+        self.announced: dict[str, _Names] = {}
         self.due: dict[str, dict[str, float]] = {}
 
     def _gone(self, room: str, user: str, at: float) -> None:
@@ -185,10 +215,8 @@ class MemoryPresence:
             self.due.setdefault(room, {})[user] = at
 
     def _first(self, room: str, after: str | None, limit: int) -> Page:
-        ordered = sorted(self.announced.get(room, ()))
-        if after is not None:
-            ordered = [u for u in ordered if u > f"{after}:\xff"]
-        return _page(ordered[: limit + 1], len(self.announced.get(room, ())), limit)
+        names = self.announced.get(room) or _Names()
+        return _page(names.after(None if after is None else f"{after}:\xff", limit + 1), len(names), limit)
 
     async def join(self, room: str, member: str, user: str, ttl: float | None = None) -> tuple[bool, Page]:
         leases = self.leases.setdefault(room, {})
@@ -196,7 +224,7 @@ class MemoryPresence:
         if member not in leases:
             counts = self.counts.setdefault(room, Counter())
             counts[user] += 1
-            announced = self.announced.setdefault(room, set())
+            announced = self.announced.setdefault(room, _Names())
             if counts[user] == 1 and user not in announced:
                 announced.add(user)
                 joined = True
@@ -218,7 +246,7 @@ class MemoryPresence:
         for member in [m for m, t in leases.items() if t <= now]:
             del leases[member]
             self._gone(room, member.rsplit(":", 1)[0], now - GRACE)
-        counts, announced = self.counts.get(room, Counter()), self.announced.setdefault(room, set())
+        counts, announced = self.counts.get(room, Counter()), self.announced.setdefault(room, _Names())
         joins, leaves = [], []
         due = self.due.get(room, {})
         for user, since in sorted(due.items(), key=lambda item: item[1]):
