@@ -56,6 +56,7 @@ class Batcher:
         return await future
 
     async def _read(self, queue: _Queue) -> None:
+        batch: list = []
         try:
             while queue.waiting:
                 batch, queue.waiting = queue.waiting[:self.most], queue.waiting[self.most:]
@@ -78,7 +79,7 @@ class Batcher:
                         future.set_result(answer)
         finally:
             queue.reader = None
-            # Cancelled itself (the loop closing): nobody is left to answer these.
-            for _, future in queue.waiting:
+            # Cancelled (the loop closing): no answer will come for these.
+            for _, future in batch + queue.waiting:
                 future.cancel()
             queue.waiting = []

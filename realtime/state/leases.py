@@ -85,7 +85,7 @@ class RedisLeases:
 
     async def acquire(self, user_id: int, conn_id: str, cap: int) -> bool:
         try:
-            return bool(await store.client(self.url).eval(_ACQUIRE, 1, _key(user_id), wall_clock(), LEASE_TTL, cap, conn_id))
+            return bool(await store.batched(self.url).eval(_ACQUIRE, 1, _key(user_id), wall_clock(), LEASE_TTL, cap, conn_id))
         except Exception as exc:
             degraded.tolerate(degraded.LEASES, exc)  # fail open (state/degraded.py)
             return True
@@ -96,7 +96,7 @@ class RedisLeases:
 
     async def release(self, user_id: int, conn_id: str) -> None:
         try:
-            await store.client(self.url).zrem(_key(user_id), conn_id)
+            await store.batched(self.url).execute_command("ZREM", _key(user_id), conn_id)
         except Exception as exc:
             degraded.tolerate(degraded.LEASES, exc)  # the lease runs out by itself
 

@@ -274,7 +274,7 @@ class RedisPresence:
         self.url = url
 
     async def join(self, room: str, member: str, user: str, ttl: float | None = None) -> tuple[bool, Page]:
-        joined, count, first = await store.client(self.url).eval(
+        joined, count, first = await store.batched(self.url).eval(
             _JOIN, 3, *_keys(room)[:3], member, user, wall_clock() + (ttl or TTL), KEY_TTL, PAGE + 1)
         return bool(joined), _page(_text(first), count, PAGE)
 
@@ -294,10 +294,10 @@ class RedisPresence:
         await pipe.execute()
 
     async def leave(self, room: str, member: str, user: str) -> None:
-        await store.client(self.url).eval(_LEAVE, 4, *_keys(room), member, user, wall_clock(), KEY_TTL)
+        await store.batched(self.url).eval(_LEAVE, 4, *_keys(room), member, user, wall_clock(), KEY_TTL)
 
     async def reconcile(self, room: str) -> tuple[list[str], list[str]]:
-        joins, leaves = await store.client(self.url).eval(_RECONCILE, 4, *_keys(room), wall_clock(), GRACE, BATCH)
+        joins, leaves = await store.batched(self.url).eval(_RECONCILE, 4, *_keys(room), wall_clock(), GRACE, BATCH)
         return _text(joins), _text(leaves)
 
     async def page(self, room: str, after: str | None, limit: int) -> Page:

@@ -107,7 +107,7 @@ class RedisBuckets:
 
     async def take(self, key: str, rate: float, burst: float, wanted: int) -> tuple[int, float]:
         try:
-            granted, tokens = await store.client(self.url).eval(_SCRIPT, 1, f"rl:{key}", rate, burst, time.time(), wanted)
+            granted, tokens = await store.batched(self.url).eval(_SCRIPT, 1, f"rl:{key}", rate, burst, time.time(), wanted)
         except Exception as exc:
             # Redis is down: fail open (state/degraded.py).
             degraded.tolerate(degraded.HANDSHAKE_LIMITS if key.startswith("handshake.") else degraded.RATE_LIMITS, exc)
@@ -116,7 +116,7 @@ class RedisBuckets:
 
     async def debit(self, key: str, rate: float, burst: float, cost: float, force: bool) -> tuple[bool, float]:
         try:
-            taken, tokens = await store.client(self.url).eval(_DEBIT, 1, f"rl:{key}", rate, burst, time.time(), cost,
+            taken, tokens = await store.batched(self.url).eval(_DEBIT, 1, f"rl:{key}", rate, burst, time.time(), cost,
                                                                "1" if force else "0")
         except Exception as exc:
             degraded.tolerate(degraded.REPLAY_BUDGET, exc)  # fail open (state/degraded.py)

@@ -308,8 +308,12 @@ async def test_a_consumer_that_fails_gives_back_its_leases_and_timers(cookies, d
         raise RuntimeError("database away")
 
     comm = communicator(cookies["bob"])
-    await comm.connect()
-    assert await connections.leases().count(demo["bob"].pk) == 1
+    await comm.connect()  # (accepted: its lease is taken just after)
+
+    async def leased() -> bool:
+        return await connections.leases().count(demo["bob"].pk) == 1
+
+    await until(leased, what="the socket's lease")
     # Broken only now: a recheck due before the count above (0.2 s, on a slow
     # machine) would have ended the socket first.
     monkeypatch.setattr(consumers, "session_is_valid", broken)

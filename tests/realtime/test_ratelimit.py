@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from django.test import Client
 
@@ -97,3 +99,33 @@ def test_rest_posting_shares_the_message_send_bucket(demo, tight):
     assert [r.status_code for r in codes] == [200, 200, 200, 429]
     assert codes[-1].json()["code"] == "rate_limited" and int(codes[-1]["Retry-After"]) >= 1
     assert Message.objects.count() == 3
+
+
+@pytest.mark.asyncio
+async def test_redis_commands_waiting_together_go_in_one_round_trip(redis_server, monkeypatch):
+    """state/store.Batched: each caller its own answer or error, the waiting ones
+    sent as one pipeline (the limits, leases and presence of a storm's handshakes)."""
+    from redis.asyncio.client import Pipeline
+    from redis.exceptions import ResponseError
+
+    from realtime.state import store
+
+    sent = []
+    real = Pipeline.execute
+
+    async def counted(self, raise_on_error=True):
+        sent.append(len(self.command_stack))
+        return await real(self, raise_on_error=raise_on_error)
+
+    monkeypatch.setattr(Pipeline, "execute", counted)
+    batched = store.batched(redis_server.url)
+    calls = [batched.execute_command("SET", f"batched:{i}", i) for i in range(5)]
+    calls.append(batched.eval("return redis.call('INCRBY', KEYS[1], ARGV[1])", 1, "batched:2", 40))
+    calls.append(batched.execute_command("INCR", "batched:nothing-but", "too-many-args"))
+    *sets, added, wrong = await asyncio.gather(*calls, return_exceptions=True)
+    assert sets == [True] * 5
+    assert added == 42
+    assert isinstance(wrong, ResponseError)  # its own error, no one else's
+    assert sent == [7]  # one round trip for the seven
+    assert await batched.execute_command("GET", "batched:2") == b"42"
+    assert sent == [7, 1]  # alone: sent at once, alone
