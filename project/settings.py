@@ -437,6 +437,8 @@ REALTIME = {
     "MAX_RECEIVE_BUFFER": env_int("REALTIME_MAX_RECEIVE_BUFFER", 1024 * 1024),
     # The drain: seconds over which sockets are closed, and waited for.
     "DRAIN_SPREAD": float(os.environ.get("REALTIME_DRAIN_SPREAD") or 1),
+    # A drain hands back at most this many sockets a second (over a longer spread).
+    "DRAIN_RATE": float(os.environ.get("REALTIME_DRAIN_RATE") or 1000),
     "DRAIN_TIMEOUT": float(os.environ.get("REALTIME_DRAIN_TIMEOUT") or 10),
     "MAX_PENDING_PER_ADDRESS": env_int("REALTIME_MAX_PENDING_PER_ADDRESS", 32),
 }

@@ -5,9 +5,13 @@ the workers' control group, by the same transport as everything else), a worker:
 
 1. stops listening, so the load balancer sends new connections to other workers;
 2. closes its WebSockets with 4012 (service restart: reconnect now) in shuffled
-   batches spread over REALTIME_DRAIN_SPREAD seconds, so clients do not all come
-   back in the same millisecond, and answers its held long polls at once (with
-   the page they have; web/longpoll.py), so their clients poll again elsewhere;
+   batches, one every 50 ms, spread over REALTIME_DRAIN_SPREAD seconds or, for a
+   worker holding more sockets than REALTIME_DRAIN_RATE a second would hand back
+   in that time, over as long as that rate takes (at most REALTIME_DRAIN_TIMEOUT
+   s), so clients do not all come back in the same moment: the workers that take
+   them in see a stream of reconnects at a pace they can serve, not a wall; and
+   answers its held long polls at once (with the page they have; web/longpoll.py),
+   so their clients poll again elsewhere;
 3. waits for the application instances to finish (at most REALTIME_DRAIN_TIMEOUT s),
    then stops the reactor (only after a signal: a drain request leaves the process
    idle for its process manager to stop).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 
@@ -27,6 +32,15 @@ from realtime.protocol.codes import CloseCode
 log = logging.getLogger("realtime.server")
 
 SERVICE_RESTART = int(CloseCode.SERVICE_RESTART)
+BATCH_EVERY = 0.05  # seconds between two batches of closes
+
+
+def schedule(sockets: int, spread: float, rate: float, longest: float) -> tuple[float, int]:
+    """(seconds, batches) over which to close `sockets` sockets: at least `spread`
+    seconds, longer where `rate` sockets a second would need longer, never longer
+    than `longest`; a batch every BATCH_EVERY s."""
+    seconds = min(max(spread, sockets / rate if rate > 0 else 0.0), max(spread, longest))
+    return seconds, max(1, min(sockets, math.ceil(seconds / BATCH_EVERY)))
 
 
 def worker_id() -> str:
@@ -65,7 +79,9 @@ class Drain:
     exit_when_drained = False
     drained = False
     drain_spread = 1.0
+    drain_rate = 1000.0
     drain_timeout = 10.0
+    spread_now = 1.0  # the spread of the drain under way (schedule())
 
     async def _control_loop(self):
         """Follow the workers' control group in this worker's fan-out, as a socket
@@ -110,11 +126,11 @@ class Drain:
             if isinstance(p, WebSocketProtocol) and p.state == WebSocketProtocol.STATE_OPEN
         ]
         random.shuffle(sockets)
-        log.warning("draining: reason=%s sockets=%d spread=%.1fs", reason, len(sockets), self.drain_spread)
-        batches = max(1, min(len(sockets), 20))
+        self.spread_now, batches = schedule(len(sockets), self.drain_spread, self.drain_rate, self.drain_timeout)
+        log.warning("draining: reason=%s sockets=%d spread=%.1fs", reason, len(sockets), self.spread_now)
         for i in range(batches):
             batch = sockets[i::batches]
-            delay = self.drain_spread * i / batches
+            delay = self.spread_now * i / batches
             reactor.callLater(delay, self._close_batch, batch)
         reactor.callLater(0.05, self._wait_for_applications, started)
 
@@ -132,7 +148,7 @@ class Drain:
             if d.get("application_instance") is not None and not d["application_instance"].done()
         ]
         elapsed = time.monotonic() - started
-        if alive and elapsed < self.drain_spread + self.drain_timeout:
+        if alive and elapsed < self.spread_now + self.drain_timeout:
             reactor.callLater(0.05, self._wait_for_applications, started)
             return
         self.drained = True

@@ -95,6 +95,7 @@ class DrainingServer(Drain, Server):
         BoundedWebSocketProtocol.max_receive_frames = limits["MAX_RECEIVE_FRAMES"]
         BoundedWebSocketProtocol.max_receive_buffer = limits["MAX_RECEIVE_BUFFER"]
         self.drain_spread, self.drain_timeout = limits["DRAIN_SPREAD"], limits["DRAIN_TIMEOUT"]
+        self.drain_rate = limits["DRAIN_RATE"]
 
         def on_signal(signum, frame):
             reactor.callFromThread(self.drain, signal.Signals(signum).name, True)

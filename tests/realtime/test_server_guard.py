@@ -65,3 +65,16 @@ def test_the_per_address_count_is_given_back_when_the_connection_ends_or_upgrade
             ch.upgraded()
             ch.upgraded()  # twice gives back once
     assert counter.open == {"198.51.100.2": 1}
+
+
+@pytest.mark.parametrize("sockets, expected", [
+    (0, (1.0, 1)),  # nothing to close: one empty batch
+    (10, (1.0, 10)),  # fewer sockets than batches: one each
+    (800, (1.0, 20)),  # within the rate: the configured spread, a batch every 50 ms
+    (5000, (5.0, 100)),  # more than 1,000 a second would hand back in 1 s: 5 s
+    (40000, (10.0, 200)),  # never longer than the drain's timeout
+])
+def test_a_drain_spreads_its_closes_by_its_size(sockets, expected):
+    from realtime.server.drain import schedule
+
+    assert schedule(sockets, spread=1.0, rate=1000.0, longest=10.0) == expected
