@@ -198,8 +198,14 @@ class Worker:
             return self  # already running: a second process could not bind the port
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        wait_port(self.port, proc=self.proc)
-        wait_port(self.tls_port, proc=self.proc)
+        try:
+            wait_port(self.port, proc=self.proc)
+            wait_port(self.tls_port, proc=self.proc)
+        except BaseException:
+            # Not listening in time (a loaded machine): stop it, or it outlives its caller.
+            self.proc.kill()
+            self.proc.wait()
+            raise
         return self
 
     def terminate(self) -> None:
