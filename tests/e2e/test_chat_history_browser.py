@@ -27,7 +27,7 @@ def app_server(tmp_path_factory):
     server.manage("seed_demo")
     started = time.monotonic()
     server.manage("shell", "-c", "from tests.e2e.seed_history import seed; "
-                  f"seed('archive', {BIG}); seed('unread', 500, spacing_s=600, read={{'bob': 250}})")
+                  f"seed('archive', {BIG}); seed('unread', 500, spacing_s=1800, read={{'bob': 250}})")
     print(f"seeded {BIG:,} messages in {time.monotonic() - started:.1f} s")
     server.start()
     yield server
@@ -113,7 +113,9 @@ def test_scroll_position_is_kept_when_older_messages_are_prepended(app_server, b
 
 
 def test_the_page_opens_at_the_first_unread_message_with_day_separators(app_server, browser, artifacts):
-    # bob has read 250 of 500 messages, one every 10 minutes: over 3 days.
+    # bob has read 250 of 500 messages, one every 30 minutes: over 10 days, so the
+    # unread ones alone cross five midnights whatever the hour the test runs at (at
+    # one every 10 minutes the rendered ones crossed one or two, by the clock).
     page = open_room(browser, app_server, "unread")
     divider = page.locator("#messages .new-divider")
     expect(divider).to_have_text("New messages", timeout=10_000)
