@@ -33,7 +33,8 @@ run: $(VENV)/.requirements
 	$(PY) manage.py runserver $(HOST):$(PORT)
 
 # The production topology on this machine: PostgreSQL and Redis (private, unless
-# DATABASE_URL / REDIS_URL are set), WORKERS daphne workers, nginx on 127.0.0.1:8080.
+# DATABASE_URL / REDIS_URL are set), WORKERS daphne workers, nginx on 127.0.0.1:8080;
+# BROKER=redis-sharded|redis-cluster|nats|amqp|kafka puts a broker of its own between them.
 cluster: $(VENV)/.requirements system-deps
 	$(PY) deploy/cluster.py --workers $${WORKERS:-2} --port $${CLUSTER_PORT:-8080}
 

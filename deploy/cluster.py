@@ -1,5 +1,7 @@
 """Run the production topology on one machine: PostgreSQL, Redis, N daphne workers
-and nginx in front. `make cluster` runs this; the tests use the same classes.
+and nginx in front, and with --broker (`make cluster BROKER=nats`) a broker of its
+own between the workers (deploy/brokers/). `make cluster` runs this; the tests use
+the same classes.
 
 Every server binds 127.0.0.1 on its own port and is stopped by its own pid.
 PostgreSQL and Redis are started privately unless DATABASE_URL / REDIS_URL are set.
@@ -319,7 +321,7 @@ class Cluster:
 
     def __init__(self, workdir: Path, workers: int = 2, port: int | None = None, database_url: str = "",
                  redis_url: str = "", extra_env: dict[str, str] | None = None, balancer: str = "nginx",
-                 tls_port: int | None = None):
+                 tls_port: int | None = None, broker: str = ""):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.n_workers = workers
@@ -335,6 +337,10 @@ class Cluster:
         self.redis: RedisServer | None = None
         self.workers: list[Worker] = []
         self.balancer: Nginx | None = None  # nginx or HAProxy
+        # A broker of its own between the workers (deploy/brokers/), or "": Redis
+        # pub/sub on REDIS_URL.
+        self.broker_kind = broker
+        self.broker = None
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
@@ -353,6 +359,7 @@ class Cluster:
                 "REALTIME_TRUSTED_PROXIES": env.get("REALTIME_TRUSTED_PROXIES") or "127.0.0.1",
                 "DJANGO_ALLOWED_ORIGINS": env.get("DJANGO_ALLOWED_ORIGINS") or ",".join(self.origins()),
                 "PYTHONUNBUFFERED": "1",
+                **({"REALTIME_BROKER_URL": self.broker.url} if self.broker is not None else {}),
                 **self.extra_env,
             }
         )
@@ -379,6 +386,10 @@ class Cluster:
             if not self.redis_url:
                 self.redis = RedisServer(self.workdir).start()
                 self.redis_url = self.redis.url
+            if self.broker_kind:
+                from deploy import brokers
+
+                self.broker = brokers.server(self.broker_kind, self.workdir).start()
             self.manage("migrate", "--noinput")
             self.manage("collectstatic", "--noinput")
             self.manage("seed_demo")
@@ -400,6 +411,8 @@ class Cluster:
             self.balancer.stop()
         for worker in self.workers:
             worker.stop()
+        if self.broker:
+            self.broker.stop()
         if self.redis:
             self.redis.stop()
         if self.postgres:
@@ -413,18 +426,26 @@ def main() -> None:
     parser.add_argument("--tls-port", type=int, default=int(os.environ.get("TLS_PORT", 8443)))
     parser.add_argument("--balancer", choices=sorted(BALANCERS), default=os.environ.get("BALANCER", "nginx"))
     parser.add_argument("--dir", default=str(ROOT / ".cluster"), help="state and logs")
+    parser.add_argument("--broker", default=os.environ.get("BROKER", ""),
+                        help="a broker of its own between the workers: redis, redis-sharded, redis-cluster, nats, "
+                             "amqp or kafka (default: Redis pub/sub on REDIS_URL)")
     args = parser.parse_args()
     cluster = Cluster(
         Path(args.dir), workers=args.workers, port=args.port,
         database_url=os.environ.get("DATABASE_URL", ""), redis_url=os.environ.get("REDIS_URL", ""),
-        balancer=args.balancer, tls_port=args.tls_port,
+        balancer=args.balancer, tls_port=args.tls_port, broker=args.broker,
     )
     cluster.start()
     print(f"{args.balancer}: {cluster.balancer.url}/ and {cluster.balancer.tls_url}/ (self-signed: {cluster.balancer.cert})")
     print("log in as alice, bob or carol; password demo-password")
     for w in cluster.workers:
         print(f"worker {w.name}: {w.url} and {w.tls_url}  pid {w.proc.pid}  log {w.log}")
-    print(f"postgres: {cluster.database_url}\nredis:    {cluster.redis_url}\nCtrl-C stops everything.")
+    print(f"postgres: {cluster.database_url}\nredis:    {cluster.redis_url}")
+    if cluster.broker is not None:
+        from realtime.delivery.transport import hide_password
+
+        print(f"broker:   {cluster.broker_kind} at {hide_password(cluster.broker.url)}")
+    print("Ctrl-C stops everything.")
     stop = False
 
     def on_signal(signum, frame):

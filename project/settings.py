@@ -235,6 +235,17 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Channel layer and cache: in-memory by default, Redis with REDIS_URL
 # ------------------------------------------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "")
+# The broker that carries messages between workers (realtime/delivery/transport.py):
+# its scheme picks the engine. Unset: Redis pub/sub on REDIS_URL (or, without it,
+# the in-memory layer of one process). Presence, rate limits and leases stay on
+# REDIS_URL whatever the broker.
+#   redis://host:6379/0                      one Redis
+#   redis://a:6379/0,redis://b:6379/0        rooms sharded over several (stable hash)
+#   redis+cluster://host:port                Redis Cluster, sharded pub/sub (any node)
+#   nats://host:4222                         NATS, a subject per room
+#   amqp://user:password@host:5672/vhost     RabbitMQ, a topic exchange
+#   kafka://host:9092                        Kafka, rooms partitioned by key
+REALTIME_BROKER_URL = os.environ.get("REALTIME_BROKER_URL", "")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {

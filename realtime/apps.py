@@ -7,3 +7,7 @@ class RealtimeConfig(AppConfig):
 
     def ready(self):
         from realtime import signals  # noqa: F401  (connects the receivers)
+        from realtime.delivery import transport
+
+        # An unknown scheme in REALTIME_BROKER_URL stops start-up here, naming it.
+        transport.engine_class(transport.broker_url())

@@ -11,8 +11,9 @@ then costs one delivery per worker, and the frame, encoded once upstream
 (publish.layer_message), is written as is to every socket. A socket has no
 channel of its own: nothing waits on the layer per socket.
 
-The messages travel by the transport configuration chooses (delivery/
-transport.py: Redis pub/sub with REDIS_URL, the channel layer without).
+The messages travel by the broker engine configuration chooses (delivery/
+transport.py: REALTIME_BROKER_URL; Redis pub/sub on REDIS_URL where unset; the
+channel layer without either).
 
 A room event committed on this worker is handed to this worker's own sockets
 before it is published (`dispatch_own`), when it directly follows the last event
@@ -43,9 +44,9 @@ import weakref
 from channels.layers import get_channel_layer
 
 from realtime.delivery import names
-from realtime.delivery.transport import chosen
+from realtime.delivery.transport import broker_url, chosen
 from realtime.observability import metrics
-from realtime.state import degraded, store
+from realtime.state import degraded
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,16 @@ RETRY_MAX = 2.0
 class Fanout:
     def __init__(self) -> None:
         self.layer = get_channel_layer()
-        self.url = store.redis_url()
+        self.url = broker_url()
         self.groups: dict[str, set] = {}  # group -> local consumers
         # group -> the newest room event seq handed to its local consumers: an
         # event at or below it has been handed out already (see dispatch_own).
         self.heads: dict[str, int] = {}
         self.joined: dict[str, asyncio.Future] = {}  # group -> done once subscribed
-        self.transport = chosen()(self)
+        self.engine = chosen()
+        self.transport = self.engine.receiver(self)
+        self._received = metrics.BROKER_MESSAGES.labels(self.engine.name, "received")
+        metrics.BROKER_INFO.labels(self.engine.name).set(1)
 
     async def add(self, group: str, consumer) -> None:
         """Deliver the group's messages to `consumer` (deliver() or its local_queue),
@@ -108,6 +112,11 @@ class Fanout:
                 pass  # messages for it are dropped below (no local consumer)
 
     async def dispatch(self, message: dict) -> None:
+        """A message the engine received: handed to the group's local consumers."""
+        self._received.inc()
+        await self._hand_out(message)
+
+    async def _hand_out(self, message: dict) -> None:
         group = message.get("group") or names.room_group(message.get("room"))
         local = self.groups.get(group)
         if not local:
@@ -147,7 +156,7 @@ class Fanout:
                 continue
             head = self.heads.get(group)
             if head is not None and message["seq"] == head + 1:
-                await self.dispatch(message)
+                await self._hand_out(message)
 
     def recovered(self) -> None:
         """After a transport failure: every local socket catches its rooms up."""
@@ -157,6 +166,7 @@ class Fanout:
     async def failed(self, exc: Exception, delay: float) -> float:
         """A transport's receive failed: count it, wait `delay`, return the next delay."""
         metrics.LAYER_FAILURES.labels("fanout").inc()
+        metrics.BROKER_FAILURES.labels(self.engine.name).inc()
         degraded.tolerate(degraded.FANOUT, exc)
         await asyncio.sleep(delay)
         return min(delay * 2, RETRY_MAX)
@@ -170,7 +180,7 @@ def running() -> Fanout | None:
     publishes, such as a management command, has none)."""
     with contextlib.suppress(RuntimeError):
         found = _by_loop.get(asyncio.get_running_loop())
-        if found is not None and found.layer is get_channel_layer() and found.url == store.redis_url():
+        if found is not None and found.layer is get_channel_layer() and found.url == broker_url():
             return found
     return None
 

@@ -41,13 +41,14 @@ async def send_groups(messages: list[tuple[str, dict]]) -> None:
     them first, without waiting for the round trip (fanout.Fanout.dispatch_own)."""
     for group, message in messages:
         message["group"] = group
-    transport = chosen()
-    packed = transport.pack(messages)
-    if transport.hands_own_events:
+    engine = chosen()
+    packed = engine.pack(messages)
+    if engine.hands_own_events:
         fan = running()
         if fan is not None:
             await fan.dispatch_own(messages)
-    await transport.send(packed)
+    await engine.send(packed)
+    metrics.BROKER_MESSAGES.labels(engine.name, "published").inc(len(messages))
 
 
 def layer_message(event: protocol.RoomEvent, trace: str | None = None) -> dict:

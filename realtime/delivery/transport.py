@@ -1,51 +1,76 @@
-"""How group messages travel between workers: one Transport interface, one engine
-chosen by configuration (`chosen()`), with two engines today:
+"""How group messages travel between workers: one interface, one engine chosen by
+one setting, REALTIME_BROKER_URL, whose scheme picks it (`chosen()`):
 
-- `RedisPubSubTransport` with REDIS_URL: a pub/sub channel per group;
-- `LayerTransport` without it: the channel layer (in-memory, one process).
+| URL | Engine | Module |
+| --- | --- | --- |
+| unset, REDIS_URL set | Redis pub/sub on REDIS_URL | engines/redis.py |
+| `redis://h:p/0` | one Redis | engines/redis.py |
+| `redis://a:p/0,redis://b:p/0` | rooms sharded over several Redis by a stable hash | engines/redis.py |
+| `redis+cluster://h:p` | Redis Cluster, sharded pub/sub (SSUBSCRIBE/SPUBLISH) | engines/redis_cluster.py |
+| `nats://h:p` | NATS, a subject per group | engines/nats.py |
+| `amqp://u:pw@h:p/vhost` | RabbitMQ, a topic exchange, a queue per worker | engines/amqp.py |
+| `kafka://h:p` | Kafka, one topic, groups partitioned by key | engines/kafka.py |
+| unset, no REDIS_URL | the channel layer (in-memory, one process) | here |
 
-A transport does two things. Receiving, for one worker's fan-out (delivery/
-fanout.py): `join(group)` returns once the worker is subscribed (so nothing
-published after it can be missed), `leave(group)`, and a loop that hands every
-message to `fan.dispatch()`; when the loop fails it calls `fan.failed()`,
-resubscribes to every group and calls `fan.recovered()`, which has every socket
-catch its rooms up from the log. Sending, from any process (a management command
-has no fan-out): `pack(messages)` then `send(packed)`, in order, in one round trip
-where the engine allows. `hands_own_events`: whether the publishing worker hands
-its own room events to its own sockets before the round trip (fanout.dispatch_own);
-the in-process layer has no round trip to save.
+An engine (`Engine`) does two things. Receiving, for one worker's fan-out
+(delivery/fanout.py), through the `Receiver` it makes: `join(group)` returns once
+the worker is subscribed (nothing published after it can be missed), `leave(group)`,
+and a loop that hands every message to `fan.dispatch()`; when that fails it calls
+`fan.failed()`, subscribes again to every group and then calls `fan.recovered()`,
+which has every socket catch its rooms up from the log. Sending, from any process
+(a management command has no fan-out): `pack(messages)` then `send(packed)`, in
+order, each group's messages in the order given. `hands_own_events`: whether the
+publishing worker hands its own room events to its own sockets before the round
+trip (fanout.dispatch_own; the in-process layer has no round trip to save).
 
-An engine may lose a message (a dropped connection, a full queue): nothing relies
-on it not to. A socket finds what it missed by seq (gap repair, the ping's head
-check, resume).
+Every engine keeps a group's messages in order (one connection, shard, subject,
+routing key or partition per group) and may lose some (a dropped connection, a
+full queue): nothing relies on it not to. A socket finds what it missed by seq
+(gap repair, the ping's head check, resume). Each engine passes the same contract
+suite against a real server (tests/brokers/).
+
+At start-up (`python -m realtime.server`) `check_at_start_up()` has the engine
+reach its broker: an unreachable broker, a wrong password or a cluster URL that
+names a single node stops the worker with a message naming REALTIME_BROKER_URL.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
+import importlib
 import time
+import urllib.parse
 
-import msgspec
 from channels.layers import get_channel_layer
-
-from realtime.delivery import names
-from realtime.state import store
-
-log = logging.getLogger(__name__)
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 GROUP_RENEW = 3600.0  # channel layer: renew memberships (channels_redis expires them after a day)
+SETTING = "REALTIME_BROKER_URL"
+
+# scheme -> "module:Engine", imported when chosen (a client library is loaded only
+# by the engine that needs it).
+ENGINES = {
+    "redis": "realtime.delivery.engines.redis:RedisEngine",
+    "rediss": "realtime.delivery.engines.redis:RedisEngine",
+    "redis+cluster": "realtime.delivery.engines.redis_cluster:RedisClusterEngine",
+    "nats": "realtime.delivery.engines.nats:NatsEngine",
+    "amqp": "realtime.delivery.engines.amqp:AmqpEngine",
+    "amqps": "realtime.delivery.engines.amqp:AmqpEngine",
+    "kafka": "realtime.delivery.engines.kafka:KafkaEngine",
+}
 
 
-class Transport:
-    """The interface every engine implements (module doc)."""
+class BrokerError(Exception):
+    """The broker cannot be used as configured (start-up): the message says why and
+    names the setting."""
 
-    name = "?"  # the engine's label (metrics, /readyz)
-    hands_own_events = False
 
-    def __init__(self, fan) -> None:
-        self.fan = fan
+class Receiver:
+    """One worker's subscriptions on an engine (module doc)."""
+
+    def __init__(self, engine: "Engine", fan) -> None:
+        self.engine, self.fan = engine, fan
 
     async def join(self, group: str) -> None:
         raise NotImplementedError
@@ -53,23 +78,46 @@ class Transport:
     async def leave(self, group: str) -> None:
         raise NotImplementedError
 
-    @staticmethod
-    def pack(messages: list[tuple[str, dict]]):
+
+class Engine:
+    """The interface every engine implements (module doc). One instance per
+    configuration and process (`chosen()`); its connections are per event loop."""
+
+    name = "?"  # the engine's label (metrics, /readyz, logs)
+    hands_own_events = True
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def receiver(self, fan) -> Receiver:
         raise NotImplementedError
 
-    @staticmethod
-    async def send(packed) -> None:
+    def pack(self, messages: list[tuple[str, dict]]):
         raise NotImplementedError
 
+    async def send(self, packed) -> None:
+        raise NotImplementedError
 
-class LayerTransport(Transport):
-    """The channel layer: one channel of this process in each group (the embedded
-    default: the in-memory layer, one process)."""
+    async def ping(self) -> None:
+        """Raise unless the broker answers now (/readyz)."""
+        raise NotImplementedError
 
-    name = "layer"
+    async def probe(self) -> None:
+        """At start-up: raise BrokerError unless the broker is there and is what the
+        URL says it is. By default, a ping."""
+        await self.ping()
 
-    def __init__(self, fan) -> None:
-        self.fan, self.layer = fan, get_channel_layer()
+    def shown(self) -> str:
+        """The URL with any password hidden (logs, errors)."""
+        return hide_password(self.url)
+
+
+class LayerReceiver(Receiver):
+    """The channel layer: one channel of this process in each group."""
+
+    def __init__(self, engine, fan) -> None:
+        super().__init__(engine, fan)
+        self.layer = get_channel_layer()
         self.channel: str | None = None
         self.renewed = time.monotonic()
 
@@ -81,16 +129,6 @@ class LayerTransport(Transport):
 
     async def leave(self, group: str) -> None:
         await self.layer.group_discard(group, self.channel)
-
-    @staticmethod
-    def pack(messages: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
-        return messages
-
-    @staticmethod
-    async def send(packed: list[tuple[str, dict]]) -> None:
-        layer = get_channel_layer()
-        for group, message in packed:
-            await layer.group_send(group, message)
 
     async def _loop(self) -> None:
         delay = 0.1
@@ -119,135 +157,91 @@ class LayerTransport(Transport):
             self.fan.recovered()
 
 
-class RedisPubSubTransport(Transport):
-    """Redis pub/sub (`PUBLISH rt:fan:<group>`, REDIS_URL): one round trip to
-    publish, pushed to each subscribed worker at once. channels_redis's group_send
-    takes four round trips (expire the group, read it, expire each channel, push),
-    and its receive waits on a blocking pop; pub/sub is what python-socketio's and
-    Centrifugo's Redis engines use. Receiving is on a connection of this process's
-    own (no read timeout, no silent retries: a failure must reach the loop, which
-    then resubscribes and has the sockets catch up)."""
+class LayerEngine(Engine):
+    """The channel layer (the embedded default: the in-memory layer, one process)."""
 
-    name = "redis"
-    hands_own_events = True
+    name = "layer"
+    hands_own_events = False
 
-    def __init__(self, fan) -> None:
-        self.fan = fan
-        self.pubsub = None
-        self.task: asyncio.Task | None = None
-        self.confirming: dict[str, list[asyncio.Future]] = {}  # channel -> waiting for its confirmation
-        # One command at a time: two first subscribes racing would each open a
-        # connection, and the first one's confirmation would never be read.
-        self.commands = asyncio.Lock()
+    def receiver(self, fan) -> Receiver:
+        return LayerReceiver(self, fan)
 
-    def _connect(self):
-        from redis import asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+    def pack(self, messages: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+        return messages
 
-        client = aioredis.from_url(store.redis_url(), socket_connect_timeout=2, retry=Retry(NoBackoff(), 0),
-                                   health_check_interval=10)
-        return client.pubsub()
+    async def send(self, packed: list[tuple[str, dict]]) -> None:
+        layer = get_channel_layer()
+        for group, message in packed:
+            await layer.group_send(group, message)
 
-    async def join(self, group: str) -> None:
-        if self.pubsub is None:
-            self.pubsub = self._connect()
-        confirmed = self._expect(names.fan_channel(group))
-        async with self.commands:
-            await self.pubsub.subscribe(names.fan_channel(group))
-        if self.task is None or self.task.done():
-            self.task = asyncio.ensure_future(self._loop())
-        await asyncio.wait_for(confirmed, timeout=5)
-
-    async def leave(self, group: str) -> None:
-        if self.pubsub is not None:
-            async with self.commands:
-                await self.pubsub.unsubscribe(names.fan_channel(group))
-
-    @staticmethod
-    def pack(messages: list[tuple[str, dict]]) -> list[tuple[str, bytes]]:
-        # Encoded before this worker's sockets get the messages (dispatch_own): the
-        # fan-out keeps their prebuilt frames in them, which must not travel.
-        return [(names.fan_channel(group), msgspec.msgpack.encode(message)) for group, message in messages]
-
-    @staticmethod
-    async def send(packed: list[tuple[str, bytes]]) -> None:
-        redis = store.client(store.redis_url())
-        if len(packed) == 1:
-            await redis.publish(*packed[0])
-            return
-        pipe = redis.pipeline(transaction=False)
-        for channel, payload in packed:
-            pipe.publish(channel, payload)
-        await pipe.execute()
-
-    def _expect(self, channel: str) -> asyncio.Future:
-        future = asyncio.get_running_loop().create_future()
-        self.confirming.setdefault(channel, []).append(future)
-        return future
-
-    async def _loop(self) -> None:
-        delay = 0.1
-        while True:
-            try:
-                message = await self.pubsub.get_message(timeout=1.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                delay = await self.fan.failed(exc, delay)
-                await self._resubscribe()
-                if self.pubsub is None:
-                    return
-                continue
-            if message is None:
-                continue
-            delay = 0.1
-            kind = message["type"]
-            if kind == "message":
-                try:
-                    data = msgspec.msgpack.decode(message["data"])
-                except msgspec.DecodeError:
-                    log.warning("fan-out message undecodable", extra={"event": "fanout.undecodable"})
-                    continue
-                await self.fan.dispatch(data)
-            elif kind == "subscribe":
-                channel = message["channel"].decode() if isinstance(message["channel"], bytes) else message["channel"]
-                for future in self.confirming.pop(channel, ()):
-                    if not future.done():
-                        future.set_result(True)
-
-    async def _resubscribe(self) -> None:
-        """A fresh connection subscribed to every group; the sockets are told to
-        catch up once Redis has confirmed all of them (the loop reads those)."""
-        old, self.pubsub = self.pubsub, self._connect()
-        with contextlib.suppress(Exception):
-            await old.aclose()
-        channels = [names.fan_channel(group) for group in self.fan.groups]
-        if not channels:
-            # Nothing to follow: no connection until the next join (which starts
-            # the loop again).
-            with contextlib.suppress(Exception):
-                await self.pubsub.aclose()
-            self.pubsub = None
-            return
-        confirmations = [self._expect(channel) for channel in channels]
-        try:
-            async with self.commands:
-                await self.pubsub.subscribe(*channels)
-        except Exception:
-            for future in confirmations:
-                future.cancel()
-            self.confirming.clear()
-            return  # still down: the next read fails and we come back here
-
-        async def tell_when_confirmed():
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.gather(*confirmations), timeout=10)
-                self.fan.recovered()
-
-        asyncio.ensure_future(tell_when_confirmed())
+    async def ping(self) -> None:
+        return None
 
 
-def chosen() -> type[Transport]:
-    """The engine configuration picks: Redis pub/sub with REDIS_URL, else the layer."""
-    return RedisPubSubTransport if store.redis_url() else LayerTransport
+def hide_password(url: str) -> str:
+    parts = []
+    for one in url.split(","):
+        split = urllib.parse.urlsplit(one.strip())
+        if split.password:
+            netloc = f"{split.username or ''}:***@{split.hostname}" + (f":{split.port}" if split.port else "")
+            one = urllib.parse.urlunsplit(split._replace(netloc=netloc))
+        parts.append(one.strip())
+    return ",".join(parts)
+
+
+def broker_url() -> str:
+    """REALTIME_BROKER_URL, or REDIS_URL where it is unset (one Redis), or ""."""
+    return getattr(settings, SETTING, "") or getattr(settings, "REDIS_URL", "")
+
+
+def engine_class(url: str) -> type[Engine]:
+    """The engine `url`'s scheme names; ImproperlyConfigured (naming the setting)
+    for a scheme no engine serves."""
+    if not url:
+        return LayerEngine
+    schemes = {urllib.parse.urlsplit(one.strip()).scheme for one in url.split(",")}
+    if len(schemes) != 1:
+        raise ImproperlyConfigured(f"{SETTING}: a list of URLs must all be redis:// (rooms sharded over several Redis); "
+                                   f"got the schemes {sorted(schemes)}")
+    scheme = schemes.pop()
+    if scheme not in ENGINES:
+        raise ImproperlyConfigured(f"{SETTING}: unknown scheme {scheme!r} in {hide_password(url)!r}; "
+                                   f"one of {', '.join(sorted(ENGINES))}")
+    if "," in url and scheme not in ("redis", "rediss"):
+        raise ImproperlyConfigured(f"{SETTING}: only redis:// URLs can be listed (shards); got {scheme}://")
+    module, _, name = ENGINES[scheme].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+_engines: dict[str, Engine] = {}
+
+
+def chosen() -> Engine:
+    """The engine configuration picks, one per URL and process."""
+    url = broker_url()
+    found = _engines.get(url)
+    if found is None:
+        found = _engines[url] = engine_class(url)(url)
+    return found
+
+
+def check_at_start_up(timeout: float = 10.0) -> None:
+    """Reach the broker before the worker listens: raise BrokerError (naming the
+    setting) if it cannot be used. Run on a loop of its own, closed after."""
+    engine = chosen()
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(engine.probe(), timeout))
+    except BrokerError:
+        raise
+    except (asyncio.TimeoutError, TimeoutError):
+        raise BrokerError(f"{SETTING}: no answer from {engine.shown()} ({engine.name}) within {timeout:g} s") from None
+    except Exception as exc:
+        raise BrokerError(f"{SETTING}: cannot reach {engine.shown()} ({engine.name}): {describe(exc)}") from None
+    finally:
+        loop.close()
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

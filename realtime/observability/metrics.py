@@ -49,6 +49,11 @@ LONG_POLLS_HELD = Gauge("realtime_long_polls_held", "Long polls (GET .../events/
 REPLAYED = Counter("realtime_replayed_events_total", "Room events sent from the log (subscribe replay, catch-up)")
 REPLAY_READS_SHARED = Counter("realtime_replay_reads_shared_total",
                               "Subscribe replays answered by an identical read already under way (ws/replays.py)")
+BROKER_INFO = Gauge("realtime_broker_info", "The broker engine this worker uses (1), by engine", ["engine"])
+BROKER_MESSAGES = Counter("realtime_broker_messages_total", "Group messages this worker published to or received "
+                          "from the broker, by engine and direction", ["engine", "direction"])
+BROKER_FAILURES = Counter("realtime_broker_failures_total", "Times this worker's broker connection failed and was "
+                          "made again (every socket then catches up from the log), by engine", ["engine"])
 LAYER_FAILURES = Counter("realtime_layer_send_failures_total", "Channel-layer sends that failed, by kind", ["kind"])
 DEGRADED = Counter("realtime_degraded_total", "Redis calls that failed and were tolerated as state/degraded.py's table "
                    "says, by its row", ["feature"])

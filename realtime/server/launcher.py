@@ -129,7 +129,27 @@ class DrainingServer(Drain, Server):
         heartbeat.ensure_started()  # the worker is in the cluster view from the start
 
 
+def check_broker() -> None:
+    """Reach the broker (REALTIME_BROKER_URL) before listening: a worker that could
+    not carry a message to another stops here, with a message naming the setting."""
+    import os
+    import sys
+
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")  # as project/asgi.py
+    django.setup()
+    from realtime.delivery import transport
+
+    try:
+        transport.check_at_start_up()
+    except transport.BrokerError as exc:
+        print(f"realtime.server: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main() -> None:
+    check_broker()
     CommandLineInterface.server_class = DrainingServer
     CommandLineInterface.entrypoint()
 

@@ -2,9 +2,10 @@
 hold no thread and work whatever Django's middleware is doing:
 
 - `GET /healthz`: the process is alive and its event loop answers (always 200).
-- `GET /readyz`: the database and the channel layer answer, each within
-  REALTIME_READY_TIMEOUT seconds (a Redis that hangs fails like one that refuses);
-  200, or 503. A draining worker is not ready. What failed, and the worker's
+- `GET /readyz`: the database, the channel layer (REDIS_URL: presence, limits,
+  leases) and the broker (REALTIME_BROKER_URL, its engine named in `broker`)
+  answer, each within REALTIME_READY_TIMEOUT seconds (one that hangs fails like
+  one that refuses); 200, or 503. A draining worker is not ready. What failed, and the worker's
   name, are told only to callers that may read /metrics (below); anyone else
   gets the status alone (REALTIME_EXPOSE_WORKER names the worker to all).
 - `GET /metrics`: Prometheus text for this worker. Only from this machine and not
@@ -23,6 +24,7 @@ from django.conf import settings
 from django.db import connection
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from realtime.delivery import transport
 from realtime.state import heartbeat
 from realtime.state import store
 
@@ -45,9 +47,11 @@ async def readiness() -> tuple[int, dict]:
     timeout = settings.REALTIME_READY_TIMEOUT
     # The database check runs on a thread of its own (not asgiref's shared one), so
     # a database that hangs cannot stall the worker's other database work.
+    engine = transport.chosen()
     checks = {
         "database": database_sync_to_async(_database, thread_sensitive=False)(),
         "channel_layer": _layer(),
+        "broker": engine.ping(),
     }
     results = {}
     outcomes = await asyncio.gather(
@@ -63,7 +67,8 @@ async def readiness() -> tuple[int, dict]:
     if heartbeat.draining:
         results["worker"] = "draining"
     failing = [name for name, result in results.items() if result != "ok"]
-    body = {"status": "unavailable" if failing else "ok", "checks": results, "worker": heartbeat.worker_id()}
+    body = {"status": "unavailable" if failing else "ok", "checks": results, "broker": engine.name,
+            "worker": heartbeat.worker_id()}
     if failing:
         body["failing"] = failing
     return (503 if failing else 200), body

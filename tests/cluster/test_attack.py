@@ -182,7 +182,7 @@ async def test_responses_do_not_name_the_server_or_the_worker(hardened):
         assert (status, json.loads(body)) == (200, {"status": "ok"}), kind
     # From this machine, straight to the worker: the detail.
     status, _, body = await in_thread(Browser(worker.url, "127.0.0.1").request, "/readyz")
-    assert status == 200 and json.loads(body)["checks"] == {"database": "ok", "channel_layer": "ok"}
+    assert status == 200 and json.loads(body)["checks"] == {"database": "ok", "channel_layer": "ok", "broker": "ok"}
     assert json.loads(body)["worker"] == worker.name
     # From another address straight to the worker: the status alone.
     status, _, body = await in_thread(Browser(worker.url, "127.26.0.1").request, "/readyz")

@@ -100,7 +100,7 @@ async def test_healthz_and_readyz_on_the_embedded_default(settings):
     status, body = await http("/healthz")
     assert status == 200 and json.loads(body)["status"] == "ok"
     status, body = await http("/readyz")
-    assert status == 200 and json.loads(body)["checks"] == {"database": "ok", "channel_layer": "ok"}
+    assert status == 200 and json.loads(body)["checks"] == {"database": "ok", "channel_layer": "ok", "broker": "ok"}
 
 
 @pytest.mark.asyncio
@@ -112,7 +112,8 @@ async def test_readyz_fails_while_redis_is_down_or_hangs_and_recovers(settings, 
         assert (await http("/readyz"))[0] == 200
         redis.stop()
         status, body = await http("/readyz")
-        assert status == 503 and json.loads(body)["failing"] == ["channel_layer"]
+        assert status == 503 and json.loads(body)["failing"] == ["channel_layer", "broker"]
+        assert json.loads(body)["broker"] == "redis"
         redis.start()
         assert (await http("/readyz"))[0] == 200
         # A Redis that hangs (stopped, not gone) fails by the timeout, not forever.
