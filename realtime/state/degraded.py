@@ -1,4 +1,7 @@
-"""What the app does while Redis is down, feature by feature: the one table.
+"""What the app does while Redis (or the broker) is down, feature by feature: the
+one table. The rows FANOUT, NEW_SOCKETS, PUBLISH and CONTROL are the broker's
+(REALTIME_BROKER_URL; unset, the same Redis): every engine behaves as they say
+(tests/brokers/ stops and restarts each).
 
 Every feature that keeps state in Redis (REDIS_URL) or sends through it names its
 row here when a Redis call fails (`tolerate(ROW, exc)`), and does what the row
