@@ -56,4 +56,5 @@ clean:
 # Benchmarks (bench/run.py): the full pipeline against a bare Channels consumer,
 # same worker code, same run; writes bench/RESULTS.md. Not part of `make test`.
 bench: $(VENV)/.requirements-bench system-deps
+	$(PY) -m bench.brokers
 	$(PY) bench/run.py

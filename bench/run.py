@@ -462,6 +462,10 @@ def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
               "Encoding happens once per event and worker (both encodings are made when the event is published), "
               "decoding once per client frame.", "", codecs.table(), ""]
     lines += [comparisons(), ""]
+    if (ROOT / "bench" / "brokers.md").exists():
+        # Written by `python -m bench.brokers` (make bench runs it first).
+        lines += ["#" + line if line.startswith("#") else line
+                  for line in (ROOT / "bench" / "brokers.md").read_text().split("Every run:")[0].splitlines()]
     lines += ["## Raw results (every run)", "", "```json",
               json.dumps({server: {name: details for name, *_, details in rows} for server, rows in tables.items()}, indent=1),
               "```", ""]
