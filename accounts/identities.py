@@ -100,3 +100,20 @@ _batcher = Batcher("session_user", resolve)
 async def session_user(session_key: str | None) -> tuple:
     """(user, session key) for one socket's cookie, read with the others waiting."""
     return await _batcher.get(session_key)
+
+
+def active_users(ids: list) -> dict:
+    """{user id: the active user, or None} for every id in `ids` (a token's `sub`),
+    in one query."""
+    model = get_user_model()
+    users = {user.pk: user for user in model._default_manager.filter(pk__in=set(ids), is_active=True)}
+    return {pk: users.get(pk) for pk in ids}
+
+
+_active = Batcher("active_user", active_users)
+
+
+async def active_user(user_id: int):
+    """The active user with this id, or None: a token socket's user, read with the
+    other handshakes' waiting."""
+    return await _active.get(user_id)

@@ -1,11 +1,13 @@
 """WebSocket authentication.
 
 - SocketAuthMiddleware: the /ws/v1/ socket's handshake in one middleware: the
-  Origin check, then the user from a ticket (`/ws/v1/?ticket=...`) or else the
+  Origin check, then the user from a ticket (`/ws/v1/?ticket=...`), a JWT
+  (`Authorization: Bearer`, or `?access_token=`; accounts/bearer.py) or else the
   session cookie, in the scope it was given.
 - TicketAuthMiddleware: the ticket alone, for a stack of channels' middleware
   (the bench's baseline route keeps that stack: project/asgi.py).
-A socket with a ticket is that ticket's user and session.
+A socket with a ticket is that ticket's user and session; a socket with a token
+is the token's user, with no session, until the token's `exp` (scope["grant"]).
 """
 
 from __future__ import annotations
@@ -22,7 +24,24 @@ from realtime.state import degraded, ratelimit
 from realtime.web.origins import origin_allowed, origin_of, refuse_log
 from realtime.web.proxies import rate_subject, scope_address
 
-from accounts import identities, tickets
+from accounts import bearer, identities, tickets
+
+
+async def _token_identity(scope, token: str) -> dict:
+    """The scope keys of a socket opened with a bearer token: its user (active) and
+    grant, or an anonymous socket (accepted, then 4001) with one log line saying
+    why, never the token. The token leaves the scope either way."""
+    scope["query_string"] = b""  # (access_token): nothing keeps it for the socket's life
+    try:
+        grant = bearer.verify(token)
+    except bearer.Refused as refused:
+        bearer.refused_log(refused.reason, refused.kid, scope_address(scope))
+        return {"user": AnonymousUser(), "session": SessionRef(None)}
+    user = await identities.active_user(grant.user_id)
+    if user is None:
+        bearer.refused_log("user", grant.kid, scope_address(scope))
+        return {"user": AnonymousUser(), "session": SessionRef(None)}
+    return {"user": user, "session": SessionRef(None), "grant": grant}
 
 
 class SessionRef:
@@ -97,6 +116,9 @@ class SocketAuthMiddleware:
         ticket = _ticket(scope)
         if ticket is not None:
             return await _ticket_identity(ticket)
+        token = bearer.token_of(scope)
+        if token is not None:
+            return await _token_identity(scope, token)
         cookies = {}
         for name, value in scope.get("headers", ()):
             if name == b"cookie":

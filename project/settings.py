@@ -235,6 +235,16 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Channel layer and cache: in-memory by default, Redis with REDIS_URL
 # ------------------------------------------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "")
+# JWT at the handshake for clients without a Django session (accounts/bearer.py):
+# comma-separated `kid:secret` (HS256, 32 bytes or more) or `kid:@path` (a PEM public
+# key: RS256, ES256 or ES384); unset: no tokens taken. The audience and issuer are
+# required with keys; a token may live REALTIME_JWT_MAX_LIFETIME seconds at most.
+REALTIME_JWT_KEYS = os.environ.get("REALTIME_JWT_KEYS", "")
+REALTIME_JWT_AUDIENCE = os.environ.get("REALTIME_JWT_AUDIENCE", "")
+REALTIME_JWT_ISSUER = os.environ.get("REALTIME_JWT_ISSUER", "")
+REALTIME_JWT_MAX_LIFETIME = env_int("REALTIME_JWT_MAX_LIFETIME", 900)
+REALTIME_JWT_LEEWAY = env_int("REALTIME_JWT_LEEWAY", 5)  # seconds of clock skew allowed
+
 # The broker that carries messages between workers (realtime/delivery/transport.py):
 # its scheme picks the engine. Unset: Redis pub/sub on REDIS_URL (or, without it,
 # the in-memory layer of one process). Presence, rate limits and leases stay on
@@ -378,6 +388,8 @@ REALTIME = {
         "subscribe": env_rate("REALTIME_RATE_SUBSCRIBE", (20, 60)),
         "unsubscribe": env_rate("REALTIME_RATE_UNSUBSCRIBE", (20, 60)),
         "ping": env_rate("REALTIME_RATE_PING", (2, 10)),
+        # A token socket's fresh tokens (auth.refresh): one every 10 s, a burst of 5.
+        "auth.refresh": env_rate("REALTIME_RATE_AUTH_REFRESH", (0.1, 5)),
         "typing": env_rate("REALTIME_RATE_TYPING", (2, 5)),
         "read": env_rate("REALTIME_RATE_READ", (5, 20)),
         # Pages of who is in a room (presence.list), as one scrolls the list.

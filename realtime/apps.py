@@ -11,3 +11,8 @@ class RealtimeConfig(AppConfig):
 
         # An unknown scheme in REALTIME_BROKER_URL stops start-up here, naming it.
         transport.engine_class(transport.broker_url())
+        from accounts import bearer
+
+        # So do JWT keys it cannot use (REALTIME_JWT_KEYS), or keys without an
+        # audience and issuer.
+        bearer.check_settings()

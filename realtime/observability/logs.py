@@ -5,7 +5,7 @@ and where they apply `conn_id`, `user_id`, `room`, `frame`, `code`, `ms`, `reaso
 plus `trace_id` and `worker` on every line. With DJANGO_LOG_FORMAT=json (the
 default with DEBUG off) each line is one JSON object; otherwise `event key=value`.
 
-What is never logged: message bodies, passwords, cookies, tickets, session keys.
+What is never logged: message bodies, passwords, cookies, tickets, tokens, session keys.
 Callers pass ids, types and codes only; the fields below are the whole vocabulary.
 
 Trace ids: a request's comes from its W3C `traceparent` header (its trace-id), a
@@ -24,7 +24,8 @@ import uuid
 
 TRACE: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
 
-FIELDS = ("event", "conn_id", "user_id", "room", "frame", "code", "ms", "reason", "seq", "count", "codec", "duration_s", "addr")
+FIELDS = ("event", "conn_id", "user_id", "room", "frame", "code", "ms", "reason", "seq", "count", "codec", "duration_s", "addr",
+          "kid")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _TRACE_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 

@@ -156,16 +156,23 @@ class ReactionRemove(Request, tag="reaction.remove", kw_only=True):
     emoji: Emoji
 
 
+class AuthRefresh(Request, tag="auth.refresh", kw_only=True):
+    """A socket opened with a JWT: a fresh token for the same user, sent before the
+    current one's `exp` (else the socket is closed with 4001 at `exp`)."""
+
+    token: Annotated[str, Meta(min_length=1, max_length=4096)]
+
+
 CLIENT_FRAMES: tuple[type[Request], ...] = (
     Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Typing, Read, Ping, MetricsSubscribe,
     MetricsUnsubscribe,
-    ReactionAdd, ReactionRemove, PresenceList,
+    ReactionAdd, ReactionRemove, PresenceList, AuthRefresh,
 )
 CLIENT_TYPES: dict[str, type[Request]] = {cls.__struct_config__.tag: cls for cls in CLIENT_FRAMES}
 ClientFrame = Union[
     Subscribe, Unsubscribe, MessageSend, MessageEdit, MessageDelete, Typing, Read, Ping, MetricsSubscribe,
     MetricsUnsubscribe,
-    ReactionAdd, ReactionRemove, PresenceList,
+    ReactionAdd, ReactionRemove, PresenceList, AuthRefresh,
 ]
 
 
@@ -209,6 +216,13 @@ class Pong(Reply, tag="pong", kw_only=True):
 
     ref: Ref = None
     t: float | None = None
+
+
+class AuthAck(Reply, tag="ack", kw_only=True):
+    """Reply to `auth.refresh`: the socket now lives until `exp` (Unix seconds)."""
+
+    ref: Ref = None
+    exp: int
 
 
 class TypingAck(Reply, tag="ack", kw_only=True):
@@ -367,7 +381,7 @@ ServerEvent = Union[
 ]
 REPLIES: tuple[type[Reply], ...] = (
     SubscribeAck, UnsubscribeAck, MessageAck, TypingAck, ReadAck, MetricsAck, Pong, Error,
-    ReactionAck, PresencePage,
+    ReactionAck, PresencePage, AuthAck,
 )
 
 

@@ -127,6 +127,6 @@ def due(now: float) -> None:
         if now >= consumer.last_frame_at + idle:
             consumer.revoked = True  # nothing more is handled or delivered
             consumer.local_queue.put_nowait({"type": IDLE})
-        elif recheck and now >= consumer.next_session_check:
+        elif recheck and consumer.grant is None and now >= consumer.next_session_check:
             consumer.next_session_check = now + _recheck_interval()
             consumer.local_queue.put_nowait({"type": broadcast.SESSION_CHECK})

@@ -135,7 +135,8 @@ def compare(sockets, found: Found) -> int:
             consumer.local_queue.put_nowait({"type": AUTH_CHANGED})
             queued += 1
             continue
-        if found.live_sessions is not None and consumer.session_key not in found.live_sessions:
+        # (A token socket has no session: its user's stamp above is its check.)
+        if found.live_sessions is not None and consumer.session_key and consumer.session_key not in found.live_sessions:
             consumer.local_queue.put_nowait({"type": broadcast.SESSION_CHECK})
             queued += 1
             continue

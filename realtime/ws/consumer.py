@@ -26,6 +26,9 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from channels.consumer import get_handler_name
 
+from django.utils.crypto import constant_time_compare
+
+from accounts import identities
 from accounts.sessions import session_is_valid, session_user
 
 from realtime import protocol
@@ -58,6 +61,8 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
     codec: protocol.Codec = protocol.JSON
     write_frame = None
     revoked = False
+    grant = None  # a token socket's accounts.bearer.Grant (None: a session's socket)
+    expiry: asyncio.TimerHandle | None = None  # the token's `exp`, as a timer
 
     async def __call__(self, scope, receive, send):
         """channels' AsyncConsumer.__call__ without a channel-layer channel of the
@@ -167,6 +172,9 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
         self.last_frame_at = asyncio.get_running_loop().time()
         session = self.scope.get("session")
         self.session_key = getattr(session, "session_key", None)
+        self.grant = self.scope.pop("grant", None)
+        if self.grant is not None:
+            self.expire_at(self.grant.exp)
         # The handshake is over and nothing here reads the request's headers
         # again: let them go (1.5 KiB a socket, the cookie's value among them).
         self.scope["headers"] = ()
@@ -195,6 +203,8 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
         if not self.authenticated:
             return
         self.authenticated = False
+        if self.expiry is not None:
+            self.expiry.cancel()
         housekeeper.discard(self)
         if self.metrics_task is not None:
             self.metrics_task.cancel()
@@ -225,8 +235,13 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
     async def session_check(self, message: dict) -> None:
         """The user's session may have ended (logout, password change, deactivation,
         deletion, expiry): if it has, close with 4001 (signed out: the page offers the
-        login) and deliver nothing more."""
+        login) and deliver nothing more. A token socket has no session: its user
+        is checked instead (deactivated, or the password changed: 4001)."""
         if self.revoked or not self.authenticated:
+            return
+        if self.grant is not None:
+            if await self.token_user() is None:
+                await self.shut(CloseCode.NOT_AUTHENTICATED, "user-revoked")
             return
         if self.session_key not in message.get("revoked", ()) and await database_sync_to_async(session_is_valid)(
             self.session_key, self.user.pk
@@ -240,9 +255,12 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
         take the user as they are now (staff or not) and check every room again."""
         if self.revoked or not self.authenticated:
             return
-        user = await database_sync_to_async(session_user)(self.session_key, self.user.pk)
+        if self.grant is not None:
+            user = await self.token_user()
+        else:
+            user = await database_sync_to_async(session_user)(self.session_key, self.user.pk)
         if user is None:
-            await self.shut(CloseCode.NOT_AUTHENTICATED, "session-ended")
+            await self.shut(CloseCode.NOT_AUTHENTICATED, "user-revoked" if self.grant else "session-ended")
             return
         self.user, self.auth_stamp = user, authsweep.stamp_of(user)
         heartbeat.SOCKETS[self.conn_id] = (user.pk, user.get_username())
@@ -251,6 +269,32 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
             self.metrics_task = None
         for slug in list(self.subscriptions):
             await self.access_check({"type": broadcast.ACCESS_CHECK, "room": slug})
+
+    # -- a token socket (accounts/bearer.py) ------------------------------------
+    async def token_user(self):
+        """The token's user as the database has them now, while active and with the
+        password they had when the socket opened (a changed password revokes, as it
+        ends sessions); else None."""
+        users = await database_sync_to_async(identities.active_users)([self.user.pk])
+        user = users.get(self.user.pk)
+        if user is None or not constant_time_compare(user.password, self.user.password):
+            return None
+        return user
+
+    def expire_at(self, exp: float) -> None:
+        """Close with 4001 at `exp` (Unix seconds), unless a fresh token comes first."""
+        if self.expiry is not None:
+            self.expiry.cancel()
+        loop = asyncio.get_running_loop()
+        self.expiry = loop.call_at(loop.time() + max(0.0, exp - time.time()),
+                                   self.local_queue.put_nowait, {"type": "auth.expired"})
+
+    async def auth_expired(self, message: dict) -> None:
+        if self.revoked or not self.authenticated or self.grant is None:
+            return
+        if time.time() < self.grant.exp:
+            return  # refreshed meanwhile
+        await self.shut(CloseCode.NOT_AUTHENTICATED, "token-expired")
 
     async def force_disconnect(self, message: dict) -> None:
         """An operator closed this user's sockets (the admin's realtime console): 4003,

@@ -16,6 +16,7 @@ import msgspec
 from channels.db import database_sync_to_async
 
 
+from accounts import bearer
 from realtime import protocol
 from realtime.delivery import publish as broadcast
 from realtime.domain.access import room_access
@@ -23,7 +24,7 @@ from realtime.domain import services
 from realtime.domain.errors import ActionError
 from realtime.domain.policy import Action
 from realtime.observability.logs import event
-from realtime.protocol import ErrorCode
+from realtime.protocol import CloseCode, ErrorCode
 from realtime.state import heartbeat
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,27 @@ class Handlers:
         await self.layer_recovered({})
         return protocol.Pong(ref=frame.ref, t=frame.t)
 
+    async def on_auth_refresh(self, frame: protocol.AuthRefresh) -> protocol.Frame:
+        """A token socket's fresh token (accounts/bearer.py): the same user's, valid;
+        the socket then lives until its `exp`. A refused token changes nothing (the
+        socket still closes at the old `exp`) and is logged without the token."""
+        if self.grant is None:
+            raise ActionError(ErrorCode.INVALID, "this socket was not opened with a token")
+        try:
+            grant = bearer.verify(frame.token)
+        except bearer.Refused as refused:
+            bearer.refused_log(refused.reason, refused.kid)
+            raise ActionError(ErrorCode.INVALID, f"token refused: {refused.reason}") from None
+        if grant.user_id != self.user.pk:
+            bearer.refused_log("other-user", grant.kid)
+            raise ActionError(ErrorCode.FORBIDDEN, "the token is another user's")
+        if await self.token_user() is None:
+            await self.shut(CloseCode.NOT_AUTHENTICATED, "user-revoked")
+            raise ActionError(ErrorCode.INVALID, "token refused: user")
+        self.grant = grant
+        self.expire_at(grant.exp)
+        return protocol.AuthAck(ref=frame.ref, exp=int(grant.exp))
+
     async def on_metrics_subscribe(self, frame: protocol.MetricsSubscribe) -> protocol.Frame:
         """Staff only: a metrics.tick about once a second, from the cluster view."""
         if not self.user.is_staff:
@@ -132,6 +154,7 @@ HANDLERS: dict[type[protocol.Request], Handler] = {
     protocol.ReactionAdd: Handlers.on_reaction_add,
     protocol.ReactionRemove: Handlers.on_reaction_remove,
     protocol.PresenceList: Stream.on_presence_list,
+    protocol.AuthRefresh: Handlers.on_auth_refresh,
 }
 
 

@@ -25,6 +25,9 @@ from tests.services import Cluster
 pytestmark = pytest.mark.cluster
 
 
+# The cluster's JWT key (a test value; tests/cluster/test_tokens.py signs with it).
+JWT_SECRET = "cluster-test-secret-" + "x" * 24
+
 # For a test that talks to the workers directly (the balancer makes no difference)
 # or brings both balancers of its own: the cluster behind nginx only, once.
 ONCE = pytest.mark.parametrize("cluster", ["nginx"], indirect=True)
@@ -53,6 +56,10 @@ def cluster(request):
             "REALTIME_RATE_HANDSHAKE_USER": "10000/10000",
             "REALTIME_RATE_HANDSHAKE_ADDRESS": "10000/10000",
             "REALTIME_REPLAY_BUDGET": "100000000/100000000",
+            # Tokens for non-browser clients (tests/cluster/test_tokens.py).
+            "REALTIME_JWT_KEYS": f"cluster:{JWT_SECRET}",
+            "REALTIME_JWT_AUDIENCE": "realtime-cluster",
+            "REALTIME_JWT_ISSUER": "https://issuer.test",
         })
         c.start()
     except FileNotFoundError as exc:

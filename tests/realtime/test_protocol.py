@@ -15,7 +15,7 @@ def test_every_client_frame_has_a_unique_type():
     assert len(protocol.CLIENT_TYPES) == len(protocol.CLIENT_FRAMES)
     assert set(protocol.CLIENT_TYPES) == {"subscribe", "unsubscribe", "message.send", "message.edit", "message.delete", "ping",
                                           "typing", "read", "metrics.subscribe", "metrics.unsubscribe",
-                                          "reaction.add", "reaction.remove", "presence.list"}
+                                          "reaction.add", "reaction.remove", "presence.list", "auth.refresh"}
 
 
 @pytest.mark.parametrize("codec", [protocol.JSON, protocol.MSGPACK])

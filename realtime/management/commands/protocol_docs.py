@@ -11,7 +11,7 @@ from realtime import protocol
 
 CLOSE_MEANING = {
     protocol.CloseCode.NORMAL: "normal close",
-    protocol.CloseCode.NOT_AUTHENTICATED: "not signed in, or the session ended (logout in another tab, password change, deactivation, expiry): do not retry, log in",
+    protocol.CloseCode.NOT_AUTHENTICATED: "not signed in, or the session ended (logout in another tab, password change, deactivation, expiry), or the socket's token was refused or expired without an `auth.refresh`: do not retry, log in (or get a fresh token)",
     protocol.CloseCode.FORBIDDEN: "disconnected by an operator (the realtime console): do not retry by itself; offer the person a reconnect",
     protocol.CloseCode.POLICY: "policy: too many sockets for this user (REALTIME_MAX_CONNECTIONS_PER_USER), or silent past REALTIME_IDLE_TIMEOUT. Reconnect with backoff",
     protocol.CloseCode.INTERNAL: "internal error: reconnect with backoff",
@@ -47,6 +47,16 @@ by hand (a test fails when this file and the declarations disagree).
   frames); both carry the same schemas. A client that offers neither is refused at
   the handshake (HTTP 403); one that offers none gets JSON.
 - Anonymous sockets are accepted and then closed with 4001, so a browser can tell why.
+- A client without a session (a service, a bot, a mobile app) may sign in with a JWT
+  where the server is configured for it (REALTIME_JWT_KEYS): `Authorization: Bearer
+  <token>` on the upgrade, or `?access_token=<token>` when it cannot set headers.
+  The token names its key (`kid`), the user (`sub`, the user's id), the audience and
+  issuer the server expects, and expires (`exp`) within minutes. A token refused for
+  any reason (malformed, expired, wrong audience or issuer, an algorithm other than
+  its key's, an unknown `kid`) gives 4001. The socket lives until `exp`: send
+  `auth.refresh` with a fresh token before then (answered with `AuthAck` and the new
+  `exp`, or `error` `invalid` for a token refused, `forbidden` for another user's),
+  or the socket is closed with 4001 at `exp`.
 - A socket opened too often (per user, or per client address) is accepted, sent
   `{{"type": "error", "code": "rate_limited", "retry_after": S}}` and closed with 4029:
   wait S seconds before the next attempt. The limits fit every socket of a user
@@ -211,7 +221,7 @@ def render() -> str:
     out.append("")
     out.append("Which `ack` answers which request: `subscribe` -> `SubscribeAck`; `unsubscribe` -> "
                "`UnsubscribeAck`; `message.send`, `message.edit`, `message.delete` -> `MessageAck`; "
-               "`reaction.add`, `reaction.remove` -> `ReactionAck`; `ping` -> `Pong`; `metrics.subscribe`, `metrics.unsubscribe` -> `MetricsAck`. Every client frame "
+               "`reaction.add`, `reaction.remove` -> `ReactionAck`; `ping` -> `Pong`; `metrics.subscribe`, `metrics.unsubscribe` -> `MetricsAck`; `auth.refresh` -> `AuthAck`. Every client frame "
                "may carry `trace` (letters, digits, dashes; at most 64): the action's trace id, which the "
                "events it causes carry to every delivery and log line.\n")
     out.append("## Error codes\n\n| code | HTTP | meaning |\n| --- | --- | --- |")
