@@ -241,3 +241,85 @@ async def test_a_silent_subscriber_connection_is_found_by_ping(following, monkey
         await fan.discard(GROUP, socket)
         with sync_client(owner) as client:
             client.execute_command("CLIENT", "UNPAUSE")
+
+
+# The shared state (REDIS_URL) on a Redis Cluster
+
+
+def scripts_in_state() -> dict[str, str]:
+    """Every Lua script realtime/state/ defines: name -> source (not the pieces
+    scripts are made of, such as ratelimit._REFILL)."""
+    import importlib
+    import pkgutil
+
+    import realtime.state
+
+    found = {}
+    for module in pkgutil.iter_modules(realtime.state.__path__):
+        loaded = importlib.import_module(f"realtime.state.{module.name}")
+        for name, value in vars(loaded).items():
+            if isinstance(value, str) and "redis.call(" in value:
+                found[f"{module.name}.{name}"] = value
+    return {name: source for name, source in found.items()
+            if not any(source in other and source != other for other in found.values())}
+
+
+async def test_every_script_and_multi_key_read_keeps_its_keys_in_one_slot(redis_server, settings, monkeypatch):
+    """Each script realtime/state/ runs, and the one multi-key read (the cluster
+    view's MGET), called with names that hash apart: the keys of each call share
+    one hash slot (a hash tag), as a Redis Cluster requires."""
+    from redis.asyncio import Redis
+
+    from realtime.state import heartbeat, leases, presence, ratelimit, store
+
+    settings.REDIS_URL = redis_server.url
+    ratelimit.reset()
+    leases.leases.reset()
+    presence.backend.reset()
+    calls: list[tuple] = []
+    execute = store.Batched.execute_command
+    mget = Redis.mget
+
+    async def recorded_execute(self, *args):
+        calls.append(args)
+        return await execute(self, *args)
+
+    def recorded_mget(self, keys, *args):
+        calls.append(("MGET", *keys, *args))
+        return mget(self, keys, *args)
+
+    monkeypatch.setattr(store.Batched, "execute_command", recorded_execute)
+    monkeypatch.setattr(Redis, "mget", recorded_mget)
+
+    for user in (1, 2, 77):
+        await leases.acquire(user, f"conn-{user}")
+        await ratelimit.take(user, "message.send")
+        await ratelimit.replay_take(user, 100)
+    await ratelimit.take("10.0.0.1", "handshake.address")
+    backend = presence.RedisPresence(redis_server.url)
+    for room in ("general", "random", "dm-1-2"):
+        await backend.join(room, "alice:1:conn-1", "alice:1")
+        await backend.leave(room, "alice:1:conn-1", "alice:1")
+        await backend.reconcile(room)
+    for worker in ("a", "b", "c", "worker-17"):
+        settings.REALTIME_WORKER_ID = worker
+        await heartbeat.publish_once()
+    assert len(await heartbeat.view()) >= 4
+
+    ran = set()
+    multi_key = 0
+    for args in calls:
+        command = args[0].upper()
+        if command == "EVAL":
+            keys = args[3:3 + int(args[2])]
+            ran.add(args[1])
+        elif command == "MGET":
+            keys = args[1:]
+        else:
+            continue
+        multi_key += len(keys) > 1
+        slots = {key_slot(key.encode()) for key in keys}
+        assert len(slots) == 1, (command, keys, slots)
+    assert multi_key >= 10
+    assert ran == set(scripts_in_state().values()), sorted(
+        name for name, source in scripts_in_state().items() if source not in ran)
