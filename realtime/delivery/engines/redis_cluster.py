@@ -14,9 +14,10 @@ clients, like state/store.client) or per fan-out (the receiver's).
 
 Publishing: each message to its slot's owner, one pipeline per node, the nodes
 in parallel, each group's messages in the order given (one channel, one node,
-one pipeline). A MOVED answer (the slot went elsewhere) patches the map, which is
-read again, and those messages are sent once more, in order, to the new owner; a
-second failure is raised (publish.py counts it; subscribers repair by seq).
+one pipeline). A MOVED answer (the slot went elsewhere) patches the map (read
+again before the next send) and those messages are sent once more, in order, to
+the owner it names; a second MOVED, or a node that cannot be reached, is raised
+(publish.py counts it; subscribers repair by seq).
 
 Receiving: one raw connection per node this worker has groups on (redis-py's
 asyncio PubSub has no SSUBSCRIBE), read by a task of its own that answers the
@@ -502,17 +503,23 @@ class RedisClusterEngine(Engine):
             errors.append(f"{address}: no slots")
         raise ConnectionError(f"no node of the Redis Cluster answers CLUSTER SLOTS ({'; '.join(errors)})")
 
-    async def owner(self, slot: int) -> str:
-        if self.slots.stale or self.slots.owner(slot) is None:
+    async def owners(self, slots: list[int]) -> list[str]:
+        """The owner of each slot, the map read again first if it is out of date (if
+        no node answers, the map as it was)."""
+        if self.slots.stale or any(self.slots.owner(slot) is None for slot in slots):
             try:
                 await self.refresh()
             except ConnectionError:
-                if self.slots.owner(slot) is None:
-                    raise
-        found = self.slots.owner(slot)
-        if found is None:
-            raise ConnectionError(f"no node of the Redis Cluster owns slot {slot}")
+                pass
+        found = [self.slots.owner(slot) for slot in slots]
+        for slot, address in zip(slots, found):
+            if address is None:
+                raise ConnectionError(f"no node of the Redis Cluster is known to own slot {slot} "
+                                      f"(asked {', '.join(self.candidates())})")
         return found
+
+    async def owner(self, slot: int) -> str:
+        return (await self.owners([slot]))[0]
 
     # Receiving
 
@@ -532,15 +539,19 @@ class RedisClusterEngine(Engine):
 
     async def send(self, packed: list[tuple[int, str, bytes]]) -> None:
         waiting = list(packed)
+        error: BaseException | None = None
         for attempt in range(2):
             by_node: dict[str, list[tuple[int, str, bytes]]] = {}
-            for item in waiting:
-                by_node.setdefault(await self.owner(item[0]), []).append(item)
+            # The retry goes where the MOVED answers said (the map read again now
+            # might come from a node that has not heard of the move yet).
+            slots = [slot for slot, _, _ in waiting]
+            owners = await self.owners(slots) if attempt == 0 else [self.slots.owner(slot) for slot in slots]
+            for item, address in zip(waiting, owners):
+                by_node.setdefault(address, []).append(item)
             nodes = list(by_node.items())
             answers = await asyncio.gather(*(self._publish(address, items) for address, items in nodes),
                                            return_exceptions=True)
             moved: list[tuple[int, str, bytes]] = []
-            error: BaseException | None = None
             for (address, items), answer in zip(nodes, answers):
                 if isinstance(answer, BaseException):
                     self.slots.stale = True  # a node down: perhaps failed over
@@ -552,15 +563,18 @@ class RedisClusterEngine(Engine):
                         moved.append(item)
                     elif isinstance(one, BaseException):
                         error = error or one
-            if error is not None:
-                raise error
             if not moved:
-                return
+                break
             if attempt == 1:
-                raise ConnectionError(f"{len(moved)} message(s) redirected twice (MOVED): the cluster is resharding")
+                error = error or ConnectionError(f"{len(moved)} message(s) redirected twice (MOVED): the cluster "
+                                                 "is resharding")
+                break
             # Sent again in the order given: a group's messages share a slot, so
             # all of them moved or none did.
-            waiting = sorted(moved, key=packed.index)
+            again = {id(item) for item in moved}
+            waiting = [item for item in waiting if id(item) in again]
+        if error is not None:
+            raise error  # publish.py counts it; the subscribers repair by seq
 
     async def _publish(self, address: str, items: list[tuple[int, str, bytes]]) -> list:
         pipe = self.client(address).pipeline(transaction=False)
