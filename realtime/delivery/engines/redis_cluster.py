@@ -172,10 +172,6 @@ class NodeLink:
         self.connecting = asyncio.Lock()
         self.last_read = time.monotonic()
 
-    @property
-    def alive(self) -> bool:
-        return self.conn is not None
-
     async def _connected(self):
         if self.conn is not None:
             return self.conn
