@@ -8,7 +8,6 @@ date); a subscriber connection killed, or silent, is found and replaced."""
 from __future__ import annotations
 
 import asyncio
-import os
 import tempfile
 from pathlib import Path
 
@@ -40,10 +39,6 @@ def redis_cluster():
         missing(str(exc))
     yield server
     server.stop()
-
-
-def node_of(server: RedisClusterServer, port: int):
-    return next(node for node in server.nodes if node.port == port)
 
 
 def sync_client(port: int) -> redis.Redis:
