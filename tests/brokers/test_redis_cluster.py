@@ -8,6 +8,7 @@ date); a subscriber connection killed, or silent, is found and replaced."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def redis_cluster():
         missing(str(exc))
     yield server
     server.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def sync_client(port: int) -> redis.Redis:
@@ -151,10 +153,14 @@ def test_a_worker_pointed_at_a_plain_redis_exits_naming_the_setting(redis_server
     workdir = Path(tempfile.mkdtemp(prefix="realtime-rcluster-worker-"))
     worker = AppServer(workdir, env={"REDIS_URL": redis_server.url,
                                      "REALTIME_BROKER_URL": f"redis+cluster://127.0.0.1:{redis_server.port}"})
-    with pytest.raises(RuntimeError):
-        worker.start()  # exits before it listens
-    assert worker.proc.wait(30) == 2
-    said = worker.log.read_text()
+    try:
+        with pytest.raises(RuntimeError):
+            worker.start()  # exits before it listens
+        assert worker.proc.wait(30) == 2
+        said = worker.log.read_text()
+    finally:
+        worker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     assert transport.SETTING in said and "cluster" in said.lower(), said
 
 
