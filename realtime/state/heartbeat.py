@@ -2,8 +2,10 @@
 reads the view (the dashboard's ticks, the admin console) sees each worker that
 published within the last TTL seconds; a worker that stops drops out by itself.
 
-With REDIS_URL the records live in Redis (`rt:hb:<worker>` with a TTL, and the set
-`rt:workers` scored by time); without it, in this process (one worker).
+With REDIS_URL the records live in Redis (`rt:{hb}:<worker>` with a TTL, and the set
+`rt:workers` scored by time); without it, in this process (one worker). The
+records are read together (MGET): their hash tag `{hb}` keeps them in one slot,
+so the view works on a Redis Cluster too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ log = logging.getLogger(__name__)
 EVERY = 1.0  # seconds between heartbeats
 TTL = 5.0  # seconds after which a silent worker leaves the view
 WORKERS_KEY = "rt:workers"
+
+
+def record_key(worker: str) -> str:
+    """A worker's record (one hash slot for all of them: `{hb}`)."""
+    return f"rt:{{hb}}:{worker}"
+
+
 _local: dict[str, dict] = {}
 
 # This process's sockets, for the admin console: conn_id -> (user id, username).
@@ -69,7 +78,7 @@ async def publish_once() -> None:
         _local[rec["worker"]] = rec
         return
     client = store.client(url)
-    key = f"rt:hb:{rec['worker']}"
+    key = record_key(rec["worker"])
     pipe = client.pipeline(transaction=False)
     pipe.set(key, json.dumps(rec), ex=int(TTL))
     pipe.zadd(WORKERS_KEY, {rec["worker"]: rec["t"]})
@@ -108,6 +117,6 @@ async def view() -> list[dict]:
     names = await client.zrangebyscore(WORKERS_KEY, now - TTL, "+inf")
     if not names:
         return []
-    raw = await client.mget([f"rt:hb:{n.decode() if isinstance(n, bytes) else n}" for n in names])
+    raw = await client.mget([record_key(n.decode() if isinstance(n, bytes) else n) for n in names])
     records = [json.loads(r) for r in raw if r]
     return sorted((r for r in records if now - r["t"] <= TTL), key=lambda r: r["worker"])

@@ -142,7 +142,7 @@ async def test_a_worker_that_stops_heartbeating_leaves_the_cluster_view(settings
 
     client = store.client(redis_server.url)
     ghost = {**(await heartbeat.view())[0], "worker": "ghost", "t": 0}
-    await client.set("rt:hb:ghost", json.dumps(ghost))
+    await client.set(heartbeat.record_key("ghost"), json.dumps(ghost))
     await client.zadd(heartbeat.WORKERS_KEY, {"ghost": 1.0})  # last seen long ago
     assert "ghost" not in [r["worker"] for r in await heartbeat.view()]
 
