@@ -90,7 +90,8 @@ class RedisClusterServer:
 
     @property
     def url(self) -> str:
-        return f"redis+cluster://{self.nodes[0].address}"
+        # Every node: a worker starts even if the first one is down.
+        return "redis+cluster://" + ",".join(node.address for node in self.nodes)
 
     @property
     def created(self) -> bool:

@@ -61,6 +61,11 @@ ENGINES = {
 }
 
 
+# Schemes whose URL may list several (comma-separated): Redis shards, Redis Cluster
+# nodes to start from, Kafka bootstrap servers.
+LISTS = {"redis", "rediss", "redis+cluster", "kafka"}
+
+
 class BrokerError(Exception):
     """The broker cannot be used as configured (start-up): the message says why and
     names the setting."""
@@ -199,7 +204,8 @@ def engine_class(url: str) -> type[Engine]:
     for a scheme no engine serves."""
     if not url:
         return LayerEngine
-    schemes = {urllib.parse.urlsplit(one.strip()).scheme for one in url.split(",")}
+    # (A listed node may leave out the scheme: `redis+cluster://a:7000,b:7000`.)
+    schemes = {urllib.parse.urlsplit(one.strip()).scheme for one in url.split(",") if "://" in one}
     if len(schemes) != 1:
         raise ImproperlyConfigured(f"{SETTING}: a list of URLs must all be redis:// (rooms sharded over several Redis); "
                                    f"got the schemes {sorted(schemes)}")
@@ -207,8 +213,9 @@ def engine_class(url: str) -> type[Engine]:
     if scheme not in ENGINES:
         raise ImproperlyConfigured(f"{SETTING}: unknown scheme {scheme!r} in {hide_password(url)!r}; "
                                    f"one of {', '.join(sorted(ENGINES))}")
-    if "," in url and scheme not in ("redis", "rediss"):
-        raise ImproperlyConfigured(f"{SETTING}: only redis:// URLs can be listed (shards); got {scheme}://")
+    if "," in url and scheme not in LISTS:
+        raise ImproperlyConfigured(f"{SETTING}: only redis:// (shards), redis+cluster:// (nodes) and kafka:// "
+                                   f"(bootstrap servers) URLs can be listed; got {scheme}://")
     module, _, name = ENGINES[scheme].partition(":")
     return getattr(importlib.import_module(module), name)
 

@@ -30,7 +30,7 @@ def test_the_scheme_picks_the_engine():
 @pytest.mark.parametrize("url, says", [
     ("mqtt://127.0.0.1:1883", "unknown scheme 'mqtt'"),
     ("redis://a:1/0,nats://b:2", "must all be redis://"),
-    ("nats://a:1,nats://b:2", "only redis:// URLs can be listed"),
+    ("nats://a:1,nats://b:2", "only redis:// (shards), redis+cluster:// (nodes) and kafka://"),
 ])
 def test_a_url_no_engine_serves_stops_start_up_naming_the_setting(url, says):
     with pytest.raises(ImproperlyConfigured) as caught:
