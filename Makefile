@@ -43,7 +43,12 @@ system-deps:
 
 # REALTIME_TEST_STRICT: a program the tests need that is missing fails them
 # instead of skipping them (system-deps installs it as root on Debian/Ubuntu).
-test: $(VENV)/.requirements-dev system-deps
+# The Node tests' own packages (protobufjs), from tests/js/package-lock.json.
+tests/js/node_modules/.installed: tests/js/package-lock.json
+	npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: $(VENV)/.requirements-dev system-deps tests/js/node_modules/.installed
 	REALTIME_TEST_STRICT=1 $(PY) -m pytest
 	node --test tests/js/
 

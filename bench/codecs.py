@@ -1,6 +1,6 @@
-"""rt.v1.json against rt.v1.msgpack on the same schemas: bytes on the wire, and the
-CPU to encode a server frame and to decode (and validate) a client frame, for
-representative frames. Run in-process (no server): `python -m bench.codecs`.
+"""rt.v1.json, rt.v1.msgpack and rt.v1.protobuf on the same schemas: bytes on the
+wire, and the CPU to encode a server frame and to decode (and validate) a client
+frame, for representative frames. Run in-process (no server): `python -m bench.codecs`.
 
 CPU is the best of 5 repeats of a timed loop, in microseconds per frame; sizes
 are exact. Prints a Markdown table (bench/run.py adds it to RESULTS.md).
@@ -46,27 +46,43 @@ def per_frame_us(fn, number: int = 20000) -> float:
     return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
 
 
-def rows() -> list[tuple[str, int, int, float, float]]:
+def rows() -> list[tuple]:
+    """(frame, JSON bytes, MessagePack bytes, protobuf bytes, and µs for each)."""
+    from realtime.protocol import PROTOBUF
+
     out = []
+    codecs = (protocol.JSON, protocol.MSGPACK, PROTOBUF)
     for name, frame in SERVER_FRAMES.items():
-        j, m = protocol.JSON.encode(frame), protocol.MSGPACK.encode(frame)
-        out.append((f"{name}, encode", len(j), len(m),
-                    per_frame_us(lambda: protocol.JSON.encode(frame)), per_frame_us(lambda: protocol.MSGPACK.encode(frame))))
+        sizes = [len(codec.encode(frame)) for codec in codecs]
+        times = [per_frame_us(lambda codec=codec: codec.encode(frame), 5000) for codec in codecs]
+        out.append((f"{name}, encode", *sizes, *times))
     for name, raw in CLIENT_FRAMES.items():
-        j, m = protocol.JSON.encode(raw), protocol.MSGPACK.encode(raw)
-        protocol.JSON.decode(j), protocol.MSGPACK.decode(m)  # both valid
-        out.append((f"{name}, decode + validate", len(j), len(m),
-                    per_frame_us(lambda: protocol.JSON.decode(j)), per_frame_us(lambda: protocol.MSGPACK.decode(m))))
+        frame = protocol.JSON.decode(protocol.JSON.encode(raw))
+        data = [protocol.JSON.encode(raw), protocol.MSGPACK.encode(raw), PROTOBUF_client(frame)]
+        for codec, one in zip(codecs, data):
+            codec.decode(one)  # each valid
+        times = [per_frame_us(lambda codec=codec, one=one: codec.decode(one), 5000) for codec, one in zip(codecs, data)]
+        out.append((f"{name}, decode + validate", *[len(one) for one in data], *times))
     return out
+
+
+def PROTOBUF_client(frame) -> bytes:
+    """A client frame as a protobuf client sends it."""
+    from realtime.protocol import proto
+
+    envelope = proto._classes()()
+    proto._fill(getattr(envelope, proto._snake(type(frame).__name__)), __import__("msgspec").to_builtins(frame))
+    return envelope.SerializeToString()
 
 
 def table() -> str:
     lines = [
-        "| Frame | JSON bytes | MessagePack bytes | size ratio | JSON µs | MessagePack µs | CPU ratio |",
+        "| Frame | JSON bytes | MessagePack bytes | Protobuf bytes | JSON µs | MessagePack µs | Protobuf µs |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, jb, mb, jt, mt in rows():
-        lines.append(f"| {name} | {jb} | {mb} | {mb / jb:.2f} | {jt:.2f} | {mt:.2f} | {mt / jt:.2f} |")
+    for name, jb, mb, pb, jt, mt, pt in rows():
+        lines.append(f"| {name} | {jb} | {mb} ({mb / jb:.2f}) | {pb} ({pb / jb:.2f}) | {jt:.2f} | {mt:.2f} ({mt / jt:.1f}x) "
+                     f"| {pt:.2f} ({pt / jt:.1f}x) |")
     return "\n".join(lines)
 
 

@@ -91,7 +91,16 @@ class Codec:
 
 JSON = Codec(SUBPROTOCOL_JSON, binary=False, module=msgspec.json)
 MSGPACK = Codec(SUBPROTOCOL_MSGPACK, binary=True, module=msgspec.msgpack)
-CODECS: dict[str, Codec] = {JSON.name: JSON, MSGPACK.name: MSGPACK}
+
+
+def _protobuf():
+    from realtime.protocol.proto import PROTOBUF
+
+    return PROTOBUF
+
+
+PROTOBUF = _protobuf()
+CODECS: dict[str, Codec] = {JSON.name: JSON, MSGPACK.name: MSGPACK, PROTOBUF.name: PROTOBUF}
 
 
 def event_from_dict(data: dict) -> RoomEvent:
@@ -125,14 +134,25 @@ def websocket_frame(payload: bytes, binary: bool) -> bytes:
     return bytes((head, 127)) + n.to_bytes(8, "big") + payload
 
 
+def payload(message: dict, codec: Codec):
+    """A layer message's event or push as `codec` encodes it: JSON and MessagePack
+    are made once upstream (publish.layer_message); Protocol Buffers on first use
+    on each worker, from the MessagePack form, and kept in the message, which the
+    fan-out shares among the worker's sockets (never encoded per socket)."""
+    found = message.get(codec.name)
+    if found is None:
+        found = message[codec.name] = codec.event_payload(message)
+    return found
+
+
 def framed(message: dict, codec: Codec) -> bytes:
     """A layer message's payload for `codec` as a WebSocket frame, made on first use
     and kept in the message, which the fan-out shares among a worker's sockets."""
     key = FRAME_KEYS[codec.name]
     frame = message.get(key)
     if frame is None:
-        payload = message[codec.name]
-        frame = message[key] = websocket_frame(payload if codec.binary else payload.encode(), codec.binary)
+        data = payload(message, codec)
+        frame = message[key] = websocket_frame(data if codec.binary else data.encode(), codec.binary)
     return frame
 
 

@@ -8,7 +8,8 @@ import enum
 PATH = "/ws/v1/"
 SUBPROTOCOL_JSON = "rt.v1.json"
 SUBPROTOCOL_MSGPACK = "rt.v1.msgpack"
-SUBPROTOCOLS = (SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK)
+SUBPROTOCOL_PROTOBUF = "rt.v1.protobuf"  # docs/protocol.proto (protocol/proto.py)
+SUBPROTOCOLS = (SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, SUBPROTOCOL_PROTOBUF)
 
 
 class ErrorCode(enum.StrEnum):

@@ -242,7 +242,7 @@ class Stream:
         (realtime/server/bounded.py), through ASGI otherwise."""
         if self.write_frame is not None and self.write_frame(protocol.framed(message, self.codec)):
             return
-        payload = message[self.codec.name]
+        payload = protocol.payload(message, self.codec)
         if self.codec.binary:
             await self.send(bytes_data=payload)
         else:

@@ -80,3 +80,11 @@ def test_the_browser_codes_are_the_protocols():
     codes = Path(__file__).resolve().parents[2] / "static" / "realtime" / "codes.js"
     assert codes.read_text() == render_js(), "static/realtime/codes.js is stale: run `python manage.py protocol_docs`"
     assert "RATE_LIMITED: 4029," in codes.read_text() and 'NOT_FOUND: "not_found",' in codes.read_text()
+
+
+def test_the_protobuf_schema_is_generated_from_the_declarations():
+    """docs/protocol.proto is made from frames.py (protocol/proto.py), like protocol.md."""
+    from realtime.protocol import proto
+
+    path = DOCS.with_name("protocol.proto")
+    assert path.read_text() == proto.render(), "docs/protocol.proto is stale: run `python manage.py protocol_docs`"

@@ -43,9 +43,12 @@ by hand (a test fails when this file and the declarations disagree).
 
 - One WebSocket per client at `{path}`, same origin as the pages; signed in by the
   Django session cookie.
-- Subprotocol `{json}` (JSON in text frames) or `{msgpack}` (MessagePack in binary
-  frames); both carry the same schemas. A client that offers neither is refused at
-  the handshake (HTTP 403); one that offers none gets JSON.
+- Subprotocol `{json}` (JSON in text frames), `{msgpack}` (MessagePack in binary
+  frames) or `rt.v1.protobuf` (Protocol Buffers in binary frames: one `Frame` of
+  [protocol.proto](protocol.proto) each, its `oneof` naming the frame type, made from
+  the same declarations); all carry the same schemas, and a frame one of them
+  refuses gets the same error from the others. A client that offers none of them
+  is refused at the handshake (HTTP 403); one that offers no subprotocol gets JSON.
 - Anonymous sockets are accepted and then closed with 4001, so a browser can tell why.
 - A client without a session (a service, a bot, a mobile app) may sign in with a JWT
   where the server is configured for it (REALTIME_JWT_KEYS): `Authorization: Bearer
@@ -265,11 +268,17 @@ def render_js() -> str:
     )
 
 
-DOCS = ("docs/protocol.md", render), ("static/realtime/codes.js", render_js)
+def render_proto() -> str:
+    from realtime.protocol import proto
+
+    return proto.render()
+
+
+DOCS = ("docs/protocol.md", render), ("static/realtime/codes.js", render_js), ("docs/protocol.proto", render_proto)
 
 
 class Command(BaseCommand):
-    help = "Write docs/protocol.md and static/realtime/codes.js from realtime/protocol/."
+    help = "Write docs/protocol.md, docs/protocol.proto and static/realtime/codes.js from realtime/protocol/."
 
     def handle(self, *args, **options):
         for path, make in DOCS:
