@@ -14,9 +14,16 @@ refuses a comma in any URL but redis://, so for now one host can be named there;
 the engine itself takes the list.)
 
 The topic (`rt-fan`, `partitions` of them, 8 by default) is made through the admin
-client at start-up (`probe`) and again whenever a receiver connects (an existing
-one is used as it is, whatever its partition count; "already exists" is fine).
-Replication factor 1: raise it with Kafka's own tools on a real cluster.
+client at start-up (`probe`), before a producer starts and whenever a receiver
+connects ("already exists" is fine; an existing topic is used as it is, whatever
+its partition count). Replication factor 1: raise it with Kafka's own tools on a
+real cluster. aiokafka's metadata requests ask the broker to create any topic they
+name (allow_auto_topic_creation, not configurable in aiokafka 0.14), with the
+broker's default partition count (Tansu: 4): after a broker that lost the topic
+comes back, a producer's metadata refresh may make it before a receiver does, and
+then it has that many. Nothing depends on the count (the producer and the
+receivers read it from the broker); on Apache Kafka set
+`auto.create.topics.enable=false` to keep the URL's.
 
 Sending: every message is msgpack-encoded (msgspec) in `pack()`, before this
 worker's own sockets get the messages (dispatch_own: the fan-out keeps prebuilt
@@ -82,7 +89,6 @@ Message bodies are never logged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import urllib.parse
 import weakref
@@ -171,6 +177,19 @@ def _positive(options: dict[str, str], name: str, default: int) -> int:
         raise BrokerError(f"{SETTING}: kafka:// option {name} must be a positive whole number, "
                           f"got {options[name]!r}")
     return value
+
+
+async def _quietly(closing, timeout: float) -> None:
+    """Await a client's stop() or close(), ignoring its errors, and a cancellation
+    it lets out of a task of its own (aiokafka 0.14's consumer does, stopping a
+    fetch that was backing off after a lost connection) unless it is ours."""
+    try:
+        await asyncio.wait_for(closing, timeout)
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():
+            raise
+    except Exception:
+        pass
 
 
 def _retrieve(future: asyncio.Future) -> None:
@@ -321,8 +340,7 @@ class KafkaReceiver(Receiver):
         consumer, self.consumer = self.consumer, None
         self.broken = None
         if consumer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(consumer.stop(), 5)
+            await _quietly(consumer.stop(), 5)
 
 
 class KafkaEngine(Engine):
@@ -407,8 +425,7 @@ class KafkaEngine(Engine):
                         return found
             raise LookupError(f"topic {self.topic!r} has no partitions")
         finally:
-            with contextlib.suppress(Exception):
-                await admin.close()
+            await _quietly(admin.close(), SEND_TIMEOUT)
 
     # The producer of each loop (module doc).
 
@@ -425,8 +442,12 @@ class KafkaEngine(Engine):
         return await asyncio.shield(starting)
 
     async def _start_producer(self):
+        """A started producer, the topic made first: aiokafka's metadata requests
+        let the broker create a topic they name (allow_auto_topic_creation, fixed
+        in aiokafka 0.14), with the broker's default partition count."""
         from aiokafka import AIOKafkaProducer
 
+        await asyncio.wait_for(self.ensure_topic(), CONNECT_TIMEOUT)
         producer = AIOKafkaProducer(
             bootstrap_servers=self.servers, client_id="realtime-publish", acks=1, linger_ms=0,
             partitioner=_partitioner, request_timeout_ms=REQUEST_TIMEOUT_MS, enable_idempotence=False,
@@ -440,8 +461,7 @@ class KafkaEngine(Engine):
 
     @staticmethod
     async def _stop(producer) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(producer.stop(), SEND_TIMEOUT)
+        await _quietly(producer.stop(), SEND_TIMEOUT)
 
     async def _produce(self, producer, packed: list[tuple[bytes, bytes]]) -> None:
         """Each message in order, then wait (SEND_TIMEOUT in all) for the broker's
@@ -476,5 +496,4 @@ class KafkaEngine(Engine):
             await asyncio.wait_for(client.bootstrap(), timeout)
             await asyncio.wait_for(client.fetch_all_metadata(), timeout)
         finally:
-            with contextlib.suppress(Exception):
-                await client.close()
+            await _quietly(client.close(), SEND_TIMEOUT)
