@@ -40,7 +40,8 @@ round trip; `acks=all` would wait for the replicas too, and a message lost in a
 leader failover is a loss the app already tolerates (the log in PostgreSQL is the
 record; sockets find what they missed by seq). `send()` waits for the broker's
 acknowledgement, at most SEND_TIMEOUT seconds (as a Redis publish would: the
-caller counts a failure and moves on).
+caller counts a failure and moves on), and fails at once when no broker takes a
+connection (the producer would otherwise retry in the background until then).
 
 The producer is per event loop (as realtime/state/store.py's Redis clients): on a
 worker's loop (one with a fan-out running) it lives as long as the loop; a loop
@@ -74,9 +75,14 @@ of range), it seeks to the end and calls `fan.recovered()`: its sockets catch up
 from the log. Failures: aiokafka's consumer retries a lost connection by itself
 and would not say so, so the receiver watches its consumer's connections (through
 the consumer's client: aiokafka internals, pinned at 0.14.0): a broken one is a
-failure, as is a fetch that raises. Then `fan.failed()` (counted, backing off), a
-new consumer (the topic made again if missing: Tansu's memory storage loses it on
-a restart; assign, seek to the end), and `fan.recovered()`.
+failure, as is a fetch that raises, and a topic that is not the one the consumer
+was placed on (other partitions, or a log that now ends before what we read: made
+again, which Tansu answers with a lower high watermark and no error). Then
+`fan.failed()` (counted, backing off), a new consumer (the topic made again if
+missing: Tansu's memory storage loses it on a restart; assign, seek to the end),
+and `fan.recovered()`. A topic made again that has already grown past our
+position between two fetches, without a connection breaking, would go unseen
+(only topic ids, which aiokafka 0.14 does not ask for, would tell).
 
 Measured on Tansu 0.6: a fetch waits its whole `fetch_max_wait_ms` before it
 answers, even with data there (Apache Kafka answers as soon as there is some), so
@@ -208,6 +214,8 @@ class KafkaReceiver(Receiver):
         self.task: asyncio.Task | None = None
         self.ready = asyncio.Event()  # set while the consumer has its positions
         self.broken: Exception | None = None  # the consumer lost a connection (watched)
+        self.partitions: set[int] = set()  # the topic's partitions when the consumer was placed
+        self.next: dict = {}  # TopicPartition -> the offset after the last record read
 
     async def join(self, group: str) -> None:
         if self.task is None or self.task.done():
@@ -237,9 +245,13 @@ class KafkaReceiver(Receiver):
                 await self._close()
                 delay = await self.fan.failed(exc, delay)
                 continue
-            for records in batch.values():
+            for tp, records in batch.items():
                 for record in records:
                     await self._hand(record)
+                if records:
+                    self.next[tp] = records[-1].offset + 1
+            if self.broken is None:
+                self.broken = self._changed()
             if self.broken is not None:
                 # What came before the break was handed out above; what was
                 # published since, the sockets find in the log (recovered()).
@@ -260,6 +272,24 @@ class KafkaReceiver(Receiver):
             await self._fell_behind(exc)
             return {}
 
+    def _changed(self) -> Exception | None:
+        """The topic is not the one the consumer was placed on: it has other
+        partitions, or a log ends before the offset we have read up to (the topic
+        was made again without our connection breaking: deleted, or the broker
+        restarted between two fetches). Apache Kafka would answer a fetch beyond
+        the end with "offset out of range"; Tansu 0.6 answers nothing, with the
+        new, lower, high watermark."""
+        consumer = self.consumer
+        known = consumer.partitions_for_topic(self.engine.topic)
+        if known and set(known) != self.partitions:
+            return LookupError(f"the topic has {len(known)} partitions now, not {len(self.partitions)}")
+        for tp, offset in self.next.items():
+            highwater = consumer.highwater(tp)
+            if highwater is not None and highwater < offset:
+                return LookupError(f"partition {tp.partition} ends at {highwater}, before {offset}, read already: "
+                                   "the topic was made again")
+        return None
+
     async def _fell_behind(self, exc) -> None:
         """Our position is off the log (offset out of range): read on from its end,
         and have the sockets catch up from the log."""
@@ -270,7 +300,7 @@ class KafkaReceiver(Receiver):
         async with asyncio.timeout(CONNECT_TIMEOUT):
             await self.consumer.seek_to_end(*partitions)
             for tp in partitions:
-                await self.consumer.position(tp)
+                self.next[tp] = await self.consumer.position(tp)
         self.fan.recovered()
 
     async def _hand(self, record) -> None:
@@ -312,8 +342,8 @@ class KafkaReceiver(Receiver):
             tps = [TopicPartition(engine.topic, p) for p in partitions]
             consumer.assign(tps)
             await consumer.seek_to_end(*tps)
-            for tp in tps:
-                await consumer.position(tp)
+            self.next = {tp: await consumer.position(tp) for tp in tps}
+        self.partitions = set(partitions)
         self.ready.set()
 
     def _watch(self, consumer) -> None:
@@ -471,6 +501,7 @@ class KafkaEngine(Engine):
         deliveries: list[asyncio.Future] = []
         try:
             async with asyncio.timeout_at(deadline):
+                await self._reachable(producer)
                 for key, value in packed:
                     delivery = await producer.send(self.topic, value, key=key)
                     delivery.add_done_callback(_retrieve)
@@ -485,6 +516,19 @@ class KafkaEngine(Engine):
                                f"messages in {SEND_TIMEOUT:g} s")
         for delivery in deliveries:
             delivery.result()
+
+    @staticmethod
+    async def _reachable(producer) -> None:
+        """Fail at once when no broker can be reached (refused): the producer
+        would otherwise hold the messages and retry until SEND_TIMEOUT. A broker
+        already connected costs nothing here (AIOKafkaClient.ready)."""
+        client = producer.client
+        nodes = [broker.nodeId for broker in client.cluster.brokers()]
+        for node in nodes:
+            if await client.ready(node):
+                return
+        if nodes:
+            raise ConnectionError(f"no Kafka broker reachable ({len(nodes)} known)")
 
     async def _metadata(self, timeout: float) -> None:
         """A metadata round trip on a client of its own (bootstrap), closed after."""
