@@ -101,7 +101,7 @@ import weakref
 
 import msgspec
 
-from realtime.delivery.transport import SETTING, BrokerError, Engine, Receiver, describe
+from realtime.delivery.transport import SETTING, BrokerError, Engine, Receiver, describe as _describe
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,13 @@ async def _quietly(closing, timeout: float) -> None:
             raise
     except Exception:
         pass
+
+
+def describe(exc: BaseException) -> str:
+    """transport.describe, without the class name twice (aiokafka's errors start
+    their text with it)."""
+    text = str(exc).strip()
+    return text if text.startswith(type(exc).__name__) else _describe(exc)
 
 
 def _retrieve(future: asyncio.Future) -> None:
