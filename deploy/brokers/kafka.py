@@ -13,6 +13,11 @@ asked). Memory storage: a restart loses every topic and message, which is what t
 contract suite's broker restart then exercises (the engine creates its topic again).
 `--advertised-listener-url` is always passed: it defaults to localhost:9092, where
 the clients would go after their first metadata answer.
+
+Measured here: Tansu listens ~0.03-0.08 s after it is started. On SIGTERM it exits
+at once when no client is connected, and after 5 s when some are (its graceful
+shutdown waits for them, then drops them): a stop with workers connected takes ~5 s
+(the contract suite's broker restart included).
 """
 
 from __future__ import annotations
