@@ -81,7 +81,7 @@ def configure(worker_id: str, environ=os.environ) -> bool:
     trace.set_tracer_provider(provider)
     # HTTP requests (under daphne: Django's ASGIRequest, which the instrumentor
     # traces only with opentelemetry-instrumentation-asgi installed).
-    DjangoInstrumentor().instrument(tracer_provider=provider)
+    DjangoInstrumentor().instrument(tracer_provider=provider, request_hook=_without_query)
     # Both log from the export thread and, for a full queue, on the event loop
     # once per dropped span: at most one line a minute each.
     for name in ("opentelemetry.sdk._shared_internal", "opentelemetry.exporter.otlp.proto.http.trace_exporter"):
@@ -170,6 +170,18 @@ async def write(consumer, message: dict) -> bool:
         written = await consumer.deliver(message)
         current.set_attribute("realtime.queued", not written)
         return written
+
+
+def _without_query(span, request) -> None:
+    """An HTTP request's span keeps its URL without the query string, which may
+    carry what someone typed (a search)."""
+    if span.is_recording() and request.META.get("QUERY_STRING"):
+        for key in ("http.url", "url.full", "http.target"):
+            value = span.attributes.get(key)
+            if isinstance(value, str):
+                span.set_attribute(key, value.split("?", 1)[0])
+        if "url.query" in span.attributes:
+            span.set_attribute("url.query", "")
 
 
 class _OncePerMinute(logging.Filter):
