@@ -16,3 +16,9 @@ class RealtimeConfig(AppConfig):
         # So do JWT keys it cannot use (REALTIME_JWT_KEYS), or keys without an
         # audience and issuer.
         bearer.check_settings()
+        from django.conf import settings
+
+        from realtime.observability import tracing
+
+        # On only where OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set (tracing.py).
+        tracing.configure(settings.REALTIME_WORKER_ID)

@@ -45,7 +45,7 @@ from channels.layers import get_channel_layer
 
 from realtime.delivery import names
 from realtime.delivery.transport import broker_url, chosen
-from realtime.observability import metrics
+from realtime.observability import metrics, tracing
 from realtime.state import degraded
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,9 @@ class Fanout:
     async def dispatch(self, message: dict) -> None:
         """A message the engine received: handed to the group's local consumers."""
         self._received.inc()
-        await self._hand_out(message)
+        await self._hand_out(message, received=True)
 
-    async def _hand_out(self, message: dict) -> None:
+    async def _hand_out(self, message: dict, received: bool = False) -> None:
         group = message.get("group") or names.room_group(message.get("room"))
         local = self.groups.get(group)
         if not local:
@@ -129,10 +129,22 @@ class Fanout:
                 # which sent each socket to the log for it (gap repair).
                 return
             self.heads[group] = message["seq"]
+        if tracing.ENABLED and tracing.TRACEPARENT in message:
+            # The publisher's trace: the broker hop (if `received`), this fan-out,
+            # and the writes to the first tracing.WRITE_SPANS sockets.
+            with tracing.fan_out(message, received, len(local)) as span:
+                span.set_attribute("realtime.written", await self._deliver(message, local, traced=True))
+        else:
+            await self._deliver(message, local)
+
+    async def _deliver(self, message: dict, local: set, traced: bool = False) -> int:
+        """Write `message` to each local socket that can take it now; queue it for
+        the others. Returns how many were written."""
         written = 0
-        for consumer in tuple(local):
+        for i, consumer in enumerate(tuple(local)):
             try:
-                if await consumer.deliver(message):
+                if await (tracing.write(consumer, message) if traced and i < tracing.WRITE_SPANS
+                          else consumer.deliver(message)):
                     written += 1  # a room event, written
                     continue
             except Exception:
@@ -141,6 +153,7 @@ class Fanout:
         if written:
             # Counted once for all the sockets it was written to straight away.
             metrics.delivered(message, written)
+        return written
 
     async def dispatch_own(self, messages: list[tuple[str, dict]]) -> None:
         """Room events this worker has just committed, handed to its own sockets

@@ -23,7 +23,7 @@ from realtime.delivery.names import (  # noqa: F401  (the names, as publish.X, f
     ACCESS_CHECK, CONTROL_GROUP, FORCE_DISCONNECT, LOG_RESET, PUSH, ROOM_EVENT, SESSION_CHECK, room_group, user_group,
 )
 from realtime.delivery.transport import chosen
-from realtime.observability import metrics
+from realtime.observability import metrics, tracing
 from realtime.observability.logs import TRACE
 from realtime.state import degraded
 
@@ -83,8 +83,14 @@ async def publish(events: list[protocol.RoomEvent], traces: list[str] | None = N
     if not events:
         return
     try:
-        await send_groups([(room_group(event.room), layer_message(event, traces[i] if traces else None))
-                           for i, event in enumerate(events)])
+        messages = [(room_group(event.room), layer_message(event, traces[i] if traces else None))
+                    for i, event in enumerate(events)]
+        if tracing.ENABLED:
+            # The publish span, its traceparent in every event's message.
+            with tracing.publishing(messages):
+                await send_groups(messages)
+        else:
+            await send_groups(messages)
     except Exception as exc:
         metrics.LAYER_FAILURES.labels("broadcast").inc()
         degraded.tolerate(degraded.PUBLISH, exc)

@@ -36,7 +36,7 @@ from realtime.domain import mentions, roomlog
 from realtime.domain.access import RoomAccess, check, room_access
 from realtime.domain.errors import ActionError
 from realtime.domain.policy import Action, can
-from realtime.observability import metrics
+from realtime.observability import metrics, tracing
 from realtime.models import Event, Mention, Message, Reaction, ReadState, Room, new_epoch
 from realtime.protocol import ErrorCode
 
@@ -139,19 +139,22 @@ def message_send(*, user, slug: str, body: str, client_id: str, access: RoomAcce
     """Post a message. A repeat of (user, client_id) returns the original result and
     writes nothing; the same client_id in another room is a conflict."""
     body = clean_body(body)
-    access = _posting_access(user, slug, access)
-    room = access.room
-    try:
-        check(user, access, Action.POST)
-    except ActionError:
-        # A repeat is answered before the policy: the message exists whatever has
-        # changed since, and the client only needs its ack.
-        return _repeat(user, client_id, room)
+    with tracing.span("realtime.permission", room=slug):
+        access = _posting_access(user, slug, access)
+        room = access.room
+        try:
+            check(user, access, Action.POST)
+        except ActionError:
+            # A repeat is answered before the policy: the message exists whatever has
+            # changed since, and the client only needs its ack.
+            return _repeat(user, client_id, room)
     # A first send (the usual case) is written straight away; a repeat of its
     # client_id fails the unique constraint and is answered with the original.
     now = timezone.now()
     try:
-        [(message_id, seq, named)] = roomlog.write_messages(room, user, [(body, client_id)], now)
+        with tracing.span("realtime.db.write", room=slug, count=1) as span:
+            [(message_id, seq, named)] = roomlog.write_messages(room, user, [(body, client_id)], now)
+            span.set_attribute("realtime.seq", seq)
     except IntegrityError:
         # A repeat (a retry after a lost ack, or a concurrent one that won the race).
         return _repeat(user, client_id, room)
@@ -191,8 +194,9 @@ def _send_run(user, sends: list[dict], start: int, end: int, outcomes: list) -> 
     constraint) to message_send, one by one."""
     first = sends[start]
     try:
-        access = _posting_access(user, first["slug"], first.get("access"))
-        check(user, access, Action.POST)
+        with tracing.span("realtime.permission", room=first["slug"], count=end - start):
+            access = _posting_access(user, first["slug"], first.get("access"))
+            check(user, access, Action.POST)
     except ActionError:
         return  # each send is refused (or found to be a repeat) on its own
     run: list[tuple[int, str, str]] = []
@@ -205,7 +209,9 @@ def _send_run(user, sends: list[dict], start: int, end: int, outcomes: list) -> 
         return
     room, author, now = access.room, user.get_username(), timezone.now()
     try:
-        written = roomlog.write_messages(room, user, [(body, client_id) for _, body, client_id in run], now)
+        with tracing.span("realtime.db.write", room=room.slug, count=len(run)) as span:
+            written = roomlog.write_messages(room, user, [(body, client_id) for _, body, client_id in run], now)
+            span.set_attribute("realtime.seq", written[-1][1])
     except (IntegrityError, ActionError):
         return  # a repeat among them, or the room is gone: nothing was written
     for (i, body, client_id), (message_id, seq, named) in zip(run, written):

@@ -20,7 +20,7 @@ from accounts.models import probation_until, send_bucket
 from realtime import protocol
 from realtime.domain import services
 from realtime.domain.errors import ActionError
-from realtime.observability import metrics
+from realtime.observability import metrics, tracing
 from realtime.observability.logs import TRACE, clean_trace, event
 from realtime.protocol import CloseCode, ErrorCode
 from realtime.state import ratelimit
@@ -81,6 +81,15 @@ class Intake:
             # One path for sends, alone or queued together.
             await self.handle_sends([frame])
             return
+        if tracing.ENABLED:
+            with tracing.span(f"ws {frame.__struct_config__.tag}", tracing.SERVER, conn_id=self.conn_id,
+                              user_id=self.user.pk, room=getattr(frame, "room", None)):
+                await self.handle_one(frame, started)
+        else:
+            await self.handle_one(frame, started)
+
+    async def handle_one(self, frame: protocol.Request, started: float) -> None:
+        """Any frame but message.send: rate-limit, dispatch, reply."""
         tag = frame.__struct_config__.tag
         # The frame's trace id (or a new one) follows it to the log lines, the
         # published event and every delivery.
@@ -159,6 +168,15 @@ class Intake:
         thread and one publish for all of them."""
         if not self.authenticated or self.revoked:
             return
+        if tracing.ENABLED:
+            rooms = {frame.room for frame in frames}
+            with tracing.span("ws message.send", tracing.SERVER, conn_id=self.conn_id, user_id=self.user.pk,
+                              frames=len(frames), room=rooms.pop() if len(rooms) == 1 else None):
+                await self._handle_sends(frames)
+        else:
+            await self._handle_sends(frames)
+
+    async def _handle_sends(self, frames: list[protocol.MessageSend]) -> None:
         self.handling = True
         try:
             self.last_frame_at = asyncio.get_running_loop().time()
