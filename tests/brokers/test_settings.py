@@ -127,3 +127,15 @@ def test_a_worker_with_an_unknown_scheme_stops_naming_the_setting(tmp_path):
                            "project.asgi:application"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "REALTIME_BROKER_URL: unknown scheme 'mqtt'" in done.stderr
+
+
+def test_every_engine_the_setting_names_runs_the_contract_suite():
+    """Each scheme's engine has a broker server (deploy/brokers/), so the contract
+    suite (tests/brokers/conftest.py: one run per server present) runs on all six."""
+    from deploy import brokers
+
+    assert brokers.available() == list(brokers.KINDS) == \
+        ["redis", "redis-sharded", "redis-cluster", "nats", "amqp", "kafka"]
+    engines = {transport.engine_class(url).__name__ for url in (
+        "redis://a:1/0", "redis+cluster://a:1", "nats://a:1", "amqp://a:1/", "kafka://a:1")}
+    assert engines == {"RedisEngine", "RedisClusterEngine", "NatsEngine", "AmqpEngine", "KafkaEngine"}
