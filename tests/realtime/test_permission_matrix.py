@@ -703,6 +703,9 @@ def test_the_matrix_covers_every_role_frame_route_and_room_kind():
                  # Answers only for a room the socket follows with presence (which took VIEW):
                  # tests/realtime/test_presence.py::test_a_joiner_gets_the_count_and_a_first_page_and_pages_the_rest.
                  "presence.list",
+                 # Only a token socket may, and only with its own user's token (another's is
+                 # forbidden): tests/accounts/test_bearer.py::test_the_socket_closes_at_exp_unless_refreshed.
+                 "auth.refresh",
                  *(a for a, (where, _) in ACCOUNT_ACTIONS.items() if where == "socket")}
     assert exercised == set(protocol.CLIENT_TYPES)
     # Every REST route is exercised (rooms/, messages/, events/: view; message/: edit and delete; ...).
