@@ -48,6 +48,18 @@ import websockets
 PATHS = {"full": "/ws/v1/", "bare": "/ws/bench/bare/"}
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far (/proc/<pid>/stat utime and
+    stime, fields 14 and 15), in seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -64,14 +76,32 @@ class Target:
         self.mention = mention  # a username every body @mentions (the server resolves and records it)
         self.kind, self.ports, self.cookie, self.sender_cookie, self.room = kind, ports, cookie, sender_cookie, room
         self.opened = 0
-        # rt.v1.json or rt.v1.msgpack (the full pipeline; the bare consumer speaks JSON).
+        # rt.v1.json, rt.v1.msgpack or rt.v1.protobuf (the full pipeline; the bare
+        # consumer speaks JSON). Protocol Buffers through the project's own codec
+        # (realtime/protocol/proto.py): client frames built as its frame classes and
+        # encoded by PROTOBUF.encode, server frames read by PROTOBUF.decode_any.
         self.codec = codec
-        self.encode, self.decode = (msgspec.msgpack.encode, msgspec.msgpack.decode) if codec == "msgpack" else (
-            lambda frame: json.dumps(frame), json.loads)
+        if codec == "protobuf":
+            from realtime.protocol import CLIENT_TYPES, PROTOBUF
+
+            self.encode = lambda frame: PROTOBUF.encode(
+                CLIENT_TYPES[frame["type"]](**{k: v for k, v in frame.items() if k != "type"}))
+            self.decode = PROTOBUF.decode_any
+        elif codec == "msgpack":
+            self.encode, self.decode = msgspec.msgpack.encode, msgspec.msgpack.decode
+        else:
+            self.encode, self.decode = (lambda frame: json.dumps(frame)), json.loads
+        # Members go to ports[(port_offset + port_step * k) % len(ports)] for the k-th
+        # member this Target opens (a helper process's share keeps the global turn).
+        self.port_offset, self.port_step = 0, 1
+        self.sender_port: int | None = None  # default: the first worker's
 
     async def connect(self, sender: bool = False):
         headers = {"Cookie": self.sender_cookie if sender else self.cookie} if self.kind == "full" else {}
-        port = self.ports[0] if sender else self.ports[self.opened % len(self.ports)]
+        if sender:
+            port = self.sender_port or self.ports[0]
+        else:
+            port = self.ports[(self.port_offset + self.port_step * self.opened) % len(self.ports)]
         if not sender:
             self.opened += 1
         ws = await websockets.connect(
@@ -252,12 +282,24 @@ async def open_members(target: Target, count: int, run: str) -> list[Member]:
 
 
 async def publish(target: Target, members_n: int, total: int, *, window: int | None = None,
-                  rate: float | None = None, drain: float = 60) -> dict:
+                  rate: float | None = None, drain: float = 60, worker_pids: list[int] | None = None,
+                  procs: int = 1) -> dict:
     """R members; one sender publishes `total` messages, paced either by a window of
     messages in flight (done when the sender's own copy comes back) or by a fixed
-    rate; then wait for the deliveries (at most `drain` seconds) and summarize."""
+    rate; then wait for the deliveries (at most `drain` seconds) and summarize.
+
+    With `procs` > 1 the members are held by that many helper processes (this one
+    only sends): each times its own deliveries on the machine's monotonic clock,
+    which all processes share, and hands them back at the end to be merged here.
+    With `worker_pids`, the workers' CPU time from the first send to the last
+    delivery, per delivery (`cpu_us_per_delivery`)."""
     run = uuid.uuid4().hex[:8]
-    members = await open_members(target, members_n, run)
+    helpers: list[Helper] = []
+    if procs > 1:
+        helpers = await start_helpers(target, members_n, procs, run)
+        members: list = []
+    else:
+        members = await open_members(target, members_n, run)
     sender_ws = await target.connect(sender=True)
     echo = Member(sender_ws, run, raw=False)
     echo.arrived = asyncio.Event()
@@ -269,6 +311,7 @@ async def publish(target: Target, members_n: int, total: int, *, window: int | N
     gc.collect()
     gc.freeze()
     gc.disable()
+    cpu_before = cpu_seconds(worker_pids) if worker_pids else None
     started = time.monotonic()
     for n in range(total):
         if window is not None:
@@ -284,14 +327,114 @@ async def publish(target: Target, members_n: int, total: int, *, window: int | N
                 await asyncio.sleep(delay)
         sent[n] = time.monotonic()
         await sender_ws.send(target.frame(f"{run}:{n}:", n))
-    deadline = time.monotonic() + drain
+    cpu_after = None
+    if helpers:
+        members = await finish_helpers(helpers, total, drain)
+        cpu_after = cpu_seconds(worker_pids) if worker_pids else None
+    else:
+        deadline = time.monotonic() + drain
+        while any(len(m.got) < total for m in members) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        cpu_after = cpu_seconds(worker_pids) if worker_pids else None
+    gc.enable()
+    result = summarize(sent, members, started)
+    if cpu_before is not None and result["deliveries"]:
+        # Includes the sender's own chain (one frame in, one database write, one
+        # publish per message): all the CPU the workers spent on the messages.
+        result["worker_cpu_s"] = round(cpu_after - cpu_before, 3)
+        result["cpu_us_per_delivery"] = round((cpu_after - cpu_before) / result["deliveries"] * 1e6, 2)
+    if helpers:
+        result["loadgen_processes"] = len(helpers) + 1
+        result["helper_cpu"] = [h.cpu for h in helpers]
+        result["helper_cpu_s"] = round(sum(h.cpu_s for h in helpers), 2)
+    await echo.close()
+    await asyncio.gather(*(m.close() for m in members if hasattr(m, "close")), return_exceptions=True)
+    return result
+
+
+class Helper:
+    """A helper process of the load generator holding a share of the members
+    (`python -m bench.loadgen --helper`): it opens them, says READY, and on
+    `END total drain` waits for their deliveries and prints them as JSON."""
+
+    def __init__(self, proc) -> None:
+        self.proc = proc
+        self.cpu = 0.0  # its CPU over its life, as a share of one core
+        self.cpu_s = 0.0
+
+    async def line(self) -> str:
+        raw = await self.proc.stdout.readline()
+        if not raw:
+            err = (await self.proc.stderr.read()).decode(errors="replace")
+            raise RuntimeError(f"a load generator helper ended early (rc {await self.proc.wait()}): {err[-1500:]}")
+        return raw.decode().strip()
+
+
+class Delivered:
+    """A helper's member, as merged here: its (message number, time) pairs."""
+
+    def __init__(self, got: list) -> None:
+        self.got = [(n, at) for n, at in got]
+
+
+async def start_helpers(target: Target, members_n: int, procs: int, run: str) -> list[Helper]:
+    helpers = []
+    for k in range(procs):
+        share = len(range(k, members_n, procs))
+        if not share:
+            continue
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.loadgen", "--helper", "--target", target.kind,
+            "--port", ",".join(map(str, target.ports)), "--members", str(share), "--room", target.room,
+            "--codec", target.codec, "--run", run, "--port-offset", str(k), "--port-step", str(procs),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            limit=1 << 30)
+        helpers.append(Helper(proc))
+    # Opened one after another would be fairer to the worker, but they open in
+    # batches of 50 each; READY from every one before the first message.
+    for h in helpers:
+        line = await h.line()
+        if line != "READY":
+            raise RuntimeError(f"a load generator helper said {line!r} instead of READY")
+    return helpers
+
+
+async def finish_helpers(helpers: list[Helper], total: int, drain: float) -> list[Delivered]:
+    for h in helpers:
+        h.proc.stdin.write(f"END {total} {drain}\n".encode())
+        await h.proc.stdin.drain()
+    members = []
+    for h in helpers:
+        out = json.loads(await h.line())
+        rc = await h.proc.wait()
+        if rc != 0:
+            raise RuntimeError(f"a load generator helper exited with {rc}")
+        h.cpu, h.cpu_s = out["cpu"], out["cpu_s"]
+        members += [Delivered(got) for got in out["got"]]
+    return members
+
+
+async def helper(target: Target, members_n: int, run: str) -> None:
+    """The helper process's side (see Helper)."""
+    wall = time.monotonic()
+    members = await open_members(target, members_n, run)
+    print("READY", flush=True)
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    _, total, drain = (await reader.readline()).decode().split()
+    total, deadline = int(total), time.monotonic() + float(drain)
     while any(len(m.got) < total for m in members) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     gc.enable()
-    result = summarize(sent, members, started)
-    await echo.close()
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = used.ru_utime + used.ru_stime
+    print(json.dumps({"got": [m.got for m in members], "cpu_s": round(cpu_s, 2),
+                      "cpu": round(cpu_s / (time.monotonic() - wall), 2)}), flush=True)
     await asyncio.gather(*(m.close() for m in members), return_exceptions=True)
-    return result
 
 
 async def idle(target: Target, count: int, worker_pid: int) -> dict:
@@ -308,6 +451,9 @@ async def idle(target: Target, count: int, worker_pid: int) -> dict:
         "connections": count,
         "kib_per_connection": round((after - before) / count, 1),
         "connects_per_s": round(count / elapsed, 1),
+        # The worker's resident memory with every socket open, and before the first.
+        "worker_mib": round(after / 1024, 1),
+        "empty_worker_mib": round(before / 1024, 1),
     }
     await close_all(sockets)
     return result
@@ -395,6 +541,51 @@ async def storm(target: Target, count: int, concurrency: int, timeout: float) ->
     return result
 
 
+async def connect_curve(target: Target, points: list[int], batch: int, concurrency: int, timeout: float) -> dict:
+    """The connect rate against the sockets already open: for each point P (in
+    increasing order) the worker is filled to P sockets (subscribed, not timed),
+    then the next `batch` sockets are opened, at most `concurrency` in flight, and
+    timed: sockets in a second. One worker fills up across the points."""
+    await asyncio.sleep(0.5)
+    sockets: list = []
+    failures: dict[str, int] = {}
+    curve = []
+    gc.collect()
+    gc.disable()
+
+    async def fill(count: int) -> float:
+        queue = iter(range(count))
+        got = 0
+
+        async def opener() -> None:
+            nonlocal got
+            for _ in queue:
+                try:
+                    sockets.append(await asyncio.wait_for(target.connect(), timeout))
+                    got += 1
+                except Exception as exc:  # counted and reported, never dropped
+                    why = reason(exc)
+                    failures[why] = failures.get(why, 0) + 1
+        began = time.monotonic()
+        await asyncio.gather(*(opener() for _ in range(min(concurrency, count))))
+        return got / max(time.monotonic() - began, 1e-6)
+
+    for point in points:
+        if point > len(sockets):
+            await fill(point - len(sockets))
+            await asyncio.sleep(1)  # the fill's last sockets settled before the timed batch
+        curve.append([len(sockets), round(await fill(batch), 1)])
+    gc.enable()
+    failed = sum(failures.values())
+    result = {"curve": curve, "batch": batch, "concurrency": concurrency, "failed": failed,
+              "rate_first": curve[0][1], "rate_last": curve[-1][1]}
+    if failed:
+        result["failed_reasons"] = failures
+        print(f"curve: {failed} sockets failed: {json.dumps(failures)}", file=sys.stderr)
+    await close_all(sockets)
+    return result
+
+
 def quantile_ms(values: list[float], p: float, digits: int = 2) -> float | None:
     """The p-quantile of sorted seconds, in ms (None for none)."""
     if not values:
@@ -428,21 +619,36 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", choices=sorted(PATHS), required=True)
     parser.add_argument("--port", required=True, help="the workers' ports, comma-separated")
-    parser.add_argument("--scenario", choices=["fanout", "rate", "idle", "storm"], required=True)
+    parser.add_argument("--scenario", choices=["fanout", "rate", "idle", "storm", "curve", "drain"])
     parser.add_argument("--members", type=int, default=100)
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--rate", type=float, default=100)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--concurrency", type=int, default=200, help="storm: sockets between connect and subscribed at once")
-    parser.add_argument("--connect-timeout", type=float, default=60, help="storm: seconds a socket may take to get in")
+    parser.add_argument("--concurrency", type=int, default=200, help="storm, curve: sockets between connect and subscribed at once")
+    parser.add_argument("--connect-timeout", type=float, default=60, help="storm, curve: seconds a socket may take to get in")
+    parser.add_argument("--points", default="0,1000,2500,5000", help="curve: sockets already open at each timed batch")
+    parser.add_argument("--batch", type=int, default=500, help="curve: sockets timed at each point")
     parser.add_argument("--worker-pid", type=int, default=0)
+    parser.add_argument("--worker-pids", default="", help="every worker's pid, comma-separated (CPU per delivery; "
+                        "drain: the first is the one drained)")
+    parser.add_argument("--procs", type=int, default=1, help="fanout, rate: the members held by this many helper "
+                        "processes (this one sends), their deliveries merged")
     parser.add_argument("--room", default="bench")
-    parser.add_argument("--codec", choices=["json", "msgpack"], default="json")
+    parser.add_argument("--codec", choices=["json", "msgpack", "protobuf"], default="json")
     parser.add_argument("--mention", metavar="USERNAME", help="every message @mentions this user (the full pipeline only)")
+    # A helper process (start_helpers): opens --members sockets and reports their deliveries.
+    parser.add_argument("--helper", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    parser.add_argument("--port-offset", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--port-step", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.helper and not args.scenario:
+        parser.error("--scenario is required")
     raise_fd_limit()
     target = Target(args.target, [int(p) for p in args.port.split(",")], os.environ.get("BENCH_COOKIE", ""), os.environ.get("BENCH_SENDER_COOKIE", ""), args.room, args.codec, args.mention)
+    target.port_offset, target.port_step = args.port_offset, args.port_step
+    pids = [int(p) for p in args.worker_pids.split(",") if p] or ([args.worker_pid] if args.worker_pid else [])
     wall = time.monotonic()
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     # uvloop when installed (requirements-bench.txt): a frame is timed when its
@@ -455,17 +661,30 @@ def main() -> None:
         import uvloop
 
         run = uvloop.run
+    if args.helper:
+        run(helper(target, args.members, args.run))
+        return
     if args.scenario == "fanout":
-        result = run(publish(target, args.members, args.messages, window=args.window))
+        result = run(publish(target, args.members, args.messages, window=args.window, worker_pids=pids, procs=args.procs))
     elif args.scenario == "rate":
-        result = run(publish(target, args.members, int(args.rate * args.seconds), rate=args.rate, drain=30))
+        result = run(publish(target, args.members, int(args.rate * args.seconds), rate=args.rate, drain=30,
+                             worker_pids=pids, procs=args.procs))
     elif args.scenario == "storm":
         result = run(storm(target, args.members, args.concurrency, args.connect_timeout))
+    elif args.scenario == "curve":
+        points = [int(p) for p in args.points.split(",")]
+        result = run(connect_curve(target, points, args.batch, args.concurrency, args.connect_timeout))
+    elif args.scenario == "drain":
+        from bench.drain import drain_storm
+
+        result = run(drain_storm(target, args.members, args.rate, pids))
     else:
         result = run(idle(target, args.members, args.worker_pid))
     used = resource.getrusage(resource.RUSAGE_SELF)
-    # How busy the load generator was: near 1.0 means it, not the server, was the limit.
-    result["loadgen_cpu"] = round(((used.ru_utime - cpu.ru_utime) + (used.ru_stime - cpu.ru_stime)) / (time.monotonic() - wall), 2)
+    # How busy the load generator was: near 1.0 means it, not the server, was the limit
+    # (with helper processes: all of them together, as a share of one core).
+    own = (used.ru_utime - cpu.ru_utime) + (used.ru_stime - cpu.ru_stime)
+    result["loadgen_cpu"] = round((own + result.get("helper_cpu_s", 0)) / (time.monotonic() - wall), 2)
     print(json.dumps(result))
 
 

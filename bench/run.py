@@ -59,14 +59,67 @@ SCENARIOS = {
     "connect storm, 2,000 sockets into one room": (["--scenario", "storm", "--members", "2000", "--concurrency", "200"], "sockets_per_s", True, 1),
     "connect storm, 5,000 sockets into one room": (["--scenario", "storm", "--members", "5000", "--concurrency", "200"], "sockets_per_s", True, 1),
 }
+# Issue 18's scale scenarios (daphne only: the production server). Each also has a
+# table of its own in RESULTS.md ("Scale") and a panel in bench/scale.png.
+#   drain storm: N sockets over two workers in one room, a sender on the second at
+#     10 msg/s; the first worker drained (SIGTERM; the bare consumer's killed):
+#     seconds until every one of its sockets is back and caught up (bench/drain.py);
+#   idle memory: the worker's resident memory with 10,000 subscribed sockets;
+#   big room: 5,000 members over two workers at 10 msg/s, the members held by three
+#     load generator processes (one process could not time 50,000 deliveries a
+#     second on its own and still be the server's clock, see the loadgen's CPU);
+#   cost curves: fan-out into rooms of 10 to 5,000 members, deliveries a second and
+#     the workers' CPU per delivery; the connect rate of the next 500 sockets with
+#     0 / 1,000 / 2,500 / 5,000 already open.
+DRAIN = "drain storm, {} sockets on 2 workers, 10 msg/s"
+COST = "cost curve: fan-out into {} members"
+CURVE = "connect rate against sockets open (next 500 at 0 / 1,000 / 2,500 / 5,000)"
+IDLE_10K = "idle sockets, 10,000 on one worker, worker memory"
+ROOM = "5,000-member room on 2 workers, 10 msg/s, p99"
+PROTOBUF = "fan-out, 500 members, Protobuf"
+
+
+def drain_args(n: int) -> list[str]:
+    return ["--scenario", "drain", "--members", str(n), "--rate", "10"]
+
+
+def cost_args(n: int, messages: int) -> list[str]:
+    return ["--scenario", "fanout", "--members", str(n), "--messages", str(messages), "--window", "16"]
+
+
+SCALE = {
+    **{DRAIN.format(f"{n:,}"): (drain_args(n), "back_s", False, 2) for n in (1000, 2000, 5000)},
+    IDLE_10K: (["--scenario", "idle", "--members", "10000"], "worker_mib", False, 1),
+    ROOM: (["--scenario", "rate", "--members", "5000", "--rate", "10", "--seconds", "10", "--procs", "3"], "p99_ms", False, 2),
+    **{COST.format(f"{n:,}"): (cost_args(n, m), "deliveries_per_s", True, 1)
+       for n, m in ((10, 2000), (100, 300), (1000, 60), (5000, 20))},
+    CURVE: (["--scenario", "curve", "--points", "0,1000,2500,5000", "--batch", "500", "--concurrency", "50"],
+            "rate_last", True, 1),
+}
+SCENARIOS[PROTOBUF] = (["--scenario", "fanout", "--members", "500", "--messages", "60", "--window", "16", "--codec", "protobuf"],
+                       "deliveries_per_s", True, 1)
+SCENARIOS.update(SCALE)
+QUICK_SCALE = {
+    DRAIN.format(200): (drain_args(200), "back_s", False, 2),
+    "idle sockets, 1,000 on one worker, worker memory": (["--scenario", "idle", "--members", "1000"], "worker_mib", False, 1),
+    "500-member room on 2 workers, 10 msg/s, p99": (["--scenario", "rate", "--members", "500", "--rate", "10", "--seconds", "3", "--procs", "2"], "p99_ms", False, 2),
+    **{COST.format(n): (cost_args(n, m), "deliveries_per_s", True, 1) for n, m in ((10, 200), (100, 30))},
+    "connect rate against sockets open (next 100 at 0 / 300)": (
+        ["--scenario", "curve", "--points", "0,300", "--batch", "100", "--concurrency", "50"], "rate_last", True, 1),
+}
 QUICK = {
+    PROTOBUF: (["--scenario", "fanout", "--members", "100", "--messages", "30", "--window", "16", "--codec", "protobuf"],
+               "deliveries_per_s", True, 1),
     "fan-out, 100 members": (["--scenario", "fanout", "--members", "50", "--messages", "50", "--window", "16"], "deliveries_per_s", True, 1),
     "fan-out, 100 members, each message @mentions one": (["--scenario", "fanout", "--members", "50", "--messages", "50", "--window", "16", "--mention", "bench-member"], "deliveries_per_s", True, 1),
     "100 msg/s into 100 members, p99": (["--scenario", "rate", "--members", "50", "--rate", "50", "--seconds", "3"], "p99_ms", False, 1),
     "cross-worker, 100 msg/s into 100 members on 2 workers, p99": (["--scenario", "rate", "--members", "50", "--rate", "50", "--seconds", "3"], "p99_ms", False, 2),
     "idle sockets, memory each": (["--scenario", "idle", "--members", "300"], "kib_per_connection", False, 1),
     "connect storm, 2,000 sockets into one room": (["--scenario", "storm", "--members", "300", "--concurrency", "200"], "sockets_per_s", True, 1),
+    **QUICK_SCALE,
 }
+# Run on daphne only (the production server; the drain is our daphne launcher's).
+DAPHNE_ONLY = set(SCALE) | set(QUICK_SCALE)
 
 
 # Its own section (bench/search.py, in its own process on its own PostgreSQL):
@@ -205,9 +258,10 @@ def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str,
         out = subprocess.run(
             pinned(1) + [sys.executable, "-m", "bench.loadgen", "--target", target,
                          "--port", ",".join(str(port) for port, _ in ports),
-                         "--worker-pid", str(started[0].proc.pid), *args],
+                         "--worker-pid", str(started[0].proc.pid),
+                         "--worker-pids", ",".join(str(w.proc.pid) for w in started), *args],
             cwd=ROOT, env={**os.environ, "BENCH_COOKIE": member, "BENCH_SENDER_COOKIE": sender},
-            capture_output=True, text=True, timeout=1800 if "storm" in args else 600,
+            capture_output=True, text=True, timeout=1800 if big(args) else 600,
         )
         if out.returncode != 0:
             raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
@@ -225,12 +279,21 @@ def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str,
             report_log(worker, offset, target)
 
 
+def big(args: list[str]) -> bool:
+    """A storm, a drain, a connect curve, or a thousand sockets and more: up to 30 minutes."""
+    sockets = int(args[args.index("--members") + 1]) if "--members" in args else 0
+    return "storm" in args or "drain" in args or "curve" in args or sockets >= 1000
+
+
 def check_fd_limit(pid: int, args: list[str]) -> None:
     """A worker that cannot hold the scenario's sockets would refuse them (EMFILE):
     say so before the run instead of measuring it."""
-    if "--members" not in args:
+    if "--members" in args:
+        wanted = int(args[args.index("--members") + 1]) + 500  # and the worker's own files
+    elif "--points" in args:  # a connect curve: its last point and one batch more
+        wanted = int(args[args.index("--points") + 1].split(",")[-1]) + int(args[args.index("--batch") + 1]) + 500
+    else:
         return
-    wanted = int(args[args.index("--members") + 1]) + 500  # and the worker's own files
     with contextlib.suppress(OSError, StopIteration, ValueError):
         line = next(line for line in Path(f"/proc/{pid}/limits").read_text().splitlines() if line.startswith("Max open files"))
         soft = line.split()[3]
@@ -321,23 +384,34 @@ def main() -> None:
         scenarios = {name: s for name, s in scenarios.items() if args.only in name}
     runs = 1 if args.quick else args.runs
     tables = {}
+    errors: list[str] = []
     with services() as (workdir, ctx, member, sender):
         for server in args.servers.split(","):
             BenchWorker.server = server
             tables[server] = rows = []
             for name, (loadgen_args, metric, higher, workers) in scenarios.items():
+                if server != "daphne" and name in DAPHNE_ONLY:
+                    continue
                 medians = {}
                 details = {"bare": [], "full": []}
                 # Interleaved (bare, full, bare, full, ...): a slow minute of this
                 # shared machine falls on both targets' runs, not on all three of one.
                 for _ in range(runs):
                     for target in ("bare", "full"):
-                        details[target].append(one_run(ctx, workdir, target, loadgen_args, member, sender, workers=workers))
+                        try:
+                            got = one_run(ctx, workdir, target, loadgen_args, member, sender, workers=workers)
+                        except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+                            # Recorded (the table says "error", the raw results why), shown
+                            # now, and the bench exits non-zero at the end: never a silent zero.
+                            print(f"{server}: {name} [{target}]: ERROR {exc}", file=sys.stderr, flush=True)
+                            got = {"error": str(exc)[-1000:], "loadgen_cpu": None}
+                            errors.append(f"{server}: {name} [{target}]")
+                        details[target].append(got)
                 for target, results in details.items():
                     values = [r[metric] for r in results if r.get(metric) is not None]
                     medians[target] = statistics.median(values) if values else None
                     failed = f"failed {[r.get('failed') for r in results]}, " if any("failed" in r for r in results) else ""
-                    print(f"{server}: {name} [{target}]: {[r[metric] for r in results]} (lost {[r.get('lost') for r in results]}, "
+                    print(f"{server}: {name} [{target}]: {[r.get(metric) for r in results]} (lost {[r.get('lost') for r in results]}, "
                           f"duplicated {[r.get('duplicated') for r in results]}, {failed}loadgen cpu {[r['loadgen_cpu'] for r in results]})",
                           flush=True)
                 bare, full = medians["bare"], medians["full"]
@@ -347,6 +421,9 @@ def main() -> None:
     if searched:
         print(f"{SEARCH_SECTION}: {json.dumps(searched)}", flush=True)
     write(tables, args, runs, searched)
+    if errors:
+        print(f"{len(errors)} run(s) ended in an error (recorded in {args.out}): " + "; ".join(errors), file=sys.stderr)
+        sys.exit(1)
 
 
 def profile(name: str, scenario: str) -> None:
@@ -374,26 +451,210 @@ TARGETS = {
     # Absolute, the full pipeline's own rate (not a ratio to the bare consumer).
     "connect storm, 2,000 sockets into one room": ">= 1,200 sockets/s",
     "connect storm, 5,000 sockets into one room": ">= 1,200 sockets/s",
+    # Issue 18's scale targets, absolute (the full pipeline's own figures).
+    **{DRAIN.format(f"{n:,}"): "back < 5 s, 0 lost / 0 doubled" for n in (1000, 2000, 5000)},
+    IDLE_10K: "<= 160 MiB",
+    ROOM: "p99 < 50 ms",
 }
 
 
-def met(name: str, full, ratio, failed: int = 0) -> str:
+def met(name: str, full, ratio, failed: int = 0, wrong: int = 0, errors: int = 0) -> str:
+    """Whether the full pipeline's figure meets the scenario's target: never met
+    with a failed socket, a lost or doubled message, or a run that ended in error."""
     target = TARGETS.get(name)
+    if target is not None and errors:
+        return f"{target}: not met ({errors} run(s) ended in an error)"
     if target is not None and failed:
         return f"{target}: not met ({failed} sockets failed)"
+    if target is not None and wrong and "lost" in target:
+        return f"{target}: not met ({wrong} lost or doubled)"
     if target is None or full is None:
         return "–"
     if target.endswith("sockets/s"):
         ok = full >= float(target.split()[1].replace(",", ""))
-    elif ratio is None:
-        return "–"
+    elif target.startswith("back <"):
+        ok = full < float(target.split("<")[1].split()[0])
+    elif target.endswith("MiB"):
+        ok = full <= float(target.split()[1])
     elif target.startswith("p99"):
         ok = full < float(target.split("<")[1].split()[0])
+    elif ratio is None:
+        return "–"
     elif target.startswith("<="):
         ok = ratio >= 1 / 0.6
     else:
         ok = ratio >= float(target.split()[1].rstrip("x"))
     return f"{target}: {'met' if ok else 'not met'}"
+
+
+def representative(results: list[dict], metric: str) -> dict:
+    """The run whose `metric` is the median (the lower middle of an even count), else
+    the first run: the one a scale table shows in full."""
+    ok = sorted((r for r in results if r.get(metric) is not None), key=lambda r: r[metric])
+    return ok[(len(ok) - 1) // 2] if ok else (results[0] if results else {})
+
+
+def fmt(value, spec: str = ",.1f", unit: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{unit}"
+
+
+def why_not(result: dict) -> str:
+    """What went wrong in a run, in a table cell."""
+    if "error" in result:
+        return "error (raw results)"
+    if result.get("failed"):
+        return f"{result['failed']} failed"
+    return ""
+
+
+def scale_section(rows: list, folder: Path) -> list[str]:
+    """Issue 18's scale scenarios, each in its own table (the run of the median,
+    beside the bare consumer's), and bench/scale.png (beside RESULTS.md)."""
+    found = {name: (metric, bare, full, ratio, details) for name, metric, _, bare, full, ratio, details in rows}
+    drains = [(name, found[name]) for name in found if name.startswith("drain storm")]
+    costs = [(name, found[name]) for name in found if name.startswith("cost curve")]
+    curves = [(name, found[name]) for name in found if name.startswith("connect rate against")]
+    idles = [(name, found[name]) for name in found if name.startswith("idle sockets")]
+    rooms = [(name, found[name]) for name in found if "-member room" in name]
+    if not (drains or costs or curves or idles or rooms):
+        return []
+    lines = ["## Scale (issue 18)", "",
+             "The scale scenarios on daphne, each beside the bare consumer in the same run; each row shows the run "
+             "whose figure is the median. Chart: [scale.png](scale.png).", "", "![scale](scale.png)", ""]
+    if drains:
+        lines += ["### Drain storm (`--scenario drain`, bench/drain.py)", "",
+                  "N sockets over two workers in one room, a sender on the second publishing 10 messages a second "
+                  "throughout; the first worker gets SIGTERM (our drain: it stops listening and closes its sockets with "
+                  "4012, spread over time). Its clients come back as the browser client does (the restart jitter, "
+                  "then the backoff; a 10 s connect timeout) to the second worker, subscribe with their last seq and "
+                  "epoch, and are back when the ack after the replay arrives. Back: from the signal to the last of "
+                  "them back. Downtime: one socket's close to it back. Lost / doubled: every member, every message, "
+                  "counted as received. The bare consumer has no drain and no resume: its worker is killed (SIGKILL) "
+                  "and its sockets reconnect; only its time to be back is reported.", "",
+                  "| Sockets (drained) | Full: back | Full: downtime p50 / p99 | Full: closes spread over | Full: retried "
+                  "attempts | Full: lost / doubled | Bare: back | Bare: downtime p50 / p99 | Back, bare / full |",
+                  "| --- | ---: | --- | ---: | ---: | --- | ---: | --- | ---: |"]
+        for name, (metric, bare, full, ratio, details) in drains:
+            f, b = representative(details["full"], "back_s"), representative(details["bare"], "back_s")
+            lines.append(
+                f"| {f.get('sockets', name)} ({f.get('drained', '–')}) | {fmt(f.get('back_s'), '.2f', ' s')} {why_not(f)} | "
+                f"{fmt(f.get('downtime_p50_ms'), ',.0f')} / {fmt(f.get('downtime_p99_ms'), ',.0f')} ms | "
+                f"{fmt(f.get('closes_last_s'), '.2f', ' s')} | {fmt(f.get('retries'), ',')} | "
+                f"{fmt(f.get('lost'), ',')} / {fmt(f.get('duplicated'), ',')} | {fmt(b.get('back_s'), '.2f', ' s')} {why_not(b)} | "
+                f"{fmt(b.get('downtime_p50_ms'), ',.0f')} / {fmt(b.get('downtime_p99_ms'), ',.0f')} ms | "
+                f"{fmt(ratio, '.2f', 'x')} |")
+        lines.append("")
+    if idles:
+        lines += ["### Idle subscribed sockets on one worker (`--scenario idle`)", "",
+                  "| Sockets | Full: worker resident | Full: empty worker | Full: per socket | Bare: worker resident | "
+                  "Bare: per socket | Target |", "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for name, (metric, bare, full, ratio, details) in idles:
+            f, b = representative(details["full"], "worker_mib"), representative(details["bare"], "worker_mib")
+            lines.append(f"| {fmt(f.get('connections'), ',')} | {fmt(f.get('worker_mib'), ',.1f', ' MiB')} {why_not(f)} | "
+                         f"{fmt(f.get('empty_worker_mib'), ',.1f', ' MiB')} | {fmt(f.get('kib_per_connection'), '.1f', ' KiB')} | "
+                         f"{fmt(b.get('worker_mib'), ',.1f', ' MiB')} | {fmt(b.get('kib_per_connection'), '.1f', ' KiB')} | "
+                         f"{met(name, full, ratio)} |")
+        lines.append("")
+    if rooms:
+        lines += ["### A big room over two workers (`--scenario rate --procs 3`)", "",
+                  "The members are held by helper processes of the load generator (core 1), each timing its own "
+                  "deliveries on the machine's monotonic clock, merged by the sender's process. Load generator CPU: "
+                  "all its processes together as a share of one core (near 1.0: it, not the server, is the limit).", "",
+                  "| Room | Target | p50 | p99 | first member p99 | spread p99 | deliveries/s | lost | load generator CPU "
+                  "(processes) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for name, (metric, bare, full, ratio, details) in rooms:
+            for target in ("full", "bare"):
+                r = representative(details[target], "p99_ms")
+                lines.append(f"| {name} | {target} {why_not(r)} | {fmt(r.get('p50_ms'), ',.1f', ' ms')} | "
+                             f"{fmt(r.get('p99_ms'), ',.1f', ' ms')} | {fmt(r.get('first_p99_ms'), ',.1f', ' ms')} | "
+                             f"{fmt(r.get('spread_p99_ms'), ',.1f', ' ms')} | {fmt(r.get('deliveries_per_s'), ',.0f')} | "
+                             f"{fmt(r.get('lost'), ',')} | {fmt(r.get('loadgen_cpu'), '.2f')} "
+                             f"({r.get('loadgen_processes', 1)}: {r.get('helper_cpu', '–')}) |")
+        lines.append("")
+    if costs:
+        lines += ["### Cost curves: fan-out by room size (`--scenario fanout`, one worker)", "",
+                  "CPU per delivery: the worker's user + system time (/proc/<pid>/stat) from the first send to the "
+                  "last delivery, divided by the deliveries (the sender's chain included).", "",
+                  "| Members | Full: deliveries/s | Full: CPU µs / delivery | Bare: deliveries/s | Bare: CPU µs / delivery "
+                  "| Full / bare | Load generator CPU |", "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for name, (metric, bare, full, ratio, details) in costs:
+            f, b = representative(details["full"], metric), representative(details["bare"], metric)
+            lines.append(f"| {name.rsplit('into ', 1)[1].split()[0]} | {fmt(f.get(metric), ',.0f')} {why_not(f)} | "
+                         f"{fmt(f.get('cpu_us_per_delivery'), '.1f')} | {fmt(b.get(metric), ',.0f')} {why_not(b)} | "
+                         f"{fmt(b.get('cpu_us_per_delivery'), '.1f')} | {fmt(ratio, '.2f', 'x')} | "
+                         f"{fmt(f.get('loadgen_cpu'), '.2f')} / {fmt(b.get('loadgen_cpu'), '.2f')} |")
+        lines.append("")
+    if curves:
+        lines += ["### Connect rate against sockets already open (`--scenario curve`, one worker)", "",
+                  "The worker is filled to each point (subscribed sockets, untimed), then the next batch is opened, 50 "
+                  "handshakes in flight, and timed.", "",
+                  "| Already open | Full: sockets/s | Bare: sockets/s | Full / bare |", "| ---: | ---: | ---: | ---: |"]
+        for name, (metric, bare, full, ratio, details) in curves:
+            f, b = representative(details["full"], metric), representative(details["bare"], metric)
+            bare_at = dict(map(tuple, b.get("curve", [])))
+            for open_, rate in f.get("curve", []):
+                other = bare_at.get(open_)
+                lines.append(f"| {open_:,} | {rate:,.1f} | {fmt(other, ',.1f')} | "
+                             f"{fmt(rate / other if other else None, '.2f', 'x')} |")
+            for r, t in ((f, "full"), (b, "bare")):
+                if why_not(r):
+                    lines.append(f"| ({t}: {why_not(r)}) | | | |")
+        lines.append("")
+    scale_chart(drains, costs, curves, folder / "scale.png")
+    return lines
+
+
+def legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def scale_chart(drains: list, costs: list, curves: list, out: Path) -> None:
+    """bench/scale.png: the drain's time back by size, deliveries a second and CPU per
+    delivery by room size, the connect rate by sockets open; full against bare."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    colors = {"full": "#2f6db5", "bare": "#999999"}
+
+    def series(rows, metric):
+        for target in ("full", "bare"):
+            xs, ys = [], []
+            for name, (_, _, _, _, details) in rows:
+                r = representative(details[target], metric)
+                size = r.get("sockets") or int(name.rsplit("into ", 1)[-1].split()[0].replace(",", "")) \
+                    if r.get(metric) is not None else None
+                if size is not None:
+                    xs.append(size)
+                    ys.append(r[metric])
+            yield target, xs, ys
+
+    ax = axes[0][0]
+    for target, xs, ys in series(drains, "back_s"):
+        ax.plot(xs, ys, "o-", color=colors[target], label=f"{target} ({'drain' if target == 'full' else 'kill'})")
+    ax.axhline(5, color="#c0392b", linestyle=":", label="target 5 s")
+    ax.set(title="Drain storm: time until every drained socket is back", xlabel="sockets over 2 workers", ylabel="s")
+    legend(ax)
+    for ax, metric, title, unit in ((axes[0][1], "deliveries_per_s", "Fan-out: deliveries a second", "deliveries/s"),
+                                    (axes[1][0], "cpu_us_per_delivery", "Fan-out: worker CPU per delivery", "µs")):
+        for target, xs, ys in series(costs, metric):
+            ax.plot(xs, ys, "o-", color=colors[target], label=target)
+        ax.set_xscale("log")
+        ax.set(title=title, xlabel="room members (one worker)", ylabel=unit)
+        legend(ax)
+    ax = axes[1][1]
+    for name, (_, _, _, _, details) in curves:
+        for target in ("full", "bare"):
+            points = representative(details[target], "rate_last").get("curve") or []
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=colors[target], label=target)
+    ax.set(title="Connect rate of the next sockets", xlabel="sockets already open", ylabel="sockets/s")
+    legend(ax)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
 
 
 def comparisons() -> str:
@@ -429,22 +690,29 @@ def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
         for name, metric, higher, bare, full, ratio, details in rows:
             lost = sum(r.get("lost") or 0 for r in details["full"])
             dup = sum(r.get("duplicated") or 0 for r in details["full"])
-            cpu = max(r["loadgen_cpu"] for rs in details.values() for r in rs)
+            cpu = max((r["loadgen_cpu"] for rs in details.values() for r in rs if r.get("loadgen_cpu") is not None), default=None)
+            errored = {t: sum("error" in r for r in rs) for t, rs in details.items()}
             shown = f"{ratio:.2f}x" if ratio is not None else "–"
             # Connect storms: sockets refused, closed or timed out (0 in a valid run).
             failed = {t: sum(r.get("failed") or 0 for r in rs) for t, rs in details.items()}
             storm = any("failed" in r for rs in details.values() for r in rs)
             counts = f"{lost} / {dup}" + (f"; failed sockets {failed['full']} (bare {failed['bare']})" if storm else "")
-            lines.append(f"| {name} | {metric} | {bare} | {full} | {shown} | "
-                         f"{met(name, full, ratio, failed['full']) if server == 'daphne' else '–'} | {counts} | {cpu} |")
+            cell = lambda value, t: f"{value} (error in {errored[t]} run(s))" if errored[t] else value  # noqa: E731
+            verdict = met(name, full, ratio, failed["full"], lost + dup, errored["full"]) if server == "daphne" else "–"
+            lines.append(f"| {name} | {metric} | {cell(bare, 'bare')} | {cell(full, 'full')} | {shown} | "
+                         f"{verdict} | {counts} | {cpu} |")
         lines.append("")
     if "daphne" in tables and "uvicorn" in tables:
         lines += ["## Full pipeline, uvicorn against daphne", "",
                   "| Scenario | Metric | daphne | uvicorn | uvicorn / daphne (above 1: uvicorn better) |", "| --- | --- | ---: | ---: | ---: |"]
-        for (name, metric, higher, _, d, _, _), (_, _, _, _, u, _, _) in zip(tables["daphne"], tables["uvicorn"]):
+        on_uvicorn = {row[0]: row[4] for row in tables["uvicorn"]}
+        for name, metric, higher, _, d, _, _ in tables["daphne"]:
+            u = on_uvicorn.get(name)
             if d and u:
                 lines.append(f"| {name} | {metric} | {d} | {u} | {(u / d if higher else d / u):.2f}x |")
         lines.append("")
+    if tables.get("daphne"):
+        lines += scale_section(tables["daphne"], Path(args.out).parent)
     if searched:
         lines += [f"## Search and history ({searched['messages']:,} messages, PostgreSQL; `python -m bench.search`)", "",
                   "Server time of the selector (query, rows, snippets) on a warm connection; a public room of "
