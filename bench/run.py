@@ -369,7 +369,8 @@ def main() -> None:
     parser.add_argument("--profile", metavar="NAME",
                         help="instead: one run of the full pipeline under py-spy (the first scenario --only "
                              "names, else fan-out into 100 members), summarized to bench/profiles/NAME.md")
-    parser.add_argument("--only", metavar="TEXT", help="only the scenarios whose name contains TEXT")
+    parser.add_argument("--only", metavar="TEXT", help="only the scenarios whose name contains TEXT (or any of "
+                        "TEXT|TEXT|...)")
     parser.add_argument("--servers", default="daphne,uvicorn",
                         help="the ASGI servers to run both targets on, comma-separated (deploy/ runs daphne)")
     args = parser.parse_args()
@@ -381,7 +382,7 @@ def main() -> None:
         return profile(args.profile, named[0])
     scenarios = QUICK if args.quick else SCENARIOS
     if args.only:
-        scenarios = {name: s for name, s in scenarios.items() if args.only in name}
+        scenarios = {name: s for name, s in scenarios.items() if any(part in name for part in args.only.split("|"))}
     runs = 1 if args.quick else args.runs
     tables = {}
     errors: list[str] = []
@@ -417,7 +418,8 @@ def main() -> None:
                 bare, full = medians["bare"], medians["full"]
                 ratio = (full / bare if higher else bare / full) if bare and full else None
                 rows.append((name, metric, higher, bare, full, ratio, details))
-    searched = search_section(args.quick) if not args.only or args.only in SEARCH_SECTION else None
+    searched = (search_section(args.quick) if not args.only or any(part in SEARCH_SECTION for part in args.only.split("|"))
+                else None)
     if searched:
         print(f"{SEARCH_SECTION}: {json.dumps(searched)}", flush=True)
     write(tables, args, runs, searched)
