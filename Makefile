@@ -59,7 +59,8 @@ clean:
 	rm -rf $(VENV) db.sqlite3 staticfiles test-artifacts .pytest_cache .cluster
 
 # Benchmarks (bench/run.py): the full pipeline against a bare Channels consumer,
-# same worker code, same run; writes bench/RESULTS.md. Not part of `make test`.
+# same worker code, same run, issue 18's scale scenarios among them; writes
+# bench/RESULTS.md and bench/scale.png. Not part of `make test`.
 bench: $(VENV)/.requirements-bench system-deps
 	$(PY) -m bench.brokers
 	$(PY) bench/run.py

@@ -15,6 +15,13 @@ A section of its own (bench/search.py, in its own process on its own PostgreSQL)
 the server time of a search over 100,000 messages and of a page of older history
 in a room of 100,000 messages.
 
+Issue 18's scale scenarios (SCALE: daphne only) are rows of the table like the
+others, and each kind also gets a table of its own under "Scale" (the run of the
+median in full: the drain storm's downtime and lost / doubled counts, the idle
+worker's memory, the big room's latency and the load generator's CPU, the cost
+curves' CPU per delivery, the connect rate against sockets open) and a panel in
+bench/scale.png, written beside RESULTS.md.
+
 Writes bench/RESULTS.md and prints the same table.
 """
 
@@ -645,6 +652,8 @@ def scale_chart(drains: list, costs: list, curves: list, out: Path) -> None:
         for target, xs, ys in series(costs, metric):
             ax.plot(xs, ys, "o-", color=colors[target], label=target)
         ax.set_xscale("log")
+        if metric == "cpu_us_per_delivery":
+            ax.set_yscale("log")
         ax.set(title=title, xlabel="room members (one worker)", ylabel=unit)
         legend(ax)
     ax = axes[1][1]
