@@ -24,8 +24,20 @@ Scenarios print one JSON object:
   handshake is accepted (the bare consumer, which has no subscribe): sockets in per
   second (over the whole storm, and over the first and last tenth of sockets to be
   in, by completion time), time to subscribed p50/p99, and the sockets refused,
-  closed or timed out (`failed`, 0 in a valid run; the first reasons to stderr).
-Times are taken on this machine's monotonic clock, on both ends (one process).
+  closed or timed out (`failed`, 0 in a valid run; the first reasons to stderr);
+- `curve`: the connect rate against the sockets already open: the worker filled
+  to each of --points (untimed), then the next --batch sockets timed (sockets a
+  second at each point, `curve`);
+- `drain`: the drain storm on two workers (bench/drain.py says what and how).
+`fanout` and `rate` with --worker-pids also report the workers' CPU per delivery
+(/proc/<pid>/stat utime + stime, from the first send to the last delivery); with
+--procs N the members are held by N helper processes (`--helper`), each timing
+its own deliveries, merged by this one, which only sends: a room of thousands
+receiving tens of thousands of frames a second is more than one Python process
+can time without being the bottleneck itself (`loadgen_cpu` counts them all).
+--codec json, msgpack or protobuf (rt.v1.protobuf, with the project's own codec).
+Times are taken on this machine's monotonic clock, on both ends (CLOCK_MONOTONIC,
+one clock for every process of the machine).
 """
 
 from __future__ import annotations
@@ -312,6 +324,7 @@ async def publish(target: Target, members_n: int, total: int, *, window: int | N
     gc.freeze()
     gc.disable()
     cpu_before = cpu_seconds(worker_pids) if worker_pids else None
+    own_before = cpu_seconds([os.getpid()])
     started = time.monotonic()
     for n in range(total):
         if window is not None:
@@ -329,15 +342,21 @@ async def publish(target: Target, members_n: int, total: int, *, window: int | N
         await sender_ws.send(target.frame(f"{run}:{n}:", n))
     cpu_after = None
     if helpers:
-        members = await finish_helpers(helpers, total, drain)
+        members = await finish_helpers(helpers, total, drain, started)
         cpu_after = cpu_seconds(worker_pids) if worker_pids else None
     else:
         deadline = time.monotonic() + drain
         while any(len(m.got) < total for m in members) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         cpu_after = cpu_seconds(worker_pids) if worker_pids else None
+    own_after, ended = cpu_seconds([os.getpid()]), time.monotonic()
     gc.enable()
     result = summarize(sent, members, started)
+    # The load generator's CPU while it sent and timed (all its processes, as a
+    # share of one core; `loadgen_cpu` below is over its whole life, the sockets'
+    # opening included): near 1.0 here, the load generator was the limit.
+    window = own_after - own_before + sum(h.window_cpu_s for h in helpers)
+    result["loadgen_cpu_sending"] = round(window / max(ended - started, 1e-6), 2)
     if cpu_before is not None and result["deliveries"]:
         # Includes the sender's own chain (one frame in, one database write, one
         # publish per message): all the CPU the workers spent on the messages.
@@ -361,6 +380,7 @@ class Helper:
         self.proc = proc
         self.cpu = 0.0  # its CPU over its life, as a share of one core
         self.cpu_s = 0.0
+        self.window_cpu_s = 0.0  # from the first message sent to its last delivery
 
     async def line(self) -> str:
         raw = await self.proc.stdout.readline()
@@ -399,9 +419,9 @@ async def start_helpers(target: Target, members_n: int, procs: int, run: str) ->
     return helpers
 
 
-async def finish_helpers(helpers: list[Helper], total: int, drain: float) -> list[Delivered]:
+async def finish_helpers(helpers: list[Helper], total: int, drain: float, began: float) -> list[Delivered]:
     for h in helpers:
-        h.proc.stdin.write(f"END {total} {drain}\n".encode())
+        h.proc.stdin.write(f"END {total} {drain} {began}\n".encode())
         await h.proc.stdin.drain()
     members = []
     for h in helpers:
@@ -409,7 +429,7 @@ async def finish_helpers(helpers: list[Helper], total: int, drain: float) -> lis
         rc = await h.proc.wait()
         if rc != 0:
             raise RuntimeError(f"a load generator helper exited with {rc}")
-        h.cpu, h.cpu_s = out["cpu"], out["cpu_s"]
+        h.cpu, h.cpu_s, h.window_cpu_s = out["cpu"], out["cpu_s"], out["window_cpu_s"]
         members += [Delivered(got) for got in out["got"]]
     return members
 
@@ -418,6 +438,7 @@ async def helper(target: Target, members_n: int, run: str) -> None:
     """The helper process's side (see Helper)."""
     wall = time.monotonic()
     members = await open_members(target, members_n, run)
+    ready_cpu = cpu_seconds([os.getpid()])
     print("READY", flush=True)
     gc.collect()
     gc.freeze()
@@ -425,14 +446,18 @@ async def helper(target: Target, members_n: int, run: str) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    _, total, drain = (await reader.readline()).decode().split()
+    _, total, drain, began = (await reader.readline()).decode().split()
     total, deadline = int(total), time.monotonic() + float(drain)
     while any(len(m.got) < total for m in members) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    # Its CPU from READY to its last delivery: before the first message (whose
+    # time the line carries, on the shared monotonic clock) it only waits, so this
+    # is the CPU of the sending window.
+    window_cpu_s = cpu_seconds([os.getpid()]) - ready_cpu
     gc.enable()
     used = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = used.ru_utime + used.ru_stime
-    print(json.dumps({"got": [m.got for m in members], "cpu_s": round(cpu_s, 2),
+    print(json.dumps({"got": [m.got for m in members], "cpu_s": round(cpu_s, 2), "window_cpu_s": round(window_cpu_s, 3),
                       "cpu": round(cpu_s / (time.monotonic() - wall), 2)}), flush=True)
     await asyncio.gather(*(m.close() for m in members), return_exceptions=True)
 
