@@ -15,10 +15,13 @@ What is measured:
   being back; `closes_first_s` / `closes_last_s`: when the first and last of them
   were closed (the server's spread);
 - `lost` / `duplicated` (full pipeline only): after the sender stops, every member
-  that is in, drained or not, must have every message exactly once (counted raw, as
-  received, before any client-side dedupe by seq); `failed`: sockets never back
-  within the deadline (a minute: the target is 5 s), with the reasons (never a
-  silent zero), and `unreached`: the messages those sockets did not get;
+  that is in, drained or not, must have every published message (one that any
+  member or the sender's own subscription received; `not_published`: those
+  written that no one ever got, which the server did not take in) exactly once
+  (counted raw, as received, before any client-side dedupe by seq); `failed`:
+  sockets never back within the deadline (a minute: the target is 5 s), with the
+  reasons (never a silent zero), and `unreached`: the messages those sockets did
+  not get;
   `listen_overflows`: the kernel's count of connections dropped for a full accept
   queue meanwhile;
 - `attempts`: connection attempts the drained sockets made after their close (one
@@ -439,11 +442,16 @@ async def drain_storm(target, count: int, rate: float, pids: list[int], deadline
         # whole machine's), from the signal on: each is a connect retried later.
         result["listen_overflows"] = listen_overflows() - overflows
     if storm.full:
-        # Lost: messages missing at sockets that were in at the end (back, or never
-        # closed); the messages of sockets never back are counted apart (`unreached`),
-        # those sockets are already `failed`.
+        # Published: the messages the server broadcast (any member, or the sender,
+        # which is subscribed too, had it); a message written by the sender that no
+        # one ever got was not taken in (`not_published`: a server that stopped
+        # reading its sockets), not lost on the way. Lost: published messages
+        # missing at sockets that were in at the end (back, or never closed); the
+        # messages of sockets never back are counted apart (`unreached`), those
+        # sockets are already `failed`.
+        everything = set(n for c in clients for n in c.got) | {n for n, _ in echo.got}
+        result["not_published"] = sent - len(everything)
         lost = duplicated = unreached = 0
-        everything = set(range(sent))
         for c in clients:
             seen = set(c.got)
             duplicated += len(c.got) - len(seen)

@@ -549,7 +549,9 @@ def scale_section(rows: list, folder: Path) -> list[str]:
                 f"| {fmt(f.get('sockets'), ',')} ({fmt(f.get('drained'), ',')}) | {fmt(f.get('back_s'), '.2f', ' s')} {why_not(f)} | "
                 f"{fmt(f.get('downtime_p50_ms'), ',.0f')} / {fmt(f.get('downtime_p99_ms'), ',.0f')} ms | "
                 f"{fmt(f.get('closes_last_s'), '.2f', ' s')} | {fmt(f.get('retries'), ',')} | "
-                f"{fmt(f.get('lost'), ',')} / {fmt(f.get('duplicated'), ',')} | {fmt(b.get('back_s'), '.2f', ' s')} {why_not(b)} | "
+                f"{fmt(f.get('lost'), ',')} / {fmt(f.get('duplicated'), ',')}"
+                f"{'; not published ' + format(f['not_published'], ',') if f.get('not_published') else ''} | "
+                f"{fmt(b.get('back_s'), '.2f', ' s')} {why_not(b)} | "
                 f"{fmt(b.get('downtime_p50_ms'), ',.0f')} / {fmt(b.get('downtime_p99_ms'), ',.0f')} ms | "
                 f"{fmt(ratio, '.2f', 'x')} |")
         lines.append("")
