@@ -62,4 +62,5 @@ clean:
 # same worker code, same run; writes bench/RESULTS.md. Not part of `make test`.
 bench: $(VENV)/.requirements-bench system-deps
 	$(PY) -m bench.brokers
+	$(PY) -m bench.tracing
 	$(PY) bench/run.py
