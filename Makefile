@@ -61,6 +61,7 @@ clean:
 # Benchmarks (bench/run.py): the full pipeline against a bare Channels consumer,
 # same worker code, same run; writes bench/RESULTS.md. Not part of `make test`.
 bench: $(VENV)/.requirements-bench system-deps
+	$(PY) -m bench.engines
 	$(PY) -m bench.brokers
 	$(PY) -m bench.tracing
 	$(PY) bench/run.py
