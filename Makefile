@@ -62,5 +62,7 @@ clean:
 # same worker code, same run, issue 18's scale scenarios among them; writes
 # bench/RESULTS.md and bench/scale.png. Not part of `make test`.
 bench: $(VENV)/.requirements-bench system-deps
+	$(PY) -m bench.engines
 	$(PY) -m bench.brokers
+	$(PY) -m bench.tracing
 	$(PY) bench/run.py

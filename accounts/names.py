@@ -25,7 +25,8 @@ from __future__ import annotations
 import unicodedata
 from functools import lru_cache
 
-from confusable_homoglyphs import categories, confusables
+# confusable_homoglyphs is imported where it is used: its tables take 6.6 MB of a
+# process, which a worker that serves sockets (and no sign-up) need not hold.
 
 # UTS #39 5.2, "highly restrictive": the script sets one identifier may mix.
 ALLOWED_MIXES = (
@@ -47,6 +48,8 @@ def _prototype(char: str) -> str:
     """The ASCII letter or digit `char` is most easily taken for, or `char` itself."""
     if char.isascii():
         return ASCII_PROTOTYPES.get(char, char)
+    from confusable_homoglyphs import confusables
+
     for glyph in confusables.confusables_data.get(char, ()):
         target = glyph["c"]
         if len(target) == 1 and target.isascii() and target.isalnum():
@@ -66,6 +69,8 @@ def skeleton(name: str) -> str:
 
 
 def scripts(name: str) -> set[str]:
+    from confusable_homoglyphs import categories
+
     return {categories.alias(char) for char in unicodedata.normalize("NFKC", name)} - NEUTRAL
 
 

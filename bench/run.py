@@ -757,6 +757,12 @@ def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
         # Written by `python -m bench.brokers` (make bench runs it first).
         lines += ["#" + line if line.startswith("#") else line
                   for line in (ROOT / "bench" / "brokers.md").read_text().split("Every run:")[0].splitlines()]
+    if (ROOT / "bench" / "engines.md").exists():  # `python -m bench.engines` (make bench runs it first)
+        lines += ["#" + line if line.startswith("#") else line
+                  for line in (ROOT / "bench" / "engines.md").read_text().split("Every run:")[0].splitlines()]
+    if (ROOT / "bench" / "tracing.md").exists():  # `python -m bench.tracing` (make bench runs it first)
+        lines += ["#" + line if line.startswith("#") else line
+                  for line in (ROOT / "bench" / "tracing.md").read_text().split("Every run:")[0].splitlines()]
     lines += ["## Raw results (every run)", "", "```json",
               json.dumps({server: {name: details for name, *_, details in rows} for server, rows in tables.items()}, indent=1),
               "```", ""]

@@ -129,7 +129,7 @@ class Fanout:
                 # which sent each socket to the log for it (gap repair).
                 return
             self.heads[group] = message["seq"]
-        if tracing.ENABLED and tracing.TRACEPARENT in message:
+        if tracing.ENABLED and tracing.sampled(message):
             # The publisher's trace: the broker hop (if `received`), this fan-out,
             # and the writes to the first tracing.WRITE_SPANS sockets.
             with tracing.fan_out(message, received, len(local)) as span:

@@ -23,9 +23,15 @@ The publishing worker's own sockets get the event before the broker's round trip
 (fanout.dispatch_own): their fan-out hangs from the publish span, with no hop.
 
 Off, it costs one test of the module-level ENABLED on each path: no span objects,
-nothing added to the layer messages. On, spans go to a BatchSpanProcessor: export
-on its own thread, a bounded queue that drops when full, a short export timeout;
-nothing on the event loop ever waits for the collector.
+nothing added to the layer messages. On, the sampler decides once per trace, at
+its root (the frame's span, or the HTTP request's): a trace it leaves out gets no
+span below its root (`_sampled_out`; every standard sampler, parent-based or by
+trace-id ratio, would give the children the root's answer, and making those
+non-recording spans was most of the cost at 1%), its traceparent (flags 00) still
+rides in the event, and a worker that receives it fans out untraced (`sampled`).
+Spans go to a BatchSpanProcessor: export on its own thread, a bounded queue that
+drops when full, a short export timeout; nothing on the event loop ever waits for
+the collector. bench/tracing.py measures the cost at 1% and 100% (bench/RESULTS.md).
 
 Attributes are ids, the room's slug, frame types, seqs and counts: never a body,
 a cookie, a token or a password. A span that ends with an exception records its
@@ -106,10 +112,31 @@ def stop() -> None:
 
 def span(name: str, kind: SpanKind = SpanKind.INTERNAL, **attributes):
     """A context manager: the span `name`, current inside the block, with
-    `attributes` (realtime.<key>); off, a shared no-op that yields INVALID_SPAN."""
+    `attributes` (realtime.<key>); off, a shared no-op that yields INVALID_SPAN;
+    in a trace sampled out, none: the current (non-recording) span is yielded."""
     if not ENABLED:
         return _OFF
+    parent = trace.get_current_span()
+    if _sampled_out(parent):
+        return contextlib.nullcontext(parent)
     return _current(name, None, kind, {f"realtime.{k}": v for k, v in attributes.items() if v is not None})
+
+
+def _sampled_out(current) -> bool:
+    """`current` (a span) is of a trace its root's sampler left out: a child would
+    be a non-recording span too, so none is made."""
+    context = current.get_span_context()
+    return context.is_valid and not context.trace_flags.sampled
+
+
+def sampled(message: dict) -> bool:
+    """The event's traceparent is of a sampled trace (its flags' last bit): only
+    then does a receiving worker trace its fan-out."""
+    value = message.get(TRACEPARENT)
+    try:
+        return value is not None and int(value[-2:], 16) & 1 == 1
+    except ValueError:
+        return False
 
 
 @contextlib.contextmanager
@@ -130,19 +157,30 @@ def _current(name: str, context, kind: SpanKind, attributes: dict, start_time: i
 @contextlib.contextmanager
 def publishing(messages: list[tuple[str, dict]]):
     """The publish span of these (group, layer message)s, current inside the block;
-    its traceparent goes into each message, once per event."""
+    its traceparent goes into each message, once per event. In a trace sampled
+    out, no span: the trace's traceparent (flags 00) goes into each message."""
+    parent = trace.get_current_span()
+    if _sampled_out(parent):
+        _carry(messages)
+        yield parent
+        return
     rooms = {message.get("room") for _, message in messages}
     attributes = {"realtime.events": len(messages)}
     if len(rooms) == 1:
         attributes["realtime.room"] = rooms.pop()
     with _current("realtime.publish", None, SpanKind.PRODUCER, attributes) as current:
-        carrier: dict[str, str] = {}
-        _propagator.inject(carrier)
-        value = carrier.get(TRACEPARENT)
-        if value:
-            for _, message in messages:
-                message[TRACEPARENT] = value
+        _carry(messages)
         yield current
+
+
+def _carry(messages: list[tuple[str, dict]]) -> None:
+    """The current span's traceparent into each message."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    value = carrier.get(TRACEPARENT)
+    if value:
+        for _, message in messages:
+            message[TRACEPARENT] = value
 
 
 def fan_out(message: dict, received: bool, sockets: int):

@@ -46,7 +46,8 @@ class Batched:
     a time, each with its rate limits, lease and presence to ask, opened hundreds
     of connections (their set-up a tenth of the worker's time) and paid a round trip
     each. Each caller gets its own command's answer, or its error, as from the
-    client itself; a connection that fails fails the commands sent on it."""
+    client itself; a connection that fails fails the commands sent on it. A
+    caller cancelled before its command is sent is left out."""
 
     MOST = 256
 
@@ -69,7 +70,13 @@ class Batched:
         batch: list = []
         try:
             while waiting.calls:
-                batch, waiting.calls = waiting.calls[:self.MOST], waiting.calls[self.MOST:]
+                # A caller cancelled while it waited (its socket went away) is not
+                # sent: its rate-limit token, lease or presence would be taken for
+                # nobody, and a storm's abandoned handshakes would cost as much as live ones.
+                live = [call for call in waiting.calls if not call[1].done()]
+                batch, waiting.calls = live[:self.MOST], live[self.MOST:]
+                if not batch:
+                    break
                 pipe = client(self.url).pipeline(transaction=False)
                 for args, _ in batch:
                     pipe.execute_command(*args)

@@ -129,3 +129,30 @@ async def test_redis_commands_waiting_together_go_in_one_round_trip(redis_server
     assert sent == [7]  # one round trip for the seven
     assert await batched.execute_command("GET", "batched:2") == b"42"
     assert sent == [7, 1]  # alone: sent at once, alone
+
+
+@pytest.mark.asyncio
+async def test_a_command_whose_caller_was_cancelled_before_it_went_is_not_sent(redis_server, monkeypatch):
+    """A handshake abandoned while its rate limit waited in the batch (its client
+    gone) takes no token: its command never reaches Redis."""
+    from redis.asyncio.client import Pipeline
+
+    from realtime.state import store
+
+    sent = []
+    real = Pipeline.execute
+
+    async def counted(self, raise_on_error=True):
+        sent.append(len(self.command_stack))
+        return await real(self, raise_on_error=raise_on_error)
+
+    monkeypatch.setattr(Pipeline, "execute", counted)
+    batched = store.batched(redis_server.url)
+    tasks = [asyncio.ensure_future(batched.execute_command("INCR", "batched:cancelled")) for _ in range(3)]
+    await asyncio.sleep(0)  # all three are waiting for the sender, which has not sent yet
+    tasks[1].cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(done[1], asyncio.CancelledError)
+    assert sorted(done[0::2]) == [1, 2]
+    assert sent == [2]
+    assert await batched.execute_command("GET", "batched:cancelled") == b"2"

@@ -1,7 +1,8 @@
 """Tracing in one process (realtime/observability/tracing.py), with the SDK's
 in-memory exporter: the spans of one message.send over a socket and their order;
 off by default (no spans, no traceparent in the layer message); a sampler that
-says no makes no recording spans; a collector that never answers slows no socket."""
+says no makes no recording spans, and no span at all below a frame's root; a
+collector that never answers slows no socket."""
 
 from __future__ import annotations
 
@@ -149,6 +150,57 @@ async def test_a_sampler_that_says_no_records_nothing(cookies, published):
     # The decision travels with the event (flags 00), so other workers do not sample it.
     [message] = published
     assert int(message[tracing.TRACEPARENT].split("-")[3], 16) & 1 == 0  # not sampled
+
+
+class Counting:
+    """A tracer that notes the name of every span asked of it."""
+
+    def __init__(self, tracer) -> None:
+        self.tracer, self.names = tracer, []
+
+    def start_as_current_span(self, name, **kwargs):
+        self.names.append(name)
+        return self.tracer.start_as_current_span(name, **kwargs)
+
+    def start_span(self, name, **kwargs):
+        self.names.append(name)
+        return self.tracer.start_span(name, **kwargs)
+
+
+async def test_a_trace_sampled_out_makes_no_span_below_its_root(cookies, published, monkeypatch):
+    """Only the frames' root spans are asked for (the sampler's one decision); the
+    permission, write, publish, fan-out and socket writes make none, and the event
+    still carries the trace's traceparent, not sampled (bench/tracing.py: the cost
+    at 1%)."""
+    provider, exporter = provider_with(ALWAYS_OFF)
+    tracing.use(provider)
+    counting = Counting(tracing._tracer)
+    monkeypatch.setattr(tracing, "_tracer", counting)
+    try:
+        async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
+            await subscribe(alice, "general")
+            await subscribe(bob, "general")
+            await alice.send_json_to(send(0))
+            assert (await next_of(bob, "message.new"))["seq"] == 1
+            await assert_quiet(bob)
+    finally:
+        tracing.stop()
+    assert "ws message.send" in counting.names
+    assert all(name.startswith("ws ") for name in counting.names), counting.names  # frames' roots only
+    assert exporter.get_finished_spans() == ()
+    [message] = published
+    assert not tracing.sampled(message)
+    assert int(message[tracing.TRACEPARENT].split("-")[3], 16) & 1 == 0
+
+
+async def test_sampled_reads_the_traceparents_flags():
+    base = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-"
+    assert tracing.sampled({tracing.TRACEPARENT: base + "01"})
+    assert tracing.sampled({tracing.TRACEPARENT: base + "03"})  # sampled, random trace id
+    assert not tracing.sampled({tracing.TRACEPARENT: base + "00"})
+    assert not tracing.sampled({tracing.TRACEPARENT: base + "02"})
+    assert not tracing.sampled({tracing.TRACEPARENT: base + "zz"})
+    assert not tracing.sampled({})
 
 
 class HeldExporter(OTLPSpanExporter):
