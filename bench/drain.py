@@ -399,6 +399,10 @@ async def drain_storm(target, count: int, rate: float, pids: list[int], deadline
     except TimeoutError:
         pass
     ended = time.monotonic()
+    # The deadline is the end of the measurement: sockets still coming back stop
+    # trying (those back later would be counted back, with downtimes past it).
+    for task in storm.tasks:
+        task.cancel()
     await asyncio.sleep(settle)
     stop_sending.set()
     await sending
