@@ -648,12 +648,25 @@ def scale_chart(rows: list, out: Path) -> None:
                 if size is not None:
                     xs.append(size)
                     ys.append(r[metric])
-            yield target, xs, ys
+            pairs = sorted(zip(xs, ys))
+            yield target, [x for x, _ in pairs], [y for _, y in pairs]
 
     ax = axes[0][0]
     for target, xs, ys in series(drains, "back_s"):
         if xs:
             ax.plot(xs, ys, "o-", color=colors[target], label=f"{target} ({'drain' if target == 'full' else 'kill'})")
+    # A size whose sockets did not all come back has no time: a cross at the top
+    # of the panel says so, with how many failed.
+    top = max([5.0] + [line.get_ydata().max() for line in ax.lines if len(line.get_ydata())]) * 1.1
+    for name, (_, _, _, _, details) in drains:
+        for target in ("full", "bare"):
+            r = representative(details[target], "back_s")
+            if r.get("back_s") is None and (r.get("failed") or "error" in r):
+                ax.plot([r.get("sockets") or int(name.split()[2].replace(",", ""))], [top], "x", color=colors[target],
+                        markersize=10)
+                ax.annotate(f"{target}: {r.get('failed', 'error')} not back", (r.get("sockets") or 0, top),
+                            textcoords="offset points", xytext=(-60, -14 if target == "full" else -26), fontsize=7,
+                            color=colors[target])
     ax.axhline(5, color="#c0392b", linestyle=":", label="target 5 s")
     ax.set(title="Drain storm: time until every drained socket is back", xlabel="sockets over 2 workers", ylabel="s")
     legend(ax)
