@@ -38,12 +38,17 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import time
 import urllib.parse
+
+import msgspec
 
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+
+log = logging.getLogger(__name__)
 
 GROUP_RENEW = 3600.0  # channel layer: renew memberships (channels_redis expires them after a day)
 SETTING = "REALTIME_BROKER_URL"
@@ -180,6 +185,17 @@ class LayerEngine(Engine):
             await layer.group_send(group, message)
 
     async def ping(self) -> None:
+        return None
+
+
+def decoded(payload: bytes) -> dict | None:
+    """A group message as an engine received it (MessagePack, as every engine's
+    pack() makes it), or None, logged, for bytes that are not one: the receive
+    loop goes on with the next."""
+    try:
+        return msgspec.msgpack.decode(payload)
+    except msgspec.DecodeError:
+        log.warning("fan-out message undecodable", extra={"event": "fanout.undecodable"})
         return None
 
 

@@ -78,7 +78,7 @@ import weakref
 
 import msgspec
 
-from realtime.delivery.transport import SETTING, BrokerError, Engine, Receiver, hide_password
+from realtime.delivery.transport import SETTING, BrokerError, Engine, Receiver, hide_password, decoded
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +214,8 @@ class AmqpReceiver(Receiver):
     async def _on_message(self, message) -> None:
         # No await before the put: aiormq runs one task per delivery, in order, and
         # each reaches here in its turn.
-        try:
-            data = msgspec.msgpack.decode(message.body)
-        except msgspec.DecodeError:
-            log.warning("fan-out message undecodable", extra={"event": "fanout.undecodable"})
+        data = decoded(message.body)
+        if data is None:
             return
         if self.inbox.qsize() >= INBOX_MAX:
             self.inbox.get_nowait()  # the oldest goes; the sockets catch up from the log

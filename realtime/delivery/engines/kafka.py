@@ -101,7 +101,7 @@ import weakref
 
 import msgspec
 
-from realtime.delivery.transport import SETTING, BrokerError, Engine, Receiver, describe as _describe
+from realtime.delivery.transport import SETTING, BrokerError, Engine, Receiver, describe as _describe, decoded
 
 log = logging.getLogger(__name__)
 
@@ -320,10 +320,8 @@ class KafkaReceiver(Receiver):
             return
         if group not in self.fan.groups:
             return  # another worker's group (module doc: what this costs)
-        try:
-            data = msgspec.msgpack.decode(record.value)
-        except msgspec.DecodeError:
-            log.warning("fan-out message undecodable", extra={"event": "fanout.undecodable"})
+        data = decoded(record.value)
+        if data is None:
             return
         await self.fan.dispatch(data)
 

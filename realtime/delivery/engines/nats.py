@@ -66,7 +66,7 @@ import weakref
 
 import msgspec
 
-from realtime.delivery.transport import SETTING, BrokerError, Engine, Receiver, hide_password
+from realtime.delivery.transport import SETTING, BrokerError, Engine, Receiver, hide_password, decoded
 
 log = logging.getLogger(__name__)
 
@@ -252,10 +252,8 @@ class NatsReceiver(Receiver):
             await sub.unsubscribe()
 
     async def _on_message(self, msg) -> None:
-        try:
-            data = msgspec.msgpack.decode(msg.data)
-        except msgspec.DecodeError:
-            log.warning("fan-out message undecodable", extra={"event": "fanout.undecodable"})
+        data = decoded(msg.data)
+        if data is None:
             return
         async with self.handing:
             await self.fan.dispatch(data)

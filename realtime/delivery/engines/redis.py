@@ -28,7 +28,7 @@ import logging
 import msgspec
 
 from realtime.delivery import names
-from realtime.delivery.transport import BrokerError, Engine, Receiver, SETTING
+from realtime.delivery.transport import BrokerError, Engine, Receiver, SETTING, decoded
 from realtime.state import store
 
 log = logging.getLogger(__name__)
@@ -121,17 +121,10 @@ class ShardSubscriber:
                 continue
             delay = 0.1
             if published:
-                try:
-                    data = msgspec.msgpack.decode(response[2])
-                except msgspec.DecodeError:
-                    log.warning("fan-out message undecodable", extra={"event": "fanout.undecodable"})
-                    continue
-                await self.fan.dispatch(data)
-                continue
-            if message is None:
-                continue
-            kind = message["type"]
-            if kind == "subscribe":
+                data = decoded(response[2])
+                if data is not None:
+                    await self.fan.dispatch(data)
+            elif message is not None and message["type"] == "subscribe":
                 channel = message["channel"].decode() if isinstance(message["channel"], bytes) else message["channel"]
                 for future in self.confirming.pop(channel, ()):
                     if not future.done():

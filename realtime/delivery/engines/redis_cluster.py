@@ -51,7 +51,7 @@ from redis.exceptions import AuthenticationError, MovedError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
 from realtime.delivery import names
-from realtime.delivery.transport import BrokerError, Engine, Receiver, SETTING, describe
+from realtime.delivery.transport import BrokerError, Engine, Receiver, SETTING, describe, decoded
 
 log = logging.getLogger(__name__)
 
@@ -271,12 +271,9 @@ class NodeLink:
         return False
 
     async def _message(self, payload: bytes) -> None:
-        try:
-            data = msgspec.msgpack.decode(payload)
-        except msgspec.DecodeError:
-            log.warning("fan-out message undecodable", extra={"event": "fanout.undecodable"})
-            return
-        await self.fan.dispatch(data)
+        data = decoded(payload)
+        if data is not None:
+            await self.fan.dispatch(data)
 
     async def _ping(self, conn) -> None:
         """A connection that answers nothing (no PONG, no message) for PONG_WITHIN
