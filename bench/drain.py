@@ -67,6 +67,8 @@ import sys
 import time
 import uuid
 
+from bench.wsframes import pong, read_frames
+
 SEQ = re.compile(rb'"seq":(\d+)')
 RESTART_CODES = {4012, 1012}
 STOP_CODES = {4001, 4003}
@@ -134,24 +136,11 @@ class Conn(asyncio.Protocol):
             self.handshaking = False
             if not self.opened.done():
                 self.opened.set_result(at)
-        while len(buf) >= 2:
-            opcode, n, start = buf[0] & 0x0F, buf[1] & 0x7F, 2
-            if n == 126:
-                if len(buf) < 4:
-                    return
-                n, start = int.from_bytes(buf[2:4], "big"), 4
-            elif n == 127:
-                if len(buf) < 10:
-                    return
-                n, start = int.from_bytes(buf[2:10], "big"), 10
-            if len(buf) < start + n:
-                return
-            payload = bytes(buf[start:start + n])
-            del buf[:start + n]
+        for opcode, payload in read_frames(buf):
             if opcode in (1, 2):
                 self.client.frame(self, payload, at)
             elif opcode == 9:
-                self.transport.write(bytes((0x8A, 0x80 | len(payload))) + bytes(4) + payload)
+                self.transport.write(pong(payload))
             elif opcode == 8:
                 code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
                 self._end(code, payload[2:].decode(errors="replace"))

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 LABELS = {"redis": "redis (one)", "redis-sharded": "redis, 2 shards"}
 
 
-def cpu_seconds() -> float:
+def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
@@ -95,13 +95,13 @@ async def receive(url: str, groups: list[str], quiet: float) -> dict:
     for group in groups:
         await receiver.join(group)
     print("ready", flush=True)
-    started = cpu_seconds()
+    started = own_cpu_seconds()
     # Until nothing has come for `quiet` seconds after the first message.
     while not fan.count or time.monotonic() - fan.last < quiet:
         await asyncio.sleep(0.1)
     seconds = max(fan.last - fan.first, 1e-9)
     return {"received": fan.count, "seconds": round(seconds, 3), "per_s": round(fan.count / seconds, 1),
-            "cpu": round(cpu_seconds() - started, 2), "failures": fan.failures}
+            "cpu": round(own_cpu_seconds() - started, 2), "failures": fan.failures}
 
 
 async def publish(url: str, groups: list[str], seconds: float, batch: int) -> dict:
@@ -111,7 +111,7 @@ async def publish(url: str, groups: list[str], seconds: float, batch: int) -> di
     seqs = dict.fromkeys(groups, 0)
     sent = 0
     turn = 0
-    started, cpu = time.monotonic(), cpu_seconds()
+    started, cpu = time.monotonic(), own_cpu_seconds()
     while time.monotonic() - started < seconds:
         messages = []
         for _ in range(batch):
@@ -123,7 +123,7 @@ async def publish(url: str, groups: list[str], seconds: float, batch: int) -> di
         sent += len(messages)
     took = time.monotonic() - started
     return {"sent": sent, "seconds": round(took, 3), "per_s": round(sent / took, 1),
-            "cpu": round(cpu_seconds() - cpu, 2)}
+            "cpu": round(own_cpu_seconds() - cpu, 2)}
 
 
 def groups_of(n: int) -> list[str]:
@@ -159,19 +159,8 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def cpu_of(pids: list[int]) -> float:
-    """CPU seconds used so far by the processes `pids` (those still there)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def one(url: str, env: dict, receivers: int, groups: int, seconds: float, batch: int, broker: list[int]) -> dict:
+    from bench.loadgen import cpu_seconds
     from bench.run import pinned
 
     base = [*pinned(0), sys.executable, "-m", "bench.engines", "--url", url, "--groups", str(groups)]
@@ -182,13 +171,13 @@ def one(url: str, env: dict, receivers: int, groups: int, seconds: float, batch:
             line = proc.stdout.readline().strip()
             if line != "ready":
                 raise RuntimeError(f"a receiver did not get ready on {url}: {line!r}")
-        broker_cpu = cpu_of(broker)
+        broker_cpu = cpu_seconds(broker, missing_ok=True)
         sent = subprocess.run([*base, "--role", "publish", "--seconds", str(seconds), "--batch", str(batch)],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=seconds + 120)
         if sent.returncode:
             raise RuntimeError(f"the publisher failed on {url}: {sent.stderr[-2000:]}")
         published = json.loads(sent.stdout.strip().splitlines()[-1])
-        broker_cpu = cpu_of(broker) - broker_cpu
+        broker_cpu = cpu_seconds(broker, missing_ok=True) - broker_cpu
         got = []
         for proc in listening:
             out, _ = proc.communicate(timeout=seconds + 120)

@@ -57,17 +57,25 @@ import uuid
 import msgspec
 import websockets
 
+from bench.wsframes import pong, read_frames
+
 PATHS = {"full": "/ws/v1/", "bare": "/ws/bench/bare/"}
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int], missing_ok: bool = False) -> float:
     """User + system CPU time of these processes so far (/proc/<pid>/stat utime and
-    stime, fields 14 and 15), in seconds."""
+    stime, fields 14 and 15), in seconds. With `missing_ok`, a process that has
+    gone counts nothing instead of raising."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            if missing_ok:
+                continue
+            raise
         total += int(fields[11]) + int(fields[12])
     return total / tick
 
@@ -212,24 +220,11 @@ class FrameReader(asyncio.Protocol):
         at = time.monotonic()
         buf = self.buffer
         buf += data
-        while len(buf) >= 2:
-            opcode, n, start = buf[0] & 0x0F, buf[1] & 0x7F, 2
-            if n == 126:
-                if len(buf) < 4:
-                    return
-                n, start = int.from_bytes(buf[2:4], "big"), 4
-            elif n == 127:
-                if len(buf) < 10:
-                    return
-                n, start = int.from_bytes(buf[2:10], "big"), 10
-            if len(buf) < start + n:
-                return
-            payload = bytes(buf[start:start + n])
-            del buf[:start + n]
+        for opcode, payload in read_frames(buf):
             if opcode in (1, 2):
                 self.member.frame(payload, at)
-            elif opcode == 9:  # ping: pong with the same payload, masked with a zero key
-                self.transport.write(bytes((0x8A, 0x80 | len(payload))) + bytes(4) + payload)
+            elif opcode == 9:
+                self.transport.write(pong(payload))
             elif opcode == 8:
                 self.transport.close()
                 return
@@ -340,15 +335,13 @@ async def publish(target: Target, members_n: int, total: int, *, window: int | N
                 await asyncio.sleep(delay)
         sent[n] = time.monotonic()
         await sender_ws.send(target.frame(f"{run}:{n}:", n))
-    cpu_after = None
     if helpers:
         members = await finish_helpers(helpers, total, drain, started)
-        cpu_after = cpu_seconds(worker_pids) if worker_pids else None
     else:
         deadline = time.monotonic() + drain
         while any(len(m.got) < total for m in members) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        cpu_after = cpu_seconds(worker_pids) if worker_pids else None
+    cpu_after = cpu_seconds(worker_pids) if worker_pids else None
     own_after, ended = cpu_seconds([os.getpid()]), time.monotonic()
     gc.enable()
     result = summarize(sent, members, started)

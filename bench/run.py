@@ -516,15 +516,26 @@ def why_not(result: dict) -> str:
     return ""
 
 
+def scale_groups(rows: list) -> dict[str, list]:
+    """The scale scenarios' rows by kind (drain, cost, curve, idle, room), each a
+    list of (name, (metric, bare, full, ratio, details)) in the order run."""
+    kinds = {"drain": lambda n: n.startswith("drain storm"), "cost": lambda n: n.startswith("cost curve"),
+             "curve": lambda n: n.startswith("connect rate against"), "idle": lambda n: n.startswith("idle sockets"),
+             "room": lambda n: "-member room" in n}
+    groups: dict[str, list] = {kind: [] for kind in kinds}
+    for name, metric, _, bare, full, ratio, details in rows:
+        for kind, matches in kinds.items():
+            if matches(name):
+                groups[kind].append((name, (metric, bare, full, ratio, details)))
+    return groups
+
+
 def scale_section(rows: list, folder: Path) -> list[str]:
     """Issue 18's scale scenarios, each in its own table (the run of the median,
     beside the bare consumer's), and bench/scale.png (beside RESULTS.md)."""
-    found = {name: (metric, bare, full, ratio, details) for name, metric, _, bare, full, ratio, details in rows}
-    drains = [(name, found[name]) for name in found if name.startswith("drain storm")]
-    costs = [(name, found[name]) for name in found if name.startswith("cost curve")]
-    curves = [(name, found[name]) for name in found if name.startswith("connect rate against")]
-    idles = [(name, found[name]) for name in found if name.startswith("idle sockets")]
-    rooms = [(name, found[name]) for name in found if "-member room" in name]
+    groups = scale_groups(rows)
+    drains, costs, curves = groups["drain"], groups["cost"], groups["curve"]
+    idles, rooms = groups["idle"], groups["room"]
     if not (drains or costs or curves or idles or rooms):
         return []
     lines = ["## Scale (issue 18)", "",
@@ -624,10 +635,8 @@ def legend(ax) -> None:
 def scale_chart(rows: list, out: Path) -> None:
     """bench/scale.png: the drain's time back by size, deliveries a second and CPU per
     delivery by room size, the connect rate by sockets open; full against bare."""
-    found = {name: (metric, bare, full, ratio, details) for name, metric, _, bare, full, ratio, details in rows}
-    drains = [(name, found[name]) for name in found if name.startswith("drain storm")]
-    costs = [(name, found[name]) for name in found if name.startswith("cost curve")]
-    curves = [(name, found[name]) for name in found if name.startswith("connect rate against")]
+    groups = scale_groups(rows)
+    drains, costs, curves = groups["drain"], groups["cost"], groups["curve"]
     if not (drains or costs or curves):
         return
     import matplotlib

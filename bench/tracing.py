@@ -4,7 +4,7 @@ taking turns (off, 1%, 100%, off, ...):
 
 - off: no OTEL_EXPORTER_OTLP_ENDPOINT (tracing.py's one test of ENABLED per path);
 - 1%: OTEL_EXPORTER_OTLP_ENDPOINT at a real OTLP/HTTP receiver this process
-  starts (`Receiver`), OTEL_TRACES_SAMPLER=parentbased_traceidratio and
+  starts (deploy/otlp.py), OTEL_TRACES_SAMPLER=parentbased_traceidratio and
   OTEL_TRACES_SAMPLER_ARG=0.01, the rest the SDK's defaults (the README's
   production advice);
 - 100%: the same with OTEL_TRACES_SAMPLER=always_on, for reference.
@@ -27,18 +27,17 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import run  # noqa: E402
-from bench.loadgen import raise_fd_limit  # noqa: E402
+from bench.loadgen import cpu_seconds, raise_fd_limit  # noqa: E402
 from bench.run import SCENARIOS as RUN_SCENARIOS  # noqa: E402
 from bench.run import one_run, pinned, services  # noqa: E402
+from deploy.otlp import OtlpReceiver  # noqa: E402
 
 FANOUT_500 = "fan-out, 500 members"
 CROSS_500 = "cross-worker fan-out, 500 members on 2 workers"
@@ -59,84 +58,22 @@ MODES = {
 TARGET = 0.05  # the issue's: fan-out within 5% of tracing off, at 1%
 
 
-class Receiver:
-    """OTLP/HTTP traces (protobuf) on a free port of 127.0.0.1: keeps each span's
-    name, trace id, worker (service.instance.id) and, for realtime.publish, how many
-    events it published. `take()` hands over what came since the last call."""
-
-    def __init__(self) -> None:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceRequest,
-            ExportTraceServiceResponse,
-        )
-
-        self.spans: list[tuple[str, bytes, str, int]] = []
-        self.requests = 0
-        self.lock = threading.Lock()
-        receiver, answer = self, ExportTraceServiceResponse().SerializeToString()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.path != "/v1/traces":
-                    self.send_error(404)
-                    return
-                request = ExportTraceServiceRequest.FromString(body)
-                got = []
-                for resource_spans in request.resource_spans:
-                    worker = next((kv.value.string_value for kv in resource_spans.resource.attributes
-                                   if kv.key == "service.instance.id"), "")
-                    for scope_spans in resource_spans.scope_spans:
-                        for span in scope_spans.spans:
-                            events = next((kv.value.int_value for kv in span.attributes if kv.key == "realtime.events"), 0)
-                            got.append((span.name, span.trace_id, worker, events))
-                with receiver.lock:
-                    receiver.requests += 1
-                    receiver.spans.extend(got)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def start(self) -> "Receiver":
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def take(self) -> dict:
-        """What arrived since the last call: spans, traces, spans by name, workers,
-        and the events in the sampled publish spans."""
-        with self.lock:
-            spans, self.spans = self.spans, []
-        names: dict[str, int] = {}
-        for name, *_ in spans:
-            names[name] = names.get(name, 0) + 1
-        return {
-            "spans": len(spans),
-            "traces": len({trace_id for _, trace_id, _, _ in spans}),
-            "message_traces": len({trace_id for name, trace_id, _, _ in spans if name == "realtime.publish"}),
-            "published_events": sum(events for name, _, _, events in spans if name == "realtime.publish"),
-            "workers": sorted({worker for _, _, worker, _ in spans}),
-            "by_name": dict(sorted(names.items())),
-        }
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU a process has used so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def summary(spans: list[tuple[dict, object]]) -> dict:
+    """What the receiver got (deploy/otlp.py, `take()`): spans, traces, spans by
+    name, workers (service.instance.id), and the events in the sampled publish spans."""
+    names: dict[str, int] = {}
+    for _, span in spans:
+        names[span.name] = names.get(span.name, 0) + 1
+    publishes = [span for _, span in spans if span.name == "realtime.publish"]
+    return {
+        "spans": len(spans),
+        "traces": len({span.trace_id for _, span in spans}),
+        "message_traces": len({span.trace_id for span in publishes}),
+        "published_events": sum(next((kv.value.int_value for kv in span.attributes if kv.key == "realtime.events"), 0)
+                                for span in publishes),
+        "workers": sorted({resource.get("service.instance.id", "") for resource, _ in spans}),
+        "by_name": dict(sorted(names.items())),
+    }
 
 
 class CountedWorker(run.BenchWorker):
@@ -149,12 +86,12 @@ class CountedWorker(run.BenchWorker):
 
     def start(self) -> "CountedWorker":
         super().start()
-        self.cpu_at_start = cpu_seconds(self.proc.pid)
+        self.cpu_at_start = cpu_seconds([self.proc.pid])
         return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            CountedWorker.used.append(cpu_seconds(self.proc.pid) - self.cpu_at_start)
+            CountedWorker.used.append(cpu_seconds([self.proc.pid]) - self.cpu_at_start)
         super().stop()
 
 
@@ -165,7 +102,7 @@ def messages_sent(args: list[str]) -> int:
     return int(float(args[args.index("--rate") + 1]) * float(args[args.index("--seconds") + 1]))
 
 
-def measure(scenarios: dict, runs: int, receiver: Receiver) -> dict:
+def measure(scenarios: dict, runs: int, receiver: OtlpReceiver) -> dict:
     """{scenario: {mode: [run result, ...]}}; each run's result is the load
     generator's, with what the receiver got during it under `received`."""
     results: dict[str, dict[str, list[dict]]] = {}
@@ -185,7 +122,7 @@ def measure(scenarios: dict, runs: int, receiver: Receiver) -> dict:
                     CountedWorker.used = []
                     result = one_run({**ctx, "env": envs[mode]}, workdir, "full", args, member, sender, workers=workers)
                     # The workers have stopped: their last spans were exported at exit.
-                    result["received"] = receiver.take()
+                    result["received"] = summary(receiver.take())
                     result["messages"] = messages_sent(args)
                     # The workers' CPU for the run, per message sent (all its deliveries).
                     result["worker_cpu_s"] = round(sum(CountedWorker.used), 2)
@@ -288,7 +225,7 @@ def main() -> None:
     run.BenchWorker = CountedWorker  # one_run's workers, their CPU counted
     scenarios = QUICK if args.quick else SCENARIOS
     runs = 1 if args.quick else args.runs
-    receiver = Receiver().start()
+    receiver = OtlpReceiver().start()
     try:
         results = measure(scenarios, runs, receiver)
     finally:

@@ -1,5 +1,5 @@
 """Tracing across real workers (realtime/observability/tracing.py): two daphne
-workers export to a small OTLP/HTTP receiver of the test's own. A message sent on
+workers export to a small OTLP/HTTP receiver (deploy/otlp.py). A message sent on
 worker a and received on worker b is one trace holding spans of both, in order,
 over the socket and over REST; a receiver that never answers slows no socket."""
 
@@ -9,18 +9,13 @@ import asyncio
 import json
 import shutil
 import tempfile
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 
+from deploy.otlp import OtlpReceiver
 from tests.cluster.conftest import login, open_socket, send_messages
 from tests.conftest import missing
 from tests.services import Cluster
@@ -28,71 +23,9 @@ from tests.services import Cluster
 pytestmark = [pytest.mark.cluster, pytest.mark.asyncio]
 
 
-class Receiver:
-    """OTLP/HTTP traces on a free port: keeps every span with its resource's
-    service.name and service.instance.id. `hang` makes it take requests and never
-    answer (until `release`)."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[dict, object]] = []  # (resource attributes, Span)
-        self.requests = 0
-        self.lock = threading.Lock()
-        self.hanging = threading.Event()
-        self.released = threading.Event()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.path != "/v1/traces":
-                    self.send_error(404)
-                    return
-                request = ExportTraceServiceRequest.FromString(body)
-                with receiver.lock:
-                    receiver.requests += 1
-                    for resource_spans in request.resource_spans:
-                        resource = {kv.key: kv.value.string_value for kv in resource_spans.resource.attributes}
-                        for scope_spans in resource_spans.scope_spans:
-                            receiver.spans.extend((resource, span) for span in scope_spans.spans)
-                if receiver.hanging.is_set():
-                    receiver.released.wait(120)
-                    return  # no answer at all
-                answer = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def start(self) -> "Receiver":
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-    def trace(self, trace_id: bytes) -> list[tuple[dict, object]]:
-        with self.lock:
-            return [(resource, span) for resource, span in self.spans if span.trace_id == trace_id]
-
-    def find(self, predicate) -> list[tuple[dict, object]]:
-        with self.lock:
-            return [(resource, span) for resource, span in self.spans if predicate(resource, span)]
-
-
 @pytest.fixture(scope="module")
 def receiver():
-    r = Receiver().start()
+    r = OtlpReceiver().start()
     yield r
     r.stop()
 

@@ -101,23 +101,30 @@ def test_rest_posting_shares_the_message_send_bucket(demo, tight):
     assert Message.objects.count() == 3
 
 
+@pytest.fixture
+def sent(monkeypatch) -> list[int]:
+    """The size of every Redis pipeline sent during the test, in order."""
+    from redis.asyncio.client import Pipeline
+
+    sizes: list[int] = []
+    real = Pipeline.execute
+
+    async def counted(self, raise_on_error=True):
+        sizes.append(len(self.command_stack))
+        return await real(self, raise_on_error=raise_on_error)
+
+    monkeypatch.setattr(Pipeline, "execute", counted)
+    return sizes
+
+
 @pytest.mark.asyncio
-async def test_redis_commands_waiting_together_go_in_one_round_trip(redis_server, monkeypatch):
+async def test_redis_commands_waiting_together_go_in_one_round_trip(redis_server, sent):
     """state/store.Batched: each caller its own answer or error, the waiting ones
     sent as one pipeline (the limits, leases and presence of a storm's handshakes)."""
-    from redis.asyncio.client import Pipeline
     from redis.exceptions import ResponseError
 
     from realtime.state import store
 
-    sent = []
-    real = Pipeline.execute
-
-    async def counted(self, raise_on_error=True):
-        sent.append(len(self.command_stack))
-        return await real(self, raise_on_error=raise_on_error)
-
-    monkeypatch.setattr(Pipeline, "execute", counted)
     batched = store.batched(redis_server.url)
     calls = [batched.execute_command("SET", f"batched:{i}", i) for i in range(5)]
     calls.append(batched.eval("return redis.call('INCRBY', KEYS[1], ARGV[1])", 1, "batched:2", 40))
@@ -132,21 +139,11 @@ async def test_redis_commands_waiting_together_go_in_one_round_trip(redis_server
 
 
 @pytest.mark.asyncio
-async def test_a_command_whose_caller_was_cancelled_before_it_went_is_not_sent(redis_server, monkeypatch):
+async def test_a_command_whose_caller_was_cancelled_before_it_went_is_not_sent(redis_server, sent):
     """A handshake abandoned while its rate limit waited in the batch (its client
     gone) takes no token: its command never reaches Redis."""
-    from redis.asyncio.client import Pipeline
-
     from realtime.state import store
 
-    sent = []
-    real = Pipeline.execute
-
-    async def counted(self, raise_on_error=True):
-        sent.append(len(self.command_stack))
-        return await real(self, raise_on_error=raise_on_error)
-
-    monkeypatch.setattr(Pipeline, "execute", counted)
     batched = store.batched(redis_server.url)
     tasks = [asyncio.ensure_future(batched.execute_command("INCR", "batched:cancelled")) for _ in range(3)]
     await asyncio.sleep(0)  # all three are waiting for the sender, which has not sent yet
