@@ -62,12 +62,12 @@ from bench.wsframes import pong, read_frames
 PATHS = {"full": "/ws/v1/", "bare": "/ws/bench/bare/"}
 
 
-def cpu_seconds(pids: list[int], missing_ok: bool = False) -> float:
-    """User + system CPU time of these processes so far (/proc/<pid>/stat utime and
-    stime, fields 14 and 15), in seconds. With `missing_ok`, a process that has
+def cpu_times(pids: list[int], missing_ok: bool = False) -> tuple[float, float]:
+    """(user, system) CPU time of these processes so far (/proc/<pid>/stat utime
+    and stime, fields 14 and 15), in seconds. With `missing_ok`, a process that has
     gone counts nothing instead of raising."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -76,8 +76,14 @@ def cpu_seconds(pids: list[int], missing_ok: bool = False) -> float:
             if missing_ok:
                 continue
             raise
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / tick, system / tick
+
+
+def cpu_seconds(pids: list[int], missing_ok: bool = False) -> float:
+    """User + system CPU time of these processes so far, in seconds (cpu_times)."""
+    return sum(cpu_times(pids, missing_ok))
 
 
 def rss_kib(pid: int) -> int:
@@ -318,7 +324,7 @@ async def publish(target: Target, members_n: int, total: int, *, window: int | N
     gc.collect()
     gc.freeze()
     gc.disable()
-    cpu_before = cpu_seconds(worker_pids) if worker_pids else None
+    cpu_before = cpu_times(worker_pids) if worker_pids else None
     own_before = cpu_seconds([os.getpid()])
     started = time.monotonic()
     for n in range(total):
@@ -341,7 +347,7 @@ async def publish(target: Target, members_n: int, total: int, *, window: int | N
         deadline = time.monotonic() + drain
         while any(len(m.got) < total for m in members) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-    cpu_after = cpu_seconds(worker_pids) if worker_pids else None
+    cpu_after = cpu_times(worker_pids) if worker_pids else None
     own_after, ended = cpu_seconds([os.getpid()]), time.monotonic()
     gc.enable()
     result = summarize(sent, members, started)
@@ -353,8 +359,11 @@ async def publish(target: Target, members_n: int, total: int, *, window: int | N
     if cpu_before is not None and result["deliveries"]:
         # Includes the sender's own chain (one frame in, one database write, one
         # publish per message): all the CPU the workers spent on the messages.
-        result["worker_cpu_s"] = round(cpu_after - cpu_before, 3)
-        result["cpu_us_per_delivery"] = round((cpu_after - cpu_before) / result["deliveries"] * 1e6, 2)
+        user, system = (after - before for after, before in zip(cpu_after, cpu_before))
+        result["worker_cpu_s"] = round(user + system, 3)
+        result["cpu_us_per_delivery"] = round((user + system) / result["deliveries"] * 1e6, 2)
+        # The kernel's part of it (system time: the sockets' reads and writes).
+        result["worker_system_share"] = round(system / max(user + system, 1e-9), 2)
     if helpers:
         result["loadgen_processes"] = len(helpers) + 1
         result["helper_cpu"] = [h.cpu for h in helpers]

@@ -258,7 +258,10 @@ def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str,
         time.sleep(0.5)
         if profile is not None:
             # Sampled from outside (py-spy attaches to the pid): the worker runs as measured.
-            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(started[0].proc.pid),
+            # The worker that does the work: in a drain storm the survivor (the first
+            # worker is the one drained), else the first.
+            spied = started[1] if "drain" in args and len(started) > 1 else started[0]
+            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(spied.proc.pid),
                                     "--rate", "250", "--format", "raw", "--output", str(profile)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)

@@ -34,6 +34,9 @@ PRIVATE = (
     ("autobahn.websocket.protocol.WebSocketProtocol", "SEND_STATE_GROUND"),
     ("autobahn.websocket.protocol.WebSocketProtocol", "send_queue"),
     ("autobahn.websocket.protocol.WebSocketProtocol", "_perMessageCompress"),
+    # sendData's plain case, which BoundedWebSocketProtocol.sendData does itself
+    # (the traffic it counts).
+    ("autobahn.websocket.protocol.WebSocketProtocol", "trafficStats"),
     ("autobahn.websocket.protocol.WebSocketProtocol", "CONFIG_ATTRS"),
     # autobahn's module-level pformat: it pretty-prints some forty settings for a
     # debug line at every connection, logged or not (defer_debug_formatting).

@@ -208,7 +208,18 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
             gathered = _corked.pop(self, None)
             if gathered:
                 self.write_gathered(gathered)
-        super().sendData(data, sync, chopsize)
+        if sync or chopsize or self.send_queue or self.logOctets:
+            super().sendData(data, sync, chopsize)
+            return
+        # autobahn's plain case (transport.write, the traffic counted), written at
+        # once where nothing waits ahead of it (write_now): the handshake's
+        # response, the replies and the pings of a reconnect storm each cost a
+        # send() instead of a queued write and two poller changes.
+        write_now(self.transport, data)
+        if self.state == self.STATE_OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+        elif self.state in (self.STATE_CONNECTING, self.STATE_PROXY_CONNECTING):
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
 
     def onOpen(self):
         super().onOpen()

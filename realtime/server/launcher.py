@@ -43,7 +43,25 @@ def with_backlog(description: str, backlog: int) -> str:
     return f"{description}:backlog={int(backlog)}"
 
 
+def asked_for_access_log(argv: list[str]) -> bool:
+    """Whether daphne's --access-log was given on the command line."""
+    return any(arg == "--access-log" or arg.startswith("--access-log=") for arg in argv)
+
+
 class DrainingServer(Drain, Server):
+    # daphne writes an access line (NCSA text, on stdout at its default verbosity)
+    # for every request and for every socket's connecting, connect and disconnect:
+    # text among the JSON log lines, a write of its own each, some 2% of a worker
+    # taking in a reconnect storm. The sockets are logged as JSON events already
+    # (ws.open, ws.closed) and requests by the balancer, so a worker writes none
+    # unless --access-log asks for them (set by main()).
+    access_log = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.access_log:
+            self.action_logger = None
+
     def run(self):
         from twisted.internet import reactor
 
@@ -149,7 +167,10 @@ def check_broker() -> None:
 
 
 def main() -> None:
+    import sys
+
     check_broker()
+    DrainingServer.access_log = asked_for_access_log(sys.argv[1:])
     CommandLineInterface.server_class = DrainingServer
     CommandLineInterface.entrypoint()
 

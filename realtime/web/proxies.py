@@ -160,9 +160,13 @@ def _untrusted_forwarder(peer: str) -> None:
           reason="X-Forwarded-For from a peer not in REALTIME_TRUSTED_PROXIES: ignored")
 
 
+@lru_cache(maxsize=4096)
 def rate_subject(address: str) -> str:
     """The key a limit per client address uses: the address, or for IPv6 its /64
-    (one host's share; a /128 each would give a single attacker 2^64 buckets)."""
+    (one host's share; a /128 each would give a single attacker 2^64 buckets).
+    Remembered for the last 4,096 addresses: each socket asks three times (the
+    connection guard twice, the handshake's limit once), and a parse costs more
+    than the rest of the guard."""
     found = _ip(address)
     if isinstance(found, ipaddress.IPv6Address):
         return str(ipaddress.ip_network(f"{found}/64", strict=False).network_address) + "/64"

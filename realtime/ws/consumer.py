@@ -221,16 +221,26 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
               duration_s=round(time.monotonic() - self.opened_at, 3))
 
     async def send_frame(self, frame: protocol.Frame) -> None:
-        """Encode and send one frame."""
+        """Encode and send one frame: framed here and written as is where the server
+        allows it (realtime/server/bounded.py: at the end of this turn of the loop,
+        in order with everything else this socket is sent), through ASGI otherwise.
+        A reply costs a WebSocket header in front of its bytes, not a trip through
+        daphne's reply handler and autobahn's framing."""
         metrics.FRAMES_OUT.labels(frame.__struct_config__.tag).inc()
         if isinstance(frame, protocol.Error):
             metrics.ERRORS.labels(str(frame.code)).inc()
             metrics.WINDOW.error(str(frame.code))
         data = self.codec.encode(frame)
+        if self.write_frame is not None and self.write_frame(protocol.websocket_frame(data, self.codec.binary)):
+            return
+        await self.send_payload(data)
+
+    async def send_payload(self, data: bytes | str) -> None:
+        """One encoded frame through ASGI (a server that takes no prebuilt frames)."""
         if self.codec.binary:
             await self.send(bytes_data=data)
         else:
-            await self.send(text_data=data.decode())
+            await self.send(text_data=data if isinstance(data, str) else data.decode())
 
     async def session_check(self, message: dict) -> None:
         """The user's session may have ended (logout, password change, deactivation,

@@ -13,14 +13,21 @@ each would otherwise read the same rows from the log. The first asks the databas
 the others wait for its answer (asyncio.shield: a leader that goes away does not
 take the read with it), and the read is forgotten as soon as it is done, so a
 later subscribe reads afresh. Keyed by (room, epoch, since, head): only a read that
-would return the same rows is shared."""
+would return the same rows is shared.
+
+What a read returns (`Replayed`) is encoded once per codec and framed once for
+all the sockets that share it, and each socket is sent its replay in one write
+(stream.Stream.send_replayed), not one trip through ASGI, daphne and autobahn per
+event: after a drain, the surviving worker's time went to exactly that."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 from channels.db import database_sync_to_async
 
+from realtime import protocol
 from realtime.domain import roomlog, selectors
 from realtime.observability import metrics
 from realtime.state import store
@@ -33,17 +40,54 @@ markers = Batcher("read_markers", selectors.rooms_read_markers)
 in_flight = store.LoopLocal(dict)
 
 
-async def read(pending: tuple[int, str, int, int], slug: str) -> list:
+class Replayed:
+    """Room events read from the log for one or more sockets (a subscribe's replay,
+    a gap repair), with their encodings made on first use and kept: once per codec
+    however many sockets are sent them."""
+
+    __slots__ = ("events", "tags", "_encoded", "_frames")
+
+    def __init__(self, events: list[protocol.RoomEvent]) -> None:
+        self.events = events
+        self.tags = Counter(event.__struct_config__.tag for event in events)  # for metrics.FRAMES_OUT
+        self._encoded: dict[str, list[bytes]] = {}
+        self._frames: dict[str, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def encoded(self, codec: protocol.Codec) -> list[bytes]:
+        """Each event as `codec` encodes it (their sizes are what the replay costs
+        the user's budget)."""
+        found = self._encoded.get(codec.name)
+        if found is None:
+            found = self._encoded[codec.name] = [codec.encode(event) for event in self.events]
+        return found
+
+    def frames(self, codec: protocol.Codec) -> bytes:
+        """Every event as a WebSocket frame of its own, one after the other: what
+        a socket is sent in one write."""
+        found = self._frames.get(codec.name)
+        if found is None:
+            found = self._frames[codec.name] = b"".join(
+                protocol.websocket_frame(data, codec.binary) for data in self.encoded(codec))
+        return found
+
+
+async def read(pending: tuple[int, str, int, int], slug: str) -> Replayed:
     """The events of `pending` (roomlog.Replay.pending), shared with any identical
     read already under way."""
     flights = in_flight()
     task = flights.get(pending)
     if task is None:
-        room_id, _, since, head = pending
-        task = asyncio.ensure_future(
-            database_sync_to_async(roomlog.read_range)(room_id=room_id, slug=slug, after=since, upto=head))
+        task = asyncio.ensure_future(_read(pending, slug))
         flights[pending] = task
         task.add_done_callback(lambda done: flights.pop(pending, None) if flights.get(pending) is done else None)
     else:
         metrics.REPLAY_READS_SHARED.inc()
-    return list(await asyncio.shield(task))
+    return await asyncio.shield(task)
+
+
+async def _read(pending: tuple[int, str, int, int], slug: str) -> Replayed:
+    room_id, _, since, head = pending
+    return Replayed(await database_sync_to_async(roomlog.read_range)(room_id=room_id, slug=slug, after=since, upto=head))

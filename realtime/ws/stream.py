@@ -19,7 +19,6 @@ A reconnecting client resumes by sending `since` (its last seq) with subscribe:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -90,9 +89,9 @@ class Stream:
             replay = await replays.checks.get(roomlog.ReplayAsk(
                 user=self.user, slug=slug, since=since, head_only=not budget.allowed,
                 epoch=frame.epoch if frame.since is not None else None))
-            if replay.pending is not None:
-                # Checked for this user; the rows are the same for anyone (ws/replays.py).
-                replay = dataclasses.replace(replay, events=await replays.read(replay.pending, slug), pending=None)
+            # Checked for this user; the rows are the same for anyone (ws/replays.py).
+            replayed = (replays.Replayed(replay.events) if replay.pending is None
+                        else await replays.read(replay.pending, slug))
         except BaseException:
             # Refused (or failed): no stream for this room on this socket any more.
             if current is not None:
@@ -100,9 +99,9 @@ class Stream:
             else:
                 await fanout().discard(broadcast.room_group(slug), self)
             raise
-        encoded = self.encode_all(replay.events)
-        if replay.held_back or encoded:
-            verdict = budget if replay.held_back else await ratelimit.replay_take(self.user.pk, sum(map(len, encoded)))
+        if replay.held_back or replayed:
+            verdict = budget if replay.held_back else await ratelimit.replay_take(
+                self.user.pk, sum(map(len, replayed.encoded(self.codec))))
             if not verdict.allowed:
                 # Replaying more than the budget (a reconnect loop): wait. A stream
                 # already live here stays live (this was its repair); a new one is
@@ -112,8 +111,7 @@ class Stream:
                 metrics.RATE_LIMITED.labels("replay").inc()
                 raise ActionError(ErrorCode.RATE_LIMITED, "replaying too much; wait and subscribe again",
                                   retry_after=verdict.retry_after)
-        await self.send_all(encoded, replay.events)
-        metrics.REPLAYED.inc(len(replay.events))
+        await self.send_replayed(replayed)
         # A re-subscribe (the client asking to repair a gap) restarts from its since.
         unchanged = self.access_changes.get(slug, 0) == changes
         self.subscriptions[slug] = Subscription(
@@ -131,7 +129,7 @@ class Stream:
             if markers:
                 await self.send_frame(protocol.ReadMarkers(room=slug, markers=markers))
         return protocol.SubscribeAck(ref=frame.ref, room=slug, seq=replay.head, epoch=replay.epoch,
-                                     replayed=len(replay.events))
+                                     replayed=len(replayed))
 
     async def drop_subscription(self, slug: str) -> None:
         """Leave a room's stream and its presence (unsubscribe, access lost, broken stream)."""
@@ -184,7 +182,8 @@ class Stream:
             self.forget_access(message["room"])
         if kind != broadcast.ROOM_EVENT or self.replaying or self.handling or not self.local_queue.empty():
             return False
-        if self.checking.get(message["room"]) or message.get("member") == self.user.get_username():
+        member = message.get("member")
+        if self.checking.get(message["room"]) or (member is not None and member == self.user.get_username()):
             # The room's access is being read again (a member removed?): its
             # events wait their turn behind the check, which may end the stream.
             return False
@@ -242,11 +241,7 @@ class Stream:
         (realtime/server/bounded.py), through ASGI otherwise."""
         if self.write_frame is not None and self.write_frame(protocol.framed(message, self.codec)):
             return
-        payload = protocol.payload(message, self.codec)
-        if self.codec.binary:
-            await self.send(bytes_data=payload)
-        else:
-            await self.send(text_data=payload)
+        await self.send_payload(protocol.payload(message, self.codec))
 
     async def send_held(self) -> None:
         """The room events that waited while this socket's frames were handled (a
@@ -258,18 +253,20 @@ class Stream:
         while held and held[0]["type"] == broadcast.ROOM_EVENT:
             await self.room_event(held.pop(0))
 
-    def encode_all(self, events: list[protocol.RoomEvent]) -> list[bytes]:
-        """Events from the log, encoded for this socket (their size is what a
-        replay costs the user's budget)."""
-        return [self.codec.encode(room_event) for room_event in events]
-
-    async def send_all(self, encoded: list[bytes], events: list[protocol.RoomEvent]) -> None:
-        for data, room_event in zip(encoded, events):
-            metrics.FRAMES_OUT.labels(room_event.__struct_config__.tag).inc()
-            if self.codec.binary:
-                await self.send(bytes_data=data)
-            else:
-                await self.send(text_data=data.decode())
+    async def send_replayed(self, replayed: replays.Replayed) -> None:
+        """Events from the log: in one write, framed once for every socket that
+        shares the read, where the server allows it (realtime/server/bounded.py;
+        whatever is sent after them through ASGI, the subscribe's ack among it,
+        is written after them); one ASGI send each otherwise."""
+        if not replayed:
+            return
+        for tag, count in replayed.tags.items():
+            metrics.FRAMES_OUT.labels(tag).inc(count)
+        metrics.REPLAYED.inc(len(replayed))
+        if self.write_frame is not None and self.write_frame(replayed.frames(self.codec)):
+            return
+        for data in replayed.encoded(self.codec):
+            await self.send_payload(data)
 
     async def layer_recovered(self, message: dict) -> None:
         """The layer is back (or a ping asks): send each room what was committed
@@ -345,11 +342,10 @@ class Stream:
             return False
         # Gap repair: counted against the replay budget, never refused (the gap
         # is the server's doing, not the client's).
-        encoded = self.encode_all(missing)
-        if encoded:
-            await ratelimit.replay_take(self.user.pk, sum(map(len, encoded)), force=True)
-        await self.send_all(encoded, missing)
-        metrics.REPLAYED.inc(len(missing))
+        replayed = replays.Replayed(missing)
+        if replayed:
+            await ratelimit.replay_take(self.user.pk, sum(map(len, replayed.encoded(self.codec))), force=True)
+        await self.send_replayed(replayed)
         if missing:
             sub.last_seq = missing[-1].seq
         return True

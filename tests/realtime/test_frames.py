@@ -62,9 +62,10 @@ def open_socket(**attributes):
     from realtime.server.bounded import BoundedWebSocketProtocol
 
     socket = BoundedWebSocketProtocol.__new__(BoundedWebSocketProtocol)
-    socket.__dict__.update(state=socket.STATE_OPEN, transport=Transport(), _perMessageCompress=None,
-                           send_state=socket.SEND_STATE_GROUND, send_queue=[], peer="tcp:127.0.0.1:1",
-                           trafficStats=SimpleNamespace(outgoingOctetsWireLevel=0), logOctets=False, **attributes)
+    socket.__dict__.update({"state": socket.STATE_OPEN, "transport": Transport(), "_perMessageCompress": None,
+                            "send_state": socket.SEND_STATE_GROUND, "send_queue": [], "peer": "tcp:127.0.0.1:1",
+                            "trafficStats": SimpleNamespace(outgoingOctetsWireLevel=0), "logOctets": False,
+                            **attributes})
     return socket
 
 
@@ -98,3 +99,38 @@ async def test_gathered_frames_count_against_the_send_bound():
     assert socket.write_frame(b"z")  # taken and dropped: the socket is closing
     await asyncio.sleep(0)
     assert socket.transport.writes == []
+
+
+def test_autobahns_plain_writes_go_out_at_once_and_are_counted():
+    """sendData's plain case (the handshake's response, a reply through ASGI, a
+    ping, the close frame) is in the kernel when sendData returns on a real TCP
+    socket, with nothing left queued for the reactor's next turn, and counted as
+    autobahn counts it: on the wire once open, as pre-open traffic before."""
+    import socket as sockets
+    from types import SimpleNamespace
+
+    from twisted.internet import tcp
+
+    left, right = sockets.socketpair()
+    left.setblocking(False)
+    right.settimeout(5)
+    try:
+        connection = tcp.Connection(left, None)
+        connection.connected = 1
+        socket = open_socket(transport=connection, trafficStats=SimpleNamespace(
+            outgoingOctetsWireLevel=0, preopenOutgoingOctetsWireLevel=0))
+        socket.state = socket.STATE_CONNECTING
+        socket.sendData(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        socket.state = socket.STATE_OPEN
+        socket.sendData(b"\x81\x02hi")
+        assert connection.dataBuffer == b"" and not connection._tempDataLen, "left queued for the next turn"
+        expected = b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x02hi"
+        got = b""
+        while len(got) < len(expected):
+            got += right.recv(100)
+        assert got == expected
+        assert socket.trafficStats.preopenOutgoingOctetsWireLevel == 36
+        assert socket.trafficStats.outgoingOctetsWireLevel == 4
+    finally:
+        left.close()
+        right.close()

@@ -204,13 +204,83 @@ async def test_identical_replays_at_the_same_time_read_the_log_once(cookies, dem
     key = (room.pk, room.epoch, 0, 3)
     first, second, other = await asyncio.gather(replays.read(key, "general"), replays.read(key, "general"),
                                                 replays.read((room.pk, room.epoch, 1, 3), "general"))
-    assert [e.seq for e in first] == [e.seq for e in second] == [1, 2, 3]
-    assert first is not second  # each caller its own list
-    assert [e.seq for e in other] == [2, 3]
+    assert [e.seq for e in first.events] == [1, 2, 3]
+    assert second is first  # one answer, encoded once for all who share it
+    assert [e.seq for e in other.events] == [2, 3]
     assert sorted(reads) == [(0, 3), (1, 3)]
     assert replays.in_flight() == {}
-    assert [e.seq for e in await replays.read(key, "general")] == [1, 2, 3]
+    again = await replays.read(key, "general")
+    assert again is not first and [e.seq for e in again.events] == [1, 2, 3]
     assert sorted(reads) == [(0, 3), (0, 3), (1, 3)]
+
+
+@pytest.mark.parametrize("codec", ["rt.v1.json", "rt.v1.msgpack", "rt.v1.protobuf"])
+async def test_a_shared_replay_is_encoded_and_framed_once_per_codec(cookies, demo, codec):
+    """However many sockets share a read, each event is encoded once per codec, and
+    the frames are joined once: what each socket is sent in one write."""
+    from realtime import protocol
+    from realtime.ws import replays
+    from tests.realtime.test_frames import parse
+
+    for i in range(3):
+        await sync_to_async(committed)(demo["alice"], f"m{i}", f"c{i}")
+    events = await sync_to_async(roomlog.room_events_between)(slug="general", after=0, upto=3)
+    replayed = replays.Replayed(events)
+    chosen = protocol.CODECS[codec]
+    encoded = replayed.encoded(chosen)
+    assert encoded == [chosen.encode(event) for event in events]
+    assert replayed.encoded(chosen) is encoded
+    frames = replayed.frames(chosen)
+    assert replayed.frames(chosen) is frames
+    # The joined frames read back as the three events, in order, each a frame of its own.
+    at = 0
+    for data in encoded:
+        size = len(protocol.websocket_frame(data, chosen.binary))
+        assert parse(frames[at:at + size]).data == data
+        at += size
+    assert at == len(frames)
+    assert replayed.tags == {"message.new": 3}
+
+
+async def test_a_replay_goes_out_in_one_write_where_the_server_allows_it(cookies, demo):
+    """A socket on our server (realtime.frames' write in the scope) is sent its
+    replay as one write of the shared frames, counted as the events it holds; a
+    socket without it (another ASGI server) one send per event."""
+    from realtime import protocol
+    from realtime.ws import replays
+
+    for i in range(3):
+        await sync_to_async(committed)(demo["alice"], f"m{i}", f"c{i}")
+    events = await sync_to_async(roomlog.room_events_between)(slug="general", after=0, upto=3)
+    replayed = replays.Replayed(events)
+
+    from realtime.ws.consumer import RealtimeConsumer
+
+    class Socket(stream.Stream):
+        codec = protocol.CODECS["rt.v1.json"]
+        send_payload = RealtimeConsumer.send_payload
+
+        def __init__(self, write_frame):
+            self.write_frame, self.sent = write_frame, []
+
+        async def send(self, text_data=None, bytes_data=None):
+            self.sent.append(text_data)
+
+    written = []
+    sample = lambda: REGISTRY.get_sample_value("realtime_frames_out_total", {"type": "message.new"}) or 0  # noqa: E731
+    before = sample()
+    one = Socket(lambda frame: written.append(frame) or True)
+    await one.send_replayed(replayed)
+    assert written == [replayed.frames(one.codec)] and one.sent == []
+    assert sample() - before == 3
+    other = Socket(None)
+    await other.send_replayed(replayed)
+    assert other.sent == [data.decode() for data in replayed.encoded(other.codec)]
+    refused = Socket(lambda frame: False)  # (mid-close, compressing: through ASGI)
+    await refused.send_replayed(replayed)
+    assert len(refused.sent) == 3
+    await one.send_replayed(replays.Replayed([]))
+    assert len(written) == 1, "an empty replay wrote something"
 
 
 async def test_a_subscribe_replays_from_the_shared_read_up_to_its_head(cookies, demo):
@@ -229,3 +299,34 @@ async def test_a_subscribe_replays_from_the_shared_read_up_to_its_head(cookies, 
                 if frame["type"] == "message.new":
                     got.append(frame["seq"])
             assert got == [1, 2, 3]
+
+
+@pytest.mark.parametrize("codec", ["rt.v1.json", "rt.v1.msgpack", "rt.v1.protobuf"])
+async def test_a_reply_is_framed_and_written_as_is_where_the_server_allows_it(codec):
+    """send_frame on our server: the frame's encoding behind a WebSocket header,
+    handed to the server's writer (in order with the rest of the turn's frames,
+    tests/realtime/test_frames.py); elsewhere (or when the writer cannot take it),
+    one ASGI send of the same encoding."""
+    from realtime import protocol
+    from realtime.ws.consumer import RealtimeConsumer
+    from tests.realtime.test_frames import parse
+
+    chosen = protocol.CODECS[codec]
+    reply = protocol.SubscribeAck(ref="s", room="general", seq=3, epoch="e", replayed=0)
+    sent, written = [], []
+
+    class Socket(RealtimeConsumer):
+        def __init__(self, write_frame):
+            self.codec, self.write_frame = chosen, write_frame
+
+        async def send(self, text_data=None, bytes_data=None):
+            sent.append(bytes_data if chosen.binary else text_data)
+
+    await Socket(lambda frame: written.append(frame) or True).send_frame(reply)
+    frame = parse(written[0])
+    assert (len(written), sent, frame.data) == (1, [], chosen.encode(reply))
+    assert frame.opcode.name == ("BINARY" if chosen.binary else "TEXT")
+    await Socket(None).send_frame(reply)
+    await Socket(lambda frame: False).send_frame(reply)
+    expected = chosen.encode(reply) if chosen.binary else chosen.encode(reply).decode()
+    assert (len(written), sent) == (1, [expected, expected])

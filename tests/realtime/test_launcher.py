@@ -1,0 +1,78 @@
+"""The worker's launcher (realtime/server/launcher.py): the listen backlog,
+REALTIME_LISTEN_BACKLOG on both its endpoints (plain and TLS), not Twisted's 50
+that a reconnect storm overflows (an endpoint that names its own keeps it); and
+daphne's access lines, written only when --access-log asks for them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from realtime.server.launcher import with_backlog
+from tests.conftest import missing
+from tests.services import AppServer
+
+
+def test_a_backlog_is_added_to_tcp_and_tls_endpoints_only_where_none_is_named():
+    assert with_backlog("tcp:port=8000:interface=127.0.0.1", 1024) == "tcp:port=8000:interface=127.0.0.1:backlog=1024"
+    assert with_backlog("ssl:8443:privateKey=k.pem:certKey=c.pem", 64) == "ssl:8443:privateKey=k.pem:certKey=c.pem:backlog=64"
+    assert with_backlog("tcp:port=8000:backlog=7", 1024) == "tcp:port=8000:backlog=7"
+    assert with_backlog("unix:/run/app.sock", 1024) == "unix:/run/app.sock"
+
+
+def listen_queue(port: int) -> int:
+    """The kernel's accept-queue limit of the socket listening on `port` (ss: Send-Q)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    [line] = out.strip().splitlines()
+    return int(line.split()[2])
+
+
+def test_a_worker_listens_with_the_configured_backlog(tmp_path):
+    if shutil.which("ss") is None:
+        missing("ss (iproute2) is not installed")
+    server = AppServer(tmp_path, env={"REALTIME_LISTEN_BACKLOG": "700"}).start()
+    try:
+        assert listen_queue(server.port) == 700
+        assert listen_queue(server.tls_port) == 700
+    finally:
+        server.stop()
+
+
+class Quiet(AppServer):
+    """The worker as deploy/ runs it, with extra daphne arguments."""
+
+    extra: list[str] = []
+
+    def command(self) -> list[str]:
+        command = super().command()
+        return command[:-1] + self.extra + command[-1:]  # (the application stays last)
+
+
+class Asked(Quiet):
+    extra = ["--access-log", "-"]
+
+
+def test_a_worker_writes_daphnes_access_lines_only_when_asked(tmp_path):
+    """daphne's NCSA access lines (text among the JSON log lines, one write each)
+    are not written unless --access-log asks for them (launcher.DrainingServer)."""
+    import urllib.request
+
+    import time
+
+    from realtime.server.launcher import asked_for_access_log
+
+    assert asked_for_access_log(["-p", "1", "--access-log", "-"]) and asked_for_access_log(["--access-log=/x"])
+    assert not asked_for_access_log(["-p", "1", "project.asgi:application"])
+    for kind in (Quiet, Asked):
+        (tmp_path / kind.__name__).mkdir()
+        server = kind(tmp_path / kind.__name__).start()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as response:
+                assert response.status == 200
+            deadline = time.monotonic() + 10
+            while kind is Asked and '"GET /healthz" 200' not in server.log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)  # (until the line is written)
+        finally:
+            server.stop()
+        logged = server.log.read_text()
+        assert ('"GET /healthz" 200' in logged) is (kind is Asked), logged[-2000:]
