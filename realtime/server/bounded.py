@@ -16,9 +16,11 @@ puts a complete, already framed WebSocket message (protocol.websocket_frame()) o
 the socket as is, at the end of the loop's current turn, in one send() with
 whatever else the socket got in that turn (anything sent through ASGI goes after
 it). The fan-out frames a room event once and writes those bytes to every local
-member, instead of daphne encoding, framing and accounting it per member. The same
-send-buffer bound applies. Under another server the extension is absent and the app
-sends through ASGI as usual.
+member, instead of daphne encoding, framing and accounting it per member; the
+consumer writes its replies that way too, and a replay's frames with
+`write_all(frames)`. The same send-buffer bound applies: past it, the whole frames
+that fit go, then the close (4013). Under another server the extension is absent
+and the app sends through ASGI as usual.
 
 What an open socket sheds to stay small (about 15 KiB an idle socket):
 docs/decisions.md. The private attributes it touches: server/adapter.py.
@@ -183,6 +185,19 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
             # since (a close, a reply) went through sendData, which writes them.
             gathered.append(frame)
             return True
+        return self._gather([frame])
+
+    def write_frames(self, frames: list[bytes]) -> bool:
+        """write_frame for several frames in a row (a replay): kept apart, so that
+        a send bound passed part-way through them cuts between two frames."""
+        gathered = _corked.get(self)
+        if gathered is not None:
+            gathered.extend(frames)
+            return True
+        return self._gather(list(frames))
+
+    def _gather(self, frames: list[bytes]) -> bool:
+        """The first frames of this turn for this socket."""
         if self.overflowed or self.state in (self.STATE_CLOSING, self.STATE_CLOSED):
             return True  # closing: dropped, as serverSend drops it
         if (self.state != self.STATE_OPEN or self._perMessageCompress is not None
@@ -192,14 +207,29 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         # else this socket gets in the meantime (flush_corked).
         if not _corked:
             asyncio.get_running_loop().call_soon(flush_corked)
-        _corked[self] = [frame]
+        _corked[self] = frames
         return True
 
     def write_gathered(self, frames: list[bytes]) -> None:
+        if self.state != self.STATE_OPEN:
+            return  # closed meanwhile: dropped
         data = frames[0] if len(frames) == 1 else b"".join(frames)
-        if self.state != self.STATE_OPEN or self._over_bound(len(data)):
-            return  # closed meanwhile, or over the send bound (closing with 4013): dropped
-        write_now(self.transport, data)
+        room = self.max_send_buffer - unsent_bytes(self.transport)
+        if len(data) <= room:
+            write_now(self.transport, data)
+            return
+        # Past the send bound (a client that stopped reading, or a replay larger
+        # than the bound): the whole frames that fit go, the rest does not, and
+        # the socket closes with 4013, as frames sent one at a time would (a
+        # replay's client then resumes from the last of them it got).
+        fits = size = 0
+        for frame in frames:
+            if size + len(frame) > room:
+                break
+            fits, size = fits + 1, size + len(frame)
+        if fits:
+            write_now(self.transport, b"".join(frames[:fits]))
+        self._overflow(len(data) - size)
 
     def sendData(self, data, sync=False, chopsize=None):
         # Whatever autobahn writes (replies through ASGI, pings, the close frame)
@@ -208,6 +238,8 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
             gathered = _corked.pop(self, None)
             if gathered:
                 self.write_gathered(gathered)
+                if self.overflowed:
+                    return  # they passed the bound: closed with 4013, nothing after it
         if sync or chopsize or self.send_queue or self.logOctets:
             super().sendData(data, sync, chopsize)
             return
@@ -268,13 +300,18 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         if pending is None:
             pending = sum(map(len, _corked.get(self, ())))
         if self.state == self.STATE_OPEN and unsent_bytes(self.transport) + pending > self.max_send_buffer:
-            self.overflowed = True
-            log.warning("closing a socket that stopped reading: %d bytes unsent", unsent_bytes(self.transport))
-            # The close frame queues behind the backlog; autobahn drops the TCP
-            # connection when the peer does not answer it in time.
-            self.sendClose(code=OVERLOADED)
+            self._overflow(pending)
             return True
         return False
+
+    def _overflow(self, dropped: int) -> None:
+        """Close with 4013: `dropped` bytes could not be queued within the bound."""
+        self.overflowed = True
+        log.warning("closing a socket over its send bound: %d bytes unsent, %d more not queued",
+                    unsent_bytes(self.transport), dropped)
+        # The close frame queues behind the backlog; autobahn drops the TCP
+        # connection when the peer does not answer it in time.
+        self.sendClose(code=OVERLOADED)
 
 
 for _name, _value in BoundedWebSocketProtocol._INITIAL.items():

@@ -44,8 +44,13 @@ def with_backlog(description: str, backlog: int) -> str:
 
 
 def asked_for_access_log(argv: list[str]) -> bool:
-    """Whether daphne's --access-log was given on the command line."""
-    return any(arg == "--access-log" or arg.startswith("--access-log=") for arg in argv)
+    """Whether daphne's --access-log was given on the command line, as daphne's
+    own parser reads it (abbreviations such as --access included)."""
+    try:
+        args, _ = CommandLineInterface().parser.parse_known_args(argv)
+    except SystemExit:  # (daphne itself says what is wrong with the line)
+        return False
+    return args.access_log is not None
 
 
 class DrainingServer(Drain, Server):
@@ -54,12 +59,12 @@ class DrainingServer(Drain, Server):
     # text among the JSON log lines, a write of its own each, some 2% of a worker
     # taking in a reconnect storm. The sockets are logged as JSON events already
     # (ws.open, ws.closed) and requests by the balancer, so a worker writes none
-    # unless --access-log asks for them (set by main()).
-    access_log = False
+    # unless --access-log asks for them (main() sets this; None: as given).
+    access_log: bool | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not self.access_log:
+        if self.access_log is False:
             self.action_logger = None
 
     def run(self):
@@ -79,7 +84,8 @@ class DrainingServer(Drain, Server):
     def create_application(self, protocol, scope):
         if not isinstance(protocol, BoundedWebSocketProtocol):
             return super().create_application(protocol, scope)
-        scope["extensions"] = {**(scope.get("extensions") or {}), "realtime.frames": {"write": protocol.write_frame},
+        frames = {"write": protocol.write_frame, "write_all": protocol.write_frames}
+        scope["extensions"] = {**(scope.get("extensions") or {}), "realtime.frames": frames,
                                "websocket.http.response": {}}
         # daphne's create_application, with the lean queue.
         assert "application_instance" not in self.connections[protocol]

@@ -59,7 +59,7 @@ def close_label(code) -> str:
 
 class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
     codec: protocol.Codec = protocol.JSON
-    write_frame = None
+    write_frame = write_frames = None
     revoked = False
     grant = None  # a token socket's accounts.bearer.Grant (None: a session's socket)
     expiry: asyncio.TimerHandle | None = None  # the token's `exp`, as a timer
@@ -76,7 +76,8 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
         self.channel_name = None
         self.base_send = send
         # The server's prebuilt-frame write (realtime/server/bounded.py), when it has one.
-        self.write_frame = ((scope.get("extensions") or {}).get("realtime.frames") or {}).get("write")
+        writers = (scope.get("extensions") or {}).get("realtime.frames") or {}
+        self.write_frame, self.write_frames = writers.get("write"), writers.get("write_all")
         self.local_queue = LocalQueue()
         # The server's queue of this socket's received messages, when `receive` is
         # its get (our daphne launcher's AppQueue, daphne's or channels' test

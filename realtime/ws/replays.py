@@ -51,7 +51,7 @@ class Replayed:
         self.events = events
         self.tags = Counter(event.__struct_config__.tag for event in events)  # for metrics.FRAMES_OUT
         self._encoded: dict[str, list[bytes]] = {}
-        self._frames: dict[str, bytes] = {}
+        self._frames: dict[str, list[bytes]] = {}
 
     def __len__(self) -> int:
         return len(self.events)
@@ -64,13 +64,13 @@ class Replayed:
             found = self._encoded[codec.name] = [codec.encode(event) for event in self.events]
         return found
 
-    def frames(self, codec: protocol.Codec) -> bytes:
-        """Every event as a WebSocket frame of its own, one after the other: what
-        a socket is sent in one write."""
+    def frames(self, codec: protocol.Codec) -> list[bytes]:
+        """Every event as a WebSocket frame of its own: what a socket is sent in one
+        write (kept apart, so that a send bound passed part-way cuts between two)."""
         found = self._frames.get(codec.name)
         if found is None:
-            found = self._frames[codec.name] = b"".join(
-                protocol.websocket_frame(data, codec.binary) for data in self.encoded(codec))
+            found = self._frames[codec.name] = [protocol.websocket_frame(data, codec.binary)
+                                                for data in self.encoded(codec)]
         return found
 
 

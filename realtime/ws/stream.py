@@ -263,7 +263,7 @@ class Stream:
         for tag, count in replayed.tags.items():
             metrics.FRAMES_OUT.labels(tag).inc(count)
         metrics.REPLAYED.inc(len(replayed))
-        if self.write_frame is not None and self.write_frame(replayed.frames(self.codec)):
+        if self.write_frames is not None and self.write_frames(replayed.frames(self.codec)):
             return
         for data in replayed.encoded(self.codec):
             await self.send_payload(data)

@@ -95,10 +95,46 @@ async def test_gathered_frames_count_against_the_send_bound():
     assert socket.write_frame(b"x" * 8) and socket.write_frame(b"y" * 8)
     await asyncio.sleep(0)
     assert closed == [4013] and socket.overflowed
-    assert socket.transport.writes == [], "a socket over the bound got the frames"
+    # What fits goes, whole frames only, as frames sent one at a time would.
+    assert socket.transport.writes == [b"x" * 8], "the bound did not hold"
     assert socket.write_frame(b"z")  # taken and dropped: the socket is closing
     await asyncio.sleep(0)
-    assert socket.transport.writes == []
+    assert socket.transport.writes == [b"x" * 8]
+
+
+@pytest.mark.asyncio
+async def test_a_replay_past_the_bound_is_cut_between_frames_then_closed():
+    """A replay larger than the send bound (write_all) is not all-or-nothing: the
+    frames that fit go, whole, then the close (4013), so the client resumes from
+    the last of them; one that fits goes in one write with the turn's other frames."""
+    import asyncio
+
+    closed = []
+    socket = open_socket(max_send_buffer=100)
+    socket.sendClose = lambda code: closed.append(code)
+    frames = [bytes([n]) * 30 for n in range(5)]  # 150 bytes
+    assert socket.write_frame(b"ack") is True and socket.write_frames(frames) is True
+    await asyncio.sleep(0)
+    assert socket.transport.writes == [b"ack" + b"".join(frames[:3])] and closed == [4013]
+
+    fitting = open_socket(max_send_buffer=1000)
+    assert fitting.write_frames(frames) and fitting.write_frame(b"ack")
+    await asyncio.sleep(0)
+    assert fitting.transport.writes == [b"".join(frames) + b"ack"]
+
+
+@pytest.mark.asyncio
+async def test_nothing_follows_a_close_for_the_bound():
+    """autobahn writing (a reply, a ping, its close frame) first writes what the
+    socket gathered; if that passes the bound, the socket is closed with 4013 and
+    what autobahn was writing does not follow it."""
+    closed = []
+    socket = open_socket(max_send_buffer=10)
+    socket.sendClose = lambda code: closed.append(code)
+    assert socket.write_frame(b"x" * 8) and socket.write_frame(b"y" * 8)
+    socket.sendData(b"\x88\x02\x0f\xbd")  # a close frame (4029) in the same turn
+    assert closed == [4013]
+    assert socket.transport.writes == [b"x" * 8], "something was written after the bound's close"
 
 
 def test_autobahns_plain_writes_go_out_at_once_and_are_counted():

@@ -61,8 +61,11 @@ def test_a_worker_writes_daphnes_access_lines_only_when_asked(tmp_path):
 
     from realtime.server.launcher import asked_for_access_log
 
-    assert asked_for_access_log(["-p", "1", "--access-log", "-"]) and asked_for_access_log(["--access-log=/x"])
-    assert not asked_for_access_log(["-p", "1", "project.asgi:application"])
+    app = "project.asgi:application"
+    for asked in (["--access-log", "-"], ["--access-log=/x"], ["--access", "-"], ["--acc=/x"]):
+        assert asked_for_access_log(["-p", "1", *asked, app]), asked
+    assert not asked_for_access_log(["-p", "1", app])
+    assert not asked_for_access_log(["-v", "2", app])  # (daphne's verbosity alone would log to stdout)
     for kind in (Quiet, Asked):
         (tmp_path / kind.__name__).mkdir()
         server = kind(tmp_path / kind.__name__).start()
