@@ -202,6 +202,7 @@ async def test_refused_typing_and_reads_broadcast_nothing(cookies, shared):
         await join(bob)
         await join(carol)
         await pushes(bob)
+        await pushes(carol)  # (the room's diff of carol's arrival, which may still be on its way to her)
         reply = await call(carol, {"type": "typing", "room": "general", "ref": 1})  # a reader may not type
         assert (reply["type"], reply["code"]) == ("error", "forbidden")
         reply = await call(carol, {"type": "read", "room": "ops", "seq": 1, "ref": 2})  # a private room
