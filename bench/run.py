@@ -745,7 +745,9 @@ def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
             failed = {t: sum(r.get("failed") or 0 for r in rs) for t, rs in details.items()}
             storm = any("failed" in r for rs in details.values() for r in rs)
             counts = f"{lost} / {dup}" + (f"; failed sockets {failed['full']} (bare {failed['bare']})" if storm else "")
-            cell = lambda value, t: f"{value} (error in {errored[t]} run(s))" if errored[t] else value  # noqa: E731
+            def cell(value, t):
+                shown = round(value, 2) if isinstance(value, float) else value  # (a median of two: 1007.9000000000001)
+                return f"{shown} (error in {errored[t]} run(s))" if errored[t] else shown
             verdict = met(name, full, ratio, failed["full"], lost + dup, errored["full"]) if server == "daphne" else "–"
             lines.append(f"| {name} | {metric} | {cell(bare, 'bare')} | {cell(full, 'full')} | {shown} | "
                          f"{verdict} | {counts} | {cpu} |")
