@@ -712,6 +712,19 @@ def comparisons() -> str:
     return "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines()).strip()
 
 
+def copied_sections() -> list[str]:
+    """What RESULTS.md copies from other files, in order: the hand-written
+    comparisons, and the tables `make bench` writes before run.py (brokers,
+    engines, tracing), each without its raw runs."""
+    lines = [comparisons(), ""]
+    for name in ("brokers.md", "engines.md", "tracing.md"):  # `python -m bench.<name>`
+        path = ROOT / "bench" / name
+        if path.exists():
+            lines += ["#" + line if line.startswith("#") else line
+                      for line in path.read_text().split("Every run:")[0].splitlines()]
+    return lines
+
+
 def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
     from bench import codecs
 
@@ -779,17 +792,7 @@ def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
     lines += ["## rt.v1.json against rt.v1.msgpack (`python -m bench.codecs`)", "",
               "Encoding happens once per event and worker (both encodings are made when the event is published), "
               "decoding once per client frame.", "", codecs.table(), ""]
-    lines += [comparisons(), ""]
-    if (ROOT / "bench" / "brokers.md").exists():
-        # Written by `python -m bench.brokers` (make bench runs it first).
-        lines += ["#" + line if line.startswith("#") else line
-                  for line in (ROOT / "bench" / "brokers.md").read_text().split("Every run:")[0].splitlines()]
-    if (ROOT / "bench" / "engines.md").exists():  # `python -m bench.engines` (make bench runs it first)
-        lines += ["#" + line if line.startswith("#") else line
-                  for line in (ROOT / "bench" / "engines.md").read_text().split("Every run:")[0].splitlines()]
-    if (ROOT / "bench" / "tracing.md").exists():  # `python -m bench.tracing` (make bench runs it first)
-        lines += ["#" + line if line.startswith("#") else line
-                  for line in (ROOT / "bench" / "tracing.md").read_text().split("Every run:")[0].splitlines()]
+    lines += copied_sections()
     lines += ["## Raw results (every run)", "", "```json",
               json.dumps({server: {name: details for name, *_, details in rows} for server, rows in tables.items()}, indent=1),
               "```", ""]
