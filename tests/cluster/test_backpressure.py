@@ -1,17 +1,20 @@
 """A client that stops reading cannot make a worker buffer without bound: past
 REALTIME_MAX_SEND_BUFFER of unsent bytes its socket is closed (4013), while the
-other members of the room get every message."""
+other members of the room get every message; a replay larger than the bound is
+cut between two events, and resuming brings the rest."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import socket
 
 import pytest
+import websockets
 
-from tests.cluster.conftest import assert_all_caught_up, followers, login, room_head, send_messages
+from tests.cluster.conftest import assert_all_caught_up, followers, login, open_socket, room_head, send_messages
 
 pytestmark = [pytest.mark.cluster, pytest.mark.asyncio]
 
@@ -74,3 +77,38 @@ async def test_a_client_that_stops_reading_is_closed_and_the_rest_get_everything
         assert worker.proc.poll() is None
     finally:
         stuck.close()
+
+
+async def test_a_replay_past_the_send_bound_is_cut_between_events_and_resumed(cluster):
+    """A replay larger than REALTIME_MAX_SEND_BUFFER (a client that was away while
+    the room took megabytes) is not all or nothing: the events that fit arrive,
+    whole and in order, then 4013; subscribing again from the last of them brings
+    the rest. Every event once, in order, over the sockets it took."""
+    worker = cluster.workers[0]
+    bob = login(worker.url, "bob")
+    start = room_head(worker.url, bob)
+    acks = await send_messages(worker.url, login(worker.url, "alice"), "general", 400, "big", window=16,
+                               body="y" * 3900)  # about 1.6 MB of frames: more than the 1 MiB bound
+    head = acks[-1]["seq"]
+    got, codes, since = [], [], start
+    for _ in range(10):
+        if since == head:
+            break
+        ws = await open_socket(worker.url, bob)
+        await ws.send(json.dumps({"type": "subscribe", "room": "general", "since": since, "ref": "s",
+                                  "presence": False}))
+        try:
+            async for raw in ws:
+                frame = json.loads(raw)
+                if frame.get("type") == "message.new":
+                    got.append(frame["seq"])
+                    since = frame["seq"]
+                elif frame.get("ref") == "s":
+                    assert frame["type"] == "ack" and frame["seq"] == head, frame
+                    break
+        except websockets.ConnectionClosed as closed:
+            codes.append(closed.rcvd.code if closed.rcvd else None)
+        await ws.close()
+    assert got == list(range(start + 1, head + 1)), "an event lost, doubled or out of order"
+    assert codes and set(codes) == {4013}, codes  # (cut at least once, and only for the bound)
+    assert worker.proc.poll() is None
