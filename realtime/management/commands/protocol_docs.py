@@ -16,7 +16,10 @@ CLOSE_MEANING = {
     protocol.CloseCode.POLICY: "policy: too many sockets for this user (REALTIME_MAX_CONNECTIONS_PER_USER), or silent past REALTIME_IDLE_TIMEOUT. Reconnect with backoff",
     protocol.CloseCode.INTERNAL: "internal error: reconnect with backoff",
     protocol.CloseCode.SERVICE_RESTART: "service restart: reconnect now, with jitter",
-    protocol.CloseCode.OVERLOADED: "overloaded: reconnect with backoff",
+    protocol.CloseCode.OVERLOADED: (
+        "overloaded: reconnect with backoff. The worker could not take the socket (its broker or ticket store unreachable), "
+        "or more than REALTIME_MAX_SEND_BUFFER waited unsent: a client that stopped reading, or a replay "
+        "larger than that (every event before the close is whole: resume from the last one)"),
     protocol.CloseCode.RATE_LIMITED: "rate-limited: too many refused frames in a row, too many frames waiting, or too many sockets opened (per user or per client address). The `error` frame before the close says `retry_after`: wait that long",
     protocol.CloseCode.PROTOCOL_VIOLATION: "protocol violation",
 }
