@@ -179,19 +179,15 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         """Write a complete WebSocket frame (protocol.websocket_frame()) at the end of
         this turn of the loop; False when this socket cannot take it as is (not
         open, compressing, mid-message), and the caller sends through ASGI instead."""
-        gathered = _corked.get(self)
-        if gathered is not None:
-            # Checked at this turn's first frame; anything that could have changed
-            # since (a close, a reply) went through sendData, which writes them.
-            gathered.append(frame)
-            return True
-        return self._gather([frame])
+        return self.write_frames((frame,))
 
-    def write_frames(self, frames: list[bytes]) -> bool:
+    def write_frames(self, frames) -> bool:
         """write_frame for several frames in a row (a replay): kept apart, so that
         a send bound passed part-way through them cuts between two frames."""
         gathered = _corked.get(self)
         if gathered is not None:
+            # Checked at this turn's first frame; anything that could have changed
+            # since (a close, a reply) went through sendData, which writes them.
             gathered.extend(frames)
             return True
         return self._gather(list(frames))

@@ -157,19 +157,12 @@ class LoopLocal:
     def __init__(self, factory) -> None:
         self.factory = factory
         self.values: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, object]" = weakref.WeakKeyDictionary()
-        # The last loop asked for (weakly) and its value: a worker has one loop, and
-        # the lookup is on every rate-limit check and subscribe.
-        self.last: tuple[weakref.ref, object] | None = None
 
     def __call__(self):
         loop = asyncio.get_running_loop()
-        last = self.last
-        if last is not None and last[0]() is loop:
-            return last[1]
         found = self.values.get(loop)
         if found is None:
             found = self.values[loop] = self.factory()
-        self.last = (weakref.ref(loop), found)
         return found
 
 
