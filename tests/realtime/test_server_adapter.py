@@ -75,3 +75,19 @@ def test_autobahns_per_connection_debug_text_is_made_only_when_rendered():
     deferred = autobahn_protocol.pformat(settings)
     assert isinstance(deferred, adapter._Formatted)  # nothing formatted yet
     assert f"{deferred}" == str(deferred) == pprint.pformat(settings)  # as before, once rendered
+
+
+def test_sockets_hash_by_identity_in_c():
+    """daphne's WebSocketProtocol hashes with hash(id(self)), a Python call whose
+    values keep the pointer's zero low bits: a dict keyed by thousands of sockets
+    (a turn's gathered frames, the server's connections) then probes far more. Ours
+    hash as object does: the same identity, in C."""
+    from daphne.ws_protocol import WebSocketProtocol
+
+    from realtime.server.bounded import BoundedWebSocketProtocol
+
+    assert WebSocketProtocol.__hash__ is not object.__hash__  # what this works around
+    assert BoundedWebSocketProtocol.__hash__ is object.__hash__
+    assert BoundedWebSocketProtocol.__eq__ is object.__eq__
+    a, b = BoundedWebSocketProtocol(), BoundedWebSocketProtocol()
+    assert a == a and a != b and len({a, b, a}) == 2
