@@ -38,9 +38,16 @@ PRIVATE = (
     # (the traffic it counts).
     ("autobahn.websocket.protocol.WebSocketProtocol", "trafficStats"),
     ("autobahn.websocket.protocol.WebSocketProtocol", "CONFIG_ATTRS"),
-    # autobahn's module-level pformat: it pretty-prints some forty settings for a
-    # debug line at every connection, logged or not (defer_debug_formatting).
+    # autobahn's module-level pformat, hltype and hlval: they format a debug
+    # line's arguments at every connection and read, logged or not
+    # (defer_debug_formatting).
     ("autobahn.websocket.protocol", "pformat"),
+    ("autobahn.websocket.protocol", "hltype"),
+    ("autobahn.websocket.protocol", "hlval"),
+    ("autobahn.twisted.websocket", "hltype"),
+    ("autobahn.twisted.websocket", "hlval"),
+    # txaio's stand-in for a log method below the level (logs_debug).
+    ("txaio.tx", "_no_op"),
     # daphne's Server: its connections, the factories, making an application.
     ("daphne.server.Server", "connections"),
     ("daphne.server.Server", "http_factory"),
@@ -55,28 +62,57 @@ PRIVATE = (
 
 
 class _Formatted:
-    """pprint.pformat(value), made only when a log observer renders it."""
+    """format(value), made only when a log observer renders it (pprint.pformat by
+    default)."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "format")
 
-    def __init__(self, value):
+    def __init__(self, value, format=None):
         self.value = value
+        self.format = format
 
     def __str__(self) -> str:
-        import pprint
+        if self.format is None:
+            import pprint
 
-        return pprint.pformat(self.value)
+            return pprint.pformat(self.value)
+        return self.format(self.value)
 
     __repr__ = __str__
 
 
+def _deferred(format):
+    def defer(value, *args, **kwargs):
+        if args or kwargs:
+            return _Formatted(value, lambda v: format(v, *args, **kwargs))
+        return _Formatted(value, format)
+
+    return defer
+
+
+def logs_debug(logger) -> bool:
+    """Whether a txaio logger (autobahn's) writes debug lines: txaio puts a no-op
+    in place of each method below the level."""
+    from txaio import tx
+
+    return logger.debug is not tx._no_op
+
+
 def defer_debug_formatting() -> None:
-    """autobahn formats its settings for a debug line at every connection, whether
-    anything logs debug or not (4% of the event loop in a connect storm): format
-    them only when the line is rendered."""
+    """autobahn formats the arguments of its debug lines whether anything logs
+    debug or not: its settings at every connection (pprint, 4% of the event loop in
+    a connect storm), and a highlighted name and values (hltype, hlval: an
+    inspection, a split and a join, ANSI colours where click is installed) at
+    every connection and every read of every socket, the sender's frames
+    included. Format them only when a line is rendered."""
+    from autobahn import util
+    from autobahn.twisted import websocket as autobahn_twisted
     from autobahn.websocket import protocol as autobahn_protocol
 
     autobahn_protocol.pformat = _Formatted
+    for module in (autobahn_protocol, autobahn_twisted):
+        module.hltype = _deferred(util.hltype)
+        module.hlval = _deferred(util.hlval)
 
 
 def unsent_bytes(transport) -> int:

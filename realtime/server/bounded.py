@@ -158,6 +158,15 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
                 return
         super().onMessage(payload, isBinary)
 
+    def dataReceived(self, data):
+        # autobahn's, without the arguments of its debug line (a highlighted name
+        # and two values, a few µs) at every read of every socket unless autobahn
+        # logs debug.
+        if adapter.logs_debug(self.log):
+            super().dataReceived(data)
+        else:
+            self._dataReceived(data)
+
     def handle_reply(self, message):
         """daphne's, plus the ASGI WebSocket denial response (extension
         `websocket.http.response`): a handshake refused with an HTTP status of the

@@ -77,6 +77,23 @@ def test_autobahns_per_connection_debug_text_is_made_only_when_rendered():
     assert f"{deferred}" == str(deferred) == pprint.pformat(settings)  # as before, once rendered
 
 
+def test_autobahns_highlighted_debug_arguments_are_made_only_when_rendered():
+    """hltype and hlval run at every read of every socket (autobahn's dataReceived
+    debug line), logged or not."""
+    from autobahn import util
+    from autobahn.twisted import websocket as autobahn_twisted
+    from autobahn.websocket import protocol as autobahn_protocol
+
+    import realtime.server.bounded  # noqa: F401  (what the worker imports)
+
+    for module in (autobahn_protocol, autobahn_twisted):
+        name = module.hltype(autobahn_twisted.WebSocketServerProtocol.dataReceived)
+        value = module.hlval(42, color="blue")
+        assert isinstance(name, adapter._Formatted) and isinstance(value, adapter._Formatted)
+        assert f"{name}" == util.hltype(autobahn_twisted.WebSocketServerProtocol.dataReceived)
+        assert str(value) == util.hlval(42, color="blue")
+
+
 def test_sockets_hash_by_identity_in_c():
     """daphne's WebSocketProtocol hashes with hash(id(self)), a Python call whose
     values keep the pointer's zero low bits: a dict keyed by thousands of sockets
@@ -91,3 +108,23 @@ def test_sockets_hash_by_identity_in_c():
     assert BoundedWebSocketProtocol.__eq__ is object.__eq__
     a, b = BoundedWebSocketProtocol(), BoundedWebSocketProtocol()
     assert a == a and a != b and len({a, b, a}) == 2
+
+
+def test_a_read_formats_no_debug_line_unless_autobahn_logs_debug(monkeypatch):
+    import txaio
+    from autobahn.twisted import websocket as autobahn_twisted
+
+    from realtime.server.bounded import BoundedWebSocketProtocol
+
+    formatted, handled = [], []
+    monkeypatch.setattr(autobahn_twisted, "hltype", lambda f: formatted.append(f) or "name")
+    proto = BoundedWebSocketProtocol()
+    proto._dataReceived = handled.append
+    proto.peer = "tcp:127.0.0.1:1"
+    proto.dataReceived(b"x")
+    assert handled == [b"x"] and formatted == []
+    proto.log = txaio.make_logger()
+    proto.log.set_log_level("debug")
+    assert adapter.logs_debug(proto.log) is True
+    proto.dataReceived(b"y")
+    assert handled == [b"x", b"y"] and len(formatted) == 1  # autobahn's own, line and all
