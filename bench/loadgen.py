@@ -486,10 +486,12 @@ async def idle(target: Target, count: int, worker_pid: int) -> dict:
     return result
 
 
-async def storm(target: Target, count: int, concurrency: int, timeout: float) -> dict:
+async def storm(target: Target, count: int, concurrency: int, timeout: float, worker_pids: list[int] | None = None) -> dict:
     """`count` sockets at once into one worker, at most `concurrency` of them between
     their connect's start and their subscribe's answer: how fast they get in, and
-    whether the rate holds as the worker fills (the first and last tenth)."""
+    whether the rate holds as the worker fills (the first and last tenth). With
+    `worker_pids`, the workers' CPU per socket in (`cpu_us_per_socket`), which a
+    busy machine changes less than the rate."""
     await asyncio.sleep(0.5)
     sockets: list = []
     took: list[float] = []  # per socket: connect start to in
@@ -522,8 +524,10 @@ async def storm(target: Target, count: int, concurrency: int, timeout: float) ->
             took.append(at - began)
             done.append(at)
 
+    cpu_before = cpu_times(worker_pids) if worker_pids else None
     started = time.monotonic()
     await asyncio.gather(*(opener() for _ in range(min(concurrency, count))))
+    cpu_after = cpu_times(worker_pids) if worker_pids else None
     # Sockets that got in and were closed before the end (a cap, a sweep): failed too.
     await asyncio.sleep(1)
     closed = [ws for ws in sockets if ws.close_code is not None]
@@ -553,6 +557,10 @@ async def storm(target: Target, count: int, concurrency: int, timeout: float) ->
         "seconds": round(done[-1] - started, 2) if n else None,
         "concurrency": concurrency,
     }
+    if cpu_before is not None and n:
+        user, system = (after - before for after, before in zip(cpu_after, cpu_before))
+        result["cpu_us_per_socket"] = round((user + system) / n * 1e6, 1)
+        result["worker_system_share"] = round(system / max(user + system, 1e-9), 2)
     if overflows is not None:
         # The kernel's count of connections dropped for a full accept queue (on
         # the whole machine, this storm's the only traffic): each is a connect
@@ -697,7 +705,7 @@ def main() -> None:
         result = run(publish(target, args.members, int(args.rate * args.seconds), rate=args.rate, drain=30,
                              worker_pids=pids, procs=args.procs))
     elif args.scenario == "storm":
-        result = run(storm(target, args.members, args.concurrency, args.connect_timeout))
+        result = run(storm(target, args.members, args.concurrency, args.connect_timeout, pids))
     elif args.scenario == "curve":
         points = [int(p) for p in args.points.split(",")]
         result = run(connect_curve(target, points, args.batch, args.concurrency, args.connect_timeout))

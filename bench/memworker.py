@@ -142,6 +142,17 @@ def one_socket() -> dict:
                     if s:
                         local_sizes[k] = s
             chain.append((name, size, local_sizes))
+            if frame is not None and name == "RealtimeConsumer.__call__":
+                consumer = frame.f_locals.get("self")
+                if consumer is not None:
+                    # What the consumer and its scope hold, key by key (what the
+                    # chain's frames did not count already).
+                    report["consumer __dict__"] = {"keys": len(consumer.__dict__),
+                                                   "itself": sys.getsizeof(consumer.__dict__)}
+                    report["consumer attrs"] = {k: deep_size(v, seen) for k, v in consumer.__dict__.items()}
+                    scope = consumer.__dict__.get("scope") or {}
+                    report["scope"] = {"keys": len(scope), "itself": sys.getsizeof(scope),
+                                       **{k: deep_size(v, set(seen) - {id(v)}) for k, v in scope.items()}}
             coro = getattr(coro, "cr_await", None)
             if coro is not None and not hasattr(coro, "cr_frame"):
                 chain.append((type(coro).__name__, deep_size(coro, seen)))

@@ -53,6 +53,12 @@ def asked_for_access_log(argv: list[str]) -> bool:
     return args.access_log is not None
 
 
+# Shared by every socket's scope, never changed: ASGI's version, and the denial
+# response extension's (empty) options.
+ASGI_VERSION = types.MappingProxyType({"version": "3.0"})
+NO_OPTIONS = types.MappingProxyType({})
+
+
 class DrainingServer(Drain, Server):
     # daphne writes an access line (NCSA text, on stdout at its default verbosity)
     # for every request and for every socket's connecting, connect and disconnect:
@@ -86,18 +92,29 @@ class DrainingServer(Drain, Server):
             return super().create_application(protocol, scope)
         frames = {"write": protocol.write_frame, "write_all": protocol.write_frames}
         scope["extensions"] = {**(scope.get("extensions") or {}), "realtime.frames": frames,
-                               "websocket.http.response": {}}
+                               "websocket.http.response": NO_OPTIONS}
         # daphne's create_application, with the lean queue.
         assert "application_instance" not in self.connections[protocol]
         input_queue = AppQueue()
-        scope.setdefault("asgi", {"version": "3.0"})
-        application_instance = self.application(scope=scope, receive=input_queue.get,
-                                                send=partial(self.handle_reply, protocol))
+        scope.setdefault("asgi", ASGI_VERSION)
+        application_instance = self.socket_application()(scope=scope, receive=input_queue.get,
+                                                         send=partial(self.handle_reply, protocol))
         if protocol not in self.connections:
             return None
         self.connections[protocol]["application_instance"] = asyncio.ensure_future(
             application_instance, loop=asyncio.get_event_loop())
         return input_queue
+
+    def socket_application(self):
+        """The application of a socket's scope: past channels' ProtocolTypeRouter
+        when the application is one. Its `await application(...)` would keep a
+        coroutine waiting for the socket's whole life (some 300 B a socket), and a
+        step more for every socket opened; the router's choice for a "websocket"
+        scope is that same application."""
+        mapping = getattr(self.application, "application_mapping", None)
+        if isinstance(mapping, dict) and "websocket" in mapping:
+            return mapping["websocket"]
+        return self.application
 
     def listen_success(self, port):
         self.ports.append(port)

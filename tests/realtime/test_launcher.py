@@ -1,4 +1,5 @@
-"""The worker's launcher (realtime/server/launcher.py): the listen backlog,
+"""The worker's launcher (realtime/server/launcher.py): a socket's application
+(past channels' protocol router, the consumer's own coroutine); the listen backlog,
 REALTIME_LISTEN_BACKLOG on both its endpoints (plain and TLS), not Twisted's 50
 that a reconnect storm overflows (an endpoint that names its own keeps it); and
 daphne's access lines, written only when --access-log asks for them."""
@@ -79,3 +80,39 @@ def test_a_worker_writes_daphnes_access_lines_only_when_asked(tmp_path):
             server.stop()
         logged = server.log.read_text()
         assert ('"GET /healthz" 200' in logged) is (kind is Asked), logged[-2000:]
+
+
+def test_the_socket_app_is_the_consumers_own_coroutine_and_an_asgi3_app():
+    """RealtimeConsumer.as_asgi() keeps no coroutine of its own for the socket's
+    life, and servers still take it for an ASGI 3 application."""
+    import asyncio
+
+    from asgiref.compatibility import is_double_callable
+
+    from realtime.ws.consumer import RealtimeConsumer
+
+    app = RealtimeConsumer.as_asgi()
+    assert asyncio.iscoroutinefunction(app) and not is_double_callable(app)
+    assert app.consumer_class is RealtimeConsumer
+    running = app({"type": "websocket"}, None, None)
+    try:
+        assert running.cr_code is RealtimeConsumer.__call__.__code__
+    finally:
+        running.close()
+
+
+def test_the_launcher_runs_a_sockets_app_past_channels_protocol_router():
+    from types import SimpleNamespace
+
+    from channels.routing import ProtocolTypeRouter
+
+    from realtime.server.launcher import DrainingServer
+
+    def socket_app(scope, receive, send):
+        pass
+
+    router = ProtocolTypeRouter({"websocket": socket_app, "http": print})
+    assert DrainingServer.socket_application(SimpleNamespace(application=router)) is socket_app
+    assert DrainingServer.socket_application(SimpleNamespace(application=socket_app)) is socket_app
+    only_http = ProtocolTypeRouter({"http": print})
+    assert DrainingServer.socket_application(SimpleNamespace(application=only_http)) is only_http
