@@ -79,7 +79,15 @@ def peer_trusted(peer: str) -> bool:
     """Whether the TCP peer (or, with no address, a UNIX-socket peer) is a trusted proxy."""
     if not peer:
         return UNIX in settings.REALTIME_TRUSTED_PROXIES
-    return is_trusted(_ip(peer), trusted_networks())
+    return _peer_trusted(peer, tuple(settings.REALTIME_TRUSTED_PROXIES))
+
+
+@lru_cache(maxsize=4096)
+def _peer_trusted(peer: str, entries: tuple[str, ...]) -> bool:
+    """peer_trusted, remembered for the last 4,096 peers: each connection asks twice
+    (the connection guard, the proxy headers), and an address's parse and the
+    networks' walk cost more than the rest of either."""
+    return is_trusted(_ip(peer), _trusted(entries))
 
 
 def client_address(peer: str, forwarded_for: list[str], networks: tuple[Network, ...] | None = None,

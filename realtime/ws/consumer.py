@@ -18,8 +18,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
-import uuid
 
 from asgiref.sync import markcoroutinefunction
 from channels.db import database_sync_to_async
@@ -136,7 +136,7 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
         await handler(message)
 
     async def connect(self) -> None:
-        self.conn_id = uuid.uuid4().hex[:12]
+        self.conn_id = os.urandom(6).hex()  # (48 random bits, as uuid4().hex[:12] gave, at a third of the cost)
         self.user = self.scope.get("user")
         self.subscriptions: dict[str, Subscription] = {}
         self.access_changes: dict[str, int] = {}  # room -> access.checks seen (deliver())

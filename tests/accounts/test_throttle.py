@@ -195,3 +195,19 @@ def test_a_balancer_on_a_unix_socket_is_trusted_only_when_named(settings):
     settings.REALTIME_TRUSTED_PROXIES = ["unix"]
     app(dict(scope), None, None)
     assert seen == [None, ["198.51.100.4", 0]]
+
+
+def test_a_peers_trust_and_an_origins_verdict_follow_the_settings_they_are_remembered_under(settings):
+    """peer_trusted and origin_allowed remember their parses; a change of
+    REALTIME_TRUSTED_PROXIES or REALTIME_ALLOWED_ORIGINS is seen at once."""
+    from realtime.web.origins import origin_allowed
+    from realtime.web.proxies import peer_trusted
+
+    settings.REALTIME_TRUSTED_PROXIES = ["10.0.0.0/8"]
+    assert peer_trusted("10.1.2.3") is True and peer_trusted("192.0.2.7") is False
+    settings.REALTIME_TRUSTED_PROXIES = ["192.0.2.0/24"]
+    assert peer_trusted("10.1.2.3") is False and peer_trusted("192.0.2.7") is True
+    settings.REALTIME_ALLOWED_ORIGINS = ["https://app.test"]
+    assert origin_allowed("https://app.test:443") is True and origin_allowed("https://evil.test") is False
+    settings.REALTIME_ALLOWED_ORIGINS = ["https://evil.test"]
+    assert origin_allowed("https://app.test:443") is False and origin_allowed("https://evil.test") is True
