@@ -59,6 +59,35 @@ ASGI_VERSION = types.MappingProxyType({"version": "3.0"})
 NO_OPTIONS = types.MappingProxyType({})
 
 
+# Values every socket's scope and protocol hold a copy of, though they are the
+# same for nearly all of them (the listening address, the socket's path): one
+# object each, for at most SHARED_MAX distinct ones (a path is the client's choice).
+_shared: dict = {}
+SHARED_MAX = 256
+
+
+def shared(value):
+    if value is None:
+        return None
+    key = (type(value), tuple(value) if isinstance(value, list) else value)
+    found = _shared.get(key)
+    if found is None:
+        if len(_shared) >= SHARED_MAX:
+            return value
+        found = _shared[key] = value
+    return found
+
+
+def share_addresses(protocol, scope: dict) -> None:
+    """The scope's server address and path, and the protocol's, as the shared
+    objects (some 150 B a socket)."""
+    scope["server"] = protocol.server_addr = shared(scope.get("server"))
+    if "path" in scope:
+        scope["path"] = shared(scope["path"])
+    if "raw_path" in scope:
+        scope["raw_path"] = protocol.path = shared(scope["raw_path"])
+
+
 class DrainingServer(Drain, Server):
     # daphne writes an access line (NCSA text, on stdout at its default verbosity)
     # for every request and for every socket's connecting, connect and disconnect:
@@ -90,6 +119,7 @@ class DrainingServer(Drain, Server):
     def create_application(self, protocol, scope):
         if not isinstance(protocol, BoundedWebSocketProtocol):
             return super().create_application(protocol, scope)
+        share_addresses(protocol, scope)
         frames = {"write": protocol.write_frame, "write_all": protocol.write_frames}
         scope["extensions"] = {**(scope.get("extensions") or {}), "realtime.frames": frames,
                                "websocket.http.response": NO_OPTIONS}

@@ -142,8 +142,11 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
         self.access_changes: dict[str, int] = {}  # room -> access.checks seen (deliver())
         self.checking: dict[str, int] = {}  # room -> access.checks being read now (no fast path meanwhile)
         self.authenticated = False
-        offered = self.scope.get("subprotocols") or []
-        chosen = next((name for name in offered if name in protocol.CODECS), None)
+        # (the subprotocols offered leave the scope: only this reads them)
+        offered = self.scope.pop("subprotocols", None) or []
+        # The codec's own name, not the header's copy of it: the server keeps it
+        # for the socket's life (as the protocol in use).
+        chosen = next((protocol.CODECS[name].name for name in offered if name in protocol.CODECS), None)
         if offered and chosen is None:
             # The client speaks none of our versions: refuse the handshake (HTTP 403).
             event(log, INFO, "ws.refused", conn_id=self.conn_id, reason="subprotocol")

@@ -32,14 +32,15 @@ async def test_anonymous_is_accepted_then_closed_with_4001(cookies):
 
 async def test_an_open_socket_keeps_neither_the_request_headers_nor_the_servers_extensions(cookies):
     """What only the handshake needs (the cookie among the headers, the frame
-    writers' and the denial response's extension entries) leaves the scope once
+    writers' and the denial response's extension entries, the subprotocols
+    offered) leaves the scope once
     the socket is open: an idle socket's memory (bench/memprobe.py)."""
     comm = communicator(cookies["alice"])
     comm.scope["extensions"] = {"websocket.http.response": {}}
     connected, _ = await comm.connect(timeout=5)
     assert connected
     assert await call(comm, {"type": "ping", "t": 1, "ref": 1}) == {"type": "pong", "ref": 1, "t": 1}
-    assert comm.scope["headers"] == () and "extensions" not in comm.scope
+    assert comm.scope["headers"] == () and "extensions" not in comm.scope and "subprotocols" not in comm.scope
     await comm.disconnect()
 
 

@@ -116,3 +116,26 @@ def test_the_launcher_runs_a_sockets_app_past_channels_protocol_router():
     assert DrainingServer.socket_application(SimpleNamespace(application=socket_app)) is socket_app
     only_http = ProtocolTypeRouter({"http": print})
     assert DrainingServer.socket_application(SimpleNamespace(application=only_http)) is only_http
+
+
+def test_a_sockets_listening_address_and_path_are_one_object_for_all_sockets():
+    from types import SimpleNamespace
+
+    from realtime.server import launcher
+
+    def handshake(port):
+        return SimpleNamespace(), {"type": "websocket", "path": "/ws/v1/", "raw_path": b"/ws/v1/",
+                                   "server": ["127.0.0.1", 8000], "client": ["192.0.2.1", port]}
+
+    (one, a), (other, b) = handshake(50000), handshake(50001)
+    launcher.share_addresses(one, a)
+    launcher.share_addresses(other, b)
+    assert a["server"] is b["server"] is one.server_addr is other.server_addr
+    assert a["server"] == ["127.0.0.1", 8000]
+    assert a["path"] is b["path"] and a["raw_path"] is b["raw_path"] is one.path is other.path
+    assert a["client"] is not b["client"]  # (each its own)
+    assert launcher.shared(None) is None
+    # At most SHARED_MAX distinct values are kept (a path is the client's choice).
+    for n in range(launcher.SHARED_MAX + 10):
+        launcher.shared(f"/ws/v1/?{n}")
+    assert len(launcher._shared) == launcher.SHARED_MAX
