@@ -55,6 +55,19 @@ from realtime.ws.stream import Stream, Subscription
 KNOWN_CLOSE_CODES = {1005} | {int(c) for c in CloseCode} | {int(c) for c in protocol.TransportCode}
 
 
+# The scope's keys that only the handshake reads (the server's and the
+# middleware's): gone once the socket is open.
+HANDSHAKE_ONLY = frozenset({"headers", "query_string", "root_path", "extensions", "subprotocols"})
+
+
+def compact(scope: dict, drop: frozenset) -> None:
+    """`scope` without the keys in `drop`, in a table sized for what is left: the
+    same dict (the middleware's frame holds it too), rebuilt."""
+    kept = {key: value for key, value in scope.items() if key not in drop}
+    scope.clear()
+    scope.update(kept)
+
+
 def close_label(code) -> str:
     return str(code) if code in KNOWN_CLOSE_CODES else "other"
 
@@ -196,12 +209,12 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
         self.grant = self.scope.pop("grant", None)
         if self.grant is not None:
             self.expire_at(self.grant.exp)
-        # The handshake is over and nothing here reads the request's headers or
-        # the server's extensions again (the frame writers are read above, the
-        # denial response is past): let them go (1.5 KiB a socket with the
-        # cookie's value among them, and 0.5 KiB).
-        self.scope["headers"] = ()
-        self.scope.pop("extensions", None)
+        # The handshake is over and nothing here reads the request's headers, its
+        # query or the server's extensions again (the frame writers are read
+        # above, the denial response is past): let them go (1.5 KiB a socket with
+        # the cookie's value among them, and 0.5 KiB), and rebuild the scope's
+        # table for what is left (a dict never shrinks by itself).
+        compact(self.scope, drop=HANDSHAKE_ONLY)
         housekeeper.add(self)
         self.opened_at = time.monotonic()
         metrics.CONNECTIONS.inc()
