@@ -78,6 +78,33 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
     revoked = False
     grant = None  # a token socket's accounts.bearer.Grant (None: a session's socket)
     expiry: asyncio.TimerHandle | None = None  # the token's `exp`, as a timer
+    channel_name = None  # (no channel-layer channel of its own: __call__)
+    groups = ()  # (channels' own list of groups to join: none, the fan-out joins them)
+
+    def __init__(self, *args, **kwargs):
+        """Every attribute a socket sets in its life, set now, in one order, to the
+        value it starts with (as the class or connect() would give it). CPython
+        (3.11) keeps an instance's attributes in a small array beside a table of
+        names the class shares, but that table takes new names only from the
+        first few instances made: a storm makes hundreds of consumers before the
+        first one's connect() runs, names set after that do not fit, and each
+        socket got a dict of its own instead (0.8 KiB). Made here, the first
+        instance names them all."""
+        super().__init__(*args, **kwargs)
+        self.scope = self.channel_layer = self.base_send = None
+        self.write_frame = self.write_frames = None
+        self.local_queue = self.inbox = None
+        self.conn_id = self.user = None
+        self.subscriptions = self.access_changes = self.checking = None
+        self.authenticated = False
+        self.codec = protocol.JSON
+        self.auth_stamp = self.session_key = self.grant = None
+        self.last_frame_at = self.opened_at = self.next_session_check = 0.0
+        self.handling = False
+        self.refused_in_row = self.replaying = 0
+        self.probation_until = Intake.probation_until
+        self.revoked = False
+        self.expiry = self.metrics_task = None
 
     @classmethod
     def as_asgi(cls, **initkwargs):
@@ -103,7 +130,6 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
         this task alone serves both queues (realtime/ws/queues.py: no task for each)."""
         self.scope = scope
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
-        self.channel_name = None
         self.base_send = send
         # The server's prebuilt-frame write (realtime/server/bounded.py), when it has one.
         writers = (scope.get("extensions") or {}).get("realtime.frames") or {}

@@ -3,6 +3,8 @@ layer and on a private Redis (the `layer` fixture runs every test on both)."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from asgiref.sync import sync_to_async
 
@@ -43,6 +45,42 @@ async def test_an_open_socket_keeps_neither_the_request_headers_nor_the_servers_
     assert not {"headers", "query_string", "extensions", "subprotocols"} & set(comm.scope)
     assert comm.scope["type"] == "websocket" and comm.scope["path"] == "/ws/v1/"
     await comm.disconnect()
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's instance layout")
+async def test_a_storm_of_sockets_keeps_each_consumers_attributes_without_a_dict_of_its_own(cookies):
+    """Consumers made together (as in a reconnect storm, before any of them has
+    connected) keep their attributes in CPython's compact per-instance array: the
+    names are all set when a consumer is made (RealtimeConsumer.__init__), not
+    some later, when the class's shared table no longer takes new ones and each
+    socket got a dict of its own (0.8 KiB an idle socket). A class of its own, so
+    that what earlier tests made does not decide it."""
+    import asyncio
+    import gc
+
+    from channels.testing import WebsocketCommunicator
+
+    from accounts.middleware import SocketAuthMiddleware
+    from realtime.web.proxies import ProxyHeadersMiddleware
+    from realtime.ws.consumer import RealtimeConsumer
+    from tests.conftest import HOST
+
+    class Storm(RealtimeConsumer):
+        pass
+
+    app = ProxyHeadersMiddleware(SocketAuthMiddleware(Storm.as_asgi()))
+    comms = [WebsocketCommunicator(app, "/ws/v1/", headers=[HOST, ORIGIN, (b"cookie", cookies["alice"])],
+                                   subprotocols=["rt.v1.json"]) for _ in range(18)]
+    assert all(connected for connected, _ in await asyncio.gather(*(c.connect(timeout=10) for c in comms)))
+    try:
+        for comm in comms:  # (each handles a frame: a pong, or its user's ping limit)
+            assert (await call(comm, {"type": "ping", "t": 1, "ref": 2}))["ref"] == 2
+        consumers = [o for o in gc.get_objects() if type(o) is Storm and o.authenticated]
+        assert len(consumers) == 18
+        own_dicts = [c for c in consumers if any(isinstance(r, dict) and "conn_id" in r for r in gc.get_referents(c))]
+        assert own_dicts == []
+    finally:
+        await asyncio.gather(*(c.disconnect() for c in comms))
 
 
 async def test_foreign_origin_is_refused_at_handshake(cookies):
