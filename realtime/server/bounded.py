@@ -22,7 +22,7 @@ consumer writes its replies that way too, and a replay's frames with
 that fit go, then the close (4013). Under another server the extension is absent
 and the app sends through ASGI as usual.
 
-What an open socket sheds to stay small (about 15 KiB an idle socket):
+What an open socket sheds to stay small (about 9 KiB an idle socket):
 docs/decisions.md. The private attributes it touches: server/adapter.py.
 """
 
