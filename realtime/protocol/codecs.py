@@ -157,3 +157,19 @@ def framed(message: dict, codec: Codec) -> bytes:
 
 
 FRAME_KEYS = {name: f"frame:{name}" for name in CODECS}
+
+
+class EventFrames(dict):
+    """codec -> a layer message's frame (framed()), for the fan-out's loop over a
+    worker's sockets: made when the first socket of a codec needs it, then one
+    dict lookup for each of the others (no call per socket)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: dict) -> None:
+        super().__init__()
+        self.message = message
+
+    def __missing__(self, codec: Codec) -> bytes:
+        frame = self[codec] = framed(self.message, codec)
+        return frame

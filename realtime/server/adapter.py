@@ -12,13 +12,13 @@ from twisted.web import http as twisted_http
 
 # (where, attribute): what this package reads or writes that is not public API.
 PRIVATE = (
-    # Twisted's TCP transport: unsent bytes (back-pressure), and whether a write can
-    # go out at once (write_now).
+    # Twisted's TCP transport: unsent bytes (back-pressure), whether a write can go
+    # out at once, and its socket, to send it on (send_at_once).
     ("twisted.internet.tcp.Connection", "dataBuffer"),
     ("twisted.internet.tcp.Connection", "offset"),
     ("twisted.internet.tcp.Connection", "_tempDataLen"),
     ("twisted.internet.tcp.Connection", "_writeDisconnected"),
-    ("twisted.internet.tcp.Connection", "writeSomeData"),
+    ("twisted.internet.tcp.Connection", "socket"),
     # Twisted's HTTP channel: a request being handled; the channel left registered
     # as a producer after daphne's upgrade (let go, server/guard.py).
     ("twisted.web.http.HTTPChannel", "_handlingRequest"),
@@ -132,17 +132,30 @@ def write_now(transport, data: bytes) -> None:
     a plain TCP socket: Twisted would queue it and register the socket with the
     poller for one send() on the next turn, two poller changes per frame, which
     was most of a fan-out's cost. What the kernel does not take is queued as usual."""
-    if (
+    if not send_at_once(transport, data):
+        transport.write(data)
+
+
+def send_at_once(transport, data: bytes) -> bool:
+    """write_now where it sends at once: a plain TCP transport with nothing unsent
+    (unsent_bytes() is 0) and open. The socket's send() is called directly (what
+    Twisted's writeSomeData does, without its two Python calls: one per socket
+    of a fan-out); what the kernel does not take, or anything when the send
+    fails, goes to transport.write, which queues it or finds the connection lost
+    as before. False: not such a transport now, nothing written."""
+    if not (
         isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
         and not transport.disconnecting and not transport._writeDisconnected
         and not transport._tempDataLen and len(transport.dataBuffer) == transport.offset
     ):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int):
-            if sent == len(data):
-                return
-            data = data[sent:]
-    transport.write(data)
+        return False
+    try:
+        sent = transport.socket.send(data)
+    except OSError:  # EWOULDBLOCK, ENOBUFS; a connection lost is found by the write below
+        sent = 0
+    if sent < len(data):
+        transport.write(data[sent:] if sent else data)
+    return True
 
 
 def waiting(queue) -> list:

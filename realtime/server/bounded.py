@@ -36,7 +36,7 @@ from daphne.ws_protocol import WebSocketProtocol
 
 from realtime.protocol.codes import CloseCode
 from realtime.server import adapter
-from realtime.server.adapter import unsent_bytes, write_now
+from realtime.server.adapter import send_at_once, unsent_bytes, write_now
 from realtime.server.guard import release_http_channel
 
 adapter.defer_debug_formatting()
@@ -195,8 +195,14 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
     def write_frame(self, frame: bytes) -> bool:
         """Write a complete WebSocket frame (protocol.websocket_frame()) at the end of
         this turn of the loop; False when this socket cannot take it as is (not
-        open, compressing, mid-message), and the caller sends through ASGI instead."""
-        return self.write_frames((frame,))
+        open, compressing, mid-message), and the caller sends through ASGI instead.
+        (write_frames of one frame, without the tuple and the list: the fan-out
+        calls it for each socket.)"""
+        gathered = _corked.get(self)
+        if gathered is not None:
+            gathered.append(frame)
+            return True
+        return self._gather([frame])
 
     def write_frames(self, frames) -> bool:
         """write_frame for several frames in a row (a replay): kept apart, so that
@@ -227,6 +233,8 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         if self.state != self.STATE_OPEN:
             return  # closed meanwhile: dropped
         data = frames[0] if len(frames) == 1 else b"".join(frames)
+        if len(data) <= self.max_send_buffer and send_at_once(self.transport, data):
+            return  # (nothing was unsent: all of it within the bound)
         room = self.max_send_buffer - unsent_bytes(self.transport)
         if len(data) <= room:
             write_now(self.transport, data)

@@ -173,24 +173,56 @@ class Stream:
 
     async def deliver(self, message: dict) -> bool:
         """The fan-out's fast path: send the room's next event straight away when
-        nothing is ahead of it for this socket (no queued message, no replay, no
-        frame of its own being answered, so a sender gets its ack before its own
-        message; the seq right after the last one sent). False: queue it, and
-        room_event takes it in order with everything else."""
+        nothing is ahead of it for this socket (deliver_now); False: queue it, and
+        room_event takes it in order with everything else. Where the server takes
+        no prebuilt frame from this socket, the event goes through ASGI."""
         kind = message.get("type")
         if kind == broadcast.ACCESS_CHECK:
             self.forget_access(message["room"])
-        if kind != broadcast.ROOM_EVENT or self.replaying or self.handling or not self.local_queue.empty():
+        if kind != broadcast.ROOM_EVENT:
             return False
+        written = self.deliver_now(message, protocol.EventFrames(message))
+        if written is not None:
+            return written
+        # Its turn, but not as a prebuilt frame (another server, or not now).
+        sub = self.subscriptions[message["room"]]
+        await self.send_payload(protocol.payload(message, self.codec))
+        self.sent_event(message, sub)
+        return True  # the fan-out counts it (metrics.delivered)
+
+    def deliver_now(self, message: dict, frames: protocol.EventFrames) -> bool | None:
+        """deliver() of a room event as a plain call: the fan-out makes it for each
+        of the worker's sockets in the room (Fanout._deliver). Fused, because a
+        coroutine per socket (deliver, write_event, send_encoded), each awaited,
+        and the calls under them were half of what a delivery cost in Python,
+        the send() itself a third. `frames`: the event's frame for each codec,
+        made once for all the sockets.
+
+        Written when nothing is ahead of it for this socket: no queued message, no
+        replay, no frame of its own being answered (a sender gets its ack before
+        its own message), no access check under way, not a change to this user's
+        own membership, and the seq right after the last one sent. True: written
+        (the server's writer has it, to go out at the end of this turn); False:
+        queue it; None: its turn, but the server takes no prebuilt frame from this
+        socket (none under another server, or not now): deliver() sends it
+        through ASGI."""
+        if self.replaying or self.handling or self.local_queue.items or self.revoked:
+            return False
+        room = message["room"]
         member = message.get("member")
-        if self.checking.get(message["room"]) or (member is not None and member == self.user.get_username()):
+        if room in self.checking or (member is not None and member == self.user.get_username()):
             # The room's access is being read again (a member removed?): its
             # events wait their turn behind the check, which may end the stream.
             return False
-        sub = self.subscriptions.get(message["room"])
-        if sub is None or self.revoked or message["seq"] != sub.last_seq + 1:
+        sub = self.subscriptions.get(room)
+        if sub is None or message["seq"] != sub.last_seq + 1:
             return False
-        await self.write_event(message, sub)  # the fan-out counts it (metrics.delivered)
+        write = self.write_frame
+        if write is None or not write(frames[self.codec]):
+            return None
+        sub.last_seq = message["seq"]
+        if log.isEnabledFor(DEBUG):
+            self.log_delivery(message)
         return True
 
     async def room_event(self, message: dict) -> None:
@@ -217,11 +249,18 @@ class Stream:
 
     async def write_event(self, message: dict, sub: Subscription) -> None:
         await self.send_encoded(message)
+        self.sent_event(message, sub)
+
+    def sent_event(self, message: dict, sub: Subscription) -> None:
+        """A room event was sent: the next in turn is the seq after it."""
         sub.last_seq = message["seq"]
         if log.isEnabledFor(DEBUG):
-            log.debug("ws.deliver", extra={"event": "ws.deliver", "conn_id": self.conn_id, "user_id": self.user.pk,
-                                           "room": message["room"], "seq": message["seq"],
-                                           "trace_id": message.get("trace")})
+            self.log_delivery(message)
+
+    def log_delivery(self, message: dict) -> None:
+        log.debug("ws.deliver", extra={"event": "ws.deliver", "conn_id": self.conn_id, "user_id": self.user.pk,
+                                       "room": message["room"], "seq": message["seq"],
+                                       "trace_id": message.get("trace")})
 
     async def push(self, message: dict) -> None:
         """An ephemeral frame (typing, presence, read markers), encoded once upstream."""

@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 
+import msgspec
 import pytest
 from redis import asyncio as aioredis
 
+from realtime import protocol
 from realtime.delivery import publish as broadcast
 from realtime.domain import services
+from realtime.delivery.fanout import Fanout, fanout
 from realtime.ws.consumer import RealtimeConsumer
-from realtime.delivery.fanout import fanout
 from realtime.ws.queues import AppQueue
 from tests.conftest import HOST, ORIGIN, socket, subscribe, assert_quiet
 
@@ -42,14 +44,14 @@ def lost_publishes(monkeypatch):
 def handed(monkeypatch):
     """How many times the fan-out handed each room event (by seq) to a socket."""
     seen: dict[int, int] = {}
-    real = RealtimeConsumer.deliver
+    real = Fanout._deliver
 
-    async def counted(self, message):
+    async def counted(self, message, local, traced=False):
         if message.get("type") == broadcast.ROOM_EVENT:
-            seen[message["seq"]] = seen.get(message["seq"], 0) + 1
-        return await real(self, message)
+            seen[message["seq"]] = seen.get(message["seq"], 0) + len(local)
+        return await real(self, message, local, traced)
 
-    monkeypatch.setattr(RealtimeConsumer, "deliver", counted)
+    monkeypatch.setattr(Fanout, "_deliver", counted)
     return seen
 
 
@@ -175,3 +177,193 @@ async def test_a_senders_own_messages_follow_its_acks_before_later_frames(cookie
     finally:
         inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
         await asyncio.wait_for(app, 5)
+
+
+# The fused path (Fanout._deliver -> Stream.deliver_now -> the server's writer),
+# on sockets of our server (BoundedWebSocketProtocol, as tests/realtime/test_frames.py
+# opens them) and of another (no frame writer: ASGI).
+
+def event(seq: int, **extra) -> dict:
+    from datetime import datetime, timezone
+
+    found = protocol.MessageNew(room="general", seq=seq, id=seq, author="alice", body=f"m{seq}", client_id=f"c{seq}",
+                                ts=datetime(2026, 11, 26, tzinfo=timezone.utc))
+    return {**broadcast.layer_message(found), **extra}
+
+
+class Member(RealtimeConsumer):
+    """A socket subscribed to #general, sent everything up to `last_seq`, on our
+    server (`server`: its BoundedWebSocketProtocol) or, with server=False, on one
+    without prebuilt frames; `state` overrides any of its attributes."""
+
+    def __init__(self, name: str = "bob", last_seq: int = 0, server: bool = True, codec=None, bound=1 << 20,
+                 **state):
+        from types import SimpleNamespace
+
+        from realtime.ws.queues import LocalQueue
+        from realtime.ws.stream import Subscription
+        from tests.realtime.test_frames import open_socket
+
+        self.conn_id, self.codec = name, codec or protocol.JSON
+        self.user = SimpleNamespace(pk=hash(name), get_username=lambda: name)
+        self.subscriptions = {"general": Subscription(last_seq=last_seq)}
+        self.checking, self.access_changes = {}, {}
+        self.local_queue = LocalQueue()
+        self.asgi: list = []
+        self.closed: list = []
+        self.server = open_socket(max_send_buffer=bound) if server else None
+        if server:
+            self.server.sendClose = lambda code: self.closed.append(code)
+        self.write_frame = self.server.write_frame if server else None
+        self.write_frames = self.server.write_frames if server else None
+        self.__dict__.update(state)
+
+    async def send(self, text_data=None, bytes_data=None):
+        self.asgi.append(text_data if bytes_data is None else bytes_data)
+
+    def got(self) -> list[int]:
+        """The seqs written to this socket, in order (as prebuilt frames or through ASGI)."""
+        from websockets.frames import Frame
+        from websockets.streams import StreamReader
+
+        reader = StreamReader()
+        reader.feed_data(b"".join(self.server.transport.writes) if self.server else b"")
+        reader.feed_eof()
+        seqs = []
+        while reader.buffer:
+            parser = Frame.parse(reader.read_exact, mask=False)
+            with pytest.raises(StopIteration) as done:
+                next(parser)
+            seqs.append(msgspec.msgpack.decode(done.value.value.data)["seq"] if self.codec.binary
+                        else json.loads(done.value.value.data)["seq"])
+        return seqs + [json.loads(text)["seq"] for text in self.asgi]
+
+
+async def test_a_room_event_is_written_to_every_socket_in_turn_in_one_send_per_socket_at_the_turns_end():
+    from prometheus_client import REGISTRY
+
+    sample = lambda: REGISTRY.get_sample_value("realtime_frames_out_total", {"type": "message.new"}) or 0  # noqa: E731
+    members = [Member(f"u{i}", last_seq=4) for i in range(3)] + [Member("m", last_seq=4, codec=protocol.MSGPACK)]
+    first = event(5)
+    before = sample()
+    assert await fanout()._deliver(first, set(members)) == 4
+    assert sample() - before == 4
+    assert all(m.server.transport.writes == [] for m in members), "written before the turn ended"
+    second = event(6)
+    assert await fanout()._deliver(second, set(members)) == 4
+    await asyncio.sleep(0)
+    for m in members[:3]:
+        assert m.server.transport.writes == [protocol.framed(first, protocol.JSON) + protocol.framed(second, protocol.JSON)]
+        assert m.subscriptions["general"].last_seq == 6 and not m.local_queue.items
+    assert members[3].server.transport.writes == [protocol.framed(first, protocol.MSGPACK)
+                                                  + protocol.framed(second, protocol.MSGPACK)]
+
+
+@pytest.mark.parametrize("state", [
+    {"last_seq": 3},  # a gap: seq 4 is missing
+    {"last_seq": 5},  # sent already
+    {"replaying": 1}, {"handling": True}, {"revoked": True},
+    {"checking": {"general": 1}},  # its access being read again
+    {"name": "carol"},  # a change to this user's own membership
+    {"subscriptions": {}},
+    {"queued": True},  # something waits ahead of it
+])
+@pytest.mark.parametrize("server", [True, False])
+async def test_an_event_out_of_turn_is_queued_not_written(state, server):
+    """The fused path makes deliver()'s checks: an event the socket may not be
+    sent now (a gap, a replay, a frame being answered, ...) goes to its queue,
+    where room_event takes it in order (repairing a gap from the log); the
+    sockets in turn beside it are written."""
+    state = dict(state)
+    queued = state.pop("queued", False)
+    out = Member(state.pop("name", "bob"), last_seq=state.pop("last_seq", 4), server=server, **state)
+    if queued:
+        out.local_queue.put_nowait({"type": broadcast.SESSION_CHECK})
+    fine = Member("dave", last_seq=4, server=server)
+    message = event(5, member="carol")
+    assert await fanout()._deliver(message, {out, fine}) == 1
+    await asyncio.sleep(0)
+    assert out.got() == [] and out.local_queue.items[-1] is message
+    assert fine.got() == [5] and not fine.local_queue.items
+    assert fine.subscriptions["general"].last_seq == 5
+
+
+async def test_a_socket_of_another_server_is_sent_through_asgi_in_turn():
+    sockets = [Member("bob", last_seq=4, server=False), Member("dave", last_seq=4, server=True)]
+    for seq in (5, 6):
+        assert await fanout()._deliver(event(seq), set(sockets)) == 2
+    await asyncio.sleep(0)
+    assert [s.got() for s in sockets] == [[5, 6], [5, 6]]
+    assert [len(s.asgi) for s in sockets] == [2, 0]
+
+
+async def test_a_socket_past_its_send_bound_is_closed_between_whole_frames_and_the_others_written():
+    small, fine = Member("bob", last_seq=4, bound=150), Member("dave", last_seq=4)
+    frame = len(protocol.framed(event(5), small.codec))
+    assert frame < 150 < 2 * frame
+    for seq in (5, 6, 7):
+        await fanout()._deliver(event(seq), {small, fine})
+    await asyncio.sleep(0)
+    assert small.closed == [4013] and small.server.overflowed
+    assert small.got() == [5], "more than the whole frames that fit, or a cut frame"
+    assert fine.got() == [5, 6, 7] and fine.closed == []
+
+
+async def test_a_socket_that_fails_is_logged_and_queued_and_the_others_are_written(caplog):
+    class Broken(Member):
+        def deliver_now(self, message, frames):
+            raise RuntimeError("boom")
+
+    broken, fine = Broken("bob", last_seq=4), Member("dave", last_seq=4)
+    message = event(5)
+    assert await fanout()._deliver(message, {broken, fine}) == 1
+    await asyncio.sleep(0)
+    assert broken.local_queue.items == [message] and fine.got() == [5]
+    assert any(r.getMessage() == "fan-out delivery failed" for r in caplog.records)
+
+
+async def test_a_sampled_trace_writes_its_first_sockets_through_tracing_write(monkeypatch):
+    from realtime.observability import tracing
+
+    spanned = []
+    real = tracing.write
+
+    async def write(consumer, message):
+        spanned.append(consumer)
+        return await real(consumer, message)
+
+    monkeypatch.setattr(tracing, "write", write)
+    sockets = [Member(f"u{i}", last_seq=4) for i in range(tracing.WRITE_SPANS + 2)]
+    local = dict.fromkeys(sockets)  # (insertion order: tuple(local) in the fan-out)
+    assert await fanout()._deliver(event(5), local, traced=True) == len(sockets)
+    await asyncio.sleep(0)
+    assert spanned == sockets[:tracing.WRITE_SPANS]
+    assert all(s.got() == [5] for s in sockets)
+
+
+async def test_a_member_that_is_no_socket_is_awaited_through_deliver():
+    class Waiter:
+        def __init__(self):
+            self.delivered = []
+            self.local_queue = self
+
+        async def deliver(self, message):
+            self.delivered.append(message["seq"])
+            return False
+
+        def put_nowait(self, message):
+            self.delivered.append("queued")
+
+    waiter, fine = Waiter(), Member("dave", last_seq=4)
+    assert await fanout()._deliver(event(5), {waiter, fine}) == 1
+    assert waiter.delivered == [5, "queued"]
+
+
+async def test_each_write_of_the_fused_path_is_logged_at_debug(caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="realtime.ws.stream")
+    sockets = [Member("bob", last_seq=4), Member("dave", last_seq=4, server=False)]
+    await fanout()._deliver(event(5, trace="t5"), set(sockets))
+    logged = [r for r in caplog.records if getattr(r, "event", None) == "ws.deliver"]
+    assert sorted((r.conn_id, r.seq, r.trace_id) for r in logged) == [("bob", 5, "t5"), ("dave", 5, "t5")]

@@ -170,3 +170,68 @@ def test_autobahns_plain_writes_go_out_at_once_and_are_counted():
     finally:
         left.close()
         right.close()
+
+
+@pytest.mark.asyncio
+async def test_a_turns_frames_on_a_real_tcp_socket_go_out_in_one_send_within_the_bound():
+    """On a plain TCP transport with nothing unsent, a turn's frames are sent at
+    once (adapter.send_at_once: the socket's send(), no queue for the next turn)
+    when they fit the send bound; when they do not, the same cut as anywhere:
+    the whole frames that fit, then the close (4013). What the kernel does not
+    take stays queued in the transport, in order."""
+    import asyncio
+    import socket as sockets
+
+    from twisted.internet import tcp
+
+    def pair(bound: int):
+        left, right = sockets.socketpair()
+        left.setblocking(False)
+        right.settimeout(5)
+        connection = tcp.Connection(left, None)
+        connection.connected = 1
+        closed = []
+        socket = open_socket(transport=connection, max_send_buffer=bound)
+        socket.sendClose = lambda code: closed.append(code)
+        return socket, left, right, closed
+
+    def received(right, size: int) -> bytes:
+        got = b""
+        while len(got) < size:
+            got += right.recv(size - len(got))
+        return got
+
+    socket, left, right, closed = pair(100)
+    try:
+        assert socket.write_frame(b"a" * 30) and socket.write_frame(b"b" * 30)
+        await asyncio.sleep(0)
+        assert socket.transport.dataBuffer == b"" and not socket.transport._tempDataLen
+        assert received(right, 60) == b"a" * 30 + b"b" * 30 and closed == []
+        # Past the bound with nothing unsent: cut between whole frames, then 4013.
+        assert socket.write_frame(b"c" * 60) and socket.write_frame(b"d" * 60)
+        await asyncio.sleep(0)
+        assert closed == [4013] and socket.overflowed
+        assert received(right, 60) == b"c" * 60
+        right.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            right.recv(1)  # nothing of the frame past the bound
+    finally:
+        left.close()
+        right.close()
+
+    socket, left, right, closed = pair(1 << 24)
+    left.setsockopt(sockets.SOL_SOCKET, sockets.SO_SNDBUF, 4096)
+    try:
+        big = bytes(range(256)) * 4096  # 1 MiB: more than the kernel takes at once
+        assert socket.write_frame(big)
+        await asyncio.sleep(0)
+        unsent = len(socket.transport.dataBuffer) + socket.transport._tempDataLen
+        assert 0 < unsent < len(big), "the kernel took all of it: the test shows nothing"
+        socket.transport.stopWriting()
+        sent = len(big) - unsent
+        queued = bytes(socket.transport.dataBuffer) + b"".join(socket.transport._tempDataBuffer)
+        assert queued == big[sent:]
+        assert received(right, sent) == big[:sent]
+    finally:
+        left.close()
+        right.close()
