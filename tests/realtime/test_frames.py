@@ -20,7 +20,9 @@ def parse(data: bytes) -> Frame:
     parser = Frame.parse(reader.read_exact, mask=False)
     with pytest.raises(StopIteration) as done:
         next(parser)
-    assert reader.at_eof(), "bytes left after the frame"
+    with pytest.raises(StopIteration) as ended:  # (at_eof is a generator-based coroutine)
+        next(reader.at_eof())
+    assert ended.value.value is True, "bytes left after the frame"
     return done.value.value
 
 
