@@ -37,7 +37,7 @@ from realtime import protocol
 from realtime.delivery import publish as broadcast
 from realtime.delivery.fanout import fanout
 from realtime.observability import metrics
-from realtime.observability.logs import event
+from realtime.observability.logs import TRACE, event
 from realtime.protocol import CloseCode, ErrorCode
 from realtime.state import degraded, heartbeat, housekeeper, presence, ratelimit
 from realtime.state import leases as connections
@@ -162,11 +162,18 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
         if message["type"] != "websocket.receive":
             await self.dispatch_one(message)
             return
-        if self.inbox is not None and self.inbox.qsize():
-            await self.receive_burst(message)
-        else:
-            await self.dispatch_one(message)
-        await self.send_held()
+        # A frame's trace id (set while it is handled: ws/intake.py) is its own:
+        # once it is answered, the socket's log lines carry none, and its task's
+        # context lets go of it (some 200 B an idle socket).
+        token = TRACE.set(None)
+        try:
+            if self.inbox is not None and self.inbox.qsize():
+                await self.receive_burst(message)
+            else:
+                await self.dispatch_one(message)
+            await self.send_held()
+        finally:
+            TRACE.reset(token)
 
     async def dispatch_one(self, message: dict) -> None:
         handler = getattr(self, get_handler_name(message), None)

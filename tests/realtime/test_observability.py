@@ -248,6 +248,31 @@ async def test_logs_are_json_events_with_trace_ids_and_no_secrets(cookies, demo,
         assert secret not in everything, "a secret reached the logs"
 
 
+@pytest.mark.asyncio
+async def test_a_frames_trace_id_is_its_own_and_ends_with_its_handling(cookies, monkeypatch):
+    """While a frame is handled its trace id is the socket's; once it is answered,
+    what the socket does next (here a session check from the housekeeper) carries
+    none, and the task's context keeps nothing of it."""
+    import gc
+
+    from realtime.observability.logs import TRACE
+    from realtime.ws.consumer import RealtimeConsumer
+
+    seen = []
+
+    async def look(self, message):
+        seen.append(TRACE.get())
+
+    monkeypatch.setattr(RealtimeConsumer, "session_check", look)
+    async with socket(cookies["alice"]) as alice:
+        reply = await call(alice, {"type": "ping", "t": 1, "ref": 1, "trace": "trace-xyz-1"})
+        assert reply["ref"] == 1
+        consumer = next(o for o in gc.get_objects() if type(o) is RealtimeConsumer and o.authenticated)
+        consumer.local_queue.put_nowait({"type": "session.check"})
+        await until(lambda: seen)
+    assert seen == [None]
+
+
 def test_the_alert_rules_use_metrics_that_exist():
     from pathlib import Path
 
