@@ -45,13 +45,22 @@ class Replayed:
     a gap repair), with their encodings made on first use and kept: once per codec
     however many sockets are sent them."""
 
-    __slots__ = ("events", "tags", "_encoded", "_frames")
+    __slots__ = ("events", "_tags", "_encoded", "_frames")
 
     def __init__(self, events: list[protocol.RoomEvent]) -> None:
         self.events = events
-        self.tags = Counter(event.__struct_config__.tag for event in events)  # for metrics.FRAMES_OUT
+        self._tags: Counter | None = None
         self._encoded: dict[str, list[bytes]] = {}
         self._frames: dict[str, list[bytes]] = {}
+
+    @property
+    def tags(self) -> Counter:
+        """How many events of each frame type (for metrics.FRAMES_OUT), counted when
+        first asked: a subscribe to a quiet room replays nothing and never asks (a
+        Counter made anyway was 2% of a connect storm)."""
+        if self._tags is None:
+            self._tags = Counter(event.__struct_config__.tag for event in self.events)
+        return self._tags
 
     def __len__(self) -> int:
         return len(self.events)
