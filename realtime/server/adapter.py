@@ -46,6 +46,9 @@ PRIVATE = (
     ("autobahn.websocket.protocol", "hlval"),
     ("autobahn.twisted.websocket", "hltype"),
     ("autobahn.twisted.websocket", "hlval"),
+    # What autobahn's dataReceived hands a read to, past its debug line
+    # (BoundedWebSocketProtocol.dataReceived).
+    ("autobahn.websocket.protocol.WebSocketProtocol", "_dataReceived"),
     # txaio's stand-in for a log method below the level (logs_debug).
     ("txaio.tx", "_no_op"),
     # daphne's Server: its connections, the factories, making an application.

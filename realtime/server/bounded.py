@@ -62,7 +62,14 @@ def flush_corked() -> None:
     gathered = list(_corked.items())
     _corked.clear()
     for socket, frames in gathered:
-        socket.write_gathered(frames)
+        try:
+            socket.write_gathered(frames)
+        except Exception:
+            # Its frames are lost (their seqs counted as sent): drop the connection,
+            # and the client resumes from the last it got. The others still go.
+            log.exception("writing a socket's frames failed", extra={"event": "ws.write_failed"})
+            with contextlib.suppress(Exception):
+                socket.transport.abortConnection()
 
 
 class SendQueue(list):

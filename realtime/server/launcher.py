@@ -18,6 +18,7 @@ import gc
 import logging
 import signal
 import types
+from collections import OrderedDict
 from functools import partial
 
 from daphne.cli import CommandLineInterface
@@ -61,20 +62,26 @@ NO_OPTIONS = types.MappingProxyType({})
 
 # Values every socket's scope and protocol hold a copy of, though they are the
 # same for nearly all of them (the listening address, the socket's path): one
-# object each, for at most SHARED_MAX distinct ones (a path is the client's choice).
-_shared: dict = {}
+# object each. A path is the client's choice, and this runs before the route or
+# the origin is checked: only values of at most SHARED_LENGTH items are kept, at
+# most SHARED_MAX of them, the least recently used going first (a scanner's
+# paths cannot keep the real one out for long).
+_shared: "OrderedDict" = OrderedDict()
 SHARED_MAX = 256
+SHARED_LENGTH = 128
 
 
 def shared(value):
-    if value is None:
-        return None
+    if value is None or len(value) > SHARED_LENGTH:
+        return value
     key = (type(value), tuple(value) if isinstance(value, list) else value)
     found = _shared.get(key)
     if found is None:
-        if len(_shared) >= SHARED_MAX:
-            return value
         found = _shared[key] = value
+        if len(_shared) > SHARED_MAX:
+            _shared.popitem(last=False)
+    else:
+        _shared.move_to_end(key)
     return found
 
 
@@ -86,6 +93,10 @@ def share_addresses(protocol, scope: dict) -> None:
         scope["path"] = shared(scope["path"])
     if "raw_path" in scope:
         scope["raw_path"] = protocol.path = shared(scope["raw_path"])
+
+
+async def _raises(exc: BaseException):
+    raise exc
 
 
 class DrainingServer(Drain, Server):
@@ -127,8 +138,14 @@ class DrainingServer(Drain, Server):
         assert "application_instance" not in self.connections[protocol]
         input_queue = AppQueue()
         scope.setdefault("asgi", ASGI_VERSION)
-        application_instance = self.socket_application()(scope=scope, receive=input_queue.get,
-                                                         send=partial(self.handle_reply, protocol))
+        try:
+            application_instance = self.socket_application()(scope=scope, receive=input_queue.get,
+                                                             send=partial(self.handle_reply, protocol))
+        except Exception as exc:
+            # Past channels' router, the socket's app is called here, not inside
+            # its task: what it raises fails the task as it did there (daphne then
+            # refuses the handshake with 500), instead of leaving it unanswered.
+            application_instance = _raises(exc)
         if protocol not in self.connections:
             return None
         self.connections[protocol]["application_instance"] = asyncio.ensure_future(

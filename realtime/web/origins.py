@@ -48,7 +48,10 @@ def parse_origin(value: str) -> tuple[str, str, int] | None:
 
 # A handshake's Origin and the allowed list, parsed once each instead of at every
 # handshake (a URL split each, a list's worth for the list): the last 1,024
-# origins (attacker-chosen strings only cost a slot), the list while it stays.
+# origins of at most ORIGIN_CACHED characters (a real one is far shorter; a
+# longer one, the client's choice up to the 16 KiB of headers, is parsed each
+# time rather than kept), the list while it stays.
+ORIGIN_CACHED = 256
 _parsed = lru_cache(maxsize=1024)(parse_origin)
 
 
@@ -63,7 +66,7 @@ def origin_allowed(origin: str | None) -> bool:
         return True
     if origin is None:
         return False
-    parsed = _parsed(origin)
+    parsed = _parsed(origin) if len(origin) <= ORIGIN_CACHED else parse_origin(origin)
     if parsed is None:
         return False
     if allowed:

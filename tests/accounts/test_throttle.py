@@ -211,3 +211,17 @@ def test_a_peers_trust_and_an_origins_verdict_follow_the_settings_they_are_remem
     assert origin_allowed("https://app.test:443") is True and origin_allowed("https://evil.test") is False
     settings.REALTIME_ALLOWED_ORIGINS = ["https://evil.test"]
     assert origin_allowed("https://app.test:443") is False and origin_allowed("https://evil.test") is True
+
+
+def test_a_long_origin_is_judged_but_not_remembered(settings):
+    """An Origin is the client's to choose, up to the 16 KiB of headers: one longer
+    than any real origin is parsed each time, never kept by the origins' cache."""
+    from realtime.web import origins
+
+    settings.REALTIME_ALLOWED_ORIGINS = ["https://app.test"]
+    origins._parsed.cache_clear()
+    long_origin = "https://" + "a" * 16000 + ".test"
+    assert origins.origin_allowed(long_origin) is False
+    assert origins._parsed.cache_info().currsize == 0
+    assert origins.origin_allowed("https://app.test") is True
+    assert origins._parsed.cache_info().currsize == 1

@@ -39,10 +39,11 @@ async def test_an_open_socket_keeps_neither_the_request_headers_nor_the_servers_
     the socket is open: an idle socket's memory (bench/memprobe.py)."""
     comm = communicator(cookies["alice"])
     comm.scope["extensions"] = {"websocket.http.response": {}}
+    comm.scope["root_path"] = ""  # (as daphne's scope has it)
     connected, _ = await comm.connect(timeout=5)
     assert connected
     assert await call(comm, {"type": "ping", "t": 1, "ref": 1}) == {"type": "pong", "ref": 1, "t": 1}
-    assert not {"headers", "query_string", "extensions", "subprotocols"} & set(comm.scope)
+    assert not {"headers", "query_string", "root_path", "extensions", "subprotocols"} & set(comm.scope)
     assert comm.scope["type"] == "websocket" and comm.scope["path"] == "/ws/v1/"
     await comm.disconnect()
 

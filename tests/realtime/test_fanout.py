@@ -297,6 +297,21 @@ async def test_a_socket_of_another_server_is_sent_through_asgi_in_turn():
     assert [len(s.asgi) for s in sockets] == [2, 0]
 
 
+async def test_a_socket_whose_writer_refuses_now_is_sent_through_asgi_once_and_in_turn():
+    """Under our server, a socket that cannot take a prebuilt frame now (per-message
+    compression negotiated; likewise a message half-sent) gets the event through
+    ASGI, once each, in order; the others get it as frames."""
+    refusing = Member("bob", last_seq=4)
+    refusing.server._perMessageCompress = object()
+    fine = Member("dave", last_seq=4)
+    for seq in (5, 6):
+        assert await fanout()._deliver(event(seq), {refusing, fine}) == 2
+    await asyncio.sleep(0)
+    assert refusing.server.transport.writes == [] and refusing.got() == [5, 6] and len(refusing.asgi) == 2
+    assert fine.got() == [5, 6] and fine.asgi == []
+    assert refusing.subscriptions["general"].last_seq == 6 and not refusing.local_queue.items
+
+
 async def test_a_socket_past_its_send_bound_is_closed_between_whole_frames_and_the_others_written():
     small, fine = Member("bob", last_seq=4, bound=150), Member("dave", last_seq=4)
     frame = len(protocol.framed(event(5), small.codec))

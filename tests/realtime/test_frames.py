@@ -237,3 +237,62 @@ async def test_a_turns_frames_on_a_real_tcp_socket_go_out_in_one_send_within_the
     finally:
         left.close()
         right.close()
+
+
+@pytest.mark.parametrize("error", [BlockingIOError, ConnectionResetError, BrokenPipeError])
+def test_a_send_that_fails_at_once_leaves_the_whole_frame_to_the_transport(error):
+    """adapter.send_at_once: a socket whose buffer is full (EAGAIN) or whose peer is
+    gone (ECONNRESET, EPIPE) has the whole frame queued by Twisted's write, which
+    sends it later or finds the connection lost, as writeSomeData's callers did."""
+    import socket as sockets
+
+    from twisted.internet import tcp
+
+    from realtime.server import adapter
+
+    left, right = sockets.socketpair()
+    try:
+        connection = tcp.Connection(left, None)
+        connection.connected = 1
+        written = []
+        connection.write = written.append
+
+        class Failing:
+            def send(self, data):
+                raise error()
+
+        connection.socket = Failing()
+        assert adapter.send_at_once(connection, b"frame") is True
+        assert written == [b"frame"]
+    finally:
+        left.close()
+        right.close()
+
+
+def test_one_sockets_failed_write_does_not_cost_the_others_their_turn(caplog):
+    """flush_corked: a socket whose write raises is dropped (its client resumes by
+    seq); the sockets after it in the turn still get their frames."""
+    from realtime.server import bounded
+
+    written, aborted = [], []
+
+    class Transport:
+        def abortConnection(self):
+            aborted.append(True)
+
+    class Socket:
+        transport = Transport()
+
+        def __init__(self, name, fails=False):
+            self.name, self.fails = name, fails
+
+        def write_gathered(self, frames):
+            if self.fails:
+                raise RuntimeError("boom")
+            written.append((self.name, frames))
+
+    bounded._corked.update({Socket("a"): [b"1"], Socket("b", fails=True): [b"2"], Socket("c"): [b"3"]})
+    bounded.flush_corked()
+    assert written == [("a", [b"1"]), ("c", [b"3"])] and aborted == [True]
+    assert bounded._corked == {}
+    assert "writing a socket's frames failed" in caplog.text

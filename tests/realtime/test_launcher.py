@@ -9,6 +9,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+import pytest
+
 from realtime.server.launcher import with_backlog
 from tests.conftest import missing
 from tests.services import AppServer
@@ -118,10 +120,13 @@ def test_the_launcher_runs_a_sockets_app_past_channels_protocol_router():
     assert DrainingServer.socket_application(SimpleNamespace(application=only_http)) is only_http
 
 
-def test_a_sockets_listening_address_and_path_are_one_object_for_all_sockets():
+def test_a_sockets_listening_address_and_path_are_one_object_for_all_sockets(monkeypatch):
+    from collections import OrderedDict
     from types import SimpleNamespace
 
     from realtime.server import launcher
+
+    monkeypatch.setattr(launcher, "_shared", OrderedDict())
 
     def handshake(port):
         return SimpleNamespace(), {"type": "websocket", "path": "/ws/v1/", "raw_path": b"/ws/v1/",
@@ -135,7 +140,40 @@ def test_a_sockets_listening_address_and_path_are_one_object_for_all_sockets():
     assert a["path"] is b["path"] and a["raw_path"] is b["raw_path"] is one.path is other.path
     assert a["client"] is not b["client"]  # (each its own)
     assert launcher.shared(None) is None
-    # At most SHARED_MAX distinct values are kept (a path is the client's choice).
+    # A long path (the client's choice) is not kept.
+    long_path = "/" + "x" * launcher.SHARED_LENGTH
+    assert launcher.shared(long_path) is long_path and ("str", long_path) not in launcher._shared
+    assert all(len(key[1]) <= launcher.SHARED_LENGTH for key in launcher._shared)
+    # At most SHARED_MAX are kept, the least recently used going first: a scan of
+    # other paths does not keep the one in use out.
     for n in range(launcher.SHARED_MAX + 10):
-        launcher.shared(f"/ws/v1/?{n}")
+        launcher.shared(f"/scan/{n}")
+        if n % 100 == 0:
+            assert launcher.shared("/ws/v1/") is a["path"]
     assert len(launcher._shared) == launcher.SHARED_MAX
+    assert launcher.shared("/ws/v1/") is a["path"]
+
+
+@pytest.mark.asyncio
+async def test_a_socket_app_that_raises_when_called_fails_its_task_not_the_handshake_machinery():
+    """Past channels' router the socket's app is called in create_application, not
+    in its task; what it raises fails the task (daphne then refuses the handshake
+    with 500), as it did when the router's coroutine called it."""
+    from types import SimpleNamespace
+
+    from realtime.server.bounded import BoundedWebSocketProtocol
+    from realtime.server.launcher import DrainingServer
+
+    def broken(scope, receive, send):
+        raise LookupError("no such thing")
+
+    protocol = BoundedWebSocketProtocol()
+    server = SimpleNamespace(connections={protocol: {}}, handle_reply=lambda *args: None,
+                             socket_application=lambda: broken)
+    scope = {"type": "websocket", "path": "/ws/v1/", "raw_path": b"/ws/v1/", "server": None}
+    protocol.server_addr = protocol.path = None
+    queue = DrainingServer.create_application(server, protocol, scope)
+    assert queue is not None
+    task = server.connections[protocol]["application_instance"]
+    with pytest.raises(LookupError):
+        await task

@@ -128,3 +128,13 @@ def test_a_read_formats_no_debug_line_unless_autobahn_logs_debug(monkeypatch):
     assert adapter.logs_debug(proto.log) is True
     proto.dataReceived(b"y")
     assert handled == [b"x", b"y"] and len(formatted) == 1  # autobahn's own, line and all
+
+
+def test_autobahns_read_is_its_debug_line_and_then_the_frames():
+    """BoundedWebSocketProtocol.dataReceived stands in for autobahn's Twisted
+    adapter's: a debug line, then _dataReceived. If an upgrade makes it do more,
+    this fails, and the override must do that too."""
+    from autobahn.twisted.websocket import WebSocketAdapterProtocol
+
+    assert set(WebSocketAdapterProtocol.dataReceived.__code__.co_names) == {
+        "log", "debug", "hltype", "dataReceived", "hlval", "peer", "len", "_dataReceived"}
