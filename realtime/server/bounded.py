@@ -244,7 +244,7 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
             return  # (nothing was unsent: all of it within the bound)
         room = self.max_send_buffer - unsent_bytes(self.transport)
         if len(data) <= room:
-            write_now(self.transport, data)
+            self.transport.write(data)  # (something is unsent, or not plain TCP: queued behind it)
             return
         # Past the send bound (a client that stopped reading, or a replay larger
         # than the bound): the whole frames that fit go, the rest does not, and

@@ -220,9 +220,7 @@ class Stream:
         write = self.write_frame
         if write is None or not write(frames[self.codec]):
             return None
-        sub.last_seq = message["seq"]
-        if log.isEnabledFor(DEBUG):
-            self.log_delivery(message)
+        self.sent_event(message, sub)
         return True
 
     async def room_event(self, message: dict) -> None:
@@ -255,12 +253,9 @@ class Stream:
         """A room event was sent: the next in turn is the seq after it."""
         sub.last_seq = message["seq"]
         if log.isEnabledFor(DEBUG):
-            self.log_delivery(message)
-
-    def log_delivery(self, message: dict) -> None:
-        log.debug("ws.deliver", extra={"event": "ws.deliver", "conn_id": self.conn_id, "user_id": self.user.pk,
-                                       "room": message["room"], "seq": message["seq"],
-                                       "trace_id": message.get("trace")})
+            log.debug("ws.deliver", extra={"event": "ws.deliver", "conn_id": self.conn_id, "user_id": self.user.pk,
+                                           "room": message["room"], "seq": message["seq"],
+                                           "trace_id": message.get("trace")})
 
     async def push(self, message: dict) -> None:
         """An ephemeral frame (typing, presence, read markers), encoded once upstream."""
