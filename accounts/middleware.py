@@ -90,26 +90,47 @@ class SocketAuthMiddleware:
     inner(...)` for the socket's life, the session wrapper re-reads the session at
     every message sent, and the scope keeps the decoded session: some 6 KiB an idle
     socket (bench/memprobe.py). This adds its keys to the scope it is given (the
-    server's, which nothing else keeps) and then waits in one frame.
+    server's, which nothing else keeps), and keeps no frame of its own for the
+    socket's life: an inner app that takes the admission (`after_admission`,
+    RealtimeConsumer.as_asgi) runs `admit` first in its own coroutine, which then
+    serves the socket; any other inner app is awaited after it (admit_then).
     """
+
+    # (__call__ hands back the app's coroutine: ASGI 3, though not a coroutine function)
+    _asgi_single_callable = True
 
     def __init__(self, inner):
         self.inner = inner
 
-    async def __call__(self, scope, receive, send):
+    def __call__(self, scope, receive, send):
+        after_admission = getattr(self.inner, "after_admission", None)
+        if after_admission is not None:
+            return after_admission(self.admit, scope, receive, send)
+        return self.admit_then(scope, receive, send)
+
+    async def admit_then(self, scope, receive, send):
+        refusal = await self.admit(scope)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        return await self.inner(scope, receive, send)
+
+    async def admit(self, scope):
+        """The handshake's checks: None when the socket goes on to the consumer,
+        with the user in the scope (anonymous, throttled or unavailable sockets
+        included: the consumer accepts, then closes them with their code); else
+        the app that refuses the handshake (a foreign Origin: HTTP 403)."""
         origin = origin_of(scope)
         if not origin_allowed(origin):
             refuse_log(origin)
-            return await WebsocketDenier()(scope, receive, send)
+            return WebsocketDenier()
         # Handshakes per client address, before the session is even read: a
         # reconnect loop or a flood of anonymous upgrades costs a token each.
         verdict = await ratelimit.take(rate_subject(scope_address(scope)), "handshake.address")
         if not verdict.allowed:
             scope.update({"user": AnonymousUser(), "session": SessionRef(None), "throttled": verdict.retry_after})
-            return await self.inner(scope, receive, send)
-        # (in a coroutine of its own: what it reads is gone once the socket is open)
+            return None
         scope.update(await self.identify(scope))
-        return await self.inner(scope, receive, send)
+        return None
 
     @staticmethod
     async def identify(scope) -> dict:

@@ -111,7 +111,11 @@ def one_socket() -> dict:
     seen.add(id(proto))
     report["protocol object"] = sys.getsizeof(proto)
     report["protocol __dict__ keys"] = len(d)
-    for name, value in sorted(d.items()):
+    # What it keeps in slots (server/bounded.py), then in its dict.
+    slotted = {name: getattr(proto, name) for cls in type(proto).__mro__
+               for name in getattr(cls, "__slots__", ()) if hasattr(proto, name)}
+    report["protocol slots"] = len(slotted)
+    for name, value in sorted({**slotted, **d}.items()):
         if name in ("factory", "server", "transport", "application_queue"):
             continue
         attrs[name] = deep_size(value, seen)

@@ -51,6 +51,9 @@ PRIVATE = (
     ("autobahn.websocket.protocol.WebSocketProtocol", "_dataReceived"),
     # txaio's stand-in for a log method below the level (logs_debug).
     ("txaio.tx", "_no_op"),
+    # A Twisted Deferred's callbacks: whether anything waits on autobahn's
+    # is_open and is_closed (listened).
+    ("twisted.internet.defer.Deferred", "_callbacks"),
     # daphne's Server: its connections, the factories, making an application.
     ("daphne.server.Server", "connections"),
     ("daphne.server.Server", "http_factory"),
@@ -91,6 +94,11 @@ def _deferred(format):
         return _Formatted(value, format)
 
     return defer
+
+
+def listened(deferred) -> bool:
+    """Whether anything waits on a Twisted Deferred (callbacks added)."""
+    return deferred is not None and bool(deferred._callbacks)
 
 
 def logs_debug(logger) -> bool:

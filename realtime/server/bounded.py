@@ -11,18 +11,18 @@ A message larger than daphne's --websocket-max-message-size is closed with 1009
   REALTIME_MAX_RECEIVE_BUFFER bytes (1 MiB), received and not yet handled is closed
   with 4029 (a flood); what it sends after that is dropped.
 
-Each socket's scope carries the ASGI extension `realtime.frames`: `write(frame)`
-puts a complete, already framed WebSocket message (protocol.websocket_frame()) on
-the socket as is, at the end of the loop's current turn, in one send() with
-whatever else the socket got in that turn (anything sent through ASGI goes after
-it). The fan-out frames a room event once and writes those bytes to every local
-member, instead of daphne encoding, framing and accounting it per member; the
-consumer writes its replies that way too, and a replay's frames with
-`write_all(frames)`. The same send-buffer bound applies: past it, the whole frames
-that fit go, then the close (4013). Under another server the extension is absent
-and the app sends through ASGI as usual.
+Each socket's scope carries the ASGI extension `realtime.frames`: the socket's
+protocol itself, whose `write_frame(frame)` puts a complete, already framed
+WebSocket message (protocol.websocket_frame()) on the socket as is, at the end of
+the loop's current turn, in one send() with whatever else the socket got in that
+turn (anything sent through ASGI goes after it). The fan-out frames a room event
+once and writes those bytes to every local member, instead of daphne encoding,
+framing and accounting it per member; the consumer writes its replies that way
+too, and a replay's frames with `write_frames(frames)`. The same send-buffer bound
+applies: past it, the whole frames that fit go, then the close (4013). Under
+another server the extension is absent and the app sends through ASGI as usual.
 
-What an open socket sheds to stay small (about 9 KiB an idle socket):
+What an open socket sheds to stay small (about 6.5 KiB an idle socket, all told):
 docs/decisions.md. The private attributes it touches: server/adapter.py.
 """
 
@@ -31,7 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import types
 
+from autobahn.websocket.protocol import TrafficStats
 from daphne.ws_protocol import WebSocketProtocol
 
 from realtime.protocol.codes import CloseCode
@@ -92,6 +94,9 @@ class OpenedRequest:
         self.path = path
 
 
+# autobahn's traffic counts for every socket of the worker together.
+WORKER_TRAFFIC = TrafficStats()
+
 DENIAL_REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 429: "Too Many Requests"}
 
 
@@ -108,8 +113,7 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         "wasNotCleanReason": None, "wasServerConnectionDropTimeout": False, "wasOpenHandshakeTimeout": False,
         "wasCloseHandshakeTimeout": False, "wasServingFlashSocketPolicyFile": False,
         "localCloseCode": None, "localCloseReason": None, "remoteCloseCode": None, "remoteCloseReason": None,
-        "openHandshakeTimeoutCall": None, "closeHandshakeTimeoutCall": None, "autoPingTimeoutCall": None,
-        "autoPingPending": None, "autoPingPendingCall": None, "autoPingPendingSent": None,
+        "openHandshakeTimeoutCall": None, "closeHandshakeTimeoutCall": None,
         "trackedTimings": None, "_perMessageCompress": None, "protocol_to_accept": None,
         "wasMaxFramePayloadSizeExceeded": False, "wasMaxMessagePayloadSizeExceeded": False,
         "root_path": "",
@@ -129,6 +133,73 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         # autobahn's TLS details, for WAMP (its own onOpen has read them)
         "_transport_details",
     })
+
+    # What a socket keeps for its life, and what autobahn sets at every frame and
+    # ping, in fixed slots instead of the instance dict: a dict of some 36 keys is
+    # 0.8 KiB, and a ping's five more doubled its table; 41 slots are 328 B. (Not a
+    # name the class, or the factory's options in launcher's subclass, gives a
+    # value: a class attribute of the same name would hide the slot.)
+    __slots__ = (
+        # Twisted's Protocol
+        "transport", "connected", "factory",
+        # autobahn's connection state, set when it is made
+        "state", "send_state", "send_queue", "data", "peer", "trafficStats", "triggered", "utf8validator",
+        "websocket_version", "websocket_protocol_in_use", "websocket_extensions_in_use",
+        # ... its framing, re-set at every frame received
+        "inside_message", "current_frame", "current_frame_masker", "frame_length", "frame_data", "control_frame_data",
+        "utf8validateIncomingCurrentMessage",
+        "utf8validateLast", "_isMessageCompressed", "message_opcode", "message_data", "message_is_binary",
+        "message_data_total_length",
+        # ... and its keepalive ping, at every ping and pong
+        "autoPingPending", "autoPingPendingCall", "autoPingPendingSent", "autoPingPendingSeq", "autoPingTimeoutCall",
+        # its futures of the open and the close (the is_open and is_closed properties)
+        "_is_open", "_is_closed",
+        # daphne's
+        "server", "request", "path", "client_addr", "server_addr", "socket_opened", "last_ping", "application_queue",
+    )
+
+    def __init__(self):
+        # The slots whose names the classes above give a default (a slot hides it):
+        # the same default, before anything reads them.
+        self.transport = None
+        self.connected = 0
+        self.factory = None
+        self.peer = None
+        self.current_frame = self.current_frame_masker = None
+        self._is_open = self._is_closed = None
+        self.application_queue = None
+        super().__init__()
+
+    # autobahn's futures of the open and the close (its own callers resolve them;
+    # daphne and we never wait on them). Once the socket is open they are let go
+    # unless something listens (_accepted), and made again when read: is_open
+    # resolved, is_closed to be resolved by autobahn at the close.
+    @property
+    def is_open(self):
+        if self._is_open is None:
+            from twisted.internet import defer
+
+            self._is_open = defer.Deferred()
+            if self.state in (self.STATE_OPEN, self.STATE_CLOSING, self.STATE_CLOSED):
+                self._is_open.callback(None)
+        return self._is_open
+
+    @is_open.setter
+    def is_open(self, future):
+        self._is_open = future
+
+    @property
+    def is_closed(self):
+        if self._is_closed is None:
+            from twisted.internet import defer
+
+            # (autobahn resolves it as it closes the socket, reading it here)
+            self._is_closed = defer.Deferred()
+        return self._is_closed
+
+    @is_closed.setter
+    def is_closed(self, future):
+        self._is_closed = future
 
     # Identity, as daphne's own __hash__ and __eq__ define it, but object's: in C,
     # and hashed with the pointer's low (always zero) bits rotated away. daphne's
@@ -173,6 +244,10 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
             super().dataReceived(data)
         else:
             self._dataReceived(data)
+        if self.current_frame is None:
+            # Between frames: the last frame's unmasker (1.1 KiB) is not needed
+            # again; the next frame's header makes its own.
+            self.current_frame_masker = None
 
     def handle_reply(self, message):
         """daphne's, plus the ASGI WebSocket denial response (extension
@@ -193,6 +268,13 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
                 self.server.protocol_disconnected(self)
             return
         super().handle_reply(message)
+        if kind == "websocket.accept" and self.state == self.STATE_OPEN:
+            self._accepted()
+
+    def asgi_send(self, message):
+        """The application's `send` (ASGI): daphne's reply handler for this socket,
+        as a method instead of a partial object a socket."""
+        return self.server.handle_reply(self, message)
 
     def serverSend(self, content, binary=False):
         if self.overflowed or self.state in (self.STATE_CLOSING, self.STATE_CLOSED) or self._over_bound():
@@ -287,14 +369,22 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         # headers, twice, and the raw request and response), a few KiB a socket.
         # daphne still names the path in its log lines.
         self.request = OpenedRequest(self.request.path)
+
+    def _accepted(self) -> None:
+        """The application accepted and the socket is open (daphne has let go of
+        its handshake's deferred by now): shed what the handshake left."""
+        if not adapter.listened(self._is_open):
+            self._is_open = None
+        if not adapter.listened(self._is_closed):
+            self._is_closed = None
         self._shed()
 
     def _shed(self) -> None:
         """Rebuild the instance dict without the handshake's leftovers and the
         attributes that still hold their initial values (the class has the same
-        ones): some 110 keys become 36 (0.8 KiB instead of 3.3), and a dict never
-        shrinks by itself. A keepalive ping and its pong add 5 back: 41, still the
-        same table (a 43rd key would double it)."""
+        ones), in a table sized for what is left (a dict never shrinks by itself):
+        some 70 keys become none at all, what an open socket keeps being in its
+        slots."""
         initial, d = self._INITIAL, self.__dict__
         drop = self._HANDSHAKE_ONLY
         if d.get("_listeners") is None and d.get("_valid_events") == ["message"] and d.get("_results") == {"message": None}:
@@ -316,6 +406,9 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
 
     def connectionMade(self):
         super().connectionMade()
+        # autobahn's traffic counts, one object for the worker's sockets instead
+        # of one each (nothing here reads them per socket).
+        self.trafficStats = WORKER_TRAFFIC
         # Frames go out as they are written (as asyncio's own transports do): a
         # small room event must not wait on the peer's delayed ACK (Nagle).
         with contextlib.suppress(Exception):
@@ -342,5 +435,19 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         self.sendClose(code=OVERLOADED)
 
 
+assert not set(BoundedWebSocketProtocol._INITIAL) & set(BoundedWebSocketProtocol.__slots__)
 for _name, _value in BoundedWebSocketProtocol._INITIAL.items():
     setattr(BoundedWebSocketProtocol, _name, _value)
+
+
+def with_options_of(factory) -> type:
+    """BoundedWebSocketProtocol with `factory`'s protocol options as class
+    attributes: autobahn copies an option onto each new connection only where
+    the protocol has none (some 30 keys less in every connection's dict)."""
+    return type(
+        "BoundedWebSocketProtocol", (BoundedWebSocketProtocol,),
+        # (a function, perMessageCompressionAccept, must not become a method)
+        {"__slots__": (), **{name: staticmethod(value) if isinstance(value, types.FunctionType) else value
+                             for name in BoundedWebSocketProtocol.CONFIG_ATTRS
+                             for value in [getattr(factory, name)]}},
+    )

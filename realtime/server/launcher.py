@@ -19,13 +19,12 @@ import logging
 import signal
 import types
 from collections import OrderedDict
-from functools import partial
 
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
 from django.conf import settings
 
-from realtime.server.bounded import BoundedWebSocketProtocol
+from realtime.server.bounded import BoundedWebSocketProtocol, with_options_of
 from realtime.server.drain import Drain
 from realtime.server.guard import guard_http_factory, settings_value
 from realtime.ws.queues import AppQueue
@@ -131,8 +130,8 @@ class DrainingServer(Drain, Server):
         if not isinstance(protocol, BoundedWebSocketProtocol):
             return super().create_application(protocol, scope)
         share_addresses(protocol, scope)
-        frames = {"write": protocol.write_frame, "write_all": protocol.write_frames}
-        scope["extensions"] = {**(scope.get("extensions") or {}), "realtime.frames": frames,
+        # (the protocol is the prebuilt-frame writer: write_frame, write_frames)
+        scope["extensions"] = {**(scope.get("extensions") or {}), "realtime.frames": protocol,
                                "websocket.http.response": NO_OPTIONS}
         # daphne's create_application, with the lean queue.
         assert "application_instance" not in self.connections[protocol]
@@ -140,7 +139,7 @@ class DrainingServer(Drain, Server):
         scope.setdefault("asgi", ASGI_VERSION)
         try:
             application_instance = self.socket_application()(scope=scope, receive=input_queue.get,
-                                                             send=partial(self.handle_reply, protocol))
+                                                             send=protocol.asgi_send)
         except Exception as exc:
             # Past channels' router, the socket's app is called here, not inside
             # its task: what it raises fails the task as it did there (daphne then
@@ -195,15 +194,8 @@ class DrainingServer(Drain, Server):
         # client can tell why and does not resend it in a loop.
         self.ws_factory.setProtocolOptions(failByDrop=False)
         # Connections are built after start-up, so they all get the bounded protocol,
-        # with the factory's options as class attributes: autobahn copies an option
-        # onto each new connection only where the protocol has none (some 30 keys
-        # less in every connection's dict).
-        self.ws_factory.protocol = type(
-            "BoundedWebSocketProtocol", (BoundedWebSocketProtocol,),
-            # (a function, perMessageCompressionAccept, must not become a method)
-            {name: staticmethod(value) if isinstance(value, types.FunctionType) else value
-             for name in BoundedWebSocketProtocol.CONFIG_ATTRS for value in [getattr(self.ws_factory, name)]},
-        )
+        # with the factory's options as class attributes.
+        self.ws_factory.protocol = with_options_of(self.ws_factory)
         # An HTTP connection (a socket's upgrade request included) that sends
         # nothing for REALTIME_HANDSHAKE_TIMEOUT s is dropped; Twisted's default is
         # 60 s. It pauses while a request is being answered (long polls are safe).

@@ -282,16 +282,15 @@ class RedisPresence:
         """Only leases still held (one given back by a closing socket stays gone),
         and each room's keys kept another KEY_TTL: a room whose sockets stay for
         days with nobody joining keeps its presence."""
-        if not pairs:
-            return
-        pipe = store.client(self.url).pipeline(transaction=False)
-        expiry = wall_clock() + TTL
+        leases, room_keys = [], {}
         for room, member in pairs:
-            pipe.zadd(_keys(room)[0], {member: expiry}, xx=True)
-        for room in {room for room, _ in pairs}:
-            for key in _keys(room)[:3]:
-                pipe.expire(key, KEY_TTL)
-        await pipe.execute()
+            keys = room_keys.get(room)
+            if keys is None:
+                keys = room_keys[room] = _keys(room)
+            leases.append((keys[0], member))
+        # (the leases, then the counts and the announced names kept with them)
+        await store.renew_scores(self.url, leases, TTL, now=wall_clock(), only_existing=True, key_ttl=KEY_TTL,
+                                 also_kept={keys[0]: keys[1:3] for keys in room_keys.values()})
 
     async def leave(self, room: str, member: str, user: str) -> None:
         await store.batched(self.url).eval(_LEAVE, 4, *_keys(room), member, user, wall_clock(), KEY_TTL)

@@ -23,7 +23,6 @@ import time
 
 from asgiref.sync import markcoroutinefunction
 from channels.db import database_sync_to_async
-from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from channels.consumer import get_handler_name
@@ -49,7 +48,7 @@ log = logging.getLogger(__name__)
 INFO, DEBUG, WARNING = logging.INFO, logging.DEBUG, logging.WARNING
 from realtime.ws.handlers import Handlers
 from realtime.ws.intake import Intake
-from realtime.ws.stream import Stream, Subscription
+from realtime.ws.stream import NO_ROOMS, Stream, Subscription
 
 # Close codes counted under their own label; anything else a client sends is "other".
 KNOWN_CLOSE_CODES = {1005} | {int(c) for c in CloseCode} | {int(c) for c in protocol.TransportCode}
@@ -57,7 +56,13 @@ KNOWN_CLOSE_CODES = {1005} | {int(c) for c in CloseCode} | {int(c) for c in prot
 
 # The scope's keys that only the handshake reads (the server's and the
 # middleware's): gone once the socket is open.
-HANDSHAKE_ONLY = frozenset({"headers", "query_string", "root_path", "extensions", "subprotocols"})
+# What is left: type, path, client, user and session.
+HANDSHAKE_ONLY = frozenset({
+    "headers", "query_string", "root_path", "extensions", "subprotocols", "raw_path", "server", "asgi",
+    # the TCP peer behind a trusted proxy (realtime/web/proxies.py: "client" is
+    # the client's own address), and whether a ticket opened it (accounts/middleware.py)
+    "peer", "ticket",
+})
 
 
 def compact(scope: dict, drop: frozenset) -> None:
@@ -72,9 +77,9 @@ def close_label(code) -> str:
     return str(code) if code in KNOWN_CLOSE_CODES else "other"
 
 
-class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
+class RealtimeConsumer(queues.Served, Intake, Handlers, Stream, AsyncWebsocketConsumer):
     codec: protocol.Codec = protocol.JSON
-    write_frame = write_frames = None
+    writer = None  # the server's prebuilt-frame writer (realtime/server/bounded.py), when it has one
     revoked = False
     grant = None  # a token socket's accounts.bearer.Grant (None: a session's socket)
     expiry: asyncio.TimerHandle | None = None  # the token's `exp`, as a timer
@@ -92,7 +97,7 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
         instance names them all."""
         super().__init__(*args, **kwargs)
         self.scope = self.channel_layer = self.base_send = None
-        self.write_frame = self.write_frames = None
+        self.writer = None
         self.local_queue = self.inbox = None
         self.conn_id = self.user = None
         self.subscriptions = self.access_changes = self.checking = None
@@ -116,24 +121,29 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
         def app(scope, receive, send):
             return cls(**initkwargs)(scope, receive, send)
 
+        def after_admission(admit, scope, receive, send):
+            """The socket's coroutine, which runs the middleware's `admit(scope)`
+            first (accounts/middleware.py): one frame where there were two."""
+            return cls(**initkwargs)(scope, receive, send, admit)
+
+        app.after_admission = after_admission
         app.consumer_class = cls
         app.consumer_initkwargs = initkwargs
         functools.update_wrapper(app, cls, updated=())
         return markcoroutinefunction(app)
 
-    async def __call__(self, scope, receive, send):
+    def begin(self, scope, receive, send) -> None:
         """channels' AsyncConsumer.__call__ without a channel-layer channel of the
         socket's own: what the layer has for this socket (its rooms' and its user's
         groups) comes from this worker's fan-out (realtime/delivery/fanout.py), straight to
         deliver() or through local_queue. A layer failure is the fan-out's to
-        survive: it rejoins and sends `layer.recovered`. Under the daphne launcher
-        this task alone serves both queues (realtime/ws/queues.py: no task for each)."""
+        survive: it rejoins and sends `layer.recovered`. The socket is then served
+        by queues.Served.__call__ (one coroutine, no task for each queue)."""
         self.scope = scope
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.base_send = send
-        # The server's prebuilt-frame write (realtime/server/bounded.py), when it has one.
-        writers = (scope.get("extensions") or {}).get("realtime.frames") or {}
-        self.write_frame, self.write_frames = writers.get("write"), writers.get("write_all")
+        # The server's prebuilt-frame writer (realtime/server/bounded.py), when it has one.
+        self.writer = (scope.get("extensions") or {}).get("realtime.frames")
         self.local_queue = LocalQueue()
         # The server's queue of this socket's received messages, when `receive` is
         # its get (our daphne launcher's AppQueue, daphne's or channels' test
@@ -141,17 +151,14 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
         # together (receive_burst).
         inbox = getattr(receive, "__self__", None)
         self.inbox = inbox if isinstance(inbox, (queues.AppQueue, asyncio.Queue)) else None
-        try:
-            await queues.serve(receive, self.local_queue, self.dispatch)
-        except StopConsumer:
-            pass
-        finally:
-            if getattr(self, "authenticated", False):
-                # The app ended without a disconnect (a handler raised, or daphne
-                # cancelled it): give back the leases, the presence and the groups
-                # all the same, or the housekeeper would renew them for ever.
-                with contextlib.suppress(BaseException):
-                    await self.disconnect(1011)
+
+    async def end(self) -> None:
+        if self.authenticated:
+            # The app ended without a disconnect (a handler raised, or daphne
+            # cancelled it): give back the leases, the presence and the groups
+            # all the same, or the housekeeper would renew them for ever.
+            with contextlib.suppress(BaseException):
+                await self.disconnect(1011)
 
     async def dispatch(self, message: dict) -> None:
         """channels' dispatch without its `aclose_old_connections()` before every
@@ -185,8 +192,9 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
         self.conn_id = os.urandom(6).hex()  # (48 random bits, as uuid4().hex[:12] gave, at a third of the cost)
         self.user = self.scope.get("user")
         self.subscriptions: dict[str, Subscription] = {}
-        self.access_changes: dict[str, int] = {}  # room -> access.checks seen (deliver())
-        self.checking: dict[str, int] = {}  # room -> access.checks being read now (no fast path meanwhile)
+        # room -> access.checks seen (deliver()), room -> access.checks being read
+        # now (no fast path meanwhile): each a dict from its first room on
+        self.access_changes = self.checking = NO_ROOMS
         self.authenticated = False
         # (the subprotocols offered leave the scope: only this reads them)
         offered = self.scope.pop("subprotocols", None) or []
@@ -301,7 +309,7 @@ class RealtimeConsumer(Intake, Handlers, Stream, AsyncWebsocketConsumer):
             metrics.ERRORS.labels(str(frame.code)).inc()
             metrics.WINDOW.error(str(frame.code))
         data = self.codec.encode(frame)
-        if self.write_frame is not None and self.write_frame(protocol.websocket_frame(data, self.codec.binary)):
+        if self.writer is not None and self.writer.write_frame(protocol.websocket_frame(data, self.codec.binary)):
             return
         await self.send_payload(data)
 

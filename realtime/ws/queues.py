@@ -1,5 +1,6 @@
-"""Per-socket queues at a fraction of asyncio.Queue's memory, and one loop that
-serves a socket's two of them without a task for each.
+"""Per-socket queues at a fraction of asyncio.Queue's memory, and the one
+coroutine that serves a socket (Served): its admission, then its two queues
+without a task for each.
 
 asyncio.Queue keeps three deques and an Event with a fourth: 3.2 KiB a queue
 before it holds anything. channels' await_many_dispatch keeps a task per queue
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from channels.exceptions import StopConsumer
 from channels.utils import await_many_dispatch
 
 from realtime.delivery import names
@@ -70,40 +72,6 @@ class AppQueue:
         return self._queue.pop(0)
 
 
-async def serve(receive, local_queue, dispatch) -> None:
-    """await_many_dispatch([receive, local_queue.get], dispatch), in this task.
-
-    When `receive` is an AppQueue's get (the daphne launcher, realtime/server/bounded.py),
-    both queues wake one future of this task instead of each having a task of its
-    own. The two take turns as with await_many_dispatch: one message from each that
-    has one, the socket's own first. Anything else: await_many_dispatch as is."""
-    app_queue = getattr(receive, "__self__", None)
-    if not isinstance(app_queue, AppQueue) or getattr(receive, "__func__", None) is not AppQueue.get:
-        await await_many_dispatch([receive, local_queue.get], dispatch)
-        return
-    incoming, local = app_queue._queue, local_queue.items
-    loop = asyncio.get_running_loop()
-    while True:
-        if incoming:
-            await dispatch(incoming.pop(0))
-        if local:
-            await dispatch(local.pop(0))
-        if incoming or local:
-            continue
-        waiter = loop.create_future()
-        if app_queue._getters is None:
-            app_queue._getters = []
-        app_queue._getters.append(waiter)
-        local_queue.waiter = waiter
-        try:
-            await waiter
-        finally:
-            with contextlib.suppress(ValueError):
-                app_queue._getters.remove(waiter)
-            if local_queue.waiter is waiter:
-                local_queue.waiter = None
-
-
 LOCAL_QUEUE_MAX = 1000  # room events held for one busy socket before they are dropped
 
 
@@ -142,3 +110,68 @@ class LocalQueue:
             finally:
                 self.waiter = None
         return self.items.pop(0)
+
+
+class Served:
+    """A socket's application as one coroutine for its whole life: the consumer's
+    __call__ (RealtimeConsumer mixes this in). Each coroutine a socket's task
+    waits in costs a frame (some 300 B, more with its locals): the middleware's
+    admission runs to its end first (`admit`: accounts/middleware.py hands it
+    over instead of awaiting the consumer from a frame of its own), then this
+    frame alone serves the two queues.
+
+    When `receive` is an AppQueue's get (the daphne launcher, realtime/server/bounded.py),
+    both queues wake one future of this task instead of each having a task of its
+    own. The two take turns as with channels' await_many_dispatch: one message from
+    each that has one, the socket's own first. Anything else: await_many_dispatch
+    as is. StopConsumer (a disconnect) ends it; `end()` runs however it ends."""
+
+    local_queue: LocalQueue
+
+    async def __call__(self, scope, receive, send, admit=None):
+        if admit is not None:
+            # (admit(scope): None to go on, with the scope's identity filled in;
+            # else the ASGI app that refuses the handshake)
+            refusal = await admit(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        self.begin(scope, receive, send)
+        try:
+            app_queue = getattr(receive, "__self__", None)
+            if not isinstance(app_queue, AppQueue) or getattr(receive, "__func__", None) is not AppQueue.get:
+                await await_many_dispatch([receive, self.local_queue.get], self.dispatch)
+                return
+            local_queue, dispatch = self.local_queue, self.dispatch
+            incoming, local = app_queue._queue, local_queue.items
+            loop = asyncio.get_running_loop()
+            while True:
+                if incoming:
+                    await dispatch(incoming.pop(0))
+                if local:
+                    await dispatch(local.pop(0))
+                if incoming or local:
+                    continue
+                waiter = loop.create_future()
+                if app_queue._getters is None:
+                    app_queue._getters = []
+                app_queue._getters.append(waiter)
+                local_queue.waiter = waiter
+                try:
+                    await waiter
+                finally:
+                    with contextlib.suppress(ValueError):
+                        app_queue._getters.remove(waiter)
+                    if local_queue.waiter is waiter:
+                        local_queue.waiter = None
+        except StopConsumer:
+            pass
+        finally:
+            await self.end()
+
+    def begin(self, scope, receive, send) -> None:
+        """What the consumer sets up before its first message."""
+        raise NotImplementedError
+
+    async def end(self) -> None:
+        """Its last word, however the socket's application ended."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -52,6 +53,11 @@ class Subscription:
     access: RoomAccess | None = None
     access_at: float = 0.0  # loop time it was read
 
+
+# What access_changes and checking start as: no room yet, and nothing to write
+# (each is made when its first room is; most sockets never see an access check,
+# and two empty dicts were 128 B of every idle socket).
+NO_ROOMS = MappingProxyType({})
 
 ACCESS_MAX_AGE = 30.0  # seconds a cached access is trusted without an access.check
 
@@ -167,6 +173,8 @@ class Stream:
         the room's cached access at once, not when the check gets its turn, so a
         message.send handled before that reads it afresh. A read begun before this
         (a subscribe, an earlier check) is not kept."""
+        if self.access_changes is NO_ROOMS:
+            self.access_changes = {}
         self.access_changes[slug] = self.access_changes.get(slug, 0) + 1
         if slug in self.subscriptions:
             self.subscriptions[slug].access = None
@@ -217,8 +225,8 @@ class Stream:
         sub = self.subscriptions.get(room)
         if sub is None or message["seq"] != sub.last_seq + 1:
             return False
-        write = self.write_frame
-        if write is None or not write(frames[self.codec]):
+        writer = self.writer
+        if writer is None or not writer.write_frame(frames[self.codec]):
             return None
         self.sent_event(message, sub)
         return True
@@ -273,7 +281,7 @@ class Stream:
         """Send a layer message's payload as encoded upstream for this socket's codec:
         framed once per worker and written as is where the server allows it
         (realtime/server/bounded.py), through ASGI otherwise."""
-        if self.write_frame is not None and self.write_frame(protocol.framed(message, self.codec)):
+        if self.writer is not None and self.writer.write_frame(protocol.framed(message, self.codec)):
             return
         await self.send_payload(protocol.payload(message, self.codec))
 
@@ -297,7 +305,7 @@ class Stream:
         for tag, count in replayed.tags.items():
             metrics.FRAMES_OUT.labels(tag).inc(count)
         metrics.REPLAYED.inc(len(replayed))
-        if self.write_frames is not None and self.write_frames(replayed.frames(self.codec)):
+        if self.writer is not None and self.writer.write_frames(replayed.frames(self.codec)):
             return
         for data in replayed.encoded(self.codec):
             await self.send_payload(data)
@@ -324,6 +332,8 @@ class Stream:
         sub = self.subscriptions[slug]
         sub.access = None  # until read again: message.send reads it itself
         changes = self.access_changes.get(slug, 0)
+        if self.checking is NO_ROOMS:
+            self.checking = {}
         self.checking[slug] = self.checking.get(slug, 0) + 1
         try:
             access = await database_sync_to_async(room_access)(user=self.user, slug=slug, action=Action.VIEW)

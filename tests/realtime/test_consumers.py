@@ -48,6 +48,42 @@ async def test_an_open_socket_keeps_neither_the_request_headers_nor_the_servers_
     await comm.disconnect()
 
 
+async def test_an_open_sockets_scope_keeps_only_what_is_read_later(cookies, demo, settings):
+    """Behind a trusted proxy, with a ticket and a server's full scope, an open
+    socket's scope is down to its type, path, client address (the forwarded one),
+    user and session: the TCP peer, the ticket's mark, the server's address, the
+    raw path and the ASGI version go with the handshake's keys."""
+    from channels.testing import WebsocketCommunicator
+
+    from accounts import tickets
+    from project.asgi import application
+    from realtime.state import housekeeper
+    from tests.conftest import HOST
+
+    settings.REALTIME_TRUSTED_PROXIES = ["127.0.0.1"]
+    alice = demo["alice"]
+    session_key = cookies["alice"].decode().split("=", 1)[1]
+    ticket = await sync_to_async(tickets.issue)(user_id=alice.pk, session_key=session_key)
+
+    def behind_proxy(scope, receive, send):
+        return application({**scope, "client": ["127.0.0.1", 4000], "server": ["127.0.0.1", 8000], "root_path": "",
+                            "raw_path": b"/ws/v1/", "asgi": {"version": "3.0"},
+                            "extensions": {"websocket.http.response": {}}}, receive, send)
+
+    behind_proxy._asgi_single_callable = True
+    comm = WebsocketCommunicator(behind_proxy, f"/ws/v1/?ticket={ticket}", subprotocols=["rt.v1.json"],
+                                 headers=[HOST, ORIGIN, (b"x-forwarded-for", b"198.51.100.7")])
+    connected, _ = await comm.connect(timeout=5)
+    assert connected
+    assert await call(comm, {"type": "ping", "t": 1, "ref": 1}) == {"type": "pong", "ref": 1, "t": 1}
+    [consumer] = [c for c in housekeeper.SOCKETS if c.user.pk == alice.pk]
+    scope = consumer.scope
+    assert sorted(scope) == ["client", "path", "session", "type", "user"]
+    assert (scope["client"], scope["path"], scope["user"].pk, scope["session"].session_key) == (
+        ["198.51.100.7", 0], "/ws/v1/", alice.pk, session_key)
+    await comm.disconnect()
+
+
 @pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's instance layout")
 async def test_a_storm_of_sockets_keeps_each_consumers_attributes_without_a_dict_of_its_own(cookies):
     """Consumers made together (as in a reconnect storm, before any of them has
@@ -89,6 +125,45 @@ async def test_foreign_origin_is_refused_at_handshake(cookies):
     connected, _ = await comm.connect(timeout=5)
     assert not connected
     await comm.disconnect()
+
+
+async def test_the_socket_middleware_keeps_no_frame_of_its_own_and_admits_before_any_inner_app(cookies):
+    """SocketAuthMiddleware hands RealtimeConsumer its admission (the socket's one
+    coroutine runs it first); any other inner app is awaited after the admission,
+    with the user in the scope, and a foreign Origin reaches neither."""
+    from asgiref.compatibility import is_double_callable
+    from channels.testing import WebsocketCommunicator
+
+    from accounts.middleware import SocketAuthMiddleware
+    from realtime.ws import queues
+    from realtime.ws.consumer import RealtimeConsumer
+    from tests.conftest import HOST
+
+    app = SocketAuthMiddleware(RealtimeConsumer.as_asgi())
+    assert not is_double_callable(app)
+    running = app({"type": "websocket"}, None, None)
+    try:
+        assert running.cr_code is queues.Served.__call__.__code__
+        assert running.cr_frame.f_locals["admit"] == app.admit
+    finally:
+        running.close()
+
+    seen = []
+
+    async def inner(scope, receive, send):
+        seen.append(scope["user"].username)
+        await receive()
+        await send({"type": "websocket.accept"})
+
+    plain = SocketAuthMiddleware(inner)
+    comm = WebsocketCommunicator(plain, "/ws/v1/", headers=[HOST, ORIGIN, (b"cookie", cookies["bob"])])
+    connected, _ = await comm.connect(timeout=5)
+    assert connected and seen == ["bob"]
+    await comm.disconnect()
+    foreign = WebsocketCommunicator(plain, "/ws/v1/", headers=[HOST, (b"origin", b"http://evil.example")])
+    connected, code = await foreign.connect(timeout=5)
+    assert (connected, code, seen) == (False, 1000, ["bob"])  # (closed before the accept: daphne answers 403)
+    await foreign.disconnect()
 
 
 async def test_missing_origin_is_refused(cookies):

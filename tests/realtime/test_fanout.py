@@ -214,8 +214,7 @@ class Member(RealtimeConsumer):
         self.server = open_socket(max_send_buffer=bound) if server else None
         if server:
             self.server.sendClose = lambda code: self.closed.append(code)
-        self.write_frame = self.server.write_frame if server else None
-        self.write_frames = self.server.write_frames if server else None
+        self.writer = self.server
         self.__dict__.update(state)
 
     async def send(self, text_data=None, bytes_data=None):

@@ -64,10 +64,12 @@ def open_socket(**attributes):
     from realtime.server.bounded import BoundedWebSocketProtocol
 
     socket = BoundedWebSocketProtocol.__new__(BoundedWebSocketProtocol)
-    socket.__dict__.update({"state": socket.STATE_OPEN, "transport": Transport(), "_perMessageCompress": None,
-                            "send_state": socket.SEND_STATE_GROUND, "send_queue": [], "peer": "tcp:127.0.0.1:1",
-                            "trafficStats": SimpleNamespace(outgoingOctetsWireLevel=0), "logOctets": False,
-                            **attributes})
+    # (set one by one: most of these live in the protocol's slots, not its dict)
+    for name, value in {"state": socket.STATE_OPEN, "transport": Transport(), "_perMessageCompress": None,
+                        "send_state": socket.SEND_STATE_GROUND, "send_queue": [], "peer": "tcp:127.0.0.1:1",
+                        "trafficStats": SimpleNamespace(outgoingOctetsWireLevel=0), "logOctets": False,
+                        "client_addr": ["127.0.0.1", 1], **attributes}.items():
+        setattr(socket, name, value)
     return socket
 
 

@@ -379,3 +379,30 @@ async def test_the_renewal_keeps_a_rooms_presence_keys_however_long_nobody_joins
     assert all(client.ttl(key) > presence.KEY_TTL - 60 for key in keys), [client.ttl(key) for key in keys]
     client.flushall()
     presence.backend.reset()
+
+
+@pytest.mark.asyncio
+async def test_a_renewal_sets_a_keys_members_in_one_zadd_of_up_to_a_chunk(redis_server, settings):
+    """The housekeeper's renewal of 1,201 sockets of one room is three ZADDs (of
+    up to RENEW_CHUNK members each), not 1,201; a socket's lease given back stays
+    gone, and every member held is renewed."""
+    import redis
+
+    from realtime.state import store
+
+    settings.REDIS_URL = redis_server.url
+    presence.backend.reset()
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    lease_key = presence._keys("general")[0]
+    held = [("general", n, f"u{n}", f"c{n}") for n in range(1201)]
+    members = [presence._member(n, username, conn) for _, n, username, conn in held]
+    client.zadd(lease_key, dict.fromkeys(members[1:], 1))  # (the first: given back)
+    client.config_resetstat()
+    assert store.RENEW_CHUNK == 500
+    await presence.renew_all(held)
+    calls = {name: stats["calls"] for name, stats in client.info("commandstats").items()}
+    assert calls["cmdstat_zadd"] == 3
+    assert client.zcard(lease_key) == 1200 and client.zscore(lease_key, members[0]) is None
+    assert min(score for _, score in client.zrange(lease_key, 0, -1, withscores=True)) > 1
+    client.flushall()
+    presence.backend.reset()

@@ -7,7 +7,7 @@ import pytest
 from channels.exceptions import StopConsumer
 
 from realtime.ws.queues import LocalQueue
-from realtime.ws.queues import AppQueue, serve
+from realtime.ws.queues import AppQueue, Served
 from realtime.web.routing import SocketRouter
 
 pytestmark = pytest.mark.asyncio
@@ -39,8 +39,26 @@ async def test_app_queue_cancelled_get_loses_nothing_and_two_getters_both_get():
     assert sorted(got) == ["a", "b"]
 
 
-async def test_serve_takes_turns_and_keeps_no_waiter_behind():
-    incoming, local = AppQueue(), LocalQueue()
+class Loop(Served):
+    """Served with a dispatch of the test's, recording begin and end."""
+
+    def __init__(self, dispatch):
+        self.local_queue = LocalQueue()
+        self.handle = dispatch
+        self.calls: list[str] = []
+
+    def begin(self, scope, receive, send):
+        self.calls.append("begin")
+
+    async def dispatch(self, message):
+        await self.handle(message)
+
+    async def end(self):
+        self.calls.append("end")
+
+
+async def test_served_takes_turns_and_keeps_no_waiter_behind():
+    incoming = AppQueue()
     seen = []
 
     async def dispatch(message):
@@ -48,10 +66,12 @@ async def test_serve_takes_turns_and_keeps_no_waiter_behind():
         if message == "stop":
             raise StopConsumer()
 
+    loop = Loop(dispatch)
+    local = loop.local_queue
     for n in range(3):
         incoming.put_nowait(f"in{n}")
         local.put_nowait({"type": "x", "n": n})
-    task = asyncio.ensure_future(serve(incoming.get, local, dispatch))
+    task = asyncio.ensure_future(loop({}, incoming.get, None))
     await asyncio.sleep(0)
     assert seen == ["in0", {"type": "x", "n": 0}, "in1", {"type": "x", "n": 1}, "in2", {"type": "x", "n": 2}]
     # Many wake-ups from the local queue alone leave no stale waiter in the other.
@@ -60,13 +80,13 @@ async def test_serve_takes_turns_and_keeps_no_waiter_behind():
         await asyncio.sleep(0)
     assert len(seen) == 106 and incoming._getters == [local.waiter]  # the one it waits on now
     incoming.put_nowait("stop")
-    with pytest.raises(StopConsumer):
-        await asyncio.wait_for(task, 1)
+    assert await asyncio.wait_for(task, 1) is None  # (StopConsumer ends it quietly)
     assert not incoming._getters and local.waiter is None
+    assert loop.calls == ["begin", "end"]
 
 
-async def test_serve_falls_back_to_await_many_dispatch_for_other_servers():
-    incoming, local = asyncio.Queue(), LocalQueue()
+async def test_served_falls_back_to_await_many_dispatch_for_other_servers():
+    incoming = asyncio.Queue()
     seen = []
 
     async def dispatch(message):
@@ -74,11 +94,55 @@ async def test_serve_falls_back_to_await_many_dispatch_for_other_servers():
         if message == "stop":
             raise StopConsumer()
 
-    local.put_nowait({"type": "x"})
+    loop = Loop(dispatch)
+    loop.local_queue.put_nowait({"type": "x"})
     incoming.put_nowait("stop")
-    with pytest.raises(StopConsumer):
-        await asyncio.wait_for(serve(incoming.get, local, dispatch), 1)
-    assert "stop" in seen
+    await asyncio.wait_for(loop({}, incoming.get, None), 1)
+    assert seen[-1] == "stop" and loop.calls == ["begin", "end"]
+
+
+async def test_served_ends_however_a_handler_fails():
+    async def dispatch(message):
+        raise ValueError("a handler's bug")
+
+    loop = Loop(dispatch)
+    incoming = AppQueue()
+    incoming.put_nowait("boom")
+    with pytest.raises(ValueError, match="a handler's bug"):
+        await asyncio.wait_for(loop({}, incoming.get, None), 1)
+    assert loop.calls == ["begin", "end"]
+
+
+async def test_served_runs_the_admission_first_and_a_refusal_instead_of_the_socket():
+    order = []
+
+    async def admit(scope):
+        order.append("admit")
+        scope["user"] = "someone"
+
+    async def dispatch(message):
+        order.append(message)
+        raise StopConsumer()
+
+    loop = Loop(dispatch)
+    incoming = AppQueue()
+    incoming.put_nowait("connect")
+    scope = {}
+    await asyncio.wait_for(loop(scope, incoming.get, None, admit), 1)
+    assert order == ["admit", "connect"] and scope == {"user": "someone"} and loop.calls == ["begin", "end"]
+
+    refused = []
+
+    async def refusal(scope, receive, send):
+        refused.append(await receive())
+
+    async def deny(scope):
+        return refusal
+
+    loop = Loop(dispatch)
+    incoming.put_nowait("connect")
+    await asyncio.wait_for(loop({}, incoming.get, None, deny), 1)
+    assert refused == ["connect"] and loop.calls == []  # nothing begun, nothing to end
 
 
 async def test_socket_router_matches_as_url_router_does():
