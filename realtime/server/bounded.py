@@ -391,8 +391,6 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
             # txaio's event bookkeeping, unused while nothing listens (fire() returns
             # at once): the class's ("message",) and None stand in until on().
             drop = drop | {"_valid_events", "_results"}
-        if not d.get("send_queue", True):
-            d["send_queue"] = SendQueue()
         # (built anew: a deleted key would still take its slot)
         self.__dict__ = {k: v for k, v in d.items() if k not in drop and not (k in initial and v is initial[k])}
 
@@ -409,6 +407,8 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         # autobahn's traffic counts, one object for the worker's sockets instead
         # of one each (nothing here reads them per socket).
         self.trafficStats = WORKER_TRAFFIC
+        # (empty: nothing was sent yet)
+        self.send_queue = SendQueue()
         # Frames go out as they are written (as asyncio's own transports do): a
         # small room event must not wait on the peer's delayed ACK (Nagle).
         with contextlib.suppress(Exception):

@@ -133,6 +133,7 @@ class Served:
             # (admit(scope): None to go on, with the scope's identity filled in;
             # else the ASGI app that refuses the handshake)
             refusal = await admit(scope)
+            admit = None  # (not kept for the socket's life)
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return

@@ -95,6 +95,9 @@ async def test_an_open_socket_keeps_nothing_in_its_dict_through_frames_and_pings
     empty = sys.getsizeof({})
     proto = peer.protocol
     assert (proto.__dict__, sys.getsizeof(proto.__dict__)) == ({}, empty)
+    # autobahn's queue of chopped and synchronous sends: an empty list, not an
+    # empty deque's 64-slot block (760 B)
+    assert type(proto.send_queue) is bounded.SendQueue and len(proto.send_queue) == 0
 
     proto.dataReceived(masked(1, b"hello"))
     await peer.handled(1)
