@@ -22,7 +22,7 @@ too, and a replay's frames with `write_frames(frames)`. The same send-buffer bou
 applies: past it, the whole frames that fit go, then the close (4013). Under
 another server the extension is absent and the app sends through ASGI as usual.
 
-What an open socket sheds to stay small (about 6.5 KiB an idle socket, all told):
+What an open socket sheds to stay small (about 6.7 KiB an idle socket, all told):
 docs/decisions.md. The private attributes it touches: server/adapter.py.
 """
 
@@ -167,7 +167,6 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         self.peer = None
         self.current_frame = self.current_frame_masker = None
         self._is_open = self._is_closed = None
-        self.application_queue = None
         super().__init__()
 
     # autobahn's futures of the open and the close (its own callers resolve them;

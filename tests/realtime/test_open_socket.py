@@ -171,3 +171,13 @@ async def test_the_apps_send_is_the_protocols_own_and_goes_nowhere_once_disconne
     await asyncio.wait_for(peer.ended.wait(), 5)
     await proto.asgi_send({"type": "websocket.send", "text": "two"})
     assert peer.transport.value() == sent
+
+
+
+async def test_no_application_queue_is_made_up_before_daphne_has_one():
+    """daphne's onClose tells the application of a close only when it has a
+    queue (hasattr): a slot preset to None would make it put to None."""
+    peer = Peer()
+    assert not hasattr(peer.protocol, "application_queue")
+    await peer.open()
+    assert peer.protocol.application_queue is not None
