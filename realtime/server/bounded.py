@@ -35,6 +35,7 @@ import types
 
 from autobahn.websocket.protocol import TrafficStats
 from daphne.ws_protocol import WebSocketProtocol
+from twisted.internet import defer
 
 from realtime.protocol.codes import CloseCode
 from realtime.server import adapter
@@ -176,8 +177,6 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
     @property
     def is_open(self):
         if self._is_open is None:
-            from twisted.internet import defer
-
             self._is_open = defer.Deferred()
             if self.state in (self.STATE_OPEN, self.STATE_CLOSING, self.STATE_CLOSED):
                 self._is_open.callback(None)
@@ -190,8 +189,6 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
     @property
     def is_closed(self):
         if self._is_closed is None:
-            from twisted.internet import defer
-
             # (autobahn resolves it as it closes the socket, reading it here)
             self._is_closed = defer.Deferred()
         return self._is_closed
@@ -267,8 +264,6 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
                 self.server.protocol_disconnected(self)
             return
         super().handle_reply(message)
-        if kind == "websocket.accept" and self.state == self.STATE_OPEN:
-            self._accepted()
 
     def asgi_send(self, message):
         """The application's `send` (ASGI): daphne's reply handler for this socket,
@@ -369,9 +364,16 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         # daphne still names the path in its log lines.
         self.request = OpenedRequest(self.request.path)
 
+    def serverAccept(self, subprotocol=None):
+        # daphne's (the application's accept): it lets go of the handshake's
+        # deferred after the open, so the shedding comes after it.
+        super().serverAccept(subprotocol)
+        if self.state == self.STATE_OPEN:
+            self._accepted()
+
     def _accepted(self) -> None:
-        """The application accepted and the socket is open (daphne has let go of
-        its handshake's deferred by now): shed what the handshake left."""
+        """The socket is open and daphne has let go of its handshake's deferred:
+        shed what the handshake left."""
         if not adapter.listened(self._is_open):
             self._is_open = None
         if not adapter.listened(self._is_closed):

@@ -135,11 +135,9 @@ async def renew_scores(url: str, entries: list[tuple[str, str]], ttl: float, *, 
         for start in range(0, len(names), RENEW_CHUNK):
             pipe.zadd(key, dict.fromkeys(names[start:start + RENEW_CHUNK], expiry), xx=only_existing)
     if key_ttl is not None:
-        kept = {key: None for key in members}
         for key in members:
-            kept.update(dict.fromkeys((also_kept or {}).get(key, ())))
-        for key in kept:
-            pipe.expire(key, math.ceil(key_ttl))
+            for kept in (key, *(also_kept or {}).get(key, ())):
+                pipe.expire(kept, math.ceil(key_ttl))
     await pipe.execute()
 
 

@@ -47,7 +47,7 @@ class Peer:
         self.ended = asyncio.Event()
 
         async def app(scope, receive, send):
-            self.scope = scope
+            self.scope, self.send = scope, send
             await receive()
             await send({"type": "websocket.accept"})
             self.accepted.set()
@@ -163,7 +163,7 @@ async def test_the_apps_send_is_the_protocols_own_and_goes_nowhere_once_disconne
     peer = Peer()
     await peer.open()
     proto = peer.protocol
-    assert peer.scope["extensions"]["realtime.frames"] is proto
+    assert peer.scope["extensions"]["realtime.frames"] is proto and peer.send == proto.asgi_send
     await proto.asgi_send({"type": "websocket.send", "text": "one"})
     sent = peer.transport.value()
     assert sent.endswith(b"\x81\x03one")
