@@ -262,7 +262,7 @@ def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str,
             # worker is the one drained), else the first.
             spied = started[1] if "drain" in args and len(started) > 1 else started[0]
             spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(spied.proc.pid),
-                                    "--rate", "250", "--format", "raw", "--output", str(profile)],
+                                    "--rate", "250", "--nonblocking", "--gil", "--format", "raw", "--output", str(profile)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
         out = subprocess.run(
@@ -363,7 +363,7 @@ def summarize_profile(raw: Path, out: Path, title: str, top: int = 25) -> None:
         own[frames[-1]] = own.get(frames[-1], 0) + n
         for frame in set(frames):
             total[frame] = total.get(frame, 0) + n
-    lines = [f"# {title}", "", f"{samples} samples (py-spy, 250 Hz, all threads, idle excluded).", "",
+    lines = [f"# {title}", "", f"{samples} samples (py-spy, 250 Hz, not pausing the worker, only a thread holding the GIL).", "",
              "| self % | function |", "| ---: | --- |"]
     lines += [f"| {100 * n / samples:.1f} | `{f}` |" for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]]
     lines += ["", "| total % | function |", "| ---: | --- |"]
