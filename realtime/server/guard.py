@@ -9,14 +9,24 @@ per peer address, and letting go of the HTTP channel once a socket is open.
 - a cap: at most REALTIME_MAX_PENDING_PER_ADDRESS (32) such connections per peer
   address at once; one more is closed as it arrives. Trusted proxies
   (REALTIME_TRUSTED_PROXIES) are not capped: behind them the balancer's own limits
-  apply (deploy/).
+  apply (deploy/);
+- a WebSocket upgrade that arrives whole in the connection's first read (as a
+  browser's does) goes to daphne's WebSocket protocol at once (`upgrade_whole`),
+  as daphne's HTTP request would hand it on, without Twisted parsing it into a
+  request first: autobahn parses the handshake anyway, and the first parse was
+  about a tenth of a connect storm's worker time. Anything else, or any doubt
+  (a header daphne or Twisted would refuse, one given twice, a body, a request
+  cut over two reads), takes the HTTP channel's way, which answers it as before.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
+from daphne.utils import HEADER_NAME_RE, INVALID_HEADER_VALUE_BYTES
 from twisted.internet import protocol as twisted_protocol
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.web import http as twisted_http
 
 from realtime.server import adapter
@@ -39,6 +49,7 @@ class GuardedHTTPChannel(twisted_http.HTTPChannel):
     counted: "PendingCounter | None" = None
     address = ""
     heard = False  # a byte of the awaited request has arrived
+    fresh = True  # nothing has arrived on this connection yet
 
     def connectionMade(self):
         super().connectionMade()
@@ -52,6 +63,10 @@ class GuardedHTTPChannel(twisted_http.HTTPChannel):
 
     def dataReceived(self, data):
         self.heard = True
+        if self.fresh:
+            self.fresh = False
+            if upgrade_whole(self, data):
+                return
         super().dataReceived(data)
 
     def _disarm(self) -> None:
@@ -99,6 +114,80 @@ class GuardedHTTPChannel(twisted_http.HTTPChannel):
         self._disarm()
         self._uncount()
         super().connectionLost(reason)
+
+
+# What the HTTP channel's way lets through (twisted.web.http.HTTPChannel): a larger
+# head, or more headers, is answered there (400).
+MOST_HEAD = twisted_http.HTTPChannel.totalHeadersSize
+MOST_HEADERS = twisted_http.HTTPChannel.maxHeaders
+# Header values Twisted refuses (NUL, CR, LF) and daphne's own (RFC 9110 5.5).
+REFUSED_IN_VALUES = frozenset(b"\x00\r\n") | INVALID_HEADER_VALUE_BYTES
+# A request target of visible ASCII only: autobahn splits the head it parses at
+# any line break Python knows (VT, FF, FS... as well as CR and LF).
+TARGET = re.compile(rb"/[\x21-\x7e]*")
+# Headers that would give a GET a body: the HTTP channel's way decides about them.
+BODY_HEADERS = (b"content-length", b"transfer-encoding")
+
+
+def websocket_upgrade(data: bytes) -> bytes | None:
+    """The request target when `data` is exactly one whole request head (nothing
+    after it) of an HTTP/1.1 GET asking for a WebSocket upgrade, which Twisted and
+    daphne would pass as it is: every header a valid name and value, none given
+    twice, none folded over two lines, no body, a target of visible ASCII. None
+    for anything else (the HTTP channel's way then answers it as before)."""
+    if len(data) > MOST_HEAD or not data.startswith(b"GET /") or data.find(b"\r\n\r\n") != len(data) - 4:
+        return None
+    lines = data[:-4].split(b"\r\n")
+    if len(lines) - 1 > MOST_HEADERS:
+        return None
+    request = lines[0].split(b" ")
+    if len(request) != 3 or request[2] != b"HTTP/1.1" or not TARGET.fullmatch(request[1]):
+        return None
+    seen = set()
+    upgrade = None
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not HEADER_NAME_RE.fullmatch(name):
+            return None  # (also a folded line: it starts with a space)
+        value = value.strip(b" \t")
+        if not REFUSED_IN_VALUES.isdisjoint(value):
+            return None
+        name = name.lower()
+        if name in seen or name in BODY_HEADERS:
+            return None
+        seen.add(name)
+        if name == b"upgrade":
+            upgrade = value
+    if upgrade is None or upgrade.lower() != b"websocket":
+        return None
+    return request[1]
+
+
+def upgrade_whole(channel: GuardedHTTPChannel, data: bytes) -> bool:
+    """Hand a whole WebSocket upgrade (websocket_upgrade) to daphne's WebSocket
+    protocol, as daphne's WebRequest.process does once Twisted has parsed it
+    (the query string, the transport, the request's bytes), with the channel let
+    go as release_http_channel lets it go after that: its deadline, its count,
+    its idle timeout, its place as the transport's producer. False (nothing done):
+    not such a request, or no protocol to hand it to."""
+    target = websocket_upgrade(data)
+    if target is None:
+        return False
+    transport = channel.transport
+    protocol = channel.factory.server.ws_factory.buildProtocol(transport.getPeer())
+    if protocol is None:
+        return False
+    protocol._raw_query_string = target.partition(b"?")[2]
+    channel.setTimeout(None)
+    channel.upgraded()
+    transport.unregisterProducer()
+    if isinstance(transport, ProtocolWrapper):  # TLS
+        transport.wrappedProtocol = protocol
+    else:
+        transport.protocol = protocol
+    protocol.makeConnection(transport)
+    protocol.dataReceived(data)
+    return True
 
 
 class Refuse(twisted_protocol.Protocol):
