@@ -61,6 +61,13 @@ PRIVATE = (
     ("daphne.server.Server", "create_application"),
     ("daphne.server.Server", "handle_reply"),
     ("daphne.server.Server", "listen_success"),
+    # Its reaping of application instances (server/reaping.py): the checker it
+    # calls each second, the disconnect it is told of, the shutdown's cancel, and
+    # the timeout an instance has once its client went.
+    ("daphne.server.Server", "application_checker"),
+    ("daphne.server.Server", "protocol_disconnected"),
+    ("daphne.server.Server", "kill_all_applications"),
+    ("daphne.server.Server", "application_close_timeout"),
     # daphne's WebSocket protocol: the handshake's deferred (a denial response).
     ("daphne.ws_protocol.WebSocketProtocol", "handshake_deferred"),
     ("daphne.ws_protocol.WebSocketProtocol", "application_queue"),

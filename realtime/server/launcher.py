@@ -5,7 +5,9 @@ daphne's own command line, with a Server subclass made of:
 - server/bounded.py: the WebSocket protocol (bounded buffers each way, prebuilt
   frames written as is, denial responses, an open socket's memory shed);
 - server/guard.py: connections before they are sockets (a deadline per request,
-  a cap per address);
+  a cap per address, a whole upgrade handed on at once);
+- server/reaping.py: application instances reaped as they end (daphne walks
+  every connection each second);
 - server/adapter.py: every private attribute of daphne, autobahn and Twisted the
   above touch, checked by a test on every upgrade.
 Its settings come from settings.REALTIME, read at start-up (once Django is set up).
@@ -27,6 +29,7 @@ from django.conf import settings
 from realtime.server.bounded import BoundedWebSocketProtocol, with_options_of
 from realtime.server.drain import Drain
 from realtime.server.guard import guard_http_factory, settings_value
+from realtime.server.reaping import Reaping
 from realtime.ws.queues import AppQueue
 
 log = logging.getLogger("realtime.server")
@@ -98,7 +101,7 @@ async def _raises(exc: BaseException):
     raise exc
 
 
-class DrainingServer(Drain, Server):
+class DrainingServer(Drain, Reaping, Server):
     # daphne writes an access line (NCSA text, on stdout at its default verbosity)
     # for every request and for every socket's connecting, connect and disconnect:
     # text among the JSON log lines, a write of its own each, some 2% of a worker
@@ -128,7 +131,9 @@ class DrainingServer(Drain, Server):
 
     def create_application(self, protocol, scope):
         if not isinstance(protocol, BoundedWebSocketProtocol):
-            return super().create_application(protocol, scope)
+            queue = super().create_application(protocol, scope)
+            self.watch(protocol)
+            return queue
         share_addresses(protocol, scope)
         # (the protocol is the prebuilt-frame writer: write_frame, write_frames)
         scope["extensions"] = {**(scope.get("extensions") or {}), "realtime.frames": protocol,
@@ -149,6 +154,7 @@ class DrainingServer(Drain, Server):
             return None
         self.connections[protocol]["application_instance"] = asyncio.ensure_future(
             application_instance, loop=asyncio.get_event_loop())
+        self.watch(protocol)
         return input_queue
 
     def socket_application(self):

@@ -1,0 +1,133 @@
+"""Application instances reaped as they end (realtime/server/reaping.py): what
+daphne's once-a-second walk over every connection did, done for the one
+connection when its instance ends or its client goes. No checker runs in these
+tests unless one says so: each outcome comes from the event itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from tests.realtime.test_open_socket import Peer
+
+pytestmark = pytest.mark.asyncio
+
+
+def with_app(app) -> Peer:
+    """A Peer whose socket is served by `app` (set before the handshake)."""
+    peer = Peer()
+    peer.server.application = app
+    return peer
+
+
+async def handshake(peer: Peer) -> None:
+    from tests.realtime.test_open_socket import HANDSHAKE
+
+    peer.protocol.dataReceived(HANDSHAKE)
+    for _ in range(200):
+        if peer.protocol.state == peer.protocol.STATE_OPEN:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the socket did not open")
+
+
+async def until(condition) -> None:
+    for _ in range(400):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not met")
+
+
+async def test_an_application_that_fails_while_its_socket_is_open_closes_it_with_1011_at_once(caplog):
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        raise RuntimeError("boom")
+
+    from tests.realtime.test_open_socket import HANDSHAKE
+
+    peer = with_app(app)
+    with caplog.at_level(logging.ERROR, logger="daphne.server"):
+        peer.protocol.dataReceived(HANDSHAKE)
+        # opened, then a close frame with 1011
+        await until(lambda: peer.transport.value().endswith(b"\r\n\r\n\x88\x02\x03\xf3"))
+    assert peer.transport.value().startswith(b"HTTP/1.1 101 ")
+    assert [r.getMessage() for r in caplog.records if r.name == "daphne.server"] == [
+        "Exception inside application: boom"]
+    assert "application_instance" not in peer.server.connections[peer.protocol]
+
+
+async def test_a_connection_is_forgotten_when_its_instance_ends_after_its_client_went():
+    peer = Peer()
+    await peer.open()
+    assert peer.protocol in peer.server.connections
+    peer.lose()
+    await asyncio.wait_for(peer.ended.wait(), 5)
+    await until(lambda: peer.protocol not in peer.server.connections)
+    assert peer.server._closing() == {}
+
+
+async def test_a_connection_whose_instance_ended_first_is_forgotten_at_the_disconnect():
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})  # and returns, the socket left open
+
+    peer = with_app(app)
+    await handshake(peer)
+    await until(lambda: "application_instance" not in peer.server.connections[peer.protocol])
+    peer.lose()
+    assert peer.protocol not in peer.server.connections
+
+
+async def test_an_instance_still_running_past_the_close_timeout_is_cancelled(monkeypatch, caplog):
+    from twisted.internet import reactor
+
+    cancelled = asyncio.Event()
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        try:
+            await asyncio.sleep(3600)  # deaf to the disconnect
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    peer = with_app(app)
+    later = []  # the checker's next turns (taken, not scheduled)
+    call_later = reactor.callLater
+
+    def scheduled(delay, f, *args):
+        if f == peer.server.application_checker:
+            return later.append(delay)
+        return call_later(delay, f, *args)
+
+    monkeypatch.setattr(reactor, "callLater", scheduled)
+    peer.server.application_close_timeout = 0.05
+    await handshake(peer)
+    peer.lose()
+    assert list(peer.server._closing()) == [peer.protocol]
+    peer.server.application_checker()  # within the timeout: left running
+    assert not cancelled.is_set() and later == [1]
+    await asyncio.sleep(0.1)
+    with caplog.at_level(logging.WARNING, logger="daphne.server"):
+        peer.server.application_checker()
+    await asyncio.wait_for(cancelled.wait(), 5)
+    assert "took too long to shut down and was killed" in caplog.text
+    await until(lambda: peer.protocol not in peer.server.connections)
+    assert peer.server._closing() == {}
+
+
+async def test_the_shutdowns_cancel_skips_instances_already_reaped():
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+
+    peer = with_app(app)
+    await handshake(peer)
+    await until(lambda: "application_instance" not in peer.server.connections[peer.protocol])
+    waited = peer.server.kill_all_applications()  # daphne's own raised KeyError here
+    assert waited is not None
