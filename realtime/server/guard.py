@@ -125,8 +125,9 @@ REFUSED_IN_VALUES = frozenset(b"\x00\r\n") | INVALID_HEADER_VALUE_BYTES
 # A request target of visible ASCII only: autobahn splits the head it parses at
 # any line break Python knows (VT, FF, FS... as well as CR and LF).
 TARGET = re.compile(rb"/[\x21-\x7e]*")
-# Headers that would give a GET a body: the HTTP channel's way decides about them.
-BODY_HEADERS = (b"content-length", b"transfer-encoding")
+# Headers that would give a GET a body, or (Expect) an interim answer before the
+# 101: the HTTP channel's way decides about them.
+BODY_HEADERS = (b"content-length", b"transfer-encoding", b"expect")
 
 
 def websocket_upgrade(data: bytes) -> bytes | None:

@@ -40,35 +40,42 @@ class Reaping:
             instance.add_done_callback(lambda done, protocol=protocol: self.instance_ended(protocol, done))
 
     def instance_ended(self, protocol, instance: asyncio.Future) -> None:
-        """daphne's application_checker, for this one connection, now."""
+        """daphne's application_checker, for this one connection, now. The entry
+        goes whatever its protocol's answer to a failure raises (an HTTP response
+        already started cannot become a 500)."""
         details = self.connections.get(protocol)
         if details is None or details.get("application_instance") is not instance:
             return
         disconnected = details.get("disconnected")
-        exception = None if instance.cancelled() else instance.exception()
-        if exception is not None:
-            if isinstance(exception, KeyboardInterrupt):
-                self.stop()  # (daphne: the protocol asks the server to exit, in tests)
-            else:
-                log.error("Exception inside application: %s", exception, exc_info=exception)
-                if not disconnected:
-                    protocol.handle_exception(exception)
-        del details["application_instance"]
-        if disconnected:
-            self._closing().pop(protocol, None)
-            del self.connections[protocol]
+        try:
+            exception = None if instance.cancelled() else instance.exception()
+            if exception is not None:
+                if isinstance(exception, KeyboardInterrupt):
+                    self.stop()  # (daphne: the protocol asks the server to exit, in tests)
+                else:
+                    log.error("Exception inside application: %s", exception, exc_info=exception)
+                    if not disconnected:
+                        protocol.handle_exception(exception)
+        except Exception:
+            log.exception("answering an application's failure failed")
+        finally:
+            del details["application_instance"]
+            if disconnected:
+                self._closing().pop(protocol, None)
+                del self.connections[protocol]
 
     def protocol_disconnected(self, protocol):
+        if protocol not in self.connections:
+            return  # forgotten already (a refused handshake, then its TCP close)
         super().protocol_disconnected(protocol)
-        details = self.connections.get(protocol)
-        if details is None:
-            return
+        details = self.connections[protocol]
         instance = details.get("application_instance")
         if instance is None:
             del self.connections[protocol]  # nothing left to wait for
-        elif not instance.done():
+        elif instance.done():
+            self.instance_ended(protocol, instance)  # (before its done callback: that one then finds nothing)
+        else:
             self._closing()[protocol] = details["disconnected"]
-        # (done but not reaped yet: its done callback is on its way)
 
     def application_checker(self):
         """Each second: cancel an instance still running application_close_timeout
@@ -83,9 +90,11 @@ class Reaping:
             if instance is None or instance.done():
                 closing.pop(protocol, None)  # (reaped, or its done callback is on its way)
             elif now - since > self.application_close_timeout:
+                # Cancelled again each second until it ends, as daphne's walk
+                # does (a cancel can be swallowed: asgiref's sync_to_async waits
+                # for its thread); it stays here until then.
                 log.warning("Application instance %r for connection %s took too long to shut down and was killed.",
                             instance, repr(protocol))
-                closing.pop(protocol, None)
                 instance.cancel()
         reactor.callLater(1, self.application_checker)
 

@@ -131,3 +131,85 @@ async def test_the_shutdowns_cancel_skips_instances_already_reaped():
     await until(lambda: "application_instance" not in peer.server.connections[peer.protocol])
     waited = peer.server.kill_all_applications()  # daphne's own raised KeyError here
     assert waited is not None
+
+
+async def test_a_refused_handshake_then_its_tcp_close_is_forgotten_once(caplog):
+    """The refusal tells the server of a disconnect, the instance ends, and the
+    TCP close tells it again: the second finds nothing and raises nothing."""
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.close"})  # before accept: a refusal (403)
+
+    from tests.realtime.test_open_socket import HANDSHAKE
+
+    peer = with_app(app)
+    peer.protocol.dataReceived(HANDSHAKE)
+    await until(lambda: peer.transport.value().startswith(b"HTTP/1.1 403 "))
+    await until(lambda: peer.protocol not in peer.server.connections)
+    peer.lose()  # (raised KeyError in daphne's protocol_disconnected)
+    assert peer.protocol not in peer.server.connections
+    assert "Traceback" not in caplog.text
+
+
+async def test_the_entry_goes_even_when_answering_the_failure_fails(monkeypatch):
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        await receive()  # the disconnect
+        raise RuntimeError("boom")
+
+    peer = with_app(app)
+    await handshake(peer)
+    peer.lose()
+    await until(lambda: peer.protocol not in peer.server.connections)
+
+    async def failing_app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        raise RuntimeError("boom")
+
+    def answer_fails(exception):
+        raise ValueError("response already started")
+
+    other = with_app(failing_app)
+    monkeypatch.setattr(other.protocol, "handle_exception", answer_fails, raising=False)
+    from tests.realtime.test_open_socket import HANDSHAKE
+
+    other.protocol.dataReceived(HANDSHAKE)
+    await until(lambda: other.protocol in other.server.connections
+                and "application_instance" not in other.server.connections[other.protocol])
+    other.lose()
+    assert other.protocol not in other.server.connections
+
+
+async def test_an_instance_that_swallows_the_cancel_is_cancelled_again_each_second(monkeypatch):
+    from twisted.internet import reactor
+
+    cancels = []
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancels.append(1)  # swallowed, as asgiref's sync_to_async does
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancels.append(2)
+            raise
+
+    peer = with_app(app)
+    call_later = reactor.callLater
+    monkeypatch.setattr(reactor, "callLater", lambda delay, f, *a: None if f == peer.server.application_checker
+                        else call_later(delay, f, *a))
+    peer.server.application_close_timeout = 0
+    await handshake(peer)
+    peer.lose()
+    peer.server.application_checker()
+    await until(lambda: cancels == [1])
+    assert list(peer.server._closing()) == [peer.protocol]
+    peer.server.application_checker()
+    await until(lambda: peer.protocol not in peer.server.connections)
+    assert cancels == [1, 2] and peer.server._closing() == {}
