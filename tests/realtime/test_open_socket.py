@@ -37,6 +37,18 @@ def masked(opcode: int, payload: bytes) -> bytes:
     return bytes([0x80 | opcode, 0x80 | len(payload)]) + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
+def worker_server(app) -> launcher.DrainingServer:
+    """A DrainingServer that is not listening, with daphne's WebSocket factory
+    made as daphne's Server.run makes it and our launcher sets it up."""
+    server = launcher.DrainingServer(application=app, endpoints=["tcp:port=0:interface=127.0.0.1"])
+    server.connections = {}
+    factory = WebSocketFactory(server, server="test")
+    factory.setProtocolOptions(failByDrop=False)
+    factory.protocol = bounded.with_options_of(factory)
+    server.ws_factory = factory
+    return server
+
+
 class Peer:
     """One socket on a DrainingServer that is not listening: the application
     accepts, records what it receives, and ends at the disconnect."""
@@ -58,12 +70,8 @@ class Peer:
                     self.ended.set()
                     return
 
-        self.server = launcher.DrainingServer(application=app, endpoints=["tcp:port=0:interface=127.0.0.1"])
-        self.server.connections = {}
-        factory = WebSocketFactory(self.server, server="test")
-        factory.setProtocolOptions(failByDrop=False)
-        factory.protocol = bounded.with_options_of(factory)
-        self.server.ws_factory = factory
+        self.server = worker_server(app)
+        factory = self.server.ws_factory
         address = IPv4Address("TCP", "127.0.0.1", 40000)
         self.protocol = factory.buildProtocol(address)
         self.transport = Transport(peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 8000))

@@ -10,11 +10,11 @@ import asyncio
 
 import pytest
 from daphne.http_protocol import HTTPFactory, WebRequest
-from daphne.ws_protocol import WebSocketFactory
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from realtime.server import bounded, guard, launcher
+from realtime.server import bounded, guard
+from tests.realtime.test_open_socket import worker_server
 
 pytestmark = pytest.mark.asyncio
 
@@ -51,12 +51,7 @@ class Worker:
             return process(request)
 
         monkeypatch.setattr(WebRequest, "process", counted)
-        self.server = launcher.DrainingServer(application=app, endpoints=["tcp:port=0:interface=127.0.0.1"])
-        self.server.connections = {}
-        ws = WebSocketFactory(self.server, server="test")
-        ws.setProtocolOptions(failByDrop=False)
-        ws.protocol = bounded.with_options_of(ws)
-        self.server.ws_factory = ws
+        self.server = worker_server(app)
         self.server.http_factory = HTTPFactory(self.server)
         guard.guard_http_factory(self.server.http_factory)
         self.counter = self.server.http_factory.pending
