@@ -19,8 +19,9 @@ PRIVATE = (
     ("twisted.internet.tcp.Connection", "_tempDataLen"),
     ("twisted.internet.tcp.Connection", "_writeDisconnected"),
     ("twisted.internet.tcp.Connection", "socket"),
-    # Twisted's HTTP channel: a request being handled; the channel left registered
-    # as a producer after daphne's upgrade (let go, server/guard.py).
+    # Twisted's HTTP channel: a request being handled (set for an upgrade handed
+    # on whole, hold_request); the channel left registered as a producer after
+    # an upgrade (let go, server/guard.py).
     ("twisted.web.http.HTTPChannel", "_handlingRequest"),
     ("twisted.web.http.HTTPChannel", "_requestProducer"),
     ("twisted.web.http", "_GenericHTTPChannelProtocol"),
@@ -189,6 +190,13 @@ def handling_request(channel) -> bool:
 def http_channel_protocol(channel):
     """Twisted's protocol wrapper around an HTTP channel (what its factory builds)."""
     return twisted_http._GenericHTTPChannelProtocol(channel)
+
+
+def hold_request(channel) -> None:
+    """Mark a Twisted HTTP channel as handling a whole request (as its
+    allContentReceived does): one handed on to a WebSocket protocol without a
+    Request (server/guard.py, upgrade_whole)."""
+    channel._handlingRequest = True
 
 
 def http_producer(transport):

@@ -167,10 +167,11 @@ def websocket_upgrade(data: bytes) -> bytes | None:
 def upgrade_whole(channel: GuardedHTTPChannel, data: bytes) -> bool:
     """Hand a whole WebSocket upgrade (websocket_upgrade) to daphne's WebSocket
     protocol, as daphne's WebRequest.process does once Twisted has parsed it
-    (the query string, the transport, the request's bytes), with the channel let
-    go as release_http_channel lets it go after that: its deadline, its count,
-    its idle timeout, its place as the transport's producer. False (nothing done):
-    not such a request, or no protocol to hand it to."""
+    (the query string, the transport, the request's bytes). The channel is left
+    as Twisted leaves it with a whole request in hand (its idle timeout off, the
+    request being handled), so that the WebSocket protocol's connectionMade lets
+    it go as after any upgrade (release_http_channel). False (nothing done): not
+    such a request, or no protocol to hand it to."""
     target = websocket_upgrade(data)
     if target is None:
         return False
@@ -180,8 +181,7 @@ def upgrade_whole(channel: GuardedHTTPChannel, data: bytes) -> bool:
         return False
     protocol._raw_query_string = target.partition(b"?")[2]
     channel.setTimeout(None)
-    channel.upgraded()
-    transport.unregisterProducer()
+    adapter.hold_request(channel)
     if isinstance(transport, ProtocolWrapper):  # TLS
         transport.wrappedProtocol = protocol
     else:

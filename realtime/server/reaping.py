@@ -32,6 +32,10 @@ class Reaping:
     connections: dict
     application_close_timeout: float
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.closing: dict = {}  # protocol -> when its client went, while its instance still runs
+
     def watch(self, protocol) -> None:
         """Reap `protocol`'s instance when it ends (after create_application)."""
         details = self.connections.get(protocol)
@@ -61,7 +65,7 @@ class Reaping:
         finally:
             del details["application_instance"]
             if disconnected:
-                self._closing().pop(protocol, None)
+                self.closing.pop(protocol, None)
                 del self.connections[protocol]
 
     def protocol_disconnected(self, protocol):
@@ -75,14 +79,14 @@ class Reaping:
         elif instance.done():
             self.instance_ended(protocol, instance)  # (before its done callback: that one then finds nothing)
         else:
-            self._closing()[protocol] = details["disconnected"]
+            self.closing[protocol] = details["disconnected"]
 
     def application_checker(self):
         """Each second: cancel an instance still running application_close_timeout
         after its client went (what remains of daphne's walk)."""
         from twisted.internet import reactor
 
-        closing = self._closing()
+        closing = self.closing
         now = time.time()
         for protocol, since in list(closing.items()):
             details = self.connections.get(protocol)
@@ -103,13 +107,6 @@ class Reaping:
         for details in self.connections.values():
             details.setdefault("application_instance", _ENDED)
         return super().kill_all_applications()
-
-    def _closing(self) -> dict:
-        """protocol -> when its client went, while its instance still runs."""
-        closing = self.__dict__.get("closing_instances")
-        if closing is None:
-            closing = self.__dict__["closing_instances"] = {}
-        return closing
 
 
 class _Ended:

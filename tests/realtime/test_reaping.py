@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from tests.realtime.test_open_socket import Peer
+from tests.realtime.test_open_socket import Peer, Transport
 
 pytestmark = pytest.mark.asyncio
 
@@ -67,7 +67,7 @@ async def test_a_connection_is_forgotten_when_its_instance_ends_after_its_client
     peer.lose()
     await asyncio.wait_for(peer.ended.wait(), 5)
     await until(lambda: peer.protocol not in peer.server.connections)
-    assert peer.server._closing() == {}
+    assert peer.server.closing == {}
 
 
 async def test_a_connection_whose_instance_ended_first_is_forgotten_at_the_disconnect():
@@ -109,7 +109,7 @@ async def test_an_instance_still_running_past_the_close_timeout_is_cancelled(mon
     peer.server.application_close_timeout = 0.05
     await handshake(peer)
     peer.lose()
-    assert list(peer.server._closing()) == [peer.protocol]
+    assert list(peer.server.closing) == [peer.protocol]
     peer.server.application_checker()  # within the timeout: left running
     assert not cancelled.is_set() and later == [1]
     await asyncio.sleep(0.1)
@@ -118,19 +118,60 @@ async def test_an_instance_still_running_past_the_close_timeout_is_cancelled(mon
     await asyncio.wait_for(cancelled.wait(), 5)
     assert "took too long to shut down and was killed" in caplog.text
     await until(lambda: peer.protocol not in peer.server.connections)
-    assert peer.server._closing() == {}
+    assert peer.server.closing == {}
 
 
 async def test_the_shutdowns_cancel_skips_instances_already_reaped():
     async def app(scope, receive, send):
         await receive()
         await send({"type": "websocket.accept"})
+        if scope["path"] == "/ends/":
+            return
+        await asyncio.sleep(3600)
 
-    peer = with_app(app)
-    await handshake(peer)
-    await until(lambda: "application_instance" not in peer.server.connections[peer.protocol])
-    waited = peer.server.kill_all_applications()  # daphne's own raised KeyError here
-    assert waited is not None
+    from tests.realtime.test_open_socket import HANDSHAKE
+
+    peer = with_app(app)  # a socket whose instance ends at once
+    peer.protocol.dataReceived(HANDSHAKE.replace(b"/ws/v1/", b"/ends/"))
+    server = peer.server
+    await until(lambda: peer.protocol in server.connections
+                and "application_instance" not in server.connections[peer.protocol])
+    # and a second socket of the same server, whose instance runs on
+    other = server.ws_factory.buildProtocol(peer.transport.getPeer())
+    other._raw_query_string = b""
+    other.makeConnection(Transport(peerAddress=peer.transport.getPeer(), hostAddress=peer.transport.getHost()))
+    other.dataReceived(HANDSHAKE)
+    await until(lambda: other in server.connections and "application_instance" in server.connections[other])
+    instance = server.connections[other]["application_instance"]
+    # (daphne's own raised KeyError at the connection without an instance)
+    assert server.kill_all_applications() is not None
+    await asyncio.sleep(0)
+    assert instance.cancelled()
+
+
+async def test_an_http_requests_entry_goes_when_its_instance_ends_after_the_response():
+    """The HTTP request's instance ends after its response has finished the
+    request (a disconnect to the server): its done callback forgets it."""
+    from tests.realtime.test_upgrade import Worker
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        await asyncio.sleep(0.05)  # still running when the request has finished
+
+    class Patch:  # (Worker counts daphne's WebRequest.process through monkeypatch)
+        @staticmethod
+        def setattr(*args):
+            pass
+
+    worker = Worker(Patch, app=app)
+    channel, transport = worker.connect()
+    channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await until(lambda: transport.value().startswith(b"HTTP/1.1 204 "))
+    assert len(worker.server.connections) == 1  # the request, its instance running
+    await until(lambda: worker.server.connections == {})
+    assert worker.server.closing == {}
 
 
 async def test_a_refused_handshake_then_its_tcp_close_is_forgotten_once(caplog):
@@ -209,7 +250,7 @@ async def test_an_instance_that_swallows_the_cancel_is_cancelled_again_each_seco
     peer.lose()
     peer.server.application_checker()
     await until(lambda: cancels == [1])
-    assert list(peer.server._closing()) == [peer.protocol]
+    assert list(peer.server.closing) == [peer.protocol]
     peer.server.application_checker()
     await until(lambda: peer.protocol not in peer.server.connections)
-    assert cancels == [1, 2] and peer.server._closing() == {}
+    assert cancels == [1, 2] and peer.server.closing == {}

@@ -14,7 +14,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from realtime.server import bounded, guard
-from tests.realtime.test_open_socket import worker_server
+from tests.realtime.test_open_socket import Transport, worker_server
 
 pytestmark = pytest.mark.asyncio
 
@@ -31,13 +31,14 @@ def head(lines=HEAD) -> bytes:
 class Worker:
     """A DrainingServer's two factories, as daphne's Server.run makes them and our
     launcher guards them; the application records each socket's scope, accepts
-    with the first subprotocol offered, and waits for the disconnect."""
+    with the first subprotocol offered, and waits for the disconnect (or is
+    `app`)."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, app=None):
         self.scopes: list[dict] = []
         self.processed = 0  # daphne WebRequest.process calls (the HTTP channel's way)
 
-        async def app(scope, receive, send):
+        async def socket_app(scope, receive, send):
             self.scopes.append(scope)
             await receive()
             await send({"type": "websocket.accept", "subprotocol": (scope["subprotocols"] or [None])[0]})
@@ -51,7 +52,7 @@ class Worker:
             return process(request)
 
         monkeypatch.setattr(WebRequest, "process", counted)
-        self.server = worker_server(app)
+        self.server = worker_server(app or socket_app)
         self.server.http_factory = HTTPFactory(self.server)
         guard.guard_http_factory(self.server.http_factory)
         self.counter = self.server.http_factory.pending
@@ -59,7 +60,8 @@ class Worker:
     def connect(self, host: str = "198.51.100.7") -> tuple[object, StringTransport]:
         address = IPv4Address("TCP", host, 40000)
         protocol = self.server.http_factory.buildProtocol(address)
-        transport = StringTransport(peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 8000))
+        # (unregistering no producer is not an error, as on a TCP transport)
+        transport = Transport(peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 8000))
         transport.protocol = protocol
         protocol.makeConnection(transport)
         return protocol, transport
@@ -105,15 +107,18 @@ async def test_a_whole_upgrade_opens_the_same_socket_as_one_cut_in_two(monkeypat
 
 
 async def test_a_whole_upgrade_leaves_no_deadline_behind(monkeypatch, settings):
+    from twisted.internet.task import Clock
+
     settings.REALTIME = {**settings.REALTIME, "HANDSHAKE_TIMEOUT": 0.05}
     worker = Worker(monkeypatch)
+    clock = worker.server.http_factory.reactor = Clock()  # the channel's timers on a clock of the test's
+    worker.server.http_factory.timeOut = 0.05  # Twisted's idle timeout as well, armed at the connection
     channel, transport = worker.connect()
-    channel._channel.timeOut = 0.05  # Twisted's idle timeout as well
+    assert len(clock.getDelayedCalls()) == 2
     channel.dataReceived(head())
     await worker.opened(transport)
-    await asyncio.sleep(0.2)  # past both: neither fires on the socket
-    assert not transport.disconnecting
-    assert channel._channel.deadline_call is None and channel._channel._TimeoutMixin__timeoutCall is None
+    clock.advance(1)  # past both: neither fires on the socket
+    assert clock.getDelayedCalls() == [] and not transport.disconnecting
 
 
 OPENED = (1, b"HTTP/1.1 101 ")  # daphne's WebRequest had it and opened the socket
