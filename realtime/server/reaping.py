@@ -40,8 +40,13 @@ class Reaping:
         """Reap `protocol`'s instance when it ends (after create_application)."""
         details = self.connections.get(protocol)
         instance = details.get("application_instance") if details is not None else None
-        if instance is not None:
-            instance.add_done_callback(lambda done, protocol=protocol: self.instance_ended(protocol, done))
+        if instance is None:
+            return
+        # A socket's protocol has a method for it (BoundedWebSocketProtocol.
+        # application_ended: a bound method, a third of a closure's size); an HTTP
+        # request, short-lived, a closure.
+        ended = getattr(protocol, "application_ended", None)
+        instance.add_done_callback(ended or (lambda done: self.instance_ended(protocol, done)))
 
     def instance_ended(self, protocol, instance: asyncio.Future) -> None:
         """daphne's application_checker, for this one connection, now. The entry
