@@ -733,7 +733,8 @@ def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
     lines = [
         "# Benchmark results",
         "",
-        f"`{command}` (what `make bench` runs), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"`{command}` ({'what `make bench` runs' if command == 'python bench/run.py' else '`make bench` runs it with no options'}), "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"Python {platform.python_version()}, {os.cpu_count()} cores; the workers pinned to core 0, the load generator, "
         f"PostgreSQL and Redis to core 1; median of {runs} run(s), each on fresh workers, the two targets' runs taking turns. The ratio is ours against the "
         "bare tutorial consumer (bench/bare.py) served by the same server in the same run (above 1 is better for us: "
