@@ -154,7 +154,7 @@ class DrainingServer(Drain, Reaping, Server):
             return None
         self.connections[protocol]["application_instance"] = asyncio.ensure_future(
             application_instance, loop=asyncio.get_event_loop())
-        self.watch(protocol)
+        self.watch(protocol, protocol.application_ended)
         return input_queue
 
     def socket_application(self):

@@ -36,17 +36,15 @@ class Reaping:
         super().__init__(*args, **kwargs)
         self.closing: dict = {}  # protocol -> when its client went, while its instance still runs
 
-    def watch(self, protocol) -> None:
-        """Reap `protocol`'s instance when it ends (after create_application)."""
+    def watch(self, protocol, ended=None) -> None:
+        """Reap `protocol`'s instance when it ends (after create_application).
+        `ended`: the done callback, when the protocol has one of its own (a socket's
+        application_ended, a bound method: 64 B a socket against some 200 B for a
+        closure); else a closure, for short-lived HTTP requests."""
         details = self.connections.get(protocol)
         instance = details.get("application_instance") if details is not None else None
-        if instance is None:
-            return
-        # A socket's protocol has a method for it (BoundedWebSocketProtocol.
-        # application_ended: a bound method, a third of a closure's size); an HTTP
-        # request, short-lived, a closure.
-        ended = getattr(protocol, "application_ended", None)
-        instance.add_done_callback(ended or (lambda done: self.instance_ended(protocol, done)))
+        if instance is not None:
+            instance.add_done_callback(ended or (lambda done: self.instance_ended(protocol, done)))
 
     def instance_ended(self, protocol, instance: asyncio.Future) -> None:
         """daphne's application_checker, for this one connection, now. The entry
