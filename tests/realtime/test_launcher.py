@@ -169,7 +169,7 @@ async def test_a_socket_app_that_raises_when_called_fails_its_task_not_the_hands
 
     protocol = BoundedWebSocketProtocol()
     server = SimpleNamespace(connections={protocol: {}}, handle_reply=lambda *args: None,
-                             socket_application=lambda: broken, watch=lambda protocol: None)
+                             socket_application=lambda: broken, watch=lambda protocol, ended=None: None)
     scope = {"type": "websocket", "path": "/ws/v1/", "raw_path": b"/ws/v1/", "server": None}
     protocol.server_addr = protocol.path = None
     queue = DrainingServer.create_application(server, protocol, scope)
