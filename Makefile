@@ -58,11 +58,19 @@ docs: $(VENV)/.requirements
 clean:
 	rm -rf $(VENV) db.sqlite3 staticfiles test-artifacts .pytest_cache .cluster
 
+# Node's socket.io, measured against us by bench/peers.py.
+bench/peer_servers/node_modules/.installed: bench/peer_servers/package-lock.json
+	npm ci --prefix bench/peer_servers --no-audit --no-fund --loglevel=error
+	touch $@
+
 # Benchmarks (bench/run.py): the full pipeline against a bare Channels consumer,
 # same worker code, same run, issue 18's scale scenarios among them; writes
-# bench/RESULTS.md and bench/scale.png. Not part of `make test`.
-bench: $(VENV)/.requirements-bench system-deps
+# bench/RESULTS.md and bench/scale.png. Before it, the engines, brokers, tracing
+# and the Socket.IO peers (bench/peers.py), whose tables RESULTS.md takes in.
+# Not part of `make test`.
+bench: $(VENV)/.requirements-bench system-deps bench/peer_servers/node_modules/.installed
 	$(PY) -m bench.engines
 	$(PY) -m bench.brokers
 	$(PY) -m bench.tracing
+	$(PY) -m bench.peers
 	$(PY) bench/run.py

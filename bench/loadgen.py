@@ -5,7 +5,11 @@ Targets:
 - `full`: our pipeline at /ws/v1/ (session cookie, subscribe, message.send with a
   client_id; every guarantee on: schema, permissions, rate-limit check, persistence
   with seq, presence);
-- `bare`: the tutorial consumer at /ws/bench/bare/ (bench/bare.py).
+- `bare`: the tutorial consumer at /ws/bench/bare/ (bench/bare.py);
+- `socketio`: a Socket.IO server (bench/peers.py: python-socketio, Node's
+  socket.io) over its WebSocket transport, Engine.IO 4: a member joins the room
+  with an acknowledged `join` event, the sender emits `message` (room, text) and
+  the server emits it to the room; its pings ("2") are answered ("3").
 
 Scenarios print one JSON object:
 - `fanout`: R members, one sender publishing M messages with at most W in flight (a
@@ -57,9 +61,10 @@ import uuid
 import msgspec
 import websockets
 
-from bench.wsframes import pong, read_frames
+from bench.wsframes import pong, read_frames, text_frame
 
-PATHS = {"full": "/ws/v1/", "bare": "/ws/bench/bare/"}
+PATHS = {"full": "/ws/v1/", "bare": "/ws/bench/bare/", "socketio": "/socket.io/?EIO=4&transport=websocket"}
+EIO_PING, EIO_PONG = b"2", "3"  # Engine.IO 4's ping from the server, and its answer
 
 
 def cpu_times(pids: list[int], missing_ok: bool = False) -> tuple[float, float]:
@@ -135,7 +140,9 @@ class Target:
             origin=f"http://127.0.0.1:{port}",
             additional_headers=headers, max_queue=None, open_timeout=30, ping_interval=None, compression=None,
         )
-        if self.kind == "full":
+        if self.kind == "socketio":
+            await socketio_join(ws, self.room)
+        elif self.kind == "full":
             await ws.send(self.encode({"type": "subscribe", "room": self.room, "ref": "s"}))
             while True:
                 frame = self.decode(await ws.recv())
@@ -151,7 +158,38 @@ class Target:
         if self.kind == "full":
             body = f"{text} @{self.mention}" if self.mention else text
             return self.encode({"type": "message.send", "room": self.room, "body": body, "client_id": f"b{uuid.uuid4().hex[:16]}"})
+        if self.kind == "socketio":
+            return "42" + json.dumps(["message", self.room, text])
         return json.dumps({"message": text})
+
+
+async def socketio_join(ws, room: str) -> None:
+    """Socket.IO's side of a member's start: Engine.IO's open packet ("0{...}"), the
+    default namespace's connect ("40", answered "40{sid}"), then `join` with an
+    acknowledgement id ("420[...]", answered "430[true]"). Pings met meanwhile
+    are answered."""
+    async def packet() -> str:
+        while True:
+            got = await ws.recv()
+            if got == EIO_PING.decode():
+                await ws.send(EIO_PONG)
+                continue
+            return got
+
+    opened = await packet()
+    if not opened.startswith("0{"):
+        raise SubscribeRefused({"type": "engine.io", "code": "no_open", "message": opened[:80]})
+    await ws.send("40")
+    connected = await packet()
+    if not connected.startswith("40"):
+        raise SubscribeRefused({"type": "socket.io", "code": "no_connect", "message": connected[:80]})
+    await ws.send("420" + json.dumps(["join", room]))
+    while True:
+        answer = await packet()
+        if answer.startswith("430"):
+            if json.loads(answer[3:]) != [True]:
+                raise SubscribeRefused({"type": "socket.io", "code": "join_refused", "message": answer[:80]})
+            return
 
 
 class SubscribeRefused(Exception):
@@ -204,6 +242,9 @@ class Member:
     async def read(self):
         try:
             async for raw in self.ws:
+                if raw == "2":  # an Engine.IO ping (a Socket.IO target)
+                    await self.ws.send(EIO_PONG)
+                    continue
                 self.frame(raw if isinstance(raw, bytes) else raw.encode(), time.monotonic())
         except websockets.ConnectionClosed:
             pass
@@ -227,7 +268,9 @@ class FrameReader(asyncio.Protocol):
         buf = self.buffer
         buf += data
         for opcode, payload in read_frames(buf):
-            if opcode in (1, 2):
+            if opcode == 1 and payload == EIO_PING:  # a Socket.IO target's ping
+                self.transport.write(text_frame(EIO_PONG.encode()))
+            elif opcode in (1, 2):
                 self.member.frame(payload, at)
             elif opcode == 9:
                 self.transport.write(pong(payload))

@@ -714,10 +714,10 @@ def comparisons() -> str:
 
 def copied_sections() -> list[str]:
     """What RESULTS.md copies from other files, in order: the hand-written
-    comparisons, and the tables `make bench` writes before run.py (brokers,
-    engines, tracing), each without its raw runs."""
+    comparisons, and the tables `make bench` writes before run.py (the Socket.IO
+    peers, brokers, engines, tracing), each without its raw runs."""
     lines = [comparisons(), ""]
-    for name in ("brokers.md", "engines.md", "tracing.md"):  # `python -m bench.<name>`
+    for name in ("peers.md", "brokers.md", "engines.md", "tracing.md"):  # `python -m bench.<name>`
         path = ROOT / "bench" / name
         if path.exists():
             lines += ["#" + line if line.startswith("#") else line

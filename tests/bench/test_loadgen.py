@@ -1,8 +1,12 @@
 """The load generator's bookkeeping (bench/loadgen.py, bench/drain.py), without a
 server: deliveries merged from helper processes, the drain client's seq tracking
-and its reconnect delays. No timing is asserted."""
+and its reconnect delays, the Socket.IO members' packets. No timing is asserted."""
 
+import asyncio
 from types import SimpleNamespace
+
+import pytest
+import websockets
 
 from bench import drain, loadgen
 
@@ -38,3 +42,56 @@ def test_the_reconnect_delays_follow_the_browser_clients_equal_jitter():
         ceiling = min(drain.BACKOFF_CAP, drain.BACKOFF_BASE * 2 ** attempt)
         for _ in range(50):
             assert ceiling / 2 <= drain.backoff(attempt) <= ceiling
+
+
+@pytest.mark.asyncio
+async def test_a_socketio_member_opens_joins_with_an_ack_and_answers_pings():
+    """bench/peers.py's members speak Engine.IO 4 and Socket.IO 5 to the peers: the
+    packets a member sends, in order, against a server that pings it midway (a
+    stand-in: the real peers run in `make bench`, not here)."""
+    heard = []
+    reading_raw = asyncio.Event()  # the member reads its socket's frames itself
+
+    async def server(ws):
+        await ws.send('0{"sid":"e1","upgrades":[],"pingInterval":25000,"pingTimeout":20000,"maxPayload":65536}')
+        heard.append(await ws.recv())  # the namespace's connect
+        await ws.send("2")  # a ping before the connect is answered
+        heard.append(await ws.recv())
+        await ws.send('40{"sid":"s1"}')
+        heard.append(await ws.recv())  # the join, with its ack id
+        await ws.send('42["message","not the ack"]')
+        await ws.send("430[true]")
+        await reading_raw.wait()
+        await ws.send("2")  # a ping once the member reads raw frames
+        heard.append(await ws.recv())
+        await ws.send('42["message","r1:3:"]')
+        await ws.wait_closed()
+
+    async with websockets.serve(server, "127.0.0.1", 0) as listening:
+        port = listening.sockets[0].getsockname()[1]
+        target = loadgen.Target("socketio", [port], "", "", "bench")
+        ws = await target.connect()
+        member = loadgen.Member(ws, "r1")
+        reading_raw.set()
+        while not member.got:
+            await asyncio.sleep(0.01)
+        await member.close()
+    assert heard == ["40", "3", '420["join", "bench"]', "3"]
+    assert [n for n, _ in member.got] == [3]
+    assert target.frame("r1:4:", 4) == '42["message", "bench", "r1:4:"]'
+
+
+@pytest.mark.asyncio
+async def test_a_socketio_join_that_is_refused_is_not_a_member():
+    async def server(ws):
+        await ws.send('0{"sid":"e1"}')
+        await ws.recv()
+        await ws.send('40{"sid":"s1"}')
+        await ws.recv()
+        await ws.send("430[false]")
+        await ws.wait_closed()
+
+    async with websockets.serve(server, "127.0.0.1", 0) as listening:
+        target = loadgen.Target("socketio", [listening.sockets[0].getsockname()[1]], "", "", "bench")
+        with pytest.raises(loadgen.SubscribeRefused, match="join_refused"):
+            await target.connect()
