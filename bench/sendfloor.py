@@ -1,0 +1,110 @@
+"""The floor under a big room's fan-out on this machine (`python -m bench.sendfloor`):
+what writing one small frame to each of N loopback TCP sockets costs when nothing
+else is done, no framework, no Python beyond the loop of send() calls.
+
+A reader process (pinned to core 1, as the load generator is) holds N sockets and
+reads them with uvloop; this process (pinned to core 0, as the workers are)
+accepts them and, R times at a fixed rate, sends a 300-byte frame to each in one
+loop: a message into an N-member room as our fan-out writes it (bench/run.py's
+5,000-member room: 10 a second), with the frame made once. Reported per round:
+the wall time of the loop (the last member's send after the first's), its CPU
+(user and system, /proc/self/stat), and per send. Where the workers' CPU a
+delivery in the big room comes near this, what is left is the kernel's
+loopback, not our code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.loadgen import cpu_times, raise_fd_limit  # noqa: E402
+from bench.run import pinned  # noqa: E402
+
+FRAME = b"\x81\x7e\x01\x28" + b"x" * 296  # a 296-byte text frame, 300 bytes with its header
+
+
+async def reader(port: int, count: int) -> None:
+    """The members: `count` connections, each read and thrown away until closed."""
+
+    class Drain(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            pass
+
+    loop = asyncio.get_running_loop()
+    for _ in range(count):
+        await loop.create_connection(Drain, "127.0.0.1", port)
+    print("READY", flush=True)
+    await loop.create_future()  # until terminated
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--rate", type=float, default=10)
+    parser.add_argument("--reader", type=int, help=argparse.SUPPRESS)  # the reader process: the port
+    args = parser.parse_args()
+    raise_fd_limit()
+    if args.reader:
+        import uvloop
+
+        uvloop.run(reader(args.reader, args.members))
+        return
+    if pinned(0):
+        os.sched_setaffinity(0, {0})
+    listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    port = listener.getsockname()[1]
+    proc = subprocess.Popen([*pinned(1), sys.executable, "-m", "bench.sendfloor", "--reader", str(port),
+                             "--members", str(args.members)], cwd=ROOT, stdout=subprocess.PIPE)
+    members = []
+    while len(members) < args.members:
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.setblocking(False)
+        members.append(conn)
+    assert proc.stdout.readline().strip() == b"READY"
+    walls, users, systems = [], [], []
+    started = time.monotonic()
+    me = [os.getpid()]
+    for n in range(args.rounds):
+        delay = started + n / args.rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        user, system = cpu_times(me)
+        began = time.perf_counter()
+        for conn in members:
+            conn.send(FRAME)
+        walls.append(time.perf_counter() - began)
+        after = cpu_times(me)
+        users.append(after[0] - user)
+        systems.append(after[1] - system)
+    proc.terminate()
+    proc.wait()
+    for conn in members:
+        conn.close()
+    per = lambda seconds: round(seconds / args.members * 1e6, 2)  # noqa: E731
+    cpu = sum(users) + sum(systems)
+    print(json.dumps({
+        "members": args.members, "rounds": args.rounds, "rate": args.rate,
+        "round_ms_p50": round(statistics.median(walls) * 1000, 2),
+        "round_ms_max": round(max(walls) * 1000, 2),
+        "us_per_send_p50": per(statistics.median(walls)),
+        "cpu_us_per_send": round(cpu / (args.members * args.rounds) * 1e6, 2),
+        "system_share": round(sum(systems) / cpu, 2) if cpu else None,
+    }))
+
+
+if __name__ == "__main__":
+    main()
