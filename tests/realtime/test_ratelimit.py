@@ -153,3 +153,136 @@ async def test_a_command_whose_caller_was_cancelled_before_it_went_is_not_sent(r
     assert sorted(done[0::2]) == [1, 2]
     assert sent == [2]
     assert await batched.execute_command("GET", "batched:cancelled") == b"2"
+
+
+@pytest.fixture
+def clock(monkeypatch) -> list[float]:
+    """The wall clock the buckets' scripts are given (frozen until a test moves it);
+    the reserves' settlements keep the loop's own."""
+    from types import SimpleNamespace
+
+    now = [1_000_000.0]
+    monkeypatch.setattr(ratelimit, "time", SimpleNamespace(time=lambda: now[0], monotonic=ratelimit.time.monotonic))
+    return now
+
+
+async def settled() -> None:
+    """Every background top-up and settlement of this test's reserves has run."""
+    while pending := [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+        await asyncio.gather(*pending)
+
+
+def settle_now(worker: ratelimit.RedisBuckets) -> None:
+    """A reserve's period over now (its timer would in RESERVE_HOLD seconds)."""
+    reserves = worker.reserves()
+    for key, reserve in list(reserves.held.items()):
+        reserves._settle(key, reserve, 1, 40)
+
+
+@pytest.mark.asyncio
+async def test_a_reserve_answers_the_next_sends_without_a_round_trip(redis_server, sent, clock):
+    worker = ratelimit.RedisBuckets(redis_server.url)
+    assert await worker.take_reserved("message.send:r5", 1, 40, 1) == (1, 34.0)
+    assert sent == [1]
+    # 40 // 8 = 5 tokens more are held here, and counted as held in Redis.
+    held = await store_hash(redis_server, "rl:message.send:r5")
+    assert (held["t"], held["h"]) == ("34", "5")
+    before = len(sent)  # (the read above was one)
+    for _ in range(2):
+        assert (await worker.take_reserved("message.send:r5", 1, 40, 1))[0] == 1
+    assert len(sent) == before  # from the reserve: no round trip
+    assert (await worker.take_reserved("message.send:r5", 1, 40, 1))[0] == 1  # 2 left of 5: topped up behind it
+    await settled()
+    assert len(sent) == before + 1
+    held = await store_hash(redis_server, "rl:message.send:r5")
+    assert (held["t"], held["h"]) == ("31", "8")  # 3 more held
+    assert worker.reserves().held["message.send:r5"].tokens == 5
+
+
+async def store_hash(redis_server, key: str) -> dict[str, str]:
+    from realtime.state import store
+
+    raw = await store.batched(redis_server.url).execute_command("HGETALL", key)
+    pairs = raw.items() if isinstance(raw, dict) else zip(raw[0::2], raw[1::2])
+    return {k.decode(): v.decode() for k, v in pairs}
+
+
+@pytest.mark.asyncio
+async def test_reserves_on_two_workers_never_give_a_user_more_than_the_bucket(redis_server, clock):
+    """The clock stands still: the bucket's 40 tokens are all there will be. Two
+    workers take one at a time, each from its reserve where it can, until both are
+    refused; settled, the tokens they held and did not spend come back. In all, 40
+    granted: never one more, and none lost."""
+    workers = [ratelimit.RedisBuckets(redis_server.url) for _ in range(2)]
+    granted = refusals_in_row = 0
+    while refusals_in_row < 4:
+        for worker in workers:
+            got, _ = await worker.take_reserved("message.send:r9", 1, 40, 1)
+            granted += got
+            refusals_in_row = 0 if got else refusals_in_row + 1
+            await settled()
+        if refusals_in_row >= 2:
+            for worker in workers:
+                settle_now(worker)
+            await settled()
+        assert granted <= 40
+    assert granted == 40
+    held = await store_hash(redis_server, "rl:message.send:r9")
+    assert (float(held["t"]), held["h"]) == (0.0, "0")
+
+
+@pytest.mark.asyncio
+async def test_the_bucket_refills_to_its_burst_less_what_is_held_until_the_hold_runs_out(redis_server, clock):
+    """A worker takes a token and 5 for its reserve, then dies (never settles).
+    The bucket does not refill past 40 - 5 while the 5 are counted as held, and
+    counts them no more once their time (RESERVE_HOLD + RESERVE_SLACK) is out."""
+    dead, other = ratelimit.RedisBuckets(redis_server.url), ratelimit.RedisBuckets(redis_server.url)
+    assert (await dead.take_reserved("message.send:r3", 100, 40, 1))[0] == 1
+    assert (await other.take("message.send:r3", 100, 40, 40))[0] == 34
+    clock[0] += 1  # 100 tokens' worth of refill
+    assert (await other.take("message.send:r3", 100, 40, 40))[0] == 35
+    clock[0] += ratelimit.RESERVE_HOLD + ratelimit.RESERVE_SLACK
+    assert (await other.take("message.send:r3", 100, 40, 40))[0] == 40
+
+
+@pytest.mark.asyncio
+async def test_small_buckets_and_the_channel_layer_path_keep_no_reserve(redis_server, sent, clock):
+    worker = ratelimit.RedisBuckets(redis_server.url)
+    for _ in range(3):
+        assert (await worker.take_reserved("message.send.probation:r4", 0.2, 5, 1))[0] == 1
+    assert sent == [1, 1, 1]  # 5 // 8 = 0: every take asks Redis
+    assert worker.reserves().held == {}
+
+
+@pytest.mark.asyncio
+async def test_a_settled_reserve_gives_back_what_it_did_not_spend(redis_server, clock):
+    """A period's end: the reserve's unspent tokens go back and its count is
+    released; a sender that took from it gets a new one in the same call, one
+    that did not keeps none."""
+    worker = ratelimit.RedisBuckets(redis_server.url)
+    await worker.take_reserved("message.send:r6", 1, 40, 1)  # 34 in the bucket, 5 held
+    await worker.take_reserved("message.send:r6", 1, 40, 1)  # from the reserve: 4 left
+    settle_now(worker)
+    await settled()
+    held = await store_hash(redis_server, "rl:message.send:r6")
+    assert (held["t"], held["h"]) == ("33", "5")  # 34 + 4 back, then 5 held again
+    assert worker.reserves().held["message.send:r6"].tokens == 5
+    settle_now(worker)  # a period nothing was taken in
+    await settled()
+    held = await store_hash(redis_server, "rl:message.send:r6")
+    assert (held["t"], held["h"]) == ("38", "0")
+    assert worker.reserves().held == {}
+
+
+@pytest.mark.asyncio
+async def test_a_sockets_sends_get_exactly_the_bucket_with_or_without_reserves(cookies, settings, transport):
+    """Through the socket (ws/intake.py takes message.sends with reserve=True): a
+    bucket of 40 that barely refills grants 40 sends, in order, and refuses the
+    next, whether the tokens come from Redis, a reserve or process memory."""
+    settings.REALTIME = {**settings.REALTIME, "RATE_LIMITS": {**settings.REALTIME["RATE_LIMITS"],
+                                                               "message.send": (0.001, 40)}}
+    async with socket(cookies["bob"]) as bob:
+        replies = [await call(bob, send(i)) for i in range(42)]
+    assert [r["type"] for r in replies] == ["ack"] * 40 + ["error"] * 2
+    assert replies[40]["code"] == "rate_limited"
+    assert await Message.objects.filter(author__username="bob").acount() == 40
