@@ -61,10 +61,11 @@ import uuid
 import msgspec
 import websockets
 
-from bench.wsframes import pong, read_frames, text_frame
+from bench.wsframes import pong, read_frames, short_frame
 
 PATHS = {"full": "/ws/v1/", "bare": "/ws/bench/bare/", "socketio": "/socket.io/?EIO=4&transport=websocket"}
-EIO_PING, EIO_PONG = b"2", "3"  # Engine.IO 4's ping from the server, and its answer
+EIO_PING, EIO_PONG = "2", "3"  # Engine.IO 4's ping from the server, and its answer
+EIO_PING_PAYLOAD, EIO_PONG_FRAME = EIO_PING.encode(), short_frame(0x1, EIO_PONG.encode())  # (FrameReader)
 
 
 def cpu_times(pids: list[int], missing_ok: bool = False) -> tuple[float, float]:
@@ -171,7 +172,7 @@ async def socketio_join(ws, room: str) -> None:
     async def packet() -> str:
         while True:
             got = await ws.recv()
-            if got == EIO_PING.decode():
+            if got == EIO_PING:
                 await ws.send(EIO_PONG)
                 continue
             return got
@@ -242,7 +243,7 @@ class Member:
     async def read(self):
         try:
             async for raw in self.ws:
-                if raw == "2":  # an Engine.IO ping (a Socket.IO target)
+                if raw == EIO_PING:  # (a Socket.IO target)
                     await self.ws.send(EIO_PONG)
                     continue
                 self.frame(raw if isinstance(raw, bytes) else raw.encode(), time.monotonic())
@@ -268,8 +269,8 @@ class FrameReader(asyncio.Protocol):
         buf = self.buffer
         buf += data
         for opcode, payload in read_frames(buf):
-            if opcode == 1 and payload == EIO_PING:  # a Socket.IO target's ping
-                self.transport.write(text_frame(EIO_PONG.encode()))
+            if opcode == 1 and payload == EIO_PING_PAYLOAD:  # a Socket.IO target's ping
+                self.transport.write(EIO_PONG_FRAME)
             elif opcode in (1, 2):
                 self.member.frame(payload, at)
             elif opcode == 9:

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import raise_fd_limit  # noqa: E402
-from bench.run import SCENARIOS, one_run, pinned, services  # noqa: E402
+from bench.run import SCENARIOS, fmt, one_run, pinned, representative, services  # noqa: E402
 from deploy.cluster import free_port, stop_process, wait_port  # noqa: E402
 
 PEERS_DIR = ROOT / "bench" / "peer_servers"
@@ -106,19 +106,9 @@ def peer_run(kind: str, workdir: Path, args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def fmt(value, spec: str = ",.1f") -> str:
-    return "–" if value is None else format(value, spec)
-
-
 def median(results: list[dict], metric: str):
     values = [r[metric] for r in results if r.get(metric) is not None]
     return statistics.median(values) if values else None
-
-
-def representative(results: list[dict], metric: str) -> dict:
-    """The run whose figure is the median (the lower middle of an even count)."""
-    ok = sorted((r for r in results if r.get(metric) is not None), key=lambda r: r[metric])
-    return ok[(len(ok) - 1) // 2] if ok else (results[0] if results else {})
 
 
 def table(results: dict, runs: int, command: str) -> str:

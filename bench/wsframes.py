@@ -27,11 +27,11 @@ def read_frames(buf: bytearray) -> Iterator[tuple[int, bytes]]:
         yield opcode, payload
 
 
+def short_frame(opcode: int, payload: bytes) -> bytes:
+    """A whole client frame of under 126 bytes (masked, with the zero key)."""
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + bytes(4) + payload
+
+
 def pong(payload: bytes) -> bytes:
     """The answer to a ping (a control frame: its payload is under 126 bytes)."""
-    return bytes((0x8A, 0x80 | len(payload))) + bytes(4) + payload
-
-
-def text_frame(payload: bytes) -> bytes:
-    """A short text frame from the client (masked, with the zero key)."""
-    return bytes((0x81, 0x80 | len(payload))) + bytes(4) + payload
+    return short_frame(0xA, payload)
