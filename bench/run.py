@@ -206,6 +206,9 @@ def setup(workdir: Path) -> tuple[dict, str, str]:
         "REALTIME_MAX_RECEIVE_FRAMES": "100000000", "REALTIME_MAX_RECEIVE_BUFFER": "100000000000",
         "PYTHONUNBUFFERED": "1",
     })
+    # An A/B of a setting: BENCH_WORKER_ENV="REALTIME_LOOP_WRITES=0" (space-separated
+    # NAME=value pairs) reaches the workers, after everything above.
+    env.update(pair.split("=", 1) for pair in os.environ.get("BENCH_WORKER_ENV", "").split())
     manage = [sys.executable, "manage.py"]
     subprocess.run([*manage, "migrate", "--noinput"], cwd=ROOT, env={**env, "DJANGO_ALLOWED_ORIGINS": "http://x"},
                    check=True, stdout=subprocess.DEVNULL)

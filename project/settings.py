@@ -429,6 +429,10 @@ REALTIME = {
     # with rate_limited and the seconds until the debt is paid. Gap repair of a
     # live stream is counted, never refused.
     "REPLAY_BUDGET": env_rate("REALTIME_REPLAY_BUDGET", (262144, 8388608)),
+    # On PostgreSQL: a message.send's statement is sent from the event loop on the
+    # worker's own connection (realtime/domain/loopdb.py) rather than through the
+    # database thread. Off: every write takes the thread.
+    "LOOP_WRITES": env_bool("REALTIME_LOOP_WRITES", True),
     # Seconds a self-service account stays on probation (its message.send rate is
     # message.send.probation); 0: no probation.
     "PROBATION": env_int("REALTIME_PROBATION", 86400),

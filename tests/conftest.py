@@ -47,6 +47,17 @@ def fresh_rate_limits():
     ratelimit.reset()
 
 
+@pytest.fixture(autouse=True)
+def loop_connection_discarded():
+    """A test's loop ends with it: its PostgreSQL loop connection (domain/loopdb.py)
+    is closed after it, so none outlives its test (the test database could not be
+    dropped)."""
+    yield
+    from realtime.domain import loopdb
+
+    loopdb.discard()
+
+
 def missing(what: str) -> None:
     """A program the tests need is not installed: skip, or, where it must be there
     (REALTIME_TEST_STRICT=1: `make test` and CI set it), fail."""

@@ -32,7 +32,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from realtime import protocol
-from realtime.domain import mentions
+from realtime.domain import loopdb, mentions
 from realtime.domain.access import RoomAccess, room_access, room_accesses
 from realtime.domain.errors import NO_SUCH_ROOM, ActionError
 from realtime.domain.policy import Action
@@ -174,28 +174,12 @@ def write_messages(room: Room, author, items: list[tuple[str, str]], now) -> lis
     one transaction. Either way all or nothing: a repeated client_id fails the
     unique constraint (IntegrityError) and nothing is written; a room deleted
     meanwhile is not_found."""
-    name = author.get_username()
     if connection.vendor == "postgresql" and not connection.in_atomic_block:
-        payloads = [msgspec.json.encode(stored_payload(new_message("", 0, 0, name, body, client_id, now),
-                                                       without=("id",))).decode()
-                    for body, client_id in items]
-        params = {
-            "n": len(items), "room": room.pk, "author": author.pk,
-            "bodies": [body for body, _ in items], "client_ids": [client_id for _, client_id in items],
-            "payloads": payloads, "now": Message._meta.get_field("created_at").get_db_prep_save(now, connection),
-        }
-        wanted = [(i, found) for i, (body, _) in enumerate(items, 1) for found in mentions.names_in(body)]
-        if wanted:
-            params["mention_i"], params["mention_name"] = [i for i, _ in wanted], [found for _, found in wanted]
-            params["may_view"] = list(mentions.may_view(is_public=room.is_public, kind=room.kind))
+        sql, params = _post_statement(room, author, items, now)
         with connection.cursor() as cursor:
-            cursor.execute(POST_MENTIONING if wanted else POST_PLAIN, params)
-            rows = cursor.fetchall()
-        if len(rows) != len(items):
-            raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
-        # Django reads jsonb as text (its JSONField decodes it): so do we.
-        return sorted((Written(row[0], row[1], msgspec.json.decode(row[2]) if wanted and row[2] else [])
-                       for row in rows), key=lambda written: written.seq)
+            cursor.execute(sql, params)
+            return _posted(cursor.fetchall(), items, sql)
+    name = author.get_username()
     written = []
     with transaction.atomic():
         resolved = mentions.resolve(room, author, [body for body, _ in items])
@@ -210,6 +194,44 @@ def write_messages(room: Room, author, items: list[tuple[str, str]], now) -> lis
                 insert(Mention, message=message_id, user=user_id, room=room.pk, seq=seq)
             written.append(Written(message_id, seq, names))
     return written
+
+
+async def write_messages_async(room: Room, author, items: list[tuple[str, str]], now) -> list[Written]:
+    """write_messages's PostgreSQL statement, sent from the event loop on the
+    worker's own connection (domain/loopdb.py) instead of from the database
+    thread; the same rows, the same answers (the database's own errors are
+    psycopg's, not Django's)."""
+    sql, params = _post_statement(room, author, items, now)
+    return _posted(await loopdb.fetchall(sql, params), items, sql)
+
+
+def _post_statement(room: Room, author, items: list[tuple[str, str]], now) -> tuple[str, dict]:
+    """POST_SQL for `items`, and its parameters."""
+    name = author.get_username()
+    payloads = [msgspec.json.encode(stored_payload(new_message("", 0, 0, name, body, client_id, now),
+                                                   without=("id",))).decode()
+                for body, client_id in items]
+    params = {
+        "n": len(items), "room": room.pk, "author": author.pk,
+        "bodies": [body for body, _ in items], "client_ids": [client_id for _, client_id in items],
+        "payloads": payloads, "now": now,
+    }
+    wanted = [(i, found) for i, (body, _) in enumerate(items, 1) for found in mentions.names_in(body)]
+    if not wanted:
+        return POST_PLAIN, params
+    params["mention_i"], params["mention_name"] = [i for i, _ in wanted], [found for _, found in wanted]
+    params["may_view"] = list(mentions.may_view(is_public=room.is_public, kind=room.kind))
+    return POST_MENTIONING, params
+
+
+def _posted(rows: list[tuple], items: list[tuple[str, str]], sql: str) -> list[Written]:
+    """What POST_SQL returned, as write_messages answers it."""
+    if len(rows) != len(items):
+        raise ActionError(ErrorCode.NOT_FOUND, NO_SUCH_ROOM)
+    # Django reads jsonb as text (its JSONField decodes it), and so does loopdb: so do we.
+    named = sql is POST_MENTIONING
+    return sorted((Written(row[0], row[1], msgspec.json.decode(row[2]) if named and row[2] else [])
+                   for row in rows), key=lambda written: written.seq)
 
 
 # ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The socket, the REST API and the admin call these same functions, so a rule is
 written once. Each write runs in its own transaction (in a worker thread when
-called from async code) and appends its events to the room's log (domain/roomlog.py);
+called from async code; a message.send on PostgreSQL from the event loop itself,
+domain/loopdb.py) and appends its events to the room's log (domain/roomlog.py);
 they are published once committed: `perform` and `send_messages` from async code,
 `perform_sync` (on commit) from sync code. Nothing here imports the socket or the
 web layer.
@@ -18,13 +19,16 @@ published again: the first publication may never have left).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 import unicodedata
 from dataclasses import dataclass
+from logging import WARNING
 from typing import Any, Callable
 
+import psycopg
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -32,13 +36,16 @@ from django.utils import timezone
 
 from realtime import protocol
 from realtime.delivery import publish
-from realtime.domain import mentions, roomlog
+from realtime.domain import loopdb, mentions, roomlog
 from realtime.domain.access import RoomAccess, check, room_access
 from realtime.domain.errors import ActionError
 from realtime.domain.policy import Action, can
 from realtime.observability import metrics, tracing
+from realtime.observability.logs import event
 from realtime.models import Event, Mention, Message, Reaction, ReadState, Room, new_epoch
 from realtime.protocol import ErrorCode
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +94,9 @@ async def send_messages(*, user, sends: list[dict], traces: list[str]) -> list[M
     appended, each with its frame's trace id. Each send's outcome, in order: its
     result, or the exception that refused it."""
     started = time.perf_counter()
-    outcomes = await database_sync_to_async(message_send_many)(user=user, sends=sends)
+    outcomes = await _send_on_loop(user, sends) if loopdb.enabled() else []
+    if len(outcomes) < len(sends):
+        outcomes += await database_sync_to_async(message_send_many)(user=user, sends=sends[len(outcomes):])
     written = time.perf_counter()
     metrics.SEND_STEP.labels("write").observe(written - started)
     _crash_point(sends)
@@ -95,6 +104,61 @@ async def send_messages(*, user, sends: list[dict], traces: list[str]) -> list[M
     await publish.publish([event for event, _ in published], [trace for _, trace in published])
     metrics.SEND_STEP.labels("publish").observe(time.perf_counter() - written)
     return [result for result, _ in outcomes]
+
+
+async def _send_on_loop(user, sends: list[dict]) -> list[tuple[MessageResult, list]]:
+    """message_send_many's usual case without the database thread: sends whose
+    checks pass from the access the caller holds (a socket's subscription), each
+    run of one room written with one statement from the event loop
+    (roomlog.write_messages_async). Stops at the first send it cannot settle that
+    way (no access held, a refusal, a repeat's unique violation, a room gone, the
+    database's error): nothing of that run was written, and it and the rest go to
+    the database thread in order, whose answers are message_send's. Returns the
+    outcomes of the sends it wrote, the first ones."""
+    outcomes: list[tuple[MessageResult, list]] = []
+    author = user.get_username()
+    while len(outcomes) < len(sends):
+        start = len(outcomes)
+        first = sends[start]
+        access = first.get("access")
+        if access is None:
+            break
+        try:
+            with tracing.span("realtime.permission", room=first["slug"], count=len(sends) - start):
+                check(user, access, Action.POST)
+        except ActionError:
+            break
+        run: list[tuple[str, str]] = []
+        for send in sends[start:]:
+            if send["slug"] != first["slug"]:
+                break
+            try:
+                run.append((clean_body(send["body"]), send["client_id"]))
+            except ActionError:
+                break
+        if not run:
+            break
+        room, now = access.room, timezone.now()
+        try:
+            with tracing.span("realtime.db.write", room=room.slug, count=len(run)) as span:
+                written = await roomlog.write_messages_async(room, user, run, now)
+                span.set_attribute("realtime.seq", written[-1].seq)
+        except Exception as exc:
+            # The database thread settles it (a repeat, a room gone) or fails it as it would.
+            if isinstance(exc, psycopg.errors.UniqueViolation):
+                reason = "repeat"
+            elif isinstance(exc, ActionError):
+                reason = "room_gone"
+            else:
+                reason = type(exc).__name__
+            metrics.LOOP_WRITE_HANDED_OVER.labels(reason).inc()
+            if reason not in ("repeat", "room_gone"):
+                event(log, WARNING, "db.loop_write_handed_over", user_id=user.pk, room=room.slug, reason=reason)
+            break
+        for (body, client_id), (message_id, seq, named) in zip(run, written):
+            outcomes.append((MessageResult(room=room.slug, id=message_id, seq=seq),
+                             [roomlog.new_message(room.slug, seq, message_id, author, body, client_id, now, named)]))
+    return outcomes
 
 
 def _crash_point(sends: list[dict]) -> None:

@@ -35,9 +35,16 @@ HANDLING = Histogram(
 # message.sends from one socket is one observation of each step.
 SEND_STEP = Histogram(
     "realtime_send_step_seconds", "The sender's chain, by step: the rate-limit call, the database write (the trip "
-    "to the database thread included), the publication (this worker's own sockets handed the events, then the "
+    "to the database thread or the loop's own statement included), the publication (this worker's own sockets handed the events, then the "
     "transport)", ["step"],
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.05, 0.25, 1),
+)
+# message.send batches the event loop's own statement (domain/loopdb.py) handed to the
+# database thread: by what stopped it (repeat: a client_id already used; room_gone: the
+# room was deleted; the exception's type otherwise, also logged).
+LOOP_WRITE_HANDED_OVER = Counter(
+    "realtime_loop_write_handed_over_total", "message.send writes the event loop handed to the database thread, by "
+    "reason", ["reason"],
 )
 LATENCY = Histogram(
     "realtime_broadcast_latency_seconds",

@@ -12,7 +12,8 @@ service (OTEL_SERVICE_NAME, default "realtime") and the worker
 One trace per action, across workers:
 
     ws message.send (or an HTTP request: DjangoInstrumentor)
-      realtime.permission, realtime.db.write   (on the database thread)
+      realtime.permission, realtime.db.write   (on the database thread, or the loop's
+                                                own connection: domain/loopdb.py)
       realtime.publish                          (injects a W3C traceparent into each
         |                                        event's layer message, once per event)
         realtime.broker                         (on each receiving worker: starts at
