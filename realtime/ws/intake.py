@@ -188,7 +188,8 @@ class Intake:
             if self.probation_until is UNREAD:
                 self.probation_until = await database_sync_to_async(probation_until)(self.user.pk)
             asked = time.perf_counter()
-            granted, retry_after = await ratelimit.take_up_to(self.user.pk, send_bucket(self.probation_until), len(frames))
+            granted, retry_after = await ratelimit.take_up_to(self.user.pk, send_bucket(self.probation_until), len(frames),
+                                                              reserve=True)
             metrics.SEND_STEP.labels("rate_limit").observe(time.perf_counter() - asked)
             allowed = frames[:granted]
             if allowed:

@@ -153,3 +153,185 @@ async def test_a_command_whose_caller_was_cancelled_before_it_went_is_not_sent(r
     assert sorted(done[0::2]) == [1, 2]
     assert sent == [2]
     assert await batched.execute_command("GET", "batched:cancelled") == b"2"
+
+
+# ---------------------------------------------------------------------------
+# Reserves: a socket's message.sends without a round trip to Redis each
+# ---------------------------------------------------------------------------
+def bucket(url: str, key: str) -> tuple[float, dict[str, int]]:
+    """The bucket's tokens in Redis, and each holder's count."""
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        fields = {k.decode(): v.decode() for k, v in client.hgetall(f"rl:{key}").items()}
+    return float(fields.get("t", "nan")), {k[2:]: int(v.split(":")[0]) for k, v in fields.items() if k.startswith("h:")}
+
+
+async def until(condition, timeout: float = 5) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "not within the time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def asked(monkeypatch) -> list[tuple[int, int]]:
+    """Every take that went to Redis: (wanted, extra asked for the reserve)."""
+    calls: list[tuple[int, int]] = []
+    real = ratelimit.RedisBuckets.take_now
+
+    async def counted(self, key, rate, burst, wanted, holder="", extra=0):
+        calls.append((wanted, extra))
+        return await real(self, key, rate, burst, wanted, holder, extra)
+
+    monkeypatch.setattr(ratelimit.RedisBuckets, "take_now", counted)
+    return calls
+
+
+@pytest.fixture
+def quick_reserves(monkeypatch):
+    """Reserves spent for 0.2 s, their counts living 0.3 s more."""
+    monkeypatch.setattr(ratelimit, "RESERVE_HOLD", 0.2)
+    monkeypatch.setattr(ratelimit, "RESERVE_SLACK", 0.3)
+
+
+@pytest.mark.asyncio
+async def test_a_reserve_is_spent_without_asking_redis_and_topped_up_at_half(redis_server, asked):
+    reserves = ratelimit.RedisBuckets(redis_server.url).reserves()
+    key, rate, burst = "message.send:r1", 1e-6, 64  # a reserve of 64 // 8 = 8
+    assert await reserves.take(key, rate, burst, 1) == (1, 55.0)
+    assert asked == [(1, 8)]
+    tokens, holds = bucket(redis_server.url, key)
+    assert (int(tokens), holds) == (55, {reserves.holder: 8})
+    for _ in range(4):
+        assert (await reserves.take(key, rate, burst, 1))[0] == 1
+    assert asked == [(1, 8)]  # four from the reserve: 4 left, half of it
+    assert (await reserves.take(key, rate, burst, 1))[0] == 1  # 3 left: topped up in the background
+    await until(lambda: not reserves.tasks)
+    assert asked == [(1, 8), (0, 5)]
+    tokens, holds = bucket(redis_server.url, key)
+    assert (int(tokens), holds) == (50, {reserves.holder: 13})
+    assert reserves.held[key].tokens == 8
+    # A batch larger than what is left: the reserve's 8, the rest from Redis, in one call.
+    assert (await reserves.take(key, rate, burst, 10))[0] == 10
+    assert asked[-1] == (2, 8)
+
+
+@pytest.mark.asyncio
+async def test_tokens_held_in_reserves_count_against_the_burst(redis_server):
+    """A user idle long enough to refill has the burst and no more, reserves
+    included: the bucket refills to its burst less what is held."""
+    worker_a = ratelimit.RedisBuckets(redis_server.url).reserves()
+    worker_b = ratelimit.RedisBuckets(redis_server.url)
+    key, rate, burst = "message.send:r2", 100, 40  # a reserve of 5
+    assert (await worker_a.take(key, rate, burst, 1))[0] == 1  # 34 in the bucket, 5 held by a
+    await asyncio.sleep(0.15)  # 15 tokens' worth of time: to 35, not 40 (or 49)
+    granted, _ = await worker_b.take(key, rate, burst, 100)
+    assert granted == 35
+    spent = 0
+    while (await worker_a.take(key, rate, burst, 1))[0] == 1 and spent < 10:
+        spent += 1
+    assert spent == 5  # a's reserve, and then nothing (the bucket is empty)
+
+
+@pytest.mark.asyncio
+async def test_reserves_on_three_workers_never_give_more_than_the_bucket(redis_server, quick_reserves):
+    """Three workers draining one user's bucket, reserves settled and renewed every
+    0.2 s: what they were granted in all is the burst and the refill, no more."""
+    key, rate, burst = "message.send:r3", 20, 40
+    workers = [ratelimit.RedisBuckets(redis_server.url).reserves() for _ in range(3)]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    granted = [0, 0, 0]
+
+    async def drain(i):
+        while loop.time() - started < 1.5:
+            granted[i] += (await workers[i].take(key, rate, burst, 1))[0]
+            await asyncio.sleep(0.002)
+
+    await asyncio.gather(*(drain(i) for i in range(3)))
+    elapsed = loop.time() - started
+    assert burst + rate * 1.0 < sum(granted) <= burst + rate * elapsed + 1, (granted, elapsed)
+    assert all(granted), granted
+    # Settled: every count released once its senders stop (a period renewed, one not).
+    await until(lambda: bucket(redis_server.url, key)[1] == {})
+
+
+@pytest.mark.asyncio
+async def test_a_dead_workers_count_runs_out_while_another_renews_its_own(redis_server, quick_reserves):
+    url = redis_server.url
+    key, rate, burst = "message.send:r4", 1e-6, 40
+    dead = ratelimit.RedisBuckets(url)
+    assert await dead.take_now(key, rate, burst, 1, "dead", 5) == (1, 34.0, 5)  # and never settled
+    alive = ratelimit.RedisBuckets(url).reserves()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while "dead" in bucket(url, key)[1]:
+        assert loop.time() - started < 2
+        assert (await alive.take(key, rate, burst, 1))[0] == 1  # renewing its own count all along
+        await asyncio.sleep(0.02)
+    assert loop.time() - started >= 0.45  # not before the dead count's time (0.2 + 0.3 s)
+    tokens, holds = bucket(url, key)
+    assert list(holds) == [alive.holder]
+    # The dead worker's 5 are the bucket's again (refilled to the burst less what is held).
+    assert tokens + holds[alive.holder] + alive.held[key].tokens <= burst
+
+
+@pytest.mark.asyncio
+async def test_a_late_settlement_releases_nothing_of_another_holders(redis_server, quick_reserves):
+    url = redis_server.url
+    key, rate, burst = "message.send:r5", 1e-6, 40
+    buckets = ratelimit.RedisBuckets(url)
+    assert (await buckets.take_now(key, rate, burst, 0, "late", 5))[2] == 5
+    assert (await buckets.take_now(key, rate, burst, 0, "b", 5))[2] == 5
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while "late" in bucket(url, key)[1]:
+        assert loop.time() - started < 2
+        await asyncio.sleep(0.05)
+        await buckets.take_now(key, rate, burst, 0, "b", 0)  # b is alive: its count's time renewed
+    assert await buckets.settle(key, rate, burst, "late", 5, 5, 0) == 0
+    tokens, holds = bucket(url, key)
+    assert holds == {"b": 5}
+    assert tokens == pytest.approx(35, abs=0.01)  # its 5 back, within the burst less b's 5
+
+
+@pytest.mark.asyncio
+async def test_an_unspent_reserve_goes_back_and_its_count_is_released(redis_server, quick_reserves):
+    reserves = ratelimit.RedisBuckets(redis_server.url).reserves()
+    key, rate, burst = "message.send:r6", 1e-6, 40
+    await reserves.take(key, rate, burst, 1)
+    assert bucket(redis_server.url, key)[1] == {reserves.holder: 5}
+    await until(lambda: bucket(redis_server.url, key)[1] == {})
+    assert bucket(redis_server.url, key)[0] == pytest.approx(39, abs=0.01)
+    assert reserves.held == {}
+
+
+@pytest.mark.asyncio
+async def test_a_reserve_past_its_time_is_not_spent(redis_server, asked):
+    reserves = ratelimit.RedisBuckets(redis_server.url).reserves()
+    key, rate, burst = "message.send:r7", 1e-6, 40
+    await reserves.take(key, rate, burst, 1)
+    reserves.held[key].until = asyncio.get_running_loop().time() - 0.001  # its loop stalled past it
+    await reserves.take(key, rate, burst, 1)
+    assert asked == [(1, 5), (1, 5)]
+
+
+@pytest.mark.asyncio
+async def test_a_lowered_burst_caps_the_bucket(redis_server):
+    buckets = ratelimit.RedisBuckets(redis_server.url)
+    assert (await buckets.take("message.send:r8", 1e-6, 40, 1))[0] == 1
+    assert (await buckets.take("message.send:r8", 1e-6, 10, 20))[0] == 10
+
+
+@pytest.mark.asyncio
+async def test_a_socket_spending_reserves_gets_the_burst_and_no_more(cookies, settings, redis_server):
+    settings.REDIS_URL = redis_server.url
+    settings.REALTIME = {**settings.REALTIME,
+                         "RATE_LIMITS": {**settings.REALTIME["RATE_LIMITS"], "message.send": (1e-6, 24)}}
+    ratelimit.reset()
+    async with socket(cookies["bob"]) as bob:
+        replies = [(await call(bob, send(i)))["type"] for i in range(30)]
+    assert replies == ["ack"] * 24 + ["error"] * 6
+    assert await Message.objects.filter(author__username="bob").acount() == 24
