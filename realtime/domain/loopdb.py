@@ -14,7 +14,10 @@ One connection a process (a worker runs one loop), in autocommit: the statement
 is its own transaction, as on the database thread. A connection that fails is
 dropped and the next statement opens a new one; the caller falls back to the
 database thread for that batch (domain/services.py), whose answer (a repeat, a
-room gone, the database down) is the one the thread path gives. A loop other than
+room gone, the database down) is the one the thread path gives. A connection that
+cannot be opened rests the loop path for OPEN_RETRY seconds: every batch goes to
+the thread meanwhile, rather than each paying a failed connect (and a warning)
+first. A loop other than
 the connection's (a test's next loop) gets a connection of its own; the old one
 is closed without its loop (`discard`).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from logging import WARNING
 
 import psycopg
@@ -37,11 +41,16 @@ log = logging.getLogger("realtime.db")
 _conn: psycopg.AsyncConnection | None = None
 _loop: asyncio.AbstractEventLoop | None = None
 _opening: asyncio.Lock | None = None
+_resting_until = 0.0  # time.monotonic() until which no connection is tried
+
+OPEN_RETRY = 5.0  # seconds the loop path rests after a connection could not be opened
 
 
 def enabled() -> bool:
-    """Is there a loop connection to use: PostgreSQL, and REALTIME["LOOP_WRITES"] on."""
-    return connections["default"].vendor == "postgresql" and settings.REALTIME["LOOP_WRITES"]
+    """Is there a loop connection to use: PostgreSQL, REALTIME["LOOP_WRITES"] on,
+    and not resting after a connection that could not be opened."""
+    return (connections["default"].vendor == "postgresql" and settings.REALTIME["LOOP_WRITES"]
+            and time.monotonic() >= _resting_until)
 
 
 async def fetchall(sql: str, params: dict) -> list[tuple]:
@@ -59,7 +68,7 @@ async def fetchall(sql: str, params: dict) -> list[tuple]:
 
 
 async def _connection() -> psycopg.AsyncConnection:
-    global _conn, _loop, _opening
+    global _conn, _loop, _opening, _resting_until
     loop = asyncio.get_running_loop()
     if _loop is not loop:
         discard()
@@ -68,7 +77,12 @@ async def _connection() -> psycopg.AsyncConnection:
         return _conn
     async with _opening:  # one opening at a time; the others use what it opened
         if _conn is None or _conn.closed:
-            _conn = await _open()
+            try:
+                _conn = await _open()
+            except Exception as exc:
+                _resting_until = time.monotonic() + OPEN_RETRY
+                event(log, WARNING, "db.loop_connection_failed", reason=type(exc).__name__, retry_in=OPEN_RETRY)
+                raise
         return _conn
 
 
@@ -97,7 +111,8 @@ async def _drop(conn: psycopg.AsyncConnection) -> None:
 def discard() -> None:
     """Close this process's loop connection now, from any thread, its loop running
     or not (a test's loop that has ended; the socket is closed directly)."""
-    global _conn
+    global _conn, _resting_until
     conn, _conn = _conn, None
+    _resting_until = 0.0
     if conn is not None and not conn.closed:
         conn.pgconn.finish()

@@ -20,6 +20,7 @@ it, and letting one that would send nothing go ahead.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -34,12 +35,12 @@ RESERVE_SHARE = 8  # a reserve holds at most burst / RESERVE_SHARE tokens
 RESERVE_MAX = 16  # and never more than this
 
 # Every script: the bucket KEYS[1] (a hash: `t` tokens, `s` when they were counted,
-# `h:<holder>` = "count:until" for each worker's reserve), refilled at ARGV[1] a
-# second up to ARGV[2], on Redis's own clock (one clock for every worker, and a
-# stamp that never goes back); ARGV[3] is what is asked of it. Tokens held in
-# live reserves count against the burst: the bucket refills to its burst less
-# them, and never loses tokens by it; a count past its `until` (its worker died,
-# or settled too late) is dropped.
+# and `h:<holder>:<period>` = "count:until" for each period of a worker's
+# reserves), refilled at ARGV[1] a second up to ARGV[2], on Redis's own clock (one
+# clock for every worker, and a stamp that never goes back); ARGV[3] is what is
+# asked of it. Tokens held in live reserves count against the burst: the bucket
+# refills to its burst less them, and never loses tokens by it; a count past its
+# `until` (its worker died, or its settlement was lost) is dropped.
 _REFILL = """
 local rate, burst, wanted = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local clock = redis.call('TIME')
@@ -54,7 +55,7 @@ for i = 1, #fields, 2 do
     local count, hold_until = string.match(value, '^(%d+):(.+)$')
     count, hold_until = tonumber(count), tonumber(hold_until)
     if count and hold_until and hold_until > now then
-      holds[field] = {count, hold_until}
+      holds[field] = count
       held = held + count
       last = math.max(last, hold_until)
     else
@@ -73,58 +74,54 @@ redis.call('HSET', KEYS[1], 't', tostring(tokens), 's', tostring(now))
 redis.call('EXPIRE', KEYS[1], math.ceil(math.max((burst - math.min(0, tokens)) / rate, last - now)) + 1)
 """
 
-# A reserve for holder ARGV[4]: up to `extra` more tokens out of the bucket, counted
-# as that holder's for `hold` seconds (its earlier count's time renewed with them).
+# Up to `extra` more tokens out of the bucket for the reserve period `period`
+# (holder:number), counted as its own for `hold` seconds from now.
 _RESERVE = """
-local function reserve(holder, extra, hold)
+local function reserve(period, extra, hold)
   local reserved = math.max(0, math.min(extra, math.floor(tokens)))
-  local field = 'h:' .. holder
-  local mine = holds[field]
-  if reserved == 0 and mine == nil then return 0 end
-  local count = reserved + (mine and mine[1] or 0)
+  if reserved == 0 then return 0 end
+  local field = 'h:' .. period
+  local count = reserved + (holds[field] or 0)
   tokens = tokens - reserved
   held = held + reserved
   last = math.max(last, now + hold)
-  holds[field] = {count, now + hold}
+  holds[field] = count
   redis.call('HSET', KEYS[1], field, count .. ':' .. tostring(now + hold))
   return reserved
 end
 """
 
-# A take of ARGV[3] tokens; when all are granted and ARGV[4] names a holder, also up
-# to ARGV[5] more for its reserve, held for ARGV[6] seconds. {granted, tokens, reserved}.
+# A take of ARGV[3] tokens; when all are granted and ARGV[4] names a reserve
+# period, also up to ARGV[5] more for it, held for ARGV[6] seconds.
+# {granted, tokens, reserved}.
 _SCRIPT = _REFILL + _RESERVE + """
 local granted = math.min(wanted, math.floor(tokens))
 tokens = tokens - granted
 local reserved = 0
-if granted == wanted and ARGV[4] and ARGV[4] ~= '' then
+if granted == wanted and ARGV[4] ~= '' then
   reserved = reserve(ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
 end
 """ + _SAVE + """
 return {granted, tostring(tokens), reserved}
 """
 
-# Holder ARGV[4]'s reserve settled: ARGV[3] tokens it did not spend go back (never
-# past the burst less what is still held), ARGV[5] of its count are released (no
-# more than it still has: a count that ran out released nothing, and no other
-# holder's is touched); then up to ARGV[6] more for its next period, held for
-# ARGV[7] seconds. {reserved, tokens}.
+# Reserve period ARGV[4] settled: its whole count released and the ARGV[3] tokens
+# it did not spend given back (never past the burst less what is still held);
+# a period whose count ran out gives nothing back, and no other period is
+# touched. Then, when ARGV[5] names the holder's next period, up to ARGV[6] for
+# it, held for ARGV[7] seconds. {reserved, tokens}.
 _SETTLE = _REFILL + _RESERVE + """
 local field = 'h:' .. ARGV[4]
-local mine = holds[field]
-if mine then
-  local released = math.min(mine[1], tonumber(ARGV[5]))
-  held = held - released
-  if mine[1] == released then
-    holds[field] = nil
-    redis.call('HDEL', KEYS[1], field)
-  else
-    holds[field] = {mine[1] - released, mine[2]}
-    redis.call('HSET', KEYS[1], field, (mine[1] - released) .. ':' .. tostring(mine[2]))
-  end
+if holds[field] then
+  held = held - holds[field]
+  holds[field] = nil
+  redis.call('HDEL', KEYS[1], field)
+  tokens = math.max(tokens, math.min(burst - held, tokens + wanted))
 end
-tokens = math.max(tokens, math.min(burst - held, tokens + wanted))
-local reserved = reserve(ARGV[4], tonumber(ARGV[6]), tonumber(ARGV[7]))
+local reserved = 0
+if ARGV[5] ~= '' then
+  reserved = reserve(ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]))
+end
 """ + _SAVE + """
 return {reserved, tostring(tokens)}
 """
@@ -200,19 +197,21 @@ class RedisBuckets:
             return wanted, 0.0
         return granted, tokens
 
-    async def take_now(self, key: str, rate: float, burst: float, wanted: int, holder: str = "",
+    async def take_now(self, key: str, rate: float, burst: float, wanted: int, period: str = "",
                        extra: int = 0) -> tuple[int, float, int]:
         """One take from the bucket in Redis (raising when Redis does): granted,
-        tokens left, and how many of `extra` were reserved besides for `holder`."""
+        tokens left, and how many of `extra` were reserved besides for the
+        reserve period `period` (Reserves)."""
         granted, tokens, reserved = await store.batched(self.url).eval(
-            _SCRIPT, 1, f"rl:{key}", rate, burst, wanted, holder, extra, RESERVE_HOLD + RESERVE_SLACK)
+            _SCRIPT, 1, f"rl:{key}", rate, burst, wanted, period, extra, RESERVE_HOLD + RESERVE_SLACK)
         return int(granted), float(tokens), int(reserved)
 
-    async def settle(self, key: str, rate: float, burst: float, holder: str, unspent: int, released: int,
-                     extra: int) -> int:
-        """`holder`'s reserve settled (_SETTLE): how many of `extra` it holds for its next period."""
+    async def settle(self, key: str, rate: float, burst: float, period: str, unspent: int, next_period: str = "",
+                     extra: int = 0) -> int:
+        """Reserve period `period` settled (_SETTLE): how many of `extra` are
+        reserved for `next_period`."""
         reserved, _ = await store.batched(self.url).eval(
-            _SETTLE, 1, f"rl:{key}", rate, burst, unspent, holder, released, extra, RESERVE_HOLD + RESERVE_SLACK)
+            _SETTLE, 1, f"rl:{key}", rate, burst, unspent, period, next_period, extra, RESERVE_HOLD + RESERVE_SLACK)
         return int(reserved)
 
     async def debit(self, key: str, rate: float, burst: float, cost: float, force: bool) -> tuple[bool, float]:
@@ -228,40 +227,46 @@ class RedisBuckets:
 class Reserve:
     """Tokens one loop holds of one bucket for one period (Reserves)."""
 
-    __slots__ = ("tokens", "given", "until", "spent_from", "topping_up")
+    __slots__ = ("period", "until", "tokens", "asked", "spent_from", "topping_up", "settled")
 
-    def __init__(self, until: float) -> None:
-        self.tokens = 0  # left to spend
-        self.given = 0  # counted in Redis as this holder's for this period: released when it is settled
+    def __init__(self, period: str, until: float) -> None:
+        self.period = period  # its count's name in Redis: holder:number
         self.until = until  # the loop's time after which it is not spent (it is being settled)
-        self.spent_from = False  # a take spent from it: renewed when it is settled
+        self.tokens = 0  # left to spend
+        self.asked = 0  # asked of Redis, the answer not yet come
+        self.spent_from = False  # a take spent from it: its holder's next period is reserved when it is settled
         self.topping_up = False  # one top-up at a time
+        self.settled = False  # its settlement is sent: what Redis still gives it is left there
 
 
 class Reserves:
     """A loop's reserves of bucket tokens: the sender's chain without a round trip
     to Redis for each message.send.
 
-    When a take from Redis is granted whole, the holder (this loop) asks for up to
-    size = min(RESERVE_MAX, burst // RESERVE_SHARE) tokens more (none for a small
-    bucket, such as probation's), which Redis counts as the holder's. Its next
-    takes are spent from them, with a top-up in the background when half is gone.
-    Each reserve is spent for RESERVE_HOLD seconds, then settled in one call:
-    what is left goes back, the count is released, and, for a sender that spent
-    from it, a reserve for the next period is given in the same call.
+    A take from Redis asks, besides what it wants, for up to size =
+    min(RESERVE_MAX, burst // RESERVE_SHARE) tokens (none for a small bucket,
+    such as probation's) for this loop's current period of that bucket, which
+    Redis counts under the period's own name. The next takes spend from them,
+    with a top-up in the background when half is gone. A period is spent for
+    RESERVE_HOLD seconds from when it was first asked for (a reply that comes
+    late does not lengthen it), then settled in one call: its whole count is
+    released, what is left goes back, and, for a sender that spent from it, the
+    next period's reserve is given in the same call.
 
     Never more than the bucket alone: what is reserved left the bucket, which
     refills only to its burst less every live count, and a count lives
-    RESERVE_SLACK longer than the reserve may be spent (a worker that dies
-    holding one leaves it to run out; a settlement that comes later than that
-    releases nothing of anyone else's). What the bucket cannot know is how much
-    of a reserve is spent until it is settled, so for up to RESERVE_HOLD a user
-    may be refused on one worker while another holds a few of their tokens:
-    sooner than without reserves, never later."""
+    RESERVE_SLACK longer than its period may be spent. A worker that dies
+    holding one, a settlement or an answer that is lost (a cancelled socket, a
+    Redis timeout), leaves a count that runs out by itself; a settlement that
+    comes after that gives nothing back, and touches no other period's count.
+    What the bucket cannot know is how much of a reserve is spent until it is
+    settled, so for up to RESERVE_HOLD a user may be refused on one worker while
+    another holds a few of their tokens: sooner than without reserves, never later."""
 
     def __init__(self, buckets: RedisBuckets) -> None:
         self.buckets = buckets
         self.holder = os.urandom(8).hex()
+        self.periods = itertools.count()
         self.held: dict[str, Reserve] = {}
         self.tasks: set[asyncio.Task] = set()
         self.loop = asyncio.get_running_loop()
@@ -274,6 +279,12 @@ class Reserves:
         """`key`'s reserve, while it may be spent."""
         reserve = self.held.get(key)
         return reserve if reserve is not None and self.loop.time() < reserve.until else None
+
+    def open(self, key: str, rate: float, burst: float) -> Reserve:
+        """A new period for `key`, its settlement timed from now."""
+        reserve = self.held[key] = Reserve(f"{self.holder}:{next(self.periods)}", self.loop.time() + RESERVE_HOLD)
+        self.loop.call_at(reserve.until, self.settle, key, reserve, rate, burst)
+        return reserve
 
     async def take(self, key: str, rate: float, burst: float, wanted: int) -> tuple[int, float]:
         size = self.size(burst)
@@ -290,54 +301,73 @@ class Reserves:
                     reserve.topping_up = True
                     self.spawn(self.top_up(key, reserve, rate, burst, size))
                 return wanted, float(reserve.tokens)
+        if reserve is None:
+            reserve = self.open(key, rate, burst)
+        extra = max(0, size - reserve.tokens - reserve.asked)
+        reserve.asked += extra
         try:
-            granted, left, reserved = await self.buckets.take_now(
-                key, rate, burst, wanted - mine, self.holder, size - (reserve.tokens if reserve is not None else 0))
+            granted, left, reserved = await self.buckets.take_now(key, rate, burst, wanted - mine, reserve.period,
+                                                                  extra)
         except Exception as exc:
             degraded.tolerate(degraded.RATE_LIMITS, exc)
-            return wanted, 0.0  # fail open, as take() does; nothing reserved
-        self.add(key, reserved, rate, burst)
+            return wanted, 0.0  # fail open, as take() does; nothing reserved (or left to run out)
+        finally:
+            reserve.asked -= extra
+        self.add(reserve, reserved)
         return mine + granted, left
 
-    def add(self, key: str, reserved: int, rate: float, burst: float) -> None:
-        """`reserved` tokens Redis now counts as this holder's go into `key`'s
-        reserve: the current one, or a new one with its settlement timed."""
-        if not reserved:
-            return
-        reserve = self.current(key)
-        if reserve is None:
-            reserve = self.held[key] = Reserve(self.loop.time() + RESERVE_HOLD)
-            self.loop.call_at(reserve.until, self.settle, key, reserve, rate, burst)
-        reserve.tokens += reserved
-        reserve.given += reserved
+    def add(self, reserve: Reserve, reserved: int) -> None:
+        """`reserved` tokens Redis now counts as `reserve`'s: spent from it while
+        it may be, given back when it is settled. Once its settlement is sent they
+        are left to it (released with the period, not given back)."""
+        if not reserve.settled:
+            reserve.tokens += reserved
 
     async def top_up(self, key: str, reserve: Reserve, rate: float, burst: float, size: int) -> None:
+        extra = size - reserve.tokens - reserve.asked
+        if reserve.settled or extra <= 0:
+            reserve.topping_up = False
+            return
+        reserve.asked += extra
         try:
-            _, _, reserved = await self.buckets.take_now(key, rate, burst, 0, self.holder, size - reserve.tokens)
+            _, _, reserved = await self.buckets.take_now(key, rate, burst, 0, reserve.period, extra)
         except Exception as exc:
             degraded.tolerate(degraded.RATE_LIMITS, exc)
             return  # a take that finds the reserve short asks Redis itself
         finally:
+            reserve.asked -= extra
             reserve.topping_up = False
-        # Into the reserve it was for, or (that one settled meanwhile) a new one.
-        self.add(key, reserved, rate, burst)
+        self.add(reserve, reserved)
 
     def settle(self, key: str, reserve: Reserve, rate: float, burst: float) -> None:
-        """The end of `reserve`'s period (a timer): settled once, in the background."""
+        """The end of `reserve`'s period (its timer): settled once, in the
+        background, with the next period's reserve asked for in the same call
+        for a sender that spent from it."""
+        reserve.settled = True
+        unspent, reserve.tokens = reserve.tokens, 0
+        following = None
         if self.held.get(key) is reserve:
             del self.held[key]
-        unspent, reserve.tokens = reserve.tokens, 0
-        renew = self.size(burst) if reserve.spent_from else 0
-        self.spawn(self.settled(key, rate, burst, unspent, reserve.given, renew))
+            if reserve.spent_from:
+                following = self.open(key, rate, burst)
+                following.asked = self.size(burst)
+        self.spawn(self.settled(key, rate, burst, reserve.period, unspent, following))
 
-    async def settled(self, key: str, rate: float, burst: float, unspent: int, given: int, renew: int) -> None:
+    async def settled(self, key: str, rate: float, burst: float, period: str, unspent: int,
+                      following: Reserve | None) -> None:
+        extra = following.asked if following is not None else 0
         try:
-            reserved = await self.buckets.settle(key, rate, burst, self.holder, unspent, given, renew)
+            reserved = await self.buckets.settle(key, rate, burst, period, unspent,
+                                                 following.period if following is not None else "", extra)
         except Exception as exc:
             # Not given back: the user has fewer tokens until the count runs out (never more).
             degraded.tolerate(degraded.RATE_LIMITS, exc)
             return
-        self.add(key, reserved, rate, burst)
+        finally:
+            if following is not None:
+                following.asked -= extra
+        if following is not None:
+            self.add(following, reserved)
 
     def spawn(self, work) -> None:
         task = self.loop.create_task(work)

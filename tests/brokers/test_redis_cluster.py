@@ -296,7 +296,7 @@ async def test_every_script_and_multi_key_read_keeps_its_keys_in_one_slot(redis_
         await leases.acquire(user, f"conn-{user}")
         await ratelimit.take(user, "message.send")
         await ratelimit.take_up_to(user, "message.send", 1, reserve=True)  # a reserve's take
-        await ratelimit.buckets().settle(f"message.send:{user}", 10, 30, "holder", 0, 0, 0)
+        await ratelimit.buckets().settle(f"message.send:{user}", 10, 30, "holder:0", 0, "holder:1", 3)
         await ratelimit.replay_take(user, 100)
     await ratelimit.take("10.0.0.1", "handshake.address")
     backend = presence.RedisPresence(redis_server.url)

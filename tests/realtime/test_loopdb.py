@@ -13,6 +13,9 @@ reader); ops is private (alice owner, bob member).
 
 from __future__ import annotations
 
+import asyncio
+
+import psycopg
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection
@@ -31,6 +34,7 @@ LOOP_TESTS = (
     "test_queued_sends_to_several_rooms_keep_their_order",
     "test_a_dropped_connection_hands_that_batch_to_the_thread_and_reconnects",
     "test_loop_writes_off_takes_the_thread",
+    "test_a_connection_that_cannot_be_opened_rests_the_loop_path",
 )
 
 
@@ -190,6 +194,36 @@ if ON_POSTGRESQL:
                 await subscribe(alice, "general")
                 assert (await call(alice, send_frame("hello", "t1")))["seq"] == 1
             assert (thread_calls, loop_calls) == ([1], [])
+
+        async def test_a_connection_that_cannot_be_opened_rests_the_loop_path(self, cookies, monkeypatch,
+                                                                             thread_calls, loop_calls):
+            """The database refuses the loop's connection: that batch and the next ones
+            go to the thread without trying again, until OPEN_RETRY has passed."""
+            opens: list[int] = []
+            real_open = loopdb._open
+
+            async def refused():
+                opens.append(1)
+                if len(opens) == 1:
+                    raise psycopg.OperationalError("connection refused")
+                return await real_open()
+
+            monkeypatch.setattr(loopdb, "_open", refused)
+            monkeypatch.setattr(loopdb, "OPEN_RETRY", 0.3)
+            before = handed_over("OperationalError")
+            async with socket(cookies["alice"]) as alice:
+                await subscribe(alice, "general")
+                for i in range(3):
+                    assert (await call(alice, send_frame(f"m{i}", f"o{i}")))["seq"] == i + 1
+                    await alice.receive_json_from(timeout=5)
+                assert (opens, thread_calls, loop_calls) == ([1], [1, 1, 1], [1])  # one try, then the thread
+                assert handed_over("OperationalError") == before + 1
+                while not loopdb.enabled():  # rested
+                    await asyncio.sleep(0.02)
+                assert (await call(alice, send_frame("m3", "o3")))["seq"] == 4
+                await alice.receive_json_from(timeout=5)
+            assert (opens, thread_calls, loop_calls) == ([1, 1], [1, 1, 1], [1, 1])
+            assert [seq for seq, *_ in await sync_to_async(stored)()] == [1, 2, 3, 4]
 
 
 # On SQLite only (the run it starts is the PostgreSQL one).

@@ -159,7 +159,7 @@ async def test_a_command_whose_caller_was_cancelled_before_it_went_is_not_sent(r
 # Reserves: a socket's message.sends without a round trip to Redis each
 # ---------------------------------------------------------------------------
 def bucket(url: str, key: str) -> tuple[float, dict[str, int]]:
-    """The bucket's tokens in Redis, and each holder's count."""
+    """The bucket's tokens in Redis, and each reserve period's count."""
     import redis
 
     with redis.Redis.from_url(url) as client:
@@ -181,9 +181,9 @@ def asked(monkeypatch) -> list[tuple[int, int]]:
     calls: list[tuple[int, int]] = []
     real = ratelimit.RedisBuckets.take_now
 
-    async def counted(self, key, rate, burst, wanted, holder="", extra=0):
+    async def counted(self, key, rate, burst, wanted, period="", extra=0):
         calls.append((wanted, extra))
-        return await real(self, key, rate, burst, wanted, holder, extra)
+        return await real(self, key, rate, burst, wanted, period, extra)
 
     monkeypatch.setattr(ratelimit.RedisBuckets, "take_now", counted)
     return calls
@@ -203,7 +203,9 @@ async def test_a_reserve_is_spent_without_asking_redis_and_topped_up_at_half(red
     assert await reserves.take(key, rate, burst, 1) == (1, 55.0)
     assert asked == [(1, 8)]
     tokens, holds = bucket(redis_server.url, key)
-    assert (int(tokens), holds) == (55, {reserves.holder: 8})
+    period = reserves.held[key].period
+    assert period.startswith(reserves.holder)
+    assert (int(tokens), holds) == (55, {period: 8})
     for _ in range(4):
         assert (await reserves.take(key, rate, burst, 1))[0] == 1
     assert asked == [(1, 8)]  # four from the reserve: 4 left, half of it
@@ -211,7 +213,7 @@ async def test_a_reserve_is_spent_without_asking_redis_and_topped_up_at_half(red
     await until(lambda: not reserves.tasks)
     assert asked == [(1, 8), (0, 5)]
     tokens, holds = bucket(redis_server.url, key)
-    assert (int(tokens), holds) == (50, {reserves.holder: 13})
+    assert (int(tokens), holds) == (50, {period: 13})
     assert reserves.held[key].tokens == 8
     # A batch larger than what is left: the reserve's 8, the rest from Redis, in one call.
     assert (await reserves.take(key, rate, burst, 10))[0] == 10
@@ -263,38 +265,113 @@ async def test_a_dead_workers_count_runs_out_while_another_renews_its_own(redis_
     url = redis_server.url
     key, rate, burst = "message.send:r4", 1e-6, 40
     dead = ratelimit.RedisBuckets(url)
-    assert await dead.take_now(key, rate, burst, 1, "dead", 5) == (1, 34.0, 5)  # and never settled
+    assert await dead.take_now(key, rate, burst, 1, "dead:0", 5) == (1, 34.0, 5)  # and never settled
     alive = ratelimit.RedisBuckets(url).reserves()
     loop = asyncio.get_running_loop()
     started = loop.time()
-    while "dead" in bucket(url, key)[1]:
+    while "dead:0" in bucket(url, key)[1]:
         assert loop.time() - started < 2
         assert (await alive.take(key, rate, burst, 1))[0] == 1  # renewing its own count all along
         await asyncio.sleep(0.02)
     assert loop.time() - started >= 0.45  # not before the dead count's time (0.2 + 0.3 s)
     tokens, holds = bucket(url, key)
-    assert list(holds) == [alive.holder]
+    assert holds and all(period.startswith(alive.holder) for period in holds)
     # The dead worker's 5 are the bucket's again (refilled to the burst less what is held).
-    assert tokens + holds[alive.holder] + alive.held[key].tokens <= burst
+    assert tokens + sum(holds.values()) <= burst
 
 
 @pytest.mark.asyncio
-async def test_a_late_settlement_releases_nothing_of_another_holders(redis_server, quick_reserves):
+async def test_a_late_settlement_releases_nothing_of_a_later_period(redis_server, quick_reserves):
+    """A loop that stalled past its period's count settles it late, when the same
+    holder has a newer period's count: that count stays, and nothing comes back."""
     url = redis_server.url
     key, rate, burst = "message.send:r5", 1e-6, 40
     buckets = ratelimit.RedisBuckets(url)
-    assert (await buckets.take_now(key, rate, burst, 0, "late", 5))[2] == 5
-    assert (await buckets.take_now(key, rate, burst, 0, "b", 5))[2] == 5
+    assert (await buckets.take_now(key, rate, burst, 0, "a:0", 5))[2] == 5
     loop = asyncio.get_running_loop()
     started = loop.time()
-    while "late" in bucket(url, key)[1]:
+    while "a:0" in bucket(url, key)[1]:
         assert loop.time() - started < 2
         await asyncio.sleep(0.05)
-        await buckets.take_now(key, rate, burst, 0, "b", 0)  # b is alive: its count's time renewed
-    assert await buckets.settle(key, rate, burst, "late", 5, 5, 0) == 0
+        await buckets.take_now(key, rate, burst, 0)  # a script that drops what ran out
+    assert (await buckets.take_now(key, rate, burst, 0, "a:1", 5))[2] == 5
+    assert await buckets.settle(key, rate, burst, "a:0", 5) == 0
     tokens, holds = bucket(url, key)
-    assert holds == {"b": 5}
-    assert tokens == pytest.approx(35, abs=0.01)  # its 5 back, within the burst less b's 5
+    assert holds == {"a:1": 5}
+    assert tokens == pytest.approx(30, abs=0.01)  # a:0's 5 not given back: it ran out
+    # a:1 settled in time: released, and its unspent 5 back.
+    assert await buckets.settle(key, rate, burst, "a:1", 5) == 0
+    assert bucket(url, key) == (pytest.approx(35, abs=0.01), {})
+
+
+@pytest.mark.asyncio
+async def test_a_count_whose_answer_and_settlement_were_lost_runs_out_while_its_user_sends(
+        redis_server, quick_reserves, monkeypatch):
+    """The first take's reserve is counted in Redis but its answer never comes (a
+    timeout), and that period's settlement fails: the count runs out on its own
+    while the same user goes on sending through the same loop."""
+    url = redis_server.url
+    key, rate, burst = "message.send:r9", 1e-6, 400  # a reserve of 16
+    reserves = ratelimit.RedisBuckets(url).reserves()
+    real_take, real_settle = ratelimit.RedisBuckets.take_now, ratelimit.RedisBuckets.settle
+    lost: list[str] = []
+
+    async def answer_lost(self, key, rate, burst, wanted, period="", extra=0):
+        answer = await real_take(self, key, rate, burst, wanted, period, extra)
+        if not lost:
+            lost.append(period)
+            raise ConnectionError("answer lost")
+        return answer
+
+    async def first_settlement_lost(self, key, rate, burst, period, *args):
+        if period == lost[0]:
+            raise ConnectionError("settlement lost")
+        return await real_settle(self, key, rate, burst, period, *args)
+
+    monkeypatch.setattr(ratelimit.RedisBuckets, "take_now", answer_lost)
+    monkeypatch.setattr(ratelimit.RedisBuckets, "settle", first_settlement_lost)
+    assert (await reserves.take(key, rate, burst, 1))[0] == 1  # failed open
+    assert bucket(url, key)[1] == {lost[0]: 16}
+    loop = asyncio.get_running_loop()
+    started, granted, takes = loop.time(), 0, 0
+    while loop.time() - started < 1.0:  # the count's time is 0.2 + 0.3 s
+        granted += (await reserves.take(key, rate, burst, 1))[0]
+        takes += 1
+        await asyncio.sleep(0.02)
+    assert granted == takes
+    await until(lambda: not reserves.tasks and key in reserves.held)  # no answer on its way
+    tokens, holds = bucket(url, key)  # (from here on, nothing on the loop runs)
+    current = reserves.held[key]
+    assert holds == {current.period: holds[current.period]}  # the lost count ran out; the live one is there
+    # Gone from the bucket: what was granted, what the live reserve holds, and what the
+    # lost period held when it ran out (its 16, and what it had not spent: up to 16).
+    lost_with_it = 400 - tokens - (1 + granted) - current.tokens
+    assert 16 <= round(lost_with_it) <= 32
+
+
+@pytest.mark.asyncio
+async def test_a_late_answer_does_not_lengthen_its_period(redis_server, quick_reserves, monkeypatch):
+    """A period is spent for RESERVE_HOLD from when it was asked for: an answer that
+    comes after that (a stalled loop) is left to the period's settlement."""
+    url = redis_server.url
+    key, rate, burst = "message.send:r10", 1e-6, 40
+    reserves = ratelimit.RedisBuckets(url).reserves()
+    real_take = ratelimit.RedisBuckets.take_now
+    asked: list[str] = []
+
+    async def slow_answer(self, key, rate, burst, wanted, period="", extra=0):
+        answer = await real_take(self, key, rate, burst, wanted, period, extra)
+        asked.append(period)
+        if len(asked) == 1:
+            await asyncio.sleep(0.3)  # past the period's 0.2 s
+        return answer
+
+    monkeypatch.setattr(ratelimit.RedisBuckets, "take_now", slow_answer)
+    assert (await reserves.take(key, rate, burst, 1))[0] == 1
+    assert (await reserves.take(key, rate, burst, 1))[0] == 1
+    assert len(asked) == 2 and asked[0] != asked[1]  # not spent from the first period's 5
+    # The first period's 5 were released with it, not given back; the second's 5 are held.
+    assert bucket(url, key) == (pytest.approx(28, abs=0.01), {asked[1]: 5})
 
 
 @pytest.mark.asyncio
@@ -302,7 +379,7 @@ async def test_an_unspent_reserve_goes_back_and_its_count_is_released(redis_serv
     reserves = ratelimit.RedisBuckets(redis_server.url).reserves()
     key, rate, burst = "message.send:r6", 1e-6, 40
     await reserves.take(key, rate, burst, 1)
-    assert bucket(redis_server.url, key)[1] == {reserves.holder: 5}
+    assert bucket(redis_server.url, key)[1] == {reserves.held[key].period: 5}
     await until(lambda: bucket(redis_server.url, key)[1] == {})
     assert bucket(redis_server.url, key)[0] == pytest.approx(39, abs=0.01)
     assert reserves.held == {}
