@@ -77,12 +77,16 @@ async def _connection() -> psycopg.AsyncConnection:
         return _conn
     async with _opening:  # one opening at a time; the others use what it opened
         if _conn is None or _conn.closed:
+            if time.monotonic() < _resting_until:
+                # The opening they waited for failed: to the thread, without trying again.
+                raise psycopg.OperationalError("the loop connection is resting after a failed open")
             try:
                 _conn = await _open()
             except Exception as exc:
                 _resting_until = time.monotonic() + OPEN_RETRY
                 event(log, WARNING, "db.loop_connection_failed", reason=type(exc).__name__, retry_in=OPEN_RETRY)
                 raise
+            _resting_until = 0.0
         return _conn
 
 

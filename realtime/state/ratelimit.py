@@ -98,7 +98,7 @@ _SCRIPT = _REFILL + _RESERVE + """
 local granted = math.min(wanted, math.floor(tokens))
 tokens = tokens - granted
 local reserved = 0
-if granted == wanted and ARGV[4] ~= '' then
+if granted == wanted and ARGV[4] and ARGV[4] ~= '' then
   reserved = reserve(ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
 end
 """ + _SAVE + """
@@ -106,20 +106,21 @@ return {granted, tostring(tokens), reserved}
 """
 
 # Reserve period ARGV[4] settled: its whole count released and the ARGV[3] tokens
-# it did not spend given back (never past the burst less what is still held);
-# a period whose count ran out gives nothing back, and no other period is
-# touched. Then, when ARGV[5] names the holder's next period, up to ARGV[6] for
+# it did not spend given back (never more than the count it had, nor past the
+# burst less what is still held); a period whose count ran out gives nothing
+# back, and no other period is touched. Then, when ARGV[5] names the holder's next period, up to ARGV[6] for
 # it, held for ARGV[7] seconds. {reserved, tokens}.
 _SETTLE = _REFILL + _RESERVE + """
 local field = 'h:' .. ARGV[4]
-if holds[field] then
-  held = held - holds[field]
+local count = holds[field]
+if count then
+  held = held - count
   holds[field] = nil
   redis.call('HDEL', KEYS[1], field)
-  tokens = math.max(tokens, math.min(burst - held, tokens + wanted))
+  tokens = math.max(tokens, math.min(burst - held, tokens + math.min(wanted, count)))
 end
 local reserved = 0
-if ARGV[5] ~= '' then
+if ARGV[5] and ARGV[5] ~= '' then
   reserved = reserve(ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]))
 end
 """ + _SAVE + """
@@ -227,13 +228,14 @@ class RedisBuckets:
 class Reserve:
     """Tokens one loop holds of one bucket for one period (Reserves)."""
 
-    __slots__ = ("period", "until", "tokens", "asked", "spent_from", "topping_up", "settled")
+    __slots__ = ("period", "until", "tokens", "asked", "counted", "spent_from", "topping_up", "settled")
 
     def __init__(self, period: str, until: float) -> None:
         self.period = period  # its count's name in Redis: holder:number
         self.until = until  # the loop's time after which it is not spent (it is being settled)
         self.tokens = 0  # left to spend
         self.asked = 0  # asked of Redis, the answer not yet come
+        self.counted = False  # Redis may count tokens as its own (an answer gave some, or did not come)
         self.spent_from = False  # a take spent from it: its holder's next period is reserved when it is settled
         self.topping_up = False  # one top-up at a time
         self.settled = False  # its settlement is sent: what Redis still gives it is left there
@@ -308,7 +310,10 @@ class Reserves:
         try:
             granted, left, reserved = await self.buckets.take_now(key, rate, burst, wanted - mine, reserve.period,
                                                                   extra)
-        except Exception as exc:
+        except BaseException as exc:
+            reserve.counted = True  # it may have been, and it is settled to be sure
+            if not isinstance(exc, Exception):
+                raise
             degraded.tolerate(degraded.RATE_LIMITS, exc)
             return wanted, 0.0  # fail open, as take() does; nothing reserved (or left to run out)
         finally:
@@ -320,18 +325,24 @@ class Reserves:
         """`reserved` tokens Redis now counts as `reserve`'s: spent from it while
         it may be, given back when it is settled. Once its settlement is sent they
         are left to it (released with the period, not given back)."""
-        if not reserve.settled:
-            reserve.tokens += reserved
+        if reserved:
+            reserve.counted = True
+            if not reserve.settled:
+                reserve.tokens += reserved
 
     async def top_up(self, key: str, reserve: Reserve, rate: float, burst: float, size: int) -> None:
         extra = size - reserve.tokens - reserve.asked
-        if reserve.settled or extra <= 0:
+        if reserve.settled or self.loop.time() >= reserve.until or extra <= 0:
+            # Its period is over (a loop that stalled): a count that may have run out is not made again.
             reserve.topping_up = False
             return
         reserve.asked += extra
         try:
             _, _, reserved = await self.buckets.take_now(key, rate, burst, 0, reserve.period, extra)
-        except Exception as exc:
+        except BaseException as exc:
+            reserve.counted = True
+            if not isinstance(exc, Exception):
+                raise
             degraded.tolerate(degraded.RATE_LIMITS, exc)
             return  # a take that finds the reserve short asks Redis itself
         finally:
@@ -342,20 +353,23 @@ class Reserves:
     def settle(self, key: str, reserve: Reserve, rate: float, burst: float) -> None:
         """The end of `reserve`'s period (its timer): settled once, in the
         background, with the next period's reserve asked for in the same call
-        for a sender that spent from it."""
+        for a sender that spent from it. A period that Redis counts nothing
+        for (a refused sender's: every answer came, and gave none) has nothing
+        to settle."""
         reserve.settled = True
         unspent, reserve.tokens = reserve.tokens, 0
-        following = None
+        following, extra = None, 0
         if self.held.get(key) is reserve:
             del self.held[key]
             if reserve.spent_from:
-                following = self.open(key, rate, burst)
-                following.asked = self.size(burst)
-        self.spawn(self.settled(key, rate, burst, reserve.period, unspent, following))
+                following, extra = self.open(key, rate, burst), self.size(burst)
+                following.asked += extra
+                following.counted = True
+        if reserve.counted or reserve.asked or following is not None:
+            self.spawn(self.settled(key, rate, burst, reserve.period, unspent, following, extra))
 
     async def settled(self, key: str, rate: float, burst: float, period: str, unspent: int,
-                      following: Reserve | None) -> None:
-        extra = following.asked if following is not None else 0
+                      following: Reserve | None, extra: int) -> None:
         try:
             reserved = await self.buckets.settle(key, rate, burst, period, unspent,
                                                  following.period if following is not None else "", extra)

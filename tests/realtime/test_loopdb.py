@@ -13,7 +13,7 @@ reader); ops is private (alice owner, bob member).
 
 from __future__ import annotations
 
-import asyncio
+import time
 
 import psycopg
 import pytest
@@ -209,7 +209,7 @@ if ON_POSTGRESQL:
                 return await real_open()
 
             monkeypatch.setattr(loopdb, "_open", refused)
-            monkeypatch.setattr(loopdb, "OPEN_RETRY", 0.3)
+            monkeypatch.setattr(loopdb, "OPEN_RETRY", 60)
             before = handed_over("OperationalError")
             async with socket(cookies["alice"]) as alice:
                 await subscribe(alice, "general")
@@ -218,8 +218,9 @@ if ON_POSTGRESQL:
                     await alice.receive_json_from(timeout=5)
                 assert (opens, thread_calls, loop_calls) == ([1], [1, 1, 1], [1])  # one try, then the thread
                 assert handed_over("OperationalError") == before + 1
-                while not loopdb.enabled():  # rested
-                    await asyncio.sleep(0.02)
+                assert loopdb.enabled() is False
+                loopdb._resting_until = time.monotonic()  # its rest over
+                assert loopdb.enabled() is True
                 assert (await call(alice, send_frame("m3", "o3")))["seq"] == 4
                 await alice.receive_json_from(timeout=5)
             assert (opens, thread_calls, loop_calls) == ([1, 1], [1, 1, 1], [1, 1])
@@ -235,3 +236,22 @@ if not ON_POSTGRESQL:
     @pytest.mark.timeout(300)
     def test_the_same_tests_pass_on_postgresql():
         run_module_on_postgresql(__file__, must_pass=LOOP_TESTS)
+
+
+@pytest.mark.asyncio
+async def test_batches_waiting_on_a_failed_open_go_to_the_thread_without_trying_again(monkeypatch):
+    """Three batches ask for the connection at once; the first one's open fails: the
+    two that waited behind it do not try again (each would pay a connect timeout)."""
+    import asyncio
+
+    opens: list[int] = []
+
+    async def refused():
+        opens.append(1)
+        await asyncio.sleep(0.05)  # the others queue behind it meanwhile
+        raise psycopg.OperationalError("connection refused")
+
+    monkeypatch.setattr(loopdb, "_open", refused)
+    outcomes = await asyncio.gather(*(loopdb.fetchall("SELECT 1", {}) for _ in range(3)), return_exceptions=True)
+    assert [type(outcome) for outcome in outcomes] == [psycopg.OperationalError] * 3
+    assert opens == [1]

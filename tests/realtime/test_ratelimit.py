@@ -197,7 +197,8 @@ def quick_reserves(monkeypatch):
 
 
 @pytest.mark.asyncio
-async def test_a_reserve_is_spent_without_asking_redis_and_topped_up_at_half(redis_server, asked):
+async def test_a_reserve_is_spent_without_asking_redis_and_topped_up_at_half(redis_server, asked, monkeypatch):
+    monkeypatch.setattr(ratelimit, "RESERVE_HOLD", 30)  # no settlement during the test
     reserves = ratelimit.RedisBuckets(redis_server.url).reserves()
     key, rate, burst = "message.send:r1", 1e-6, 64  # a reserve of 64 // 8 = 8
     assert await reserves.take(key, rate, burst, 1) == (1, 55.0)
@@ -305,6 +306,51 @@ async def test_a_late_settlement_releases_nothing_of_a_later_period(redis_server
 
 
 @pytest.mark.asyncio
+async def test_a_refused_senders_periods_cost_no_settlement(redis_server, quick_reserves, monkeypatch):
+    url = redis_server.url
+    key, rate, burst = "message.send:r12", 1e-6, 40
+    reserves = ratelimit.RedisBuckets(url).reserves()
+    assert (await ratelimit.RedisBuckets(url).take(key, rate, burst, 40))[0] == 40  # emptied elsewhere
+    settlements: list[str] = []
+    real_settle = ratelimit.RedisBuckets.settle
+
+    async def counted(self, key, rate, burst, period, *args):
+        settlements.append(period)
+        return await real_settle(self, key, rate, burst, period, *args)
+
+    monkeypatch.setattr(ratelimit.RedisBuckets, "settle", counted)
+    loop = asyncio.get_running_loop()
+    started, periods = loop.time(), set()
+    while loop.time() - started < 0.7:  # three periods and more
+        assert (await reserves.take(key, rate, burst, 1))[0] == 0
+        periods.add(reserves.held[key].period)
+        await asyncio.sleep(0.02)
+    assert len(periods) >= 3
+    await until(lambda: key not in reserves.held)
+    assert settlements == []
+
+
+@pytest.mark.asyncio
+async def test_a_settlement_gives_back_no_more_than_its_count_holds(redis_server, quick_reserves):
+    """A count that ran out and was made again smaller (a top-up sent late, after a
+    loop stall) gives back at most what it holds, whatever the holder thinks is unspent."""
+    url = redis_server.url
+    key, rate, burst = "message.send:r11", 1e-6, 40
+    buckets = ratelimit.RedisBuckets(url)
+    assert (await buckets.take_now(key, rate, burst, 0, "a:0", 5))[2] == 5
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while "a:0" in bucket(url, key)[1]:
+        assert loop.time() - started < 2
+        await asyncio.sleep(0.05)
+        await buckets.take_now(key, rate, burst, 0)
+    assert (await buckets.take_now(key, rate, burst, 0, "a:0", 1))[2] == 1
+    assert bucket(url, key) == (pytest.approx(34, abs=0.01), {"a:0": 1})
+    assert await buckets.settle(key, rate, burst, "a:0", 5) == 0
+    assert bucket(url, key) == (pytest.approx(35, abs=0.01), {})
+
+
+@pytest.mark.asyncio
 async def test_a_count_whose_answer_and_settlement_were_lost_runs_out_while_its_user_sends(
         redis_server, quick_reserves, monkeypatch):
     """The first take's reserve is counted in Redis but its answer never comes (a
@@ -334,7 +380,7 @@ async def test_a_count_whose_answer_and_settlement_were_lost_runs_out_while_its_
     assert bucket(url, key)[1] == {lost[0]: 16}
     loop = asyncio.get_running_loop()
     started, granted, takes = loop.time(), 0, 0
-    while loop.time() - started < 1.0:  # the count's time is 0.2 + 0.3 s
+    while loop.time() - started < 1.5:  # the count's time is 0.2 + 0.3 s
         granted += (await reserves.take(key, rate, burst, 1))[0]
         takes += 1
         await asyncio.sleep(0.02)
