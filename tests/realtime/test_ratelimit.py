@@ -281,6 +281,17 @@ async def test_a_dead_workers_count_runs_out_while_another_renews_its_own(redis_
     assert tokens + sum(holds.values()) <= burst
 
 
+async def reserved_until_it_runs_out(buckets, key: str, rate: float, burst: float, period: str, count: int) -> None:
+    """`count` tokens reserved for `period`, never settled: back once Redis dropped its count."""
+    assert (await buckets.take_now(key, rate, burst, 0, period, count))[2] == count
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while period in bucket(buckets.url, key)[1]:
+        assert loop.time() - started < 2
+        await asyncio.sleep(0.05)
+        await buckets.take_now(key, rate, burst, 0)  # a script that drops what ran out
+
+
 @pytest.mark.asyncio
 async def test_a_late_settlement_releases_nothing_of_a_later_period(redis_server, quick_reserves):
     """A loop that stalled past its period's count settles it late, when the same
@@ -288,13 +299,7 @@ async def test_a_late_settlement_releases_nothing_of_a_later_period(redis_server
     url = redis_server.url
     key, rate, burst = "message.send:r5", 1e-6, 40
     buckets = ratelimit.RedisBuckets(url)
-    assert (await buckets.take_now(key, rate, burst, 0, "a:0", 5))[2] == 5
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while "a:0" in bucket(url, key)[1]:
-        assert loop.time() - started < 2
-        await asyncio.sleep(0.05)
-        await buckets.take_now(key, rate, burst, 0)  # a script that drops what ran out
+    await reserved_until_it_runs_out(buckets, key, rate, burst, "a:0", 5)
     assert (await buckets.take_now(key, rate, burst, 0, "a:1", 5))[2] == 5
     assert await buckets.settle(key, rate, burst, "a:0", 5) == 0
     tokens, holds = bucket(url, key)
@@ -337,13 +342,7 @@ async def test_a_settlement_gives_back_no_more_than_its_count_holds(redis_server
     url = redis_server.url
     key, rate, burst = "message.send:r11", 1e-6, 40
     buckets = ratelimit.RedisBuckets(url)
-    assert (await buckets.take_now(key, rate, burst, 0, "a:0", 5))[2] == 5
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while "a:0" in bucket(url, key)[1]:
-        assert loop.time() - started < 2
-        await asyncio.sleep(0.05)
-        await buckets.take_now(key, rate, burst, 0)
+    await reserved_until_it_runs_out(buckets, key, rate, burst, "a:0", 5)
     assert (await buckets.take_now(key, rate, burst, 0, "a:0", 1))[2] == 1
     assert bucket(url, key) == (pytest.approx(34, abs=0.01), {"a:0": 1})
     assert await buckets.settle(key, rate, burst, "a:0", 5) == 0
