@@ -17,9 +17,8 @@ database thread for that batch (domain/services.py), whose answer (a repeat, a
 room gone, the database down) is the one the thread path gives. A connection that
 cannot be opened rests the loop path for OPEN_RETRY seconds: every batch goes to
 the thread meanwhile, rather than each paying a failed connect (and a warning)
-first. A loop other than
-the connection's (a test's next loop) gets a connection of its own; the old one
-is closed without its loop (`discard`).
+first. A loop other than the connection's (a test's next loop) gets a connection
+of its own; the old one is closed without its loop (`discard`).
 """
 
 from __future__ import annotations

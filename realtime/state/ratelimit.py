@@ -108,8 +108,8 @@ return {granted, tostring(tokens), reserved}
 # Reserve period ARGV[4] settled: its whole count released and the ARGV[3] tokens
 # it did not spend given back (never more than the count it had, nor past the
 # burst less what is still held); a period whose count ran out gives nothing
-# back, and no other period is touched. Then, when ARGV[5] names the holder's next period, up to ARGV[6] for
-# it, held for ARGV[7] seconds. {reserved, tokens}.
+# back, and no other period is touched. Then, when ARGV[5] names the holder's
+# next period, up to ARGV[6] for it, held for ARGV[7] seconds. {reserved, tokens}.
 _SETTLE = _REFILL + _RESERVE + """
 local field = 'h:' .. ARGV[4]
 local count = holds[field]
@@ -305,21 +305,32 @@ class Reserves:
                 return wanted, float(reserve.tokens)
         if reserve is None:
             reserve = self.open(key, rate, burst)
-        extra = max(0, size - reserve.tokens - reserve.asked)
+        answer = await self.ask(key, rate, burst, reserve, wanted - mine, max(0, size - reserve.tokens - reserve.asked))
+        if answer is None:
+            return wanted, 0.0  # fail open, as take() does
+        granted, left = answer
+        return mine + granted, left
+
+    async def ask(self, key: str, rate: float, burst: float, reserve: Reserve, wanted: int,
+                  extra: int) -> tuple[int, float] | None:
+        """One take of `wanted` from Redis that also asks for up to `extra` tokens
+        for `reserve`'s period: granted and tokens left, or None when Redis failed
+        (tolerated). An answer that does not come (an error, a cancellation) leaves
+        the period to be settled, whatever Redis counted for it."""
         reserve.asked += extra
         try:
-            granted, left, reserved = await self.buckets.take_now(key, rate, burst, wanted - mine, reserve.period,
-                                                                  extra)
-        except BaseException as exc:
-            reserve.counted = True  # it may have been, and it is settled to be sure
-            if not isinstance(exc, Exception):
-                raise
+            granted, left, reserved = await self.buckets.take_now(key, rate, burst, wanted, reserve.period, extra)
+        except Exception as exc:
+            reserve.counted = True
             degraded.tolerate(degraded.RATE_LIMITS, exc)
-            return wanted, 0.0  # fail open, as take() does; nothing reserved (or left to run out)
+            return None
+        except BaseException:
+            reserve.counted = True
+            raise
         finally:
             reserve.asked -= extra
         self.add(reserve, reserved)
-        return mine + granted, left
+        return granted, left
 
     def add(self, reserve: Reserve, reserved: int) -> None:
         """`reserved` tokens Redis now counts as `reserve`'s: spent from it while
@@ -331,24 +342,15 @@ class Reserves:
                 reserve.tokens += reserved
 
     async def top_up(self, key: str, reserve: Reserve, rate: float, burst: float, size: int) -> None:
-        extra = size - reserve.tokens - reserve.asked
-        if reserve.settled or self.loop.time() >= reserve.until or extra <= 0:
-            # Its period is over (a loop that stalled): a count that may have run out is not made again.
-            reserve.topping_up = False
-            return
-        reserve.asked += extra
+        """`reserve` filled up again in the background (when it fails, a take that
+        finds the reserve short asks Redis itself). Not once its period is over (a
+        loop that stalled): a count that may have run out is not made again."""
         try:
-            _, _, reserved = await self.buckets.take_now(key, rate, burst, 0, reserve.period, extra)
-        except BaseException as exc:
-            reserve.counted = True
-            if not isinstance(exc, Exception):
-                raise
-            degraded.tolerate(degraded.RATE_LIMITS, exc)
-            return  # a take that finds the reserve short asks Redis itself
+            extra = size - reserve.tokens - reserve.asked
+            if not reserve.settled and self.loop.time() < reserve.until and extra > 0:
+                await self.ask(key, rate, burst, reserve, 0, extra)
         finally:
-            reserve.asked -= extra
             reserve.topping_up = False
-        self.add(reserve, reserved)
 
     def settle(self, key: str, reserve: Reserve, rate: float, burst: float) -> None:
         """The end of `reserve`'s period (its timer): settled once, in the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from django.test import Client
@@ -392,6 +393,47 @@ async def test_a_count_whose_answer_and_settlement_were_lost_runs_out_while_its_
     # lost period held when it ran out (its 16, and what it had not spent: up to 16).
     lost_with_it = 400 - tokens - (1 + granted) - current.tokens
     assert 16 <= round(lost_with_it) <= 32
+
+
+@pytest.mark.asyncio
+async def test_a_period_whose_only_answer_was_lost_is_still_settled(redis_server, quick_reserves, monkeypatch):
+    """Its count is released by its settlement, not left to run out."""
+    url = redis_server.url
+    key, rate, burst = "message.send:r13", 1e-6, 40
+    reserves = ratelimit.RedisBuckets(url).reserves()
+    real_take, real_settle = ratelimit.RedisBuckets.take_now, ratelimit.RedisBuckets.settle
+    settlements: list[str] = []
+
+    async def answer_lost(self, key, rate, burst, wanted, period="", extra=0):
+        await real_take(self, key, rate, burst, wanted, period, extra)
+        raise ConnectionError("answer lost")
+
+    async def counted(self, key, rate, burst, period, *args):
+        settlements.append(period)
+        return await real_settle(self, key, rate, burst, period, *args)
+
+    monkeypatch.setattr(ratelimit.RedisBuckets, "take_now", answer_lost)
+    monkeypatch.setattr(ratelimit.RedisBuckets, "settle", counted)
+    assert (await reserves.take(key, rate, burst, 1))[0] == 1  # failed open
+    period = reserves.held[key].period
+    assert bucket(url, key)[1] == {period: 5}
+    await until(lambda: settlements and not reserves.tasks, timeout=1)
+    assert settlements == [period]
+    assert bucket(url, key) == (pytest.approx(34, abs=0.01), {})  # released; its 5 not known to be unspent
+
+
+@pytest.mark.asyncio
+async def test_a_top_up_whose_period_is_over_is_not_sent(redis_server, quick_reserves, asked):
+    """The loop stalls after a take that asked for a top-up: when it runs again the
+    period is over, and the top-up is not sent (its count may have run out)."""
+    reserves = ratelimit.RedisBuckets(redis_server.url).reserves()
+    key, rate, burst = "message.send:r14", 1e-6, 40  # a reserve of 5
+    for _ in range(4):  # the first from Redis, 5 reserved; the fourth leaves 2: a top-up asked for
+        assert (await reserves.take(key, rate, burst, 1))[0] == 1
+    assert len(reserves.tasks) == 1
+    time.sleep(0.25)  # the loop stalls past the period's 0.2 s
+    await until(lambda: not reserves.tasks)
+    assert asked == [(1, 5)]
 
 
 @pytest.mark.asyncio
