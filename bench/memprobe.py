@@ -57,7 +57,7 @@ def short(tb: tracemalloc.Traceback, frames: int) -> str:
     keep = []
     for frame in reversed(tb):  # most recent first (a Traceback lists the oldest first)
         name = frame.filename
-        for cut in ("site-packages/", "/work/mem-wt/", "/work/main/", "lib/python3.11/"):
+        for cut in ("site-packages/", f"{ROOT}/", "lib/python3.11/"):
             if cut in name:
                 name = name.split(cut, 1)[1]
         keep.append(f"{name}:{frame.lineno}")
@@ -126,7 +126,7 @@ def run_one(ctx, workdir: Path, kind: str, member: str, sender: str, n: int, war
             owners: dict[str, list[float]] = {}
             for st in tbs:
                 frames_ = list(reversed(st.traceback))
-                owner = next((f for f in frames_ if "site-packages" in f.filename or "/work/" in f.filename), frames_[0])
+                owner = next((f for f in frames_ if "site-packages" in f.filename or f.filename.startswith(f"{ROOT}/")), frames_[0])
                 key = f"{short([owner], 1)}  [{short([frames_[0]], 1)}]" if owner is not frames_[0] else short([owner], 1)
                 entry = owners.setdefault(key, [0.0, 0.0])
                 entry[0] += st.size_diff / n

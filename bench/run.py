@@ -11,6 +11,11 @@ second; hundreds of members share one user), but every frame still goes through
 them, and through the schema, the permission check, the database write with its seq
 and the presence bookkeeping.
 
+On loopback the core that sends a segment also runs the receiver's TCP for it, so
+the worker's core pays for its clients' kernels too; `--steer-loopback` (root, off
+by default, recorded in the header) moves that half to the load generator's core
+while measuring (loopback_steered). bench/comparisons.md has what it changes.
+
 A section of its own (bench/search.py, in its own process on its own PostgreSQL):
 the server time of a search over 100,000 messages and of a page of older history
 in a room of 100,000 messages.
@@ -33,6 +38,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -144,6 +150,51 @@ def search_section(quick: bool) -> dict:
 
 def pinned(core: int) -> list[str]:
     return ["taskset", "-c", str(core)] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+
+
+LOOPBACK_STEERING = Path("/sys/class/net/lo/queues/rx-0/rps_cpus")
+
+
+@contextlib.contextmanager
+def loopback_steered(core: int | None):
+    """With `core`, for the length of the block: the receiving half of loopback
+    traffic runs on `core` (the kernel's receive packet steering), where it
+    would otherwise run on the sending core. On loopback the core that sends a
+    segment also runs the receiver's TCP for it (and the sender's for the
+    acknowledgement coming back), so a worker's core pays for its clients'
+    kernels, which on a real network are other machines; steered, that work
+    lands on the load generator's core. The setting is the machine's: written
+    as root, put back as it was when the block ends, a SIGTERM included (it
+    ends the block as an exit would). None: nothing changed."""
+    if core is None:
+        yield
+        return
+    before = LOOPBACK_STEERING.read_text().strip()
+    terminated = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    LOOPBACK_STEERING.write_text(f"{1 << core:x}\n")
+    try:
+        yield
+    finally:
+        LOOPBACK_STEERING.write_text(f"{before}\n")
+        signal.signal(signal.SIGTERM, terminated)
+
+
+def steering_option(parser: argparse.ArgumentParser) -> None:
+    """--steer-loopback (bench/run.py, bench/sendfloor.py): off unless asked for, as
+    every figure in RESULTS.md so far was measured without it."""
+    parser.add_argument("--steer-loopback", action="store_true",
+                        help="run loopback's receiving side on the load generator's core (core 1) while measuring "
+                             "(root; the machine's setting is put back at the end)")
+
+
+def steering_checked(parser: argparse.ArgumentParser, args) -> int | None:
+    """The core to steer loopback's receiving side to (1), or None; a usage error
+    where it is asked for and cannot be."""
+    if not args.steer_loopback:
+        return None
+    if not pinned(1) or not os.access(LOOPBACK_STEERING, os.W_OK):
+        parser.error(f"--steer-loopback needs two cores, taskset and a writable {LOOPBACK_STEERING} (root)")
+    return 1
 
 
 class BenchWorker(Worker):
@@ -386,8 +437,15 @@ def main() -> None:
                         "TEXT|TEXT|...)")
     parser.add_argument("--servers", default="daphne,uvicorn",
                         help="the ASGI servers to run both targets on, comma-separated (deploy/ runs daphne)")
+    steering_option(parser)
     args = parser.parse_args()
+    steered = steering_checked(parser, args)
     raise_fd_limit()
+    with loopback_steered(steered):
+        run(parser, args)
+
+
+def run(parser: argparse.ArgumentParser, args) -> None:
     if args.profile:
         named = [name for name in SCENARIOS if args.only in name] if args.only else ["fan-out, 100 members"]
         if not named:
@@ -728,18 +786,25 @@ def copied_sections() -> list[str]:
     return lines
 
 
+STEERED = (" (and loopback's receiving side with them, --steer-loopback: the clients' kernel work off the "
+           "workers' core, as on a real network)")
+
+
 def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
     from bench import codecs
 
     command = " ".join(["python", "bench/run.py"] + (["--quick"] if args.quick else []) + ([f"--runs {args.runs}"] if args.runs != 3 else [])
-                       + ([f"--only '{args.only}'"] if args.only else []) + ([f"--servers {args.servers}"] if args.servers != "daphne,uvicorn" else []))
+                       + ([f"--only '{args.only}'"] if args.only else []) + ([f"--servers {args.servers}"] if args.servers != "daphne,uvicorn" else [])
+                       + (["--steer-loopback"] if args.steer_loopback else []))
+    if os.environ.get("BENCH_WORKER_ENV"):
+        command = f"BENCH_WORKER_ENV={shlex.quote(os.environ['BENCH_WORKER_ENV'])} {command}"
     lines = [
         "# Benchmark results",
         "",
         f"`{command}` ({'what `make bench` runs' if command == 'python bench/run.py' else '`make bench` runs it with no options'}), "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"Python {platform.python_version()}, {os.cpu_count()} cores; the workers pinned to core 0, the load generator, "
-        f"PostgreSQL and Redis to core 1; median of {runs} run(s), each on fresh workers, the two targets' runs taking turns. The ratio is ours against the "
+        f"PostgreSQL and Redis to core 1{STEERED if args.steer_loopback else ''}; median of {runs} run(s), each on fresh workers, the two targets' runs taking turns. The ratio is ours against the "
         "bare tutorial consumer (bench/bare.py) served by the same server in the same run (above 1 is better for us: "
         "deliveries a second divided, latency and memory inverted). The full pipeline keeps every guarantee on: "
         "session auth, origin check, schema, permission check, rate limit, persistence with a seq, presence.",

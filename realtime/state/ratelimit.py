@@ -3,9 +3,10 @@ through Redis (in process memory when there is no REDIS_URL).
 
 A bucket holds up to `burst` tokens and refills at `rate` tokens a second; each
 action takes one (a batch of n actions asks for n and gets what the bucket holds,
-in order). The Redis version is one Lua script, so concurrent workers can never
-both spend the last token. A socket's message.sends spend from a reserve of a
-few tokens its worker holds (Reserves), asking Redis only to renew it.
+in order). On Redis each step is one Lua script (a take, a reserve's settlement,
+a debit), so concurrent workers can never both spend the last token. A socket's
+message.sends spend from a reserve of a few tokens its worker holds (Reserves),
+asking Redis when the reserve runs short or its period ends.
 
 The replay budget is a bucket of bytes that may go into debt: a replay's size is
 known only once it is read, so a replay is allowed while the user is not in debt
@@ -257,7 +258,8 @@ class Reserves:
 
     Never more than the bucket alone: what is reserved left the bucket, which
     refills only to its burst less every live count, and a count lives
-    RESERVE_SLACK longer than its period may be spent. A worker that dies
+    RESERVE_HOLD + RESERVE_SLACK from its period's last ask to Redis (a take
+    or a top-up), so RESERVE_SLACK or a little more past its period's end. A worker that dies
     holding one, a settlement or an answer that is lost (a cancelled socket, a
     Redis timeout), leaves a count that runs out by itself; a settlement that
     comes after that gives nothing back, and touches no other period's count.

@@ -1,7 +1,9 @@
 """Frames in: decode, validate, rate-limit, dispatch through the handler registry
 (ws/handlers.py), reply. Frames that were already waiting are taken together: a run
-of message.sends is handled as one batch (one rate-limit call, one trip to the
-database thread, one publish), each with its own checks, seq and reply, in order.
+of message.sends is handled as one batch (one take from the rate limit, usually
+from the worker's reserve with no call to Redis; one write, on PostgreSQL from the
+loop's own connection, else in the database thread; one publish), each with its
+own checks, seq and reply, in order.
 A client that keeps sending past its limits is answered `rate_limited` and then
 closed with 4029. A part of RealtimeConsumer (ws/consumer.py).
 """
@@ -164,8 +166,9 @@ class Intake:
     async def handle_sends(self, frames: list[protocol.MessageSend]) -> None:
         """message.sends, one alone or several that were waiting, each checked and
         written as if it came alone (its own token, permission check, write, seq
-        and ack, in order), with one rate-limit call, one trip to the database
-        thread and one publish for all of them."""
+        and ack, in order), with one take from the rate limit, one write (the
+        loop's own connection on PostgreSQL, else the database thread) and one
+        publish for all of them."""
         if not self.authenticated or self.revoked:
             return
         if tracing.ENABLED:

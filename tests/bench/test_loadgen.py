@@ -2,13 +2,16 @@
 server: deliveries merged from helper processes, the drain client's seq tracking
 and its reconnect delays, the Socket.IO members' packets. No timing is asserted."""
 
+import argparse
 import asyncio
+import os
+import signal
 from types import SimpleNamespace
 
 import pytest
 import websockets
 
-from bench import drain, loadgen
+from bench import drain, loadgen, run
 
 
 def test_deliveries_from_several_helper_processes_merge_into_one_summary():
@@ -95,3 +98,41 @@ async def test_a_socketio_join_that_is_refused_is_not_a_member():
         target = loadgen.Target("socketio", [listening.sockets[0].getsockname()[1]], "", "", "bench")
         with pytest.raises(loadgen.SubscribeRefused, match="join_refused"):
             await target.connect()
+
+
+def test_loopback_steering_is_set_for_the_block_and_put_back_after_it(tmp_path, monkeypatch):
+    """--steer-loopback: the receiving side goes to the load generator's core for
+    the measurement, and the machine's setting is as it was afterwards, even when
+    the measurement fails (the real file is the kernel's: a stand-in here)."""
+    setting = tmp_path / "rps_cpus"
+    setting.write_text("0\n")
+    monkeypatch.setattr(run, "LOOPBACK_STEERING", setting)
+    with run.loopback_steered(1):
+        assert setting.read_text() == "2\n"
+    assert setting.read_text() == "0\n"
+    with pytest.raises(RuntimeError), run.loopback_steered(1):
+        assert setting.read_text() == "2\n"
+        raise RuntimeError("a measurement that failed")
+    assert setting.read_text() == "0\n"
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit), run.loopback_steered(1):
+        os.kill(os.getpid(), signal.SIGTERM)  # a bench stopped from outside: its handler runs at once
+    assert setting.read_text() == "0\n"
+    assert signal.getsignal(signal.SIGTERM) == handler
+    with run.loopback_steered(None):
+        assert setting.read_text() == "0\n"
+
+
+def test_loopback_steering_that_cannot_be_set_is_a_usage_error(tmp_path, monkeypatch):
+    parser = argparse.ArgumentParser()
+    run.steering_option(parser)
+    asked, not_asked = parser.parse_args(["--steer-loopback"]), parser.parse_args([])
+    monkeypatch.setattr(run, "LOOPBACK_STEERING", tmp_path / "absent")  # no such setting (a kernel without RPS)
+    with pytest.raises(SystemExit) as exited:
+        run.steering_checked(parser, asked)
+    assert exited.value.code == 2
+    assert run.steering_checked(parser, not_asked) is None
+    setting = tmp_path / "rps_cpus"
+    setting.write_text("0\n")
+    monkeypatch.setattr(run, "LOOPBACK_STEERING", setting)
+    assert run.steering_checked(parser, asked) == (1 if run.pinned(1) else None)

@@ -32,14 +32,14 @@ ERROR_MEANING = {  # the HTTP status of each comes from protocol.HTTP_STATUS
     protocol.ErrorCode.RATE_LIMITED: "too many of this action (a bucket per user and action), or, on `subscribe` and REST history and event pages, the user's replay budget is in debt; retry after `retry_after` seconds. Also the `error` before a 4029 close of a socket opened too often",
     protocol.ErrorCode.TOO_LARGE: "a body, room name or topic over its length limit, too many rooms on one connection, or too many people for a direct message",
     protocol.ErrorCode.CONFLICT: "the request contradicts the state: the client_id was already used for a message in another room; a room you can see has that name; the person is a member already; the room's last owner would leave or stop being an owner; a `reaction.add` of a new emoji to a message that has 20 different ones already",
-    protocol.ErrorCode.RECOVERY_FAILED: "`since` is ahead of the log or outside the replay window: reload history",
+    protocol.ErrorCode.RECOVERY_FAILED: "`since` is ahead of the log, outside the replay window or of an epoch the log no longer has: reload history",
     protocol.ErrorCode.INTERNAL: "a server fault; nothing was changed",
 }
 
 INTRO = """\
 # Protocol v1
 
-Generated from `realtime/protocol.py` by `python manage.py protocol_docs`; do not edit
+Generated from `realtime/protocol/` by `python manage.py protocol_docs`; do not edit
 by hand (a test fails when this file and the declarations disagree).
 
 ## Transport
@@ -74,7 +74,7 @@ by hand (a test fails when this file and the declarations disagree).
   `retry_after` and the client subscribes again after it (`since` unchanged).
 - Every frame is an object whose `type` names its schema; unknown fields are refused.
 - A request may carry `ref` (a string of at most 64 characters, or an integer); each
-  request gets exactly one reply (`ack`, `error` or `pong`) carrying the same `ref`.
+  request gets exactly one reply (`ack`, `error`, `pong` or `presence.page`) carrying the same `ref`.
   A frame too broken to read a `ref` from gets an `error` without one.
 - Replies come in the order the requests were sent. A client may pipeline requests
   (several `message.send`s in flight, within its rate limit): the server handles
