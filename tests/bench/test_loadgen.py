@@ -135,4 +135,9 @@ def test_loopback_steering_that_cannot_be_set_is_a_usage_error(tmp_path, monkeyp
     setting = tmp_path / "rps_cpus"
     setting.write_text("0\n")
     monkeypatch.setattr(run, "LOOPBACK_STEERING", setting)
-    assert run.steering_checked(parser, asked) == (1 if run.pinned(1) else None)
+    monkeypatch.setattr(run, "pinned", lambda core: ["taskset", "-c", str(core)])
+    assert run.steering_checked(parser, asked) == 1
+    monkeypatch.setattr(run, "pinned", lambda core: [])  # one core, or no taskset: no load generator's core apart
+    with pytest.raises(SystemExit) as exited:
+        run.steering_checked(parser, asked)
+    assert exited.value.code == 2
