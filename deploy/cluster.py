@@ -10,6 +10,7 @@ PostgreSQL and Redis are started privately unless DATABASE_URL / REDIS_URL are s
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import os
 import shutil
@@ -46,10 +47,23 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+# The ports free_port() handed out lately in this process. The kernel may give the
+# same free port to two binds in a row (15 in 200,000 pairs on this machine kind);
+# a worker given one port for both its listeners stops on the second listen, after
+# the first may already have answered wait_port (the likely cause of a bench run's
+# "connection refused"). Bounded: a port handed out long ago is free to come back.
+_handed_out: collections.deque[int] = collections.deque(maxlen=4096)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that nothing listens on and this process has not handed out lately."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.append(port)
+            return port
 
 
 def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
