@@ -54,9 +54,11 @@ import json
 import os
 import re
 import resource
+import signal
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import msgspec
 import websockets
@@ -368,6 +370,7 @@ async def publish(target: Target, members_n: int, total: int, *, window: int | N
     gc.collect()
     gc.freeze()
     gc.disable()
+    spy = await steady_profile(worker_pids)
     cpu_before = cpu_times(worker_pids) if worker_pids else None
     own_before = cpu_seconds([os.getpid()])
     started = time.monotonic()
@@ -393,6 +396,7 @@ async def publish(target: Target, members_n: int, total: int, *, window: int | N
             await asyncio.sleep(0.05)
     cpu_after = cpu_times(worker_pids) if worker_pids else None
     own_after, ended = cpu_seconds([os.getpid()]), time.monotonic()
+    await spy.stop()
     gc.enable()
     result = summarize(sent, members, started)
     # The load generator's CPU while it sent and timed (all its processes, as a
@@ -415,6 +419,38 @@ async def publish(target: Target, members_n: int, total: int, *, window: int | N
     await echo.close()
     await asyncio.gather(*(m.close() for m in members if hasattr(m, "close")), return_exceptions=True)
     return result
+
+
+class SteadyProfile:
+    """py-spy on the first worker from the first message sent to the last delivery
+    (bench/run.py --profile NAME --steady): the steady state alone, without the
+    members' connects and subscribes. Every thread that is not idle is sampled,
+    the GIL held or not: a socket's send() releases it, and the kernel's time in
+    it is what a big room's deliveries pay most."""
+
+    def __init__(self, proc=None) -> None:
+        self.proc = proc
+
+    async def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        if await self.proc.wait() != 0:
+            raise RuntimeError(f"py-spy ended with {self.proc.returncode}: {(await self.proc.stderr.read()).decode()[-500:]}")
+
+
+async def steady_profile(worker_pids: list[int] | None) -> SteadyProfile:
+    out = os.environ.get("BENCH_STEADY_PROFILE")
+    if not out or not worker_pids:
+        return SteadyProfile()
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(worker_pids[0]), "--rate", "250",
+        "--nonblocking", "--format", "raw", "--output", out,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    await asyncio.sleep(1)  # attached (it samples from its start; the first second is idle)
+    if proc.returncode is not None:
+        raise RuntimeError(f"py-spy did not start: {(await proc.stderr.read()).decode()[-500:]}")
+    return SteadyProfile(proc)
 
 
 class Helper:

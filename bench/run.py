@@ -401,7 +401,8 @@ def report_log(worker: BenchWorker, offset: int, target: str, first: int = 5) ->
                 print(f"    {n} x {kind}" + (f" ({since} to {until})" if since else ""), file=sys.stderr, flush=True)
 
 
-def summarize_profile(raw: Path, out: Path, title: str, top: int = 25) -> None:
+def summarize_profile(raw: Path, out: Path, title: str, top: int = 25,
+                      sampled: str = "only a thread holding the GIL") -> None:
     """py-spy's collapsed stacks as two tables: where the worker's time went by
     function itself (self) and with what it called (total), in percent of samples."""
     own: dict[str, int] = {}
@@ -417,7 +418,7 @@ def summarize_profile(raw: Path, out: Path, title: str, top: int = 25) -> None:
         own[frames[-1]] = own.get(frames[-1], 0) + n
         for frame in set(frames):
             total[frame] = total.get(frame, 0) + n
-    lines = [f"# {title}", "", f"{samples} samples (py-spy, 250 Hz, not pausing the worker, only a thread holding the GIL).", "",
+    lines = [f"# {title}", "", f"{samples} samples (py-spy, 250 Hz, not pausing the worker, {sampled}).", "",
              "| self % | function |", "| ---: | --- |"]
     lines += [f"| {100 * n / samples:.1f} | `{f}` |" for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]]
     lines += ["", "| total % | function |", "| ---: | --- |"]
@@ -433,12 +434,18 @@ def main() -> None:
     parser.add_argument("--profile", metavar="NAME",
                         help="instead: one run of the full pipeline under py-spy (the first scenario --only "
                              "names, else fan-out into 100 members), summarized to bench/profiles/NAME.md")
+    parser.add_argument("--steady", action="store_true",
+                        help="with --profile, a fan-out or rate scenario: sampled from the first message sent to "
+                             "the last delivery (the sockets' opening left out), every busy thread, not only the "
+                             "GIL's holder")
     parser.add_argument("--only", metavar="TEXT", help="only the scenarios whose name contains TEXT (or any of "
                         "TEXT|TEXT|...)")
     parser.add_argument("--servers", default="daphne,uvicorn",
                         help="the ASGI servers to run both targets on, comma-separated (deploy/ runs daphne)")
     steering_option(parser)
     args = parser.parse_args()
+    if args.steady and not args.profile:
+        parser.error("--steady goes with --profile")
     steered = steering_checked(parser, args)
     raise_fd_limit()
     with loopback_steered(steered):
@@ -450,7 +457,7 @@ def run(parser: argparse.ArgumentParser, args) -> None:
         named = [name for name in SCENARIOS if args.only in name] if args.only else ["fan-out, 100 members"]
         if not named:
             parser.error(f"no scenario's name contains {args.only!r}")
-        return profile(args.profile, named[0])
+        return profile(args.profile, named[0], steady=args.steady)
     scenarios = QUICK if args.quick else SCENARIOS
     if args.only:
         scenarios = {name: s for name, s in scenarios.items() if any(part in name for part in args.only.split("|"))}
@@ -499,19 +506,27 @@ def run(parser: argparse.ArgumentParser, args) -> None:
         sys.exit(1)
 
 
-def profile(name: str, scenario: str) -> None:
+def profile(name: str, scenario: str, steady: bool = False) -> None:
     folder = ROOT / "bench" / "profiles"
     folder.mkdir(exist_ok=True)
+    args, metric, _, workers = SCENARIOS[scenario]
+    if steady and args[args.index("--scenario") + 1] not in ("fanout", "rate"):
+        raise SystemExit(f"--steady: {scenario!r} sends no messages to sample between")
     with services() as (workdir, ctx, member, sender):
         raw = Path(os.environ.get("BENCH_PROFILE_RAW", workdir / "profile.txt"))
-        args, metric, _, workers = SCENARIOS[scenario]
         args = [*args]
         if "--messages" in args:
             # Five times the messages, so that the sockets' set-up is a small part of the profile.
             args[args.index("--messages") + 1] = str(5 * int(args[args.index("--messages") + 1]))
-        result = one_run(ctx, workdir, "full", args, member, sender, profile=raw, workers=workers)
-        summarize_profile(raw, folder / f"{name}.md", f"Profile '{name}': {scenario}, full pipeline "
-                          f"({result[metric]} {metric.replace('_per_s', '/s')} under the profiler)")
+        if steady:
+            # The load generator attaches py-spy to the first worker when it starts
+            # sending and stops it after the last delivery (bench/loadgen.py).
+            os.environ["BENCH_STEADY_PROFILE"] = str(raw)
+        result = one_run(ctx, workdir, "full", args, member, sender, profile=None if steady else raw, workers=workers)
+        phase = ", from the first message sent to the last delivery" if steady else ""
+        summarize_profile(raw, folder / f"{name}.md", f"Profile '{name}': {scenario}, full pipeline{phase} "
+                          f"({result[metric]} {metric.replace('_per_s', '/s')} under the profiler)",
+                          sampled="every thread not idle, the GIL held or not" if steady else "only a thread holding the GIL")
     print((folder / f"{name}.md").read_text())
 
 

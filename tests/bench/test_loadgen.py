@@ -141,3 +141,36 @@ def test_loopback_steering_that_cannot_be_set_is_a_usage_error(tmp_path, monkeyp
     with pytest.raises(SystemExit) as exited:
         run.steering_checked(parser, asked)
     assert exited.value.code == 2
+
+
+@pytest.mark.asyncio
+async def test_the_steady_profile_samples_the_worker_between_its_start_and_stop(tmp_path, monkeypatch):
+    """run.py --profile NAME --steady: the load generator samples the first worker
+    with py-spy from its first send to its last delivery (a busy stand-in worker
+    here): what it ran then is in the output, every busy thread counted."""
+    busy = await asyncio.create_subprocess_exec(
+        loadgen.sys.executable, "-c", "import time\ndef steady_busy_loop():\n    while True:\n        time.monotonic()\n"
+        "steady_busy_loop()")
+    try:
+        monkeypatch.delenv("BENCH_STEADY_PROFILE", raising=False)
+        inert = await loadgen.steady_profile([busy.pid])
+        assert inert.proc is None
+        await inert.stop()
+        out = tmp_path / "steady.txt"
+        monkeypatch.setenv("BENCH_STEADY_PROFILE", str(out))
+        spy = await loadgen.steady_profile([busy.pid])
+        await asyncio.sleep(0.5)
+        await spy.stop()
+        assert "steady_busy_loop" in out.read_text()
+    finally:
+        busy.kill()
+        await busy.wait()
+
+
+def test_steady_goes_with_profile(monkeypatch, capsys):
+    monkeypatch.setattr(run.sys, "argv", ["run.py", "--steady"])
+    monkeypatch.setattr(run, "run", lambda parser, args: pytest.fail("--steady alone ran the bench"))
+    with pytest.raises(SystemExit) as exited:
+        run.main()
+    assert exited.value.code == 2
+    assert "--steady goes with --profile" in capsys.readouterr().err
