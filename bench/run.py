@@ -197,20 +197,28 @@ def steering_checked(parser: argparse.ArgumentParser, args) -> int | None:
     return 1
 
 
+def worker_cores() -> list[int]:
+    """The cores the workers are pinned to in turn: core 0 for all of them, or, for
+    an A/B of what a core per worker changes, BENCH_WORKER_CORES="0,1" (the second
+    worker then shares core 1 with the load generator, PostgreSQL and Redis)."""
+    return [int(core) for core in os.environ.get("BENCH_WORKER_CORES", "0").split(",")]
+
+
 class BenchWorker(Worker):
     server = "daphne"
+    core = 0
 
     def command(self) -> list[str]:
         if self.server == "uvicorn":
             # uvicorn[standard]: uvloop, httptools and the websockets protocol, with
             # the limits our daphne flags set (deploy/). No TLS endpoint is needed here.
-            return pinned(0) + [
+            return pinned(self.core) + [
                 sys.executable, "-m", "uvicorn", "project.asgi:application", "--host", "127.0.0.1",
                 "--port", str(self.port), "--ws", "websockets", "--ws-max-size", "65536",
                 "--ws-ping-interval", "20", "--ws-ping-timeout", "30", "--ws-per-message-deflate", "false",
                 "--lifespan", "off", "--log-level", "warning", "--no-access-log",
             ]
-        return pinned(0) + super().command()
+        return pinned(self.core) + super().command()
 
     def start(self) -> "BenchWorker":
         if self.server == "uvicorn":
@@ -306,6 +314,7 @@ def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str,
     try:
         for n, (port, tls_port) in enumerate(ports):
             worker = BenchWorker(f"bench{n}", env, workdir, port=port, tls_port=tls_port)
+            worker.core = worker_cores()[n % len(worker_cores())]
             log_offsets.append(worker.log.stat().st_size if worker.log.exists() else 0)
             started.append(worker.start())
             check_fd_limit(worker.proc.pid, args)
@@ -811,14 +820,17 @@ def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
     command = " ".join(["python", "bench/run.py"] + (["--quick"] if args.quick else []) + ([f"--runs {args.runs}"] if args.runs != 3 else [])
                        + ([f"--only '{args.only}'"] if args.only else []) + ([f"--servers {args.servers}"] if args.servers != "daphne,uvicorn" else [])
                        + (["--steer-loopback"] if args.steer_loopback else []))
-    if os.environ.get("BENCH_WORKER_ENV"):
-        command = f"BENCH_WORKER_ENV={shlex.quote(os.environ['BENCH_WORKER_ENV'])} {command}"
+    for name in ("BENCH_WORKER_CORES", "BENCH_WORKER_ENV"):
+        if os.environ.get(name):
+            command = f"{name}={shlex.quote(os.environ[name])} {command}"
+    cores = worker_cores()
     lines = [
         "# Benchmark results",
         "",
         f"`{command}` ({'what `make bench` runs' if command == 'python bench/run.py' else '`make bench` runs it with no options'}), "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"Python {platform.python_version()}, {os.cpu_count()} cores; the workers pinned to core 0, the load generator, "
+        f"Python {platform.python_version()}, {os.cpu_count()} cores; the workers pinned to core "
+        f"{' and '.join(map(str, cores)) + ' in turn' if len(cores) > 1 else cores[0]}, the load generator, "
         f"PostgreSQL and Redis to core 1{STEERED if args.steer_loopback else ''}; median of {runs} run(s), each on fresh workers, the two targets' runs taking turns. The ratio is ours against the "
         "bare tutorial consumer (bench/bare.py) served by the same server in the same run (above 1 is better for us: "
         "deliveries a second divided, latency and memory inverted). The full pipeline keeps every guarantee on: "

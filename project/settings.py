@@ -376,6 +376,12 @@ REALTIME = {
     "MAX_ROOMS_PER_CONNECTION": env_int("REALTIME_MAX_ROOMS_PER_CONNECTION", 100),
     # Most messages one history page returns.
     "HISTORY_PAGE_MAX": env_int("REALTIME_HISTORY_PAGE_MAX", 200),
+    # A room event committed on a worker with at least this many of its own
+    # sockets following the room is published before this worker writes it to
+    # them (the other workers' sweeps then start a broker round trip after the
+    # commit, not after this worker's whole sweep); below it, this worker's own
+    # sockets get it first. 0: always publish first.
+    "PUBLISH_FIRST_AT": env_int("REALTIME_PUBLISH_FIRST_AT", 1000),
     # Seconds between a socket's own checks of its session (expiry, anything a
     # signal missed); logout, password change and deactivation act at once.
     "SESSION_RECHECK": env_int("REALTIME_SESSION_RECHECK", 60),

@@ -16,10 +16,14 @@ transport.py: REALTIME_BROKER_URL; Redis pub/sub on REDIS_URL where unset; the
 channel layer without either).
 
 A room event committed on this worker is handed to this worker's own sockets
-before it is published (`dispatch_own`), when it directly follows the last event
-the worker handed out in that room; the copy that comes back is dropped by seq.
-On one worker that takes the Redis round trip (publish, then receive) out of
-every message's latency; with several, the other workers get it as before.
+without waiting for its copy to come back (`dispatch_own`), when it directly
+follows the last event the worker handed out in that room; the copy that comes
+back is dropped by seq. On one worker that takes the Redis round trip (publish,
+then receive) out of every message's latency. It is handed out before the
+publish, or, where this worker has many sockets in the room
+(REALTIME_PUBLISH_FIRST_AT, 1,000), right after the publish's round trip: a
+sweep of thousands of sockets takes tens of milliseconds, which the other
+workers' sweeps would otherwise wait for (publish.send_groups).
 
 Every per-socket guarantee stays where it was: each consumer still takes room
 messages one at a time, drops seqs it has sent, repairs gaps from the log, and
@@ -177,6 +181,12 @@ class Fanout:
             metrics.delivered(message, written)
         return written
 
+    def own_sockets(self, messages: list[tuple[str, dict]]) -> int:
+        """How many writes dispatch_own(messages) would make at most: this
+        worker's sockets following the groups of the room events among them."""
+        return sum(len(self.groups.get(group, ())) for group, message in messages
+                   if message.get("type") == names.ROOM_EVENT)
+
     async def dispatch_own(self, messages: list[tuple[str, dict]]) -> None:
         """Room events this worker has just committed, handed to its own sockets
         before the transport's round trip (publish, then receive its own message
@@ -185,7 +195,9 @@ class Fanout:
         follows the last one handed out (seq = head + 1) goes this way: any other
         might overtake one still in flight from another worker, so it waits for
         the transport, which keeps the group's order. The copy that comes back is
-        dropped by seq (dispatch)."""
+        dropped by seq (dispatch); where the copy came back first (called after
+        the publish's round trip, publish.send_groups), that copy was handed out
+        and this finds its seq at the head, and writes nothing again."""
         for group, message in messages:
             if message.get("type") != names.ROOM_EVENT or group not in self.groups:
                 continue

@@ -174,3 +174,20 @@ def test_steady_goes_with_profile(monkeypatch, capsys):
         run.main()
     assert exited.value.code == 2
     assert "--steady goes with --profile" in capsys.readouterr().err
+
+
+def test_the_workers_cores_come_in_turn_from_bench_worker_cores(monkeypatch):
+    """BENCH_WORKER_CORES: the cores an A/B pins the workers to in turn (core 0 for
+    all of them unless it is set), in the command each worker starts with."""
+    monkeypatch.setattr(run, "pinned", lambda core: ["taskset", "-c", str(core)])
+    monkeypatch.delenv("BENCH_WORKER_CORES", raising=False)
+    assert run.worker_cores() == [0]
+    monkeypatch.setenv("BENCH_WORKER_CORES", "0,1")
+    assert run.worker_cores() == [0, 1]
+    worker = run.BenchWorker.__new__(run.BenchWorker)
+    worker.core, worker.port = 1, 8000
+    run.BenchWorker.server = "uvicorn"
+    try:
+        assert worker.command()[:3] == ["taskset", "-c", "1"]
+    finally:
+        run.BenchWorker.server = "daphne"

@@ -110,6 +110,78 @@ async def test_an_event_out_of_turn_waits_for_the_transport(cookies, settings, r
         assert [(e["seq"], e["body"]) for e in got] == [(2, "m1"), (3, "m2")]
 
 
+@pytest.fixture
+def order(monkeypatch):
+    """What happened to each room event in turn: its PUBLISH answered by Redis
+    ("published"), and this worker's own sockets handed it (("own", how many
+    sockets))."""
+    seen: list = []
+    real_publish, real_own = aioredis.Redis.publish, Fanout.dispatch_own
+
+    async def publish(self, channel, message, **kwargs):
+        answered = await real_publish(self, channel, message, **kwargs)
+        if str(channel).startswith("rt:fan:room."):
+            seen.append("published")
+        return answered
+
+    async def dispatch_own(self, messages):
+        if any(m.get("type") == broadcast.ROOM_EVENT for _, m in messages):
+            seen.append(("own", self.own_sockets(messages)))
+        await real_own(self, messages)
+
+    monkeypatch.setattr(aioredis.Redis, "publish", publish)
+    monkeypatch.setattr(Fanout, "dispatch_own", dispatch_own)
+    return seen
+
+
+@pytest.mark.parametrize("first_at, expected", [
+    (3, [("own", 2), "published"]),  # two sockets here, below the bar: they get it first
+    (2, ["published", ("own", 2)]),  # at the bar: the other workers' sweeps go first
+    (0, ["published", ("own", 2)]),  # 0: always published first
+])
+async def test_a_worker_with_many_sockets_in_the_room_publishes_before_it_writes_to_them(
+        cookies, settings, redis_server, order, first_at, expected):
+    settings.REDIS_URL = redis_server.url
+    settings.REALTIME = {**settings.REALTIME, "PUBLISH_FIRST_AT": first_at}
+    async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
+        await subscribe(alice, "general")
+        await subscribe(bob, "general")
+        for i in range(2):
+            await alice.send_json_to(send(i))
+            assert (await next_of(bob, "message.new"))["seq"] == i + 1
+            assert (await next_of(alice, "message.new"))["seq"] == i + 1
+        await assert_quiet(bob)
+    # Each event once to each socket, in order, either way; the second event's
+    # turn is the one asked about (the first taught the worker the room's head).
+    assert order[-2:] == expected
+
+
+async def test_a_publish_that_fails_first_still_serves_this_workers_sockets(cookies, settings, redis_server, monkeypatch):
+    settings.REDIS_URL = redis_server.url
+    settings.REALTIME = {**settings.REALTIME, "PUBLISH_FIRST_AT": 0}
+    real = aioredis.Redis.publish
+    broken = {"on": False}
+
+    async def publish(self, channel, message, **kwargs):
+        if broken["on"] and str(channel).startswith("rt:fan:room."):
+            raise ConnectionError("the broker went away")
+        return await real(self, channel, message, **kwargs)
+
+    monkeypatch.setattr(aioredis.Redis, "publish", publish)
+    async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
+        await subscribe(alice, "general")
+        await subscribe(bob, "general")
+        await alice.send_json_to(send(0))
+        assert (await next_of(bob, "message.new"))["seq"] == 1
+        assert (await next_of(alice, "message.new"))["seq"] == 1
+        broken["on"] = True
+        await alice.send_json_to(send(1))
+        got = await next_of(bob, "message.new", timeout=2)
+        assert (got["seq"], got["body"]) == (2, "m1")
+        mine = [await alice.receive_json_from(timeout=2) for _ in range(2)]
+        assert [(f["type"], f["seq"]) for f in mine] == [("ack", 2), ("message.new", 2)]
+
+
 async def test_the_copy_that_comes_back_is_dropped_once_for_the_worker(cookies, transport, handed):
     async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
         await subscribe(alice, "general")
