@@ -66,15 +66,21 @@ async def next_of(comm, kind: str, timeout: float = 5) -> dict:
             return frame
 
 
+async def head_learned(alice, bob) -> None:
+    """Both subscribed to general, and its first event sent by alice through the
+    transport (the worker learns the room's head from it) and received by both."""
+    await subscribe(alice, "general")
+    await subscribe(bob, "general")
+    await alice.send_json_to(send(0))
+    assert (await next_of(bob, "message.new"))["seq"] == 1
+    assert (await next_of(alice, "message.new"))["seq"] == 1
+
+
 async def test_an_event_committed_here_reaches_this_workers_sockets_without_the_transport(
         cookies, settings, redis_server, lost_publishes):
     settings.REDIS_URL = redis_server.url
     async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
-        await subscribe(alice, "general")
-        await subscribe(bob, "general")
-        await alice.send_json_to(send(0))  # through pub/sub: the worker learns the room's head
-        assert (await next_of(bob, "message.new"))["seq"] == 1
-        assert (await next_of(alice, "message.new"))["seq"] == 1
+        await head_learned(alice, bob)  # through pub/sub: the worker learns the room's head
         lost_publishes["on"] = True
         await alice.send_json_to(send(1))
         got = await bob.receive_json_from(timeout=2)
@@ -91,11 +97,7 @@ async def test_an_event_out_of_turn_waits_for_the_transport(cookies, settings, r
     overtake the other. It comes through the transport, in the group's order."""
     settings.REDIS_URL = redis_server.url
     async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
-        await subscribe(alice, "general")
-        await subscribe(bob, "general")
-        await alice.send_json_to(send(0))
-        assert (await next_of(bob, "message.new"))["seq"] == 1
-        assert (await next_of(alice, "message.new"))["seq"] == 1
+        await head_learned(alice, bob)
         fan = fanout()
         fan.heads[broadcast.room_group("general")] = 0  # as if seq 1 were still on its way here
         lost_publishes["on"] = True
@@ -169,11 +171,7 @@ async def test_a_publish_that_fails_first_still_serves_this_workers_sockets(cook
 
     monkeypatch.setattr(aioredis.Redis, "publish", publish)
     async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
-        await subscribe(alice, "general")
-        await subscribe(bob, "general")
-        await alice.send_json_to(send(0))
-        assert (await next_of(bob, "message.new"))["seq"] == 1
-        assert (await next_of(alice, "message.new"))["seq"] == 1
+        await head_learned(alice, bob)
         broken["on"] = True
         await alice.send_json_to(send(1))
         got = await next_of(bob, "message.new", timeout=2)
