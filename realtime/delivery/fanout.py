@@ -182,10 +182,11 @@ class Fanout:
         return written
 
     def own_sockets(self, messages: list[tuple[str, dict]]) -> int:
-        """How many writes dispatch_own(messages) would make at most: this
-        worker's sockets following the groups of the room events among them."""
-        return sum(len(self.groups.get(group, ())) for group, message in messages
-                   if message.get("type") == names.ROOM_EVENT)
+        """This worker's sockets in the rooms of the room events among `messages`,
+        each room counted once however many of its events the batch holds (a
+        burst of sends is one batch): how wide dispatch_own's sweep is."""
+        rooms = {group for group, message in messages if message.get("type") == names.ROOM_EVENT}
+        return sum(len(self.groups.get(group, ())) for group in rooms)
 
     async def dispatch_own(self, messages: list[tuple[str, dict]]) -> None:
         """Room events this worker has just committed, handed to its own sockets

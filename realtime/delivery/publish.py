@@ -10,6 +10,7 @@ forced disconnects and drain requests.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -31,6 +32,17 @@ from realtime.state import degraded
 log = logging.getLogger(__name__)
 
 
+# The longest a worker's own sockets wait for a publish that goes first (send_groups):
+# a round trip is a tenth of a millisecond to a few; a broker that takes longer is
+# in trouble (an engine's send may wait seconds, AMQP's confirms without a bound).
+PUBLISH_FIRST_WAIT = 0.05
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 async def send_group(group: str, message: dict) -> None:
     """Send `message` to every socket following `group`, on every worker."""
     await send_groups([(group, message)])
@@ -40,11 +52,12 @@ async def send_groups(messages: list[tuple[str, dict]]) -> None:
     """send_group for each (group, message), in order, in one round trip where the
     transport allows. Room events this worker's own sockets follow are handed to
     them without waiting for the copy the transport brings back
-    (fanout.Fanout.dispatch_own): before the publish, or, where this worker's
-    own sweep is long (REALTIME["PUBLISH_FIRST_AT"] sockets or more), right
-    after the publish's round trip, so that the other workers' sweeps do not
-    wait for this one's (5,000 sockets take tens of milliseconds to write to).
-    A publish that fails still leaves this worker's sockets served."""
+    (fanout.Fanout.dispatch_own): before the publish, or, where this worker has
+    many sockets in those rooms (REALTIME["PUBLISH_FIRST_AT"] or more), after
+    the publish's round trip, so that the other workers' sweeps do not wait for
+    this one's (5,000 sockets take tens of milliseconds to write to). A publish
+    that fails, or has no answer within PUBLISH_FIRST_WAIT (a broker in
+    trouble), does not hold this worker's sockets back any longer than that."""
     for group, message in messages:
         message["group"] = group
     engine = chosen()
@@ -56,10 +69,16 @@ async def send_groups(messages: list[tuple[str, dict]]) -> None:
         await fan.dispatch_own(messages)
         await engine.send(packed)
     else:
+        sending = asyncio.ensure_future(engine.send(packed))
+        # Its error is raised by the await below, or, if this task is cancelled
+        # first, dropped here (the event is in the log; publish() would only
+        # have counted it).
+        sending.add_done_callback(_retrieved)
         try:
-            await engine.send(packed)
+            await asyncio.wait({sending}, timeout=PUBLISH_FIRST_WAIT)
         finally:
             await fan.dispatch_own(messages)
+        await sending
     metrics.BROKER_MESSAGES.labels(engine.name, "published").inc(len(messages))
 
 

@@ -180,6 +180,45 @@ async def test_a_publish_that_fails_first_still_serves_this_workers_sockets(cook
         assert [(f["type"], f["seq"]) for f in mine] == [("ack", 2), ("message.new", 2)]
 
 
+async def test_a_publish_without_an_answer_holds_this_workers_sockets_back_no_longer_than_the_wait(
+        cookies, settings, redis_server, monkeypatch):
+    """A broker in trouble (a publish that does not answer: AMQP's confirms wait
+    without a bound): the worker's own sockets get the event after
+    PUBLISH_FIRST_WAIT, while the publish is still held; the sender's ack and
+    its own copy follow once it answers."""
+    settings.REDIS_URL = redis_server.url
+    settings.REALTIME = {**settings.REALTIME, "PUBLISH_FIRST_AT": 0}
+    real = aioredis.Redis.publish
+    held, release = {"on": False, "waiting": 0}, asyncio.Event()
+
+    async def publish(self, channel, message, **kwargs):
+        if held["on"] and str(channel).startswith("rt:fan:room."):
+            held["waiting"] += 1
+            await release.wait()
+        return await real(self, channel, message, **kwargs)
+
+    monkeypatch.setattr(aioredis.Redis, "publish", publish)
+    async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
+        await head_learned(alice, bob)
+        held["on"] = True
+        await alice.send_json_to(send(1))
+        got = await next_of(bob, "message.new", timeout=2)
+        assert (got["seq"], got["body"]) == (2, "m1")
+        assert held["waiting"] == 1 and not release.is_set(), "the publish was answered before bob got it"
+        release.set()
+        mine = [await alice.receive_json_from(timeout=2) for _ in range(2)]
+        assert [(f["type"], f["seq"]) for f in mine] == [("ack", 2), ("message.new", 2)]
+
+
+async def test_own_sockets_counts_each_room_of_a_batch_once():
+    """A burst of 32 sends into a room of 32 of this worker's sockets is a sweep of
+    32 sockets, not 1,024: the bar is about the sockets in the rooms."""
+    worker = type("Worker", (), {"groups": {"room.a": set(range(32)), "room.b": set(range(5))}})()
+    event = {"type": broadcast.ROOM_EVENT}
+    burst = [("room.a", event)] * 32 + [("room.b", event), ("room.c", event), ("user.1", {"type": "push"})]
+    assert Fanout.own_sockets(worker, burst) == 37
+
+
 async def test_the_copy_that_comes_back_is_dropped_once_for_the_worker(cookies, transport, handed):
     async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
         await subscribe(alice, "general")
