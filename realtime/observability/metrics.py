@@ -55,7 +55,8 @@ LATENCY = Histogram(
 LONG_POLLS_HELD = Gauge("realtime_long_polls_held", "Long polls (GET .../events/?wait=) this worker holds open now")
 REPLAYED = Counter("realtime_replayed_events_total", "Room events sent from the log (subscribe replay, catch-up)")
 REPLAY_READS_SHARED = Counter("realtime_replay_reads_shared_total",
-                              "Subscribe replays answered by an identical read already under way (ws/replays.py)")
+                              "Subscribe replays and gap repairs answered by an identical read already under way "
+                              "(ws/replays.py)")
 BROKER_INFO = Gauge("realtime_broker_info", "The broker engine this worker uses (1), by engine", ["engine"])
 BROKER_MESSAGES = Counter("realtime_broker_messages_total", "Group messages this worker published to or received "
                           "from the broker, by engine and direction", ["engine", "direction"])

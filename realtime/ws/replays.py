@@ -6,8 +6,8 @@ thousands of subscribes within seconds):
   state/batches.Batcher: a read begins after every subscribe it answers joined its
   room's stream, so the head it reads is as fresh as one of its own);
 - the room's read markers, the same way;
-- its replay, read once for everyone who asks for the same range at the
-same time (a singleflight, as Centrifugo's): after a drain or a crash, the sockets of
+- its replay, and a subscription's gap repair (between), read once for everyone
+who asks for the same range at the same time (a singleflight, as Centrifugo's): after a drain or a crash, the sockets of
 a room come back together, most of them from the same seq to the same head, and
 each would otherwise read the same rows from the log. The first asks the database;
 the others wait for its answer (asyncio.shield: a leader that goes away does not
@@ -86,17 +86,33 @@ class Replayed:
 async def read(pending: tuple[int, str, int, int], slug: str) -> Replayed:
     """The events of `pending` (roomlog.Replay.pending), shared with any identical
     read already under way."""
+    room_id, _, since, head = pending
+    return await _shared(pending, lambda: roomlog.read_range(room_id=room_id, slug=slug, after=since, upto=head))
+
+
+async def between(slug: str, after: int, upto: int) -> Replayed:
+    """A gap repair's events (roomlog.room_events_between), shared with any
+    identical read already under way: when a worker's sockets in a room miss the
+    same events together (a lost pub/sub message, a worker's own event overtaken
+    by another's), one read answers them all, encoded once a codec. Its error
+    (the room gone, too far behind, no longer kept) is each of theirs."""
+    return await _shared(("gap", slug, after, upto),
+                         lambda: roomlog.room_events_between(slug=slug, after=after, upto=upto))
+
+
+async def _shared(key: tuple, reading) -> Replayed:
+    """`reading()` in the database thread, once for every caller with the same key
+    while it runs (a leader that goes away does not take it with the others)."""
     flights = in_flight()
-    task = flights.get(pending)
+    task = flights.get(key)
     if task is None:
-        task = asyncio.ensure_future(_read(pending, slug))
-        flights[pending] = task
-        task.add_done_callback(lambda done: flights.pop(pending, None) if flights.get(pending) is done else None)
+        task = asyncio.ensure_future(_read(reading))
+        flights[key] = task
+        task.add_done_callback(lambda done: flights.pop(key, None) if flights.get(key) is done else None)
     else:
         metrics.REPLAY_READS_SHARED.inc()
     return await asyncio.shield(task)
 
 
-async def _read(pending: tuple[int, str, int, int], slug: str) -> Replayed:
-    room_id, _, since, head = pending
-    return Replayed(await database_sync_to_async(roomlog.read_range)(room_id=room_id, slug=slug, after=since, upto=head))
+async def _read(reading) -> Replayed:
+    return Replayed(await database_sync_to_async(reading)())

@@ -371,7 +371,8 @@ class Stream:
 
     async def _catch_up(self, slug: str, sub: Subscription, upto: int) -> bool:
         try:
-            missing = await database_sync_to_async(roomlog.room_events_between)(slug=slug, after=sub.last_seq, upto=upto)
+            # (read once for this worker's sockets that miss the same events: ws/replays.py)
+            replayed = await replays.between(slug, sub.last_seq, upto)
         except Exception as exc:
             if not isinstance(exc, ActionError):
                 log.exception("ws catch-up failed", extra={"event": "ws.catchup_failed", "conn_id": self.conn_id, "room": slug})
@@ -386,7 +387,7 @@ class Stream:
             return False
         # Gap repair: counted against the replay budget, never refused (the gap
         # is the server's doing, not the client's).
-        replayed = replays.Replayed(missing)
+        missing = replayed.events
         if replayed:
             await ratelimit.replay_take(self.user.pk, sum(map(len, replayed.encoded(self.codec))), force=True)
         await self.send_replayed(replayed)

@@ -219,6 +219,42 @@ async def test_own_sockets_counts_each_room_of_a_batch_once():
     assert Fanout.own_sockets(worker, burst) == 37
 
 
+async def test_sockets_that_miss_the_same_events_repair_the_gap_with_one_read(
+        cookies, settings, redis_server, lost_publishes, monkeypatch):
+    """A worker's sockets in a room that miss the same event (its publish lost,
+    here) read it from the log once between them (ws/replays.between), each still
+    getting every event once and in order."""
+    from realtime.domain import roomlog
+
+    settings.REDIS_URL = redis_server.url
+    reads = []
+    real = roomlog.room_events_between
+
+    def counted(**kwargs):
+        reads.append((kwargs["after"], kwargs["upto"]))
+        return real(**kwargs)
+
+    monkeypatch.setattr(roomlog, "room_events_between", counted)
+    async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob, socket(cookies["carol"]) as carol:
+        await subscribe(bob, "general")
+        await subscribe(carol, "general")
+        await alice.send_json_to(send(0))  # alice follows nothing: she only sends
+        assert (await next_of(alice, "ack"))["seq"] == 1
+        assert (await next_of(bob, "message.new"))["seq"] == 1
+        assert (await next_of(carol, "message.new"))["seq"] == 1
+        fanout().heads[broadcast.room_group("general")] = 0  # as if seq 1 were still on its way: no early hand-out
+        lost_publishes["on"] = True
+        await alice.send_json_to(send(1))
+        assert (await next_of(alice, "ack"))["seq"] == 2
+        lost_publishes["on"] = False
+        await alice.send_json_to(send(2))
+        for member in (bob, carol):
+            got = [await next_of(member, "message.new") for _ in range(2)]
+            assert [(e["seq"], e["body"]) for e in got] == [(2, "m1"), (3, "m2")]
+        await assert_quiet(bob)
+    assert reads == [(1, 2)]
+
+
 async def test_the_copy_that_comes_back_is_dropped_once_for_the_worker(cookies, transport, handed):
     async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
         await subscribe(alice, "general")
