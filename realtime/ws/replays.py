@@ -12,8 +12,10 @@ a room come back together, most of them from the same seq to the same head, and
 each would otherwise read the same rows from the log. The first asks the database;
 the others wait for its answer (asyncio.shield: a leader that goes away does not
 take the read with it), and the read is forgotten as soon as it is done, so a
-later subscribe reads afresh. Keyed by (room, epoch, since, head): only a read that
-would return the same rows is shared.
+later subscribe reads afresh. Keyed by (room, epoch, since, head) for a replay,
+("gap", slug, after, upto) for a gap repair (a range below a head that was
+committed before anyone asked): only a read that would return the same rows is
+shared.
 
 What a read returns (`Replayed`) is encoded once per codec and framed once for
 all the sockets that share it, and each socket is sent its replay in one write
@@ -109,9 +111,17 @@ async def _shared(key: tuple, reading) -> Replayed:
         task = asyncio.ensure_future(_read(reading))
         flights[key] = task
         task.add_done_callback(lambda done: flights.pop(key, None) if flights.get(key) is done else None)
+        # Its error is each asker's; when every asker went away first (a socket
+        # closed meanwhile), it is nobody's and is not logged as unretrieved.
+        task.add_done_callback(_retrieved)
     else:
         metrics.REPLAY_READS_SHARED.inc()
     return await asyncio.shield(task)
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _read(reading) -> Replayed:

@@ -214,6 +214,45 @@ async def test_identical_replays_at_the_same_time_read_the_log_once(cookies, dem
     assert sorted(reads) == [(0, 3), (0, 3), (1, 3)]
 
 
+async def test_a_shared_read_that_fails_after_every_asker_left_is_not_logged_as_unretrieved(monkeypatch):
+    """A gap repair's read (ws/replays.between) whose socket closed while it ran,
+    and which then fails (events no longer kept): its error was nobody's, and the
+    loop does not report it as an exception never retrieved."""
+    import gc
+    import threading
+
+    from realtime.domain.errors import ActionError
+    from realtime.protocol import ErrorCode
+    from realtime.ws import replays
+
+    started, release = threading.Event(), threading.Event()
+
+    def failing(**kwargs):
+        started.set()
+        release.wait(5)
+        raise ActionError(ErrorCode.RECOVERY_FAILED, "events after seq 1 are no longer kept")
+
+    monkeypatch.setattr(roomlog, "room_events_between", failing)
+    loop = asyncio.get_running_loop()
+    reported = []
+    loop.set_exception_handler(lambda loop, context: reported.append(context))
+    try:
+        asker = asyncio.ensure_future(replays.between("general", 1, 2))
+        await asyncio.to_thread(started.wait, 5)
+        asker.cancel()  # the socket went away
+        release.set()
+        while replays.in_flight():
+            await asyncio.sleep(0.01)
+        with pytest.raises(asyncio.CancelledError):
+            await asker
+        del asker
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert reported == []
+
+
 @pytest.mark.parametrize("codec", ["rt.v1.json", "rt.v1.msgpack", "rt.v1.protobuf"])
 async def test_a_shared_replay_is_encoded_and_framed_once_per_codec(cookies, demo, codec):
     """However many sockets share a read, each event is encoded once per codec, and
