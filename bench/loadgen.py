@@ -421,6 +421,14 @@ async def publish(target: Target, members_n: int, total: int, *, window: int | N
     return result
 
 
+def py_spy(pid: int, out, *, gil: bool) -> list[str]:
+    """The command that samples `pid` with py-spy at 250 Hz without pausing it, its
+    collapsed stacks to `out`: with `gil`, only the thread holding the GIL; without,
+    every thread not idle (bench/run.py --profile, and --steady's SteadyProfile)."""
+    return [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--rate", "250",
+            "--nonblocking", *(["--gil"] if gil else []), "--format", "raw", "--output", str(out)]
+
+
 class SteadyProfile:
     """py-spy on the first worker from the first message sent to the last delivery
     (bench/run.py --profile NAME --steady): the steady state alone, without the
@@ -443,10 +451,8 @@ async def steady_profile(worker_pids: list[int] | None) -> SteadyProfile:
     out = os.environ.get("BENCH_STEADY_PROFILE")
     if not out or not worker_pids:
         return SteadyProfile()
-    proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(worker_pids[0]), "--rate", "250",
-        "--nonblocking", "--format", "raw", "--output", out,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(*py_spy(worker_pids[0], out, gil=False),
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     await asyncio.sleep(1)  # attached (it samples from its start; the first second is idle)
     if proc.returncode is not None:
         raise RuntimeError(f"py-spy did not start: {(await proc.stderr.read()).decode()[-500:]}")

@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 from deploy.cluster import PostgresServer, RedisServer, Worker, free_port  # noqa: E402
 # Open files up to the hard limit, for this process and so for the workers it starts
 # (a storm holds thousands of sockets in one worker): the load generator's own.
-from bench.loadgen import raise_fd_limit  # noqa: E402
+from bench.loadgen import py_spy, raise_fd_limit  # noqa: E402
 
 SCENARIOS = {
     # name: (loadgen arguments, metric, higher is better, workers)
@@ -303,37 +303,41 @@ def services():
 
 
 def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str, sender: str,
-            profile: Path | None = None, workers: int = 1) -> dict:
+            profile: Path | None = None, workers: int = 1, steady: bool = False) -> dict:
     """Fresh workers (all on core 0), the load generator on core 1: one result.
-    With two workers the sender is on the first and the members alternate."""
+    With two workers the sender is on the first and the members alternate.
+    `profile`: py-spy's samples of a worker written there, over the whole run, or
+    with `steady` from the first message sent to the last delivery."""
     ports = [(free_port(), free_port()) for _ in range(workers)]
     env = {**ctx["env"], "DJANGO_ALLOWED_ORIGINS": ",".join(f"http://127.0.0.1:{port}" for port, _ in ports)}
     started = []
     spy = None
     log_offsets = []
+    cores = worker_cores()
+    loadgen_env = {"BENCH_STEADY_PROFILE": str(profile)} if profile is not None and steady else {}
     try:
         for n, (port, tls_port) in enumerate(ports):
             worker = BenchWorker(f"bench{n}", env, workdir, port=port, tls_port=tls_port)
-            worker.core = worker_cores()[n % len(worker_cores())]
+            worker.core = cores[n % len(cores)]
             log_offsets.append(worker.log.stat().st_size if worker.log.exists() else 0)
             started.append(worker.start())
             check_fd_limit(worker.proc.pid, args)
         time.sleep(0.5)
-        if profile is not None:
+        if profile is not None and not steady:
             # Sampled from outside (py-spy attaches to the pid): the worker runs as measured.
             # The worker that does the work: in a drain storm the survivor (the first
-            # worker is the one drained), else the first.
+            # worker is the one drained), else the first. (Steady: the load generator
+            # attaches it to the first worker when it starts sending.)
             spied = started[1] if "drain" in args and len(started) > 1 else started[0]
-            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(spied.proc.pid),
-                                    "--rate", "250", "--nonblocking", "--gil", "--format", "raw", "--output", str(profile)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            spy = subprocess.Popen(py_spy(spied.proc.pid, profile, gil=True), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
             time.sleep(1)
         out = subprocess.run(
             pinned(1) + [sys.executable, "-m", "bench.loadgen", "--target", target,
                          "--port", ",".join(str(port) for port, _ in ports),
                          "--worker-pid", str(started[0].proc.pid),
                          "--worker-pids", ",".join(str(w.proc.pid) for w in started), *args],
-            cwd=ROOT, env={**os.environ, "BENCH_COOKIE": member, "BENCH_SENDER_COOKIE": sender},
+            cwd=ROOT, env={**os.environ, "BENCH_COOKIE": member, "BENCH_SENDER_COOKIE": sender, **loadgen_env},
             capture_output=True, text=True, timeout=1800 if big(args) else 600,
         )
         if out.returncode != 0:
@@ -527,11 +531,7 @@ def profile(name: str, scenario: str, steady: bool = False) -> None:
         if "--messages" in args:
             # Five times the messages, so that the sockets' set-up is a small part of the profile.
             args[args.index("--messages") + 1] = str(5 * int(args[args.index("--messages") + 1]))
-        if steady:
-            # The load generator attaches py-spy to the first worker when it starts
-            # sending and stops it after the last delivery (bench/loadgen.py).
-            os.environ["BENCH_STEADY_PROFILE"] = str(raw)
-        result = one_run(ctx, workdir, "full", args, member, sender, profile=None if steady else raw, workers=workers)
+        result = one_run(ctx, workdir, "full", args, member, sender, profile=raw, workers=workers, steady=steady)
         phase = ", from the first message sent to the last delivery" if steady else ""
         summarize_profile(raw, folder / f"{name}.md", f"Profile '{name}': {scenario}, full pipeline{phase} "
                           f"({result[metric]} {metric.replace('_per_s', '/s')} under the profiler)",

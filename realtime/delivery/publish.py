@@ -27,7 +27,7 @@ from realtime.delivery.names import (  # noqa: F401  (the names, as publish.X, f
 from realtime.delivery.transport import chosen
 from realtime.observability import metrics, tracing
 from realtime.observability.logs import TRACE
-from realtime.state import degraded
+from realtime.state import degraded, store
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,6 @@ log = logging.getLogger(__name__)
 # a round trip is a tenth of a millisecond to a few; a broker that takes longer is
 # in trouble (an engine's send may wait seconds, AMQP's confirms without a bound).
 PUBLISH_FIRST_WAIT = 0.05
-
-
-def _retrieved(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 async def send_group(group: str, message: dict) -> None:
@@ -73,7 +68,7 @@ async def send_groups(messages: list[tuple[str, dict]]) -> None:
         # Its error is raised by the await below, or, if this task is cancelled
         # first, dropped here (the event is in the log; publish() would only
         # have counted it).
-        sending.add_done_callback(_retrieved)
+        sending.add_done_callback(store.retrieved)
         try:
             await asyncio.wait({sending}, timeout=PUBLISH_FIRST_WAIT)
         finally:

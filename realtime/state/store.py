@@ -161,6 +161,14 @@ class Chooser:
         self.made = None
 
 
+def retrieved(future: asyncio.Future) -> None:
+    """A done callback for a future whose error may be nobody's to read (a reply
+    nobody waits for any more, a shared read whose askers all went away, a publish
+    whose caller was cancelled): read here, not logged as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 class LoopLocal:
     """One value per running event loop, made by `factory` on first use there: for
     state whose timers and tasks belong to a loop (tests run a loop per test, and a

@@ -113,15 +113,10 @@ async def _shared(key: tuple, reading) -> Replayed:
         task.add_done_callback(lambda done: flights.pop(key, None) if flights.get(key) is done else None)
         # Its error is each asker's; when every asker went away first (a socket
         # closed meanwhile), it is nobody's and is not logged as unretrieved.
-        task.add_done_callback(_retrieved)
+        task.add_done_callback(store.retrieved)
     else:
         metrics.REPLAY_READS_SHARED.inc()
     return await asyncio.shield(task)
-
-
-def _retrieved(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 async def _read(reading) -> Replayed:

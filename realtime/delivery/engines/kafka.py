@@ -102,6 +102,7 @@ import weakref
 import msgspec
 
 from realtime.delivery.transport import SETTING, BrokerError, Engine, Receiver, describe as _describe, decoded
+from realtime.state import store
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +204,6 @@ def describe(exc: BaseException) -> str:
     their text with it)."""
     text = str(exc).strip()
     return text if text.startswith(type(exc).__name__) else _describe(exc)
-
-
-def _retrieve(future: asyncio.Future) -> None:
-    """A delivery nobody waits for any more (timed out): its error is not left unread."""
-    if not future.cancelled():
-        future.exception()
 
 
 class KafkaReceiver(Receiver):
@@ -509,7 +504,7 @@ class KafkaEngine(Engine):
                 await self._reachable(producer)
                 for key, value in packed:
                     delivery = await producer.send(self.topic, value, key=key)
-                    delivery.add_done_callback(_retrieve)
+                    delivery.add_done_callback(store.retrieved)
                     deliveries.append(delivery)
         except TimeoutError:
             raise TimeoutError(f"the Kafka producer took {len(deliveries)} of {len(packed)} messages "

@@ -52,6 +52,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutErr
 
 from realtime.delivery import names
 from realtime.delivery.transport import BrokerError, Engine, Receiver, SETTING, describe, decoded
+from realtime.state import store
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,6 @@ def cluster_info(raw) -> dict[str, str]:
     if isinstance(raw, dict):
         return {text(k): text(v) for k, v in raw.items()}
     return dict(line.split(":", 1) for line in text(raw).strip().splitlines() if ":" in line)
-
-
-def _retrieved(future: asyncio.Future) -> None:
-    """A reply nobody waits for any more (a PING's after its connection died, an
-    unsubscription's): its error is not worth a warning."""
-    if not future.cancelled():
-        future.exception()
 
 
 class SlotMap:
@@ -196,7 +190,7 @@ class NodeLink:
                 raise ConnectionError(f"connection to {self.address} lost")
             for kind, channel in commands:
                 future = loop.create_future()
-                future.add_done_callback(_retrieved)
+                future.add_done_callback(store.retrieved)
                 self.pending.append((kind, channel, future))
                 futures.append(future)
             packed = conn.pack_commands([(kind.upper(),) + ((channel,) if channel is not None else ())
