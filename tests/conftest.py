@@ -275,6 +275,22 @@ async def call(comm, frame: dict, timeout: float = 5) -> dict:
     return await comm.receive_json_from(timeout=timeout)
 
 
+def log_reads(monkeypatch, name: str) -> list[tuple[int, int]]:
+    """The (after, upto) of each call of roomlog.<name> (read_range,
+    room_events_between) from now on, in order; each call is still made."""
+    from realtime.domain import roomlog
+
+    reads: list[tuple[int, int]] = []
+    real = getattr(roomlog, name)
+
+    def recorded(**kwargs):
+        reads.append((kwargs["after"], kwargs["upto"]))
+        return real(**kwargs)
+
+    monkeypatch.setattr(roomlog, name, recorded)
+    return reads
+
+
 async def subscribe(comm, room: str, since: int | None = 0, presence: bool = False) -> list[dict]:
     """Subscribe and return the replayed events; asserts the ack. Without presence
     by default, so that the tests see the room's events alone."""

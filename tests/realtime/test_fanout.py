@@ -18,26 +18,46 @@ from realtime.domain import services
 from realtime.delivery.fanout import Fanout, fanout
 from realtime.ws.consumer import RealtimeConsumer
 from realtime.ws.queues import AppQueue
-from tests.conftest import HOST, ORIGIN, socket, subscribe, assert_quiet
+from tests.conftest import HOST, ORIGIN, assert_quiet, log_reads, socket, subscribe
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
 
+class RoomPublishes:
+    """Every PUBLISH to a room's channel, as the test sets `mode`: None, as Redis
+    answers it; "lost", lost on its way (a dropped pub/sub message: what still
+    arrives came another way); "failed", the broker went away; "held", no answer
+    until `release` is set. `log` gets "published" as Redis answers each one."""
+
+    def __init__(self) -> None:
+        self.mode: str | None = None
+        self.lost = self.held = 0
+        self.release = asyncio.Event()
+        self.log: list = []
+
+
 @pytest.fixture
-def lost_publishes(monkeypatch):
-    """From the moment it is switched on, every PUBLISH is lost on its way (a
-    dropped pub/sub message): what still arrives came another way."""
-    state = {"on": False, "lost": 0}
+def room_publishes(monkeypatch):
+    publishes = RoomPublishes()
     real = aioredis.Redis.publish
 
     async def publish(self, channel, message, **kwargs):
-        if state["on"] and str(channel).startswith("rt:fan:room."):
-            state["lost"] += 1
+        if not str(channel).startswith("rt:fan:room."):
+            return await real(self, channel, message, **kwargs)
+        if publishes.mode == "lost":
+            publishes.lost += 1
             return 0
-        return await real(self, channel, message, **kwargs)
+        if publishes.mode == "failed":
+            raise ConnectionError("the broker went away")
+        if publishes.mode == "held":
+            publishes.held += 1
+            await publishes.release.wait()
+        answered = await real(self, channel, message, **kwargs)
+        publishes.log.append("published")
+        return answered
 
     monkeypatch.setattr(aioredis.Redis, "publish", publish)
-    return state
+    return publishes
 
 
 @pytest.fixture
@@ -77,21 +97,21 @@ async def head_learned(alice, bob) -> None:
 
 
 async def test_an_event_committed_here_reaches_this_workers_sockets_without_the_transport(
-        cookies, settings, redis_server, lost_publishes):
+        cookies, settings, redis_server, room_publishes):
     settings.REDIS_URL = redis_server.url
     async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
         await head_learned(alice, bob)  # through pub/sub: the worker learns the room's head
-        lost_publishes["on"] = True
+        room_publishes.mode = "lost"
         await alice.send_json_to(send(1))
         got = await bob.receive_json_from(timeout=2)
         assert (got["type"], got["seq"], got["body"]) == ("message.new", 2, "m1")
-        assert lost_publishes["lost"] == 1, "the event was not published for the other workers"
+        assert room_publishes.lost == 1, "the event was not published for the other workers"
         # The sender still gets its ack before its own message.
         mine = [await alice.receive_json_from(timeout=2) for _ in range(2)]
         assert [(f["type"], f.get("ref"), f["seq"]) for f in mine] == [("ack", "r1", 2), ("message.new", None, 2)]
 
 
-async def test_an_event_out_of_turn_waits_for_the_transport(cookies, settings, redis_server, lost_publishes):
+async def test_an_event_out_of_turn_waits_for_the_transport(cookies, settings, redis_server, room_publishes):
     """When another event may still be in flight (the worker's last is not the
     seq right before), the worker's own event is not handed over early: it would
     overtake the other. It comes through the transport, in the group's order."""
@@ -100,40 +120,32 @@ async def test_an_event_out_of_turn_waits_for_the_transport(cookies, settings, r
         await head_learned(alice, bob)
         fan = fanout()
         fan.heads[broadcast.room_group("general")] = 0  # as if seq 1 were still on its way here
-        lost_publishes["on"] = True
+        room_publishes.mode = "lost"
         await alice.send_json_to(send(1))
         assert (await next_of(alice, "ack"))["seq"] == 2
         # (not a ping to end it: a ping would repair the gap itself)
         assert await bob.receive_nothing(timeout=0.3), "an event out of turn was handed over before the transport's"
         # The next one, through the transport, brings it back in order (gap repair).
-        lost_publishes["on"] = False
+        room_publishes.mode = None
         await alice.send_json_to(send(2))
         got = [await next_of(bob, "message.new") for _ in range(2)]
         assert [(e["seq"], e["body"]) for e in got] == [(2, "m1"), (3, "m2")]
 
 
 @pytest.fixture
-def order(monkeypatch):
+def order(monkeypatch, room_publishes):
     """What happened to each room event in turn: its PUBLISH answered by Redis
     ("published"), and this worker's own sockets handed it (("own", how many
     sockets))."""
-    seen: list = []
-    real_publish, real_own = aioredis.Redis.publish, Fanout.dispatch_own
-
-    async def publish(self, channel, message, **kwargs):
-        answered = await real_publish(self, channel, message, **kwargs)
-        if str(channel).startswith("rt:fan:room."):
-            seen.append("published")
-        return answered
+    real = Fanout.dispatch_own
 
     async def dispatch_own(self, messages):
         if any(m.get("type") == broadcast.ROOM_EVENT for _, m in messages):
-            seen.append(("own", self.own_sockets(messages)))
-        await real_own(self, messages)
+            room_publishes.log.append(("own", self.own_sockets(messages)))
+        await real(self, messages)
 
-    monkeypatch.setattr(aioredis.Redis, "publish", publish)
     monkeypatch.setattr(Fanout, "dispatch_own", dispatch_own)
-    return seen
+    return room_publishes.log
 
 
 @pytest.mark.parametrize("first_at, expected", [
@@ -158,54 +170,24 @@ async def test_a_worker_with_many_sockets_in_the_room_publishes_before_it_writes
     assert order[-2:] == expected
 
 
-async def test_a_publish_that_fails_first_still_serves_this_workers_sockets(cookies, settings, redis_server, monkeypatch):
+@pytest.mark.parametrize("trouble", ["failed", "held"])
+async def test_a_broker_in_trouble_holds_this_workers_sockets_back_no_longer_than_the_wait(
+        cookies, settings, redis_server, room_publishes, trouble):
+    """A publish that goes first and fails, or gets no answer (AMQP's confirms
+    wait without a bound): the worker's own sockets still get the event, a held
+    publish's after PUBLISH_FIRST_WAIT while it is still held; the sender's ack
+    and its own copy follow (once a held publish answers)."""
     settings.REDIS_URL = redis_server.url
     settings.REALTIME = {**settings.REALTIME, "PUBLISH_FIRST_AT": 0}
-    real = aioredis.Redis.publish
-    broken = {"on": False}
-
-    async def publish(self, channel, message, **kwargs):
-        if broken["on"] and str(channel).startswith("rt:fan:room."):
-            raise ConnectionError("the broker went away")
-        return await real(self, channel, message, **kwargs)
-
-    monkeypatch.setattr(aioredis.Redis, "publish", publish)
     async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
         await head_learned(alice, bob)
-        broken["on"] = True
+        room_publishes.mode = trouble
         await alice.send_json_to(send(1))
         got = await next_of(bob, "message.new", timeout=2)
         assert (got["seq"], got["body"]) == (2, "m1")
-        mine = [await alice.receive_json_from(timeout=2) for _ in range(2)]
-        assert [(f["type"], f["seq"]) for f in mine] == [("ack", 2), ("message.new", 2)]
-
-
-async def test_a_publish_without_an_answer_holds_this_workers_sockets_back_no_longer_than_the_wait(
-        cookies, settings, redis_server, monkeypatch):
-    """A broker in trouble (a publish that does not answer: AMQP's confirms wait
-    without a bound): the worker's own sockets get the event after
-    PUBLISH_FIRST_WAIT, while the publish is still held; the sender's ack and
-    its own copy follow once it answers."""
-    settings.REDIS_URL = redis_server.url
-    settings.REALTIME = {**settings.REALTIME, "PUBLISH_FIRST_AT": 0}
-    real = aioredis.Redis.publish
-    held, release = {"on": False, "waiting": 0}, asyncio.Event()
-
-    async def publish(self, channel, message, **kwargs):
-        if held["on"] and str(channel).startswith("rt:fan:room."):
-            held["waiting"] += 1
-            await release.wait()
-        return await real(self, channel, message, **kwargs)
-
-    monkeypatch.setattr(aioredis.Redis, "publish", publish)
-    async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob:
-        await head_learned(alice, bob)
-        held["on"] = True
-        await alice.send_json_to(send(1))
-        got = await next_of(bob, "message.new", timeout=2)
-        assert (got["seq"], got["body"]) == (2, "m1")
-        assert held["waiting"] == 1 and not release.is_set(), "the publish was answered before bob got it"
-        release.set()
+        if trouble == "held":
+            assert room_publishes.held == 1 and not room_publishes.release.is_set(), "answered before bob got it"
+            room_publishes.release.set()
         mine = [await alice.receive_json_from(timeout=2) for _ in range(2)]
         assert [(f["type"], f["seq"]) for f in mine] == [("ack", 2), ("message.new", 2)]
 
@@ -220,21 +202,12 @@ async def test_own_sockets_counts_each_room_of_a_batch_once():
 
 
 async def test_sockets_that_miss_the_same_events_repair_the_gap_with_one_read(
-        cookies, settings, redis_server, lost_publishes, monkeypatch):
+        cookies, settings, redis_server, room_publishes, monkeypatch):
     """A worker's sockets in a room that miss the same event (its publish lost,
     here) read it from the log once between them (ws/replays.between), each still
     getting every event once and in order."""
-    from realtime.domain import roomlog
-
     settings.REDIS_URL = redis_server.url
-    reads = []
-    real = roomlog.room_events_between
-
-    def counted(**kwargs):
-        reads.append((kwargs["after"], kwargs["upto"]))
-        return real(**kwargs)
-
-    monkeypatch.setattr(roomlog, "room_events_between", counted)
+    reads = log_reads(monkeypatch, "room_events_between")
     async with socket(cookies["alice"]) as alice, socket(cookies["bob"]) as bob, socket(cookies["carol"]) as carol:
         await subscribe(bob, "general")
         await subscribe(carol, "general")
@@ -243,10 +216,10 @@ async def test_sockets_that_miss_the_same_events_repair_the_gap_with_one_read(
         assert (await next_of(bob, "message.new"))["seq"] == 1
         assert (await next_of(carol, "message.new"))["seq"] == 1
         fanout().heads[broadcast.room_group("general")] = 0  # as if seq 1 were still on its way: no early hand-out
-        lost_publishes["on"] = True
+        room_publishes.mode = "lost"
         await alice.send_json_to(send(1))
         assert (await next_of(alice, "ack"))["seq"] == 2
-        lost_publishes["on"] = False
+        room_publishes.mode = None
         await alice.send_json_to(send(2))
         for member in (bob, carol):
             got = [await next_of(member, "message.new") for _ in range(2)]

@@ -15,7 +15,7 @@ from realtime.delivery import publish
 from realtime.delivery.fanout import fanout
 from realtime.domain import roomlog, services
 from realtime.ws import queues, stream
-from tests.conftest import assert_quiet, call, socket, subscribe
+from tests.conftest import assert_quiet, call, log_reads, socket, subscribe
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("layer")]
 
@@ -193,14 +193,7 @@ async def test_identical_replays_at_the_same_time_read_the_log_once(cookies, dem
     for i in range(3):
         await sync_to_async(committed)(demo["alice"], f"m{i}", f"c{i}")
     room = await Room.objects.aget(slug="general")
-    reads = []
-    real = roomlog.read_range
-
-    def counted(**kwargs):
-        reads.append((kwargs["after"], kwargs["upto"]))
-        return real(**kwargs)
-
-    monkeypatch.setattr(roomlog, "read_range", counted)
+    reads = log_reads(monkeypatch, "read_range")
     key = (room.pk, room.epoch, 0, 3)
     first, second, other = await asyncio.gather(replays.read(key, "general"), replays.read(key, "general"),
                                                 replays.read((room.pk, room.epoch, 1, 3), "general"))
