@@ -2,8 +2,9 @@
 tracing against real workers: the tests (tests/cluster/test_tracing.py) and the
 bench (bench/tracing.py). Not a collector: it keeps every span in memory with its
 resource's attributes (service.name, service.instance.id) and answers each export.
-`hanging` makes it take requests and never answer until `released` (a collector
-that is down must slow no socket)."""
+hang() makes it take requests and answer none of them (a collector that is down
+must slow no socket) until answer(): the requests held meanwhile are let go with no
+answer, and the later ones are answered again."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ class OtlpReceiver:
         self.spans: list[tuple[dict, object]] = []  # (resource attributes, Span)
         self.requests = 0
         self.lock = threading.Lock()
-        self.hanging = threading.Event()
-        self.released = threading.Event()
+        self.answering = threading.Event()  # cleared by hang(), set by answer()
+        self.answering.set()
         receiver, answer = self, ExportTraceServiceResponse().SerializeToString()
 
         class Handler(BaseHTTPRequestHandler):
@@ -38,8 +39,8 @@ class OtlpReceiver:
                         resource = {kv.key: kv.value.string_value for kv in resource_spans.resource.attributes}
                         for scope_spans in resource_spans.scope_spans:
                             receiver.spans.extend((resource, span) for span in scope_spans.spans)
-                if receiver.hanging.is_set():
-                    receiver.released.wait(120)
+                if not receiver.answering.is_set():
+                    receiver.answering.wait(120)
                     return  # no answer at all
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -59,8 +60,14 @@ class OtlpReceiver:
         self.thread.start()
         return self
 
+    def hang(self) -> None:
+        self.answering.clear()
+
+    def answer(self) -> None:
+        self.answering.set()
+
     def stop(self) -> None:
-        self.released.set()
+        self.answer()
         self.server.shutdown()
         self.server.server_close()
 
