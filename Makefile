@@ -48,8 +48,11 @@ tests/js/node_modules/.installed: tests/js/package-lock.json
 	npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The suite runs in TEST_PROCESSES processes (pytest-xdist): a test module, and
+# the cluster's modules as one, stay in one process (tests/conftest.py).
+TEST_PROCESSES ?= 2
 test: $(VENV)/.requirements-dev system-deps tests/js/node_modules/.installed
-	REALTIME_TEST_STRICT=1 $(PY) -m pytest
+	REALTIME_TEST_STRICT=1 $(PY) -m pytest -n $(TEST_PROCESSES) --dist loadgroup
 	node --test tests/js/
 
 docs: $(VENV)/.requirements

@@ -13,6 +13,7 @@ import argparse
 import collections
 import glob
 import os
+import random
 import shutil
 import signal
 import socket
@@ -56,10 +57,20 @@ _handed_out: collections.deque[int] = collections.deque(maxlen=4096)
 
 
 def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on and this process has not handed out lately."""
+    """A port on 127.0.0.1 that nothing listens on and this process has not handed out lately.
+
+    REALTIME_FREE_PORTS ("low-high") names the range to draw from: processes that
+    start servers side by side (the test suite's two) each draw from a range of
+    their own, so one never hands out a port the other has just handed out and not
+    yet bound. Without it the kernel picks (its ephemeral range)."""
+    span = os.environ.get("REALTIME_FREE_PORTS", "")
+    low, _, high = span.partition("-")
     while True:
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", random.randint(int(low), int(high)) if span else 0))
+            except OSError:
+                continue  # taken (listening, or held by a closing connection)
             port = s.getsockname()[1]
         if port not in _handed_out:
             _handed_out.append(port)

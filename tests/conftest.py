@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import time
@@ -326,3 +327,37 @@ async def assert_quiet(comm, ref: str = "quiet") -> None:
     through.)"""
     await comm.send_json_to({"type": "ping", "ref": ref})
     assert await comm.receive_json_from(timeout=5) == {"type": "pong", "ref": ref}
+
+
+def pytest_configure(config):
+    """The ports this process's servers get (deploy.cluster.free_port): drawn from
+    below the kernel's ephemeral range (32768 and up), where no outgoing connection
+    takes one before its server binds it, and split between the processes of a
+    pytest-xdist run. A pytest run by a test (run_module_on_postgresql) keeps the
+    slice of the process that started it."""
+    import os
+
+    worker = getattr(config, "workerinput", None)
+    if worker is None and "REALTIME_FREE_PORTS" in os.environ:
+        return
+    index, count = (int(worker["workerid"].removeprefix("gw")), int(worker["workercount"])) if worker else (0, 1)
+    low, size = 20000, (32768 - 20000) // count
+    os.environ["REALTIME_FREE_PORTS"] = f"{low + index * size}-{low + (index + 1) * size - 1}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs the suite in two processes (pytest-xdist, --dist loadgroup):
+    a module's tests stay together, so its module fixtures (a browser, a server, a
+    broker's cluster) start once; every cluster module shares one process, so the
+    session's cluster behind each balancer starts once."""
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        if not item.nodeid.endswith(item.name):
+            # schemathesis names its items by API operation but gives them all the
+            # test's node id; xdist keys items by node id, and would run one.
+            # (pytest 9 keeps a node's id as item._id, a NodeId; NodeId.parse reads one.)
+            item._id = type(item.id).parse(f"{item.nodeid.rsplit('::', 1)[0]}::{item.name}")
+        item.add_marker(pytest.mark.xdist_group("tests/cluster" if path.startswith("tests/cluster/") else path))
+    seen = collections.Counter(item.nodeid for item in items)
+    if twice := sorted(nodeid for nodeid, n in seen.items() if n > 1):
+        raise pytest.UsageError(f"tests collected under one node id (xdist would run one of each): {twice[:5]}")

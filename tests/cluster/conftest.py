@@ -69,7 +69,7 @@ def cluster(request):
     # Keep the workers' logs as test artifacts (what a failure needs to be read).
     artifacts = Path(__file__).resolve().parents[2] / "test-artifacts" / f"cluster-{request.param}"
     artifacts.mkdir(parents=True, exist_ok=True)
-    for log in workdir.glob("worker-*.log"):
+    for log in [*workdir.glob("worker-*.log"), *workdir.glob(f"{request.param}/*.log")]:
         shutil.copy(log, artifacts / log.name)
     shutil.rmtree(workdir, ignore_errors=True)
 

@@ -39,3 +39,26 @@ def test_a_port_the_kernel_gives_twice_is_handed_out_once(monkeypatch):
 def test_the_port_free_port_gives_can_be_bound():
     with socket.socket() as s:
         s.bind(("127.0.0.1", cluster.free_port()))  # nothing else holds it
+
+
+def test_ports_come_from_the_range_named_and_one_in_use_is_skipped(monkeypatch):
+    """REALTIME_FREE_PORTS ("low-high"): what the test suite's processes each draw
+    from (tests/conftest.py), so two never hand out the same port."""
+    monkeypatch.setattr(cluster, "_handed_out", cluster.collections.deque(maxlen=4096))
+    held = socket.socket()
+    try:
+        for low in range(24000, 32000, 3):  # three ports in a row: the first held, two free
+            try:
+                held.bind(("127.0.0.1", low))
+                for port in (low + 1, low + 2):
+                    with socket.socket() as probe:
+                        probe.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                held.close()
+                held = socket.socket()
+        held.listen()
+        monkeypatch.setenv("REALTIME_FREE_PORTS", f"{low}-{low + 2}")
+        assert sorted(cluster.free_port() for _ in range(2)) == [low + 1, low + 2]
+    finally:
+        held.close()
