@@ -49,10 +49,10 @@ tests/js/node_modules/.installed: tests/js/package-lock.json
 	touch $@
 
 # The suite runs in TEST_PROCESSES processes (pytest-xdist): a test module, and
-# the cluster's modules as one, stay in one process (tests/conftest.py).
+# the cluster's modules as one, go to one process (tests/conftest.py's scheduler).
 TEST_PROCESSES ?= 2
 test: $(VENV)/.requirements-dev system-deps tests/js/node_modules/.installed
-	REALTIME_TEST_STRICT=1 $(PY) -m pytest -n $(TEST_PROCESSES) --dist loadgroup
+	REALTIME_TEST_STRICT=1 $(PY) -m pytest -n $(TEST_PROCESSES)
 	node --test tests/js/
 
 docs: $(VENV)/.requirements

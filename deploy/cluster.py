@@ -65,7 +65,7 @@ def free_port() -> int:
     yet bound. Without it the kernel picks (its ephemeral range)."""
     span = os.environ.get("REALTIME_FREE_PORTS", "")
     low, _, high = span.partition("-")
-    while True:
+    for _ in range(100_000):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", random.randint(int(low), int(high)) if span else 0))
@@ -75,6 +75,7 @@ def free_port() -> int:
         if port not in _handed_out:
             _handed_out.append(port)
             return port
+    raise RuntimeError(f"no free port left in REALTIME_FREE_PORTS={span}")
 
 
 def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:

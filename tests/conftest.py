@@ -331,33 +331,57 @@ async def assert_quiet(comm, ref: str = "quiet") -> None:
 
 def pytest_configure(config):
     """The ports this process's servers get (deploy.cluster.free_port): drawn from
-    below the kernel's ephemeral range (32768 and up), where no outgoing connection
-    takes one before its server binds it, and split between the processes of a
-    pytest-xdist run. A pytest run by a test (run_module_on_postgresql) keeps the
-    slice of the process that started it."""
+    below the kernel's ephemeral range, where no outgoing connection takes one
+    before its server binds it, and split between the processes of a pytest-xdist
+    run (a process xdist starts in place of a crashed one takes the crashed one's
+    slice). A pytest run by a test (run_module_on_postgresql) keeps the slice of
+    the process that started it."""
     import os
 
     worker = getattr(config, "workerinput", None)
     if worker is None and "REALTIME_FREE_PORTS" in os.environ:
         return
-    index, count = (int(worker["workerid"].removeprefix("gw")), int(worker["workercount"])) if worker else (0, 1)
-    low, size = 20000, (32768 - 20000) // count
+    count = int(worker["workercount"]) if worker else 1
+    index = int(worker["workerid"].removeprefix("gw")) % count if worker else 0
+    low, size = 20000, (ephemeral_low() - 20000) // count
     os.environ["REALTIME_FREE_PORTS"] = f"{low + index * size}-{low + (index + 1) * size - 1}"
 
 
+def ephemeral_low() -> int:
+    """Where the kernel's range of ports for outgoing connections begins."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return max(int(f.read().split()[0]), 21000)
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs the suite in two processes (pytest-xdist). Work goes out a
+    module at a time, so a module's fixtures (a browser, an app server, a broker's
+    cluster) start once and its tests run in order, as in one process; every
+    cluster module goes to one process, so the session's cluster behind each
+    balancer starts once."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/cluster" if path.startswith("tests/cluster/") else path
+
+    return ByModule(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs the suite in two processes (pytest-xdist, --dist loadgroup):
-    a module's tests stay together, so its module fixtures (a browser, a server, a
-    broker's cluster) start once; every cluster module shares one process, so the
-    session's cluster behind each balancer starts once."""
+    """Every test has a node id of its own: xdist keys tests by node id, and of
+    tests that share one it would run only one."""
     for item in items:
-        path = item.nodeid.split("::")[0]
         if not item.nodeid.endswith(item.name):
-            # schemathesis names its items by API operation but gives them all the
-            # test's node id; xdist keys items by node id, and would run one.
-            # (pytest 9 keeps a node's id as item._id, a NodeId; NodeId.parse reads one.)
+            # schemathesis names its items by API operation but gives them all
+            # the test's node id. (pytest 9 keeps a node's id as item._id, a
+            # NodeId; NodeId.parse reads one.)
             item._id = type(item.id).parse(f"{item.nodeid.rsplit('::', 1)[0]}::{item.name}")
-        item.add_marker(pytest.mark.xdist_group("tests/cluster" if path.startswith("tests/cluster/") else path))
     seen = collections.Counter(item.nodeid for item in items)
     if twice := sorted(nodeid for nodeid, n in seen.items() if n > 1):
         raise pytest.UsageError(f"tests collected under one node id (xdist would run one of each): {twice[:5]}")

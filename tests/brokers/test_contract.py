@@ -35,7 +35,7 @@ async def recv_type(ws, type_: str, timeout: float = 5) -> dict:
 
 
 def metric(worker, name: str, **labels) -> float:
-    text = urllib.request.urlopen(f"{worker.url}/metrics").read().decode()
+    text = urllib.request.urlopen(f"{worker.url}/metrics", timeout=10).read().decode()
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     for line in text.splitlines():
         m = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
@@ -162,8 +162,10 @@ async def test_readyz_and_metrics_name_the_engine(engine):
         assert metric(worker, "realtime_broker_info", engine=name) == 1
 
     # Counted under the engine's name: what a worker publishes, and what it takes
-    # from the broker for a room one of its sockets follows (the message each
-    # worker sends here reaches the other's follower only through the broker).
+    # from the broker for a room one of its sockets follows (its own messages
+    # coming back included; test_a_message_crosses_workers_both_ways proves the
+    # crossing). The test sends its own: a worker restarted by an earlier test
+    # may have taken nothing from the broker since.
     def counts(direction):
         return [metric(w, "realtime_broker_messages_total", engine=name, direction=direction)
                 for w in engine.workers]

@@ -1,6 +1,9 @@
 """deploy.cluster.free_port: a free port, never the same one twice in a row."""
 
+import os
 import socket
+
+import pytest
 
 from deploy import cluster
 
@@ -28,6 +31,7 @@ class _Kernel:
 
 
 def test_a_port_the_kernel_gives_twice_is_handed_out_once(monkeypatch):
+    monkeypatch.delenv("REALTIME_FREE_PORTS", raising=False)  # the kernel picks
     monkeypatch.setattr(cluster, "_handed_out", cluster.collections.deque(maxlen=4096))
     monkeypatch.setattr(cluster.socket, "socket", _Kernel)
     _Kernel.answers = [40001, 40001, 40001, 40003]
@@ -45,9 +49,11 @@ def test_ports_come_from_the_range_named_and_one_in_use_is_skipped(monkeypatch):
     """REALTIME_FREE_PORTS ("low-high"): what the test suite's processes each draw
     from (tests/conftest.py), so two never hand out the same port."""
     monkeypatch.setattr(cluster, "_handed_out", cluster.collections.deque(maxlen=4096))
+    # Within this process's own range (the suite's other process draws from another).
+    first, last = map(int, os.environ.get("REALTIME_FREE_PORTS", "24000-26000").split("-"))
     held = socket.socket()
     try:
-        for low in range(24000, 32000, 3):  # three ports in a row: the first held, two free
+        for low in range(first, last - 2, 3):  # three ports in a row: the first held, two free
             try:
                 held.bind(("127.0.0.1", low))
                 for port in (low + 1, low + 2):
@@ -60,5 +66,8 @@ def test_ports_come_from_the_range_named_and_one_in_use_is_skipped(monkeypatch):
         held.listen()
         monkeypatch.setenv("REALTIME_FREE_PORTS", f"{low}-{low + 2}")
         assert sorted(cluster.free_port() for _ in range(2)) == [low + 1, low + 2]
+        # Every port of the range handed out or taken: said, not waited on forever.
+        with pytest.raises(RuntimeError, match="no free port left"):
+            cluster.free_port()
     finally:
         held.close()
