@@ -332,19 +332,21 @@ async def assert_quiet(comm, ref: str = "quiet") -> None:
 def pytest_configure(config):
     """The ports this process's servers get (deploy.cluster.free_port): drawn from
     below the kernel's ephemeral range, where no outgoing connection takes one
-    before its server binds it, and split between the processes of a pytest-xdist
-    run (a process xdist starts in place of a crashed one takes the crashed one's
-    slice). A pytest run by a test (run_module_on_postgresql) keeps the slice of
-    the process that started it."""
+    before its server binds it. Each pytest-xdist process takes a slice of the
+    range its controller had (a process started in place of a crashed one takes
+    the crashed one's), so a run of xdist inside a test (tests/test_suite.py)
+    splits that test's slice, and a pytest run by a test keeps it."""
     import os
 
+    span = os.environ.get("REALTIME_FREE_PORTS") or f"20000-{ephemeral_low() - 1}"
     worker = getattr(config, "workerinput", None)
-    if worker is None and "REALTIME_FREE_PORTS" in os.environ:
-        return
-    count = int(worker["workercount"]) if worker else 1
-    index = int(worker["workerid"].removeprefix("gw")) % count if worker else 0
-    low, size = 20000, (ephemeral_low() - 20000) // count
-    os.environ["REALTIME_FREE_PORTS"] = f"{low + index * size}-{low + (index + 1) * size - 1}"
+    if worker is not None:
+        low, high = map(int, span.split("-"))
+        count = int(worker["workercount"])
+        index = int(worker["workerid"].removeprefix("gw")) % count
+        size = (high - low + 1) // count
+        span = f"{low + index * size}-{low + (index + 1) * size - 1}"
+    os.environ["REALTIME_FREE_PORTS"] = span
 
 
 def ephemeral_low() -> int:
@@ -367,10 +369,15 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ByModule(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return "tests/cluster" if path.startswith("tests/cluster/") else path
+            return scope_of(nodeid)
 
     return ByModule(config, log)
+
+
+def scope_of(nodeid: str) -> str:
+    """The unit of work a test goes out in: its module, or the cluster's modules."""
+    path = nodeid.split("::", 1)[0]
+    return "tests/cluster" if path.startswith("tests/cluster/") else path
 
 
 def pytest_collection_modifyitems(config, items):
