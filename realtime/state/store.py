@@ -26,8 +26,37 @@ def client(url: str):
     mine = _clients.setdefault(asyncio.get_running_loop(), {})
     found = mine.get(url)
     if found is None:
-        found = mine[url] = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        found = mine[url] = packed_in_c(aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=2))
     return found
+
+
+_packed_classes: dict[type, type] = {}
+
+
+def packed_in_c(client):
+    """`client` with its commands packed into the wire format by hiredis (C), as
+    redis-py's synchronous connections already do when hiredis is installed; its
+    asyncio connections pack in Python (redis-py 7.4): about 7 µs a command of a
+    connect storm's against 2 (docs/decisions.md). Same bytes, same errors (a
+    value of a type Redis cannot take raises DataError either way)."""
+    try:
+        from redis.connection import HIREDIS_AVAILABLE, HiredisRespSerializer
+    except ImportError:  # another redis-py
+        return client
+    if not HIREDIS_AVAILABLE:
+        return client
+    pool = client.connection_pool
+    base = pool.connection_class
+    packed = _packed_classes.get(base)
+    if packed is None:
+        serializer = HiredisRespSerializer()
+
+        def pack_command(self, *args):
+            return serializer.pack(*args)
+
+        packed = _packed_classes[base] = type(f"CPacked{base.__name__}", (base,), {"pack_command": pack_command})
+    pool.connection_class = packed
+    return client
 
 
 class _Waiting:

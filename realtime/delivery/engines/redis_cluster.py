@@ -451,8 +451,8 @@ class RedisClusterEngine(Engine):
         found = mine.get(address)
         if found is None:
             host, port = host_port(address)
-            found = mine[address] = aioredis.Redis(host=host, port=port, socket_timeout=COMMAND_TIMEOUT,
-                                                   **{**self._options(), "retry": Retry(NoBackoff(), 1)})
+            found = mine[address] = store.packed_in_c(aioredis.Redis(
+                host=host, port=port, socket_timeout=COMMAND_TIMEOUT, **{**self._options(), "retry": Retry(NoBackoff(), 1)}))
         return found
 
     def connection(self, address: str):
