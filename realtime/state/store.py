@@ -31,28 +31,40 @@ def client(url: str):
 
 
 _packed_classes: dict[type, type] = {}
+# What hiredis packs: exactly these types (a subclass, an enum, a memoryview go the
+# Python way, as before), and text or bytes up to this long (beyond about 32 KB
+# hiredis's copy costs more than the Python packer's chunks).
+_C_TYPES = frozenset((str, bytes, int, float))
+_C_LONGEST = 16384
 
 
 def packed_in_c(client):
     """`client` with its commands packed into the wire format by hiredis (C), as
     redis-py's synchronous connections already do when hiredis is installed; its
     asyncio connections pack in Python (redis-py 7.4): about 7 µs a command of a
-    connect storm's against 2 (docs/decisions.md). Same bytes, same errors (a
-    value of a type Redis cannot take raises DataError either way)."""
+    connect storm's against 2 (docs/decisions.md). Only where the bytes are the
+    same: str, bytes, int and float under the default encoding (UTF-8, strict);
+    anything else, and long values, are packed as before."""
     try:
         from redis.connection import HIREDIS_AVAILABLE, HiredisRespSerializer
     except ImportError:  # another redis-py
         return client
-    if not HIREDIS_AVAILABLE:
-        return client
     pool = client.connection_pool
+    options = pool.connection_kwargs
+    if not HIREDIS_AVAILABLE or options.get("encoding", "utf-8").lower().replace("_", "-") not in ("utf-8", "utf8") \
+            or options.get("encoding_errors", "strict") != "strict" or "encoder_class" in options:
+        return client
     base = pool.connection_class
     packed = _packed_classes.get(base)
     if packed is None:
-        serializer = HiredisRespSerializer()
+        pack = HiredisRespSerializer().pack
 
         def pack_command(self, *args):
-            return serializer.pack(*args)
+            for arg in args:
+                kind = type(arg)
+                if kind not in _C_TYPES or (kind is str or kind is bytes) and len(arg) > _C_LONGEST:
+                    return base.pack_command(self, *args)
+            return pack(*args)
 
         packed = _packed_classes[base] = type(f"CPacked{base.__name__}", (base,), {"pack_command": pack_command})
     pool.connection_class = packed

@@ -142,31 +142,45 @@ async def test_redis_commands_waiting_together_go_in_one_round_trip(redis_server
 @pytest.mark.asyncio
 async def test_the_shared_client_packs_commands_in_c_with_the_same_bytes_and_errors(redis_server, monkeypatch):
     """state/store.client's connections pack commands with hiredis (redis-py's
-    asyncio connection would in Python): the same bytes for every type a caller
-    passes, the same DataError for one Redis cannot take, and Redis answers."""
+    asyncio connection would in Python) where the bytes are the same: plain str,
+    bytes, int and float, not too long, under the default encoding. Everything
+    else is packed as before: the same bytes, the same DataError."""
+    import enum
+
     import hiredis
+    from redis import asyncio as aioredis
     from redis.asyncio.connection import Connection
     from redis.exceptions import DataError
 
     from realtime.state import store
 
+    class Kind(enum.IntEnum):
+        A = 1
+
     client = store.client(redis_server.url)
     packed = []
     monkeypatch.setattr(hiredis, "pack_command", lambda args, real=hiredis.pack_command: packed.append(args) or real(args))
     assert await client.set("packed:é", 1733500000.125) is True
-    assert packed[-1] == (b"SET", "packed:é", 1733500000.125)  # (after the connection's own hello)
+    assert packed[-1] == (b"SET", "packed:é", 1733500000.125)  # (after the connection's own CLIENT SETINFO)
     assert await client.zadd("packed:z", {"m": 0.1}) == 1
     assert await client.get("packed:é") == b"1733500000.125"
     assert await client.zscore("packed:z", "m") == 0.1
     connection = client.connection_pool.make_connection()
     python = Connection()
-    for args in (("SET", "k", 0.1, 3, b"x", 1e20, "é"), ("CONFIG GET", "maxmemory"), ("EVALSHA", "a" * 40, 1, "k", -2)):
+    packed.clear()
+    for args in (("SET", "k", 0.1, 3, b"x", 1e20, -(2 ** 70), "é"), ("CONFIG GET", "maxmemory")):
         assert connection.pack_command(*args) == [b"".join(python.pack_command(*args))]
+    assert len(packed) == 2
+    for args in (("SET", "k", b"x" * 100_000), ("SET", "k", Kind.A), ("SET", "k", memoryview(b"abcd")[::2])):
+        assert connection.pack_command(*args) == python.pack_command(*args)
+    assert len(packed) == 2, "a long value, an enum and a memoryview are packed as before"
     for args in (("SET", "k", True), ("SET", "k", None)):
         with pytest.raises(DataError):
             python.pack_command(*args)
         with pytest.raises(DataError):
             connection.pack_command(*args)
+    other = store.packed_in_c(aioredis.from_url(f"{redis_server.url}?encoding=latin-1"))
+    assert other.connection_pool.connection_class is Connection, "another encoding: hiredis would write UTF-8"
 
 
 @pytest.mark.asyncio
