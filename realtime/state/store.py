@@ -4,6 +4,7 @@ pools are bound to the loop that made them), or nothing without REDIS_URL."""
 from __future__ import annotations
 
 import asyncio
+import codecs
 import math
 import time
 import weakref
@@ -45,14 +46,13 @@ def packed_in_c(client):
     connect storm's against 2 (docs/decisions.md). Only where the bytes are the
     same: str, bytes, int and float under the default encoding (UTF-8, strict);
     anything else, and long values, are packed as before."""
-    try:
-        from redis.connection import HIREDIS_AVAILABLE, HiredisRespSerializer
-    except ImportError:  # another redis-py
-        return client
+    from redis.connection import HIREDIS_AVAILABLE, HiredisRespSerializer
+
     pool = client.connection_pool
     options = pool.connection_kwargs
-    if not HIREDIS_AVAILABLE or options.get("encoding", "utf-8").lower().replace("_", "-") not in ("utf-8", "utf8") \
-            or options.get("encoding_errors", "strict") != "strict" or "encoder_class" in options:
+    default_encoding = (codecs.lookup(options.get("encoding", "utf-8")).name == "utf-8"
+                        and options.get("encoding_errors", "strict") == "strict" and "encoder_class" not in options)
+    if not HIREDIS_AVAILABLE or not default_encoding:
         return client
     base = pool.connection_class
     packed = _packed_classes.get(base)

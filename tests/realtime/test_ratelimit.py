@@ -181,6 +181,8 @@ async def test_the_shared_client_packs_commands_in_c_with_the_same_bytes_and_err
             connection.pack_command(*args)
     other = store.packed_in_c(aioredis.from_url(f"{redis_server.url}?encoding=latin-1"))
     assert other.connection_pool.connection_class is Connection, "another encoding: hiredis would write UTF-8"
+    alias = store.packed_in_c(aioredis.from_url(f"{redis_server.url}?encoding=UTF8"))
+    assert alias.connection_pool.connection_class is type(connection), "UTF-8 by another name"
 
 
 @pytest.mark.asyncio
