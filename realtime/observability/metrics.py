@@ -13,9 +13,12 @@ import gc
 import random
 import threading
 import time
+from bisect import bisect_left
 from collections import Counter as Tally
+from itertools import accumulate
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
 
 from realtime import protocol
 
@@ -68,6 +71,54 @@ DEGRADED = Counter("realtime_degraded_total", "Redis calls that failed and were 
 GC_FROZEN = Gauge("realtime_gc_frozen_objects", "Objects made at start-up and kept out of the garbage collector's walks "
                   "(gc.freeze, realtime/server/launcher.py)")
 GC_FROZEN.set_function(gc.get_freeze_count)
+
+GC_PAUSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class CollectorPauses:
+    """realtime_gc_pause_seconds: each garbage collection's pause, by generation
+    (a collection stops every socket of the worker; a full one walks every
+    object the sockets made). Counted in the collector's own callback
+    (gc.callbacks) in plain lists, and read as a histogram when Prometheus
+    scrapes: prometheus_client's values take a plain Lock, and a collection that
+    began on a thread inside one would wait on itself. The callback leaves no
+    object behind that the collector tracks."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.counts = [[0] * (len(GC_PAUSE_BUCKETS) + 1) for _ in range(3)]  # per bucket, then above the last
+        self.sums = [0.0, 0.0, 0.0]
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+            return
+        took = time.perf_counter() - self.started
+        generation = info["generation"]
+        self.counts[generation][bisect_left(GC_PAUSE_BUCKETS, took)] += 1
+        self.sums[generation] += took
+
+    def collect(self):
+        family = HistogramMetricFamily(
+            "realtime_gc_pause_seconds", "Garbage collections on this worker, by generation, and how long each "
+            "stopped it (a full collection, generation 2, walks every object its sockets hold)",
+            labels=["generation"])
+        for generation in range(3):
+            cumulative = list(accumulate(self.counts[generation]))
+            family.add_metric([str(generation)], list(zip([*map(str, GC_PAUSE_BUCKETS), "+Inf"], cumulative)),
+                              self.sums[generation])
+        yield family
+
+
+GC_PAUSES = CollectorPauses()
+
+
+def watch_collector() -> None:
+    """Count the collector's pauses from now on (the worker's start-up calls it;
+    once per process however often it is called)."""
+    if GC_PAUSES not in gc.callbacks:
+        gc.callbacks.append(GC_PAUSES)
+        REGISTRY.register(GC_PAUSES)
 
 _KNOWN_TYPES = set(protocol.CLIENT_TYPES)
 

@@ -54,17 +54,32 @@ RATE_LIMITED = int(CloseCode.RATE_LIMITED)
 # The prebuilt frames each socket got in this turn of the loop
 # (BoundedWebSocketProtocol.write_frame), written when the turn ends. Kept here,
 # not on the socket: an open socket's dict is kept small (_shed), and two more
-# keys would double it.
-_corked: dict["BoundedWebSocketProtocol", list[bytes]] = {}
+# keys would double it. A socket's entry is its one frame (bytes) until a second
+# comes, then a list of them: a fan-out's sweep makes no container per socket
+# (see "A sweep makes no garbage" in docs/decisions.md: a list a socket, alive
+# until the turn ends, outlived the young collections of a 2,500-socket sweep,
+# and the thousands of them a message reached the old generation and brought on
+# its full collections, each a pause of every socket of the worker).
+_corked: dict["BoundedWebSocketProtocol", "bytes | list[bytes]"] = {}
+
+
+def gathered_size(gathered: "bytes | list[bytes] | None") -> int:
+    """The bytes a socket's entry in _corked holds (0 for none)."""
+    if gathered is None:
+        return 0
+    return len(gathered) if gathered.__class__ is bytes else sum(map(len, gathered))
 
 
 def flush_corked() -> None:
     """Write what each socket gathered in this turn of the loop, in one send() per
     socket: a burst of room events (a batch of sends, several rooms' events)
     costs a system call per socket instead of one per socket and event."""
-    gathered = list(_corked.items())
-    _corked.clear()
-    for socket, frames in gathered:
+    global _corked
+    # The turn's dict is taken whole (a new one gathers anything written from
+    # here on): walking its items makes no tuple a socket, where a list of them
+    # made one each.
+    gathered, _corked = _corked, {}
+    for socket, frames in gathered.items():
         try:
             socket.write_gathered(frames)
         except Exception:
@@ -282,24 +297,31 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         (write_frames of one frame, without the tuple and the list: the fan-out
         calls it for each socket.)"""
         gathered = _corked.get(self)
-        if gathered is not None:
+        if gathered is None:
+            return self._gather(frame if frame.__class__ is bytes else [frame])
+        if gathered.__class__ is bytes:
+            _corked[self] = [gathered, frame]
+        else:
             gathered.append(frame)
-            return True
-        return self._gather([frame])
+        return True
 
     def write_frames(self, frames) -> bool:
         """write_frame for several frames in a row (a replay): kept apart, so that
         a send bound passed part-way through them cuts between two frames."""
         gathered = _corked.get(self)
-        if gathered is not None:
-            # Checked at this turn's first frame; anything that could have changed
-            # since (a close, a reply) went through sendData, which writes them.
+        if gathered is None:
+            return self._gather(list(frames))
+        # Checked at this turn's first frame; anything that could have changed
+        # since (a close, a reply) went through sendData, which writes them.
+        if gathered.__class__ is bytes:
+            _corked[self] = [gathered, *frames]
+        else:
             gathered.extend(frames)
-            return True
-        return self._gather(list(frames))
+        return True
 
-    def _gather(self, frames: list[bytes]) -> bool:
-        """The first frames of this turn for this socket."""
+    def _gather(self, frames: "bytes | list[bytes]") -> bool:
+        """The first frames of this turn for this socket: one frame as bytes, or a
+        list of frames (the entry of _corked)."""
         if self.overflowed or self.state in (self.STATE_CLOSING, self.STATE_CLOSED):
             return True  # closing: dropped, as serverSend drops it
         if (self.state != self.STATE_OPEN or self._perMessageCompress is not None
@@ -312,10 +334,14 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         _corked[self] = frames
         return True
 
-    def write_gathered(self, frames: list[bytes]) -> None:
+    def write_gathered(self, frames: "bytes | list[bytes]") -> None:
+        """Write a socket's entry of _corked: one frame (bytes) or a list of them."""
         if self.state != self.STATE_OPEN:
             return  # closed meanwhile: dropped
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        if frames.__class__ is bytes:
+            data = frames
+        else:
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
         if len(data) <= self.max_send_buffer and send_at_once(self.transport, data):
             return  # (nothing was unsent: all of it within the bound)
         room = self.max_send_buffer - unsent_bytes(self.transport)
@@ -326,6 +352,8 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         # than the bound): the whole frames that fit go, the rest does not, and
         # the socket closes with 4013, as frames sent one at a time would (a
         # replay's client then resumes from the last of them it got).
+        if frames.__class__ is bytes:
+            frames = [frames]
         fits = size = 0
         for frame in frames:
             if size + len(frame) > room:
@@ -425,7 +453,7 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         """Whether the unsent bytes, with `pending` more (the gathered frames by
         default), pass the send bound; if so, close with 4013."""
         if pending is None:
-            pending = sum(map(len, _corked.get(self, ())))
+            pending = gathered_size(_corked.get(self))
         if self.state == self.STATE_OPEN and unsent_bytes(self.transport) + pending > self.max_send_buffer:
             self._overflow(pending)
             return True

@@ -176,12 +176,16 @@ class DrainingServer(Drain, Reaping, Server):
     def _start(self):
         from twisted.internet import reactor
 
+        from realtime.observability import metrics
+
         # What start-up made (Django, the app, the modules) lives as long as the
         # process: out of the collector's reach, a full collection walks only
         # what the sockets made since, instead of stopping every socket for the
         # whole heap's walk (bench: 150-290 ms a collection with 2,000 sockets).
         gc.collect()
         gc.freeze()
+        # And each collection's pause from now on (realtime_gc_pause_seconds).
+        metrics.watch_collector()
         # The limits, from settings (the only reader of the environment).
         limits = settings.REALTIME
         BoundedWebSocketProtocol.max_send_buffer = limits["MAX_SEND_BUFFER"]

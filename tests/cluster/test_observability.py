@@ -56,6 +56,10 @@ async def test_each_worker_serves_readyz_and_metrics_but_the_balancer_hides_metr
     # otherwise stop every socket for the whole heap).
     frozen = next(line for line in text.splitlines() if line.startswith("realtime_gc_frozen_objects "))
     assert float(frozen.split()[1]) > 10_000
+    # And each collection's pause is counted, by generation (a worker that has
+    # served anything has made young collections).
+    young = [line for line in text.splitlines() if line.startswith('realtime_gc_pause_seconds_count{generation="0"}')]
+    assert young and float(young[0].split()[1]) > 0, "the collector's pauses are not counted"
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{cluster.balancer.url}/metrics")
     # nginx answers itself; HAProxy passes it on, and the worker sees a proxied request.

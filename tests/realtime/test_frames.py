@@ -141,6 +141,60 @@ async def test_nothing_follows_a_close_for_the_bound():
     assert socket.transport.writes == [b"x" * 8], "something was written after the bound's close"
 
 
+@pytest.mark.asyncio
+async def test_a_sweep_makes_no_container_per_socket():
+    """A room event written to a thousand sockets in one turn, then flushed, makes
+    no GC-tracked object per socket (bounded._corked holds a socket's one frame
+    as bytes; the flush walks the turn's dict without a tuple a socket): such
+    objects, alive until the turn ends, outlived the young collections of a big
+    room's sweep and brought on the old generation's full collections, each a
+    pause of every socket. Counted as the collector counts them (gc.get_count()),
+    at the first and the last socket's write and after the flush."""
+    import gc
+
+    from realtime.server import bounded
+
+    counts = []
+
+    class Counting(Transport):
+        def write(self, data: bytes) -> None:
+            counts.append(gc.get_count()[0])
+            super().write(data)
+
+    sockets = [open_socket(transport=Counting()) for _ in range(1000)]
+    frame = protocol.websocket_frame(b'{"type":"message.new"}', False)
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        for socket in sockets:
+            assert socket.write_frame(frame)
+        gathered = gc.get_count()[0] - before
+        bounded.flush_corked()
+        flushed = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+    assert [socket.transport.writes for socket in sockets] == [[frame]] * 1000
+    # (a handful, whatever the count of sockets: the turn's call_soon handle, the
+    # next turn's dict, the frames of the calls)
+    assert gathered <= 10, f"{gathered} tracked objects made for 1,000 sockets' frames"
+    assert max(counts) - before <= 10 and flushed <= 10, f"the flush made {max(counts) - before}"
+
+
+@pytest.mark.asyncio
+async def test_a_frame_gathered_alone_counts_against_the_send_bound():
+    """One frame gathered (held as bytes) counts against the bound when autobahn
+    sends through serverSend in the same turn: past it, the socket closes with
+    4013 and what was sent does not go."""
+    closed = []
+    socket = open_socket(max_send_buffer=10)
+    socket.sendClose = lambda code: closed.append(code)
+    assert socket.write_frame(b"x" * 12)
+    socket.serverSend("y" * 4)
+    assert closed == [4013] and socket.overflowed
+    assert socket.transport.writes == []
+
+
 def test_autobahns_plain_writes_go_out_at_once_and_are_counted():
     """sendData's plain case (the handshake's response, a reply through ASGI, a
     ping, the close frame) is in the kernel when sendData returns on a real TCP

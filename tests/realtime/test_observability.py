@@ -286,3 +286,52 @@ def test_the_alert_rules_use_metrics_that_exist():
     assert used and used <= known, used - known
     for alert in ("RealtimeWorkerMissing", "RealtimeErrorRate", "RealtimeConnectionDrop", "RealtimeLatencyP99"):
         assert f"alert: {alert}" in rules
+
+
+def test_collector_pauses_are_counted_by_generation_without_garbage():
+    """realtime_gc_pause_seconds (metrics.CollectorPauses, watched from the worker's
+    start-up): a young and a full collection each land in their generation's
+    histogram, with their time; the callback itself leaves no object behind
+    that the collector tracks (it runs after every collection)."""
+    import gc
+
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from realtime.observability import metrics
+
+    pauses = metrics.CollectorPauses()
+    gc.callbacks.append(pauses)
+    try:
+        gc.collect(0)
+        gc.collect(2)
+    finally:
+        gc.callbacks.remove(pauses)
+    registry = CollectorRegistry()
+    registry.register(pauses)
+    text = generate_latest(registry).decode()
+
+    def sample(name: str, generation: int, le: str | None = None) -> float:
+        labels = f'generation="{generation}"' + (f',le="{le}"' if le else "")
+        line = next(line for line in text.splitlines() if line.startswith(f"realtime_gc_pause_seconds_{name}{{{labels}}}"))
+        return float(line.split()[1])
+
+    assert sample("count", 0) == 1 and sample("count", 1) == 0 and sample("count", 2) == 1
+    assert sample("sum", 2) > 0 and sample("bucket", 2, "+Inf") == 1
+    # Cumulative: every bucket from the first that held it on counts it.
+    buckets = [sample("bucket", 2, str(b)) for b in metrics.GC_PAUSE_BUCKETS]
+    assert buckets == sorted(buckets) and buckets[-1] == 1
+
+    info = {"generation": 2, "collected": 0, "uncollectable": 0}
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        for _ in range(100):
+            pauses("start", info)
+            pauses("stop", info)
+        made = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+    assert made == 0
+    assert sample("count", 2) == 1  # (the text was read before)
+    assert sum(pauses.counts[2]) == 101
