@@ -22,6 +22,8 @@ Scenarios print one JSON object:
   (`spread_*`: the fan-out), so that a tail can be traced to one or the other;
 - `idle`: N sockets opened (and subscribed): the worker's memory per socket and the
   connect rate;
+- `churn`: N sockets opened (as idle's) and all closed, --rounds times: the worker's
+  resident memory after each round (what closed sockets leave behind);
 - `storm`: N sockets opened into one worker as fast as they go, at most C handshakes
   in flight (--concurrency), each authenticated and subscribed to the room; a socket
   is in when its subscribe is answered with an ack (the full pipeline) or its
@@ -572,6 +574,33 @@ async def idle(target: Target, count: int, worker_pid: int) -> dict:
     return result
 
 
+async def churn(target: Target, count: int, rounds: int, worker_pid: int) -> dict:
+    """`rounds` times over: `count` sockets opened (as `idle` opens them,
+    subscribed) and then all closed; the worker's resident memory a second after
+    each round's close. A worker that keeps what closed sockets leave (a leak, or
+    garbage in cycles its collector has not reached yet) grows from round to
+    round; one that frees it reuses the same memory for the next round."""
+    await asyncio.sleep(1)
+    before = rss_kib(worker_pid)
+    after: list[int] = []
+    for _ in range(rounds):
+        sockets = []
+        for start in range(0, count, 100):
+            sockets += await asyncio.gather(*(target.connect() for _ in range(start, min(count, start + 100))))
+        await close_all(sockets)
+        await asyncio.sleep(1)
+        after.append(rss_kib(worker_pid))
+    return {
+        "connections": count,
+        "rounds": rounds,
+        "empty_worker_mib": round(before / 1024, 1),
+        "rounds_mib": [round(kib / 1024, 1) for kib in after],
+        # After the last round; and what the rounds after the first added to it.
+        "worker_mib": round(after[-1] / 1024, 1),
+        "growth_mib": round((after[-1] - after[0]) / 1024, 1),
+    }
+
+
 async def storm(target: Target, count: int, concurrency: int, timeout: float, worker_pids: list[int] | None = None) -> dict:
     """`count` sockets at once into one worker, at most `concurrency` of them between
     their connect's start and their subscribe's answer: how fast they get in, and
@@ -740,12 +769,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", choices=sorted(PATHS), required=True)
     parser.add_argument("--port", required=True, help="the workers' ports, comma-separated")
-    parser.add_argument("--scenario", choices=["fanout", "rate", "idle", "storm", "curve", "drain"])
+    parser.add_argument("--scenario", choices=["fanout", "rate", "idle", "churn", "storm", "curve", "drain"])
     parser.add_argument("--members", type=int, default=100)
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--rate", type=float, default=100)
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--rounds", type=int, default=5, help="churn: times the members are opened and closed")
     parser.add_argument("--concurrency", type=int, default=200, help="storm, curve: sockets between connect and subscribed at once")
     parser.add_argument("--connect-timeout", type=float, default=60, help="storm, curve: seconds a socket may take to get in")
     parser.add_argument("--points", default="0,1000,2500,5000", help="curve: sockets already open at each timed batch")
@@ -799,6 +829,8 @@ def main() -> None:
         from bench.drain import drain_storm
 
         result = run(drain_storm(target, args.members, args.rate, pids))
+    elif args.scenario == "churn":
+        result = run(churn(target, args.members, args.rounds, args.worker_pid))
     else:
         result = run(idle(target, args.members, args.worker_pid))
     used = resource.getrusage(resource.RUSAGE_SELF)

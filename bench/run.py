@@ -73,11 +73,14 @@ SCENARIOS = {
     "connect storm, 5,000 sockets into one room": (["--scenario", "storm", "--members", "5000", "--concurrency", "200"], "sockets_per_s", True, 1),
 }
 # Issue 18's scale scenarios (daphne only: the production server). Each also has a
-# table of its own in RESULTS.md ("Scale") and a panel in bench/scale.png.
+# table of its own in RESULTS.md ("Scale") and, but for the churn, a panel in
+# bench/scale.png.
 #   drain storm: N sockets over two workers in one room, a sender on the second at
 #     10 msg/s; the first worker drained (SIGTERM; the bare consumer's killed):
 #     seconds until every one of its sockets is back and caught up (bench/drain.py);
 #   idle memory: the worker's resident memory with 10,000 subscribed sockets;
+#   churn: 2,000 sockets opened and closed five times over, the worker's resident
+#     memory after each round (what closed sockets leave behind);
 #   big room: 5,000 members over two workers at 10 msg/s, the members held by three
 #     load generator processes (one process could not time 50,000 deliveries a
 #     second on its own and still be the server's clock, see the loadgen's CPU);
@@ -88,6 +91,7 @@ DRAIN = "drain storm, {} sockets on 2 workers, 10 msg/s"
 COST = "cost curve: fan-out into {} members"
 CURVE = "connect rate against sockets open (next 500 at 0 / 1,000 / 2,500 / 5,000)"
 IDLE_10K = "idle sockets, 10,000 on one worker, worker memory"
+CHURN = "churn: 2,000 sockets opened and closed 5 times, worker memory"
 ROOM = "5,000-member room on 2 workers, 10 msg/s, p99"
 PROTOBUF = "fan-out, 500 members, Protobuf"
 
@@ -103,6 +107,7 @@ def cost_args(n: int, messages: int) -> list[str]:
 SCALE = {
     **{DRAIN.format(f"{n:,}"): (drain_args(n), "back_s", False, 2) for n in (1000, 2000, 5000)},
     IDLE_10K: (["--scenario", "idle", "--members", "10000"], "worker_mib", False, 1),
+    CHURN: (["--scenario", "churn", "--members", "2000", "--rounds", "5"], "worker_mib", False, 1),
     ROOM: (["--scenario", "rate", "--members", "5000", "--rate", "10", "--seconds", "10", "--procs", "3"], "p99_ms", False, 2),
     **{COST.format(f"{n:,}"): (cost_args(n, m), "deliveries_per_s", True, 1)
        for n, m in ((10, 500), (100, 300), (1000, 60), (5000, 20))},
@@ -115,6 +120,8 @@ SCENARIOS.update(SCALE)
 QUICK_SCALE = {
     DRAIN.format(200): (drain_args(200), "back_s", False, 2),
     "idle sockets, 1,000 on one worker, worker memory": (["--scenario", "idle", "--members", "1000"], "worker_mib", False, 1),
+    "churn: 300 sockets opened and closed 2 times, worker memory": (
+        ["--scenario", "churn", "--members", "300", "--rounds", "2"], "worker_mib", False, 1),
     "500-member room on 2 workers, 10 msg/s, p99": (["--scenario", "rate", "--members", "500", "--rate", "10", "--seconds", "3", "--procs", "2"], "p99_ms", False, 2),
     **{COST.format(n): (cost_args(n, m), "deliveries_per_s", True, 1) for n, m in ((10, 200), (100, 30))},
     "connect rate against sockets open (next 100 at 0 / 300)": (
@@ -609,7 +616,7 @@ def scale_groups(rows: list) -> dict[str, list]:
     list of (name, (metric, bare, full, ratio, details)) in the order run."""
     kinds = {"drain": lambda n: n.startswith("drain storm"), "cost": lambda n: n.startswith("cost curve"),
              "curve": lambda n: n.startswith("connect rate against"), "idle": lambda n: n.startswith("idle sockets"),
-             "room": lambda n: "-member room" in n}
+             "room": lambda n: "-member room" in n, "churn": lambda n: n.startswith("churn")}
     groups: dict[str, list] = {kind: [] for kind in kinds}
     for name, metric, _, bare, full, ratio, details in rows:
         for kind, matches in kinds.items():
@@ -623,8 +630,8 @@ def scale_section(rows: list, folder: Path) -> list[str]:
     beside the bare consumer's), and bench/scale.png (beside RESULTS.md)."""
     groups = scale_groups(rows)
     drains, costs, curves = groups["drain"], groups["cost"], groups["curve"]
-    idles, rooms = groups["idle"], groups["room"]
-    if not (drains or costs or curves or idles or rooms):
+    idles, rooms, churns = groups["idle"], groups["room"], groups["churn"]
+    if not (drains or costs or curves or idles or rooms or churns):
         return []
     lines = ["## Scale (issue 18)", "",
              "The scale scenarios on daphne, each beside the bare consumer in the same run; each row shows the run "
@@ -664,6 +671,21 @@ def scale_section(rows: list, folder: Path) -> list[str]:
                          f"{fmt(f.get('empty_worker_mib'), ',.1f', ' MiB')} | {fmt(f.get('kib_per_connection'), '.1f', ' KiB')} | "
                          f"{fmt(b.get('worker_mib'), ',.1f', ' MiB')} | {fmt(b.get('kib_per_connection'), '.1f', ' KiB')} | "
                          f"{met(name, full, ratio)} |")
+        lines.append("")
+    if churns:
+        lines += ["### Sockets opened and closed, round after round (`--scenario churn`)", "",
+                  "N sockets opened (subscribed, as the idle scenario's) and then all closed, several rounds on one "
+                  "worker: its resident memory a second after each round. Memory that closed sockets leave (a leak, or "
+                  "garbage in cycles the collector has not reached yet) shows as growth from round to round.", "",
+                  "| Sockets a round | Full: empty worker | Full: after each round | Full: growth after the first | "
+                  "Bare: after each round | Bare: growth after the first |", "| ---: | ---: | --- | ---: | --- | ---: |"]
+        for name, (metric, bare, full, ratio, details) in churns:
+            f, b = representative(details["full"], "worker_mib"), representative(details["bare"], "worker_mib")
+            lines.append(f"| {fmt(f.get('connections'), ',')} | {fmt(f.get('empty_worker_mib'), ',.1f', ' MiB')} | "
+                         f"{' / '.join(fmt(m, ',.1f') for m in f.get('rounds_mib') or [])} MiB {why_not(f)} | "
+                         f"{fmt(f.get('growth_mib'), ',.1f', ' MiB')} | "
+                         f"{' / '.join(fmt(m, ',.1f') for m in b.get('rounds_mib') or [])} MiB {why_not(b)} | "
+                         f"{fmt(b.get('growth_mib'), ',.1f', ' MiB')} |")
         lines.append("")
     if rooms:
         lines += ["### A big room over two workers (`--scenario rate --procs 3`)", "",

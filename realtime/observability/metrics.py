@@ -72,6 +72,10 @@ GC_FROZEN = Gauge("realtime_gc_frozen_objects", "Objects made at start-up and ke
                   "(gc.freeze, realtime/server/launcher.py)")
 GC_FROZEN.set_function(gc.get_freeze_count)
 
+GC_FULL_AFTER = Gauge("realtime_gc_full_after", "Young collections (generation 1) before a full one may run: the "
+                      "collector's third threshold (REALTIME_GC_FULL_AFTER under realtime.server)")
+GC_FULL_AFTER.set_function(lambda: gc.get_threshold()[2])
+
 GC_PAUSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 

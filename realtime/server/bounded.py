@@ -110,6 +110,9 @@ class OpenedRequest:
         self.path = path
 
 
+# A closed socket's is_closed once let go (connectionLost).
+CLOSED = object()
+
 # autobahn's traffic counts for every socket of the worker together.
 WORKER_TRAFFIC = TrafficStats()
 
@@ -203,6 +206,8 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
 
     @property
     def is_closed(self):
+        if self._is_closed is CLOSED:
+            return defer.succeed(self)  # (closed, and its own let go: connectionLost)
         if self._is_closed is None:
             # (autobahn resolves it as it closes the socket, reading it here)
             self._is_closed = defer.Deferred()
@@ -403,6 +408,16 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         """The done callback of this socket's application instance (the server
         reaps it: Reaping.watch, given it by create_application)."""
         self.server.instance_ended(self, instance)
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        # autobahn resolved is_closed with the socket itself: a Deferred holding
+        # the socket as its result, held by the socket, a cycle that only a full
+        # collection frees (with everything the socket still holds: about 2 KiB
+        # a socket, kept until then). Let go of it once resolved; read later, it
+        # is a resolved one made then (is_closed).
+        if self._is_closed is not None and self._is_closed.called and not adapter.listened(self._is_closed):
+            self._is_closed = CLOSED
 
     def _accepted(self) -> None:
         """The socket is open and daphne has let go of its handshake's deferred:

@@ -188,6 +188,11 @@ class DrainingServer(Drain, Reaping, Server):
         metrics.watch_collector()
         # The limits, from settings (the only reader of the environment).
         limits = settings.REALTIME
+        # A full collection at most once in REALTIME_GC_FULL_AFTER young ones (not
+        # CPython's 10): a storm's or a drain's new sockets brought one on every
+        # few hundred sockets, each a pause of the whole worker (docs/decisions.md).
+        young, middle, _ = gc.get_threshold()
+        gc.set_threshold(young, middle, limits["GC_FULL_AFTER"])
         BoundedWebSocketProtocol.max_send_buffer = limits["MAX_SEND_BUFFER"]
         BoundedWebSocketProtocol.max_receive_frames = limits["MAX_RECEIVE_FRAMES"]
         BoundedWebSocketProtocol.max_receive_buffer = limits["MAX_RECEIVE_BUFFER"]

@@ -191,3 +191,15 @@ def test_the_workers_cores_come_in_turn_from_bench_worker_cores(monkeypatch):
         assert worker.command()[:3] == ["taskset", "-c", "1"]
     finally:
         run.BenchWorker.server = "daphne"
+
+
+def test_the_churn_table_shows_each_rounds_memory_and_the_growth(tmp_path):
+    """bench/run.py's Scale section: the churn scenario's table, a row per size,
+    the worker's memory after each round and what the rounds after the first added."""
+    full = {"connections": 2000, "rounds": 3, "empty_worker_mib": 92.2, "rounds_mib": [114.5, 115.1, 115.2],
+            "worker_mib": 115.2, "growth_mib": 0.7}
+    bare = {"connections": 2000, "rounds": 3, "empty_worker_mib": 92.0, "rounds_mib": [160.4, 168.2, 168.5],
+            "worker_mib": 168.5, "growth_mib": 8.1}
+    rows = [(run.CHURN, "worker_mib", None, 168.5, 115.2, 1.46, {"full": [full], "bare": [bare]})]
+    lines = run.scale_section(rows, tmp_path)
+    assert "| 2,000 | 92.2 MiB | 114.5 / 115.1 / 115.2 MiB  | 0.7 MiB | 160.4 / 168.2 / 168.5 MiB  | 8.1 MiB |" in lines

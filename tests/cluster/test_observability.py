@@ -60,6 +60,8 @@ async def test_each_worker_serves_readyz_and_metrics_but_the_balancer_hides_metr
     # served anything has made young collections).
     young = [line for line in text.splitlines() if line.startswith('realtime_gc_pause_seconds_count{generation="0"}')]
     assert young and float(young[0].split()[1]) > 0, "the collector's pauses are not counted"
+    # A full collection at most once in 100 young ones (REALTIME_GC_FULL_AFTER's default).
+    assert "\nrealtime_gc_full_after 100.0\n" in text
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{cluster.balancer.url}/metrics")
     # nginx answers itself; HAProxy passes it on, and the worker sees a proxied request.

@@ -177,3 +177,18 @@ async def test_a_socket_app_that_raises_when_called_fails_its_task_not_the_hands
     task = server.connections[protocol]["application_instance"]
     with pytest.raises(LookupError):
         await task
+
+
+@pytest.mark.parametrize("value, says", [("0", "REALTIME_GC_FULL_AFTER=0 must be 1 or more."),
+                                         ("often", "REALTIME_GC_FULL_AFTER='often' is not an integer.")])
+def test_a_full_collection_threshold_below_one_stops_start_up(value, says):
+    """REALTIME_GC_FULL_AFTER (the launcher's gc threshold for full collections):
+    0 would make every young collection a full one; settings refuse it."""
+    import os
+    import sys
+
+    from tests.services import ROOT
+
+    run = subprocess.run([sys.executable, "-c", "import project.settings"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "REALTIME_GC_FULL_AFTER": value}, timeout=60)
+    assert run.returncode == 1 and says in run.stderr
