@@ -416,7 +416,8 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         # collection frees (with everything the socket still holds: about 2 KiB
         # a socket, kept until then). Let go of it once resolved; read later, it
         # is a resolved one made then (is_closed).
-        if self._is_closed is not None and self._is_closed.called and not adapter.listened(self._is_closed):
+        closed = self._is_closed
+        if isinstance(closed, defer.Deferred) and closed.called and not adapter.listened(closed):
             self._is_closed = CLOSED
 
     def _accepted(self) -> None:
