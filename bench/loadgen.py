@@ -580,6 +580,8 @@ async def churn(target: Target, count: int, rounds: int, worker_pid: int) -> dic
     each round's close. A worker that keeps what closed sockets leave (a leak, or
     garbage in cycles its collector has not reached yet) grows from round to
     round; one that frees it reuses the same memory for the next round."""
+    if rounds < 1:
+        raise SystemExit("churn: --rounds must be 1 or more")
     await asyncio.sleep(1)
     before = rss_kib(worker_pid)
     after: list[int] = []

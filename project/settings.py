@@ -474,9 +474,10 @@ REALTIME = {
     "DRAIN_RATE": float(os.environ.get("REALTIME_DRAIN_RATE") or 1000),
     "DRAIN_TIMEOUT": float(os.environ.get("REALTIME_DRAIN_TIMEOUT") or 10),
     "MAX_PENDING_PER_ADDRESS": env_int("REALTIME_MAX_PENDING_PER_ADDRESS", 32),
-    # Under realtime.server: young collections (CPython's generation 1) before a full
-    # collection may run: its third gc threshold, 10 in CPython, 100 here (a full
-    # collection walks every socket's objects; docs/decisions.md).
+    # Under realtime.server: collections of the middle generation (generation 1, each
+    # after 10 of the youngest) before a full collection may run: the collector's
+    # third threshold, 10 in CPython, 100 here (a full collection walks every
+    # socket's objects; docs/decisions.md).
     "GC_FULL_AFTER": env_int("REALTIME_GC_FULL_AFTER", 100),
 }
 if REALTIME["GC_FULL_AFTER"] < 1:

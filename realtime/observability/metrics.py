@@ -72,7 +72,7 @@ GC_FROZEN = Gauge("realtime_gc_frozen_objects", "Objects made at start-up and ke
                   "(gc.freeze, realtime/server/launcher.py)")
 GC_FROZEN.set_function(gc.get_freeze_count)
 
-GC_FULL_AFTER = Gauge("realtime_gc_full_after", "Young collections (generation 1) before a full one may run: the "
+GC_FULL_AFTER = Gauge("realtime_gc_full_after", "Collections of generation 1 before a full one may run: the "
                       "collector's third threshold (REALTIME_GC_FULL_AFTER under realtime.server)")
 GC_FULL_AFTER.set_function(lambda: gc.get_threshold()[2])
 
@@ -117,12 +117,18 @@ class CollectorPauses:
 GC_PAUSES = CollectorPauses()
 
 
+_pauses_exported = False
+
+
 def watch_collector() -> None:
-    """Count the collector's pauses from now on (the worker's start-up calls it;
-    once per process however often it is called)."""
+    """Count the collector's pauses from now on (the worker's start-up calls it):
+    exported once per process, and counted again if gc.callbacks lost it."""
+    global _pauses_exported
+    if not _pauses_exported:
+        REGISTRY.register(GC_PAUSES)
+        _pauses_exported = True
     if GC_PAUSES not in gc.callbacks:
         gc.callbacks.append(GC_PAUSES)
-        REGISTRY.register(GC_PAUSES)
 
 _KNOWN_TYPES = set(protocol.CLIENT_TYPES)
 

@@ -188,7 +188,7 @@ class DrainingServer(Drain, Reaping, Server):
         metrics.watch_collector()
         # The limits, from settings (the only reader of the environment).
         limits = settings.REALTIME
-        # A full collection at most once in REALTIME_GC_FULL_AFTER young ones (not
+        # A full collection at most once in REALTIME_GC_FULL_AFTER generation-1 ones (not
         # CPython's 10): a storm's or a drain's new sockets brought one on every
         # few hundred sockets, each a pause of the whole worker (docs/decisions.md).
         young, middle, _ = gc.get_threshold()

@@ -335,3 +335,26 @@ def test_collector_pauses_are_counted_by_generation_without_garbage():
     assert made == 0
     assert sample("count", 2) == 1  # (the text was read before)
     assert sum(pauses.counts[2]) == 101
+
+
+def test_the_collectors_pauses_are_exported_once_and_counted_again_if_dropped(monkeypatch):
+    """metrics.watch_collector (the worker's start-up): a second call exports
+    nothing twice (prometheus would refuse the duplicate names), and the callback
+    is put back where gc.callbacks lost it."""
+    import gc
+
+    from prometheus_client.registry import CollectorRegistry
+
+    from realtime.observability import metrics
+
+    registry = CollectorRegistry(auto_describe=True)  # (as prometheus_client's REGISTRY: names checked)
+    monkeypatch.setattr(metrics, "REGISTRY", registry)
+    monkeypatch.setattr(metrics, "_pauses_exported", False)
+    monkeypatch.setattr(gc, "callbacks", [])
+    metrics.watch_collector()
+    metrics.watch_collector()
+    assert gc.callbacks == [metrics.GC_PAUSES]
+    gc.callbacks.clear()
+    metrics.watch_collector()
+    assert gc.callbacks == [metrics.GC_PAUSES]
+    assert registry.get_sample_value("realtime_gc_pause_seconds_count", {"generation": "0"}) is not None
