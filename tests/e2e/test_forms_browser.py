@@ -48,7 +48,11 @@ def test_sign_up_errors_are_styled_like_the_apps_errors(app_server, browser, art
     page.fill("#id_password2", "a-different-passphrase")
     page.click("button[type=submit]")
     expect(page.get_by_role("alert")).to_contain_text("The account was not created")
+    # The answer's stylesheet loaded (the load event waits for it): read before it,
+    # the error's colour was the unstyled black (seen once in CI).
+    page.wait_for_load_state("load")
     bad = page.evaluate("getComputedStyle(document.querySelector('p.error')).color")
+    assert bad != "rgb(0, 0, 0)", "the app's error colour is not black"
     for field in ("username", "password2"):
         errors = page.locator(f"#id_{field}_error")
         expect(errors).to_be_visible()
