@@ -552,13 +552,19 @@ async def helper(target: Target, members_n: int, run: str) -> None:
     await asyncio.gather(*(m.close() for m in members), return_exceptions=True)
 
 
+async def open_batched(target: Target, count: int) -> list:
+    """`count` sockets opened (and subscribed), a hundred at a time."""
+    sockets = []
+    for start in range(0, count, 100):
+        sockets += await asyncio.gather(*(target.connect() for _ in range(start, min(count, start + 100))))
+    return sockets
+
+
 async def idle(target: Target, count: int, worker_pid: int) -> dict:
     await asyncio.sleep(1)
     before = rss_kib(worker_pid)
     started = time.monotonic()
-    sockets = []
-    for start in range(0, count, 100):
-        sockets += await asyncio.gather(*(target.connect() for _ in range(start, min(count, start + 100))))
+    sockets = await open_batched(target, count)
     elapsed = time.monotonic() - started
     await asyncio.sleep(2)
     after = rss_kib(worker_pid)
@@ -586,10 +592,7 @@ async def churn(target: Target, count: int, rounds: int, worker_pid: int) -> dic
     before = rss_kib(worker_pid)
     after: list[int] = []
     for _ in range(rounds):
-        sockets = []
-        for start in range(0, count, 100):
-            sockets += await asyncio.gather(*(target.connect() for _ in range(start, min(count, start + 100))))
-        await close_all(sockets)
+        await close_all(await open_batched(target, count))
         await asyncio.sleep(1)
         after.append(rss_kib(worker_pid))
     return {

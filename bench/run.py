@@ -679,13 +679,15 @@ def scale_section(rows: list, folder: Path) -> list[str]:
                   "garbage in cycles the collector has not reached yet) shows as growth from round to round.", "",
                   "| Sockets a round | Full: empty worker | Full: after each round | Full: growth after the first | "
                   "Bare: after each round | Bare: growth after the first |", "| ---: | ---: | --- | ---: | --- | ---: |"]
+        def rounds(r: dict) -> str:
+            """A churn run's memory after each round, then its growth."""
+            after = " / ".join(fmt(m, ",.1f") for m in r.get("rounds_mib") or [])
+            return f"{after} MiB {why_not(r)} | {fmt(r.get('growth_mib'), ',.1f', ' MiB')}"
+
         for name, (metric, bare, full, ratio, details) in churns:
             f, b = representative(details["full"], "worker_mib"), representative(details["bare"], "worker_mib")
             lines.append(f"| {fmt(f.get('connections'), ',')} | {fmt(f.get('empty_worker_mib'), ',.1f', ' MiB')} | "
-                         f"{' / '.join(fmt(m, ',.1f') for m in f.get('rounds_mib') or [])} MiB {why_not(f)} | "
-                         f"{fmt(f.get('growth_mib'), ',.1f', ' MiB')} | "
-                         f"{' / '.join(fmt(m, ',.1f') for m in b.get('rounds_mib') or [])} MiB {why_not(b)} | "
-                         f"{fmt(b.get('growth_mib'), ',.1f', ' MiB')} |")
+                         f"{rounds(f)} | {rounds(b)} |")
         lines.append("")
     if rooms:
         lines += ["### A big room over two workers (`--scenario rate --procs 3`)", "",

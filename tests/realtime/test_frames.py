@@ -186,13 +186,15 @@ async def test_a_frame_gathered_alone_counts_against_the_send_bound():
     """One frame gathered (held as bytes) counts against the bound when autobahn
     sends through serverSend in the same turn: past it, the socket closes with
     4013 and what was sent does not go."""
-    closed = []
+    closed, sent = [], []
     socket = open_socket(max_send_buffer=10)
     socket.sendClose = lambda code: closed.append(code)
+    # (what daphne's serverSend hands on, had the bound let it through)
+    socket.sendMessage = lambda payload, binary=False: sent.append(payload)
     assert socket.write_frame(b"x" * 12)
     socket.serverSend("y" * 4)
     assert closed == [4013] and socket.overflowed
-    assert socket.transport.writes == []
+    assert sent == [] and socket.transport.writes == []
 
 
 def test_autobahns_plain_writes_go_out_at_once_and_are_counted():
