@@ -206,21 +206,18 @@ class Stream:
         the send() itself a third. `frames`: the event's frame for each codec,
         made once for all the sockets.
 
-        Written when nothing is ahead of it for this socket: no queued message, no
-        replay, no frame of its own being answered (a sender gets its ack before
-        its own message), no access check under way, not a change to this user's
-        own membership, and the seq right after the last one sent. True: written
-        (the server's writer has it, to go out at the end of this turn); False:
-        queue it; None: its turn, but the server takes no prebuilt frame from this
-        socket (none under another server, or not now): deliver() sends it
-        through ASGI."""
-        if self.replaying or self.handling or self.local_queue.items or self.revoked:
-            return False
+        Written when nothing is ahead of it for this socket (nothing_ahead), not
+        a change to this user's own membership, and the seq right after the last
+        one sent. True: written (the server's writer has it, to go out at the end
+        of this turn); False: queue it; None: its turn, but the server takes no
+        prebuilt frame from this socket (none under another server, or not now):
+        deliver() sends it through ASGI."""
         room = message["room"]
+        if not self.nothing_ahead(room):
+            return False
         member = message.get("member")
-        if room in self.checking or (member is not None and member == self.user.get_username()):
-            # The room's access is being read again (a member removed?): its
-            # events wait their turn behind the check, which may end the stream.
+        if member is not None and member == self.user.get_username():
+            # This user's own membership changed: settled in turn (room_event).
             return False
         sub = self.subscriptions.get(room)
         if sub is None or message["seq"] != sub.last_seq + 1:
@@ -230,6 +227,33 @@ class Stream:
             return None
         self.sent_event(message, sub)
         return True
+
+    def push_now(self, message: dict, frames: protocol.EventFrames) -> bool | None:
+        """push() as a plain call, for the fan-out's loop as deliver_now is: a
+        presence diff or a typing frame to a room of thousands is a dict lookup
+        and a write a socket, not a wakeup of each socket's task. Written (or
+        passed over, as push() would pass it over) when nothing is ahead of it for
+        this socket, so it keeps its place behind what is queued. True: done;
+        False: queue it; None: the server takes no prebuilt frame now (queued,
+        push() sends it through ASGI)."""
+        if not self.nothing_ahead(message.get("room")):
+            return False
+        if not self.wants_push(message):
+            return True
+        writer = self.writer
+        if writer is None or not writer.write_frame(frames[self.codec]):
+            return None
+        return True
+
+    def nothing_ahead(self, room: str | None) -> bool:
+        """Whether a frame from the fan-out may go now, before anything else this
+        socket has in hand: no queued message, no replay, no frame of its own
+        being answered (a sender gets its ack before its own message), not
+        revoked, and the room's access not being read again (a member removed?
+        what follows waits behind the check, which may end the stream)."""
+        if self.replaying or self.handling or self.local_queue.items or self.revoked:
+            return False
+        return room is None or room not in self.checking
 
     async def room_event(self, message: dict) -> None:
         """A committed event of a room: send it once, in seq order."""
@@ -267,15 +291,19 @@ class Stream:
 
     async def push(self, message: dict) -> None:
         """An ephemeral frame (typing, presence, read markers), encoded once upstream."""
+        if self.wants_push(message):
+            await self.send_encoded(message)
+
+    def wants_push(self, message: dict) -> bool:
+        """Whether this socket is sent a push: it follows the room (if the push has
+        one), with presence for a presence frame, and is not the one it skips."""
         room = message.get("room")
         sub = self.subscriptions.get(room) if room is not None else None
         if self.revoked or (room is not None and sub is None):
-            return
+            return False
         if message.get("skip_user") == self.user.pk or message.get("skip_conn") == self.conn_id:
-            return
-        if message.get("presence") and not sub.presence:
-            return
-        await self.send_encoded(message)
+            return False
+        return not (message.get("presence") and not sub.presence)
 
     async def send_encoded(self, message: dict) -> None:
         """Send a layer message's payload as encoded upstream for this socket's codec:

@@ -499,3 +499,88 @@ async def test_each_write_of_the_fused_path_is_logged_at_debug(caplog):
     await fanout()._deliver(event(5, trace="t5"), set(sockets))
     logged = [r for r in caplog.records if getattr(r, "event", None) == "ws.deliver"]
     assert sorted((r.conn_id, r.seq, r.trace_id) for r in logged) == [("bob", 5, "t5"), ("dave", 5, "t5")]
+
+
+# Pushes (presence diffs, typing, read markers) take the fused path too
+# (Fanout._deliver -> Stream.push_now): written in the fan-out's loop, not queued
+# for each socket's task to wake up and write.
+
+def diff(**route) -> dict:
+    frame = protocol.PresenceDiff(room="general", joins=["erin"], leaves=[], count=3)
+    return broadcast.push_message(frame, room="general", **route)
+
+
+def pushed(member: Member) -> list[dict]:
+    """The frames written to this socket, decoded (as prebuilt frames or through ASGI)."""
+    from websockets.frames import Frame
+    from websockets.streams import StreamReader
+
+    reader = StreamReader()
+    reader.feed_data(b"".join(member.server.transport.writes) if member.server else b"")
+    reader.feed_eof()
+    found = []
+    while reader.buffer:
+        parser = Frame.parse(reader.read_exact, mask=False)
+        with pytest.raises(StopIteration) as done:
+            next(parser)
+        data = done.value.value.data
+        found.append(msgspec.msgpack.decode(data) if member.codec.binary else json.loads(data))
+    return found + [json.loads(text) for text in member.asgi]
+
+
+async def test_a_push_is_written_to_every_socket_in_the_loop_with_nothing_queued():
+    members = [Member(f"u{i}") for i in range(3)] + [Member("m", codec=protocol.MSGPACK)]
+    message = diff()
+    assert await fanout()._deliver(message, set(members)) == 0  # (room events are what it counts)
+    assert all(not m.local_queue.items for m in members), "queued for the socket's task"
+    assert all(m.server.transport.writes == [] for m in members), "written before the turn ended"
+    await asyncio.sleep(0)
+    for m in members:
+        assert m.server.transport.writes == [protocol.framed(message, m.codec)]
+        assert pushed(m) == [{"type": "presence.diff", "room": "general", "joins": ["erin"], "leaves": [], "count": 3}]
+
+
+@pytest.mark.parametrize("state", [
+    {"replaying": 1}, {"handling": True}, {"revoked": True},
+    {"checking": {"general": 1}},  # its access being read again
+    {"queued": True},  # something waits ahead of it
+])
+async def test_a_push_with_something_ahead_of_it_is_queued_behind_it(state):
+    state = dict(state)
+    queued = state.pop("queued", False)
+    out, fine = Member("bob", **state), Member("dave")
+    if queued:
+        out.local_queue.put_nowait({"type": broadcast.SESSION_CHECK})
+    message = diff()
+    await fanout()._deliver(message, {out, fine})
+    await asyncio.sleep(0)
+    assert out.server.transport.writes == [] and out.local_queue.items[-1] is message
+    assert len(pushed(fine)) == 1 and not fine.local_queue.items
+
+
+@pytest.mark.parametrize("route, state", [
+    ({"skip_user": hash("bob")}, {}),  # the typist's own typing
+    ({"skip_conn": "bob"}, {}),  # the joiner's own arrival (its presence.state told it)
+    ({}, {"subscriptions": {}}),  # not following the room
+    ({}, {"presence": False}),  # following it without presence
+])
+async def test_a_push_not_for_a_socket_is_passed_over_not_queued(route, state):
+    from realtime.ws.stream import Subscription
+
+    if state.pop("presence", True) is False:
+        state["subscriptions"] = {"general": Subscription(last_seq=0, presence=False)}
+    out, fine = Member("bob", **state), Member("dave")
+    await fanout()._deliver(diff(**route), {out, fine})
+    await asyncio.sleep(0)
+    assert out.server.transport.writes == [] and not out.local_queue.items
+    assert len(pushed(fine)) == 1
+
+
+async def test_a_push_to_a_socket_of_another_server_is_queued_and_sent_through_asgi():
+    other, fine = Member("bob", server=False), Member("dave")
+    message = diff()
+    await fanout()._deliver(message, {other, fine})
+    assert other.local_queue.items == [message]
+    await other.push(other.local_queue.items.pop())
+    await asyncio.sleep(0)
+    assert pushed(other) == pushed(fine) and len(pushed(fine)) == 1
