@@ -152,9 +152,8 @@ class Fanout:
         calls under them, were half of the sending loop's time at low message
         rates, where each event is a send() per socket). A push (a presence diff,
         typing, read markers) goes to push_now() the same way: queued, it woke
-        each socket's task to write one frame (some 40 µs a socket: a room of
-        5,000 paid 0.2 s of the worker's second for its diff while people came
-        and went). deliver() is awaited where a room event cannot be written so
+        each socket's task to write a frame made already (some 28 µs of the
+        worker's CPU a socket all told, against 16 now: bench/pushes.py). deliver() is awaited where a room event cannot be written so
         (no prebuilt frames: ASGI), for the first tracing.WRITE_SPANS sockets of a
         sampled trace (tracing.write), for a member that is not a socket (a long
         poll), and for other messages."""

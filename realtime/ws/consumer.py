@@ -167,7 +167,16 @@ class RealtimeConsumer(queues.Served, Intake, Handlers, Stream, AsyncWebsocketCo
         access here goes through database_sync_to_async, which closes stale
         connections around itself."""
         if message["type"] != "websocket.receive":
-            await self.dispatch_one(message)
+            # A message of the socket's own queue in hand (a session or access check
+            # reading the database, a catch-up from the log): what the fan-out brings
+            # meanwhile waits behind it (Stream.nothing_ahead), as it would have
+            # waited in the queue, so a check that ends the socket is sent nothing
+            # after it.
+            self.handling = True
+            try:
+                await self.dispatch_one(message)
+            finally:
+                self.handling = False
             return
         # A frame's trace id (set while it is handled: ws/intake.py) is its own:
         # once it is answered, the socket's log lines carry none, and its task's

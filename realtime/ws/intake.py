@@ -39,7 +39,7 @@ class Intake:
     """Frames in (a part of RealtimeConsumer)."""
 
     refused_in_row = 0
-    handling = False  # a client frame is being handled: its reply goes first
+    handling = False  # a client frame (its reply goes first) or a queued message is being handled
     probation_until = UNREAD  # read from the Account at the socket's first message.send
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:

@@ -247,10 +247,13 @@ class Stream:
 
     def nothing_ahead(self, room: str | None) -> bool:
         """Whether a frame from the fan-out may go now, before anything else this
-        socket has in hand: no queued message, no replay, no frame of its own
-        being answered (a sender gets its ack before its own message), not
+        socket has in hand: no queued message, none of them being handled (a
+        session or access check: the consumer's dispatch), no replay, no frame of
+        its own being answered (a sender gets its ack before its own message), not
         revoked, and the room's access not being read again (a member removed?
-        what follows waits behind the check, which may end the stream)."""
+        what follows waits behind the check, which may end the stream). A client
+        frame received and not yet handled is not waited for: the fan-out's frame
+        was sent before it was read."""
         if self.replaying or self.handling or self.local_queue.items or self.revoked:
             return False
         return room is None or room not in self.checking

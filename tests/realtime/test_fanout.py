@@ -340,20 +340,25 @@ class Member(RealtimeConsumer):
 
     def got(self) -> list[int]:
         """The seqs written to this socket, in order (as prebuilt frames or through ASGI)."""
+        return [frame["seq"] for frame in self.frames()]
+
+    def frames(self) -> list[dict]:
+        """What was written to this socket, decoded, in order: the prebuilt frames,
+        then what went through ASGI."""
         from websockets.frames import Frame
         from websockets.streams import StreamReader
 
         reader = StreamReader()
         reader.feed_data(b"".join(self.server.transport.writes) if self.server else b"")
         reader.feed_eof()
-        seqs = []
+        found = []
         while reader.buffer:
             parser = Frame.parse(reader.read_exact, mask=False)
             with pytest.raises(StopIteration) as done:
                 next(parser)
-            seqs.append(msgspec.msgpack.decode(done.value.value.data)["seq"] if self.codec.binary
-                        else json.loads(done.value.value.data)["seq"])
-        return seqs + [json.loads(text)["seq"] for text in self.asgi]
+            data = done.value.value.data
+            found.append(msgspec.msgpack.decode(data) if self.codec.binary else json.loads(data))
+        return found + [json.loads(text) for text in self.asgi]
 
 
 async def test_a_room_event_is_written_to_every_socket_in_turn_in_one_send_per_socket_at_the_turns_end():
@@ -510,24 +515,6 @@ def diff(**route) -> dict:
     return broadcast.push_message(frame, room="general", **route)
 
 
-def pushed(member: Member) -> list[dict]:
-    """The frames written to this socket, decoded (as prebuilt frames or through ASGI)."""
-    from websockets.frames import Frame
-    from websockets.streams import StreamReader
-
-    reader = StreamReader()
-    reader.feed_data(b"".join(member.server.transport.writes) if member.server else b"")
-    reader.feed_eof()
-    found = []
-    while reader.buffer:
-        parser = Frame.parse(reader.read_exact, mask=False)
-        with pytest.raises(StopIteration) as done:
-            next(parser)
-        data = done.value.value.data
-        found.append(msgspec.msgpack.decode(data) if member.codec.binary else json.loads(data))
-    return found + [json.loads(text) for text in member.asgi]
-
-
 async def test_a_push_is_written_to_every_socket_in_the_loop_with_nothing_queued():
     members = [Member(f"u{i}") for i in range(3)] + [Member("m", codec=protocol.MSGPACK)]
     message = diff()
@@ -537,7 +524,7 @@ async def test_a_push_is_written_to_every_socket_in_the_loop_with_nothing_queued
     await asyncio.sleep(0)
     for m in members:
         assert m.server.transport.writes == [protocol.framed(message, m.codec)]
-        assert pushed(m) == [{"type": "presence.diff", "room": "general", "joins": ["erin"], "leaves": [], "count": 3}]
+        assert m.frames() == [{"type": "presence.diff", "room": "general", "joins": ["erin"], "leaves": [], "count": 3}]
 
 
 @pytest.mark.parametrize("state", [
@@ -555,7 +542,7 @@ async def test_a_push_with_something_ahead_of_it_is_queued_behind_it(state):
     await fanout()._deliver(message, {out, fine})
     await asyncio.sleep(0)
     assert out.server.transport.writes == [] and out.local_queue.items[-1] is message
-    assert len(pushed(fine)) == 1 and not fine.local_queue.items
+    assert len(fine.frames()) == 1 and not fine.local_queue.items
 
 
 @pytest.mark.parametrize("route, state", [
@@ -567,13 +554,14 @@ async def test_a_push_with_something_ahead_of_it_is_queued_behind_it(state):
 async def test_a_push_not_for_a_socket_is_passed_over_not_queued(route, state):
     from realtime.ws.stream import Subscription
 
+    state = dict(state)
     if state.pop("presence", True) is False:
         state["subscriptions"] = {"general": Subscription(last_seq=0, presence=False)}
     out, fine = Member("bob", **state), Member("dave")
     await fanout()._deliver(diff(**route), {out, fine})
     await asyncio.sleep(0)
     assert out.server.transport.writes == [] and not out.local_queue.items
-    assert len(pushed(fine)) == 1
+    assert len(fine.frames()) == 1
 
 
 async def test_a_push_to_a_socket_of_another_server_is_queued_and_sent_through_asgi():
@@ -583,4 +571,48 @@ async def test_a_push_to_a_socket_of_another_server_is_queued_and_sent_through_a
     assert other.local_queue.items == [message]
     await other.push(other.local_queue.items.pop())
     await asyncio.sleep(0)
-    assert pushed(other) == pushed(fine) and len(pushed(fine)) == 1
+    assert other.frames() == fine.frames() and len(fine.frames()) == 1
+
+
+async def test_what_the_fan_out_brings_while_a_queued_check_is_in_hand_waits_behind_it():
+    """A session check taken from the socket's queue reads the database: a push and
+    a room event that come meanwhile are queued behind it, as they would have
+    waited in the queue, and a check that ends the socket is sent neither."""
+    gate = asyncio.Event()
+
+    class Checked(Member):
+        async def session_check(self, message):
+            await gate.wait()
+            self.revoked = True  # the session ended (shut() sets it)
+
+    out, fine = Checked("bob", last_seq=4), Member("dave", last_seq=4)
+    check = asyncio.ensure_future(out.dispatch({"type": broadcast.SESSION_CHECK}))
+    await asyncio.sleep(0)
+    push, room_event = diff(), event(5)
+    await fanout()._deliver(push, {out, fine})
+    await fanout()._deliver(room_event, {out, fine})
+    await asyncio.sleep(0)
+    assert out.server.transport.writes == [] and out.local_queue.items == [push, room_event]
+    gate.set()
+    await check
+    assert out.handling is False
+    while out.local_queue.items:
+        await out.dispatch(out.local_queue.items.pop(0))
+    await asyncio.sleep(0)
+    assert out.server.transport.writes == [] and out.asgi == []
+    assert [frame["type"] for frame in fine.frames()] == ["presence.diff", "message.new"]
+
+
+async def test_a_push_to_a_long_poll_is_not_counted_as_a_delivered_room_event():
+    from prometheus_client import REGISTRY
+
+    class Waiter:
+        local_queue = None
+
+        async def deliver(self, message):
+            return True  # (a poll's waiter takes everything: web/longpoll.py)
+
+    sample = lambda: REGISTRY.get_sample_value("realtime_frames_out_total", {"type": "room.event"}) or 0  # noqa: E731
+    before = sample()
+    assert await fanout()._deliver(diff(), {Waiter()}) == 0
+    assert sample() == before
