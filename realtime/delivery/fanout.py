@@ -153,21 +153,23 @@ class Fanout:
         rates, where each event is a send() per socket). A push (a presence diff,
         typing, read markers) goes to push_now() the same way: queued, it woke
         each socket's task to write a frame made already (some 28 µs of the
-        worker's CPU a socket all told, against 16 now: bench/pushes.py). deliver() is awaited where a room event cannot be written so
-        (no prebuilt frames: ASGI), for the first tracing.WRITE_SPANS sockets of a
+        worker's CPU a socket all told, against 16 now: bench/pushes.py).
+        deliver() is awaited where a room event cannot be written so (no
+        prebuilt frames: ASGI), for the first tracing.WRITE_SPANS sockets of a
         sampled trace (tracing.write), for a member that is not a socket (a long
         poll), and for other messages."""
         kind = message.get("type")
-        now = "deliver_now" if kind == names.ROOM_EVENT else "push_now" if kind == names.PUSH else None
+        room_event = kind == names.ROOM_EVENT
+        fused = room_event or kind == names.PUSH
         frames = protocol.EventFrames(message)
         spans = tracing.WRITE_SPANS if traced else 0
         written = 0
         for i, consumer in enumerate(tuple(local)):
             try:
                 done = None
-                if now is not None and i >= spans:
+                if fused and i >= spans:
                     try:
-                        write_now = getattr(consumer, now)
+                        write_now = consumer.deliver_now if room_event else consumer.push_now
                     except AttributeError:
                         pass  # (not a socket: a long poll's waiter)
                     else:
@@ -180,7 +182,7 @@ class Fanout:
             except Exception:
                 log.exception("fan-out delivery failed", extra={"event": "fanout.delivery_failed"})
             consumer.local_queue.put_nowait(message)
-        if written and kind == names.ROOM_EVENT:
+        if written and room_event:
             # Counted once for all the sockets it was written to straight away.
             metrics.delivered(message, written)
             return written
