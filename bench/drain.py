@@ -36,8 +36,10 @@ sockets a second. The bare consumer has no drain and no resume: its worker is
 killed (SIGKILL), its sockets drop (1006) and reconnect.
 
 The clients behave like the browser client (static/realtime/socket.js and
-state.js), not a retry loop: after a 4012 (or 1012) a socket comes back after the
-restart jitter, 100 to 1,000 ms, uniformly; after any other loss, or a failed
+state.js), not a retry loop: after a 4012 (or 1012) a socket comes back within
+the close reason's `spread_ms` (our drain's: the time between two of its batches),
+uniformly, or without one after the restart jitter, 100 to 1,000 ms, uniformly
+(the bare consumer's killed worker sends no close); after any other loss, or a failed
 attempt, after the equal-jitter backoff (base 500 ms, cap 10 s, doubling with each
 failure in a row); a 4029's `retry_after` is waited for; an attempt that has no
 frame back within 10 s (the connect timeout) is dropped and counts as a failure. On
@@ -68,11 +70,14 @@ import time
 import uuid
 
 from bench.wsframes import pong, read_frames
+from realtime.protocol.codes import restart_spread
 
 SEQ = re.compile(rb'"seq":(\d+)')
 RESTART_CODES = {4012, 1012}
 STOP_CODES = {4001, 4003}
 RESTART_JITTER = 1.0  # s (socket.js restartJitter)
+# Set: a 4012's spread_ms is not read (the client before it), for an A/B.
+IGNORE_HINT = bool(os.environ.get("BENCH_IGNORE_HINT"))
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 10.0  # s (client.js backoff)
 CONNECT_TIMEOUT = 10.0  # s (socket.js connectTimeout)
 
@@ -289,7 +294,9 @@ class Client:
                 storm.fail(self.stopped)
                 return
             if code in RESTART_CODES:
-                delay = RESTART_JITTER * (0.1 + 0.9 * random.random())
+                spread = None if IGNORE_HINT else restart_spread(why)
+                delay = (RESTART_JITTER * (0.1 + 0.9 * random.random()) if spread is None
+                         else spread / 1000 * random.random())
             else:
                 delay = backoff(self.failures_in_a_row)
                 self.failures_in_a_row += 1

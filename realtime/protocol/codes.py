@@ -12,6 +12,30 @@ SUBPROTOCOL_PROTOBUF = "rt.v1.protobuf"  # docs/protocol.proto (protocol/proto.p
 SUBPROTOCOLS = (SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, SUBPROTOCOL_PROTOBUF)
 
 
+# A 4012's reason: "spread_ms=N". The window, in ms, over which the server wants
+# the socket back: the client draws its moment uniformly in [0, N]. A drain closes
+# its sockets in batches N ms apart, so its clients come back as evenly as they were
+# closed, at the pace it chose (REALTIME_DRAIN_RATE), with no second of jitter on
+# top. Without a hint (uvicorn's 1012, an older worker) the client keeps its own.
+RESTART_SPREAD = "spread_ms"
+RESTART_SPREAD_MAX_MS = 30_000  # what a client takes at most from a hint
+
+
+def restart_reason(spread_ms: int) -> str:
+    """The close reason of a 4012 that asks for the socket back within `spread_ms`."""
+    return f"{RESTART_SPREAD}={int(spread_ms)}"
+
+
+def restart_spread(reason: str | None) -> int | None:
+    """The hint of a 4012's reason (restart_reason), in ms, at most
+    RESTART_SPREAD_MAX_MS; None when there is none or it is malformed (what
+    static/realtime/socket.js's restartSpread does)."""
+    key, sep, value = (reason or "").partition("=")
+    if not sep or key != RESTART_SPREAD or not value.isascii() or not value.isdigit() or len(value) > 9:
+        return None
+    return min(int(value), RESTART_SPREAD_MAX_MS)
+
+
 class ErrorCode(enum.StrEnum):
     """The `code` of an `error` frame (and of REST error bodies)."""
 
@@ -48,7 +72,7 @@ class CloseCode(enum.IntEnum):
     FORBIDDEN = 4003  # disconnected by an operator (the realtime console): do not retry by itself
     POLICY = 4008  # bad origin after accept, abuse
     INTERNAL = 4011  # internal error
-    SERVICE_RESTART = 4012  # reconnect now, with jitter
+    SERVICE_RESTART = 4012  # reconnect now, spread over the reason's spread_ms (else with jitter)
     OVERLOADED = 4013  # reconnect with backoff
     RATE_LIMITED = 4029  # a flood, or sockets opened too often: wait retry_after
     PROTOCOL_VIOLATION = 4400  # the client broke the protocol

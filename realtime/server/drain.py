@@ -9,7 +9,11 @@ the workers' control group, by the same transport as everything else), a worker:
    worker holding more sockets than REALTIME_DRAIN_RATE a second would hand back
    in that time, over as long as that rate takes (at most REALTIME_DRAIN_TIMEOUT
    s), so clients do not all come back in the same moment: the workers that take
-   them in see a stream of reconnects at a pace they can serve, not a wall; and
+   them in see a stream of reconnects at a pace they can serve, not a wall. The
+   close's reason tells each client the time between two batches
+   (`spread_ms=50`: protocol.restart_reason), over which it spreads its return,
+   so the reconnects arrive as evenly as the closes were made, and no client
+   waits its own second of jitter on top; and
    answers its held long polls at once (with the page they have; web/longpoll.py),
    so their clients poll again elsewhere;
 3. waits for the application instances to finish (at most REALTIME_DRAIN_TIMEOUT s),
@@ -27,6 +31,7 @@ import time
 
 from daphne.ws_protocol import WebSocketProtocol
 
+from realtime import protocol
 from realtime.protocol.codes import CloseCode
 
 log = logging.getLogger("realtime.server")
@@ -41,6 +46,12 @@ def schedule(sockets: int, spread: float, rate: float, longest: float) -> tuple[
     than `longest`; a batch every BATCH_EVERY s."""
     seconds = min(max(spread, sockets / rate if rate > 0 else 0.0), max(spread, longest))
     return seconds, max(1, min(sockets, math.ceil(seconds / BATCH_EVERY)))
+
+
+def restart_reason(seconds: float, batches: int) -> str:
+    """The 4012's reason for a drain of `batches` batches over `seconds`: come back
+    within the time between two batches (at least 1 ms)."""
+    return protocol.restart_reason(max(1, round(1000 * seconds / batches)))
 
 
 def worker_id() -> str:
@@ -128,17 +139,18 @@ class Drain:
         random.shuffle(sockets)
         self.spread_now, batches = schedule(len(sockets), self.drain_spread, self.drain_rate, self.drain_timeout)
         log.warning("draining: reason=%s sockets=%d spread=%.1fs", reason, len(sockets), self.spread_now)
+        hint = restart_reason(self.spread_now, batches)
         for i in range(batches):
             batch = sockets[i::batches]
             delay = self.spread_now * i / batches
-            reactor.callLater(delay, self._close_batch, batch)
+            reactor.callLater(delay, self._close_batch, batch, hint)
         reactor.callLater(0.05, self._wait_for_applications, started)
 
     @staticmethod
-    def _close_batch(batch):
-        for protocol in batch:
-            if protocol.state == WebSocketProtocol.STATE_OPEN:
-                protocol.serverClose(code=SERVICE_RESTART)
+    def _close_batch(batch, reason: str):
+        for socket in batch:
+            if socket.state == WebSocketProtocol.STATE_OPEN:
+                socket.sendClose(code=SERVICE_RESTART, reason=reason)
 
     def _wait_for_applications(self, started: float) -> None:
         from twisted.internet import reactor

@@ -32,3 +32,9 @@ export const ErrorCode = Object.freeze({
   RECOVERY_FAILED: "recovery_failed",
   INTERNAL: "internal",
 });
+
+// A 4012's reason `spread_ms=N`: come back within N ms (at most the MAX_MS).
+export const RestartSpread = Object.freeze({
+  KEY: "spread_ms",
+  MAX_MS: 30000,
+});

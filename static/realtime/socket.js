@@ -9,6 +9,7 @@
 // _socketFrame(frame), _divert(code) (true: the long-poll fallback takes over
 // from here), _stop(reason, code, message).
 
+import { RestartSpread } from "./codes.js";
 import { Close, State, backoffDelay } from "./state.js";
 
 // Closes after which trying again by itself cannot help: stop, and say why. 4001:
@@ -17,6 +18,15 @@ import { Close, State, backoffDelay } from "./state.js";
 export const STOP = { [Close.NOT_AUTHENTICATED]: "unauthenticated", [Close.FORBIDDEN]: "operator" };
 const STOP_MESSAGE = { unauthenticated: "signed out", operator: "disconnected by an administrator" };
 const RESTART = new Set([Close.SERVICE_RESTART, Close.SERVER_RESTART]);
+
+const SPREAD = new RegExp(`^${RestartSpread.KEY}=([0-9]{1,9})$`);
+
+/** The hint of a 4012's reason, "spread_ms=N": come back within N ms (at most
+ * RestartSpread.MAX_MS). null without one, or a malformed one. */
+export function restartSpread(reason) {
+  const m = SPREAD.exec(typeof reason === "string" ? reason : "");
+  return m ? Math.min(Number(m[1]), RestartSpread.MAX_MS) : null;
+}
 
 const disconnected = () => Object.assign(new Error("connection lost"), { code: "disconnected" });
 
@@ -162,20 +172,25 @@ export class SocketTransport {
 
   // -- the next attempt ---------------------------------------------------------
   /** After a failure: the fallback's turn if it takes it, else a backoff. */
-  scheduleReconnect(code) {
+  scheduleReconnect(code, reason) {
     const state = this.host.state;
     if (state === State.OFFLINE || state === State.CLOSED) return;
     if (this.host._divert(code)) return;
-    this.backoffReconnect(code);
+    this.backoffReconnect(code, reason);
   }
 
-  backoffReconnect(code) {
+  backoffReconnect(code, reason) {
     const host = this.host;
     let delay;
     if (RESTART.has(code)) {
-      // The server is restarting on purpose: come back at once, spread out a little.
-      // (a tenth of the window at least: never all in the same millisecond)
-      delay = Math.floor(this.restartJitter * (0.1 + 0.9 * host.random()));
+      // The server is restarting on purpose: come back at once, spread out. A drain
+      // says over how long (it closes its sockets in batches that far apart, at the
+      // pace the other workers can take them back); else our own jitter, a tenth
+      // of the window at least: never all in the same millisecond.
+      const spread = restartSpread(reason);
+      delay = spread === null
+        ? Math.floor(this.restartJitter * (0.1 + 0.9 * host.random()))
+        : Math.floor(spread * host.random());
     } else {
       delay = backoffDelay(this.attempts, host.backoff, host.random);
       this.attempts += 1;

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import http.cookiejar
 import json
+import random
 import re
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import websockets
 
+from realtime import protocol
 from tests.conftest import missing
 from tests.services import Cluster
 
@@ -234,6 +236,7 @@ class ResumingClient:
     gaps: int = 0
     reconnects: int = 0
     close_codes: list[int] = field(default_factory=list)
+    close_reasons: list[str] = field(default_factory=list)
     downtimes: list[float] = field(default_factory=list)
     ping_every: float = 0  # seconds; the browser client pings every 20 s
     start: int = 0  # the seq the client already has (it follows from there)
@@ -271,6 +274,7 @@ class ResumingClient:
                         self._apply(frame["seq"])
             except websockets.ConnectionClosed as exc:
                 self.close_codes.append(exc.rcvd.code if exc.rcvd else 1006)
+                self.close_reasons.append(exc.rcvd.reason if exc.rcvd else "")
                 closed_at = time.monotonic()
             finally:
                 if pinger:
@@ -278,6 +282,10 @@ class ResumingClient:
                 await ws.close()
             if not self.stopped:
                 self.reconnects += 1
+                # As the browser client: back within the drain's spread_ms, not at once.
+                spread = protocol.restart_spread(self.close_reasons[-1]) if self.close_codes[-1:] == [4012] else None
+                if spread:
+                    await asyncio.sleep(random.random() * spread / 1000)
 
     async def _ping(self, ws) -> None:
         while True:

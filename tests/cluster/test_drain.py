@@ -1,5 +1,6 @@
 """Graceful restarts: SIGTERM (and `manage.py drain`) close a worker's sockets with
-4012; its clients are back on a live worker within 2 s and miss nothing."""
+4012, whose reason says how long to spread the return over; its clients are back on
+a live worker within 2 s and miss nothing."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ async def test_sigterm_closes_with_4012_and_clients_are_back_within_2s(cluster):
         assert rc == 0, f"the worker exited with {rc}"
         for c in moved:
             assert c.close_codes[:1] == [4012], c.close_codes
+            # The victim held its three followers: three batches a third of a second apart.
+            assert len(moved) == 3
+            assert c.close_reasons[:1] == ["spread_ms=333"], c.close_reasons
             assert c.downtimes and max(c.downtimes) < 2.0, c.downtimes
         assert all(c.reconnects == 0 for c in stayed)
     finally:

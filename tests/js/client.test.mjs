@@ -4,6 +4,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { RealtimeClient, State, backoffDelay } from "../../static/realtime/client.js";
 import { FakeTimers, fakeSocketClass, flush } from "./fakes.mjs";
+import { restartSpread } from "../../static/realtime/socket.js";
 
 function setup(extra = {}) {
   const timers = new FakeTimers();
@@ -75,6 +76,36 @@ test("4012 reconnects at once with small jitter, never in the same millisecond a
     sockets[0].serverClose(4012);
     assert.ok(states.at(-1).delay >= 100 && states.at(-1).delay < 1000, `${states.at(-1).delay}`);
   }
+});
+
+test("4012 with a drain's spread_ms comes back within it, not after a second of jitter", () => {
+  for (const [random, expected] of [[() => 0, 0], [() => 0.5, 25], [() => 0.999, 49]]) {
+    const { client, sockets, states, timers } = setup({ random });
+    client.connect();
+    sockets[0].open();
+    sockets[0].serverClose(4012, "spread_ms=50");
+    assert.equal(states.at(-1).state, State.RECONNECTING);
+    assert.equal(states.at(-1).delay, expected);
+    timers.advance(expected);
+    assert.equal(sockets.length, 2, "the next attempt is made at the drawn moment");
+  }
+});
+
+test("a 4012's hint is capped, and a malformed one leaves the client's own jitter", () => {
+  const delay = (reason) => {
+    const { client, sockets, states } = setup({ random: () => 0.5 });
+    client.connect();
+    sockets[0].open();
+    sockets[0].serverClose(4012, reason);
+    return states.at(-1).delay;
+  };
+  assert.equal(delay("spread_ms=999999999"), 15000); // half of RestartSpread.MAX_MS (30 s)
+  assert.equal(delay("spread_ms=200"), 100);
+  for (const reason of ["", "spread_ms=", "spread_ms=-5", "spread_ms=1e3", "spread_ms=50 ", "other=50", "spread_ms=0x10"]) {
+    assert.equal(delay(reason), 550, `reason ${JSON.stringify(reason)}: 1000 * (0.1 + 0.9 * 0.5)`);
+  }
+  assert.equal(restartSpread("spread_ms=0"), 0);
+  assert.equal(restartSpread(undefined), null);
 });
 
 test("resubscribes with the last applied seq, drops duplicates, orders by seq", () => {

@@ -31,7 +31,7 @@ export function fakeSocketClass() {
     // A proxy that passes the upgrade and then nothing.
     openSilently() { this.onopen && this.onopen(); }
     receive(frame) { this.onmessage && this.onmessage({ data: JSON.stringify(frame) }); }
-    serverClose(code) { this.onclose && this.onclose({ code, reason: "" }); }
+    serverClose(code, reason = "") { this.onclose && this.onclose({ code, reason }); }
   }
   return { FakeSocket, sockets };
 }

@@ -78,3 +78,27 @@ def test_a_drain_spreads_its_closes_by_its_size(sockets, expected):
     from realtime.server.drain import schedule
 
     assert schedule(sockets, spread=1.0, rate=1000.0, longest=10.0) == expected
+
+
+@pytest.mark.parametrize("sockets, reason", [
+    (0, "spread_ms=1000"),  # one batch: back within the whole spread
+    (4, "spread_ms=250"),  # a batch each, 250 ms apart
+    (800, "spread_ms=50"),  # a batch every 50 ms: back within 50 ms, as evenly as closed
+    (5000, "spread_ms=50"),
+    (40000, "spread_ms=50"),
+])
+def test_a_drains_close_reason_asks_for_the_socket_back_within_the_time_between_batches(sockets, reason):
+    from realtime.server.drain import restart_reason, schedule
+
+    assert restart_reason(*schedule(sockets, spread=1.0, rate=1000.0, longest=10.0)) == reason
+
+
+@pytest.mark.parametrize("reason, spread", [
+    ("spread_ms=50", 50), ("spread_ms=0", 0), ("spread_ms=999999999", 30000),
+    ("", None), (None, None), ("spread_ms=", None), ("spread_ms=-5", None), ("spread_ms=1e3", None),
+    ("spread_ms=50 ", None), ("other=50", None), ("spread_ms=\u0663", None), ("spread_ms=1234567890", None),
+])
+def test_a_restart_reason_is_read_as_the_browser_client_reads_it(reason, spread):
+    from realtime import protocol
+
+    assert protocol.restart_spread(reason) == spread

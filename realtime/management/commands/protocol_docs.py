@@ -15,7 +15,9 @@ CLOSE_MEANING = {
     protocol.CloseCode.FORBIDDEN: "disconnected by an operator (the realtime console): do not retry by itself; offer the person a reconnect",
     protocol.CloseCode.POLICY: "policy: too many sockets for this user (REALTIME_MAX_CONNECTIONS_PER_USER), or silent past REALTIME_IDLE_TIMEOUT. Reconnect with backoff",
     protocol.CloseCode.INTERNAL: "internal error: reconnect with backoff",
-    protocol.CloseCode.SERVICE_RESTART: "service restart: reconnect now, with jitter",
+    protocol.CloseCode.SERVICE_RESTART: (
+        "service restart (a drain): reconnect now. The reason `spread_ms=N` asks for the socket back within N ms: wait a "
+        "moment drawn uniformly in [0, N] (N at most 30,000), then resume with `since`. Without it, wait 100 to 1,000 ms"),
     protocol.CloseCode.OVERLOADED: (
         "overloaded: reconnect with backoff. The worker could not take the socket (its broker or ticket store unreachable), "
         "or more than REALTIME_MAX_SEND_BUFFER waited unsent: a client that stopped reading, or a replay "
@@ -268,6 +270,8 @@ def render_js() -> str:
         "// A test fails when it differs from what the protocol declares.\n\n"
         "// Close codes: the app's (4000s) and those the server or a proxy sends by itself.\n"
         + block("Close", close) + "\n// The `code` of an `error` frame.\n" + block("ErrorCode", errors)
+        + "\n// A 4012's reason `spread_ms=N`: come back within N ms (at most the MAX_MS).\n"
+        + block("RestartSpread", [("KEY", protocol.RESTART_SPREAD), ("MAX_MS", protocol.RESTART_SPREAD_MAX_MS)])
     )
 
 
