@@ -33,7 +33,9 @@ The full pipeline's worker gets SIGTERM: our launcher's graceful drain
 (realtime/server/drain.py) stops listening and closes its sockets with 4012 in
 shuffled batches over REALTIME_DRAIN_SPREAD s, or longer at REALTIME_DRAIN_RATE
 sockets a second. The bare consumer has no drain and no resume: its worker is
-killed (SIGKILL), its sockets drop (1006) and reconnect.
+killed (SIGKILL), its sockets drop (1006) and reconnect. With `--crash` (the crash
+storm) the full pipeline's worker is killed too: no close frame, no spread, every
+client back after its backoff, resuming from its last seq.
 
 The clients behave like the browser client (static/realtime/socket.js and
 state.js), not a retry loop: after a 4012 (or 1012) a socket comes back within
@@ -80,6 +82,13 @@ RESTART_JITTER = 1.0  # s (socket.js restartJitter)
 IGNORE_HINT = bool(os.environ.get("BENCH_IGNORE_HINT"))
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 10.0  # s (client.js backoff)
 CONNECT_TIMEOUT = 10.0  # s (socket.js connectTimeout)
+
+
+def restart_delay(reason: str) -> float:
+    """socket.js after a 4012 or 1012: within the reason's spread_ms (our drain's),
+    uniformly, else after the restart jitter."""
+    spread = None if IGNORE_HINT else restart_spread(reason)
+    return RESTART_JITTER * (0.1 + 0.9 * random.random()) if spread is None else spread / 1000 * random.random()
 
 
 def backoff(attempt: int) -> float:
@@ -294,9 +303,7 @@ class Client:
                 storm.fail(self.stopped)
                 return
             if code in RESTART_CODES:
-                spread = None if IGNORE_HINT else restart_spread(why)
-                delay = (RESTART_JITTER * (0.1 + 0.9 * random.random()) if spread is None
-                         else spread / 1000 * random.random())
+                delay = restart_delay(why)
             else:
                 delay = backoff(self.failures_in_a_row)
                 self.failures_in_a_row += 1
@@ -343,8 +350,9 @@ class Storm:
 
 
 async def drain_storm(target, count: int, rate: float, pids: list[int], deadline: float = 60,
-                      settle: float = 2.0) -> dict:
-    """See the module's docstring. `pids`: the two workers', the first one drained."""
+                      settle: float = 2.0, crash: bool = False) -> dict:
+    """See the module's docstring. `pids`: the two workers', the first one drained
+    (with `crash`, killed, whatever the target: a crash storm)."""
     if len(target.ports) != 2 or len(pids) != 2:
         raise SystemExit("drain: two workers (two ports and --worker-pids of both) are needed")
     run = uuid.uuid4().hex[:8]
@@ -389,7 +397,7 @@ async def drain_storm(target, count: int, rate: float, pids: list[int], deadline
 
     overflows = listen_overflows()
     signalled = time.monotonic()
-    os.kill(pids[0], signal.SIGTERM if storm.full else signal.SIGKILL)
+    os.kill(pids[0], signal.SIGTERM if storm.full and not crash else signal.SIGKILL)
     try:
         await asyncio.wait_for(storm.all_back.wait(), deadline)
     except TimeoutError:

@@ -785,6 +785,8 @@ def main() -> None:
     parser.add_argument("--connect-timeout", type=float, default=60, help="storm, curve: seconds a socket may take to get in")
     parser.add_argument("--points", default="0,1000,2500,5000", help="curve: sockets already open at each timed batch")
     parser.add_argument("--batch", type=int, default=500, help="curve: sockets timed at each point")
+    parser.add_argument("--crash", action="store_true", help="drain: the first worker is killed (SIGKILL), the full "
+                        "pipeline's too: a crash, not a drain")
     parser.add_argument("--worker-pid", type=int, default=0)
     parser.add_argument("--worker-pids", default="", help="every worker's pid, comma-separated (CPU per delivery; "
                         "drain: the first is the one drained)")
@@ -833,7 +835,7 @@ def main() -> None:
     elif args.scenario == "drain":
         from bench.drain import drain_storm
 
-        result = run(drain_storm(target, args.members, args.rate, pids))
+        result = run(drain_storm(target, args.members, args.rate, pids, crash=args.crash))
     elif args.scenario == "churn":
         result = run(churn(target, args.members, args.rounds, args.worker_pid))
     else:

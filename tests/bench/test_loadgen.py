@@ -47,6 +47,14 @@ def test_the_reconnect_delays_follow_the_browser_clients_equal_jitter():
             assert ceiling / 2 <= drain.backoff(attempt) <= ceiling
 
 
+def test_after_a_restart_the_drain_client_comes_back_within_the_reasons_spread():
+    hinted = [drain.restart_delay("spread_ms=50") for _ in range(200)]
+    assert all(0 <= d <= 0.05 for d in hinted)
+    assert max(hinted) > 0.025  # drawn over the window, not at its start
+    for reason in ("", "1012 Service Restart", "spread_ms=x"):  # no hint: the restart jitter
+        assert all(0.1 <= drain.restart_delay(reason) <= 1.0 for _ in range(50))
+
+
 @pytest.mark.asyncio
 async def test_a_socketio_member_opens_joins_with_an_ack_and_answers_pings():
     """bench/peers.py's members speak Engine.IO 4 and Socket.IO 5 to the peers: the
