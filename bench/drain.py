@@ -40,8 +40,8 @@ client back after its backoff, resuming from its last seq.
 The clients behave like the browser client (static/realtime/socket.js and
 state.js), not a retry loop: after a 4012 (or 1012) a socket comes back within
 the close reason's `spread_ms` (our drain's: the time between two of its batches),
-uniformly, or without one after the restart jitter, 100 to 1,000 ms, uniformly
-(the bare consumer's killed worker sends no close); after any other loss, or a failed
+uniformly, or without one after the restart jitter, 100 to 1,000 ms, uniformly;
+after any other loss (a killed worker's 1006: no close frame), or a failed
 attempt, after the equal-jitter backoff (base 500 ms, cap 10 s, doubling with each
 failure in a row); a 4029's `retry_after` is waited for; an attempt that has no
 frame back within 10 s (the connect timeout) is dropped and counts as a failure. On
@@ -78,8 +78,8 @@ SEQ = re.compile(rb'"seq":(\d+)')
 RESTART_CODES = {4012, 1012}
 STOP_CODES = {4001, 4003}
 RESTART_JITTER = 1.0  # s (socket.js restartJitter)
-# Set: a 4012's spread_ms is not read (the client before it), for an A/B.
-IGNORE_HINT = bool(os.environ.get("BENCH_IGNORE_HINT"))
+# "1": a 4012's spread_ms is not read (the client before it), for an A/B.
+IGNORE_HINT = os.environ.get("BENCH_IGNORE_HINT") == "1"
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 10.0  # s (client.js backoff)
 CONNECT_TIMEOUT = 10.0  # s (socket.js connectTimeout)
 
@@ -100,7 +100,7 @@ def backoff(attempt: int) -> float:
 class Closed(Exception):
     def __init__(self, code: int, why: str = "") -> None:
         super().__init__(f"closed: {code} {why}".strip())
-        self.code = code
+        self.code, self.why = code, why  # why: a close frame's reason as sent
 
 
 def fail(waiting: asyncio.Future | None, exc: BaseException) -> None:
@@ -315,7 +315,7 @@ class Client:
                 return
             except Closed as exc:
                 storm.attempt_failed(str(exc))
-                code, why = exc.code, str(exc)
+                code, why = exc.code, exc.why
 
 
 class Storm:

@@ -50,8 +50,9 @@ def schedule(sockets: int, spread: float, rate: float, longest: float) -> tuple[
 
 def restart_reason(seconds: float, batches: int) -> str:
     """The 4012's reason for a drain of `batches` batches over `seconds`: come back
-    within the time between two batches (at least 1 ms)."""
-    return protocol.restart_reason(max(1, round(1000 * seconds / batches)))
+    within the time between two batches, and never within less than BATCH_EVERY
+    (a short REALTIME_DRAIN_SPREAD must not ask a batch back in one instant)."""
+    return protocol.restart_reason(max(round(1000 * BATCH_EVERY), round(1000 * seconds / batches)))
 
 
 def worker_id() -> str:

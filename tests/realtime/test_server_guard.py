@@ -93,6 +93,31 @@ def test_a_drains_close_reason_asks_for_the_socket_back_within_the_time_between_
     assert restart_reason(*schedule(sockets, spread=1.0, rate=1000.0, longest=10.0)) == reason
 
 
+def test_a_short_drain_spread_never_asks_a_batch_back_in_under_50_ms():
+    from realtime.server.drain import restart_reason, schedule
+
+    assert restart_reason(*schedule(1, spread=0.01, rate=1000.0, longest=10.0)) == "spread_ms=50"
+    assert restart_reason(*schedule(5000, spread=1.01, rate=1000.0, longest=1.01)) == "spread_ms=50"  # 21 batches
+
+
+def test_a_drain_closes_each_open_socket_of_a_batch_with_4012_and_the_reason():
+    from daphne.ws_protocol import WebSocketProtocol
+
+    from realtime.server.drain import Drain
+
+    class Socket:
+        def __init__(self, state):
+            self.state, self.closed = state, []
+
+        def sendClose(self, **kwargs):
+            self.closed.append(kwargs)
+
+    open_, closing = Socket(WebSocketProtocol.STATE_OPEN), Socket(WebSocketProtocol.STATE_CLOSING)
+    Drain._close_batch([open_, closing], "spread_ms=50")
+    assert open_.closed == [{"code": 4012, "reason": "spread_ms=50"}]
+    assert closing.closed == []  # already closing: left alone
+
+
 @pytest.mark.parametrize("reason, spread", [
     ("spread_ms=50", 50), ("spread_ms=0", 0), ("spread_ms=999999999", 30000),
     ("", None), (None, None), ("spread_ms=", None), ("spread_ms=-5", None), ("spread_ms=1e3", None),
