@@ -5,11 +5,13 @@ every message once."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from playwright.sync_api import expect
 from websockets.sync.client import connect
 
-from tests.cluster.conftest import login, worker_for, ws_url
+from tests.cluster.conftest import login, split_sources, worker_for, ws_url
 from tests.e2e.conftest import artifacts, browser, close_contexts  # noqa: F401  (fixtures)
 from tests.e2e.test_chat_browser import send, sign_in
 
@@ -37,6 +39,7 @@ def bodies(page) -> list[str]:
 
 def test_pages_on_a_drained_worker_come_back_within_its_spread_and_miss_nothing(cluster, browser, artifacts):
     base = cluster.balancer.url
+    split_sources(base)  # the balancer sends to both workers again (one stopped by an earlier test may be marked down)
     # The browser's address, 127.0.0.1, is sent to one worker: that one is drained.
     victim = next(w for w in cluster.workers if w.name == worker_for(base, "127.0.0.1"))
     alice = sign_in(browser, None, "alice", base=base, init_script=RECORD_CLOSES)
@@ -46,8 +49,10 @@ def test_pages_on_a_drained_worker_come_back_within_its_spread_and_miss_nothing(
         page.evaluate(RECORD_STATES)
     # Twenty more sockets on it: a drain of 22 closes them in 20 batches 50 ms apart.
     cookie = login(base, "carol")
-    others = [connect(ws_url(base), subprotocols=["rt.v1.json"], origin=base,
-                      additional_headers={"Cookie": cookie}, open_timeout=5) for _ in range(20)]
+    others = contextlib.ExitStack()
+    for _ in range(20):
+        others.enter_context(connect(ws_url(base), subprotocols=["rt.v1.json"], origin=base,
+                                     additional_headers={"Cookie": cookie}, open_timeout=5))
     try:
         send(alice, "before the drain")
         for page in (alice, bob):
@@ -73,7 +78,6 @@ def test_pages_on_a_drained_worker_come_back_within_its_spread_and_miss_nothing(
         bob.screenshot(path=str(artifacts / f"drained-phone-{cluster.balancer_kind}.png"))
         assert alice.errors == [] and bob.errors == []
     finally:
-        for ws in others:
-            ws.close()
+        others.close()
         if victim.proc.poll() is not None:
             victim.start()
