@@ -32,11 +32,10 @@ import time
 from daphne.ws_protocol import WebSocketProtocol
 
 from realtime import protocol
-from realtime.protocol.codes import CloseCode
 
 log = logging.getLogger("realtime.server")
 
-SERVICE_RESTART = int(CloseCode.SERVICE_RESTART)
+SERVICE_RESTART = int(protocol.CloseCode.SERVICE_RESTART)
 BATCH_EVERY = 0.05  # seconds between two batches of closes
 
 
