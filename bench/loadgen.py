@@ -41,6 +41,8 @@ Scenarios print one JSON object:
 its own deliveries, merged by this one, which only sends: a room of thousands
 receiving tens of thousands of frames a second is more than one Python process
 can time without being the bottleneck itself (`loadgen_cpu` counts them all).
+A helper's deliveries are timed by its sockets' kernel receive stamps
+(bench/rxstamp.py), and again when it read them (`read_*`).
 --codec json, msgpack or protobuf (rt.v1.protobuf, with the project's own codec).
 Times are taken on this machine's monotonic clock, on both ends (CLOCK_MONOTONIC,
 one clock for every process of the machine).
@@ -65,6 +67,7 @@ from pathlib import Path
 import msgspec
 import websockets
 
+from bench import rxstamp
 from bench.wsframes import pong, read_frames, short_frame
 
 PATHS = {"full": "/ws/v1/", "bare": "/ws/bench/bare/", "socketio": "/socket.io/?EIO=4&transport=websocket"}
@@ -401,6 +404,12 @@ async def publish(target: Target, members_n: int, total: int, *, window: int | N
     await spy.stop()
     gc.enable()
     result = summarize(sent, members, started)
+    if helpers:
+        # The same deliveries timed when the helpers read them (bench/rxstamp.py):
+        # the figures above less the load generator's own delay.
+        read = summarize(sent, [Delivered(m.read) for m in members], started)
+        result.update({f"read_{key}": read[key] for key in ("p50_ms", "p99_ms", "first_p99_ms", "spread_p99_ms")})
+        result["stamped"] = "kernel" if not sum(h.unstamped for h in helpers) else "partly read"
     # The load generator's CPU while it sent and timed (all its processes, as a
     # share of one core; `loadgen_cpu` below is over its whole life, the sockets'
     # opening included): near 1.0 here, the load generator was the limit.
@@ -471,6 +480,7 @@ class Helper:
         self.cpu = 0.0  # its CPU over its life, as a share of one core
         self.cpu_s = 0.0
         self.window_cpu_s = 0.0  # from the first message sent to its last delivery
+        self.unstamped = 0  # reads without a kernel stamp (timed by the read instead)
 
     async def line(self) -> str:
         raw = await self.proc.stdout.readline()
@@ -481,10 +491,12 @@ class Helper:
 
 
 class Delivered:
-    """A helper's member, as merged here: its (message number, time) pairs."""
+    """A helper's member, as merged here: its (message number, time) pairs, by its
+    kernel's receive stamp (`got`) and by when the helper read it (`read`)."""
 
-    def __init__(self, got: list) -> None:
+    def __init__(self, got: list, read: list = ()) -> None:
         self.got = [(n, at) for n, at in got]
+        self.read = [(n, at) for n, at in read]
 
 
 async def start_helpers(target: Target, members_n: int, procs: int, run: str) -> list[Helper]:
@@ -520,26 +532,23 @@ async def finish_helpers(helpers: list[Helper], total: int, drain: float, began:
         if rc != 0:
             raise RuntimeError(f"a load generator helper exited with {rc}")
         h.cpu, h.cpu_s, h.window_cpu_s = out["cpu"], out["cpu_s"], out["window_cpu_s"]
-        members += [Delivered(got) for got in out["got"]]
+        h.unstamped = out["unstamped"]
+        members += [Delivered(got, read) for got, read in zip(out["got"], out["read"])]
     return members
 
 
 async def helper(target: Target, members_n: int, run: str) -> None:
-    """The helper process's side (see Helper)."""
+    """The helper process's side (see Helper). Its members are read by the kernel-
+    stamped loop of bench/rxstamp.py from READY to the last delivery."""
     wall = time.monotonic()
     members = await open_members(target, members_n, run)
+    stamped = [rxstamp.adopt(m.ws.transport, m.pattern) for m in members]
     ready_cpu = cpu_seconds([os.getpid()])
     print("READY", flush=True)
     gc.collect()
     gc.freeze()
     gc.disable()
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    _, total, drain, began = (await reader.readline()).decode().split()
-    total, deadline = int(total), time.monotonic() + float(drain)
-    while any(len(m.got) < total for m in members) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    _, unstamped = rxstamp.read_until(stamped, sys.stdin.fileno())
     # Its CPU from READY to its last delivery: before the first message (whose
     # time the line carries, on the shared monotonic clock) it only waits, so this
     # is the CPU of the sending window.
@@ -547,8 +556,11 @@ async def helper(target: Target, members_n: int, run: str) -> None:
     gc.enable()
     used = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = used.ru_utime + used.ru_stime
-    print(json.dumps({"got": [m.got for m in members], "cpu_s": round(cpu_s, 2), "window_cpu_s": round(window_cpu_s, 3),
+    print(json.dumps({"got": [m.got for m in stamped], "read": [m.read for m in stamped], "unstamped": unstamped,
+                      "cpu_s": round(cpu_s, 2), "window_cpu_s": round(window_cpu_s, 3),
                       "cpu": round(cpu_s / (time.monotonic() - wall), 2)}), flush=True)
+    for m in stamped:
+        m.sock.close()
     await asyncio.gather(*(m.close() for m in members), return_exceptions=True)
 
 

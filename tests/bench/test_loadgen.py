@@ -211,3 +211,54 @@ def test_the_churn_table_shows_each_rounds_memory_and_the_growth(tmp_path):
     rows = [(run.CHURN, "worker_mib", None, 168.5, 115.2, 1.46, {"full": [full], "bare": [bare]})]
     lines = run.scale_section(rows, tmp_path)
     assert "| 2,000 | 92.2 MiB | 114.5 / 115.1 / 115.2 MiB  | 0.7 MiB | 160.4 / 168.2 / 168.5 MiB  | 8.1 MiB |" in lines
+
+
+def test_a_helpers_member_is_timed_by_its_kernels_receive_stamp_not_by_the_read():
+    """bench/rxstamp.py: a frame that arrived before the helper read it keeps the
+    time it arrived (the kernel's stamp), and the read's time beside it; a ping
+    is answered; the END line's total ends the reading once every member has it."""
+    import re
+    import socket
+    import time
+
+    from bench import rxstamp
+    from bench.wsframes import read_frames
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    client.setsockopt(socket.SOL_SOCKET, rxstamp.SO_TIMESTAMPNS, 1)
+    member = rxstamp.Stamped(client, re.compile(rb"run1:(\d+):"))
+    stdin_r, stdin_w = os.pipe()
+    try:
+        def frame(opcode, payload):
+            return bytes((0x80 | opcode, len(payload))) + payload
+
+        server.sendall(frame(1, b'{"text":"run1:0:"}') + frame(9, b"hi"))
+        os.write(stdin_w, b"END 2 30 0\n")
+        arrived = time.monotonic()  # both frames are in the client's kernel by now
+        # Message 1 comes after the reading has started: sent from a thread once
+        # the helper has answered the ping (the loop is running).
+        import threading
+
+        def second():
+            server.settimeout(10)
+            answered = server.recv(64)
+            assert list(read_frames(bytearray(answered[:2] + answered[6:]))) == [(10, b"hi")]
+            assert answered[1] & 0x80  # a client's frame is masked
+            server.sendall(frame(1, b'{"text":"run1:1:"}'))
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        line, unstamped = rxstamp.read_until([member], stdin_r)
+        thread.join()
+    finally:
+        for fd in (stdin_r, stdin_w):
+            os.close(fd)
+        client.close()
+        server.close()
+    assert line == "END 2 30 0" and unstamped == 0
+    assert [n for n, _ in member.got] == [0, 1] and [n for n, _ in member.read] == [0, 1]
+    # Message 0 was in the kernel before the reading began: its stamp says so, its read does not.
+    assert member.got[0][1] < arrived <= member.read[0][1]

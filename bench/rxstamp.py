@@ -1,0 +1,142 @@
+"""Deliveries timed by the members' kernel, not by the load generator's Python.
+
+A helper process of the load generator (loadgen.py, `--procs`) holds a share of a
+big room's members on core 1. Read through the event loop, a delivery is timed
+when the helper's Python gets to its socket: in a room of 5,000 at 10 msg/s the
+helpers read some 5,000 frames in a burst per message, and the last of them were
+stamped tens of milliseconds after their bytes had arrived, behind the helpers'
+own work on the other 4,999 (and behind PostgreSQL and Redis on the same core).
+That delay is the load generator's, not the server's: on a real network each
+member is a machine of its own.
+
+So a member's socket asks its kernel for a receive timestamp (SO_TIMESTAMPNS):
+on loopback the stamp is taken when the sender's segment enters the receiving
+path (netif_rx, on the sending core, before any steering to another core), which
+is the moment the server's send() put the frame on the wire. recvmsg() hands it
+over with the bytes. Each delivery keeps both times, the kernel's (`got`) and
+the moment the helper read it (`read`), and the load generator reports both
+(`p99_ms` from the kernel's, `read_p99_ms` from the reads), so what the change of
+stamp moved can be seen in every run.
+
+The reading here is a plain epoll loop, run by the helper once its members are
+open and subscribed: the asyncio transports stop reading (nothing else runs in
+the helper while it times deliveries), and the loop ends when the sender's END
+line has come in on stdin and every member has every message, or at the drain's
+deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import time
+
+from bench.wsframes import pong, read_frames
+
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # (Linux; Python does not name it)
+SCM_TIMESTAMPNS = SO_TIMESTAMPNS
+ANCILLARY = socket.CMSG_SPACE(16)  # one struct timespec
+
+
+class Stamped:
+    """One member's socket, read here: its frames' (message number, time) pairs,
+    by the kernel's stamp (`got`) and by the read (`read`)."""
+
+    def __init__(self, sock: socket.socket, pattern) -> None:
+        self.sock, self.pattern = sock, pattern
+        self.buffer = bytearray()
+        self.got: list[tuple[int, float]] = []
+        self.read: list[tuple[int, float]] = []
+        self.open = True
+
+
+def kernel_stamp(ancdata, offset_ns: int) -> float | None:
+    """The monotonic time (s) of the kernel's receive stamp in `ancdata`, or None.
+    The stamp is on the realtime clock: `offset_ns` is realtime minus monotonic,
+    taken at this read."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(data) >= 16:
+            sec, nsec = struct.unpack_from("qq", data)
+            return (sec * 1_000_000_000 + nsec - offset_ns) / 1e9
+    return None
+
+
+def adopt(transport, pattern) -> Stamped:
+    """A member's socket taken from its asyncio transport (which stops reading it),
+    stamped by the kernel from here on."""
+    transport.pause_reading()
+    sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    return Stamped(sock, pattern)
+
+
+def read_until(members: list[Stamped], stdin_fd: int) -> tuple[str, int]:
+    """Read every member until the END line (stdin) has come and each member has
+    its `total` messages, or the END line's drain has passed: (the END line, how
+    many reads carried no kernel stamp: 0 unless this kernel gives none)."""
+    poller = select.epoll()
+    by_fd = {}
+    for m in members:
+        by_fd[m.sock.fileno()] = m
+        poller.register(m.sock.fileno(), select.EPOLLIN)
+    poller.register(stdin_fd, select.EPOLLIN)
+    line = b""
+    total = None
+    deadline = None
+    unstamped = 0
+    waiting = len(members)  # members short of `total` (counted once it is known)
+    while True:
+        timeout = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+        events = poller.poll(timeout)
+        read_at = time.monotonic()
+        offset_ns = time.time_ns() - time.monotonic_ns()
+        for fd, _ in events:
+            if fd == stdin_fd:
+                chunk = os.read(stdin_fd, 4096)
+                line += chunk
+                if b"\n" in line and total is None:
+                    _, total_text, drain_text, _began = line.split(b"\n", 1)[0].decode().split()
+                    total = int(total_text)
+                    deadline = time.monotonic() + float(drain_text)
+                    waiting = sum(1 for m in members if len(m.got) < total)
+                if not chunk:
+                    poller.unregister(stdin_fd)
+                continue
+            m = by_fd[fd]
+            try:
+                data, ancdata, _, _ = m.sock.recvmsg(65536, ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data, ancdata = b"", []
+            if not data:
+                poller.unregister(fd)
+                m.open = False
+                continue
+            at = kernel_stamp(ancdata, offset_ns)
+            if at is None:
+                unstamped += 1
+                at = read_at
+            before = len(m.got)
+            m.buffer += data
+            for opcode, payload in read_frames(m.buffer):
+                if opcode in (1, 2):
+                    found = m.pattern.search(payload)
+                    if found:
+                        n = int(found.group(1))
+                        m.got.append((n, at))
+                        m.read.append((n, read_at))
+                elif opcode == 9:
+                    m.sock.send(pong(payload))
+                elif opcode == 8:
+                    poller.unregister(fd)
+                    m.open = False
+                    break
+            if total is not None and before < total <= len(m.got):
+                waiting -= 1
+        if total is not None and (waiting <= 0 or time.monotonic() >= deadline):
+            poller.close()
+            return line.split(b"\n", 1)[0].decode(), unstamped
