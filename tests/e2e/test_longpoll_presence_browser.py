@@ -37,6 +37,11 @@ def test_presence_typing_and_read_markers_with_one_person_long_polling(app_serve
     send(bob, "yes")
     expect(bob.locator("#messages li", has_text="yes").locator(".readers")).to_have_text(
         "Seen by alice", timeout=10_000)
+    # bob has read his own "yes": his marker leaves alice's message, and is not
+    # shown under his own (writing it says he saw it).
+    expect(alice.locator("#messages li", has_text="did you see this?").locator(".readers")).to_have_count(
+        0, timeout=10_000)
+    expect(alice.locator("#messages .readers")).to_have_count(0)
     alice.screenshot(path=str(artifacts / "fallback-read-marker.png"))
 
     # The poller closes the page as a person does (its unload handlers run): it says

@@ -161,3 +161,16 @@ test("Here now: names in order, at most eight, and the count's rest as others", 
   assert.equal(hereNow(many, 5000), "Here now: u000, u001, u002, u003, u004, u005, u006, u007 and 4,992 others");
   assert.equal(hereNow(["a", "b"], 1), "Here now: a, b", "names we hold count, whatever a stale count says");
 });
+
+test("Read markers: under the newest message read, not under the reader's own, not past what is shown", async () => {
+  const { readerPlacement } = await import("../../static/realtime/ui/presence.js");
+  const shown = [{ seq: 3, author: "alice" }, { seq: 4, author: "bob" }, { seq: 6, author: "alice" }];
+  const at = (markers, attached) => Object.fromEntries(readerPlacement(shown, new Map(Object.entries(markers)), attached));
+  assert.deepEqual(at({ carol: 4, dave: 5, bob: 9 }), { 1: ["carol", "dave"], 2: ["bob"] });
+  // alice read to her own newest message: her writing it says so, no "Seen by alice" under it.
+  assert.deepEqual(at({ alice: 6, bob: 6 }), { 2: ["bob"] });
+  assert.deepEqual(at({ alice: 4 }), { 1: ["alice"] }, "bob's message, read by alice");
+  assert.deepEqual(at({ carol: 2 }), {}, "read to before the first shown");
+  assert.deepEqual(at({ carol: 9 }, false), {}, "read past the shown page of an older stretch");
+  assert.deepEqual(at({ carol: 9 }, true), { 2: ["carol"] });
+});

@@ -38,6 +38,7 @@ export function drawMessage(key, m, ctx) {
   li.dataset.state = m.state;
   if (m.id) li.dataset.id = m.id;
   if (m.seq) li.dataset.seq = m.seq;
+  if (m.author) li.dataset.author = m.author;
   if (m.id) li.id = `m${m.id}`;
   if (m.author === ctx.me) li.classList.add("own");
   const mentionsMe = (m.mentions || []).some((u) => u.toLowerCase() === String(ctx.me).toLowerCase());

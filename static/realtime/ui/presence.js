@@ -86,21 +86,15 @@ export function bindPresence(client, { room, user, presenceLine, typingLine, sch
       names.length === 0 ? "" : names.length === 1 ? `${names[0]} is typing…` : `${names.slice(0, -1).join(", ")} and ${names.at(-1)} are typing…`;
   }
 
-  /** Read markers: each reader's name under the newest rendered message they have read. */
+  /** Read markers: each reader's name under the newest rendered message they have read
+   * (readerPlacement). */
   function drawReaders(list, { attached = true } = {}) {
     for (const el of list.querySelectorAll(".readers")) el.remove();
     if (!markers.size) return;
     const rendered = [...list.querySelectorAll('li[data-state="sent"]')];
-    const byMessage = new Map();
-    const last = rendered.length ? Number(rendered.at(-1).dataset.seq) : 0;
-    for (const [u, seq] of markers) {
-      if (seq > last && !attached) continue; // read past what is rendered here
-      let best = null;
-      for (const li of rendered) if (Number(li.dataset.seq) <= seq) best = li; // in seq order
-      if (best) byMessage.set(best, [...(byMessage.get(best) || []), u]);
-    }
-    for (const [li, users] of byMessage) {
-      li.append(Object.assign(document.createElement("div"), { className: "readers muted", textContent: `Seen by ${users.sort().join(", ")}` }));
+    const shown = rendered.map((li) => ({ seq: Number(li.dataset.seq), author: li.dataset.author }));
+    for (const [i, users] of readerPlacement(shown, markers, attached)) {
+      rendered[i].append(Object.assign(document.createElement("div"), { className: "readers muted", textContent: `Seen by ${users.join(", ")}` }));
     }
   }
 
@@ -110,6 +104,26 @@ export function bindPresence(client, { room, user, presenceLine, typingLine, sch
   }
 
   return { drawReaders, typing, hasMarkers: () => markers.size > 0 };
+}
+
+/** Where the read markers go: `rendered` is the messages shown ({seq, author}, in seq
+ * order), `markers` each reader's read position (name -> seq). A reader's name goes
+ * under the newest shown message they have read, and nowhere when that message is
+ * their own (writing it says they saw it, and everything before it) or, with the
+ * timeline not `attached` to the room's newest, when they have read past what is
+ * shown. Returns index in `rendered` -> names in name order. */
+export function readerPlacement(rendered, markers, attached = true) {
+  const placed = new Map();
+  const last = rendered.length ? rendered.at(-1).seq : 0;
+  for (const [user, seq] of markers) {
+    if (seq > last && !attached) continue;
+    let best = -1;
+    for (let i = 0; i < rendered.length && rendered[i].seq <= seq; i++) best = i;
+    if (best < 0 || rendered[best].author === user) continue;
+    placed.set(best, [...(placed.get(best) || []), user]);
+  }
+  for (const users of placed.values()) users.sort();
+  return placed;
 }
 
 /** The "Here now" line: the people we know by name in name order, at most SHOWN
