@@ -187,8 +187,7 @@ function removedState(text) {
 function readOnly() {
   list.classList.add("removed");
   view.readOnly();
-  // Who is here and typing is no longer ours to know: no stale line.
-  for (const id of ["presence", "typing"]) if ($(id)) $(id).textContent = "";
+  presence.stop(); // who is here and typing: no longer ours to know, no stale line
   for (const id of ["leave-button", "members-button"]) if ($(id)) $(id).disabled = true;
 }
 client.on("error", (err) => {

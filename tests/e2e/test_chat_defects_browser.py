@@ -100,6 +100,28 @@ def test_logout_in_another_tab_shows_signed_out_and_keeps_what_was_unsent(app_se
     assert history(bob)[-1] == "typed just before the logout"
 
 
+
+def test_the_newest_message_stays_in_view_when_the_signed_out_notice_takes_room(app_server, browser, artifacts):
+    """Found using it: the notice above the composer made the list shorter, and the
+    browser kept its top still, so the newest message went out of view."""
+    alice = sign_in(browser, app_server, "alice")
+    bob = sign_in(browser, app_server, "bob")
+    connected(alice)
+    connected(bob)
+    for i in range(15):
+        send(alice, f"filling the view {i}")
+    newest = bob.locator("#messages li.message").last
+    expect(newest.locator(".body")).to_have_text("filling the view 14", timeout=10_000)
+    expect(newest).to_be_in_viewport(ratio=1)
+
+    other_tab = bob.context.new_page()
+    other_tab.goto(f"{app_server.url}/")
+    other_tab.get_by_role("button", name="Log out").click()
+    expect(bob.locator("#signed-out")).to_be_visible(timeout=10_000)
+    expect(newest).to_be_in_viewport(ratio=1)
+    bob.screenshot(path=str(artifacts / "signed-out-newest-in-view.png"))
+    assert bob.errors == [] and alice.errors == []
+
 def test_an_operators_disconnect_says_so_and_offers_a_reconnect(app_server, browser):
     bob = sign_in(browser, app_server, "bob")
     connected(bob)

@@ -174,3 +174,31 @@ test("Read markers: under the newest message read, not under the reader's own, n
   assert.deepEqual(at({ carol: 9 }, false), {}, "read past the shown page of an older stretch");
   assert.deepEqual(at({ carol: 9 }, true), { 2: ["carol"] });
 });
+
+test("Presence once stopped (signed out, removed): nothing drawn, whatever comes after", async () => {
+  const { bindPresence } = await import("../../static/realtime/ui/presence.js");
+  const handlers = {};
+  const client = { on: (name, fn) => { handlers[name] = fn; }, presencePage: async () => null, typing() {} };
+  const presenceLine = { textContent: "", dataset: {} };
+  const typingLine = { textContent: "" };
+  const queued = [];
+  const presence = bindPresence(client, {
+    room: "general", user: "alice", presenceLine, typingLine, schedule: (job) => queued.push(job), onMarkers() {},
+  });
+  const run = () => { while (queued.length) queued.shift()(); };
+  handlers.ephemeral({ room: "general", type: "presence.state", users: ["alice", "bob"], count: 2 });
+  handlers.ephemeral({ room: "general", type: "typing", user: "bob" });
+  run();
+  assert.equal(presenceLine.textContent, "Here now: alice, bob");
+  assert.equal(typingLine.textContent, "bob is typing…");
+  // A diff's draw is scheduled, then the page is signed out before it runs.
+  handlers.ephemeral({ room: "general", type: "presence.diff", joins: ["carol"], leaves: [], count: 3 });
+  presence.stop();
+  assert.equal(presenceLine.textContent, "");
+  run();
+  handlers.ephemeral({ room: "general", type: "presence.state", users: ["bob"], count: 1 });
+  run();
+  assert.equal(presenceLine.textContent, "");
+  assert.equal(typingLine.textContent, "");
+  assert.equal(presenceLine.dataset.count, "0");
+});

@@ -246,6 +246,20 @@ export function createMessageView({ list, room, me, canPost, canModerate, canRea
 
   list.addEventListener("scroll", () => schedule(edges), { passive: true });
 
+  // The list's own height changes (a notice above the composer when signed out or
+  // removed, a phone's keyboard, a resized window): a view that was at the newest
+  // message stays at it, where the browser would keep the top still and hide the
+  // bottom behind the change.
+  let height = list.clientHeight;
+  if (typeof ResizeObserver !== "undefined") {
+    new ResizeObserver(() => {
+      const before = height;
+      height = list.clientHeight;
+      if (height === before) return;
+      if (attached() && list.scrollHeight - list.scrollTop - before < 80) list.scrollTop = list.scrollHeight;
+    }).observe(list);
+  }
+
   // -- edits and deletes -------------------------------------------------------
   function save(key, m, body) {
     editing.delete(m.id);

@@ -76,7 +76,16 @@ export function bindPresence(client, { room, user, presenceLine, typingLine, sch
     });
   }
 
+  // Stopped (signed out, removed from the room): who is here and typing is no
+  // longer ours to know; a draw already scheduled, or a late answer, shows nothing.
+  let stopped = false;
+
   function draw() {
+    if (stopped) {
+      presenceLine.textContent = typingLine.textContent = "";
+      presenceLine.dataset.count = "0";
+      return;
+    }
     presenceLine.textContent = hereNow([...present], count);
     presenceLine.dataset.count = String(Math.max(0, count - (present.has(user) ? 1 : 0)));
     const now = Date.now();
@@ -103,7 +112,13 @@ export function bindPresence(client, { room, user, presenceLine, typingLine, sch
     client.typing(room);
   }
 
-  return { drawReaders, typing, hasMarkers: () => markers.size > 0 };
+  function stop() {
+    stopped = true;
+    clearTimeout(typingTimer);
+    draw();
+  }
+
+  return { drawReaders, typing, stop, hasMarkers: () => markers.size > 0 };
 }
 
 /** Where the read markers go: `rendered` is the messages shown ({seq, author}, in seq
