@@ -12,9 +12,9 @@ loses a message.
 
 | Row | While Redis is down | When it comes back |
 | --- | --- | --- |
-| RATE_LIMITS | token buckets let every action through (fail open); frame, body and buffer limits still hold | buckets as they were (or full, if Redis lost them) |
-| HANDSHAKE_LIMITS | sockets opened are not counted (fail open) | counted again |
-| REPLAY_BUDGET | replays are not charged (fail open) | charged again |
+| RATE_LIMITS | each worker keeps the token buckets in its own memory, the same limits a worker (a user gets one bucket per worker, not one in all); frame, body and buffer limits hold as always | the shared buckets as they were (or full, if Redis lost them) |
+| HANDSHAKE_LIMITS | sockets opened are counted by each worker on its own, as RATE_LIMITS | counted in Redis again |
+| REPLAY_BUDGET | replays are charged to each worker's own budget, as RATE_LIMITS | charged in Redis again |
 | LEASES | the per-user socket cap is not enforced (fail open); a lease not renewed runs out after 30 s | renewed at the next round (10 s) |
 | SIGN_IN_COUNTERS | sign-in and sign-up are not counted (fail open, no 500: sessions are in the database) | counted again |
 | FANOUT | open sockets stay open; live events stop reaching other workers' sockets | every worker subscribes again and each socket catches its rooms up from the log (`layer.recovered`): nothing lost, nothing twice |

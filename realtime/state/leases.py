@@ -7,8 +7,9 @@ trip, by realtime/state/housekeeper.py) and given back when it closes; a worker
 that dies (kill -9) gives nothing back, and its leases run out after LEASE_TTL.
 
 `acquire` is one Lua script, so two workers can never both hand out the last place.
-While Redis is unreachable the cap fails open, like the rate limits: the other
-limits still hold, and a socket is not refused for an outage it did not cause.
+While Redis is unreachable the cap fails open: a worker cannot count another's
+sockets, a socket is not refused for an outage it did not cause, and the rate
+limits (each worker's own meanwhile, state/ratelimit.py) still bound what it sends.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Token buckets per user (or client address) and action, shared by every worker
-through Redis (in process memory when there is no REDIS_URL).
+through Redis (in process memory when there is no REDIS_URL, and in each worker's
+own memory while Redis is down: the same limits a worker, never none).
 
 A bucket holds up to `burst` tokens and refills at `rate` tokens a second; each
 action takes one (a batch of n actions asks for n and gets what the bucket holds,
@@ -159,27 +160,40 @@ def _retry_after(tokens: float, rate: float) -> float:
 
 
 class MemoryBuckets:
-    """One process's buckets (the embedded default)."""
+    """One process's buckets: the embedded default's, and a Redis worker's own while
+    Redis is down (RedisBuckets.local). A bucket that has refilled to its burst is
+    the same as none: past PRUNE_AT buckets, those are dropped (a flood of client
+    addresses does not grow it for ever)."""
+
+    PRUNE_AT = 10_000
 
     def __init__(self) -> None:
-        self.buckets: dict[str, tuple[float, float]] = {}
+        # key -> (tokens, when counted, when it is full again)
+        self.buckets: dict[str, tuple[float, float, float]] = {}
+
+    def _refilled(self, key: str, rate: float, burst: float, now: float) -> float:
+        tokens, stamp, _ = self.buckets.get(key, (burst, now, now))
+        return min(burst, tokens + (now - stamp) * rate)
+
+    def _store(self, key: str, tokens: float, rate: float, burst: float, now: float) -> None:
+        if key not in self.buckets and len(self.buckets) >= self.PRUNE_AT:
+            self.buckets = {k: v for k, v in self.buckets.items() if v[2] > now}
+        self.buckets[key] = (tokens, now, now + max(0.0, burst - tokens) / rate)
 
     async def take(self, key: str, rate: float, burst: float, wanted: int) -> tuple[int, float]:
         now = time.monotonic()
-        tokens, stamp = self.buckets.get(key, (burst, now))
-        tokens = min(burst, tokens + (now - stamp) * rate)
+        tokens = self._refilled(key, rate, burst, now)
         granted = min(wanted, int(tokens))
-        self.buckets[key] = (tokens - granted, now)
+        self._store(key, tokens - granted, rate, burst, now)
         return granted, tokens - granted
 
     async def debit(self, key: str, rate: float, burst: float, cost: float, force: bool) -> tuple[bool, float]:
         now = time.monotonic()
-        tokens, stamp = self.buckets.get(key, (burst, now))
-        tokens = min(burst, tokens + (now - stamp) * rate)
+        tokens = self._refilled(key, rate, burst, now)
         taken = tokens > 0 or force
         if taken:
             tokens -= cost
-        self.buckets[key] = (tokens, now)
+        self._store(key, tokens, rate, burst, now)
         return taken, tokens
 
 
@@ -189,14 +203,16 @@ class RedisBuckets:
     def __init__(self, url: str) -> None:
         self.url = url
         self.reserves = store.LoopLocal(lambda: Reserves(self))
+        # While Redis is down, each worker counts on its own (state/degraded.py):
+        # the same limits, one bucket per worker instead of one for them all.
+        self.local = MemoryBuckets()
 
     async def take(self, key: str, rate: float, burst: float, wanted: int) -> tuple[int, float]:
         try:
             granted, tokens, _ = await self.take_now(key, rate, burst, wanted)
         except Exception as exc:
-            # Redis is down: fail open (state/degraded.py).
             degraded.tolerate(degraded.HANDSHAKE_LIMITS if key.startswith("handshake.") else degraded.RATE_LIMITS, exc)
-            return wanted, 0.0
+            return await self.local.take(key, rate, burst, wanted)
         return granted, tokens
 
     async def take_now(self, key: str, rate: float, burst: float, wanted: int, period: str = "",
@@ -221,8 +237,8 @@ class RedisBuckets:
             taken, tokens = await store.batched(self.url).eval(_DEBIT, 1, f"rl:{key}", rate, burst, cost,
                                                                "1" if force else "0")
         except Exception as exc:
-            degraded.tolerate(degraded.REPLAY_BUDGET, exc)  # fail open (state/degraded.py)
-            return True, burst
+            degraded.tolerate(degraded.REPLAY_BUDGET, exc)  # this worker's own budget meanwhile
+            return await self.local.debit(key, rate, burst, cost, force)
         return bool(taken), float(tokens)
 
 
@@ -309,8 +325,9 @@ class Reserves:
             reserve = self.open(key, rate, burst)
         answer = await self.ask(key, rate, burst, reserve, wanted - mine, max(0, size - reserve.tokens - reserve.asked))
         if answer is None:
-            return wanted, 0.0  # fail open, as take() does
-        granted, left = answer
+            granted, left = await self.buckets.local.take(key, rate, burst, wanted - mine)  # as take() does
+        else:
+            granted, left = answer
         return mine + granted, left
 
     async def ask(self, key: str, rate: float, burst: float, reserve: Reserve, wanted: int,

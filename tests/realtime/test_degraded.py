@@ -50,12 +50,39 @@ def redis_gone(settings):
     return url
 
 
-async def test_rate_limits_handshakes_and_the_replay_budget_fail_open(redis_gone):
+async def test_rate_limits_handshakes_and_the_replay_budget_count_on_each_worker_alone(redis_gone, settings):
+    """Not open while Redis is down: each worker keeps the same buckets in its own
+    memory, so a flood is bounded by a bucket a worker."""
+    limits = {**settings.REALTIME["RATE_LIMITS"], "message.send": (0.001, 16), "handshake.address": (0.001, 2)}
+    settings.REALTIME = {**settings.REALTIME, "RATE_LIMITS": limits, "REPLAY_BUDGET": (1.0, 1000.0)}
     with Counts() as counts:
-        assert (await ratelimit.take(1, "message.send")).allowed
-        assert (await ratelimit.take("198.51.100.1", "handshake.address")).allowed
-        assert (await ratelimit.replay_take(1, 10**12)).allowed
-    assert counts.moved() == {degraded.RATE_LIMITS: 1, degraded.HANDSHAKE_LIMITS: 1, degraded.REPLAY_BUDGET: 1}
+        # A socket's sends (from its worker's reserve, which cannot reach Redis) ...
+        assert await ratelimit.take_up_to(1, "message.send", 20, reserve=True) == (16, 1000.0)
+        refused = await ratelimit.take(1, "message.send")
+        assert not refused.allowed and 999 < refused.retry_after <= 1000
+        assert (await ratelimit.take(2, "message.send")).allowed  # another user's bucket
+        # ... sockets opened from one address ...
+        verdicts = [await ratelimit.take("198.51.100.1", "handshake.address") for _ in range(3)]
+        assert [v.allowed for v in verdicts] == [True, True, False]
+        # ... and replays: the first goes into debt, the next waits for it to be paid.
+        assert (await ratelimit.replay_take(1, 3000)).allowed
+        refused = await ratelimit.replay_take(1, 10)
+        assert not refused.allowed and 1999 < refused.retry_after <= 2000
+    assert counts.moved() == {degraded.RATE_LIMITS: 3, degraded.HANDSHAKE_LIMITS: 3, degraded.REPLAY_BUDGET: 2}
+
+
+def test_a_processs_own_buckets_drop_the_full_ones_past_their_bound():
+    buckets = ratelimit.MemoryBuckets()
+    buckets.PRUNE_AT = 3
+    import asyncio
+
+    async def fill():
+        await buckets.take("spent", 0.001, 5, 5)  # empty for a long time
+        for n in range(3):
+            await buckets.take(f"address:{n}", 1e9, 5, 1)  # full again at once
+    asyncio.run(fill())
+    assert set(buckets.buckets) == {"spent", "address:2"}
+    assert asyncio.run(buckets.take("spent", 0.001, 5, 1))[0] == 0  # still spent
 
 
 async def test_the_socket_cap_fails_open(redis_gone, settings):
