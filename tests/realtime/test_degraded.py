@@ -71,18 +71,14 @@ async def test_rate_limits_handshakes_and_the_replay_budget_count_on_each_worker
     assert counts.moved() == {degraded.RATE_LIMITS: 3, degraded.HANDSHAKE_LIMITS: 3, degraded.REPLAY_BUDGET: 2}
 
 
-def test_a_processs_own_buckets_drop_the_full_ones_past_their_bound():
+async def test_a_processs_own_buckets_drop_the_full_ones_past_their_bound():
     buckets = ratelimit.MemoryBuckets()
     buckets.PRUNE_AT = 3
-    import asyncio
-
-    async def fill():
-        await buckets.take("spent", 0.001, 5, 5)  # empty for a long time
-        for n in range(3):
-            await buckets.take(f"address:{n}", 1e9, 5, 1)  # full again at once
-    asyncio.run(fill())
+    await buckets.take("spent", 0.001, 5, 5)  # empty for a long time
+    for n in range(3):
+        await buckets.take(f"address:{n}", 1e9, 5, 1)  # full again at once
     assert set(buckets.buckets) == {"spent", "address:2"}
-    assert asyncio.run(buckets.take("spent", 0.001, 5, 1))[0] == 0  # still spent
+    assert (await buckets.take("spent", 0.001, 5, 1))[0] == 0  # still spent
 
 
 async def test_the_socket_cap_fails_open(redis_gone, settings):
