@@ -18,11 +18,14 @@ the moment the helper read it (`read`), and the load generator reports both
 (`p99_ms` from the kernel's, `read_p99_ms` from the reads), so what the change of
 stamp moved can be seen in every run.
 
-The reading here is a plain epoll loop, run by the helper once its members are
-open and subscribed: the asyncio transports stop reading (nothing else runs in
-the helper while it times deliveries), and the loop ends when the sender's END
-line has come in on stdin and every member has every message, or at the drain's
-deadline.
+The reading here is a plain loop, run by the helper once its members are open
+and subscribed: the asyncio transports stop reading (nothing else runs in the
+helper while it times deliveries). Every NAP it reads every socket that has
+something, and it never waits in epoll_wait: a frame that arrives then wakes no
+process, as a frame to another machine would not (bench/sendfloor.py --nap
+measures what those wake-ups cost the sending core). The loop ends when the
+sender's END line has come in on stdin and every member has every message, or
+at the drain's deadline.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from bench.wsframes import pong, read_frames
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # (Linux; Python does not name it)
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
 ANCILLARY = socket.CMSG_SPACE(16)  # one struct timespec
+NAP = 0.002  # seconds between two reads of every ready socket (read_until)
 
 
 class Stamped:
@@ -89,8 +93,12 @@ def read_until(members: list[Stamped], stdin_fd: int) -> tuple[str, int]:
     unstamped = 0
     waiting = len(members)  # members short of `total` (counted once it is known)
     while True:
-        timeout = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
-        events = poller.poll(timeout)
+        # Not waiting in epoll_wait while the frames come: a worker's send() then
+        # wakes no process here (a wake-up costs the sending core a cross-core
+        # call per frame, which on a real network is the member's own machine's).
+        # The stamps are the kernel's, so reading NAP later changes none of them.
+        time.sleep(NAP)
+        events = poller.poll(0)
         read_at = time.monotonic()
         offset_ns = time.time_ns() - time.monotonic_ns()
         for fd, _ in events:

@@ -51,16 +51,44 @@ async def reader(port: int, count: int) -> None:
     await loop.create_future()  # until terminated
 
 
+def napping_reader(port: int, count: int, nap_ms: float) -> None:
+    """The members as bench/rxstamp.py reads them: no one waits in epoll_wait while
+    the frames come; every `nap_ms` the ready sockets are read, all at once. A
+    send then wakes no reading process on the other core (on a real network the
+    members' wake-ups are on their own machines)."""
+    import select
+
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    poller = select.epoll()
+    for s in socks:
+        s.setblocking(False)
+        poller.register(s.fileno(), select.EPOLLIN)
+    by_fd = {s.fileno(): s for s in socks}
+    print("READY", flush=True)
+    while True:
+        time.sleep(nap_ms / 1000)
+        for fd, _ in poller.poll(0):
+            try:
+                by_fd[fd].recv(65536)
+            except BlockingIOError:
+                pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--rate", type=float, default=10)
     parser.add_argument("--reader", type=int, help=argparse.SUPPRESS)  # the reader process: the port
+    parser.add_argument("--nap", type=float, default=0, metavar="MS",
+                        help="the reader sleeps MS between reads instead of waiting in epoll (napping_reader)")
     steering_option(parser)
     args = parser.parse_args()
     raise_fd_limit()
     if args.reader:
+        if args.nap:
+            napping_reader(args.reader, args.members, args.nap)
+            return
         import uvloop
 
         uvloop.run(reader(args.reader, args.members))
@@ -75,7 +103,7 @@ def measure(args) -> None:
     listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
     port = listener.getsockname()[1]
     proc = subprocess.Popen([*pinned(1), sys.executable, "-m", "bench.sendfloor", "--reader", str(port),
-                             "--members", str(args.members)], cwd=ROOT, stdout=subprocess.PIPE)
+                             "--members", str(args.members), "--nap", str(args.nap)], cwd=ROOT, stdout=subprocess.PIPE)
     members = []
     while len(members) < args.members:
         conn, _ = listener.accept()
@@ -106,6 +134,7 @@ def measure(args) -> None:
     cpu = sum(users) + sum(systems)
     print(json.dumps({
         "members": args.members, "rounds": args.rounds, "rate": args.rate, "steered": args.steer_loopback,
+        "reader_nap_ms": args.nap,
         "round_ms_p50": round(statistics.median(walls) * 1000, 2),
         "round_ms_max": round(max(walls) * 1000, 2),
         "us_per_send_p50": per(statistics.median(walls)),
