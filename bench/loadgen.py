@@ -68,11 +68,9 @@ import msgspec
 import websockets
 
 from bench import rxstamp
-from bench.wsframes import pong, read_frames, short_frame
+from bench.wsframes import EIO_PING, EIO_PONG, read_frames, reply
 
 PATHS = {"full": "/ws/v1/", "bare": "/ws/bench/bare/", "socketio": "/socket.io/?EIO=4&transport=websocket"}
-EIO_PING, EIO_PONG = "2", "3"  # Engine.IO 4's ping from the server, and its answer
-EIO_PING_PAYLOAD, EIO_PONG_FRAME = EIO_PING.encode(), short_frame(0x1, EIO_PONG.encode())  # (FrameReader)
 
 
 def cpu_times(pids: list[int], missing_ok: bool = False) -> tuple[float, float]:
@@ -276,12 +274,11 @@ class FrameReader(asyncio.Protocol):
         buf = self.buffer
         buf += data
         for opcode, payload in read_frames(buf):
-            if opcode == 1 and payload == EIO_PING_PAYLOAD:  # a Socket.IO target's ping
-                self.transport.write(EIO_PONG_FRAME)
+            answer = reply(opcode, payload)
+            if answer is not None:
+                self.transport.write(answer)
             elif opcode in (1, 2):
                 self.member.frame(payload, at)
-            elif opcode == 9:
-                self.transport.write(pong(payload))
             elif opcode == 8:
                 self.transport.close()
                 return
@@ -548,10 +545,10 @@ async def helper(target: Target, members_n: int, run: str) -> None:
     gc.collect()
     gc.freeze()
     gc.disable()
-    _, unstamped = rxstamp.read_until(stamped, sys.stdin.fileno())
+    _, unstamped, _ = rxstamp.read_until(stamped, sys.stdin.fileno())
     # Its CPU from READY to its last delivery: before the first message (whose
-    # time the line carries, on the shared monotonic clock) it only waits, so this
-    # is the CPU of the sending window.
+    # time the line carries, on the shared monotonic clock) it only naps and polls
+    # (NAP), so this is the CPU of the sending window and a little more.
     window_cpu_s = cpu_seconds([os.getpid()]) - ready_cpu
     gc.enable()
     used = resource.getrusage(resource.RUSAGE_SELF)

@@ -9,23 +9,28 @@ own work on the other 4,999 (and behind PostgreSQL and Redis on the same core).
 That delay is the load generator's, not the server's: on a real network each
 member is a machine of its own.
 
-So a member's socket asks its kernel for a receive timestamp (SO_TIMESTAMPNS):
-on loopback the stamp is taken when the sender's segment enters the receiving
-path (netif_rx, on the sending core, before any steering to another core), which
-is the moment the server's send() put the frame on the wire. recvmsg() hands it
-over with the bytes. Each delivery keeps both times, the kernel's (`got`) and
-the moment the helper read it (`read`), and the load generator reports both
-(`p99_ms` from the kernel's, `read_p99_ms` from the reads), so what the change of
-stamp moved can be seen in every run.
+So a member's socket asks its kernel for a receive timestamp (SO_TIMESTAMPNS),
+which recvmsg() hands over with the bytes. The kernel takes it as it delivers the
+segment to the member's socket (ip_local_deliver_finish: TCP's segments carry a
+monotonic departure time until then, which the device's receive path leaves
+alone). On loopback that is the receive softirq the worker's own send() runs on
+its own core, some microseconds after the send: the moment the frame left the
+server, before anything of the member's runs. (With bench/run.py
+--steer-loopback that softirq runs on the load generator's core instead, and the
+stamp waits for it.) A read that takes a frame of each of two messages carries
+the later one's stamp for both: never early. Each delivery keeps both times, the
+kernel's (`got`) and the moment the helper read it (`read`), and the load
+generator reports both (`p99_ms` from the kernel's, `read_p99_ms` from the
+reads), so what the change of stamp moved can be seen in every run.
 
 The reading here is a plain loop, run by the helper once its members are open
 and subscribed: the asyncio transports stop reading (nothing else runs in the
 helper while it times deliveries). Every NAP it reads every socket that has
 something, and it never waits in epoll_wait: a frame that arrives then wakes no
 process, as a frame to another machine would not (bench/sendfloor.py --nap
-measures what those wake-ups cost the sending core). The loop ends when the
-sender's END line has come in on stdin and every member has every message, or
-at the drain's deadline.
+measures the send loop against such a reader). Pings (and a Socket.IO target's)
+are answered. The loop ends when the sender's END line has come in on stdin and
+every member has every message or has closed, or at the drain's deadline.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import socket
 import struct
 import time
 
-from bench.wsframes import pong, read_frames
+from bench.wsframes import read_frames, reply
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # (Linux; Python does not name it)
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
@@ -69,82 +74,105 @@ def kernel_stamp(ancdata, offset_ns: int) -> float | None:
 
 def adopt(transport, pattern) -> Stamped:
     """A member's socket taken from its asyncio transport (which stops reading it),
-    stamped by the kernel from here on."""
+    stamped by the kernel from here on; the bytes its protocol had read and not yet
+    made a frame of come along."""
     transport.pause_reading()
     sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
     sock.setblocking(False)
     sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-    return Stamped(sock, pattern)
+    member = Stamped(sock, pattern)
+    member.buffer += getattr(transport.get_protocol(), "buffer", b"")
+    return member
 
 
-def read_until(members: list[Stamped], stdin_fd: int) -> tuple[str, int]:
+class StdinClosed(Exception):
+    """The sender's process went away before its END line."""
+
+
+def read_until(members: list[Stamped], stdin_fd: int) -> tuple[str, int, bool]:
     """Read every member until the END line (stdin) has come and each member has
-    its `total` messages, or the END line's drain has passed: (the END line, how
-    many reads carried no kernel stamp: 0 unless this kernel gives none)."""
+    its `total` messages or has closed, or the END line's drain has passed: (the
+    END line, how many reads carried no kernel stamp: 0 unless this kernel gives
+    none, whether every member had every message). StdinClosed if stdin ends
+    before the END line."""
     poller = select.epoll()
     by_fd = {}
     for m in members:
         by_fd[m.sock.fileno()] = m
         poller.register(m.sock.fileno(), select.EPOLLIN)
     poller.register(stdin_fd, select.EPOLLIN)
+    most = len(by_fd) + 1  # (epoll's poll() returns at most 1,023 events unless told)
     line = b""
     total = None
     deadline = None
     unstamped = 0
-    waiting = len(members)  # members short of `total` (counted once it is known)
-    while True:
-        # Not waiting in epoll_wait while the frames come: a worker's send() then
-        # wakes no process here (a wake-up costs the sending core a cross-core
-        # call per frame, which on a real network is the member's own machine's).
-        # The stamps are the kernel's, so reading NAP later changes none of them.
-        time.sleep(NAP)
-        events = poller.poll(0)
-        read_at = time.monotonic()
-        offset_ns = time.time_ns() - time.monotonic_ns()
-        for fd, _ in events:
-            if fd == stdin_fd:
-                chunk = os.read(stdin_fd, 4096)
-                line += chunk
-                if b"\n" in line and total is None:
-                    _, total_text, drain_text, _began = line.split(b"\n", 1)[0].decode().split()
-                    total = int(total_text)
-                    deadline = time.monotonic() + float(drain_text)
-                    waiting = sum(1 for m in members if len(m.got) < total)
-                if not chunk:
-                    poller.unregister(stdin_fd)
-                continue
-            m = by_fd[fd]
-            try:
-                data, ancdata, _, _ = m.sock.recvmsg(65536, ANCILLARY)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                data, ancdata = b"", []
-            if not data:
-                poller.unregister(fd)
-                m.open = False
-                continue
-            at = kernel_stamp(ancdata, offset_ns)
-            if at is None:
-                unstamped += 1
-                at = read_at
-            before = len(m.got)
-            m.buffer += data
-            for opcode, payload in read_frames(m.buffer):
-                if opcode in (1, 2):
-                    found = m.pattern.search(payload)
-                    if found:
-                        n = int(found.group(1))
-                        m.got.append((n, at))
-                        m.read.append((n, read_at))
-                elif opcode == 9:
-                    m.sock.send(pong(payload))
-                elif opcode == 8:
-                    poller.unregister(fd)
-                    m.open = False
-                    break
-            if total is not None and before < total <= len(m.got):
-                waiting -= 1
-        if total is not None and (waiting <= 0 or time.monotonic() >= deadline):
-            poller.close()
-            return line.split(b"\n", 1)[0].decode(), unstamped
+    short: set[Stamped] = set(members)  # members short of `total` and open (known once `total` is)
+
+    def closed(m: Stamped) -> None:
+        poller.unregister(m.sock.fileno())
+        m.open = False
+        short.discard(m)
+
+    try:
+        while True:
+            # Not waiting in epoll_wait while the frames come: a worker's send()
+            # then wakes no process here (a wake-up costs the sending core a
+            # cross-core call per frame, which on a real network is the member's
+            # own machine's). The stamps are the kernel's: reading later changes
+            # none of them.
+            time.sleep(NAP)
+            for fd, _ in poller.poll(0, most):
+                if fd == stdin_fd:
+                    chunk = os.read(stdin_fd, 4096)
+                    line += chunk
+                    if b"\n" in line and total is None:
+                        _, total_text, drain_text, _began = line.split(b"\n", 1)[0].decode().split()
+                        total = int(total_text)
+                        deadline = time.monotonic() + float(drain_text)
+                        short = {m for m in members if m.open and len(m.got) < total}
+                    if not chunk:
+                        if total is None:
+                            raise StdinClosed("stdin ended before the END line")
+                        poller.unregister(stdin_fd)
+                    continue
+                m = by_fd[fd]
+                if not m.open:
+                    continue
+                try:
+                    data, ancdata, _, _ = m.sock.recvmsg(65536, ANCILLARY)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data, ancdata = b"", []
+                read_at = time.monotonic()
+                if not data:
+                    closed(m)
+                    continue
+                at = kernel_stamp(ancdata, time.time_ns() - time.monotonic_ns())
+                if at is None:
+                    unstamped += 1
+                    at = read_at
+                m.buffer += data
+                for opcode, payload in read_frames(m.buffer):
+                    answer = reply(opcode, payload)
+                    if answer is not None:
+                        try:
+                            m.sock.sendall(answer)  # (a few bytes: the kernel takes them whole)
+                        except OSError:
+                            closed(m)
+                            break
+                    elif opcode in (1, 2):
+                        found = m.pattern.search(payload)
+                        if found:
+                            n = int(found.group(1))
+                            m.got.append((n, at))
+                            m.read.append((n, read_at))
+                    elif opcode == 8:
+                        closed(m)
+                        break
+                if total is not None and len(m.got) >= total:
+                    short.discard(m)
+            if total is not None and (not short or time.monotonic() >= deadline):
+                return line.split(b"\n", 1)[0].decode(), unstamped, all(len(m.got) >= total for m in members)
+    finally:
+        poller.close()

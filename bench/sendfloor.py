@@ -3,7 +3,8 @@ what writing one small frame to each of N loopback TCP sockets costs when nothin
 else is done, no framework, no Python beyond the loop of send() calls.
 
 A reader process (pinned to core 1, as the load generator is) holds N sockets and
-reads them with uvloop; this process (pinned to core 0, as the workers are)
+reads them with uvloop (or, with --nap MS, as the big room's helpers do: every MS,
+never waiting in epoll_wait, so a send wakes no reader; bench/rxstamp.py); this process (pinned to core 0, as the workers are)
 accepts them and, R times at a fixed rate, sends a 300-byte frame to each in one
 loop: a message into an N-member room as our fan-out writes it (bench/run.py's
 5,000-member room: 10 a second), with the frame made once. Reported per round:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+EIO_PING, EIO_PONG = "2", "3"  # Engine.IO 4's ping from the server (a Socket.IO target), and its answer
+
 
 def read_frames(buf: bytearray) -> Iterator[tuple[int, bytes]]:
     """(opcode, payload) of each whole frame at the head of `buf`, taken off it as
@@ -35,3 +37,16 @@ def short_frame(opcode: int, payload: bytes) -> bytes:
 def pong(payload: bytes) -> bytes:
     """The answer to a ping (a control frame: its payload is under 126 bytes)."""
     return short_frame(0xA, payload)
+
+
+EIO_PONG_FRAME = short_frame(0x1, EIO_PONG.encode())
+
+
+def reply(opcode: int, payload: bytes) -> bytes | None:
+    """What a member sends back for a server frame: a pong for a ping (and for a
+    Socket.IO target's Engine.IO ping), None for anything else."""
+    if opcode == 9:
+        return pong(payload)
+    if opcode == 1 and payload == b"2":
+        return EIO_PONG_FRAME
+    return None

@@ -213,52 +213,96 @@ def test_the_churn_table_shows_each_rounds_memory_and_the_growth(tmp_path):
     assert "| 2,000 | 92.2 MiB | 114.5 / 115.1 / 115.2 MiB  | 0.7 MiB | 160.4 / 168.2 / 168.5 MiB  | 8.1 MiB |" in lines
 
 
-def test_a_helpers_member_is_timed_by_its_kernels_receive_stamp_not_by_the_read():
-    """bench/rxstamp.py: a frame that arrived before the helper read it keeps the
-    time it arrived (the kernel's stamp), and the read's time beside it; a ping
-    is answered; the END line's total ends the reading once every member has it."""
+def member_pair(pattern=rb"run1:(\d+):"):
+    """A connected pair: the server's end, and a member's (rxstamp.Stamped) asking
+    for kernel stamps, as rxstamp.adopt leaves it."""
     import re
     import socket
-    import time
 
     from bench import rxstamp
-    from bench.wsframes import read_frames
 
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(listener.getsockname())
     server, _ = listener.accept()
     listener.close()
+    client.setblocking(False)
     client.setsockopt(socket.SOL_SOCKET, rxstamp.SO_TIMESTAMPNS, 1)
-    member = rxstamp.Stamped(client, re.compile(rb"run1:(\d+):"))
-    stdin_r, stdin_w = os.pipe()
-    try:
-        def frame(opcode, payload):
-            return bytes((0x80 | opcode, len(payload))) + payload
+    return server, rxstamp.Stamped(client, re.compile(pattern))
 
-        server.sendall(frame(1, b'{"text":"run1:0:"}') + frame(9, b"hi"))
+
+def server_frame(opcode, payload):
+    return bytes((0x80 | opcode, len(payload))) + payload
+
+
+def test_a_helpers_member_is_timed_by_its_kernels_receive_stamp_not_by_the_read():
+    """bench/rxstamp.py: a frame that arrived before the helper read it keeps the
+    time it arrived (the kernel's stamp), and the read's time beside it; a ping
+    and a Socket.IO ping are answered; the END line's total ends the reading once
+    every member has it."""
+    import threading
+    import time
+
+    from bench import rxstamp
+    from bench.wsframes import read_frames
+
+    server, member = member_pair()
+    stdin_r, stdin_w = os.pipe()
+    failures = []
+    try:
+        server.sendall(server_frame(1, b'{"text":"run1:0:"}') + server_frame(9, b"hi") + server_frame(1, b"2"))
         os.write(stdin_w, b"END 2 30 0\n")
-        arrived = time.monotonic()  # both frames are in the client's kernel by now
-        # Message 1 comes after the reading has started: sent from a thread once
-        # the helper has answered the ping (the loop is running).
-        import threading
+        arrived = time.monotonic()  # the frames are in the member's kernel by now
 
         def second():
-            server.settimeout(10)
-            answered = server.recv(64)
-            assert list(read_frames(bytearray(answered[:2] + answered[6:]))) == [(10, b"hi")]
-            assert answered[1] & 0x80  # a client's frame is masked
-            server.sendall(frame(1, b'{"text":"run1:1:"}'))
+            # Message 1 once the helper has answered both pings (its loop runs).
+            try:
+                server.settimeout(10)
+                answered = b""
+                while len(answered) < 14:
+                    answered += server.recv(64)
+                # Two client frames, masked with the zero key: header, key, payload.
+                assert answered[1] & 0x80 and answered[8] & 0x80
+                assert list(read_frames(bytearray(answered[:2] + answered[6:8] + answered[8:10] + answered[14:]))) == [
+                    (10, b"hi"), (1, b"3")]
+                server.sendall(server_frame(1, b'{"text":"run1:1:"}'))
+            except BaseException as exc:  # re-raised by the test below
+                failures.append(exc)
 
         thread = threading.Thread(target=second)
         thread.start()
-        line, unstamped = rxstamp.read_until([member], stdin_r)
+        line, unstamped, complete = rxstamp.read_until([member], stdin_r)
         thread.join()
     finally:
         for fd in (stdin_r, stdin_w):
             os.close(fd)
-        client.close()
+        member.sock.close()
         server.close()
-    assert line == "END 2 30 0" and unstamped == 0
+    if failures:
+        raise failures[0]
+    assert (line, unstamped, complete) == ("END 2 30 0", 0, True)
     assert [n for n, _ in member.got] == [0, 1] and [n for n, _ in member.read] == [0, 1]
     # Message 0 was in the kernel before the reading began: its stamp says so, its read does not.
     assert member.got[0][1] < arrived <= member.read[0][1]
+
+
+@pytest.mark.timeout(20)  # a closed member waited for would hold it to the drain (600 s)
+def test_a_helpers_reading_ends_with_a_closed_member_and_stops_when_the_sender_is_gone():
+    from bench import rxstamp
+
+    server, member = member_pair()
+    stdin_r, stdin_w = os.pipe()
+    try:
+        server.sendall(server_frame(1, b'{"text":"run1:0:"}'))
+        server.close()  # message 1 never comes: the member is closed, not waited for
+        os.write(stdin_w, b"END 2 600 0\n")
+        assert rxstamp.read_until([member], stdin_r)[1:] == (0, False)
+        assert [n for n, _ in member.got] == [0] and not member.open
+        os.close(stdin_w)
+        stdin_w = None
+        with pytest.raises(rxstamp.StdinClosed):  # no END line, stdin at its end
+            rxstamp.read_until([], stdin_r)
+    finally:
+        os.close(stdin_r)
+        if stdin_w is not None:
+            os.close(stdin_w)
+        member.sock.close()
