@@ -60,8 +60,9 @@ class Refusal:
 
 def _usage(request: HttpRequest, group: str, rate: str, value: str, increment: bool) -> dict | None:
     """A counter's state, or None while the cache (Redis) cannot be reached: the
-    limits fail open then, like every other limit (django-ratelimit's own
-    RATELIMIT_FAIL_OPEN does not cover a cache that raises)."""
+    sign-in and sign-up limits fail open then (no 500; the socket's token buckets
+    count on each worker meanwhile instead, state/ratelimit.py; django-ratelimit's
+    own RATELIMIT_FAIL_OPEN does not cover a cache that raises)."""
     try:
         return get_usage(request, group=group, key=lambda _group, _request: value, rate=rate, increment=increment)
     except Exception as exc:

@@ -163,21 +163,25 @@ class MemoryBuckets:
     """One process's buckets: the embedded default's, and a Redis worker's own while
     Redis is down (RedisBuckets.local). A bucket that has refilled to its burst is
     the same as none: past PRUNE_AT buckets, those are dropped (a flood of client
-    addresses does not grow it for ever)."""
+    addresses does not grow it for ever); when most are still refilling, the next
+    prune waits until it holds twice as many (its cost spread over the buckets
+    added meanwhile)."""
 
     PRUNE_AT = 10_000
 
     def __init__(self) -> None:
         # key -> (tokens, when counted, when it is full again)
         self.buckets: dict[str, tuple[float, float, float]] = {}
+        self.prune_at = self.PRUNE_AT  # twice what a prune left, at least PRUNE_AT: a prune a bucket at most
 
     def _refilled(self, key: str, rate: float, burst: float, now: float) -> float:
         tokens, stamp, _ = self.buckets.get(key, (burst, now, now))
         return min(burst, tokens + (now - stamp) * rate)
 
     def _store(self, key: str, tokens: float, rate: float, burst: float, now: float) -> None:
-        if key not in self.buckets and len(self.buckets) >= self.PRUNE_AT:
+        if key not in self.buckets and len(self.buckets) >= self.prune_at:
             self.buckets = {k: v for k, v in self.buckets.items() if v[2] > now}
+            self.prune_at = max(self.PRUNE_AT, 2 * len(self.buckets))
         self.buckets[key] = (tokens, now, now + max(0.0, burst - tokens) / rate)
 
     async def take(self, key: str, rate: float, burst: float, wanted: int) -> tuple[int, float]:
@@ -272,7 +276,8 @@ class Reserves:
     released, what is left goes back, and, for a sender that spent from it, the
     next period's reserve is given in the same call.
 
-    Never more than the bucket alone: what is reserved left the bucket, which
+    Never more than the bucket alone (while Redis answers: meanwhile each worker
+    counts in its own MemoryBuckets): what is reserved left the bucket, which
     refills only to its burst less every live count, and a count lives
     RESERVE_HOLD + RESERVE_SLACK from its period's last ask to Redis (a take
     or a top-up), so RESERVE_SLACK or a little more past its period's end. A worker that dies

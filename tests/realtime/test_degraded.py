@@ -73,12 +73,18 @@ async def test_rate_limits_handshakes_and_the_replay_budget_count_on_each_worker
 
 async def test_a_processs_own_buckets_drop_the_full_ones_past_their_bound():
     buckets = ratelimit.MemoryBuckets()
-    buckets.PRUNE_AT = 3
+    buckets.PRUNE_AT = buckets.prune_at = 3
     await buckets.take("spent", 0.001, 5, 5)  # empty for a long time
     for n in range(3):
         await buckets.take(f"address:{n}", 1e9, 5, 1)  # full again at once
     assert set(buckets.buckets) == {"spent", "address:2"}
     assert (await buckets.take("spent", 0.001, 5, 1))[0] == 0  # still spent
+    # Buckets still refilling stay, and the next prune waits for twice as many.
+    for n in range(4):
+        await buckets.take(f"slow:{n}", 0.001, 5, 1)
+    # (slow:1's prune dropped address:2, full again; slow:3's found 4 all refilling,
+    # kept them, and the next waits for 8)
+    assert set(buckets.buckets) == {"spent", "slow:0", "slow:1", "slow:2", "slow:3"} and buckets.prune_at == 8
 
 
 async def test_the_socket_cap_fails_open(redis_gone, settings):

@@ -422,7 +422,7 @@ async def test_a_count_whose_answer_and_settlement_were_lost_runs_out_while_its_
 
     monkeypatch.setattr(ratelimit.RedisBuckets, "take_now", answer_lost)
     monkeypatch.setattr(ratelimit.RedisBuckets, "settle", first_settlement_lost)
-    assert (await reserves.take(key, rate, burst, 1))[0] == 1  # failed open
+    assert (await reserves.take(key, rate, burst, 1))[0] == 1  # from this worker's own bucket
     assert bucket(url, key)[1] == {lost[0]: 16}
     loop = asyncio.get_running_loop()
     started, granted, takes = loop.time(), 0, 0
@@ -460,7 +460,7 @@ async def test_a_period_whose_only_answer_was_lost_is_still_settled(redis_server
 
     monkeypatch.setattr(ratelimit.RedisBuckets, "take_now", answer_lost)
     monkeypatch.setattr(ratelimit.RedisBuckets, "settle", counted)
-    assert (await reserves.take(key, rate, burst, 1))[0] == 1  # failed open
+    assert (await reserves.take(key, rate, burst, 1))[0] == 1  # from this worker's own bucket
     period = reserves.held[key].period
     assert bucket(url, key)[1] == {period: 5}
     await until(lambda: settlements and not reserves.tasks, timeout=1)
