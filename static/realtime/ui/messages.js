@@ -189,6 +189,7 @@ export function createMessageView({ list, room, me, canPost, canModerate, canRea
       if (el) el.focus();
     }
     afterRender(list, { attached: attached() });
+    noteNewest();
     schedule(edges);
   }
 
@@ -246,17 +247,20 @@ export function createMessageView({ list, room, me, canPost, canModerate, canRea
 
   list.addEventListener("scroll", () => schedule(edges), { passive: true });
 
-  // The list's own height changes (a notice above the composer when signed out or
-  // removed, a phone's keyboard, a resized window): a view that was at the newest
-  // message stays at it, where the browser would keep the top still and hide the
-  // bottom behind the change.
-  let height = list.clientHeight;
+  // The list's own size changes (a notice above the composer when signed out or
+  // removed, a phone's keyboard, a resized window that wraps the messages again):
+  // a view that was right at the newest message stays at it, where the browser
+  // would keep the top still and let the change hide the bottom. "Right at": at
+  // the bottom when it last scrolled or was drawn, not merely near it (a page
+  // opened at a search result or the unread divider stays where it was put).
+  let atNewest = false;
+  const noteNewest = () => {
+    atNewest = attached() && list.scrollHeight - list.scrollTop - list.clientHeight <= 2;
+  };
+  list.addEventListener("scroll", noteNewest, { passive: true });
   if (typeof ResizeObserver !== "undefined") {
     new ResizeObserver(() => {
-      const before = height;
-      height = list.clientHeight;
-      if (height === before) return;
-      if (attached() && list.scrollHeight - list.scrollTop - before < 80) list.scrollTop = list.scrollHeight;
+      if (atNewest && stick === null) list.scrollTop = list.scrollHeight;
     }).observe(list);
   }
 
