@@ -701,9 +701,9 @@ def scale_section(rows: list, folder: Path) -> list[str]:
     if rooms:
         lines += ["### A big room over two workers (`--scenario rate --procs 3`)", "",
                   "The members are held by helper processes of the load generator (core 1), merged by the sender's "
-                  "process. A delivery is timed by the member's kernel (its socket's receive stamp, SO_TIMESTAMPNS: "
-                  "on loopback, the moment the worker's send() put the frame on the wire; bench/rxstamp.py), on the "
-                  "same clock as the send; `p99 as read` times the same deliveries when the helper's Python read them, "
+                  "process. A delivery is timed by the member's kernel (its socket's receive stamp, SO_TIMESTAMPNS, "
+                  "taken as the segment is delivered to the socket: on loopback in the softirq of the worker's own "
+                  "send(), microseconds after it; bench/rxstamp.py), on the same clock as the send; `p99 as read` times the same deliveries when the helper's Python read them, "
                   "which adds the load generator's own delay (some 5,000 frames a message read on one core). Load "
                   "generator CPU: all its processes together, from the first message to the last delivery, as a share "
                   "of one core (near 1.0: it, not the server, is the limit; it shares core 1 with PostgreSQL and "
