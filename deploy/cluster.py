@@ -284,7 +284,7 @@ class Nginx:
         stop_process(self.proc)
 
     def render(self) -> str:
-        upstreams = "\n".join(f"    server 127.0.0.1:{w.port} max_fails=1 fail_timeout=10s;" for w in self.workers)
+        upstreams = "\n".join(f"    server 127.0.0.1:{w.port} max_fails=1 fail_timeout=2s;" for w in self.workers)
         mime = "/etc/nginx/mime.types"
         listen = (
             f"    listen 127.0.0.1:{self.port};\n"

@@ -339,7 +339,7 @@ async def send_messages(base: str, cookie: str, room: str, count: int, prefix: s
 
 def split_sources(base: str, timeout: float = 15) -> dict[str, str]:
     """A source address that the balancer sends to each worker. A worker restarted by an
-    earlier test may still be marked down (nginx fail_timeout 10 s): wait for it."""
+    earlier test may still be marked down (nginx fail_timeout 2 s): wait for it."""
     deadline = time.monotonic() + timeout
     while True:
         found: dict[str, str] = {}

@@ -104,3 +104,34 @@ async def test_a_killed_workers_users_leave_presence_within_the_bound(cluster):
         await carol.close()
         if b.proc.poll() is not None:  # restart it only if it was killed
             b.start()
+
+
+async def test_after_every_worker_was_down_the_balancer_sends_to_them_again_within_seconds(cluster):
+    """Found using it: with every worker killed and restarted at once, nginx kept
+    answering 502 for the rest of its fail_timeout (then 10 s) after the workers
+    were back, and the pages came back some 11 s after the outage. nginx tries a
+    failed worker again after 2 s now; HAProxy checks every second."""
+    page = f"{cluster.balancer.url}/accounts/login/"
+
+    def status() -> int:
+        try:
+            return urllib.request.urlopen(page, timeout=5).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    for worker in cluster.workers:
+        worker.kill()
+    down = {"nginx": 502, "haproxy": 503}[cluster.balancer_kind]
+    assert [status() for _ in range(3)] == [down] * 3  # every worker marked failed
+    try:
+        for worker in cluster.workers:
+            worker.start()  # returns once it listens
+    finally:
+        for worker in cluster.workers:
+            if worker.proc.poll() is not None:
+                worker.start()
+    back = time.monotonic()
+    while (got := status()) != 200:
+        assert got == down
+        assert time.monotonic() - back < 5, "the balancer still sends nothing to the workers that are back"
+        await asyncio.sleep(0.1)
