@@ -51,7 +51,8 @@ export function createMessageView({ list, room, me, canPost, canModerate, canRea
     win = { from: items[lo] ? items[lo].seq : 0, to: hi >= items.length ? Infinity : items[hi - 1].seq };
   }
 
-  const nearBottom = () => list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+  const fromBottom = () => list.scrollHeight - list.scrollTop - list.clientHeight;
+  const nearBottom = () => fromBottom() < 80;
 
   // -- drawing ---------------------------------------------------------------
   function marker(key, className, text, build) {
@@ -245,7 +246,10 @@ export function createMessageView({ list, room, me, canPost, canModerate, canRea
     schedule(render);
   }
 
-  list.addEventListener("scroll", () => schedule(edges), { passive: true });
+  list.addEventListener("scroll", () => {
+    noteNewest();
+    schedule(edges);
+  }, { passive: true });
 
   // The list's own size changes (a notice above the composer when signed out or
   // removed, a phone's keyboard, a resized window that wraps the messages again):
@@ -254,10 +258,9 @@ export function createMessageView({ list, room, me, canPost, canModerate, canRea
   // the bottom when it last scrolled or was drawn, not merely near it (a page
   // opened at a search result or the unread divider stays where it was put).
   let atNewest = false;
-  const noteNewest = () => {
-    atNewest = attached() && list.scrollHeight - list.scrollTop - list.clientHeight <= 2;
-  };
-  list.addEventListener("scroll", noteNewest, { passive: true });
+  function noteNewest() {
+    atNewest = attached() && fromBottom() <= 2;
+  }
   if (typeof ResizeObserver !== "undefined") {
     new ResizeObserver(() => {
       if (atNewest && stick === null) list.scrollTop = list.scrollHeight;
