@@ -173,6 +173,9 @@ export function createMessageView({ list, room, me, canPost, canModerate, canRea
       else list.insertBefore(node, cursor);
     }
     dirty.clear();
+    // Decorations (read markers) before the scroll is placed: drawn after it, a
+    // marker under the newest message was left below the view.
+    afterRender(list, { attached: attached() });
     if (stick === "target" && target !== null) {
       const el = list.querySelector(`li.message[data-seq="${target}"]`);
       if (el) {
@@ -189,7 +192,6 @@ export function createMessageView({ list, room, me, canPost, canModerate, canRea
       focusAfter = null;
       if (el) el.focus();
     }
-    afterRender(list, { attached: attached() });
     noteNewest();
     schedule(edges);
   }
@@ -350,6 +352,9 @@ export function createMessageView({ list, room, me, canPost, canModerate, canRea
       schedule(render);
     },
     /** Draw what goes on rendered messages from elsewhere again (read markers). */
-    decorate: () => afterRender(list, { attached: attached() }),
+    decorate: () => {
+      afterRender(list, { attached: attached() });
+      if (atNewest) list.scrollTop = list.scrollHeight; // a marker come under the newest message stays in view
+    },
   };
 }
