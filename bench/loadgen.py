@@ -42,7 +42,9 @@ its own deliveries, merged by this one, which only sends: a room of thousands
 receiving tens of thousands of frames a second is more than one Python process
 can time without being the bottleneck itself (`loadgen_cpu` counts them all).
 A helper's deliveries are timed by its sockets' kernel receive stamps
-(bench/rxstamp.py), and again when it read them (`read_*`).
+(bench/rxstamp.py), and again when it read them (`read_*`); with
+--yield-readers the helpers read only when no worker wants a core (SCHED_IDLE,
+on every core; `merged_reads` counts the reads that fell a message behind).
 --codec json, msgpack or protobuf (rt.v1.protobuf, with the project's own codec).
 Times are taken on this machine's monotonic clock, on both ends (CLOCK_MONOTONIC,
 one clock for every process of the machine).
@@ -344,7 +346,7 @@ async def open_members(target: Target, count: int, run: str) -> list[Member]:
 
 async def publish(target: Target, members_n: int, total: int, *, window: int | None = None,
                   rate: float | None = None, drain: float = 60, worker_pids: list[int] | None = None,
-                  procs: int = 1) -> dict:
+                  procs: int = 1, yield_readers: bool = False) -> dict:
     """R members; one sender publishes `total` messages, paced either by a window of
     messages in flight (done when the sender's own copy comes back) or by a fixed
     rate; then wait for the deliveries (at most `drain` seconds) and summarize.
@@ -357,7 +359,7 @@ async def publish(target: Target, members_n: int, total: int, *, window: int | N
     run = uuid.uuid4().hex[:8]
     helpers: list[Helper] = []
     if procs > 1:
-        helpers = await start_helpers(target, members_n, procs, run)
+        helpers = await start_helpers(target, members_n, procs, run, yield_readers)
         members: list = []
     else:
         members = await open_members(target, members_n, run)
@@ -407,6 +409,7 @@ async def publish(target: Target, members_n: int, total: int, *, window: int | N
         read = summarize(sent, [Delivered(m.read) for m in members], started)
         result.update({f"read_{key}": read[key] for key in ("p50_ms", "p99_ms", "first_p99_ms", "spread_p99_ms")})
         result["stamped"] = "kernel" if not sum(h.unstamped for h in helpers) else "partly read"
+        result["merged_reads"] = sum(h.merged for h in helpers)
     # The load generator's CPU while it sent and timed (all its processes, as a
     # share of one core; `loadgen_cpu` below is over its whole life, the sockets'
     # opening included): near 1.0 here, the load generator was the limit.
@@ -478,6 +481,7 @@ class Helper:
         self.cpu_s = 0.0
         self.window_cpu_s = 0.0  # from the first message sent to its last delivery
         self.unstamped = 0  # reads without a kernel stamp (timed by the read instead)
+        self.merged = 0  # reads that took two messages' frames (the earlier stamped late)
 
     async def line(self) -> str:
         raw = await self.proc.stdout.readline()
@@ -496,7 +500,8 @@ class Delivered:
         self.read = [(n, at) for n, at in read]
 
 
-async def start_helpers(target: Target, members_n: int, procs: int, run: str) -> list[Helper]:
+async def start_helpers(target: Target, members_n: int, procs: int, run: str,
+                        yield_readers: bool = False) -> list[Helper]:
     helpers = []
     for k in range(procs):
         share = len(range(k, members_n, procs))
@@ -506,6 +511,7 @@ async def start_helpers(target: Target, members_n: int, procs: int, run: str) ->
             sys.executable, "-m", "bench.loadgen", "--helper", "--target", target.kind,
             "--port", ",".join(map(str, target.ports)), "--members", str(share), "--room", target.room,
             "--codec", target.codec, "--run", run, "--port-offset", str(k), "--port-step", str(procs),
+            *(["--yield-readers"] if yield_readers else []),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             limit=1 << 30)
         helpers.append(Helper(proc))
@@ -529,14 +535,15 @@ async def finish_helpers(helpers: list[Helper], total: int, drain: float, began:
         if rc != 0:
             raise RuntimeError(f"a load generator helper exited with {rc}")
         h.cpu, h.cpu_s, h.window_cpu_s = out["cpu"], out["cpu_s"], out["window_cpu_s"]
-        h.unstamped = out["unstamped"]
+        h.unstamped, h.merged = out["unstamped"], out["merged"]
         members += [Delivered(got, read) for got, read in zip(out["got"], out["read"])]
     return members
 
 
-async def helper(target: Target, members_n: int, run: str) -> None:
+async def helper(target: Target, members_n: int, run: str, yield_readers: bool = False) -> None:
     """The helper process's side (see Helper). Its members are read by the kernel-
-    stamped loop of bench/rxstamp.py from READY to the last delivery."""
+    stamped loop of bench/rxstamp.py from READY to the last delivery; with
+    `yield_readers`, only when no worker wants a core (rxstamp.yield_cpu)."""
     wall = time.monotonic()
     members = await open_members(target, members_n, run)
     stamped = [rxstamp.adopt(m.ws.transport, m.pattern) for m in members]
@@ -545,7 +552,9 @@ async def helper(target: Target, members_n: int, run: str) -> None:
     gc.collect()
     gc.freeze()
     gc.disable()
-    _, unstamped, _ = rxstamp.read_until(stamped, sys.stdin.fileno())
+    if yield_readers:
+        rxstamp.yield_cpu()
+    reading = rxstamp.read_until(stamped, sys.stdin.fileno())
     # Its CPU from READY to its last delivery: before the first message (whose
     # time the line carries, on the shared monotonic clock) it only naps and polls
     # (NAP), so this is the CPU of the sending window and a little more.
@@ -553,7 +562,8 @@ async def helper(target: Target, members_n: int, run: str) -> None:
     gc.enable()
     used = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = used.ru_utime + used.ru_stime
-    print(json.dumps({"got": [m.got for m in stamped], "read": [m.read for m in stamped], "unstamped": unstamped,
+    print(json.dumps({"got": [m.got for m in stamped], "read": [m.read for m in stamped], "unstamped": reading.unstamped,
+                      "merged": reading.merged,
                       "cpu_s": round(cpu_s, 2), "window_cpu_s": round(window_cpu_s, 3),
                       "cpu": round(cpu_s / (time.monotonic() - wall), 2)}), flush=True)
     for m in stamped:
@@ -801,6 +811,10 @@ def main() -> None:
                         "drain: the first is the one drained)")
     parser.add_argument("--procs", type=int, default=1, help="fanout, rate: the members held by this many helper "
                         "processes (this one sends), their deliveries merged")
+    parser.add_argument("--yield-readers", action="store_true",
+                        help="with --procs: the helpers read only when no worker wants a core (SCHED_IDLE, on every "
+                             "core), their deliveries timed by the kernel's stamps; bench/run.py then gives each "
+                             "worker a core of its own")
     parser.add_argument("--room", default="bench")
     parser.add_argument("--codec", choices=["json", "msgpack", "protobuf"], default="json")
     parser.add_argument("--mention", metavar="USERNAME", help="every message @mentions this user (the full pipeline only)")
@@ -829,13 +843,14 @@ def main() -> None:
 
         run = uvloop.run
     if args.helper:
-        run(helper(target, args.members, args.run))
+        run(helper(target, args.members, args.run, args.yield_readers))
         return
     if args.scenario == "fanout":
-        result = run(publish(target, args.members, args.messages, window=args.window, worker_pids=pids, procs=args.procs))
+        result = run(publish(target, args.members, args.messages, window=args.window, worker_pids=pids, procs=args.procs,
+                             yield_readers=args.yield_readers))
     elif args.scenario == "rate":
         result = run(publish(target, args.members, int(args.rate * args.seconds), rate=args.rate, drain=30,
-                             worker_pids=pids, procs=args.procs))
+                             worker_pids=pids, procs=args.procs, yield_readers=args.yield_readers))
     elif args.scenario == "storm":
         result = run(storm(target, args.members, args.concurrency, args.connect_timeout, pids))
     elif args.scenario == "curve":

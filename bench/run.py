@@ -4,8 +4,9 @@ each three times (the median is reported), with the ratio full / bare.
 
 The worker (`python -m realtime.server`, the flags of deploy/) is pinned to core 0
 and the load generator (bench/loadgen.py), PostgreSQL and Redis to core 1 where
-taskset exists (the worker's core is its own, as on a production host); each run
-gets a fresh worker on private PostgreSQL and Redis instances. The rate limits and
+taskset exists (the worker's core is its own, as on a production host); the big
+room's two workers get a core each, its members read by the load generator in
+idle time (worker_cores, --yield-readers); each run gets a fresh worker on private PostgreSQL and Redis instances. The rate limits and
 the per-user socket cap are lifted (one sender publishes hundreds of messages a
 second; hundreds of members share one user), but every frame still goes through
 them, and through the schema, the permission check, the database write with its seq
@@ -86,6 +87,10 @@ SCENARIOS = {
 #   big room: 5,000 members over two workers at 10 msg/s, the members held by three
 #     load generator processes (one process could not time 50,000 deliveries a
 #     second on its own and still be the server's clock, see the loadgen's CPU);
+#     timed by the members' kernels, so the helpers read in idle time and each
+#     worker has a core (docs/decisions.md, "What the benchmark measures"); the
+#     same room with both workers on core 0 and the helpers on core 1, as it was
+#     measured before, is reported beside it (no target);
 #   cost curves: fan-out into rooms of 10 to 5,000 members, deliveries a second and
 #     the workers' CPU per delivery; the connect rate of the next 500 sockets with
 #     0 / 1,000 / 2,500 / 5,000 already open.
@@ -96,6 +101,8 @@ CURVE = "connect rate against sockets open (next 500 at 0 / 1,000 / 2,500 / 5,00
 IDLE_10K = "idle sockets, 10,000 on one worker, worker memory"
 CHURN = "churn: 2,000 sockets opened and closed 5 times, worker memory"
 ROOM = "5,000-member room on 2 workers, 10 msg/s, p99"
+ROOM_SHARED = "5,000-member room on 2 workers sharing core 0, 10 msg/s, p99"
+ROOM_ARGS = ["--scenario", "rate", "--members", "5000", "--rate", "10", "--seconds", "10", "--procs", "3"]
 PROTOBUF = "fan-out, 500 members, Protobuf"
 
 
@@ -112,7 +119,8 @@ SCALE = {
     CRASH.format("5,000"): (drain_args(5000, crash=True), "back_s", False, 2),
     IDLE_10K: (["--scenario", "idle", "--members", "10000"], "worker_mib", False, 1),
     CHURN: (["--scenario", "churn", "--members", "2000", "--rounds", "5"], "worker_mib", False, 1),
-    ROOM: (["--scenario", "rate", "--members", "5000", "--rate", "10", "--seconds", "10", "--procs", "3"], "p99_ms", False, 2),
+    ROOM: ([*ROOM_ARGS, "--yield-readers"], "p99_ms", False, 2),
+    ROOM_SHARED: (ROOM_ARGS, "p99_ms", False, 2),
     **{COST.format(f"{n:,}"): (cost_args(n, m), "deliveries_per_s", True, 1)
        for n, m in ((10, 500), (100, 300), (1000, 60), (5000, 20))},
     CURVE: (["--scenario", "curve", "--points", "0,1000,2500,5000", "--batch", "500", "--concurrency", "50"],
@@ -127,7 +135,7 @@ QUICK_SCALE = {
     "idle sockets, 1,000 on one worker, worker memory": (["--scenario", "idle", "--members", "1000"], "worker_mib", False, 1),
     "churn: 300 sockets opened and closed 2 times, worker memory": (
         ["--scenario", "churn", "--members", "300", "--rounds", "2"], "worker_mib", False, 1),
-    "500-member room on 2 workers, 10 msg/s, p99": (["--scenario", "rate", "--members", "500", "--rate", "10", "--seconds", "3", "--procs", "2"], "p99_ms", False, 2),
+    "500-member room on 2 workers, 10 msg/s, p99": (["--scenario", "rate", "--members", "500", "--rate", "10", "--seconds", "3", "--procs", "2", "--yield-readers"], "p99_ms", False, 2),
     **{COST.format(n): (cost_args(n, m), "deliveries_per_s", True, 1) for n, m in ((10, 200), (100, 30))},
     "connect rate against sockets open (next 100 at 0 / 300)": (
         ["--scenario", "curve", "--points", "0,300", "--batch", "100", "--concurrency", "50"], "rate_last", True, 1),
@@ -209,11 +217,15 @@ def steering_checked(parser: argparse.ArgumentParser, args) -> int | None:
     return 1
 
 
-def worker_cores() -> list[int]:
-    """The cores the workers are pinned to in turn: core 0 for all of them, or, for
-    an A/B of what a core per worker changes, BENCH_WORKER_CORES="0,1" (the second
-    worker then shares core 1 with the load generator, PostgreSQL and Redis)."""
-    return [int(core) for core in os.environ.get("BENCH_WORKER_CORES", "0").split(",")]
+def worker_cores(args: list[str] = ()) -> list[int]:
+    """The cores the workers are pinned to in turn: core 0 for all of them, but a
+    core each (0 and 1) where the load generator's readers yield (--yield-readers:
+    the big room, timed by the members' kernels, whose reading can wait for idle
+    time; the second worker shares core 1 with PostgreSQL, Redis and the sender).
+    BENCH_WORKER_CORES="0,1" (or "0") sets it for every scenario, for an A/B."""
+    if os.environ.get("BENCH_WORKER_CORES"):
+        return [int(core) for core in os.environ["BENCH_WORKER_CORES"].split(",")]
+    return [0, 1] if "--yield-readers" in args and pinned(1) else [0]
 
 
 class BenchWorker(Worker):
@@ -316,7 +328,8 @@ def services():
 
 def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str, sender: str,
             profile: Path | None = None, workers: int = 1, steady: bool = False) -> dict:
-    """Fresh workers (all on core 0), the load generator on core 1: one result.
+    """Fresh workers (on core 0, or a core each: worker_cores), the load generator
+    on core 1: one result.
     With two workers the sender is on the first and the members alternate.
     `profile`: py-spy's samples of a worker written there, over the whole run, or
     with `steady` from the first message sent to the last delivery."""
@@ -325,7 +338,7 @@ def one_run(ctx: dict, workdir: Path, target: str, args: list[str], member: str,
     started = []
     spy = None
     log_offsets = []
-    cores = worker_cores()
+    cores = worker_cores(args)
     loadgen_env = {"BENCH_STEADY_PROFILE": str(profile)} if profile is not None and steady else {}
     try:
         for n, (port, tls_port) in enumerate(ports):
@@ -700,17 +713,21 @@ def scale_section(rows: list, folder: Path) -> list[str]:
         lines.append("")
     if rooms:
         lines += ["### A big room over two workers (`--scenario rate --procs 3`)", "",
-                  "The members are held by helper processes of the load generator (core 1), merged by the sender's "
-                  "process. A delivery is timed by the member's kernel (its socket's receive stamp, SO_TIMESTAMPNS, "
+                  "The members are held by helper processes of the load generator, merged by the sender's process. "
+                  "In the first room each worker has a core (0 and 1) and the helpers read only when no worker wants "
+                  "a core (`--yield-readers`: SCHED_IDLE, on either core), as members on other machines take nothing "
+                  "from the server's cores; in the room `sharing core 0` both workers are on core 0 and the helpers "
+                  "on core 1, as every earlier RESULTS.md measured it. A delivery is timed by the member's kernel (its socket's receive stamp, SO_TIMESTAMPNS, "
                   "taken as the segment is delivered to the socket: on loopback in the softirq of the worker's own "
                   "send(), microseconds after it; bench/rxstamp.py), on the same clock as the send; `p99 as read` times the same deliveries when the helper's Python read them, "
-                  "which adds the load generator's own delay (some 5,000 frames a message read on one core). Load "
-                  "generator CPU: all its processes together, from the first message to the last delivery, as a share "
-                  "of one core (near 1.0: it, not the server, is the limit; it shares core 1 with PostgreSQL and "
-                  "Redis).", "",
+                  "which adds the load generator's own delay (some 5,000 frames a message). Late reads: reads that "
+                  "took the frames of two messages, whose earlier frame is stamped late (with the later one's stamp; "
+                  "0 unless the helpers fell a message behind). Load generator CPU: all its processes together, from "
+                  "the first message to the last delivery, as a share of one core (near 1.0: it, not the server, is "
+                  "the limit; PostgreSQL and Redis are on core 1 too).", "",
                   "| Room | Target | p50 | p99 | p99 as read | first member p99 | spread p99 | deliveries/s | lost | "
-                  "workers' CPU µs / delivery | load generator CPU while sending (processes) |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+                  "workers' CPU µs / delivery | late reads | load generator CPU while sending (processes) |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for name, (metric, bare, full, ratio, details) in rooms:
             for target in ("full", "bare"):
                 r = representative(details[target], "p99_ms")
@@ -719,7 +736,7 @@ def scale_section(rows: list, folder: Path) -> list[str]:
                              f"{fmt(r.get('first_p99_ms'), ',.1f', ' ms')} | "
                              f"{fmt(r.get('spread_p99_ms'), ',.1f', ' ms')} | {fmt(r.get('deliveries_per_s'), ',.0f')} | "
                              f"{fmt(r.get('lost'), ',')} | {fmt(r.get('cpu_us_per_delivery'), '.1f')} | "
-                             f"{fmt(r.get('loadgen_cpu_sending'), '.2f')} ({r.get('loadgen_processes', 1)}) |")
+                             f"{fmt(r.get('merged_reads'), ',')} | {fmt(r.get('loadgen_cpu_sending'), '.2f')} ({r.get('loadgen_processes', 1)}) |")
         lines.append("")
     if costs:
         lines += ["### Cost curves: fan-out by room size (`--scenario fanout`, one worker)", "",
@@ -873,7 +890,7 @@ def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
         f"`{command}` ({'what `make bench` runs' if command == 'python bench/run.py' else '`make bench` runs it with no options'}), "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"Python {platform.python_version()}, {os.cpu_count()} cores; the workers pinned to core "
-        f"{' and '.join(map(str, cores)) + ' in turn' if len(cores) > 1 else cores[0]}, the load generator, "
+        f"{' and '.join(map(str, cores)) + ' in turn' if len(cores) > 1 else str(cores[0]) + ' (the big room: core 0 and 1, one each, unless named so)'}, the load generator, "
         f"PostgreSQL and Redis to core 1{STEERED if args.steer_loopback else ''}; median of {runs} run(s), each on fresh workers, the two targets' runs taking turns. The ratio is ours against the "
         "bare tutorial consumer (bench/bare.py) served by the same server in the same run (above 1 is better for us: "
         "deliveries a second divided, latency and memory inverted). The full pipeline keeps every guarantee on: "

@@ -31,6 +31,16 @@ process, as a frame to another machine would not (bench/sendfloor.py --nap
 measures the send loop against such a reader). Pings (and a Socket.IO target's)
 are answered. The loop ends when the sender's END line has come in on stdin and
 every member has every message or has closed, or at the drain's deadline.
+
+Because the stamps are the kernel's, the reading need not be prompt, only
+frequent enough that a member's socket holds one message's frame when it is read:
+a read that takes the frames of two messages gets one stamp, the later frame's,
+for both (TCP hands over the stamp of the last segment read), and the earlier
+delivery is timed late. read_until counts such reads (`merged`). With
+`yield_cpu()` a helper reads only when no worker wants the core (SCHED_IDLE, on
+every core): the workers can then have a core each (bench/run.py, the big room),
+as a member on another machine takes nothing from the server's cores, and a
+`merged` count above 0 says the helpers fell a message behind.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import select
 import socket
 import struct
 import time
+import typing
 
 from bench.wsframes import read_frames, reply
 
@@ -61,15 +72,32 @@ class Stamped:
         self.open = True
 
 
+TIMESPEC = struct.Struct("qq")
+
+
 def kernel_stamp(ancdata, offset_ns: int) -> float | None:
     """The monotonic time (s) of the kernel's receive stamp in `ancdata`, or None.
     The stamp is on the realtime clock: `offset_ns` is realtime minus monotonic,
-    taken at this read."""
+    taken at this nap's reads."""
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(data) >= 16:
-            sec, nsec = struct.unpack_from("qq", data)
+            sec, nsec = TIMESPEC.unpack_from(data)
             return (sec * 1_000_000_000 + nsec - offset_ns) / 1e9
     return None
+
+
+def one_data_frame(data: bytes) -> int:
+    """Where the payload of `data` starts if it is exactly one whole text or
+    binary frame (what a member of a room at 10 msg/s reads nearly every time),
+    else 0: read_frames takes it apart."""
+    if len(data) < 2 or data[0] & 0x0F not in (1, 2):
+        return 0
+    n = data[1] & 0x7F
+    if n < 126:
+        return 2 if len(data) == 2 + n else 0
+    if n == 126 and len(data) >= 4 and len(data) == 4 + ((data[2] << 8) | data[3]):
+        return 4
+    return 0
 
 
 def adopt(transport, pattern) -> Stamped:
@@ -89,12 +117,26 @@ class StdinClosed(Exception):
     """The sender's process went away before its END line."""
 
 
-def read_until(members: list[Stamped], stdin_fd: int) -> tuple[str, int, bool]:
+def yield_cpu() -> None:
+    """This process reads only when nothing else on the machine wants a core
+    (SCHED_IDLE), and on any core: a worker is never kept waiting by it."""
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))
+
+
+class Reading(typing.NamedTuple):
+    """What read_until saw besides the members' stamps."""
+
+    line: str  # the sender's END line
+    unstamped: int  # reads that carried no kernel stamp: 0 unless this kernel gives none
+    complete: bool  # every member had every message
+    merged: int  # reads that took frames of two messages or more (the earlier ones stamped late)
+
+
+def read_until(members: list[Stamped], stdin_fd: int) -> Reading:
     """Read every member until the END line (stdin) has come and each member has
-    its `total` messages or has closed, or the END line's drain has passed: (the
-    END line, how many reads carried no kernel stamp: 0 unless this kernel gives
-    none, whether every member had every message). StdinClosed if stdin ends
-    before the END line."""
+    its `total` messages or has closed, or the END line's drain has passed.
+    StdinClosed if stdin ends before the END line."""
     poller = select.epoll()
     by_fd = {}
     for m in members:
@@ -105,7 +147,7 @@ def read_until(members: list[Stamped], stdin_fd: int) -> tuple[str, int, bool]:
     line = b""
     total = None
     deadline = None
-    unstamped = 0
+    unstamped = merged = 0
     short: set[Stamped] = set(members)  # members short of `total` and open (known once `total` is)
 
     def closed(m: Stamped) -> None:
@@ -121,6 +163,7 @@ def read_until(members: list[Stamped], stdin_fd: int) -> tuple[str, int, bool]:
             # own machine's). The stamps are the kernel's: reading later changes
             # none of them.
             time.sleep(NAP)
+            offset_ns = time.time_ns() - time.monotonic_ns()  # (the clocks' difference, for this nap's reads)
             for fd, _ in poller.poll(0, most):
                 if fd == stdin_fd:
                     chunk = os.read(stdin_fd, 4096)
@@ -148,11 +191,25 @@ def read_until(members: list[Stamped], stdin_fd: int) -> tuple[str, int, bool]:
                 if not data:
                     closed(m)
                     continue
-                at = kernel_stamp(ancdata, time.time_ns() - time.monotonic_ns())
+                at = kernel_stamp(ancdata, offset_ns)
                 if at is None:
                     unstamped += 1
                     at = read_at
+                start = 0 if m.buffer else one_data_frame(data)
+                if start:
+                    # One whole data frame, nothing held before it: no buffering and
+                    # no generator (the same outcome as the loop below, for less of
+                    # the CPU that the helpers share with the workers).
+                    found = m.pattern.search(data, start)
+                    if found:
+                        n = int(found.group(1))
+                        m.got.append((n, at))
+                        m.read.append((n, read_at))
+                        if total is not None and len(m.got) >= total:
+                            short.discard(m)
+                    continue
                 m.buffer += data
+                messages = 0
                 for opcode, payload in read_frames(m.buffer):
                     answer = reply(opcode, payload)
                     if answer is not None:
@@ -164,15 +221,19 @@ def read_until(members: list[Stamped], stdin_fd: int) -> tuple[str, int, bool]:
                     elif opcode in (1, 2):
                         found = m.pattern.search(payload)
                         if found:
+                            messages += 1
                             n = int(found.group(1))
                             m.got.append((n, at))
                             m.read.append((n, read_at))
                     elif opcode == 8:
                         closed(m)
                         break
+                if messages > 1:
+                    merged += 1
                 if total is not None and len(m.got) >= total:
                     short.discard(m)
             if total is not None and (not short or time.monotonic() >= deadline):
-                return line.split(b"\n", 1)[0].decode(), unstamped, all(len(m.got) >= total for m in members)
+                return Reading(line.split(b"\n", 1)[0].decode(), unstamped,
+                               all(len(m.got) >= total for m in members), merged)
     finally:
         poller.close()

@@ -190,8 +190,14 @@ def test_the_workers_cores_come_in_turn_from_bench_worker_cores(monkeypatch):
     monkeypatch.setattr(run, "pinned", lambda core: ["taskset", "-c", str(core)])
     monkeypatch.delenv("BENCH_WORKER_CORES", raising=False)
     assert run.worker_cores() == [0]
+    assert run.worker_cores(run.SCENARIOS[run.ROOM_SHARED][0]) == [0]
+    # The big room's readers yield, and its workers get a core each.
+    assert run.worker_cores(run.SCENARIOS[run.ROOM][0]) == [0, 1]
+    assert run.worker_cores(run.QUICK["500-member room on 2 workers, 10 msg/s, p99"][0]) == [0, 1]
     monkeypatch.setenv("BENCH_WORKER_CORES", "0,1")
     assert run.worker_cores() == [0, 1]
+    monkeypatch.setenv("BENCH_WORKER_CORES", "0")
+    assert run.worker_cores(run.SCENARIOS[run.ROOM][0]) == [0]
     worker = run.BenchWorker.__new__(run.BenchWorker)
     worker.core, worker.port = 1, 8000
     run.BenchWorker.server = "uvicorn"
@@ -228,6 +234,17 @@ def member_pair(pattern=rb"run1:(\d+):"):
     client.setblocking(False)
     client.setsockopt(socket.SOL_SOCKET, rxstamp.SO_TIMESTAMPNS, 1)
     return server, rxstamp.Stamped(client, re.compile(pattern))
+
+
+def waiting_bytes(sock) -> int:
+    """The bytes in a socket's receive queue, not yet read (SIOCINQ)."""
+    import array
+    import fcntl
+    import termios
+
+    count = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
+    return count[0]
 
 
 def server_frame(opcode, payload):
@@ -270,7 +287,7 @@ def test_a_helpers_member_is_timed_by_its_kernels_receive_stamp_not_by_the_read(
 
         thread = threading.Thread(target=second)
         thread.start()
-        line, unstamped, complete = rxstamp.read_until([member], stdin_r)
+        reading = rxstamp.read_until([member], stdin_r)
         thread.join()
     finally:
         for fd in (stdin_r, stdin_w):
@@ -279,7 +296,7 @@ def test_a_helpers_member_is_timed_by_its_kernels_receive_stamp_not_by_the_read(
         server.close()
     if failures:
         raise failures[0]
-    assert (line, unstamped, complete) == ("END 2 30 0", 0, True)
+    assert reading == ("END 2 30 0", 0, True, 0)
     assert [n for n, _ in member.got] == [0, 1] and [n for n, _ in member.read] == [0, 1]
     # Message 0 was in the kernel before the reading began: its stamp says so, its read does not.
     assert member.got[0][1] < arrived <= member.read[0][1]
@@ -295,7 +312,7 @@ def test_a_helpers_reading_ends_with_a_closed_member_and_stops_when_the_sender_i
         server.sendall(server_frame(1, b'{"text":"run1:0:"}'))
         server.close()  # message 1 never comes: the member is closed, not waited for
         os.write(stdin_w, b"END 2 600 0\n")
-        assert rxstamp.read_until([member], stdin_r)[1:] == (0, False)
+        assert rxstamp.read_until([member], stdin_r)[1:] == (0, False, 0)
         assert [n for n, _ in member.got] == [0] and not member.open
         os.close(stdin_w)
         stdin_w = None
@@ -306,3 +323,67 @@ def test_a_helpers_reading_ends_with_a_closed_member_and_stops_when_the_sender_i
         if stdin_w is not None:
             os.close(stdin_w)
         member.sock.close()
+
+
+def test_a_read_that_takes_two_messages_is_counted_as_merged_and_stamped_with_the_later():
+    """bench/rxstamp.py: a member read after two messages' frames had come gets
+    one kernel stamp for both, the later one's (the earlier delivery is timed late,
+    never early); the reading counts it, so a run whose readers fell a message
+    behind says so (RESULTS.md's `late reads`)."""
+    import time
+
+    from bench import rxstamp
+
+    server, member = member_pair()
+    stdin_r, stdin_w = os.pipe()
+    try:
+        server.sendall(server_frame(1, b'{"text":"run1:0:"}'))
+        time.sleep(0.05)  # (two segments apart in time, the second stamped later)
+        second = time.monotonic()
+        server.sendall(server_frame(1, b'{"text":"run1:1:"}'))
+        both = 2 * len(server_frame(1, b'{"text":"run1:1:"}'))
+        deadline = time.monotonic() + 10
+        while waiting_bytes(member.sock) < both:  # (both in its kernel before the reading begins)
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        os.write(stdin_w, b"END 2 30 0\n")
+        reading = rxstamp.read_until([member], stdin_r)
+    finally:
+        for fd in (stdin_r, stdin_w):
+            os.close(fd)
+        member.sock.close()
+        server.close()
+    assert reading == ("END 2 30 0", 0, True, 1)
+    assert [n for n, _ in member.got] == [0, 1]
+    assert member.got[0][1] == member.got[1][1] >= second
+
+
+def test_a_yielding_reader_runs_only_in_idle_time_on_every_core():
+    """rxstamp.yield_cpu (loadgen --yield-readers): SCHED_IDLE, and free to run on
+    any core though the load generator was pinned to one."""
+    import subprocess
+    import sys
+
+    code = ("import os; os.sched_setaffinity(0, {0}); from bench import rxstamp; rxstamp.yield_cpu(); "
+            "print(os.sched_getscheduler(0) == os.SCHED_IDLE, sorted(os.sched_getaffinity(0)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.stdout.split(" ", 1) == ["True", f"{list(range(os.cpu_count()))}\n"]
+
+
+def test_a_read_of_exactly_one_data_frame_is_found_without_buffering():
+    """rxstamp.one_data_frame: where a lone text or binary frame's payload starts
+    (short and 16-bit lengths), 0 for anything read_frames must take apart (a
+    ping, a partial frame, a frame and the start of the next)."""
+    from bench import rxstamp
+
+    short = server_frame(1, b'{"text":"run1:7:"}')
+    long_payload = b'{"text":"run1:8:' + b"x" * 300 + b'"}'
+    long = bytes((0x81, 126)) + len(long_payload).to_bytes(2, "big") + long_payload
+    assert rxstamp.one_data_frame(short) == 2
+    assert rxstamp.one_data_frame(long) == 4
+    assert rxstamp.one_data_frame(server_frame(2, b"\x00\x01")) == 2
+    assert rxstamp.one_data_frame(server_frame(9, b"hi")) == 0
+    assert rxstamp.one_data_frame(long[:-1]) == 0
+    assert rxstamp.one_data_frame(short + short[:3]) == 0
+    assert rxstamp.one_data_frame(b"\x81") == 0
