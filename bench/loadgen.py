@@ -500,6 +500,14 @@ class Delivered:
         self.read = [(n, at) for n, at in read]
 
 
+def helper_command(target: Target, share: int, k: int, procs: int, run: str, yield_readers: bool) -> list[str]:
+    """The command of the k-th of `procs` helpers, holding `share` members."""
+    return [sys.executable, "-m", "bench.loadgen", "--helper", "--target", target.kind,
+            "--port", ",".join(map(str, target.ports)), "--members", str(share), "--room", target.room,
+            "--codec", target.codec, "--run", run, "--port-offset", str(k), "--port-step", str(procs),
+            *(["--yield-readers"] if yield_readers else [])]
+
+
 async def start_helpers(target: Target, members_n: int, procs: int, run: str,
                         yield_readers: bool = False) -> list[Helper]:
     helpers = []
@@ -508,10 +516,7 @@ async def start_helpers(target: Target, members_n: int, procs: int, run: str,
         if not share:
             continue
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.loadgen", "--helper", "--target", target.kind,
-            "--port", ",".join(map(str, target.ports)), "--members", str(share), "--room", target.room,
-            "--codec", target.codec, "--run", run, "--port-offset", str(k), "--port-step", str(procs),
-            *(["--yield-readers"] if yield_readers else []),
+            *helper_command(target, share, k, procs, run, yield_readers),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             limit=1 << 30)
         helpers.append(Helper(proc))

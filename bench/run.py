@@ -225,7 +225,8 @@ def worker_cores(args: list[str] = ()) -> list[int]:
     BENCH_WORKER_CORES="0,1" (or "0") sets it for every scenario, for an A/B."""
     if os.environ.get("BENCH_WORKER_CORES"):
         return [int(core) for core in os.environ["BENCH_WORKER_CORES"].split(",")]
-    return [0, 1] if "--yield-readers" in args and pinned(1) else [0]
+    yielding = "--yield-readers" in args and "--procs" in args and int(args[args.index("--procs") + 1]) > 1
+    return [0, 1] if yielding and pinned(1) else [0]
 
 
 class BenchWorker(Worker):
@@ -714,17 +715,20 @@ def scale_section(rows: list, folder: Path) -> list[str]:
     if rooms:
         lines += ["### A big room over two workers (`--scenario rate --procs 3`)", "",
                   "The members are held by helper processes of the load generator, merged by the sender's process. "
-                  "In the first room each worker has a core (0 and 1) and the helpers read only when no worker wants "
-                  "a core (`--yield-readers`: SCHED_IDLE, on either core), as members on other machines take nothing "
-                  "from the server's cores; in the room `sharing core 0` both workers are on core 0 and the helpers "
-                  "on core 1, as every earlier RESULTS.md measured it. A delivery is timed by the member's kernel (its socket's receive stamp, SO_TIMESTAMPNS, "
+                  "In the first room each worker has a core (0 and 1, where taskset and two cores exist) and the "
+                  "helpers read only when nothing else wants a core (`--yield-readers`: SCHED_IDLE, on either core), "
+                  "as members on other machines take nothing from the server's cores; in the room `sharing core 0` "
+                  "both workers are on core 0 and the helpers on core 1, as every earlier RESULTS.md measured it. "
+                  "A delivery is timed by the member's kernel (its socket's receive stamp, SO_TIMESTAMPNS, "
                   "taken as the segment is delivered to the socket: on loopback in the softirq of the worker's own "
                   "send(), microseconds after it; bench/rxstamp.py), on the same clock as the send; `p99 as read` times the same deliveries when the helper's Python read them, "
-                  "which adds the load generator's own delay (some 5,000 frames a message). Late reads: reads that "
-                  "took the frames of two messages, whose earlier frame is stamped late (with the later one's stamp; "
-                  "0 unless the helpers fell a message behind). Load generator CPU: all its processes together, from "
-                  "the first message to the last delivery, as a share of one core (near 1.0: it, not the server, is "
-                  "the limit; PostgreSQL and Redis are on core 1 too).", "",
+                  "which adds the load generator's own delay (some 5,000 frames a message). Late reads: reads in which "
+                  "something came after a message's frame (the next message, part of it, a ping), so that the "
+                  "message carries the later segment's stamp: a helper that fell a message behind makes them, and so "
+                  "does a server that sent two messages in one burst (late then by the time between them); with none, "
+                  "no stamp was late. Load generator CPU: all its processes together, from the first message to the "
+                  "last delivery, as a share of one core (on core 1 alone, near 1.0 says the load generator, not the "
+                  "server, was the limit; PostgreSQL and Redis are on core 1 too).", "",
                   "| Room | Target | p50 | p99 | p99 as read | first member p99 | spread p99 | deliveries/s | lost | "
                   "workers' CPU µs / delivery | late reads | load generator CPU while sending (processes) |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -884,13 +888,22 @@ def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
         if os.environ.get(name):
             command = f"{name}={shlex.quote(os.environ[name])} {command}"
     cores = worker_cores()
+    scenarios = QUICK if args.quick else SCENARIOS
+    ran = {name for rows in tables.values() for name, *_ in rows}
+    # Where a yielding room ran with a core a worker (worker_cores), the header says so.
+    yielded = sorted({tuple(worker_cores(scenarios[name][0])) for name in ran if name in scenarios
+                      and "--yield-readers" in scenarios[name][0]} - {tuple(cores)})
+    cores_text = " and ".join(map(str, cores)) + " in turn" if len(cores) > 1 else str(cores[0])
+    if yielded:
+        cores_text += (" (the big room's: " + "; ".join(" and ".join(map(str, c)) for c in yielded)
+                       + ", one each, its members' readers yielding on either core)")
     lines = [
         "# Benchmark results",
         "",
         f"`{command}` ({'what `make bench` runs' if command == 'python bench/run.py' else '`make bench` runs it with no options'}), "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"Python {platform.python_version()}, {os.cpu_count()} cores; the workers pinned to core "
-        f"{' and '.join(map(str, cores)) + ' in turn' if len(cores) > 1 else str(cores[0]) + ' (the big room: core 0 and 1, one each, unless named so)'}, the load generator, "
+        f"{cores_text}, the load generator, "
         f"PostgreSQL and Redis to core 1{STEERED if args.steer_loopback else ''}; median of {runs} run(s), each on fresh workers, the two targets' runs taking turns. The ratio is ours against the "
         "bare tutorial consumer (bench/bare.py) served by the same server in the same run (above 1 is better for us: "
         "deliveries a second divided, latency and memory inverted). The full pipeline keeps every guarantee on: "

@@ -1,7 +1,7 @@
 """Deliveries timed by the members' kernel, not by the load generator's Python.
 
 A helper process of the load generator (loadgen.py, `--procs`) holds a share of a
-big room's members on core 1. Read through the event loop, a delivery is timed
+big room's members on core 1 (yielding, on either core: yield_cpu). Read through the event loop, a delivery is timed
 when the helper's Python gets to its socket: in a room of 5,000 at 10 msg/s the
 helpers read some 5,000 frames in a burst per message, and the last of them were
 stamped tens of milliseconds after their bytes had arrived, behind the helpers'
@@ -34,13 +34,16 @@ every member has every message or has closed, or at the drain's deadline.
 
 Because the stamps are the kernel's, the reading need not be prompt, only
 frequent enough that a member's socket holds one message's frame when it is read:
-a read that takes the frames of two messages gets one stamp, the later frame's,
-for both (TCP hands over the stamp of the last segment read), and the earlier
-delivery is timed late. read_until counts such reads (`merged`). With
-`yield_cpu()` a helper reads only when no worker wants the core (SCHED_IDLE, on
-every core): the workers can then have a core each (bench/run.py, the big room),
-as a member on another machine takes nothing from the server's cores, and a
-`merged` count above 0 says the helpers fell a message behind.
+a read gets one stamp, the last segment's (TCP hands over the stamp of the last
+segment read, and a segment that waits is merged into the one before it), so a
+message with anything after it in the same read (the next message, a part of it,
+a ping) is timed late. read_until counts the reads where that may have happened
+(`merged`): a reader that fell a message behind makes them, and so does a server
+that sent two messages in one burst, whose stamps are then late by only the
+time between them; with none, no stamp was late. With `yield_cpu()` a helper
+reads only when nothing else wants a core (SCHED_IDLE, on either core): the
+workers can then have a core each (bench/run.py, the big room), as a member on
+another machine takes nothing from the server's cores.
 """
 
 from __future__ import annotations
@@ -52,11 +55,12 @@ import struct
 import time
 import typing
 
-from bench.wsframes import read_frames, reply
+from bench.wsframes import EIO_PING, read_frames, reply
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # (Linux; Python does not name it)
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
 ANCILLARY = socket.CMSG_SPACE(16)  # one struct timespec
+EIO_PING_PAYLOAD = EIO_PING.encode()
 NAP = 0.002  # seconds between two reads of every ready socket (read_until)
 
 
@@ -94,7 +98,8 @@ def one_data_frame(data: bytes) -> int:
         return 0
     n = data[1] & 0x7F
     if n < 126:
-        return 2 if len(data) == 2 + n else 0
+        # (a Socket.IO target's ping, "2", is left to the loop, which answers it)
+        return 2 if len(data) == 2 + n and data[2:] != EIO_PING_PAYLOAD else 0
     if n == 126 and len(data) >= 4 and len(data) == 4 + ((data[2] << 8) | data[3]):
         return 4
     return 0
@@ -118,8 +123,9 @@ class StdinClosed(Exception):
 
 
 def yield_cpu() -> None:
-    """This process reads only when nothing else on the machine wants a core
-    (SCHED_IDLE), and on any core: a worker is never kept waiting by it."""
+    """This process runs only when nothing else wants a core (SCHED_IDLE), on any
+    core: a worker waits for it rarely and briefly (a SCHED_IDLE task still gets a
+    sliver of a busy core, and its own system calls run to their end)."""
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     os.sched_setaffinity(0, range(os.cpu_count() or 1))
 
@@ -130,7 +136,7 @@ class Reading(typing.NamedTuple):
     line: str  # the sender's END line
     unstamped: int  # reads that carried no kernel stamp: 0 unless this kernel gives none
     complete: bool  # every member had every message
-    merged: int  # reads that took frames of two messages or more (the earlier ones stamped late)
+    merged: int  # reads that may have stamped a message late (something came after it in the read)
 
 
 def read_until(members: list[Stamped], stdin_fd: int) -> Reading:
@@ -210,7 +216,9 @@ def read_until(members: list[Stamped], stdin_fd: int) -> Reading:
                     continue
                 m.buffer += data
                 messages = 0
+                trailing = False  # a frame came after a message's in this read
                 for opcode, payload in read_frames(m.buffer):
+                    trailing = trailing or messages > 0
                     answer = reply(opcode, payload)
                     if answer is not None:
                         try:
@@ -228,8 +236,8 @@ def read_until(members: list[Stamped], stdin_fd: int) -> Reading:
                     elif opcode == 8:
                         closed(m)
                         break
-                if messages > 1:
-                    merged += 1
+                if messages > 1 or (messages and (trailing or m.buffer)):
+                    merged += 1  # (stamped with what came after the message: maybe late)
                 if total is not None and len(m.got) >= total:
                     short.discard(m)
             if total is not None and (not short or time.monotonic() >= deadline):
