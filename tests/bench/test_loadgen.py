@@ -261,6 +261,41 @@ def waiting_bytes(sock) -> int:
     return count[0]
 
 
+def read_served(server, member, end: bytes, serve=None):
+    """rxstamp.read_until on `member` with the END line `end` on its stdin, while
+    `serve` (if given) runs in a thread: both ends closed after, and what failed in
+    `serve` raised here."""
+    import threading
+
+    from bench import rxstamp
+
+    stdin_r, stdin_w = os.pipe()
+    failures = []
+
+    def run():
+        try:
+            serve()
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=run) if serve is not None else None
+    try:
+        os.write(stdin_w, end)
+        if thread is not None:
+            thread.start()
+        reading = rxstamp.read_until([member], stdin_r)
+    finally:
+        if thread is not None:
+            thread.join()
+        for fd in (stdin_r, stdin_w):
+            os.close(fd)
+        member.sock.close()
+        server.close()
+    if failures:
+        raise failures[0]
+    return reading
+
+
 def server_frame(opcode, payload):
     return bytes((0x80 | opcode, len(payload))) + payload
 
@@ -270,46 +305,27 @@ def test_a_helpers_member_is_timed_by_its_kernels_receive_stamp_not_by_the_read(
     time it arrived (the kernel's stamp), and the read's time beside it; a ping
     and a Socket.IO ping are answered; the END line's total ends the reading once
     every member has it."""
-    import threading
     import time
 
-    from bench import rxstamp
     from bench.wsframes import read_frames
 
     server, member = member_pair()
-    stdin_r, stdin_w = os.pipe()
-    failures = []
-    try:
-        server.sendall(server_frame(1, b'{"text":"run1:0:"}') + server_frame(9, b"hi") + server_frame(1, b"2"))
-        os.write(stdin_w, b"END 2 30 0\n")
-        arrived = time.monotonic()  # the frames are in the member's kernel by now
+    server.sendall(server_frame(1, b'{"text":"run1:0:"}') + server_frame(9, b"hi") + server_frame(1, b"2"))
+    arrived = time.monotonic()  # the frames are in the member's kernel by now
 
-        def second():
-            # Message 1 once the helper has answered both pings (its loop runs).
-            try:
-                server.settimeout(10)
-                answered = b""
-                while len(answered) < 14:
-                    answered += server.recv(64)
-                # Two client frames, masked with the zero key: header, key, payload.
-                assert answered[1] & 0x80 and answered[8] & 0x80
-                assert list(read_frames(bytearray(answered[:2] + answered[6:8] + answered[8:10] + answered[14:]))) == [
-                    (10, b"hi"), (1, b"3")]
-                server.sendall(server_frame(1, b'{"text":"run1:1:"}'))
-            except BaseException as exc:  # re-raised by the test below
-                failures.append(exc)
+    def second():
+        # Message 1 once the helper has answered both pings (its loop runs).
+        server.settimeout(10)
+        answered = b""
+        while len(answered) < 14:
+            answered += server.recv(64)
+        # Two client frames, masked with the zero key: header, key, payload.
+        assert answered[1] & 0x80 and answered[8] & 0x80
+        assert list(read_frames(bytearray(answered[:2] + answered[6:8] + answered[8:10] + answered[14:]))) == [
+            (10, b"hi"), (1, b"3")]
+        server.sendall(server_frame(1, b'{"text":"run1:1:"}'))
 
-        thread = threading.Thread(target=second)
-        thread.start()
-        reading = rxstamp.read_until([member], stdin_r)
-        thread.join()
-    finally:
-        for fd in (stdin_r, stdin_w):
-            os.close(fd)
-        member.sock.close()
-        server.close()
-    if failures:
-        raise failures[0]
+    reading = read_served(server, member, b"END 2 30 0\n", second)
     # (message 0 came with two pings after it in one read: counted as maybe late)
     assert reading == ("END 2 30 0", 0, True, 1)
     assert [n for n, _ in member.got] == [0, 1] and [n for n, _ in member.read] == [0, 1]
@@ -347,27 +363,17 @@ def test_a_read_that_takes_two_messages_is_counted_as_merged_and_stamped_with_th
     behind says so (RESULTS.md's `late reads`)."""
     import time
 
-    from bench import rxstamp
-
     server, member = member_pair()
-    stdin_r, stdin_w = os.pipe()
-    try:
-        server.sendall(server_frame(1, b'{"text":"run1:0:"}'))
-        time.sleep(0.05)  # (two segments apart in time, the second stamped later)
-        second = time.monotonic()
-        server.sendall(server_frame(1, b'{"text":"run1:1:"}'))
-        both = 2 * len(server_frame(1, b'{"text":"run1:1:"}'))
-        deadline = time.monotonic() + 10
-        while waiting_bytes(member.sock) < both:  # (both in its kernel before the reading begins)
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-        os.write(stdin_w, b"END 2 30 0\n")
-        reading = rxstamp.read_until([member], stdin_r)
-    finally:
-        for fd in (stdin_r, stdin_w):
-            os.close(fd)
-        member.sock.close()
-        server.close()
+    server.sendall(server_frame(1, b'{"text":"run1:0:"}'))
+    time.sleep(0.05)  # (two segments apart in time, the second stamped later)
+    second = time.monotonic()
+    server.sendall(server_frame(1, b'{"text":"run1:1:"}'))
+    both = 2 * len(server_frame(1, b'{"text":"run1:1:"}'))
+    deadline = time.monotonic() + 10
+    while waiting_bytes(member.sock) < both:  # (both in its kernel before the reading begins)
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    reading = read_served(server, member, b"END 2 30 0\n")
     assert reading == ("END 2 30 0", 0, True, 1)
     assert [n for n, _ in member.got] == [0, 1]
     assert member.got[0][1] == member.got[1][1] >= second
@@ -412,48 +418,29 @@ def test_a_lone_socketio_ping_is_answered_and_a_message_with_more_after_it_count
     part of the next carries the later segment's stamp, so it is counted (as is a
     message and a ping after it), and the message completed by the next read is
     not."""
-    import threading
     import time
 
-    from bench import rxstamp
     from bench.wsframes import EIO_PONG_FRAME
 
     server, member = member_pair()
-    stdin_r, stdin_w = os.pipe()
     second = server_frame(1, b'{"text":"run1:1:"}')
     third = server_frame(1, b'{"text":"run1:2:"}')
-    failures = []
 
     def serve():
         # Each part read apart from the others (the helper reads every 2 ms).
-        try:
-            server.settimeout(10)
-            server.sendall(server_frame(1, b"2"))  # alone: no message is sent until it is answered
-            answered = b""
-            while len(answered) < len(EIO_PONG_FRAME):
-                answered += server.recv(64)
-            assert answered == EIO_PONG_FRAME
-            server.sendall(server_frame(1, b'{"text":"run1:0:"}') + second[:5])
-            time.sleep(0.05)
-            server.sendall(second[5:])
-            time.sleep(0.05)
-            server.sendall(third + server_frame(9, b"hi"))
-        except BaseException as exc:  # re-raised by the test below
-            failures.append(exc)
+        server.settimeout(10)
+        server.sendall(server_frame(1, b"2"))  # alone: no message is sent until it is answered
+        answered = b""
+        while len(answered) < len(EIO_PONG_FRAME):
+            answered += server.recv(64)
+        assert answered == EIO_PONG_FRAME
+        server.sendall(server_frame(1, b'{"text":"run1:0:"}') + second[:5])
+        time.sleep(0.05)
+        server.sendall(second[5:])
+        time.sleep(0.05)
+        server.sendall(third + server_frame(9, b"hi"))
 
-    try:
-        os.write(stdin_w, b"END 3 30 0\n")
-        thread = threading.Thread(target=serve)
-        thread.start()
-        reading = rxstamp.read_until([member], stdin_r)
-        thread.join()
-    finally:
-        for fd in (stdin_r, stdin_w):
-            os.close(fd)
-        member.sock.close()
-        server.close()
-    if failures:
-        raise failures[0]
+    reading = read_served(server, member, b"END 3 30 0\n", serve)
     # message 0 with part of 1 after it: counted; 1 completed alone: not; 2 and a ping: counted
     assert reading == ("END 3 30 0", 0, True, 2)
     assert [n for n, _ in member.got] == [0, 1, 2]
