@@ -18,13 +18,18 @@ Past a limit the form answers 429 with Retry-After and says how long to wait; th
 password is not checked at all (a right guess does not get through). Only failed
 attempts count; the counters' windows end by themselves. Sign-ups are counted per
 client address the same way (every attempt). Addresses are counted IPv6 by /64.
-While the cache cannot be reached, every counter lets requests through.
+While the cache cannot be reached, each process keeps the same counters in its own
+memory (LocalCounters): the limits then hold per worker process, not in all, and
+no request fails for the outage.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
+import threading
+import time
 import unicodedata
 from dataclasses import dataclass
 
@@ -58,16 +63,66 @@ class Refusal:
     message: str
 
 
+RATE = re.compile(r"^(\d+)/(\d*)([smhd])$")
+SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_rate(rate: str) -> tuple[int, int]:
+    """django-ratelimit's rate ("20/10m": 20 in 10 minutes) as (count, seconds)."""
+    found = RATE.match(rate)
+    if found is None:
+        raise ValueError(f"not a rate: {rate!r}")
+    count, times, unit = found.groups()
+    return int(count), int(times or 1) * SECONDS[unit]
+
+
+class LocalCounters:
+    """The counters of this process alone, for while the shared cache cannot be
+    reached: each (group, key) a fixed window from its first count, as
+    django-ratelimit's usage (count, limit, should_limit, time_left). At most
+    MAX windows are kept: past it the ended ones go, then the oldest (a flood of
+    new keys costs the oldest counters, not the process's memory)."""
+
+    MAX = 100_000
+
+    def __init__(self) -> None:
+        self.windows: dict[tuple[str, str], tuple[float, int]] = {}  # -> (window end, count)
+        self.lock = threading.Lock()  # (sign-in views run in a thread pool)
+
+    def usage(self, group: str, rate: str, key: str, increment: bool) -> dict:
+        limit, period = parse_rate(rate)
+        now = time.monotonic()
+        with self.lock:
+            end, count = self.windows.get((group, key), (0.0, 0))
+            if now >= end:
+                end, count = now + period, 0
+            if increment:
+                count += 1
+                self.windows.pop((group, key), None)  # (to the end: the newest)
+                self.windows[(group, key)] = (end, count)
+                if len(self.windows) > self.MAX:
+                    self._prune(now)
+        return {"count": count, "limit": limit, "should_limit": count > limit, "time_left": max(1, round(end - now))}
+
+    def _prune(self, now: float) -> None:
+        self.windows = {k: v for k, v in self.windows.items() if v[0] > now}
+        for k in list(self.windows)[:max(0, len(self.windows) - self.MAX * 9 // 10)]:
+            del self.windows[k]
+
+
+local_counters = LocalCounters()
+
+
 def _usage(request: HttpRequest, group: str, rate: str, value: str, increment: bool) -> dict | None:
-    """A counter's state, or None while the cache (Redis) cannot be reached: the
-    sign-in and sign-up limits fail open then (no 500; the socket's token buckets
-    count on each worker meanwhile instead, state/ratelimit.py; django-ratelimit's
-    own RATELIMIT_FAIL_OPEN does not cover a cache that raises)."""
+    """A counter's state (None: django-ratelimit counts nothing, as with no rate):
+    in the shared cache (Redis), or while it cannot be reached, in this process's own (LocalCounters: no 500, and the limits hold on
+    each worker; django-ratelimit's RATELIMIT_FAIL_OPEN does not cover a cache that
+    raises)."""
     try:
         return get_usage(request, group=group, key=lambda _group, _request: value, rate=rate, increment=increment)
     except Exception as exc:
         degraded.tolerate(degraded.SIGN_IN_COUNTERS, exc)
-        return None
+        return local_counters.usage(group, rate, value, increment)
 
 
 def _address(request: HttpRequest) -> str:

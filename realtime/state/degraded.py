@@ -15,8 +15,8 @@ loses a message.
 | RATE_LIMITS | each worker keeps the token buckets in its own memory, the same limits a worker (a user gets one bucket per worker, not one in all); frame, body and buffer limits hold as always | the shared buckets as they were (or full, if Redis lost them) |
 | HANDSHAKE_LIMITS | sockets opened are counted by each worker on its own, as RATE_LIMITS | counted in Redis again |
 | REPLAY_BUDGET | replays are charged to each worker's own budget, as RATE_LIMITS | charged in Redis again |
-| LEASES | the per-user socket cap is not enforced (fail open); a lease not renewed runs out after 30 s | renewed at the next round (10 s) |
-| SIGN_IN_COUNTERS | sign-in and sign-up are not counted (fail open, no 500: sessions are in the database) | counted again |
+| LEASES | each worker counts its own sockets against the per-user cap (the cap a worker, not in all; those it held before the outage from the first renewal that fails, 10 s); a lease in Redis not renewed runs out after 30 s | renewed at the next round (10 s), and the worker's own count dropped |
+| SIGN_IN_COUNTERS | each worker process counts failed sign-ins and sign-ups in its own memory, the same limits a process (no 500: sessions are in the database) | counted in Redis again (the counts of the outage are not carried over) |
 | FANOUT | open sockets stay open; live events stop reaching other workers' sockets | every worker subscribes again and each socket catches its rooms up from the log (`layer.recovered`): nothing lost, nothing twice |
 | NEW_SOCKETS | a socket whose user group cannot be joined is closed with 4013 (retry with backoff) | accepted as usual |
 | PUBLISH | a room event's publication fails and is logged; the write itself succeeded (it is in the log) | subscribers recover it by seq (gap repair, the ping's head check, resume) |

@@ -7,9 +7,12 @@ trip, by realtime/state/housekeeper.py) and given back when it closes; a worker
 that dies (kill -9) gives nothing back, and its leases run out after LEASE_TTL.
 
 `acquire` is one Lua script, so two workers can never both hand out the last place.
-While Redis is unreachable the cap fails open: a worker cannot count another's
-sockets, a socket is not refused for an outage it did not cause, and the rate
-limits (each worker's own meanwhile, state/ratelimit.py) still bound what it sends.
+While Redis is unreachable each worker counts its own sockets instead (MemoryLeases,
+as the rate limits keep their buckets meanwhile, state/ratelimit.py): the cap then
+holds per worker, not in all (a user may hold the cap on each worker), rather than
+not at all. From the first renewal that fails (LEASE_RENEW) the worker's own count
+includes every socket it held before the outage; a socket opened before that and
+the renewal is not counted until then.
 """
 
 from __future__ import annotations
@@ -83,19 +86,32 @@ class MemoryLeases:
 class RedisLeases:
     def __init__(self, url: str) -> None:
         self.url = url
+        # This worker's own count, kept only while Redis cannot be reached (acquire,
+        # renew): empty but for the sockets of an outage, each let go as it closes.
+        self.local = MemoryLeases()
 
     async def acquire(self, user_id: int, conn_id: str, cap: int) -> bool:
         try:
             return bool(await store.batched(self.url).eval(_ACQUIRE, 1, _key(user_id), wall_clock(), LEASE_TTL, cap, conn_id))
         except Exception as exc:
-            degraded.tolerate(degraded.LEASES, exc)  # fail open (state/degraded.py)
-            return True
+            degraded.tolerate(degraded.LEASES, exc)  # counted by this worker alone (state/degraded.py)
+            return await self.local.acquire(user_id, conn_id, cap)
 
     async def renew(self, held: list[tuple[int, str]]) -> None:
-        await store.renew_scores(self.url, [(_key(user_id), conn_id) for user_id, conn_id in held], LEASE_TTL,
-                                 now=wall_clock(), key_ttl=math.ceil(LEASE_TTL) + 1)
+        try:
+            await store.renew_scores(self.url, [(_key(user_id), conn_id) for user_id, conn_id in held], LEASE_TTL,
+                                     now=wall_clock(), key_ttl=math.ceil(LEASE_TTL) + 1)
+        except Exception:
+            # Every socket this worker holds, counted by it while Redis is away (the
+            # caller tolerates the failure under LEASES).
+            await self.local.renew(held)
+            raise
+        # Redis counts every worker's sockets again: this worker's own count is done
+        # with (it holds nothing after an outage but until the next one).
+        self.local.leases.clear()
 
     async def release(self, user_id: int, conn_id: str) -> None:
+        await self.local.release(user_id, conn_id)
         try:
             await store.batched(self.url).execute_command("ZREM", _key(user_id), conn_id)
         except Exception as exc:

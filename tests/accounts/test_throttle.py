@@ -164,10 +164,13 @@ def test_a_forwarding_peer_that_is_not_trusted_is_reported_once(settings, caplog
         ("WARNING", "proxy.untrusted", "10.0.0.5")]
 
 
-def test_sign_in_and_sign_up_fail_open_while_the_cache_is_down(demo, limits, settings):
-    """Sessions live in the database: a Redis outage must not turn the forms into 500s."""
+def test_sign_in_and_sign_up_are_counted_by_the_worker_while_the_cache_is_down(demo, limits, settings, monkeypatch):
+    """Sessions live in the database: a Redis outage must not turn the forms into
+    500s, nor open them to guessing: each worker counts on its own meanwhile."""
+    from accounts import throttle
     from tests.services import free_port
 
+    monkeypatch.setattr(throttle, "local_counters", throttle.LocalCounters())
     settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
                                    "LOCATION": f"redis://127.0.0.1:{free_port()}/0"}}
     assert attempt(Client(), "alice", "wrong").status_code == 200
@@ -175,6 +178,31 @@ def test_sign_in_and_sign_up_fail_open_while_the_cache_is_down(demo, limits, set
     res = Client().post("/accounts/signup/", {"username": "offline", "password1": "a-long-passphrase-42",
                                               "password2": "a-long-passphrase-42"})
     assert res.status_code == 302
+    # Guessing from one address stops at its limit (6), as with the cache up.
+    attacker = Client()
+    assert [attempt(attacker, f"nobody{i}", addr="10.7.0.1").status_code for i in range(7)] == [200] * 6 + [429]
+    refused = attempt(attacker, "bob", "demo-password", addr="10.7.0.1")
+    assert refused.status_code == 429 and int(refused["Retry-After"]) > 86000
+
+
+def test_a_workers_own_counters_end_their_windows_and_stay_bounded(monkeypatch):
+    from accounts import throttle
+
+    now = [1000.0]
+    monkeypatch.setattr(throttle.time, "monotonic", lambda: now[0])
+    counters = throttle.LocalCounters()
+    assert throttle.parse_rate("20/10m") == (20, 600) and throttle.parse_rate("10/h") == (10, 3600)
+    assert [counters.usage("g", "2/m", "k", True)["should_limit"] for _ in range(3)] == [False, False, True]
+    assert counters.usage("g", "2/m", "k", False) == {"count": 3, "limit": 2, "should_limit": True, "time_left": 60}
+    assert counters.usage("g", "2/m", "other", False)["count"] == 0  # (read only: nothing kept)
+    now[0] += 60  # the window has ended
+    assert counters.usage("g", "2/m", "k", False)["count"] == 0
+    counters.MAX = 10
+    for n in range(11):  # past the bound: the ended window goes first, then the oldest
+        counters.usage("g", "2/m", f"new{n}", True)
+    # (at the eleventh: the ended one went, then the oldest down to 9; then new10 came)
+    assert len(counters.windows) == 10 and ("g", "k") not in counters.windows
+    assert ("g", "new10") in counters.windows and ("g", "new0") not in counters.windows
 
 
 def test_every_spelling_of_an_account_counts_against_it(demo, limits):

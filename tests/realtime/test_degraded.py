@@ -87,20 +87,46 @@ async def test_a_processs_own_buckets_drop_the_full_ones_past_their_bound():
     assert set(buckets.buckets) == {"spent", "slow:0", "slow:1", "slow:2", "slow:3"} and buckets.prune_at == 8
 
 
-async def test_the_socket_cap_fails_open(redis_gone, settings):
-    settings.REALTIME = {**settings.REALTIME, "MAX_CONNECTIONS_PER_USER": 0}  # would refuse anyone
+async def test_the_socket_cap_is_counted_by_each_worker_alone(redis_gone, settings):
+    """Not open while Redis is down: the worker counts its own sockets, those it
+    held before the outage from the first renewal that fails."""
+    settings.REALTIME = {**settings.REALTIME, "MAX_CONNECTIONS_PER_USER": 2}
     with Counts() as counts:
-        assert await connections.acquire(1, "c1") is True
+        assert [await connections.acquire(1, c) for c in ("c1", "c2", "c3")] == [True, True, False]
+        assert await connections.acquire(2, "d1") is True  # another user's count
         await connections.release(1, "c1")
-    assert counts.moved() == {degraded.LEASES: 2}
+        assert await connections.acquire(1, "c3") is True
+        # Sockets held before the outage, found at the renewal that fails.
+        with pytest.raises(Exception):
+            await connections.renew([(3, "e1"), (3, "e2")])
+        assert await connections.acquire(3, "e3") is False
+    assert counts.moved() == {degraded.LEASES: 7}  # six acquires and a release (renew: its caller's)
 
 
-async def test_sign_in_counters_fail_open(demo, redis_gone):
+async def test_the_outages_own_count_is_dropped_once_redis_counts_again(redis_server, settings):
+    settings.REDIS_URL = redis_server.url
+    connections.leases.reset()
+    leases = connections.leases()
+    await leases.local.acquire(1, "c1", 5)  # (left from an outage)
+    await connections.renew([(1, "c1")])
+    assert leases.local.leases == {}
+    assert await leases.count(1) == 1
+
+
+async def test_sign_in_counters_are_kept_by_each_worker_alone(demo, redis_gone, settings, monkeypatch):
+    from accounts import throttle
+
+    monkeypatch.setattr(throttle, "local_counters", throttle.LocalCounters())
+    settings.LOGIN_RATE_LIMIT = "2/d"
+    post = sync_to_async(Client().post)
     with Counts() as counts:
         res = await sync_to_async(Client().post)("/accounts/login/", {"username": "alice", "password": "demo-password"})
-    assert res.status_code == 302
-    # Read before the password is checked: per address and per account (no device cookie).
-    assert counts.moved() == {degraded.SIGN_IN_COUNTERS: 2}
+        assert res.status_code == 302
+        # Read before the password is checked: per address and per account (no device cookie).
+        assert counts.moved() == {degraded.SIGN_IN_COUNTERS: 2}
+        wrong = [(await post("/accounts/login/", {"username": f"nobody{n}", "password": "x"})).status_code
+                 for n in range(3)]
+    assert wrong == [200, 200, 429]
 
 
 async def test_a_new_socket_is_closed_with_4013_while_its_user_group_cannot_be_joined(cookies, redis_gone):
