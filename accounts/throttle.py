@@ -25,6 +25,7 @@ no request fails for the outage.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import secrets
@@ -63,43 +64,54 @@ class Refusal:
     message: str
 
 
-RATE = re.compile(r"^(\d+)/(\d*)([smhd])$")
+# django-ratelimit's rates as it reads them ("20/10m": 20 in 10 minutes; no unit: seconds)
+RATE = re.compile(r"(\d+)/(\d*)([smhd])?")
 SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+clock = time.monotonic  # (the local counters' clock: tests put one they move in its place)
 
 
-def parse_rate(rate: str) -> tuple[int, int]:
-    """django-ratelimit's rate ("20/10m": 20 in 10 minutes) as (count, seconds)."""
+def parse_rate(rate: "str | tuple[int, int]") -> tuple[int, int]:
+    """A rate as django-ratelimit reads it, as (count, seconds)."""
+    if isinstance(rate, tuple):
+        return rate
     found = RATE.match(rate)
     if found is None:
         raise ValueError(f"not a rate: {rate!r}")
     count, times, unit = found.groups()
-    return int(count), int(times or 1) * SECONDS[unit]
+    return int(count), int(times or 1) * SECONDS[(unit or "s").lower()]
 
 
 class LocalCounters:
     """The counters of this process alone, for while the shared cache cannot be
     reached: each (group, key) a fixed window from its first count, as
     django-ratelimit's usage (count, limit, should_limit, time_left). At most
-    MAX windows are kept: past it the ended ones go, then the oldest (a flood of
-    new keys costs the oldest counters, not the process's memory)."""
+    MAX windows are kept, each under a 16-byte digest of its group and key (an
+    account's key may be 150 characters): past MAX the ended ones go, then the
+    least recently counted (a flood of new keys costs the oldest counters, some
+    200 bytes each at most, not the process's memory)."""
 
     MAX = 100_000
 
     def __init__(self) -> None:
-        self.windows: dict[tuple[str, str], tuple[float, int]] = {}  # -> (window end, count)
+        self.windows: dict[bytes, tuple[float, int]] = {}  # digest -> (window end, count)
         self.lock = threading.Lock()  # (sign-in views run in a thread pool)
+
+    @staticmethod
+    def digest(group: str, key: str) -> bytes:
+        return hashlib.blake2b(f"{group}\0{key}".encode(), digest_size=16).digest()
 
     def usage(self, group: str, rate: str, key: str, increment: bool) -> dict:
         limit, period = parse_rate(rate)
-        now = time.monotonic()
+        name = self.digest(group, key)
+        now = clock()
         with self.lock:
-            end, count = self.windows.get((group, key), (0.0, 0))
+            end, count = self.windows.get(name, (0.0, 0))
             if now >= end:
                 end, count = now + period, 0
             if increment:
                 count += 1
-                self.windows.pop((group, key), None)  # (to the end: the newest)
-                self.windows[(group, key)] = (end, count)
+                self.windows.pop(name, None)  # (to the end: the most recently counted)
+                self.windows[name] = (end, count)
                 if len(self.windows) > self.MAX:
                     self._prune(now)
         return {"count": count, "limit": limit, "should_limit": count > limit, "time_left": max(1, round(end - now))}
@@ -114,8 +126,9 @@ local_counters = LocalCounters()
 
 
 def _usage(request: HttpRequest, group: str, rate: str, value: str, increment: bool) -> dict | None:
-    """A counter's state (None: django-ratelimit counts nothing, as with no rate):
-    in the shared cache (Redis), or while it cannot be reached, in this process's own (LocalCounters: no 500, and the limits hold on
+    """A counter's state: in the shared cache (Redis), or while it raises, in this
+    process's own (None: django-ratelimit counted nothing, as with no rate, or, with
+    RATELIMIT_FAIL_OPEN, a cache that answered without a count; let through) (LocalCounters: no 500, and the limits hold on
     each worker; django-ratelimit's RATELIMIT_FAIL_OPEN does not cover a cache that
     raises)."""
     try:

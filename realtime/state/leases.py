@@ -10,9 +10,12 @@ that dies (kill -9) gives nothing back, and its leases run out after LEASE_TTL.
 While Redis is unreachable each worker counts its own sockets instead (MemoryLeases,
 as the rate limits keep their buckets meanwhile, state/ratelimit.py): the cap then
 holds per worker, not in all (a user may hold the cap on each worker), rather than
-not at all. From the first renewal that fails (LEASE_RENEW) the worker's own count
-includes every socket it held before the outage; a socket opened before that and
-the renewal is not counted until then.
+not at all. The sockets a worker opened during the outage are counted at once; those
+it held before it, from the first renewal that fails (within LEASE_RENEW and
+Redis's timeout). Each of those local leases lasts LEASE_TTL from its last local
+renewal, so a Redis that comes and goes within that time finds them still counted
+(a socket opened through Redis between two failures is not among them: at worst
+twice the cap a worker while Redis flaps).
 """
 
 from __future__ import annotations
@@ -78,6 +81,16 @@ class MemoryLeases:
             if not mine:
                 del self.leases[user_id]
 
+    def drop_ended(self) -> None:
+        """Forget the leases that have run out (each user's, all at once)."""
+        now = local_clock()
+        for user_id in list(self.leases):
+            mine = {c: t for c, t in self.leases[user_id].items() if t > now}
+            if mine:
+                self.leases[user_id] = mine
+            else:
+                del self.leases[user_id]
+
     async def count(self, user_id: int) -> int:
         now = local_clock()
         return sum(1 for t in self.leases.get(user_id, {}).values() if t > now)
@@ -87,8 +100,12 @@ class RedisLeases:
     def __init__(self, url: str) -> None:
         self.url = url
         # This worker's own count, kept only while Redis cannot be reached (acquire,
-        # renew): empty but for the sockets of an outage, each let go as it closes.
+        # renew): empty but for the sockets of an outage, each let go as it closes
+        # or LEASE_TTL after its last local renewal.
         self.local = MemoryLeases()
+        # While a renewal waits on Redis: the sockets released meanwhile (not to be
+        # renewed locally if it fails).
+        self.released_meanwhile: set[str] | None = None
 
     async def acquire(self, user_id: int, conn_id: str, cap: int) -> bool:
         try:
@@ -98,19 +115,23 @@ class RedisLeases:
             return await self.local.acquire(user_id, conn_id, cap)
 
     async def renew(self, held: list[tuple[int, str]]) -> None:
+        self.released_meanwhile = released = set()
         try:
             await store.renew_scores(self.url, [(_key(user_id), conn_id) for user_id, conn_id in held], LEASE_TTL,
                                      now=wall_clock(), key_ttl=math.ceil(LEASE_TTL) + 1)
         except Exception:
-            # Every socket this worker holds, counted by it while Redis is away (the
-            # caller tolerates the failure under LEASES).
-            await self.local.renew(held)
+            # Every socket this worker still holds, counted by it while Redis is away
+            # (the caller tolerates the failure under LEASES).
+            await self.local.renew([(user_id, conn_id) for user_id, conn_id in held if conn_id not in released])
             raise
-        # Redis counts every worker's sockets again: this worker's own count is done
-        # with (it holds nothing after an outage but until the next one).
-        self.local.leases.clear()
+        finally:
+            self.released_meanwhile = None
+        if self.local.leases:
+            self.local.drop_ended()  # (after an outage: each goes LEASE_TTL after its last local renewal)
 
     async def release(self, user_id: int, conn_id: str) -> None:
+        if self.released_meanwhile is not None:
+            self.released_meanwhile.add(conn_id)
         await self.local.release(user_id, conn_id)
         try:
             await store.batched(self.url).execute_command("ZREM", _key(user_id), conn_id)

@@ -103,14 +103,50 @@ async def test_the_socket_cap_is_counted_by_each_worker_alone(redis_gone, settin
     assert counts.moved() == {degraded.LEASES: 7}  # six acquires and a release (renew: its caller's)
 
 
-async def test_the_outages_own_count_is_dropped_once_redis_counts_again(redis_server, settings):
+async def test_the_outages_own_count_lasts_a_lease_then_goes_once_redis_counts_again(redis_server, settings,
+                                                                                     monkeypatch):
+    """A Redis that comes back and goes again within LEASE_TTL finds the outage's
+    sockets still counted; once they are older than that, a renewal that reaches
+    Redis drops them."""
+    now = [1000.0]
+    monkeypatch.setattr(connections, "local_clock", lambda: now[0])
     settings.REDIS_URL = redis_server.url
     connections.leases.reset()
     leases = connections.leases()
     await leases.local.acquire(1, "c1", 5)  # (left from an outage)
     await connections.renew([(1, "c1")])
+    assert await leases.local.count(1) == 1 and await leases.count(1) == 1
+    now[0] += connections.LEASE_TTL + 1
+    await connections.renew([(1, "c1")])
     assert leases.local.leases == {}
-    assert await leases.count(1) == 1
+    assert await leases.count(1) == 1  # (Redis's own lease, renewed)
+
+
+async def test_a_socket_closed_while_a_renewal_waits_is_not_counted_again(redis_gone, settings, monkeypatch):
+    """The renewal's list was taken before Redis failed to answer: a socket closed
+    meanwhile is not brought back into the worker's own count."""
+    import asyncio
+
+    from realtime.state import store
+
+    settings.REALTIME = {**settings.REALTIME, "MAX_CONNECTIONS_PER_USER": 2}
+    waiting, fail = asyncio.Event(), asyncio.Event()
+
+    async def slow_failure(*args, **kwargs):
+        waiting.set()
+        await fail.wait()
+        raise ConnectionError("Redis timed out")
+
+    monkeypatch.setattr(store, "renew_scores", slow_failure)
+    renewal = asyncio.ensure_future(connections.renew([(1, "a"), (1, "b")]))
+    await waiting.wait()
+    await connections.release(1, "a")  # closed while the renewal waits
+    fail.set()
+    with pytest.raises(ConnectionError):
+        await renewal
+    assert await connections.leases().local.count(1) == 1
+    assert await connections.acquire(1, "c") is True  # "b" and "c": the cap, not "a" as well
+    assert await connections.acquire(1, "d") is False
 
 
 async def test_sign_in_counters_are_kept_by_each_worker_alone(demo, redis_gone, settings, monkeypatch):
