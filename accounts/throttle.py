@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import secrets
 import threading
 import time
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.core import signing
 from django.http import HttpRequest, HttpResponse
-from django_ratelimit.core import get_usage
+from django_ratelimit.core import _split_rate, get_usage
 
 from realtime.observability.logs import event
 from realtime.state import degraded
@@ -64,21 +63,10 @@ class Refusal:
     message: str
 
 
-# django-ratelimit's rates as it reads them ("20/10m": 20 in 10 minutes; no unit: seconds)
-RATE = re.compile(r"(\d+)/(\d*)([smhd])?")
-SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# A rate as (count, seconds), read by django-ratelimit's own parser, so the local
+# counters take every rate its cache counters do ("20/10m", "10/h", "20/600").
+parse_rate = _split_rate
 clock = time.monotonic  # (the local counters' clock: tests put one they move in its place)
-
-
-def parse_rate(rate: "str | tuple[int, int]") -> tuple[int, int]:
-    """A rate as django-ratelimit reads it, as (count, seconds)."""
-    if isinstance(rate, tuple):
-        return rate
-    found = RATE.match(rate)
-    if found is None:
-        raise ValueError(f"not a rate: {rate!r}")
-    count, times, unit = found.groups()
-    return int(count), int(times or 1) * SECONDS[(unit or "s").lower()]
 
 
 class LocalCounters:
@@ -127,10 +115,10 @@ local_counters = LocalCounters()
 
 def _usage(request: HttpRequest, group: str, rate: str, value: str, increment: bool) -> dict | None:
     """A counter's state: in the shared cache (Redis), or while it raises, in this
-    process's own (None: django-ratelimit counted nothing, as with no rate, or, with
-    RATELIMIT_FAIL_OPEN, a cache that answered without a count; let through) (LocalCounters: no 500, and the limits hold on
-    each worker; django-ratelimit's RATELIMIT_FAIL_OPEN does not cover a cache that
-    raises)."""
+    process's own (LocalCounters: no 500, and the limits hold on each worker;
+    django-ratelimit's RATELIMIT_FAIL_OPEN does not cover a cache that raises).
+    None, let through: django-ratelimit counted nothing (no rate, or with
+    RATELIMIT_FAIL_OPEN a cache that answered without a count)."""
     try:
         return get_usage(request, group=group, key=lambda _group, _request: value, rate=rate, increment=increment)
     except Exception as exc:

@@ -44,7 +44,8 @@ can time without being the bottleneck itself (`loadgen_cpu` counts them all).
 A helper's deliveries are timed by its sockets' kernel receive stamps
 (bench/rxstamp.py), and again when it read them (`read_*`); with
 --yield-readers the helpers read only when no worker wants a core (SCHED_IDLE,
-on every core; `merged_reads` counts the reads that fell a message behind).
+on every core; `merged_reads` counts the reads that may have stamped a message
+late: something came after it in the read).
 --codec json, msgpack or protobuf (rt.v1.protobuf, with the project's own codec).
 Times are taken on this machine's monotonic clock, on both ends (CLOCK_MONOTONIC,
 one clock for every process of the machine).
@@ -481,7 +482,7 @@ class Helper:
         self.cpu_s = 0.0
         self.window_cpu_s = 0.0  # from the first message sent to its last delivery
         self.unstamped = 0  # reads without a kernel stamp (timed by the read instead)
-        self.merged = 0  # reads that took two messages' frames (the earlier stamped late)
+        self.merged = 0  # reads that may have stamped a message late (rxstamp.Reading)
 
     async def line(self) -> str:
         raw = await self.proc.stdout.readline()

@@ -6,7 +6,8 @@ The worker (`python -m realtime.server`, the flags of deploy/) is pinned to core
 and the load generator (bench/loadgen.py), PostgreSQL and Redis to core 1 where
 taskset exists (the worker's core is its own, as on a production host); the big
 room's two workers get a core each, its members read by the load generator in
-idle time (worker_cores, --yield-readers); each run gets a fresh worker on private PostgreSQL and Redis instances. The rate limits and
+idle time (worker_cores, --yield-readers); each run gets a fresh worker on
+private PostgreSQL and Redis instances. The rate limits and
 the per-user socket cap are lifted (one sender publishes hundreds of messages a
 second; hundreds of members share one user), but every frame still goes through
 them, and through the schema, the permission check, the database write with its seq
@@ -878,6 +879,18 @@ STEERED = (" (and loopback's receiving side with them, --steer-loopback: the cli
            "workers' core, as on a real network)")
 
 
+def pinning(tables: dict, scenarios: dict) -> str:
+    """The header's word on the workers' cores: worker_cores() for every scenario,
+    and the big room's own where a room whose readers yield ran with a core a worker."""
+    cores = worker_cores()
+    text = " and ".join(map(str, cores)) + " in turn" if len(cores) > 1 else str(cores[0])
+    room_cores = next((found for rows in tables.values() for name, *_ in rows if name in scenarios
+                       if (found := worker_cores(scenarios[name][0])) != cores), None)
+    if room_cores:
+        text += f" (the big room's: {' and '.join(map(str, room_cores))}, one each, its members' readers yielding on either core)"
+    return text
+
+
 def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
     from bench import codecs
 
@@ -887,16 +900,7 @@ def write(tables: dict, args, runs: int, searched: dict | None = None) -> None:
     for name in ("BENCH_WORKER_CORES", "BENCH_WORKER_ENV"):
         if os.environ.get(name):
             command = f"{name}={shlex.quote(os.environ[name])} {command}"
-    cores = worker_cores()
-    scenarios = QUICK if args.quick else SCENARIOS
-    ran = {name for rows in tables.values() for name, *_ in rows}
-    # Where a yielding room ran with a core a worker (worker_cores), the header says so.
-    yielded = sorted({tuple(worker_cores(scenarios[name][0])) for name in ran if name in scenarios
-                      and "--yield-readers" in scenarios[name][0]} - {tuple(cores)})
-    cores_text = " and ".join(map(str, cores)) + " in turn" if len(cores) > 1 else str(cores[0])
-    if yielded:
-        cores_text += (" (the big room's: " + "; ".join(" and ".join(map(str, c)) for c in yielded)
-                       + ", one each, its members' readers yielding on either core)")
+    cores_text = pinning(tables, QUICK if args.quick else SCENARIOS)
     lines = [
         "# Benchmark results",
         "",

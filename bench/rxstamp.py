@@ -1,8 +1,8 @@
 """Deliveries timed by the members' kernel, not by the load generator's Python.
 
 A helper process of the load generator (loadgen.py, `--procs`) holds a share of a
-big room's members on core 1 (yielding, on either core: yield_cpu). Read through the event loop, a delivery is timed
-when the helper's Python gets to its socket: in a room of 5,000 at 10 msg/s the
+big room's members on core 1 (yielding, on either core: yield_cpu). Read through
+the event loop, a delivery is timed when the helper's Python gets to its socket: in a room of 5,000 at 10 msg/s the
 helpers read some 5,000 frames in a burst per message, and the last of them were
 stamped tens of milliseconds after their bytes had arrived, behind the helpers'
 own work on the other 4,999 (and behind PostgreSQL and Redis on the same core).
@@ -74,6 +74,16 @@ class Stamped:
         self.got: list[tuple[int, float]] = []
         self.read: list[tuple[int, float]] = []
         self.open = True
+
+    def took(self, payload: bytes, at: float, read_at: float, start: int = 0) -> bool:
+        """Whether `payload` (from `start`) is one of the run's messages: if so, its
+        number is noted with the kernel's time and the read's."""
+        found = self.pattern.search(payload, start)
+        if found:
+            n = int(found.group(1))
+            self.got.append((n, at))
+            self.read.append((n, read_at))
+        return found is not None
 
 
 TIMESPEC = struct.Struct("qq")
@@ -206,38 +216,27 @@ def read_until(members: list[Stamped], stdin_fd: int) -> Reading:
                     # One whole data frame, nothing held before it: no buffering and
                     # no generator (the same outcome as the loop below, for less of
                     # the CPU that the helpers share with the workers).
-                    found = m.pattern.search(data, start)
-                    if found:
-                        n = int(found.group(1))
-                        m.got.append((n, at))
-                        m.read.append((n, read_at))
-                        if total is not None and len(m.got) >= total:
-                            short.discard(m)
-                    continue
-                m.buffer += data
-                messages = 0
-                trailing = False  # a frame came after a message's in this read
-                for opcode, payload in read_frames(m.buffer):
-                    trailing = trailing or messages > 0
-                    answer = reply(opcode, payload)
-                    if answer is not None:
-                        try:
-                            m.sock.sendall(answer)  # (a few bytes: the kernel takes them whole)
-                        except OSError:
+                    m.took(data, at, read_at, start)
+                else:
+                    m.buffer += data
+                    messages = 0
+                    trailing = False  # a frame came after a message's in this read
+                    for opcode, payload in read_frames(m.buffer):
+                        trailing = trailing or messages > 0
+                        answer = reply(opcode, payload)
+                        if answer is not None:
+                            try:
+                                m.sock.sendall(answer)  # (a few bytes: the kernel takes them whole)
+                            except OSError:
+                                closed(m)
+                                break
+                        elif opcode in (1, 2):
+                            messages += m.took(payload, at, read_at)
+                        elif opcode == 8:
                             closed(m)
                             break
-                    elif opcode in (1, 2):
-                        found = m.pattern.search(payload)
-                        if found:
-                            messages += 1
-                            n = int(found.group(1))
-                            m.got.append((n, at))
-                            m.read.append((n, read_at))
-                    elif opcode == 8:
-                        closed(m)
-                        break
-                if messages > 1 or (messages and (trailing or m.buffer)):
-                    merged += 1  # (stamped with what came after the message: maybe late)
+                    if messages > 1 or (messages and (trailing or m.buffer)):
+                        merged += 1  # (stamped with what came after the message: maybe late)
                 if total is not None and len(m.got) >= total:
                     short.discard(m)
             if total is not None and (not short or time.monotonic() >= deadline):

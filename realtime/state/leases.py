@@ -59,9 +59,13 @@ class MemoryLeases:
     def __init__(self) -> None:
         self.leases: dict[int, dict[str, float]] = {}
 
+    def _live(self, user_id: int, now: float) -> dict[str, float]:
+        """A user's leases that have not run out."""
+        return {c: t for c, t in self.leases.get(user_id, {}).items() if t > now}
+
     async def acquire(self, user_id: int, conn_id: str, cap: int) -> bool:
         now = local_clock()
-        mine = {c: t for c, t in self.leases.get(user_id, {}).items() if t > now}
+        mine = self._live(user_id, now)
         if conn_id not in mine and len(mine) >= cap:
             self.leases[user_id] = mine
             return False
@@ -85,7 +89,7 @@ class MemoryLeases:
         """Forget the leases that have run out (each user's, all at once)."""
         now = local_clock()
         for user_id in list(self.leases):
-            mine = {c: t for c, t in self.leases[user_id].items() if t > now}
+            mine = self._live(user_id, now)
             if mine:
                 self.leases[user_id] = mine
             else:

@@ -473,3 +473,16 @@ def test_the_room_table_shows_the_late_reads_and_both_layouts(tmp_path):
     assert len(shown) == 2
     assert all(line.count("|") == header.count("|") for line in shown)
     assert all(" | 16.2 | 12 | 0.49 (4) |" in line for line in shown)
+
+
+def test_the_header_names_the_big_rooms_cores_only_where_it_ran_so(monkeypatch):
+    """bench/run.py's header: the workers' cores, and the big room's own (a core
+    each) only when a room whose readers yield was among the scenarios run."""
+    monkeypatch.setattr(run, "pinned", lambda core: ["taskset", "-c", str(core)])
+    monkeypatch.delenv("BENCH_WORKER_CORES", raising=False)
+    row = lambda name: (name, "p99_ms", False, 1.0, 1.0, 1.0, {"full": [], "bare": []})  # noqa: E731
+    assert run.pinning({"daphne": [row(run.ROOM_SHARED), row("fan-out, 100 members")]}, run.SCENARIOS) == "0"
+    assert run.pinning({"daphne": [row(run.ROOM)]}, run.SCENARIOS) == (
+        "0 (the big room's: 0 and 1, one each, its members' readers yielding on either core)")
+    monkeypatch.setenv("BENCH_WORKER_CORES", "0")  # (set for every scenario: nothing of its own to say)
+    assert run.pinning({"daphne": [row(run.ROOM)]}, run.SCENARIOS) == "0"
