@@ -445,6 +445,26 @@ class Cluster:
             self.postgres.stop()
 
 
+RESTART_RETRY = 2.0  # seconds before a worker that failed to start is tried again
+
+
+def keep_up(workers, retry_at: dict, now: float) -> None:
+    """Start again each worker that has exited. One that fails to start (it exits
+    before it listens: a worker refuses to start while its broker cannot be reached)
+    is tried again RESTART_RETRY seconds later; the cluster around it stays up."""
+    for w in workers:
+        if w.proc.poll() is None or now < retry_at.get(w.name, 0.0):
+            continue
+        print(f"worker {w.name} exited ({w.proc.returncode}); restarting it on port {w.port}", flush=True)
+        try:
+            w.start()
+        except RuntimeError as exc:
+            retry_at[w.name] = now + RESTART_RETRY
+            print(f"worker {w.name} did not start ({exc}); trying again in {RESTART_RETRY:.0f} s", flush=True)
+        else:
+            retry_at.pop(w.name, None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", 2)))
@@ -480,13 +500,11 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    retry_at: dict[str, float] = {}
     try:
         while not stop:
             time.sleep(0.5)
-            for w in cluster.workers:
-                if w.proc.poll() is not None:
-                    print(f"worker {w.name} exited ({w.proc.returncode}); restarting it on port {w.port}")
-                    w.start()
+            keep_up(cluster.workers, retry_at, time.monotonic())
     finally:
         cluster.stop()
 

@@ -71,3 +71,38 @@ def test_ports_come_from_the_range_named_and_one_in_use_is_skipped(monkeypatch):
             cluster.free_port()
     finally:
         held.close()
+
+
+def test_a_worker_that_fails_to_start_again_is_retried_and_the_cluster_stays_up(capsys):
+    """Found using it: a worker killed while Redis was down could not start again
+    (it refuses to start without its broker), and the RuntimeError ended
+    deploy/cluster.py's loop, taking nginx and every other worker with it."""
+    class Proc:
+        returncode = -9
+
+        def poll(self):
+            return self.returncode
+
+    class Worker:
+        name, port = "a", 8001
+
+        def __init__(self):
+            self.proc, self.starts = Proc(), 0
+
+        def start(self):
+            self.starts += 1
+            if self.starts == 1:
+                raise RuntimeError("process exited with 2 before listening on 8001")
+            self.proc.returncode = None
+
+    worker, retry_at = Worker(), {}
+    cluster.keep_up([worker], retry_at, now=100.0)
+    assert worker.starts == 1 and retry_at == {"a": 100.0 + cluster.RESTART_RETRY}
+    cluster.keep_up([worker], retry_at, now=101.0)  # (not before the retry is due)
+    assert worker.starts == 1
+    cluster.keep_up([worker], retry_at, now=102.0)
+    assert worker.starts == 2 and retry_at == {} and worker.proc.poll() is None
+    cluster.keep_up([worker], retry_at, now=103.0)  # (running: left alone)
+    assert worker.starts == 2
+    assert "worker a did not start (process exited with 2 before listening on 8001); trying again in 2 s" in (
+        capsys.readouterr().out)
