@@ -159,6 +159,45 @@ def _retry_after(tokens: float, rate: float) -> float:
     return round(max(0.0, 1.0 - tokens) / rate, 3)
 
 
+# Actions limited per socket, by a bucket the socket holds itself: no round trip to
+# Redis and no key in it. A ping concerns its own socket only (its answer, and a
+# catch-up of that socket's rooms), so its bucket is the socket's; what one user can
+# ask in all is still bounded, by the sockets a user may hold at once.
+PER_SOCKET = frozenset({"ping"})
+
+
+class OwnBucket:
+    """One socket's bucket of one action (PER_SOCKET), as MemoryBuckets counts."""
+
+    __slots__ = ("tokens", "at")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.tokens, self.at = float(burst), now
+
+    def take(self, rate: float, burst: float, now: float) -> Verdict:
+        tokens = min(burst, self.tokens + (now - self.at) * rate)
+        self.at = now
+        if tokens >= 1:
+            self.tokens = tokens - 1
+            return ALLOWED
+        self.tokens = tokens
+        return Verdict(False, _retry_after(tokens, rate))
+
+
+def take_own(held: "OwnBucket | None", action: str) -> tuple[Verdict, "OwnBucket | None"]:
+    """Spend one token of a PER_SOCKET `action` from the socket's own bucket
+    `held` (None: not made yet, it starts full): the verdict, and the bucket to
+    keep (None for an unlimited action)."""
+    limit = _limits().get(action)
+    if limit is None:
+        return ALLOWED, held
+    rate, burst = limit
+    now = time.monotonic()
+    if held is None:
+        held = OwnBucket(burst, now)
+    return held.take(rate, burst, now), held
+
+
 class MemoryBuckets:
     """One process's buckets: the embedded default's, and a Redis worker's own while
     Redis is down (RedisBuckets.local). A bucket that has refilled to its burst is

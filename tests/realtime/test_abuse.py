@@ -8,11 +8,15 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.test import Client
 
+from django.contrib.auth import get_user_model
+
 from realtime.observability import metrics
+from realtime.state import leases
 from realtime.models import Event
 from tests.conftest import HOST, ORIGIN, call, subscribe
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
+User = get_user_model()
 
 
 def from_address(address: str):
@@ -67,6 +71,9 @@ async def test_a_users_reconnect_loop_gets_4029_with_a_retry_hint(cookies, trans
         comm, frames, code = await opened(cookies["alice"], address="203.0.113.2")  # another address: still alice
         socks.append(comm)
         assert 1 <= throttled(frames, code) <= 2  # a token every 2 s
+        # Its lease, asked for beside the bucket, was given back: the three open hold hers.
+        alice = await User.objects.aget(username="alice")
+        assert await leases.leases().count(alice.pk) == 3
         comm, frames, code = await opened(cookies["bob"])  # others are untouched
         socks.append(comm)
         assert code is None

@@ -8,7 +8,7 @@ import time
 import pytest
 from django.test import Client
 
-from realtime.state import ratelimit
+from realtime.state import ratelimit, store
 from realtime.models import Message
 from tests.conftest import call, socket
 
@@ -67,6 +67,47 @@ async def test_a_stream_of_bad_frames_is_rate_limited_then_closed(cookies, setti
         assert codes == ["invalid", "invalid", "rate_limited", "rate_limited", "rate_limited"]
         await bob.send_to(text_data="{not json")
         assert await bob.receive_output(timeout=2) == {"type": "websocket.close", "code": 4029}
+
+
+@pytest.mark.asyncio
+async def test_pings_are_limited_per_socket_with_no_round_trip(cookies, settings, redis_server):
+    """A ping's bucket is its socket's own (ratelimit.PER_SOCKET): a socket that
+    pings too often is refused, the same user's other socket is not, and Redis is
+    never asked (no bucket of pings in it)."""
+    settings.REDIS_URL = redis_server.url
+    settings.REALTIME = {**settings.REALTIME, "FLOOD_CLOSE_AFTER": 10,
+                         "RATE_LIMITS": {**settings.REALTIME["RATE_LIMITS"], "ping": (1e-6, 3)}}
+    ratelimit.reset()
+    async with socket(cookies["bob"]) as first, socket(cookies["bob"]) as second:
+        replies = [await call(first, {"type": "ping", "ref": i}) for i in range(4)]
+        assert [r["type"] for r in replies] == ["pong"] * 3 + ["error"]
+        assert (replies[-1]["code"], replies[-1]["ref"]) == ("rate_limited", 3)
+        assert replies[-1]["retry_after"] > 0
+        assert (await call(second, {"type": "ping", "ref": 9}))["type"] == "pong"
+        # The handshakes' buckets are in Redis, a ping's never.
+        keys = sorted(k.decode() for k in await store.client(redis_server.url).keys("rl:*"))
+        assert [k for k in keys if k.startswith("rl:handshake.user:")] != []
+        assert [k for k in keys if "ping" in k] == []
+
+
+def test_a_sockets_own_bucket_refills_at_its_rate(settings, monkeypatch):
+    settings.REALTIME = {**settings.REALTIME, "RATE_LIMITS": {**settings.REALTIME["RATE_LIMITS"], "ping": (2, 3)}}
+    now = [100.0]
+    monkeypatch.setattr(ratelimit.time, "monotonic", lambda: now[0])
+    held = None
+    verdicts = []
+    for _ in range(4):
+        verdict, held = ratelimit.take_own(held, "ping")
+        verdicts.append(verdict.allowed)
+    assert verdicts == [True, True, True, False]
+    assert verdict.retry_after == 0.5  # a token every 0.5 s
+    now[0] += 0.5
+    assert ratelimit.take_own(held, "ping")[0].allowed
+    assert not ratelimit.take_own(held, "ping")[0].allowed
+    now[0] += 100  # refilled to the burst, no more
+    assert [ratelimit.take_own(held, "ping")[0].allowed for _ in range(4)] == [True, True, True, False]
+    # An action without a limit: allowed, no bucket made.
+    assert ratelimit.take_own(None, "no-such-action") == (ratelimit.ALLOWED, None)
 
 
 @pytest.mark.asyncio
