@@ -118,6 +118,48 @@ async def post_many(client: Client, n: int, body: str = "x" * 100, prefix: str =
         assert res.status_code == 200
 
 
+async def test_a_subscribe_its_bucket_refuses_does_nothing_and_a_live_stream_stays(demo, cookies, transport, settings):
+    """A subscribe its bucket refuses does nothing: no fan-out group of a new
+    room, no presence, nothing replayed; a stream live before stays live; the
+    refusal is `rate_limited` even where the subscribe would have failed (the
+    token is asked for first); refusals in a row close the socket with 4029."""
+    from realtime.delivery.fanout import fanout
+    from realtime.models import Room
+    from realtime.state import presence
+
+    settings.REALTIME = {**settings.REALTIME, "FLOOD_CLOSE_AFTER": 3, "RATE_LIMITS": {
+        **settings.REALTIME["RATE_LIMITS"], "subscribe": (1e-6, 2), "message.send": (1000, 1000)}}
+    await Room.objects.acreate(slug="lobby", title="Lobby", is_public=True)
+    alice = Client()
+    await sync_to_async(alice.force_login)(demo["alice"])
+    await post_many(alice, 3)
+    bob, _, _ = await opened(cookies["bob"])
+    try:
+        assert len(await subscribe(bob, "general", since=0)) == 3
+        assert await subscribe(bob, "general", since=None) == []  # the bucket's second (and last) token
+        # A repair of the live stream: refused before anything of it is sent.
+        reply = await call(bob, {"type": "subscribe", "room": "general", "since": 0, "ref": "repair"})
+        assert (reply["type"], reply["code"], reply["ref"]) == ("error", "rate_limited", "repair")
+        assert reply["retry_after"] > 0
+        # A room that does not exist: the bucket's answer, not not_found.
+        reply = await call(bob, {"type": "subscribe", "room": "no-such-room", "ref": "none"})
+        assert (reply["code"], reply["ref"]) == ("rate_limited", "none")
+        # A room it may see, with presence: not joined, not present.
+        reply = await call(bob, {"type": "subscribe", "room": "lobby", "presence": True, "ref": "lobby"})
+        assert (reply["code"], reply["ref"]) == ("rate_limited", "lobby")
+        assert [c for c in fanout().groups.get("room.lobby", ()) if getattr(c, "user", None) is not None] == []
+        assert (await presence.page("lobby")).count == 0
+        # The live stream goes on.
+        await post_many(alice, 1, prefix="later")
+        live = await bob.receive_json_from(timeout=5)
+        assert (live["type"], live["seq"]) == ("message.new", 4)
+        # A fourth refusal in a row closes the socket.
+        await bob.send_json_to({"type": "subscribe", "room": "lobby", "ref": "again"})
+        assert await bob.receive_output(timeout=5) == {"type": "websocket.close", "code": 4029}
+    finally:
+        await bob.disconnect()
+
+
 async def test_replays_past_the_budget_are_refused_until_it_refills(demo, cookies, transport, settings):
     """A replay runs while the user is not in debt and its bytes are taken
     afterwards; the next replay, on any socket of the user's, waits; a subscribe
