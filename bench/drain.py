@@ -11,6 +11,8 @@ What is measured:
   missed received and the subscribe's ack after it (the ack follows the replay, so
   a socket with its ack is caught up); for the bare consumer (no resume), its
   handshake accepted;
+- `opened_p50_ms` / `caught_up_p50_ms`: the downtime's two parts, from the close
+  to the 101 of the attempt that got back in, and from that 101 to back;
 - `downtime_p50_ms` / `downtime_p99_ms`: per drained socket, from its close to it
   being back; `closes_first_s` / `closes_last_s`: when the first and last of them
   were closed (the server's spread);
@@ -203,6 +205,7 @@ class Client:
         self.answer: asyncio.Future | None = None  # the subscribe's ack or error
         self.closed_at: float | None = None  # the last close, while coming back
         self.back_at: float | None = None
+        self.opened_at: float | None = None  # the last attempt's 101
         self.closes: list[int] = []
         self.attempts = 0
         self.failures_in_a_row = 0
@@ -257,7 +260,7 @@ class Client:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await loop.create_connection(lambda: conn, "127.0.0.1", self.port)
-                opened_at = await conn.opened
+                opened_at = self.opened_at = await conn.opened
                 if not storm.full:
                     return opened_at
                 # As the browser client does on open: a ping, and the subscribe at once.
@@ -423,6 +426,11 @@ async def drain_storm(target, count: int, rate: float, pids: list[int], deadline
         storm.fail(c.stopped or "not back within the deadline")
     back = sorted(c.back_at for c in ours if c.back_at is not None and c.closed_at is not None)
     downtime = sorted(c.back_at - c.closed_at for c in ours if c.back_at is not None and c.closed_at is not None)
+    # Where the downtime went: from the close to the 101 of the attempt that got
+    # back in (the wait, the connect, the handshake), and from that 101 to back
+    # (for the full pipeline its connect's checks, the subscribe and the replay).
+    to_open = sorted(c.opened_at - c.closed_at for c in ours if c.back_at is not None and c.closed_at is not None)
+    to_back = sorted(c.back_at - c.opened_at for c in ours if c.back_at is not None and c.closed_at is not None)
     closes = sorted(c.closed_at - signalled for c in ours if c.closed_at is not None)
     from bench.loadgen import quantile_ms
 
@@ -435,6 +443,8 @@ async def drain_storm(target, count: int, rate: float, pids: list[int], deadline
         "failed": len(never),
         "downtime_p50_ms": quantile_ms(downtime, 0.5, 1),
         "downtime_p99_ms": quantile_ms(downtime, 0.99, 1),
+        "opened_p50_ms": quantile_ms(to_open, 0.5, 1),
+        "caught_up_p50_ms": quantile_ms(to_back, 0.5, 1),
         "closes_first_s": round(closes[0], 2) if closes else None,
         "closes_last_s": round(closes[-1], 2) if closes else None,
         # Connection attempts of the drained sockets after their close (one each in a

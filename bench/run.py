@@ -665,19 +665,22 @@ def scale_section(rows: list, folder: Path) -> list[str]:
                   "Its clients come back as the browser client does (within the reason's `spread_ms`, or after the "
                   "backoff; a 10 s connect timeout) to the second worker, subscribe with their last seq and "
                   "epoch, and are back when the ack after the replay arrives. Back: from the signal to the last of "
-                  "them back. Downtime: one socket's close to it back. Lost / doubled: every member, every message, "
+                  "them back. Downtime: one socket's close to it back; its parts: from the close to the 101 of the attempt "
+                  "that got back in, and from that 101 to back (the connect's checks, the subscribe, the replay). Lost / doubled: every member, every message, "
                   "counted as received. The bare consumer has no drain and no resume: its worker is killed (SIGKILL) "
                   "and its sockets reconnect; only its time to be back is reported. A crash storm kills the first "
                   "worker of both targets: no close frame and no spread, every client after its backoff (250 to "
                   "500 ms) at once.", "",
-                  "| Storm | Sockets (drained) | Full: back | Full: downtime p50 / p99 | Full: closes spread over | Full: retried "
-                  "attempts | Full: lost / doubled | Bare: back | Bare: downtime p50 / p99 | Back, bare / full |",
-                  "| --- | ---: | ---: | --- | ---: | ---: | --- | ---: | --- | ---: |"]
+                  "| Storm | Sockets (drained) | Full: back | Full: downtime p50 / p99 | Full: to 101 / 101 to back, p50 | "
+                  "Full: closes spread over | Full: retried attempts | Full: lost / doubled | Bare: back | "
+                  "Bare: downtime p50 / p99 | Back, bare / full |",
+                  "| --- | ---: | ---: | --- | --- | ---: | ---: | --- | ---: | --- | ---: |"]
         for name, (metric, bare, full, ratio, details) in drains:
             f, b = representative(details["full"], "back_s"), representative(details["bare"], "back_s")
             lines.append(
                 f"| {name.split()[0]} | {fmt(f.get('sockets'), ',')} ({fmt(f.get('drained'), ',')}) | {fmt(f.get('back_s'), '.2f', ' s')} {why_not(f)} | "
                 f"{fmt(f.get('downtime_p50_ms'), ',.0f')} / {fmt(f.get('downtime_p99_ms'), ',.0f')} ms | "
+                f"{fmt(f.get('opened_p50_ms'), ',.0f')} / {fmt(f.get('caught_up_p50_ms'), ',.0f')} ms | "
                 f"{fmt(f.get('closes_last_s'), '.2f', ' s')} | {fmt(f.get('retries'), ',')} | "
                 f"{fmt(f.get('lost'), ',')} / {fmt(f.get('duplicated'), ',')}"
                 f"{'; not published ' + format(f['not_published'], ',') if f.get('not_published') else ''} | "
