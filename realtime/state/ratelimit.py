@@ -159,45 +159,6 @@ def _retry_after(tokens: float, rate: float) -> float:
     return round(max(0.0, 1.0 - tokens) / rate, 3)
 
 
-# Actions limited per socket, by a bucket the socket holds itself: no round trip to
-# Redis and no key in it. A ping concerns its own socket only (its answer, and a
-# catch-up of that socket's rooms), so its bucket is the socket's; what one user can
-# ask in all is still bounded, by the sockets a user may hold at once.
-PER_SOCKET = frozenset({"ping"})
-
-
-class OwnBucket:
-    """One socket's bucket of one action (PER_SOCKET), as MemoryBuckets counts."""
-
-    __slots__ = ("tokens", "at")
-
-    def __init__(self, burst: float, now: float) -> None:
-        self.tokens, self.at = float(burst), now
-
-    def take(self, rate: float, burst: float, now: float) -> Verdict:
-        tokens = min(burst, self.tokens + (now - self.at) * rate)
-        self.at = now
-        if tokens >= 1:
-            self.tokens = tokens - 1
-            return ALLOWED
-        self.tokens = tokens
-        return Verdict(False, _retry_after(tokens, rate))
-
-
-def take_own(held: "OwnBucket | None", action: str) -> tuple[Verdict, "OwnBucket | None"]:
-    """Spend one token of a PER_SOCKET `action` from the socket's own bucket
-    `held` (None: not made yet, it starts full): the verdict, and the bucket to
-    keep (None for an unlimited action)."""
-    limit = _limits().get(action)
-    if limit is None:
-        return ALLOWED, held
-    rate, burst = limit
-    now = time.monotonic()
-    if held is None:
-        held = OwnBucket(burst, now)
-    return held.take(rate, burst, now), held
-
-
 class MemoryBuckets:
     """One process's buckets: the embedded default's, and a Redis worker's own while
     Redis is down (RedisBuckets.local). A bucket that has refilled to its burst is
@@ -457,6 +418,14 @@ class Reserves:
 # The buckets in use: shared through Redis, or this process's own.
 buckets = store.Chooser(RedisBuckets, MemoryBuckets)
 
+# Actions each worker counts per user on its own, in its memory, with Redis or
+# without: no round trip. A ping concerns its own socket (its answer, and a catch-up
+# check of that socket's rooms: a read of their heads), and asks nothing of other
+# workers. Counted here, a user gets the bucket once per worker it has sockets on
+# (and no more for holding many sockets on one, nor for reconnecting to it).
+WORKER_LOCAL = frozenset({"ping"})
+worker_buckets = MemoryBuckets()
+
 
 async def take(who: int | str, action: str) -> Verdict:
     """Spend one token of `action` for `who` (a user id, or a client address for
@@ -474,7 +443,7 @@ async def take_up_to(who: int | str, action: str, wanted: int, reserve: bool = F
     if limit is None:
         return wanted, 0.0
     rate, burst = limit
-    chosen = buckets()
+    chosen = worker_buckets if action in WORKER_LOCAL else buckets()
     take = chosen.reserves().take if reserve and isinstance(chosen, RedisBuckets) else chosen.take
     granted, tokens = await take(f"{action}:{who}", rate, burst, wanted)
     return granted, (_retry_after(tokens, rate) if granted < wanted else 0.0)
@@ -528,4 +497,5 @@ def replay_take_sync(user_id: int, size: int) -> Verdict:
 def reset() -> None:
     """Forget every bucket and debt of this process (tests)."""
     buckets.reset()
+    worker_buckets.buckets.clear()
     _in_debt.clear()

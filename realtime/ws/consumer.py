@@ -108,7 +108,6 @@ class RealtimeConsumer(queues.Served, Intake, Handlers, Stream, AsyncWebsocketCo
         self.handling = False
         self.refused_in_row = self.replaying = 0
         self.probation_until = Intake.probation_until
-        self.own_bucket = None
         self.revoked = False
         self.expiry = self.metrics_task = None
 
@@ -235,12 +234,13 @@ class RealtimeConsumer(queues.Served, Intake, Handlers, Stream, AsyncWebsocketCo
             return
         # The user's handshake bucket and the socket's lease, asked for together (one
         # round trip where there were two, in a storm's Redis pipeline); a lease
-        # taken for a socket the bucket refuses is given back.
+        # taken for a socket the bucket refuses is given back (shielded: a socket
+        # cancelled meanwhile still gives it back).
         verdict, leased = await asyncio.gather(ratelimit.take(self.user.pk, "handshake.user"),
                                                connections.acquire(self.user.pk, self.conn_id))
         if not verdict.allowed:
             if leased:
-                await connections.release(self.user.pk, self.conn_id)
+                await asyncio.shield(connections.release(self.user.pk, self.conn_id))
             await self.refuse_handshake(verdict.retry_after, "user")
             return
         if not leased:

@@ -41,7 +41,6 @@ class Intake:
     refused_in_row = 0
     handling = False  # a client frame (its reply goes first) or a queued message is being handled
     probation_until = UNREAD  # read from the Account at the socket's first message.send
-    own_bucket = None  # the socket's own bucket of pings (ratelimit.PER_SOCKET), from its first ping
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         self.handling = True
@@ -98,10 +97,7 @@ class Intake:
         # published event and every delivery.
         TRACE.set(clean_trace(frame.trace))
         metrics.FRAMES_IN.labels(tag).inc()
-        if tag in ratelimit.PER_SOCKET:
-            verdict, self.own_bucket = ratelimit.take_own(self.own_bucket, tag)
-        else:
-            verdict = await ratelimit.take(self.user.pk, tag)
+        verdict = await ratelimit.take(self.user.pk, tag)
         if not verdict.allowed:
             await self.refuse_flood(frame.ref, verdict.retry_after, tag)
             return

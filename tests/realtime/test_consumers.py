@@ -110,7 +110,7 @@ async def test_a_storm_of_sockets_keeps_each_consumers_attributes_without_a_dict
                                    subprotocols=["rt.v1.json"]) for _ in range(18)]
     assert all(connected for connected, _ in await asyncio.gather(*(c.connect(timeout=10) for c in comms)))
     try:
-        for comm in comms:  # (each handles a frame: a pong, or its user's ping limit)
+        for comm in comms:  # (each handles a frame: a pong, or its user's ping limit on this worker)
             assert (await call(comm, {"type": "ping", "t": 1, "ref": 2}))["ref"] == 2
         consumers = [o for o in gc.get_objects() if type(o) is Storm and o.authenticated]
         assert len(consumers) == 18

@@ -70,44 +70,23 @@ async def test_a_stream_of_bad_frames_is_rate_limited_then_closed(cookies, setti
 
 
 @pytest.mark.asyncio
-async def test_pings_are_limited_per_socket_with_no_round_trip(cookies, settings, redis_server):
-    """A ping's bucket is its socket's own (ratelimit.PER_SOCKET): a socket that
-    pings too often is refused, the same user's other socket is not, and Redis is
-    never asked (no bucket of pings in it)."""
+async def test_pings_are_counted_per_user_by_the_worker_with_no_round_trip(cookies, demo, settings, redis_server):
+    """A ping's bucket is its user's in this worker's memory (ratelimit.WORKER_LOCAL):
+    a user's second socket shares it, another user's is untouched, and Redis is
+    never asked (no bucket of pings in it, even with REDIS_URL set)."""
     settings.REDIS_URL = redis_server.url
     settings.REALTIME = {**settings.REALTIME, "FLOOD_CLOSE_AFTER": 10,
                          "RATE_LIMITS": {**settings.REALTIME["RATE_LIMITS"], "ping": (1e-6, 3)}}
     ratelimit.reset()
-    async with socket(cookies["bob"]) as first, socket(cookies["bob"]) as second:
-        replies = [await call(first, {"type": "ping", "ref": i}) for i in range(4)]
-        assert [r["type"] for r in replies] == ["pong"] * 3 + ["error"]
-        assert (replies[-1]["code"], replies[-1]["ref"]) == ("rate_limited", 3)
-        assert replies[-1]["retry_after"] > 0
-        assert (await call(second, {"type": "ping", "ref": 9}))["type"] == "pong"
-        # The handshakes' buckets are in Redis, a ping's never.
-        keys = sorted(k.decode() for k in await store.client(redis_server.url).keys("rl:*"))
-        assert [k for k in keys if k.startswith("rl:handshake.user:")] != []
-        assert [k for k in keys if "ping" in k] == []
-
-
-def test_a_sockets_own_bucket_refills_at_its_rate(settings, monkeypatch):
-    settings.REALTIME = {**settings.REALTIME, "RATE_LIMITS": {**settings.REALTIME["RATE_LIMITS"], "ping": (2, 3)}}
-    now = [100.0]
-    monkeypatch.setattr(ratelimit.time, "monotonic", lambda: now[0])
-    held = None
-    verdicts = []
-    for _ in range(4):
-        verdict, held = ratelimit.take_own(held, "ping")
-        verdicts.append(verdict.allowed)
-    assert verdicts == [True, True, True, False]
-    assert verdict.retry_after == 0.5  # a token every 0.5 s
-    now[0] += 0.5
-    assert ratelimit.take_own(held, "ping")[0].allowed
-    assert not ratelimit.take_own(held, "ping")[0].allowed
-    now[0] += 100  # refilled to the burst, no more
-    assert [ratelimit.take_own(held, "ping")[0].allowed for _ in range(4)] == [True, True, True, False]
-    # An action without a limit: allowed, no bucket made.
-    assert ratelimit.take_own(None, "no-such-action") == (ratelimit.ALLOWED, None)
+    async with socket(cookies["bob"]) as first, socket(cookies["bob"]) as second, socket(cookies["alice"]) as alice:
+        replies = [await call(first, {"type": "ping", "ref": i}) for i in range(3)]
+        assert [r["type"] for r in replies] == ["pong"] * 3
+        refused = await call(second, {"type": "ping", "ref": 3})  # the same user: the same bucket
+        assert (refused["type"], refused["code"], refused["ref"]) == ("error", "rate_limited", 3)
+        assert refused["retry_after"] > 0
+        assert (await call(alice, {"type": "ping", "ref": 9}))["type"] == "pong"
+        assert sorted(ratelimit.worker_buckets.buckets) == [f"ping:{demo['alice'].pk}", f"ping:{demo['bob'].pk}"]
+        assert [k for k in await store.client(redis_server.url).keys("rl:*") if b"ping" in k] == []
 
 
 @pytest.mark.asyncio

@@ -31,7 +31,7 @@ ERROR_MEANING = {  # the HTTP status of each comes from protocol.HTTP_STATUS
     protocol.ErrorCode.UNKNOWN_TYPE: "`type` names no client frame",
     protocol.ErrorCode.FORBIDDEN: "the policy refuses this action, in a room the user can see; nothing changed",
     protocol.ErrorCode.NOT_FOUND: "no such room or message. A room the user may not see gets exactly this answer (`no such room`), so a private room cannot be told from a missing one; a deleted message is not found",
-    protocol.ErrorCode.RATE_LIMITED: "too many of this action (a bucket per user and action), or, on `subscribe` and REST history and event pages, the user's replay budget is in debt; retry after `retry_after` seconds. Also the `error` before a 4029 close of a socket opened too often",
+    protocol.ErrorCode.RATE_LIMITED: "too many of this action (a bucket per user and action; pings are counted by each worker on its own), or, on `subscribe` and REST history and event pages, the user's replay budget is in debt; retry after `retry_after` seconds. Also the `error` before a 4029 close of a socket opened too often",
     protocol.ErrorCode.TOO_LARGE: "a body, room name or topic over its length limit, too many rooms on one connection, or too many people for a direct message",
     protocol.ErrorCode.CONFLICT: "the request contradicts the state: the client_id was already used for a message in another room; a room you can see has that name; the person is a member already; the room's last owner would leave or stop being an owner; a `reaction.add` of a new emoji to a message that has 20 different ones already",
     protocol.ErrorCode.RECOVERY_FAILED: "`since` is ahead of the log, outside the replay window or of an epoch the log no longer has: reload history",
