@@ -419,12 +419,12 @@ class Reserves:
 buckets = store.Chooser(RedisBuckets, MemoryBuckets)
 
 # Actions each worker counts per user on its own, in its memory, with Redis or
-# without: no round trip. A ping concerns its own socket (its answer, and a catch-up
+# without (in RedisBuckets.local, where every action is counted while Redis is
+# down): no round trip. A ping concerns its own socket (its answer, and a catch-up
 # check of that socket's rooms: a read of their heads), and asks nothing of other
 # workers. Counted here, a user gets the bucket once per worker it has sockets on
 # (and no more for holding many sockets on one, nor for reconnecting to it).
 WORKER_LOCAL = frozenset({"ping"})
-worker_buckets = MemoryBuckets()
 
 
 async def take(who: int | str, action: str) -> Verdict:
@@ -443,7 +443,9 @@ async def take_up_to(who: int | str, action: str, wanted: int, reserve: bool = F
     if limit is None:
         return wanted, 0.0
     rate, burst = limit
-    chosen = worker_buckets if action in WORKER_LOCAL else buckets()
+    chosen = buckets()
+    if action in WORKER_LOCAL and isinstance(chosen, RedisBuckets):
+        chosen = chosen.local
     take = chosen.reserves().take if reserve and isinstance(chosen, RedisBuckets) else chosen.take
     granted, tokens = await take(f"{action}:{who}", rate, burst, wanted)
     return granted, (_retry_after(tokens, rate) if granted < wanted else 0.0)
@@ -497,5 +499,4 @@ def replay_take_sync(user_id: int, size: int) -> Verdict:
 def reset() -> None:
     """Forget every bucket and debt of this process (tests)."""
     buckets.reset()
-    worker_buckets.buckets.clear()
     _in_debt.clear()
