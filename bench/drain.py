@@ -424,13 +424,14 @@ async def drain_storm(target, count: int, rate: float, pids: list[int], deadline
     never = [c for c in ours if c.back_at is None or c.closed_at is None]
     for c in never:
         storm.fail(c.stopped or "not back within the deadline")
-    back = sorted(c.back_at for c in ours if c.back_at is not None and c.closed_at is not None)
-    downtime = sorted(c.back_at - c.closed_at for c in ours if c.back_at is not None and c.closed_at is not None)
+    returned = [c for c in ours if c.back_at is not None and c.closed_at is not None]
+    back = sorted(c.back_at for c in returned)
+    downtime = sorted(c.back_at - c.closed_at for c in returned)
     # Where the downtime went: from the close to the 101 of the attempt that got
     # back in (the wait, the connect, the handshake), and from that 101 to back
     # (for the full pipeline its connect's checks, the subscribe and the replay).
-    to_open = sorted(c.opened_at - c.closed_at for c in ours if c.back_at is not None and c.closed_at is not None)
-    to_back = sorted(c.back_at - c.opened_at for c in ours if c.back_at is not None and c.closed_at is not None)
+    to_open = sorted(c.opened_at - c.closed_at for c in returned)
+    to_back = sorted(c.back_at - c.opened_at for c in returned)
     closes = sorted(c.closed_at - signalled for c in ours if c.closed_at is not None)
     from bench.loadgen import quantile_ms
 
