@@ -50,6 +50,10 @@ PRIVATE = (
     # What autobahn's dataReceived hands a read to, past its debug line
     # (BoundedWebSocketProtocol.dataReceived).
     ("autobahn.websocket.protocol.WebSocketProtocol", "_dataReceived"),
+    # What Twisted's asyncio reactor wraps every read and write of a socket in
+    # (direct_reads_and_writes).
+    ("twisted.internet.asyncioreactor", "callWithLogger"),
+    ("twisted.internet.asyncioreactor.AsyncioSelectorReactor", "_readOrWrite"),
     # txaio's stand-in for a log method below the level (logs_debug).
     ("txaio.tx", "_no_op"),
     # A Twisted Deferred's callbacks: whether anything waits on autobahn's
@@ -211,3 +215,21 @@ def http_producer(transport):
     if not isinstance(producer, twisted_http.HTTPChannel):
         return None, False
     return producer, getattr(producer, "_handlingRequest", False) and getattr(producer, "_requestProducer", None) is None
+
+
+def _call(logger, func, *args, **kwargs):
+    return func(*args, **kwargs)
+
+
+def direct_reads_and_writes() -> None:
+    """Twisted's asyncio reactor calls a socket's reads and writes (its
+    `_readOrWrite`, which catches and logs what they raise) through
+    twisted.python.log.callWithLogger, which asks the connection for its log
+    prefix and sets a legacy log context around the call: some 3% of a worker's
+    connect storm, for a context our logs never read (they are stdlib JSON
+    lines, with their own fields). From now on, sockets registered with the
+    reactor are called directly; what a read raises is logged as before, by
+    `_readOrWrite`."""
+    from twisted.internet import asyncioreactor
+
+    asyncioreactor.callWithLogger = _call

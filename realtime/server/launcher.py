@@ -26,6 +26,7 @@ from daphne.cli import CommandLineInterface
 from daphne.server import Server
 from django.conf import settings
 
+from realtime.server.adapter import direct_reads_and_writes
 from realtime.server.bounded import BoundedWebSocketProtocol, with_options_of
 from realtime.server.drain import Drain
 from realtime.server.guard import guard_http_factory, settings_value
@@ -122,6 +123,7 @@ class DrainingServer(Drain, Reaping, Server):
         # one else's business (daphne's --server-name cannot be set to nothing).
         self.server_name = ""
 
+        direct_reads_and_writes()
         self.ports = []
         self.endpoints = [with_backlog(e, settings_value("LISTEN_BACKLOG")) for e in self.endpoints]
         # Twisted installs its own SIGTERM/SIGINT handlers when the reactor starts;

@@ -5,29 +5,36 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import hashlib
 import math
 import time
 import weakref
 
 from django.conf import settings
 
-# Per loop (a closed loop's clients go with it; tests run a loop per test), per URL.
-_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, object]]" = weakref.WeakKeyDictionary()
+# Per loop (a closed loop's clients go with it; tests run a loop per test), per URL and use.
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, bool], object]]" = weakref.WeakKeyDictionary()
 
 
 def redis_url() -> str:
     return getattr(settings, "REDIS_URL", "")
 
 
-def client(url: str):
+TIMEOUT = 2  # s: a connect, a read, a Batched round trip (the callers fail open or closed)
+
+
+def client(url: str, *, batches: bool = False):
     """The asyncio Redis client for `url` on the running loop. Short timeouts: the
-    callers fail open (or closed) on their own rather than wait for a sick Redis."""
+    callers fail open (or closed) on their own rather than wait for a sick Redis.
+    With `batches`, Batched's own: its reads have no timeout each, as Batched
+    times each round trip whole."""
     from redis import asyncio as aioredis
 
     mine = _clients.setdefault(asyncio.get_running_loop(), {})
-    found = mine.get(url)
+    found = mine.get((url, batches))
     if found is None:
-        found = mine[url] = packed_in_c(aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=2))
+        found = mine[(url, batches)] = packed_in_c(aioredis.from_url(
+            url, socket_connect_timeout=TIMEOUT, socket_timeout=None if batches else TIMEOUT))
     return found
 
 
@@ -88,13 +95,23 @@ class Batched:
     of connections (their set-up a tenth of the worker's time) and paid a round trip
     each. Each caller gets its own command's answer, or its error, as from the
     client itself; a connection that fails fails the commands sent on it. A
-    caller cancelled before its command is sent is left out."""
+    caller cancelled before its command is sent is left out.
+
+    A round trip is written and read here, on one of the client's connections,
+    rather than through redis-py's Pipeline, whose layers (a retry wrapper, a
+    timeout and a response callback for every command) cost a storm's worker
+    more than the rest of the trip (docs/decisions.md, "A storm's Redis round
+    trips"); the whole trip has one timeout. A script (`eval`) is sent by its
+    SHA1 once Redis has run it from here, not its text every time; a Redis that
+    has forgotten it (restarted, SCRIPT FLUSH) answers NOSCRIPT, and the command
+    goes again with the text, ahead of the next batch."""
 
     MOST = 256
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._waiting = LoopLocal(_Waiting)
+        self._loaded: dict[str, str] = {}  # script text: its SHA1, once Redis has it
 
     async def eval(self, *args):
         return await self.execute_command("EVAL", *args)
@@ -107,7 +124,53 @@ class Batched:
             waiting.sender = asyncio.ensure_future(self._send(waiting))
         return await future
 
+    def _wire(self, args: tuple) -> tuple:
+        """The command as sent: a script Redis has already run, by its SHA1."""
+        if args[0] == "EVAL":
+            sha = self._loaded.get(args[1])
+            if sha is not None:
+                return ("EVALSHA", sha, *args[2:])
+        return args
+
+    async def _round_trip(self, commands: list[tuple]) -> list:
+        """The answers to `commands`, in order, in one write and its reads; an
+        error answer is returned in its place (an exception), a failed
+        connection raises (and is not used again)."""
+        from redis.exceptions import ResponseError
+        from redis.exceptions import TimeoutError as RedisTimeout
+
+        redis = client(self.url, batches=True)
+        pool, callbacks = redis.connection_pool, redis.response_callbacks
+        connection = await pool.get_connection()
+        try:
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    pack = connection.pack_command
+                    await connection.send_packed_command([chunk for args in commands for chunk in pack(*args)],
+                                                         check_health=False)
+                    read, answers = connection.read_response, []
+                    for args in commands:
+                        try:
+                            answer = await read()
+                        except ResponseError as exc:  # (the answer: read whole, nothing else pending)
+                            answers.append(exc)
+                            continue
+                        # As the client answers it (SET: True); none for EVAL, EVALSHA.
+                        callback = callbacks.get(args[0])
+                        answers.append(answer if callback is None else callback(answer))
+                    return answers
+            except TimeoutError:
+                raise RedisTimeout(f"No answer from Redis within {TIMEOUT} s") from None
+        except BaseException:
+            # Answers may still be on their way: the connection is not reused.
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(connection)
+
     async def _send(self, waiting: _Waiting) -> None:
+        from redis.exceptions import NoScriptError
+
         batch: list = []
         try:
             while waiting.calls:
@@ -118,26 +181,37 @@ class Batched:
                 batch, waiting.calls = live[:self.MOST], live[self.MOST:]
                 if not batch:
                     break
-                pipe = client(self.url).pipeline(transaction=False)
-                for args, _ in batch:
-                    pipe.execute_command(*args)
+                commands = [self._wire(args) for args, _ in batch]
                 try:
-                    answers = await pipe.execute(raise_on_error=False)
+                    answers = await self._round_trip(commands)
                 except Exception as exc:
                     answers = [exc] * len(batch)
-                for (_, future), answer in zip(batch, answers):
+                again = []
+                for (args, future), sent, answer in zip(batch, commands, answers):
+                    if isinstance(answer, NoScriptError) and sent[0] == "EVALSHA":
+                        self._loaded.pop(args[1], None)
+                        again.append((args, future))  # with its text, next
+                        continue
+                    if sent[0] == "EVAL" and not isinstance(answer, Exception):
+                        self._loaded[args[1]] = sha1(args[1])
                     if future.done():
                         continue
                     if isinstance(answer, Exception):
                         future.set_exception(answer)
                     else:
                         future.set_result(answer)
+                waiting.calls[:0] = again
         finally:
             waiting.sender = None
             # Cancelled (the loop is closing): no answer will come for these.
             for _, future in batch + waiting.calls:
                 future.cancel()
             waiting.calls = []
+
+
+def sha1(script) -> str:
+    """A script's SHA1 as Redis names it (EVALSHA)."""
+    return hashlib.sha1(script.encode() if isinstance(script, str) else script).hexdigest()
 
 
 _batched: dict[str, Batched] = {}

@@ -285,7 +285,7 @@ class RealtimeConsumer(queues.Served, Intake, Handlers, Stream, AsyncWebsocketCo
     async def refuse_handshake(self, retry_after: float, per: str) -> None:
         """Too many sockets opened (per client address or per user): say how long
         to wait, then close with 4029. Nothing else is done for this socket."""
-        metrics.RATE_LIMITED.labels(f"handshake.{per}").inc()
+        metrics.labelled(metrics.RATE_LIMITED, f"handshake.{per}").inc()
         event(log, INFO, "ws.closed", conn_id=self.conn_id, user_id=getattr(self.user, "pk", None),
               code=int(CloseCode.RATE_LIMITED), reason=f"handshakes-per-{per}", addr=scope_address(self.scope))
         await self.send_frame(protocol.Error(code=ErrorCode.RATE_LIMITED, message="too many connections; wait",
@@ -293,7 +293,7 @@ class RealtimeConsumer(queues.Served, Intake, Handlers, Stream, AsyncWebsocketCo
         await self.close(code=int(CloseCode.RATE_LIMITED))
 
     async def disconnect(self, code: int) -> None:
-        metrics.CLOSED.labels(close_label(code)).inc()
+        metrics.labelled(metrics.CLOSED, close_label(code)).inc()
         if not self.authenticated:
             return
         self.authenticated = False
@@ -320,9 +320,9 @@ class RealtimeConsumer(queues.Served, Intake, Handlers, Stream, AsyncWebsocketCo
         in order with everything else this socket is sent), through ASGI otherwise.
         A reply costs a WebSocket header in front of its bytes, not a trip through
         daphne's reply handler and autobahn's framing."""
-        metrics.FRAMES_OUT.labels(frame.__struct_config__.tag).inc()
+        metrics.labelled(metrics.FRAMES_OUT, frame.__struct_config__.tag).inc()
         if isinstance(frame, protocol.Error):
-            metrics.ERRORS.labels(str(frame.code)).inc()
+            metrics.labelled(metrics.ERRORS, str(frame.code)).inc()
             metrics.WINDOW.error(str(frame.code))
         data = self.codec.encode(frame)
         if self.writer is not None and self.writer.write_frame(protocol.websocket_frame(data, self.codec.binary)):

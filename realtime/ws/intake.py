@@ -64,7 +64,7 @@ class Intake:
             frame = self.codec.decode(data)
         except protocol.ProtocolError as exc:
             TRACE.set(clean_trace(None))
-            metrics.FRAMES_IN.labels("invalid").inc()
+            metrics.labelled(metrics.FRAMES_IN, "invalid").inc()
             event(log, INFO, "ws.refused", conn_id=self.conn_id, user_id=self.user.pk, frame="invalid", code=str(exc.code))
             # Bad frames have a bucket of their own: a stream of them is a flood too.
             verdict = await ratelimit.take(self.user.pk, "invalid")
@@ -75,7 +75,7 @@ class Intake:
             return
         except Exception:
             # A decoder fault must cost one error frame, never the connection.
-            metrics.FRAMES_IN.labels("invalid").inc()
+            metrics.labelled(metrics.FRAMES_IN, "invalid").inc()
             log.exception("ws decode fault", extra={"event": "ws.decode_fault", "conn_id": self.conn_id, "user_id": self.user.pk})
             await self.send_frame(protocol.Error(code=ErrorCode.INVALID, message="unreadable frame"))
             return
@@ -96,7 +96,7 @@ class Intake:
         # The frame's trace id (or a new one) follows it to the log lines, the
         # published event and every delivery.
         TRACE.set(clean_trace(frame.trace))
-        metrics.FRAMES_IN.labels(tag).inc()
+        metrics.labelled(metrics.FRAMES_IN, tag).inc()
         verdict = await ratelimit.take(self.user.pk, tag)
         if not verdict.allowed:
             await self.refuse_flood(frame.ref, verdict.retry_after, tag)
@@ -124,7 +124,7 @@ class Intake:
 
     def handled(self, frame: protocol.Request, elapsed: float) -> None:
         tag = frame.__struct_config__.tag
-        metrics.HANDLING.labels(tag).observe(elapsed)
+        metrics.labelled(metrics.HANDLING, tag).observe(elapsed)
         event(log, DEBUG, "ws.frame", conn_id=self.conn_id, user_id=self.user.pk, frame=tag,
               room=getattr(frame, "room", None), ms=round(elapsed * 1000, 2))
 
@@ -187,13 +187,13 @@ class Intake:
             tag = "message.send"
             traces = [clean_trace(frame.trace) for frame in frames]
             TRACE.set(traces[0])
-            metrics.FRAMES_IN.labels(tag).inc(len(frames))
+            metrics.labelled(metrics.FRAMES_IN, tag).inc(len(frames))
             if self.probation_until is UNREAD:
                 self.probation_until = await database_sync_to_async(probation_until)(self.user.pk)
             asked = time.perf_counter()
             granted, retry_after = await ratelimit.take_up_to(self.user.pk, send_bucket(self.probation_until), len(frames),
                                                               reserve=True)
-            metrics.SEND_STEP.labels("rate_limit").observe(time.perf_counter() - asked)
+            metrics.labelled(metrics.SEND_STEP, "rate_limit").observe(time.perf_counter() - asked)
             allowed = frames[:granted]
             if allowed:
                 self.refused_in_row = 0
@@ -223,7 +223,7 @@ class Intake:
     async def refuse_flood(self, ref, retry_after: float, action: str) -> None:
         """Answer a rate-limited frame; close with 4029 a client that keeps going."""
         self.refused_in_row += 1
-        metrics.RATE_LIMITED.labels(action).inc()
+        metrics.labelled(metrics.RATE_LIMITED, action).inc()
         metrics.WINDOW.limited()
         if self.refused_in_row > settings.REALTIME["FLOOD_CLOSE_AFTER"]:
             await self.shut(CloseCode.RATE_LIMITED, "flood")

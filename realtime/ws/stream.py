@@ -114,7 +114,7 @@ class Stream:
                 # not joined. The client subscribes again after retry_after.
                 if current is None:
                     await fanout().discard(broadcast.room_group(slug), self)
-                metrics.RATE_LIMITED.labels("replay").inc()
+                metrics.labelled(metrics.RATE_LIMITED, "replay").inc()
                 raise ActionError(ErrorCode.RATE_LIMITED, "replaying too much; wait and subscribe again",
                                   retry_after=verdict.retry_after)
         await self.send_replayed(replayed)
@@ -336,7 +336,7 @@ class Stream:
         if not replayed:
             return
         for tag, count in replayed.tags.items():
-            metrics.FRAMES_OUT.labels(tag).inc(count)
+            metrics.labelled(metrics.FRAMES_OUT, tag).inc(count)
         metrics.REPLAYED.inc(len(replayed))
         if self.writer is not None and self.writer.write_frames(replayed.frames(self.codec)):
             return

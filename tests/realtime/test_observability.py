@@ -360,3 +360,22 @@ def test_the_collectors_pauses_are_exported_once_and_counted_again_if_dropped(mo
     metrics.watch_collector()
     assert gc.callbacks == [metrics.GC_PAUSES]
     assert registry.get_sample_value("realtime_gc_pause_seconds_count", {"generation": "0"}) is not None
+
+
+def test_a_labelled_child_is_looked_up_once_and_counts_in_the_registry(monkeypatch):
+    """metrics.labelled: the child of a label value is made by prometheus_client
+    once, then reused (no checks and lock per count), and what it counts is what
+    /metrics exports."""
+    from prometheus_client import REGISTRY
+
+    from realtime.observability import metrics
+
+    made = []
+    real = type(metrics.CLOSED).labels
+    monkeypatch.setattr(type(metrics.CLOSED), "labels", lambda self, *v: made.append(v) or real(self, *v))
+    before = REGISTRY.get_sample_value("realtime_connections_closed_total", {"code": "labelled-test"}) or 0
+    for _ in range(3):
+        metrics.labelled(metrics.CLOSED, "labelled-test").inc()
+    assert made == [("labelled-test",)]
+    assert REGISTRY.get_sample_value("realtime_connections_closed_total", {"code": "labelled-test"}) == before + 3
+    assert metrics.labelled(metrics.CLOSED, "labelled-test") is metrics.CLOSED.labels("labelled-test")

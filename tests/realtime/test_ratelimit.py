@@ -124,17 +124,16 @@ def test_rest_posting_shares_the_message_send_bucket(demo, tight):
 
 @pytest.fixture
 def sent(monkeypatch) -> list[int]:
-    """The size of every Redis pipeline sent during the test, in order."""
-    from redis.asyncio.client import Pipeline
-
+    """The number of commands in every round trip state/store.Batched made during
+    the test, in order."""
     sizes: list[int] = []
-    real = Pipeline.execute
+    real = store.Batched._round_trip
 
-    async def counted(self, raise_on_error=True):
-        sizes.append(len(self.command_stack))
-        return await real(self, raise_on_error=raise_on_error)
+    async def counted(self, commands):
+        sizes.append(len(commands))
+        return await real(self, commands)
 
-    monkeypatch.setattr(Pipeline, "execute", counted)
+    monkeypatch.setattr(store.Batched, "_round_trip", counted)
     return sizes
 
 
@@ -157,6 +156,53 @@ async def test_redis_commands_waiting_together_go_in_one_round_trip(redis_server
     assert sent == [7]  # one round trip for the seven
     assert await batched.execute_command("GET", "batched:2") == b"42"
     assert sent == [7, 1]  # alone: sent at once, alone
+
+
+@pytest.mark.asyncio
+async def test_a_script_goes_by_its_sha1_once_redis_has_it_and_by_its_text_again_after_a_flush(redis_server, monkeypatch):
+    """Batched.eval sends a script's text once, then its SHA1 (EVALSHA); a Redis
+    that forgot it (SCRIPT FLUSH, a restart) answers NOSCRIPT, and the command goes
+    again with its text: its caller gets the script's answer, run once."""
+    batched = store.batched(redis_server.url)
+    wire: list[str] = []
+    real = store.Batched._round_trip
+
+    async def recorded(self, commands):
+        wire.extend(args[0] for args in commands)
+        return await real(self, commands)
+
+    monkeypatch.setattr(store.Batched, "_round_trip", recorded)
+    script = "return redis.call('INCR', KEYS[1])"
+    assert await batched.eval(script, 1, "scripted") == 1
+    assert await batched.eval(script, 1, "scripted") == 2
+    assert wire == ["EVAL", "EVALSHA"]
+    assert await store.client(redis_server.url).script_flush() is True
+    wire.clear()
+    assert await asyncio.gather(batched.eval(script, 1, "scripted"), batched.eval(script, 1, "scripted")) in ([3, 4], [4, 3])
+    assert wire == ["EVALSHA", "EVALSHA", "EVAL", "EVAL"]  # one trip by SHA1, then one with the text
+    assert await batched.execute_command("GET", "scripted") == b"4"
+
+
+@pytest.mark.asyncio
+async def test_a_round_trip_with_no_answer_in_time_fails_its_commands_and_drops_its_connection(redis_server, monkeypatch):
+    """A Redis that does not answer (here: paused by CLIENT PAUSE) fails every
+    command of the trip with redis' TimeoutError after store.TIMEOUT; the
+    connection, whose answers may still come, is not used again."""
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    monkeypatch.setattr(store, "TIMEOUT", 0.2)
+    batched = store.batched(redis_server.url)
+    assert await batched.execute_command("SET", "paused", 1) is True
+    pool = store.client(redis_server.url, batches=True).connection_pool
+    (first,) = pool._available_connections
+    assert await store.client(redis_server.url).client_pause(600, all=False) is True  # writes wait
+    done = await asyncio.gather(batched.execute_command("INCR", "paused"), batched.execute_command("INCR", "paused"),
+                                return_exceptions=True)
+    assert [type(d) for d in done] == [RedisTimeout, RedisTimeout]
+    assert not first.is_connected
+    await asyncio.sleep(0.6)
+    # A fresh connection; the paused one's INCRs went with it, never run.
+    assert await batched.execute_command("GET", "paused") == b"1"
 
 
 @pytest.mark.asyncio

@@ -138,3 +138,54 @@ def test_autobahns_read_is_its_debug_line_and_then_the_frames():
 
     assert set(WebSocketAdapterProtocol.dataReceived.__code__.co_names) == {
         "log", "debug", "hltype", "dataReceived", "hlval", "peer", "len", "_dataReceived"}
+
+
+def test_the_reactor_calls_a_sockets_reads_directly_and_still_logs_what_they_raise(monkeypatch, caplog):
+    """adapter.direct_reads_and_writes: Twisted's asyncio reactor calls a socket's
+    doRead without callWithLogger's log context (its logPrefix not asked, no
+    "system" set around the read); a read that raises is still logged, by the
+    reactor's own _readOrWrite, and its connection dropped."""
+    import asyncio
+    import socket
+
+    from twisted.internet import abstract, asyncioreactor
+    from twisted.python import context
+
+    monkeypatch.setattr(asyncioreactor, "callWithLogger", asyncioreactor.callWithLogger)  # (put back after)
+    adapter.direct_reads_and_writes()
+    loop = asyncio.new_event_loop()
+    reactor = asyncioreactor.AsyncioSelectorReactor(loop)
+    ours, theirs = socket.socketpair()
+    seen, lost = [], []
+
+    class Reader(abstract.FileDescriptor):
+        def fileno(self):
+            return ours.fileno()
+
+        def logPrefix(self):
+            seen.append("asked for its log prefix")
+            return "reader"
+
+        def doRead(self):
+            data = ours.recv(16)
+            seen.append((data, context.get("system")))
+            if data == b"boom":
+                raise ValueError("a read that fails")
+
+        def connectionLost(self, reason):
+            lost.append(reason.type)
+            loop.stop()
+
+    try:
+        reader = Reader(reactor)
+        reactor.addReader(reader)
+        theirs.send(b"hi")
+        loop.call_later(0.2, theirs.send, b"boom")
+        loop.call_later(5, loop.stop)
+        loop.run_forever()
+    finally:
+        ours.close()
+        theirs.close()
+        loop.close()
+    assert seen == [(b"hi", None), (b"boom", None)]
+    assert lost == [ValueError]
