@@ -228,8 +228,10 @@ def direct_reads_and_writes() -> None:
     prefix and sets a legacy log context around the call: some 3% of a worker's
     connect storm, for a context our logs never read (they are stdlib JSON
     lines, with their own fields). From now on, sockets registered with the
-    reactor are called directly; what a read raises is logged as before, by
-    `_readOrWrite`."""
+    reactor are called directly. An Exception a read or write raises is still
+    caught, logged to Twisted's log and its connection dropped by
+    `_readOrWrite`; what a connection's connectionLost raises (which
+    callWithLogger caught) reaches asyncio's exception handler, logged at ERROR."""
     from twisted.internet import asyncioreactor
 
     asyncioreactor.callWithLogger = _call

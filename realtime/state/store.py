@@ -20,7 +20,7 @@ def redis_url() -> str:
     return getattr(settings, "REDIS_URL", "")
 
 
-TIMEOUT = 2  # s: a connect, a read, a Batched round trip (the callers fail open or closed)
+TIMEOUT = 2  # s: a connect, a read, a Batched round trip whole (the callers fail open or closed)
 
 
 def client(url: str, *, batches: bool = False):
@@ -104,7 +104,8 @@ class Batched:
     trips"); the whole trip has one timeout. A script (`eval`) is sent by its
     SHA1 once Redis has run it from here, not its text every time; a Redis that
     has forgotten it (restarted, SCRIPT FLUSH) answers NOSCRIPT, and the command
-    goes again with the text, ahead of the next batch."""
+    goes again with the text, ahead of the next batch (so after the commands
+    sent with it the first time)."""
 
     MOST = 256
 
@@ -124,6 +125,10 @@ class Batched:
             waiting.sender = asyncio.ensure_future(self._send(waiting))
         return await future
 
+    def _encoding(self) -> tuple[str, str]:
+        options = client(self.url, batches=True).connection_pool.connection_kwargs
+        return options.get("encoding", "utf-8"), options.get("encoding_errors", "strict")
+
     def _wire(self, args: tuple) -> tuple:
         """The command as sent: a script Redis has already run, by its SHA1."""
         if args[0] == "EVAL":
@@ -134,39 +139,45 @@ class Batched:
 
     async def _round_trip(self, commands: list[tuple]) -> list:
         """The answers to `commands`, in order, in one write and its reads; an
-        error answer is returned in its place (an exception), a failed
-        connection raises (and is not used again)."""
+        error answer is returned in its place (an exception). A trip that fails
+        (the connection, or no answer within TIMEOUT) raises for all of them, and
+        is not tried again: the callers fail open or closed as with Redis away
+        (redis-py's Pipeline retried, and could run a command twice)."""
         from redis.exceptions import ResponseError
         from redis.exceptions import TimeoutError as RedisTimeout
 
         redis = client(self.url, batches=True)
         pool, callbacks = redis.connection_pool, redis.response_callbacks
-        connection = await pool.get_connection()
+        connection = None
         try:
-            try:
-                async with asyncio.timeout(TIMEOUT):
-                    pack = connection.pack_command
-                    await connection.send_packed_command([chunk for args in commands for chunk in pack(*args)],
-                                                         check_health=False)
-                    read, answers = connection.read_response, []
-                    for args in commands:
-                        try:
-                            answer = await read()
-                        except ResponseError as exc:  # (the answer: read whole, nothing else pending)
-                            answers.append(exc)
-                            continue
-                        # As the client answers it (SET: True); none for EVAL, EVALSHA.
-                        callback = callbacks.get(args[0])
-                        answers.append(answer if callback is None else callback(answer))
-                    return answers
-            except TimeoutError:
+            async with asyncio.timeout(TIMEOUT):
+                # (inside the timeout: a new connection's set-up, AUTH, SELECT and
+                # CLIENT SETINFO, reads its answers with no timeout of its own)
+                connection = await pool.get_connection()
+                pack = connection.pack_command
+                await connection.send_packed_command([chunk for args in commands for chunk in pack(*args)],
+                                                     check_health=False)
+                read, answers = connection.read_response, []
+                for args in commands:
+                    try:
+                        answer = await read()
+                    except ResponseError as exc:  # (the answer: read whole, nothing else pending)
+                        answers.append(exc)
+                        continue
+                    # As the client answers it (SET: True); none for EVAL, EVALSHA.
+                    callback = callbacks.get(args[0])
+                    answers.append(answer if callback is None else callback(answer))
+                return answers
+        except BaseException as exc:
+            if connection is not None:
+                # Answers may still be on their way: closed, and made again when next taken.
+                await connection.disconnect(nowait=True)
+            if isinstance(exc, TimeoutError):
                 raise RedisTimeout(f"No answer from Redis within {TIMEOUT} s") from None
-        except BaseException:
-            # Answers may still be on their way: the connection is not reused.
-            await connection.disconnect(nowait=True)
             raise
         finally:
-            await pool.release(connection)
+            if connection is not None:
+                await pool.release(connection)
 
     async def _send(self, waiting: _Waiting) -> None:
         from redis.exceptions import NoScriptError
@@ -188,12 +199,12 @@ class Batched:
                     answers = [exc] * len(batch)
                 again = []
                 for (args, future), sent, answer in zip(batch, commands, answers):
-                    if isinstance(answer, NoScriptError) and sent[0] == "EVALSHA":
+                    if isinstance(answer, NoScriptError) and sent[0] == "EVALSHA" and args[0] == "EVAL":
                         self._loaded.pop(args[1], None)
                         again.append((args, future))  # with its text, next
                         continue
                     if sent[0] == "EVAL" and not isinstance(answer, Exception):
-                        self._loaded[args[1]] = sha1(args[1])
+                        self._loaded[args[1]] = sha1(args[1], self._encoding())
                     if future.done():
                         continue
                     if isinstance(answer, Exception):
@@ -209,9 +220,10 @@ class Batched:
             waiting.calls = []
 
 
-def sha1(script) -> str:
-    """A script's SHA1 as Redis names it (EVALSHA)."""
-    return hashlib.sha1(script.encode() if isinstance(script, str) else script).hexdigest()
+def sha1(script, encoding: tuple[str, str] = ("utf-8", "strict")) -> str:
+    """A script's SHA1 as Redis names it (EVALSHA): of its bytes as the client
+    sends them (`encoding`: the URL's encoding and its errors)."""
+    return hashlib.sha1(script.encode(*encoding) if isinstance(script, str) else script).hexdigest()
 
 
 _batched: dict[str, Batched] = {}

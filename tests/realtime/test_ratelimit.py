@@ -184,10 +184,28 @@ async def test_a_script_goes_by_its_sha1_once_redis_has_it_and_by_its_text_again
 
 
 @pytest.mark.asyncio
+async def test_a_scripts_sha1_is_of_the_bytes_the_urls_encoding_sends(redis_server, monkeypatch):
+    """A URL with another encoding (latin-1) sends a script's text in it: its
+    SHA1 is taken of those bytes, so the second call goes by SHA1 and is found."""
+    batched = store.batched(f"{redis_server.url}?encoding=latin-1")
+    wire: list[str] = []
+    real = store.Batched._round_trip
+
+    async def recorded(self, commands):
+        wire.extend(args[0] for args in commands)
+        return await real(self, commands)
+
+    monkeypatch.setattr(store.Batched, "_round_trip", recorded)
+    script = "return 7 -- café"
+    assert [await batched.eval(script, 0), await batched.eval(script, 0)] == [7, 7]
+    assert wire == ["EVAL", "EVALSHA"]
+
+
+@pytest.mark.asyncio
 async def test_a_round_trip_with_no_answer_in_time_fails_its_commands_and_drops_its_connection(redis_server, monkeypatch):
     """A Redis that does not answer (here: paused by CLIENT PAUSE) fails every
     command of the trip with redis' TimeoutError after store.TIMEOUT; the
-    connection, whose answers may still come, is not used again."""
+    connection, whose answers may still come, is closed."""
     from redis.exceptions import TimeoutError as RedisTimeout
 
     monkeypatch.setattr(store, "TIMEOUT", 0.2)
@@ -203,6 +221,44 @@ async def test_a_round_trip_with_no_answer_in_time_fails_its_commands_and_drops_
     await asyncio.sleep(0.6)
     # A fresh connection; the paused one's INCRs went with it, never run.
     assert await batched.execute_command("GET", "paused") == b"1"
+
+
+@pytest.mark.asyncio
+async def test_a_redis_that_accepts_and_never_answers_fails_the_trip_in_time(monkeypatch):
+    """The whole trip is timed, a new connection's set-up included (its CLIENT
+    SETINFO is read with no timeout of its own): a Redis that takes the
+    connection and says nothing fails the commands after store.TIMEOUT, and the
+    callers asking meanwhile are not held behind it for ever."""
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    monkeypatch.setattr(store, "TIMEOUT", 0.3)
+    heard: list[bytes] = []
+
+    async def mute(reader, writer):
+        heard.append(await reader.read(4096))
+        await reader.read()  # until the client goes
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        batched = store.batched(f"redis://127.0.0.1:{port}/0")
+        done = await asyncio.wait_for(asyncio.gather(batched.execute_command("GET", "a"),
+                                                     batched.eval("return 1", 0), return_exceptions=True), 5)
+        assert [type(d) for d in done] == [RedisTimeout, RedisTimeout]
+        assert heard and b"CLIENT" in heard[0]  # it was still setting the connection up
+    finally:
+        server.close()
+
+
+@pytest.mark.asyncio
+async def test_a_callers_own_evalsha_of_an_unknown_script_gets_noscript(redis_server):
+    """Only a script asked for by its text goes again after NOSCRIPT; an EVALSHA
+    asked for as such gets Redis's answer, once."""
+    from redis.exceptions import NoScriptError
+
+    batched = store.batched(redis_server.url)
+    with pytest.raises(NoScriptError):
+        await asyncio.wait_for(batched.execute_command("EVALSHA", "0" * 40, 0), 5)
 
 
 @pytest.mark.asyncio

@@ -140,11 +140,12 @@ def test_autobahns_read_is_its_debug_line_and_then_the_frames():
         "log", "debug", "hltype", "dataReceived", "hlval", "peer", "len", "_dataReceived"}
 
 
-def test_the_reactor_calls_a_sockets_reads_directly_and_still_logs_what_they_raise(monkeypatch, caplog):
+def test_the_reactor_calls_a_sockets_reads_directly_and_still_drops_one_that_raises(monkeypatch):
     """adapter.direct_reads_and_writes: Twisted's asyncio reactor calls a socket's
     doRead without callWithLogger's log context (its logPrefix not asked, no
-    "system" set around the read); a read that raises is still logged, by the
-    reactor's own _readOrWrite, and its connection dropped."""
+    "system" set around the read); a read that raises is still caught by the
+    reactor's own _readOrWrite (which logs it to Twisted's log) and its
+    connection dropped."""
     import asyncio
     import socket
 
