@@ -137,6 +137,21 @@ def sent(monkeypatch) -> list[int]:
     return sizes
 
 
+@pytest.fixture
+def wire(monkeypatch) -> list[str]:
+    """The name of every command state/store.Batched sent during the test, in
+    order (EVAL or EVALSHA for a script)."""
+    names: list[str] = []
+    real = store.Batched._round_trip
+
+    async def recorded(self, commands):
+        names.extend(args[0] for args in commands)
+        return await real(self, commands)
+
+    monkeypatch.setattr(store.Batched, "_round_trip", recorded)
+    return names
+
+
 @pytest.mark.asyncio
 async def test_redis_commands_waiting_together_go_in_one_round_trip(redis_server, sent):
     """state/store.Batched: each caller its own answer or error, the waiting ones
@@ -159,19 +174,11 @@ async def test_redis_commands_waiting_together_go_in_one_round_trip(redis_server
 
 
 @pytest.mark.asyncio
-async def test_a_script_goes_by_its_sha1_once_redis_has_it_and_by_its_text_again_after_a_flush(redis_server, monkeypatch):
+async def test_a_script_goes_by_its_sha1_once_redis_has_it_and_by_its_text_again_after_a_flush(redis_server, wire):
     """Batched.eval sends a script's text once, then its SHA1 (EVALSHA); a Redis
     that forgot it (SCRIPT FLUSH, a restart) answers NOSCRIPT, and the command goes
     again with its text: its caller gets the script's answer, run once."""
     batched = store.batched(redis_server.url)
-    wire: list[str] = []
-    real = store.Batched._round_trip
-
-    async def recorded(self, commands):
-        wire.extend(args[0] for args in commands)
-        return await real(self, commands)
-
-    monkeypatch.setattr(store.Batched, "_round_trip", recorded)
     script = "return redis.call('INCR', KEYS[1])"
     assert await batched.eval(script, 1, "scripted") == 1
     assert await batched.eval(script, 1, "scripted") == 2
@@ -184,18 +191,10 @@ async def test_a_script_goes_by_its_sha1_once_redis_has_it_and_by_its_text_again
 
 
 @pytest.mark.asyncio
-async def test_a_scripts_sha1_is_of_the_bytes_the_urls_encoding_sends(redis_server, monkeypatch):
+async def test_a_scripts_sha1_is_of_the_bytes_the_urls_encoding_sends(redis_server, wire):
     """A URL with another encoding (latin-1) sends a script's text in it: its
     SHA1 is taken of those bytes, so the second call goes by SHA1 and is found."""
     batched = store.batched(f"{redis_server.url}?encoding=latin-1")
-    wire: list[str] = []
-    real = store.Batched._round_trip
-
-    async def recorded(self, commands):
-        wire.extend(args[0] for args in commands)
-        return await real(self, commands)
-
-    monkeypatch.setattr(store.Batched, "_round_trip", recorded)
     script = "return 7 -- café"
     assert [await batched.eval(script, 0), await batched.eval(script, 0)] == [7, 7]
     assert wire == ["EVAL", "EVALSHA"]
