@@ -48,10 +48,11 @@ async def measure(url: str, batch: int, rounds: int, plain: bool) -> dict:
 
     batched = store.batched(url)
 
-    def ask(i: int):
+    async def ask(i: int):
+        # A coroutine, as the callers are (ratelimit, leases, presence), each its task.
         if plain:
-            return batched.execute_command("SET", f"bench:batched:{i}", i)
-        return batched.eval(BUCKET, 1, f"bench:bucket:{i}", 10, 1000, time.time(), 1)
+            return await batched.execute_command("SET", f"bench:batched:{i}", i)
+        return await batched.eval(BUCKET, 1, f"bench:bucket:{i}", 10, 1000, time.time(), 1)
 
     for _ in range(20):  # warm: connections made, the script loaded
         await asyncio.gather(*(ask(i) for i in range(batch)))

@@ -314,8 +314,7 @@ async def test_a_command_whose_caller_was_cancelled_before_it_went_is_not_sent(r
 
     batched = store.batched(redis_server.url)
     tasks = [asyncio.ensure_future(batched.execute_command("INCR", "batched:cancelled")) for _ in range(3)]
-    await asyncio.sleep(0)  # all three are waiting for the sender, which has not sent yet
-    tasks[1].cancel()
+    tasks[1].cancel()  # while all three wait for the sender, which has not run yet
     done = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(done[1], asyncio.CancelledError)
     assert sorted(done[0::2]) == [1, 2]
