@@ -542,11 +542,16 @@ async def test_a_count_whose_answer_and_settlement_were_lost_runs_out_while_its_
 
     monkeypatch.setattr(ratelimit.RedisBuckets, "take_now", answer_lost)
     monkeypatch.setattr(ratelimit.RedisBuckets, "settle", first_settlement_lost)
+    # A slack of 1 s, not quick_reserves' 0.3: a loop that stalls longer than the
+    # slack (a busy CI machine) sends a live period's settlement after its count
+    # ran out, whose unspent tokens are then lost too (fewer, never more: the
+    # bucket's own rule) and would fall outside this test's bound.
+    monkeypatch.setattr(ratelimit, "RESERVE_SLACK", 1.0)
     assert (await reserves.take(key, rate, burst, 1))[0] == 1  # from this worker's own bucket
     assert bucket(url, key)[1] == {lost[0]: 16}
     loop = asyncio.get_running_loop()
     started, granted, takes = loop.time(), 0, 0
-    while loop.time() - started < 1.5:  # the count's time is 0.2 + 0.3 s
+    while loop.time() - started < 2.5:  # the count's time is 0.2 + 1 s
         granted += (await reserves.take(key, rate, burst, 1))[0]
         takes += 1
         await asyncio.sleep(0.02)
@@ -556,9 +561,14 @@ async def test_a_count_whose_answer_and_settlement_were_lost_runs_out_while_its_
     current = reserves.held[key]
     assert holds == {current.period: holds[current.period]}  # the lost count ran out; the live one is there
     # Gone from the bucket: what was granted, what the live reserve holds, and what the
-    # lost period held when it ran out (its 16, and what it had not spent: up to 16).
+    # lost period held when it ran out (its 16, and what it had not spent: up to 16);
+    # and a top-up of a live period still on its way when that period was settled,
+    # which is left to its count (released with it, not given back: up to a
+    # reserve, 16), as the reserves' rule says. CI found that last part (41 once in
+    # a run, 35 in a loaded one): how often a top-up is in flight at a period's end
+    # depends on the round trip's time.
     lost_with_it = 400 - tokens - (1 + granted) - current.tokens
-    assert 16 <= round(lost_with_it) <= 32
+    assert 16 <= round(lost_with_it) <= 48
 
 
 @pytest.mark.asyncio
