@@ -123,37 +123,30 @@ def test_rest_posting_shares_the_message_send_bucket(demo, tight):
 
 
 @pytest.fixture
-def sent(monkeypatch) -> list[int]:
-    """The number of commands in every round trip state/store.Batched made during
-    the test, in order."""
-    sizes: list[int] = []
-    real = store.Batched._round_trip
-
-    async def counted(self, commands):
-        sizes.append(len(commands))
-        return await real(self, commands)
-
-    monkeypatch.setattr(store.Batched, "_round_trip", counted)
-    return sizes
-
-
-@pytest.fixture
-def wire(monkeypatch) -> list[str]:
-    """The name of every command state/store.Batched sent during the test, in
-    order (EVAL or EVALSHA for a script)."""
-    names: list[str] = []
+def trips(monkeypatch) -> list[list[tuple]]:
+    """The commands of every round trip state/store.Batched made during the test,
+    in order, as sent (EVAL or EVALSHA for a script)."""
+    made: list[list[tuple]] = []
     real = store.Batched._round_trip
 
     async def recorded(self, commands):
-        names.extend(args[0] for args in commands)
+        made.append(list(commands))
         return await real(self, commands)
 
     monkeypatch.setattr(store.Batched, "_round_trip", recorded)
-    return names
+    return made
+
+
+def sizes(trips: list[list[tuple]]) -> list[int]:
+    return [len(commands) for commands in trips]
+
+
+def names(trips: list[list[tuple]]) -> list[str]:
+    return [args[0] for commands in trips for args in commands]
 
 
 @pytest.mark.asyncio
-async def test_redis_commands_waiting_together_go_in_one_round_trip(redis_server, sent):
+async def test_redis_commands_waiting_together_go_in_one_round_trip(redis_server, trips):
     """state/store.Batched: each caller its own answer or error, the waiting ones
     sent as one pipeline (the limits, leases and presence of a storm's handshakes)."""
     from redis.exceptions import ResponseError
@@ -168,13 +161,13 @@ async def test_redis_commands_waiting_together_go_in_one_round_trip(redis_server
     assert sets == [True] * 5
     assert added == 42
     assert isinstance(wrong, ResponseError)  # its own error, no one else's
-    assert sent == [7]  # one round trip for the seven
+    assert sizes(trips) == [7]  # one round trip for the seven
     assert await batched.execute_command("GET", "batched:2") == b"42"
-    assert sent == [7, 1]  # alone: sent at once, alone
+    assert sizes(trips) == [7, 1]  # alone: sent at once, alone
 
 
 @pytest.mark.asyncio
-async def test_a_script_goes_by_its_sha1_once_redis_has_it_and_by_its_text_again_after_a_flush(redis_server, wire):
+async def test_a_script_goes_by_its_sha1_once_redis_has_it_and_by_its_text_again_after_a_flush(redis_server, trips):
     """Batched.eval sends a script's text once, then its SHA1 (EVALSHA); a Redis
     that forgot it (SCRIPT FLUSH, a restart) answers NOSCRIPT, and the command goes
     again with its text: its caller gets the script's answer, run once."""
@@ -182,22 +175,22 @@ async def test_a_script_goes_by_its_sha1_once_redis_has_it_and_by_its_text_again
     script = "return redis.call('INCR', KEYS[1])"
     assert await batched.eval(script, 1, "scripted") == 1
     assert await batched.eval(script, 1, "scripted") == 2
-    assert wire == ["EVAL", "EVALSHA"]
+    assert names(trips) == ["EVAL", "EVALSHA"]
     assert await store.client(redis_server.url).script_flush() is True
-    wire.clear()
+    trips.clear()
     assert await asyncio.gather(batched.eval(script, 1, "scripted"), batched.eval(script, 1, "scripted")) in ([3, 4], [4, 3])
-    assert wire == ["EVALSHA", "EVALSHA", "EVAL", "EVAL"]  # one trip by SHA1, then one with the text
+    assert names(trips) == ["EVALSHA", "EVALSHA", "EVAL", "EVAL"]  # one trip by SHA1, then one with the text
     assert await batched.execute_command("GET", "scripted") == b"4"
 
 
 @pytest.mark.asyncio
-async def test_a_scripts_sha1_is_of_the_bytes_the_urls_encoding_sends(redis_server, wire):
+async def test_a_scripts_sha1_is_of_the_bytes_the_urls_encoding_sends(redis_server, trips):
     """A URL with another encoding (latin-1) sends a script's text in it: its
     SHA1 is taken of those bytes, so the second call goes by SHA1 and is found."""
     batched = store.batched(f"{redis_server.url}?encoding=latin-1")
     script = "return 7 -- café"
     assert [await batched.eval(script, 0), await batched.eval(script, 0)] == [7, 7]
-    assert wire == ["EVAL", "EVALSHA"]
+    assert names(trips) == ["EVAL", "EVALSHA"]
 
 
 @pytest.mark.asyncio
@@ -307,7 +300,7 @@ async def test_the_shared_client_packs_commands_in_c_with_the_same_bytes_and_err
 
 
 @pytest.mark.asyncio
-async def test_a_command_whose_caller_was_cancelled_before_it_went_is_not_sent(redis_server, sent):
+async def test_a_command_whose_caller_was_cancelled_before_it_went_is_not_sent(redis_server, trips):
     """A handshake abandoned while its rate limit waited in the batch (its client
     gone) takes no token: its command never reaches Redis."""
     from realtime.state import store
@@ -318,7 +311,7 @@ async def test_a_command_whose_caller_was_cancelled_before_it_went_is_not_sent(r
     done = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(done[1], asyncio.CancelledError)
     assert sorted(done[0::2]) == [1, 2]
-    assert sent == [2]
+    assert sizes(trips) == [2]
     assert await batched.execute_command("GET", "batched:cancelled") == b"2"
 
 
