@@ -127,6 +127,29 @@ def test_the_newest_message_stays_in_view_when_the_signed_out_notice_takes_room(
     bob.screenshot(path=str(artifacts / "signed-out-newest-in-view.png"))
     assert bob.errors == [] and alice.errors == []
 
+def test_the_bar_at_phone_width_keeps_each_part_on_one_line_when_signed_out(app_server, browser, artifacts):
+    """Found using it: at 390 px, signed out in another tab, the bar squeezed "☰ Rooms",
+    the "signed out" badge and "Sign in again" onto two lines each."""
+    bob = sign_in(browser, app_server, "bob", viewport={"width": 390, "height": 844})
+    connected(bob)
+    parts = [bob.locator("#sidebar-toggle"), bob.locator("#status")]
+    one_line = {i: part.bounding_box()["height"] for i, part in enumerate(parts)}
+    other_tab = bob.context.new_page()
+    other_tab.goto(f"{app_server.url}/")
+    other_tab.get_by_role("button", name="Log out").click()
+    expect(bob.locator("#status")).to_have_text("signed out", timeout=10_000)
+    sign_in_again = bob.locator("#status-actions a")
+    expect(sign_in_again).to_have_text("Sign in again")
+    for i, part in enumerate(parts):
+        assert part.bounding_box()["height"] == one_line[i], part
+    link_box = sign_in_again.bounding_box()
+    line = bob.evaluate("parseFloat(getComputedStyle(document.querySelector('#status-actions a')).lineHeight)")
+    assert link_box["height"] <= line + 1, (link_box, line)
+    assert bob.evaluate("document.documentElement.scrollWidth") == 390  # nothing wider than the phone
+    bob.screenshot(path=str(artifacts / "signed-out-phone.png"))
+    assert bob.errors == []
+
+
 def test_an_operators_disconnect_says_so_and_offers_a_reconnect(app_server, browser):
     bob = sign_in(browser, app_server, "bob")
     connected(bob)
