@@ -68,7 +68,8 @@ export function bindComposer(client, { room, me, view, presence, form, input }) 
     /* nothing kept */
   }
 
-  if (!form) return { stop() {} };
+  // A reader's page has no composer: nothing to stop or to resume.
+  if (!form) return { signedOut() {}, resume() {} };
   form.addEventListener("submit", (e) => {
     e.preventDefault();
     const body = input.value;
