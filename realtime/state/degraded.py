@@ -10,6 +10,11 @@ says; nothing else decides. Each row is proved by a test that stops Redis
 lost (messages, the rooms' logs, sessions, read positions): none of these rows
 loses a message.
 
+"Down" is a Redis that refuses (each command fails at once) or one that hangs
+(paused, its network silent): a command then fails after 2 s (store.TIMEOUT), and
+for the next 5 s (store.QUIET) every command to that Redis fails at once, so that
+a socket's frames, handled in turn, do not each wait 2 s for theirs.
+
 | Row | While Redis is down | When it comes back |
 | --- | --- | --- |
 | RATE_LIMITS | each worker keeps the token buckets in its own memory, the same limits a worker (a user gets one bucket per worker, not one in all); frame, body and buffer limits hold as always | the shared buckets as they were (or full, if Redis lost them) |

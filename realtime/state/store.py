@@ -11,6 +11,8 @@ import time
 import weakref
 
 from django.conf import settings
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 # Per loop (a closed loop's clients go with it; tests run a loop per test), per URL and use.
 _clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, bool], object]]" = weakref.WeakKeyDictionary()
@@ -34,11 +36,87 @@ def client(url: str, *, batches: bool = False):
     found = mine.get((url, batches))
     if found is None:
         found = mine[(url, batches)] = packed_in_c(aioredis.from_url(
-            url, socket_connect_timeout=TIMEOUT, socket_timeout=None if batches else TIMEOUT))
+            url, socket_connect_timeout=TIMEOUT, socket_timeout=None if batches else TIMEOUT), quiet=not batches)
     return found
 
 
-_packed_classes: dict[type, type] = {}
+# -- a Redis that does not answer is not asked again at once --------------------------
+# A Redis that hangs (paused, or its network gone silent) answers nothing and refuses
+# nothing: each command waited TIMEOUT, and a socket's frames, handled one after the
+# other, each waited for theirs (a message sent after four other frames was acknowledged
+# 14 s late in a first real use). After a command gets no answer within TIMEOUT, that
+# Redis's commands fail at once, for QUIET seconds, with Unanswered (a ConnectionError:
+# the callers do what realtime/state/degraded.py says for Redis away); the first after
+# that asks it again. A refused connection fails at once by itself and changes nothing here.
+QUIET = 5.0
+# (event loop, Redis address) -> until when (time.monotonic) its commands fail at once
+_quiet_until: dict[tuple[asyncio.AbstractEventLoop, object], float] = {}
+
+
+class Unanswered(RedisConnectionError):
+    """Not sent: this Redis did not answer within TIMEOUT a moment ago."""
+
+
+def address_of(options: dict) -> object:
+    """The Redis a connection's options reach (its socket path, or host and port)."""
+    return options.get("path") or (options.get("host"), options.get("port"))
+
+
+def went_quiet(address: object) -> None:
+    """A command to `address` got no answer within TIMEOUT."""
+    now = time.monotonic()
+    for key in [key for key, until in _quiet_until.items() if until <= now]:
+        del _quiet_until[key]  # (and those of loops gone: tests run a loop each)
+    _quiet_until[(asyncio.get_running_loop(), address)] = now + QUIET
+
+
+def still_quiet(address: object) -> bool:
+    """Whether `address` went quiet less than QUIET seconds ago (on this loop)."""
+    key = (asyncio.get_running_loop(), address)
+    until = _quiet_until.get(key)
+    if until is None:
+        return False
+    if time.monotonic() < until:
+        return True
+    del _quiet_until[key]
+    return False
+
+
+def _unanswered(address: object) -> Unanswered:
+    return Unanswered(f"Redis at {address} gave no answer within {TIMEOUT} s; not asked again for {QUIET} s")
+
+
+class _Quiet:
+    """A connection's side of it (mixed into the shared client's connection class):
+    nothing sent to a quiet Redis, and a read or a connect with no answer in time
+    makes it quiet."""
+
+    async def connect(self):
+        address = address_of(self.__dict__)
+        if _quiet_until and still_quiet(address):
+            raise _unanswered(address)
+        try:
+            return await super().connect()
+        except (TimeoutError, RedisTimeout):
+            went_quiet(address)
+            raise
+
+    async def send_packed_command(self, command, check_health=True):
+        if _quiet_until:
+            address = address_of(self.__dict__)
+            if still_quiet(address):
+                raise _unanswered(address)
+        return await super().send_packed_command(command, check_health)
+
+    async def read_response(self, *args, **kwargs):
+        try:
+            return await super().read_response(*args, **kwargs)
+        except (TimeoutError, RedisTimeout):
+            went_quiet(address_of(self.__dict__))
+            raise
+
+
+_packed_classes: dict[tuple[type, bool, bool], type] = {}
 # What hiredis packs: exactly these types (a subclass, an enum, a memoryview go the
 # Python way, as before), and text or bytes up to this long (beyond about 32 KB
 # hiredis's copy costs more than the Python packer's chunks).
@@ -46,24 +124,34 @@ _C_TYPES = frozenset((str, bytes, int, float))
 _C_LONGEST = 16384
 
 
-def packed_in_c(client):
+def packed_in_c(client, quiet: bool = False):
     """`client` with its commands packed into the wire format by hiredis (C), as
     redis-py's synchronous connections already do when hiredis is installed; its
     asyncio connections pack in Python (redis-py 7.4): about 7 µs a command of a
     connect storm's against 2 (docs/decisions.md). Only where the bytes are the
     same: str, bytes, int and float under the default encoding (UTF-8, strict);
-    anything else, and long values, are packed as before."""
-    from redis.connection import HIREDIS_AVAILABLE, HiredisRespSerializer
+    anything else, and long values, are packed as before. With `quiet`, a Redis
+    that does not answer in time is not asked again for a while (QUIET, above)."""
+    from redis.connection import HIREDIS_AVAILABLE
 
     pool = client.connection_pool
     options = pool.connection_kwargs
     default_encoding = (codecs.lookup(options.get("encoding", "utf-8")).name == "utf-8"
                         and options.get("encoding_errors", "strict") == "strict" and "encoder_class" not in options)
-    if not HIREDIS_AVAILABLE or not default_encoding:
-        return client
-    base = pool.connection_class
-    packed = _packed_classes.get(base)
-    if packed is None:
+    in_c = HIREDIS_AVAILABLE and default_encoding
+    if in_c or quiet:
+        pool.connection_class = _connection_class(pool.connection_class, in_c, quiet)
+    return client
+
+
+def _connection_class(base: type, in_c: bool, quiet: bool) -> type:
+    made = _packed_classes.get((base, in_c, quiet))
+    if made is not None:
+        return made
+    namespace = {}
+    if in_c:
+        from redis.connection import HiredisRespSerializer
+
         pack = HiredisRespSerializer().pack
 
         def pack_command(self, *args):
@@ -73,9 +161,10 @@ def packed_in_c(client):
                     return base.pack_command(self, *args)
             return pack(*args)
 
-        packed = _packed_classes[base] = type(f"CPacked{base.__name__}", (base,), {"pack_command": pack_command})
-    pool.connection_class = packed
-    return client
+        namespace["pack_command"] = pack_command
+    name = ("CPacked" if in_c else "") + ("Quiet" if quiet else "") + base.__name__
+    made = _packed_classes[(base, in_c, quiet)] = type(name, (_Quiet, base) if quiet else (base,), namespace)
+    return made
 
 
 class _Waiting:
@@ -113,6 +202,7 @@ class Batched:
         self.url = url
         self._waiting = LoopLocal(_Waiting)
         self._loaded: dict[str, str] = {}  # script text: its SHA1, once Redis has it
+        self._at: object = None  # the Redis it reaches (address_of)
 
     def eval(self, *args) -> asyncio.Future:
         return self.execute_command("EVAL", *args)
@@ -124,10 +214,18 @@ class Batched:
         if it has not gone yet."""
         waiting = self._waiting()
         future = asyncio.get_running_loop().create_future()
+        if _quiet_until and still_quiet(self._address()):
+            future.set_exception(_unanswered(self._address()))
+            return future
         waiting.calls.append((args, future))
         if waiting.sender is None:
             waiting.sender = asyncio.ensure_future(self._send(waiting))
         return future
+
+    def _address(self) -> object:
+        if self._at is None:
+            self._at = address_of(client(self.url, batches=True).connection_pool.connection_kwargs)
+        return self._at
 
     def _encoding(self) -> tuple[str, str]:
         options = client(self.url, batches=True).connection_pool.connection_kwargs
@@ -148,7 +246,6 @@ class Batched:
         is not tried again: the callers fail open or closed as with Redis away
         (redis-py's Pipeline retried, and could run a command twice)."""
         from redis.exceptions import ResponseError
-        from redis.exceptions import TimeoutError as RedisTimeout
 
         redis = client(self.url, batches=True)
         pool, callbacks = redis.connection_pool, redis.response_callbacks
@@ -177,6 +274,7 @@ class Batched:
                 # Answers may still be on their way: closed, and made again when next taken.
                 await connection.disconnect(nowait=True)
             if isinstance(exc, TimeoutError):
+                went_quiet(self._address())
                 raise RedisTimeout(f"No answer from Redis within {TIMEOUT} s") from None
             raise
         finally:
@@ -198,6 +296,9 @@ class Batched:
                     break
                 commands = [self._wire(args) for args, _ in batch]
                 try:
+                    if _quiet_until and still_quiet(self._address()):
+                        # (it went quiet while these waited for the trip before)
+                        raise _unanswered(self._address())
                     answers = await self._round_trip(commands)
                 except Exception as exc:
                     answers = [exc] * len(batch)

@@ -10,7 +10,7 @@ from django.test import Client
 
 from realtime.state import ratelimit, store
 from realtime.models import Message
-from tests.conftest import call, socket
+from tests.conftest import call, socket, until
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -201,6 +201,7 @@ async def test_a_round_trip_with_no_answer_in_time_fails_its_commands_and_drops_
     from redis.exceptions import TimeoutError as RedisTimeout
 
     monkeypatch.setattr(store, "TIMEOUT", 0.2)
+    monkeypatch.setattr(store, "QUIET", 0.3)
     batched = store.batched(redis_server.url)
     assert await batched.execute_command("SET", "paused", 1) is True
     pool = store.client(redis_server.url, batches=True).connection_pool
@@ -213,6 +214,79 @@ async def test_a_round_trip_with_no_answer_in_time_fails_its_commands_and_drops_
     await asyncio.sleep(0.6)
     # A fresh connection; the paused one's INCRs went with it, never run.
     assert await batched.execute_command("GET", "paused") == b"1"
+
+
+@pytest.mark.asyncio
+async def test_a_redis_that_gave_no_answer_in_time_is_not_asked_again_for_a_while(redis_server, monkeypatch):
+    """A command with no answer within store.TIMEOUT makes that Redis quiet: for
+    store.QUIET seconds every command to it, through the shared client or Batched,
+    fails at once with store.Unanswered (a ConnectionError: the callers' degraded
+    path), not each after TIMEOUT (a socket's frames, handled in turn, each waited
+    for theirs: in a first real use a message was acknowledged 14 s late with Redis
+    paused). Then it is asked again. A connection the server dropped is made again,
+    unseen by the caller, and makes nothing quiet."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    monkeypatch.setattr(store, "TIMEOUT", 0.3)
+    monkeypatch.setattr(store, "QUIET", 1.5)
+    redis, batched = store.client(redis_server.url), store.batched(redis_server.url)
+    assert await redis.set("quiet", 1) is True
+    assert await store.client(redis_server.url, batches=True).client_kill_filter(_type="normal", skipme=True) >= 1
+    assert await redis.get("quiet") == b"1"  # (its pooled connection was dropped)
+    assert not store._quiet_until
+
+    assert await batched.execute_command("CLIENT", "PAUSE", 1000, "ALL") == b"OK"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RedisTimeout):
+        await redis.get("quiet")
+    assert loop.time() - started < 2 * store.TIMEOUT  # once, not tried again
+    asked = loop.time()
+    with pytest.raises(store.Unanswered):
+        await redis.get("quiet")
+    with pytest.raises(store.Unanswered):
+        await batched.execute_command("GET", "quiet")
+    pipe = redis.pipeline(transaction=False)
+    pipe.get("quiet")
+    with pytest.raises(store.Unanswered):
+        await pipe.execute()
+    assert loop.time() - asked < 0.1
+    assert issubclass(store.Unanswered, RedisConnectionError)
+
+    async def answered() -> bool:
+        try:
+            return await redis.get("quiet") == b"1"
+        except store.Unanswered:
+            return False
+
+    await until(answered, timeout=5, what="asked again after QUIET")
+    assert loop.time() - started >= store.QUIET
+    assert await batched.execute_command("GET", "quiet") == b"1"
+
+
+@pytest.mark.asyncio
+async def test_a_batched_trip_with_no_answer_makes_its_redis_quiet(redis_server, monkeypatch):
+    """Batched's own timeout (the whole trip) makes the Redis quiet as well."""
+    monkeypatch.setattr(store, "TIMEOUT", 0.3)
+    monkeypatch.setattr(store, "QUIET", 5)
+    batched = store.batched(redis_server.url)
+    assert await batched.execute_command("CLIENT", "PAUSE", 800, "WRITE") == b"OK"
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    loop = asyncio.get_running_loop()
+    first = batched.execute_command("SET", "quiet", 2)
+    await asyncio.sleep(0)  # (on its way)
+    queued = batched.execute_command("SET", "quiet", 3)  # waits for the trip before it
+    with pytest.raises(RedisTimeout):
+        await first
+    failed = loop.time()
+    with pytest.raises(store.Unanswered):
+        await queued  # not sent into the silence after it
+    assert loop.time() - failed < 0.1
+    with pytest.raises(store.Unanswered):
+        await store.client(redis_server.url).get("quiet")
+    store._quiet_until.clear()
 
 
 @pytest.mark.asyncio
@@ -295,7 +369,7 @@ async def test_the_shared_client_packs_commands_in_c_with_the_same_bytes_and_err
             connection.pack_command(*args)
     other = store.packed_in_c(aioredis.from_url(f"{redis_server.url}?encoding=latin-1"))
     assert other.connection_pool.connection_class is Connection, "another encoding: hiredis would write UTF-8"
-    alias = store.packed_in_c(aioredis.from_url(f"{redis_server.url}?encoding=UTF8"))
+    alias = store.packed_in_c(aioredis.from_url(f"{redis_server.url}?encoding=UTF8"), quiet=True)
     assert alias.connection_pool.connection_class is type(connection), "UTF-8 by another name"
 
 
@@ -325,14 +399,6 @@ def bucket(url: str, key: str) -> tuple[float, dict[str, int]]:
     with redis.Redis.from_url(url) as client:
         fields = {k.decode(): v.decode() for k, v in client.hgetall(f"rl:{key}").items()}
     return float(fields.get("t", "nan")), {k[2:]: int(v.split(":")[0]) for k, v in fields.items() if k.startswith("h:")}
-
-
-async def until(condition, timeout: float = 5) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "not within the time"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
