@@ -441,7 +441,10 @@ class PresenceDiff(Push, tag="presence.diff", kw_only=True):
     """Who came and went since the last state or diff, and how many are here now.
     Coalesced: about one a second at most per room and worker, and a reload within a
     couple of seconds is neither a leave nor a join. `partial`: more came or went
-    than the names listed (a page that shows names asks for them again)."""
+    than the names listed (a page that shows names asks for them again). A socket
+    hears of its own user's arrival too, after its presence.state: a diff sent
+    before it joined (its user's earlier tab leaving) can reach it later, and the
+    next one puts its user back."""
 
     room: RoomSlug
     joins: list[str]

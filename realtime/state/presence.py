@@ -27,11 +27,14 @@ The room hears of joins and leaves in presence.diff frames, coalesced per room o
 each worker: the first change after a quiet spell waits FIRST seconds for company,
 then at most one diff every EVERY seconds, with up to DIFF_NAMES names each way and
 the count (`partial` when there were more names: a page that shows names asks for
-the first page again). A diff that only tells of one socket's arrival skips that
-socket (its presence.state says so already); one that tells more may name the
-recipient too, which a client takes as no news. So people arriving by the thousand cost each subscriber a
-diff a second, not one per arrival, and a joiner gets PAGE names and the count, not
-the whole room; the rest it pages with presence.list.
+the first page again). A diff goes to every subscriber, the joiner among them (a
+diff naming its recipient is no news to the client). The joiner's presence.state
+is not the last word it hears: a diff sent before its join (its own earlier tab's
+leave, settled after GRACE) can reach it after its presence.state, queued while
+it subscribed, and only the diff of its arrival puts it back on its own page.
+So people arriving by the thousand cost each subscriber a diff a second, not one
+per arrival, and a joiner gets PAGE names and the count, not the whole room; the
+rest it pages with presence.list.
 
 Without REDIS_URL the same happens in this process's memory.
 """
@@ -333,7 +336,7 @@ async def _take(room: str, user_id: int, username: str, conn_id: str, ttl: float
         degraded.tolerate(degraded.PRESENCE, exc)
         return Page([], 0)
     if joined:
-        coalescer().add(room, joins=[username], by_conn=conn_id)
+        coalescer().add(room, joins=[username])
     return first
 
 
@@ -444,8 +447,6 @@ class _Pending:
     joins: dict[str, None] = field(default_factory=dict)  # ordered sets
     leaves: dict[str, None] = field(default_factory=dict)
     timer: asyncio.TimerHandle | None = None
-    # The socket whose join is all the diff says, if so: it has it in its presence.state.
-    skip_conn: str | None = None
 
 
 class Coalescer:
@@ -456,12 +457,10 @@ class Coalescer:
         self.pending: dict[str, _Pending] = {}
         self.last: dict[str, float] = {}  # room -> when its last diff went (loop time)
 
-    def add(self, room: str, joins: list[str] = (), leaves: list[str] = (), by_conn: str | None = None) -> None:
+    def add(self, room: str, joins: list[str] = (), leaves: list[str] = ()) -> None:
         pending = self.pending.get(room)
         if pending is None:
-            pending = self.pending[room] = _Pending(skip_conn=by_conn)
-        else:
-            pending.skip_conn = None
+            pending = self.pending[room] = _Pending()
         for name in joins:
             if name in pending.leaves:
                 del pending.leaves[name]  # back before the room heard they left: nothing to tell
@@ -497,7 +496,7 @@ class Coalescer:
             broadcast.room_group(room),
             protocol.PresenceDiff(room=room, joins=joins[:DIFF_NAMES], leaves=leaves[:DIFF_NAMES], count=count,
                                   partial=len(joins) > DIFF_NAMES or len(leaves) > DIFF_NAMES),
-            room=room, skip_conn=pending.skip_conn,
+            room=room,
         )
 
 

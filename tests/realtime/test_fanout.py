@@ -547,7 +547,7 @@ async def test_a_push_with_something_ahead_of_it_is_queued_behind_it(state):
 
 @pytest.mark.parametrize("route, state", [
     ({"skip_user": hash("bob")}, {}),  # the typist's own typing
-    ({"skip_conn": "bob"}, {}),  # the joiner's own arrival (its presence.state told it)
+    ({"skip_conn": "bob"}, {}),  # the socket a push leaves out
     ({}, {"subscriptions": {}}),  # not following the room
     ({}, {"presence": False}),  # following it without presence
 ])

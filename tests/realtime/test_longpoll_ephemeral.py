@@ -96,7 +96,8 @@ async def pushes(comm, wait: float = 0.3) -> list[dict]:
 
 
 async def join(comm, room: str = "general") -> list[str]:
-    """Subscribe with presence: the users of the presence.state."""
+    """Subscribe with presence: the users of the presence.state (once the diff of
+    this arrival, which this socket hears too, has come)."""
     await comm.send_json_to({"type": "subscribe", "room": room, "ref": "s"})
     users = None
     while True:
@@ -106,6 +107,7 @@ async def join(comm, room: str = "general") -> list[str]:
         if frame.get("ref") == "s":
             assert frame["type"] == "ack", frame
             await presence_settled(room)
+            await pushes(comm, wait=0.2)
             return users
 
 

@@ -45,7 +45,8 @@ def shared(request, settings, monkeypatch):
 
 async def join(comm, room="general") -> dict:
     """Subscribe with presence; returns the presence.state once the room's diff
-    about this arrival has gone (so the next arrival makes a diff of its own)."""
+    about this arrival has gone (so the next arrival makes a diff of its own), and
+    has reached this socket too (it is not skipped: see presence.py)."""
     await comm.send_json_to({"type": "subscribe", "room": room, "ref": "s"})
     state = None
     while True:
@@ -55,6 +56,7 @@ async def join(comm, room="general") -> dict:
         if frame.get("ref") == "s":
             assert frame["type"] == "ack", frame
             await presence_settled(room)
+            await pushes(comm, wait=0.2)
             return state
 
 
@@ -406,3 +408,43 @@ async def test_a_renewal_sets_a_keys_members_in_one_zadd_of_up_to_a_chunk(redis_
     assert min(score for _, score in client.zrange(lease_key, 0, -1, withscores=True)) > 1
     client.flushall()
     presence.backend.reset()
+
+
+@pytest.mark.asyncio
+async def test_a_user_back_just_as_their_leave_goes_out_is_told_they_are_here(cookies, shared, monkeypatch):
+    """bob's page closes, and his next one subscribes as his leave's diff goes out:
+    that diff reaches the new socket after its presence.state (it was queued while the
+    socket read the log, having joined the room's stream first). The diff of his
+    arrival must reach that socket too, or its page shows the room without him ("Here
+    now: alice and 1 other" once alice comes: tests/e2e/test_chat_browser.py)."""
+    import asyncio
+
+    async with socket(cookies["bob"]) as before:
+        await join(before)
+    await until(lambda: "general" in presence.coalescer().pending, what="bob's leave settled")
+    real_join = presence.join
+
+    async def join_once_the_leave_is_out(*args):  # (a slow log read)
+        await until(lambda: "general" not in presence.coalescer().pending, what="bob's leave sent")
+        await asyncio.sleep(0.05)
+        return await real_join(*args)
+
+    monkeypatch.setattr(presence, "join", join_once_the_leave_is_out)
+    async with socket(cookies["bob"]) as bob:
+        frames = [await call(bob, {"type": "subscribe", "room": "general", "ref": "s"})]
+        while frames[-1].get("ref") != "s":
+            frames.append(await bob.receive_json_from(timeout=5))
+        monkeypatch.setattr(presence, "join", real_join)
+        await presence_settled()
+        frames += await pushes(bob)
+        async with socket(cookies["alice"]) as alice:  # a diff of its own, a second later
+            await join(alice)
+            frames += await pushes(bob)
+    # What static/realtime/ui/presence.js makes of them.
+    present, count = set(), 0
+    for frame in frames:
+        if frame["type"] == "presence.state":
+            present, count = set(frame["users"]), frame["count"]
+        elif frame["type"] == "presence.diff":
+            present, count = (present | set(frame["joins"])) - set(frame["leaves"]), frame["count"]
+    assert (sorted(present), count) == (["alice", "bob"], 2), frames
