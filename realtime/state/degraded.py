@@ -11,9 +11,11 @@ lost (messages, the rooms' logs, sessions, read positions): none of these rows
 loses a message.
 
 "Down" is a Redis that refuses (each command fails at once) or one that hangs
-(paused, its network silent): a command then fails after 2 s (store.TIMEOUT), and
-for the next 5 s (store.QUIET) every command to that Redis fails at once, so that
-a socket's frames, handled in turn, do not each wait 2 s for theirs.
+(paused, its network silent): a command then fails after 2 s (store.TIMEOUT). For
+what goes through realtime/state/store.py (RATE_LIMITS, HANDSHAKE_LIMITS,
+REPLAY_BUDGET, LEASES, PRESENCE, PUSH, HEARTBEAT, and PUBLISH on the Redis engine),
+after two such timeouts every command to that Redis fails at once for 5 s
+(store.QUIET), so that a socket's frames, handled in turn, do not each wait 2 s.
 
 | Row | While Redis is down | When it comes back |
 | --- | --- | --- |

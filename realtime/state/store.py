@@ -44,13 +44,18 @@ def client(url: str, *, batches: bool = False):
 # A Redis that hangs (paused, or its network gone silent) answers nothing and refuses
 # nothing: each command waited TIMEOUT, and a socket's frames, handled one after the
 # other, each waited for theirs (a message sent after four other frames was acknowledged
-# 14 s late in a first real use). After a command gets no answer within TIMEOUT, that
-# Redis's commands fail at once, for QUIET seconds, with Unanswered (a ConnectionError:
-# the callers do what realtime/state/degraded.py says for Redis away); the first after
-# that asks it again. A refused connection fails at once by itself and changes nothing here.
+# 14 s late in a first real use). When a second command to a Redis gets no answer
+# within TIMEOUT less than QUIET seconds after a first, that Redis's commands fail at
+# once, for QUIET seconds, with Unanswered (a ConnectionError: the callers do what
+# realtime/state/degraded.py says for Redis away); those sent after that ask it again.
+# One timeout alone (a slow command, one dead connection) quiets nothing: a quiet
+# Redis fails publishes and presence too, which a healthy one should not. A refused
+# connection fails at once by itself and changes nothing here.
 QUIET = 5.0
 # (event loop, Redis address) -> until when (time.monotonic) its commands fail at once
 _quiet_until: dict[tuple[asyncio.AbstractEventLoop, object], float] = {}
+# (event loop, Redis address) -> when a command to it last had no answer in time
+_unanswered_at: dict[tuple[asyncio.AbstractEventLoop, object], float] = {}
 
 
 class Unanswered(RedisConnectionError):
@@ -58,16 +63,24 @@ class Unanswered(RedisConnectionError):
 
 
 def address_of(options: dict) -> object:
-    """The Redis a connection's options reach (its socket path, or host and port)."""
-    return options.get("path") or (options.get("host"), options.get("port"))
+    """The Redis a connection's options reach: its socket path, or host and port
+    (redis-py's defaults where a URL names none, as its connections take them)."""
+    return options.get("path") or (options.get("host") or "localhost", int(options.get("port") or 6379))
 
 
-def went_quiet(address: object) -> None:
-    """A command to `address` got no answer within TIMEOUT."""
+def no_answer(address: object) -> None:
+    """A command to `address` got no answer within TIMEOUT: the second within QUIET
+    seconds makes it quiet."""
     now = time.monotonic()
-    for key in [key for key, until in _quiet_until.items() if until <= now]:
-        del _quiet_until[key]  # (and those of loops gone: tests run a loop each)
-    _quiet_until[(asyncio.get_running_loop(), address)] = now + QUIET
+    # (and those of loops gone: tests run a loop each)
+    for key in [key for key, until in _quiet_until.items() if until <= now or key[0].is_closed()]:
+        del _quiet_until[key]
+    for key in [key for key, at in _unanswered_at.items() if at + QUIET <= now or key[0].is_closed()]:
+        del _unanswered_at[key]
+    key = (asyncio.get_running_loop(), address)
+    if key in _unanswered_at:
+        _quiet_until[key] = now + QUIET
+    _unanswered_at[key] = now
 
 
 def still_quiet(address: object) -> bool:
@@ -88,31 +101,32 @@ def _unanswered(address: object) -> Unanswered:
 
 class _Quiet:
     """A connection's side of it (mixed into the shared client's connection class):
-    nothing sent to a quiet Redis, and a read or a connect with no answer in time
-    makes it quiet."""
+    nothing sent to a quiet Redis, and a connect, a write or a read with no answer in
+    time counts."""
 
     async def connect(self):
-        address = address_of(self.__dict__)
-        if _quiet_until and still_quiet(address):
-            raise _unanswered(address)
+        if _quiet_until and still_quiet(address_of(self.__dict__)):
+            raise _unanswered(address_of(self.__dict__))
         try:
             return await super().connect()
         except (TimeoutError, RedisTimeout):
-            went_quiet(address)
+            no_answer(address_of(self.__dict__))
             raise
 
     async def send_packed_command(self, command, check_health=True):
-        if _quiet_until:
-            address = address_of(self.__dict__)
-            if still_quiet(address):
-                raise _unanswered(address)
-        return await super().send_packed_command(command, check_health)
+        if _quiet_until and still_quiet(address_of(self.__dict__)):
+            raise _unanswered(address_of(self.__dict__))
+        try:
+            return await super().send_packed_command(command, check_health)
+        except (TimeoutError, RedisTimeout):
+            no_answer(address_of(self.__dict__))
+            raise
 
     async def read_response(self, *args, **kwargs):
         try:
             return await super().read_response(*args, **kwargs)
         except (TimeoutError, RedisTimeout):
-            went_quiet(address_of(self.__dict__))
+            no_answer(address_of(self.__dict__))
             raise
 
 
@@ -274,7 +288,7 @@ class Batched:
                 # Answers may still be on their way: closed, and made again when next taken.
                 await connection.disconnect(nowait=True)
             if isinstance(exc, TimeoutError):
-                went_quiet(self._address())
+                no_answer(self._address())
                 raise RedisTimeout(f"No answer from Redis within {TIMEOUT} s") from None
             raise
         finally:

@@ -217,31 +217,36 @@ async def test_a_round_trip_with_no_answer_in_time_fails_its_commands_and_drops_
 
 
 @pytest.mark.asyncio
-async def test_a_redis_that_gave_no_answer_in_time_is_not_asked_again_for_a_while(redis_server, monkeypatch):
-    """A command with no answer within store.TIMEOUT makes that Redis quiet: for
-    store.QUIET seconds every command to it, through the shared client or Batched,
-    fails at once with store.Unanswered (a ConnectionError: the callers' degraded
-    path), not each after TIMEOUT (a socket's frames, handled in turn, each waited
-    for theirs: in a first real use a message was acknowledged 14 s late with Redis
-    paused). Then it is asked again. A connection the server dropped is made again,
-    unseen by the caller, and makes nothing quiet."""
+async def test_a_redis_that_gave_no_answer_twice_is_not_asked_again_for_a_while(redis_server, monkeypatch):
+    """The second command with no answer within store.TIMEOUT (less than QUIET
+    after the first) makes that Redis quiet: for store.QUIET seconds every command
+    to it, through the shared client or Batched, fails at once with
+    store.Unanswered (a ConnectionError: the callers' degraded path), not each after
+    TIMEOUT (a socket's frames, handled in turn, each waited for theirs: in a first
+    real use a message was acknowledged 14 s late with Redis paused). Then it is
+    asked again. One timeout alone quiets nothing; a connection the server dropped
+    is made again, unseen by the caller, and counts for nothing."""
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeout
 
     monkeypatch.setattr(store, "TIMEOUT", 0.3)
     monkeypatch.setattr(store, "QUIET", 1.5)
     redis, batched = store.client(redis_server.url), store.batched(redis_server.url)
+    address = store.address_of(redis.connection_pool.connection_kwargs)
     assert await redis.set("quiet", 1) is True
     assert await store.client(redis_server.url, batches=True).client_kill_filter(_type="normal", skipme=True) >= 1
     assert await redis.get("quiet") == b"1"  # (its pooled connection was dropped)
-    assert not store._quiet_until
 
-    assert await batched.execute_command("CLIENT", "PAUSE", 1000, "ALL") == b"OK"
+    assert await batched.execute_command("CLIENT", "PAUSE", 1300, "ALL") == b"OK"
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(RedisTimeout):
         await redis.get("quiet")
     assert loop.time() - started < 2 * store.TIMEOUT  # once, not tried again
+    assert not store.still_quiet(address)  # one alone: asked again
+    with pytest.raises(RedisTimeout):
+        await redis.get("quiet")
+    assert store.still_quiet(address)
     asked = loop.time()
     with pytest.raises(store.Unanswered):
         await redis.get("quiet")
@@ -261,32 +266,54 @@ async def test_a_redis_that_gave_no_answer_in_time_is_not_asked_again_for_a_whil
             return False
 
     await until(answered, timeout=5, what="asked again after QUIET")
-    assert loop.time() - started >= store.QUIET
+    assert loop.time() - asked >= store.QUIET
     assert await batched.execute_command("GET", "quiet") == b"1"
 
 
 @pytest.mark.asyncio
-async def test_a_batched_trip_with_no_answer_makes_its_redis_quiet(redis_server, monkeypatch):
-    """Batched's own timeout (the whole trip) makes the Redis quiet as well."""
+async def test_a_batched_trip_with_no_answer_counts_and_a_batch_behind_a_quiet_redis_is_not_sent(redis_server,
+                                                                                                  monkeypatch):
+    """Batched's own timeout (the whole trip) counts as well; a batch that waited
+    behind the trip that made its Redis quiet fails at once, not sent into the
+    silence."""
+    from redis.exceptions import TimeoutError as RedisTimeout
+
     monkeypatch.setattr(store, "TIMEOUT", 0.3)
     monkeypatch.setattr(store, "QUIET", 5)
     batched = store.batched(redis_server.url)
-    assert await batched.execute_command("CLIENT", "PAUSE", 800, "WRITE") == b"OK"
-    from redis.exceptions import TimeoutError as RedisTimeout
+    address = store.address_of(store.client(redis_server.url).connection_pool.connection_kwargs)
+    assert await batched.execute_command("CLIENT", "PAUSE", 1000, "WRITE") == b"OK"
+    try:
+        with pytest.raises(RedisTimeout):
+            await store.client(redis_server.url).set("quiet", 1)  # a first
+        loop = asyncio.get_running_loop()
+        first = batched.execute_command("SET", "quiet", 2)
+        await asyncio.sleep(0)  # (on its way)
+        queued = batched.execute_command("SET", "quiet", 3)  # waits for the trip before it
+        with pytest.raises(RedisTimeout):
+            await first  # the second: quiet
+        failed = loop.time()
+        with pytest.raises(store.Unanswered):
+            await queued
+        assert loop.time() - failed < 0.1
+        assert store.still_quiet(address)
+    finally:
+        store._quiet_until.clear()
+        store._unanswered_at.clear()
+        assert await batched.execute_command("CLIENT", "UNPAUSE") == b"OK"
 
-    loop = asyncio.get_running_loop()
-    first = batched.execute_command("SET", "quiet", 2)
-    await asyncio.sleep(0)  # (on its way)
-    queued = batched.execute_command("SET", "quiet", 3)  # waits for the trip before it
-    with pytest.raises(RedisTimeout):
-        await first
-    failed = loop.time()
-    with pytest.raises(store.Unanswered):
-        await queued  # not sent into the silence after it
-    assert loop.time() - failed < 0.1
-    with pytest.raises(store.Unanswered):
-        await store.client(redis_server.url).get("quiet")
-    store._quiet_until.clear()
+
+def test_a_redis_is_known_by_the_address_its_connections_reach():
+    """Batched (the pool's options) and the shared client's connections (their own,
+    with redis-py's defaults filled in) name one Redis alike, a URL with no port
+    or host included."""
+    from redis.asyncio import ConnectionPool
+
+    for url, address in [("redis://cache/0", ("cache", 6379)), ("redis://cache:7000/1", ("cache", 7000)),
+                         ("redis:///0", ("localhost", 6379)), ("unix:///run/redis.sock?db=0", "/run/redis.sock")]:
+        pool = ConnectionPool.from_url(url)
+        assert store.address_of(pool.connection_kwargs) == address, url
+        assert store.address_of(pool.make_connection().__dict__) == address, url
 
 
 @pytest.mark.asyncio
