@@ -32,6 +32,10 @@ diff naming its recipient is no news to the client). The joiner's presence.state
 is not the last word it hears: a diff sent before its join (its own earlier tab's
 leave, settled after GRACE) can reach it after its presence.state, queued while
 it subscribed, and only the diff of its arrival puts it back on its own page.
+A diff tells only what is still so as it goes (read with the count, in one
+script): workers send their diffs on their own timers, and a leave held back
+here while the user's new tab joined on another worker, whose diff went first,
+would otherwise reach the room last and drop them from every page.
 So people arriving by the thousand cost each subscriber a diff a second, not one
 per arrival, and a joiner gets PAGE names and the count, not the whole room; the
 rest it pages with presence.list.
@@ -168,6 +172,15 @@ return {joins, leaves}
 """
 
 
+_TOLD = """
+local here = {}
+for i = 1, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then table.insert(here, ARGV[i]) end
+end
+return {redis.call('ZCARD', KEYS[1]), here}
+"""
+
+
 def _text(items) -> list[str]:
     return [i.decode() if isinstance(i, bytes) else i for i in items]
 
@@ -268,8 +281,9 @@ class MemoryPresence:
     async def page(self, room: str, after: str | None, limit: int) -> Page:
         return self._first(room, after, limit)
 
-    async def count(self, room: str) -> int:
-        return len(self.announced.get(room, ()))
+    async def told(self, room: str, users: list[str]) -> tuple[int, set[str]]:
+        announced = self.announced.get(room) or _Names()
+        return len(announced), {user for user in users if user in announced}
 
 
 class RedisPresence:
@@ -310,8 +324,9 @@ class RedisPresence:
         entries, count = await pipe.execute()
         return _page(_text(entries), count, limit)
 
-    async def count(self, room: str) -> int:
-        return await store.client(self.url).zcard(_keys(room)[2])
+    async def told(self, room: str, users: list[str]) -> tuple[int, set[str]]:
+        count, here = await store.batched(self.url).eval(_TOLD, 1, _keys(room)[2], *users)
+        return count, set(_text(here))
 
 
 # The presence store in use: shared through Redis, or this process's own.
@@ -336,7 +351,7 @@ async def _take(room: str, user_id: int, username: str, conn_id: str, ttl: float
         degraded.tolerate(degraded.PRESENCE, exc)
         return Page([], 0)
     if joined:
-        coalescer().add(room, joins=[username])
+        coalescer().add(room, joins=[_user(user_id, username)])
     return first
 
 
@@ -410,7 +425,7 @@ async def announce(room: str) -> None:
         degraded.tolerate(degraded.PRESENCE, exc)
         return
     if joins or leaves:
-        coalescer().add(room, joins=[_name(u) for u in joins], leaves=[_name(u) for u in leaves])
+        coalescer().add(room, joins=joins, leaves=leaves)
 
 
 # room -> when the latest leave there is due (loop time), for the running loop: one
@@ -444,7 +459,8 @@ def _settle(room: str) -> None:
 
 @dataclass
 class _Pending:
-    joins: dict[str, None] = field(default_factory=dict)  # ordered sets
+    # Users (`<username>:<id>`, as announced) who came and went: ordered sets.
+    joins: dict[str, None] = field(default_factory=dict)
     leaves: dict[str, None] = field(default_factory=dict)
     timer: asyncio.TimerHandle | None = None
 
@@ -486,11 +502,17 @@ class Coalescer:
             self.last = {r: t for r, t in self.last.items() if r in self.pending or r in LOCAL_ROOMS}
         if pending is None or not (pending.joins or pending.leaves):
             return
-        joins, leaves = sorted(pending.joins), sorted(pending.leaves)
         try:
-            count = await backend().count(room)
+            count, here = await backend().told(room, [*pending.joins, *pending.leaves])
         except Exception as exc:
             degraded.tolerate(degraded.PRESENCE, exc)
+            return
+        # Only what is still so as it goes: another worker's diff about the same
+        # user (a leave here, their new tab's join there) may have gone out first,
+        # and the room hears the workers' diffs in the order they are sent.
+        joins = sorted(_name(user) for user in pending.joins if user in here)
+        leaves = sorted(_name(user) for user in pending.leaves if user not in here)
+        if not (joins or leaves):
             return
         await broadcast.publish_push(
             broadcast.room_group(room),

@@ -448,3 +448,29 @@ async def test_a_user_back_just_as_their_leave_goes_out_is_told_they_are_here(co
         elif frame["type"] == "presence.diff":
             present, count = (present | set(frame["joins"])) - set(frame["leaves"]), frame["count"]
     assert (sorted(present), count) == (["alice", "bob"], 2), frames
+
+
+@pytest.mark.asyncio
+async def test_a_diff_tells_only_what_is_still_so_when_it_goes(cookies, shared, monkeypatch):
+    """bob's tab on this worker closes: his leave is settled and waits for the room's
+    next diff from here (one a second at most). Meanwhile his new tab on another
+    worker has joined, and that worker's diff went first. This worker's diff must
+    not tell the room he left: the room would hear it last, and every page would
+    drop him for good."""
+    from asgiref.sync import sync_to_async
+    from django.contrib.auth import get_user_model
+
+    monkeypatch.setattr(presence, "EVERY", 1.0)
+    bob_id = await sync_to_async(lambda: get_user_model().objects.get(username="bob").pk)()
+    async with socket(cookies["alice"]) as alice:
+        await join(alice)
+        async with socket(cookies["bob"]) as bob:
+            await join(bob)
+        await until(lambda: bool(getattr(presence.coalescer().pending.get("general"), "leaves", None)),
+                    what="bob's leave settled, held back by the diff of his arrival")
+        # His new tab, on another worker (its diff is that worker's).
+        joined, _ = await presence.backend().join("general", f"bob:{bob_id}:elsewhere", f"bob:{bob_id}")
+        assert joined
+        await presence_settled()
+        frames = await pushes(alice, wait=0.5)
+    assert [f for f in frames if f["type"] == "presence.diff" and "bob" in f["leaves"]] == [], frames
