@@ -304,6 +304,7 @@ async def test_every_script_and_multi_key_read_keeps_its_keys_in_one_slot(redis_
         await backend.join(room, "alice:1:conn-1", "alice:1")
         await backend.leave(room, "alice:1:conn-1", "alice:1")
         await backend.reconcile(room)
+        await backend.told(room, ["alice:1", "bob:2"])
     for worker in ("a", "b", "c", "worker-17"):
         settings.REALTIME_WORKER_ID = worker
         await heartbeat.publish_once()
