@@ -95,8 +95,11 @@ def still_quiet(address: object) -> bool:
     return False
 
 
-def _unanswered(address: object) -> Unanswered:
-    return Unanswered(f"Redis at {address} gave no answer within {TIMEOUT} s; not asked again for {QUIET} s")
+def refuse_if_quiet(address: object) -> None:
+    """Raise Unanswered if `address` is quiet. (Its callers ask only while some
+    Redis is, `if _quiet_until`: a command to a Redis that answers looks up nothing.)"""
+    if still_quiet(address):
+        raise Unanswered(f"Redis at {address} gave no answer within {TIMEOUT} s; not asked again for {QUIET} s")
 
 
 class _Quiet:
@@ -105,8 +108,8 @@ class _Quiet:
     time counts."""
 
     async def connect(self):
-        if _quiet_until and still_quiet(address_of(self.__dict__)):
-            raise _unanswered(address_of(self.__dict__))
+        if _quiet_until:
+            refuse_if_quiet(address_of(self.__dict__))
         try:
             return await super().connect()
         except (TimeoutError, RedisTimeout):
@@ -114,8 +117,8 @@ class _Quiet:
             raise
 
     async def send_packed_command(self, command, check_health=True):
-        if _quiet_until and still_quiet(address_of(self.__dict__)):
-            raise _unanswered(address_of(self.__dict__))
+        if _quiet_until:
+            refuse_if_quiet(address_of(self.__dict__))
         try:
             return await super().send_packed_command(command, check_health)
         except (TimeoutError, RedisTimeout):
@@ -228,9 +231,12 @@ class Batched:
         if it has not gone yet."""
         waiting = self._waiting()
         future = asyncio.get_running_loop().create_future()
-        if _quiet_until and still_quiet(self._address()):
-            future.set_exception(_unanswered(self._address()))
-            return future
+        if _quiet_until:
+            try:
+                refuse_if_quiet(self._address())
+            except Unanswered as exc:
+                future.set_exception(exc)
+                return future
         waiting.calls.append((args, future))
         if waiting.sender is None:
             waiting.sender = asyncio.ensure_future(self._send(waiting))
@@ -310,9 +316,8 @@ class Batched:
                     break
                 commands = [self._wire(args) for args, _ in batch]
                 try:
-                    if _quiet_until and still_quiet(self._address()):
-                        # (it went quiet while these waited for the trip before)
-                        raise _unanswered(self._address())
+                    if _quiet_until:  # (it went quiet while these waited for the trip before)
+                        refuse_if_quiet(self._address())
                     answers = await self._round_trip(commands)
                 except Exception as exc:
                     answers = [exc] * len(batch)
